@@ -1,0 +1,49 @@
+# epviz: `make figures` reproduces every figure, `make test` runs the tests.
+# Both create .venv when missing, install epviz into it, and fetch the data; both are
+# idempotent (a second run reuses the venv, the data and the token caches).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.epviz-installed
+PYTEST_ARGS ?=
+
+.PHONY: all install data test figures bench clean-cache help
+
+all: figures
+
+help:
+	@echo "make figures   reproduce every figure into figures/ (and figures/report.html)"
+	@echo "make test      run the test suite (library tests and notebooks under nbval)"
+	@echo "make bench     run the speed benchmarks in benchmarks/"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST: found in $$EPVIZ_DATA, the user cache or /usr/share/datasets/fashion-mnist;
+# where apt is available and the Debian package is missing, install it.
+data: $(STAMP)
+	@$(PY) -m epviz.data --check --no-download 2>/dev/null || { \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "installing the Debian package dataset-fashion-mnist"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  fi; \
+	  $(PY) -m epviz.data --check; }
+
+test: data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+figures: data
+	$(PY) -m epviz.cli reproduce
+
+bench: data
+	$(PY) benchmarks/extract.py
+	$(PY) benchmarks/probes.py
+
+clean-cache:
+	rm -rf "$${EPVIZ_CACHE:-$$HOME/.cache/epviz/tokens}"
