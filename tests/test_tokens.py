@@ -1,0 +1,168 @@
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from epviz.backbones import load_backbone
+from epviz.data import ClutteredFashionMNIST
+from epviz.tokens import TokenCache, extract_tokens
+
+
+def direct_tokens(bb, ds, layers, norm=False):
+    x = ds.image_batch(slice(None))
+    x = torch.nn.functional.interpolate(x, size=bb.image_size, mode="bicubic", antialias=True, align_corners=False)
+    x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return bb.model.forward_intermediates(x, indices=layers, norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+
+
+def test_tokens_match_the_backbone_block_by_block(tmp_path, test_vit_backbone, small_canvases):
+    cache = extract_tokens(test_vit_backbone, small_canvases, [0, 3, -1], cache_dir=tmp_path, dtype="float32", batch_size=20, progress=False)
+    assert cache.layers == [0, 3, 5] and len(cache) == 48
+    ref = direct_tokens(test_vit_backbone, small_canvases, [0, 3, 5])
+    for layer, (patch, prefix) in zip([0, 3, 5], ref):
+        np.testing.assert_allclose(cache.patch(layer), patch.numpy(), atol=1e-4)
+        np.testing.assert_allclose(cache.prefix(layer), prefix.numpy(), atol=1e-4)
+    assert not np.allclose(cache.patch(0), cache.patch(5)), "layer 0 must be block 0, not the last block"
+    np.testing.assert_array_equal(cache.labels, small_canvases.labels.numpy())
+
+
+def test_fp16_storage_and_token_set(tmp_path, test_vit_backbone, small_canvases):
+    cache = extract_tokens(test_vit_backbone, small_canvases, [5], cache_dir=tmp_path, progress=False)
+    assert cache.patch(5).dtype == np.float16 and isinstance(cache.patch(5), np.memmap)
+    ts = cache.tokens(-1)
+    assert (ts.num_tokens, ts.dim, ts.num_prefix, ts.grid, ts.num_classes) == (100, 64, 1, (10, 10), 10)
+    batch = next(ts.batches(16))
+    assert batch.patch.dtype == torch.float32 and batch.patch.shape == (16, 100, 64)
+    with pytest.raises(KeyError, match="not in this cache"):
+        cache.patch(2)
+
+
+def test_final_norm_only_when_asked(tmp_path, test_vit_backbone, small_canvases):
+    raw = extract_tokens(test_vit_backbone, small_canvases, [5], cache_dir=tmp_path, dtype="float32", progress=False)
+    normed = extract_tokens(test_vit_backbone, small_canvases, [5], norm=True, cache_dir=tmp_path, dtype="float32", progress=False)
+    assert raw.path != normed.path
+    with torch.no_grad():
+        expected = test_vit_backbone.model.norm(torch.from_numpy(np.array(raw.patch(5))))
+    np.testing.assert_allclose(normed.patch(5), expected.numpy(), atol=1e-4)
+
+
+def test_second_call_is_a_hit_that_never_runs_the_backbone(tmp_path, test_vit_backbone, small_canvases, monkeypatch):
+    first = extract_tokens(test_vit_backbone, small_canvases, [1, 5], cache_dir=tmp_path, progress=False)
+    assert not first.hit
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backbone ran on a cache hit")
+
+    monkeypatch.setattr(test_vit_backbone.model, "forward_intermediates", forbidden)
+    second = extract_tokens(test_vit_backbone, small_canvases, [1, 5], cache_dir=tmp_path, progress=False)
+    assert second.hit and second.path == first.path
+
+
+def test_every_key_component_invalidates(tmp_path, small_canvases):
+    bb = load_backbone("test_vit", pretrained=False)
+    base = dict(layers=[5], cache_dir=tmp_path, progress=False)
+    paths = {extract_tokens(bb, small_canvases, **base).path}
+
+    def new_path(backbone=bb, dataset=small_canvases, **changes):
+        cache = extract_tokens(backbone, dataset, **{**base, **changes})
+        assert not cache.hit, f"{changes or 'changed input'} was served from an old cache"
+        assert cache.path not in paths
+        paths.add(cache.path)
+
+    new_path(layers=[4])
+    new_path(layers=[4, 5])
+    new_path(norm=True)
+    new_path(precision="bf16")
+    new_path(dtype="float32")
+    new_path(dataset=ClutteredFashionMNIST("test", 48, seed=4))
+    new_path(dataset=ClutteredFashionMNIST("test", 40, seed=3))
+    other_weights = dataclasses.replace(bb, weights_id="other")
+    new_path(backbone=other_weights)
+    renamed = dataclasses.replace(bb, name="test_vit_renamed")
+    new_path(backbone=renamed)
+    new_path(backbone=dataclasses.replace(bb, mean=(0.4, 0.4, 0.4)))
+    new_path(backbone=dataclasses.replace(bb, std=(0.3, 0.3, 0.3)))
+
+
+INTERRUPTED = textwrap.dedent(
+    """
+    import sys, time
+    from epviz.backbones import load_backbone
+    from epviz.data import ClutteredFashionMNIST
+    from epviz.tokens import extract_tokens
+
+    class Slow(ClutteredFashionMNIST):
+        def image_batch(self, index):
+            print("batch", flush=True)
+            time.sleep(0.3)
+            return super().image_batch(index)
+
+    bb = load_backbone("test_vit", pretrained=False)
+    ds = Slow("test", 200, seed=5)
+    extract_tokens(bb, ds, [2, 5], cache_dir=sys.argv[1], batch_size=8, progress=False)
+    print("finished", flush=True)
+    """
+)
+
+
+def test_interrupted_extraction_never_reads_as_complete(tmp_path, test_vit_backbone):
+    script = tmp_path / "extract.py"
+    script.write_text(INTERRUPTED)
+    cache_dir = tmp_path / "cache"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), str(cache_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    batches = 0
+    for line in proc.stdout:
+        batches += line.startswith("batch")
+        if batches == 4:  # mid-write: some blocks are on disk, most are not
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = list(cache_dir.iterdir())
+    assert leftovers and all(".partial-" in p.name for p in leftovers), "a killed run must leave only a partial folder"
+    for p in leftovers:
+        with pytest.raises(FileNotFoundError):
+            TokenCache.open(p)
+
+    class Same(ClutteredFashionMNIST):
+        pass
+
+    ds = Same("test", 200, seed=5)
+    cache = extract_tokens(test_vit_backbone, ds, [2, 5], cache_dir=cache_dir, batch_size=64, dtype="float16", progress=False)
+    assert not cache.hit
+    assert [p.name for p in cache_dir.iterdir()] == [cache.path.name], "the stale partial folder is cleaned up"
+    ref = direct_tokens(test_vit_backbone, ds, [5])[0][0].numpy()
+    np.testing.assert_allclose(cache.patch(5).astype(np.float32), ref, atol=2e-2, rtol=1e-2)
+
+
+class Grey(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.rand(1, 32, 32), 0
+
+    def fingerprint(self):
+        return {"dataset": "grey"}
+
+
+def test_bad_inputs_leave_nothing_behind(tmp_path, test_vit_backbone, small_canvases):
+    with pytest.raises(ValueError, match="grayscale"):
+        extract_tokens(test_vit_backbone, Grey(), [5], cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="out of range"):
+        extract_tokens(test_vit_backbone, small_canvases, [6], cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        extract_tokens(test_vit_backbone, torch.utils.data.Subset(small_canvases, []), [5], cache_dir=tmp_path, dataset_key={"d": 1}, progress=False)
+    with pytest.raises(TypeError, match="fingerprint"):
+        extract_tokens(test_vit_backbone, torch.utils.data.Subset(small_canvases, [0, 1]), [5], cache_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == []
