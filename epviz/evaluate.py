@@ -1,0 +1,233 @@
+"""Evaluation of trained probes on a TokenSet: predictions, accuracy, attention maps.
+
+Everything here runs the probe in eval mode without gradients and restores the
+probe's previous mode afterwards. Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.nn import functional as F
+
+from epviz.probes.base import Probe
+from epviz.runtime import autocast, resolve_device
+from epviz.tokenset import TokenBatch, TokenSet
+
+__all__ = [
+    "Predictions", "predict", "accuracy", "attention_maps", "collect_attention", "topk_accuracy",
+    "eval_mode", "iter_batches", "loss_and_accuracy", "ensure_finite",
+]
+
+
+@dataclass
+class Predictions:
+    """A probe's outputs on a token set.
+
+    Attributes:
+        logits: Class scores, shape (n, C), float32.
+        labels: True classes, shape (n,).
+        index: Positions of the samples in the TokenSet, shape (n,).
+    """
+
+    logits: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+
+    @property
+    def preds(self) -> np.ndarray:
+        """Predicted classes, shape (n,)."""
+        return self.logits.argmax(axis=1)
+
+    def accuracy(self, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+        """Top-k accuracies as {"top1": ..., "top5": ...}."""
+        return topk_accuracy(torch.from_numpy(self.logits), torch.from_numpy(self.labels), topk)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per sample: index, label, pred, correct."""
+        preds = self.preds
+        return pd.DataFrame({"index": self.index, "label": self.labels, "pred": preds, "correct": preds == self.labels})
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Fraction of samples whose label is among the k best logits, for each k.
+
+    A k larger than the number of classes counts every sample as correct.
+    """
+    if len(labels) == 0:
+        raise ValueError("cannot compute accuracy on 0 samples")
+    out = {}
+    for k in topk:
+        kk = min(int(k), logits.shape[1])
+        hits = (logits.topk(kk, dim=1).indices == labels[:, None]).any(dim=1)
+        out[f"top{k}"] = hits.float().mean().item()
+    return out
+
+
+@contextlib.contextmanager
+def eval_mode(probe: Probe) -> Iterator[Probe]:
+    """Put `probe` in eval mode and disable gradients; restore its mode afterwards."""
+    was_training = probe.training
+    probe.eval()
+    try:
+        with torch.no_grad():
+            yield probe
+    finally:
+        probe.train(was_training)
+
+
+def iter_batches(
+    tokens: TokenSet,
+    batch_size: int,
+    device: torch.device,
+    index: Iterable[int] | None = None,
+) -> Iterator[TokenBatch]:
+    """Batches of `tokens` in stored order, or of the samples at `index` in the order given."""
+    if len(tokens) == 0:
+        raise ValueError("the token set is empty: there is nothing to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if index is None:
+        yield from tokens.batches(batch_size, device=device)
+        return
+    index = np.asarray(list(index) if not isinstance(index, np.ndarray) else index, dtype=np.int64)
+    if len(index) and (index.min() < 0 or index.max() >= len(tokens)):
+        raise ValueError(f"index must lie in [0, {len(tokens)}); got values from {index.min()} to {index.max()}")
+    for start in range(0, len(index), batch_size):
+        yield tokens.batch(index[start : start + batch_size], device=device)
+
+
+def _device_for(probe: Probe, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return next(probe.parameters()).device
+    device = resolve_device(device)
+    probe.to(device)
+    return device
+
+
+def predict(
+    probe: Probe,
+    tokens: TokenSet,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    uniform: Iterable[int] | int | None = None,
+    index: Iterable[int] | None = None,
+) -> Predictions:
+    """Logits of `probe` on every sample of `tokens` (or those at `index`).
+
+    Args:
+        probe: A trained probe.
+        tokens: The token set to score.
+        batch_size: Samples per forward pass.
+        device: Where to run; None keeps the probe where it is.
+        precision: "fp32" or "bf16".
+        uniform: Predictors replaced by the uniform distribution (see :class:`~epviz.probes.Probe`).
+        index: Optional subset of sample positions.
+    """
+    device = _device_for(probe, device)
+    logits, labels, positions = [], [], []
+    with eval_mode(probe):
+        for batch in iter_batches(tokens, batch_size, device, index):
+            with autocast(device, precision):
+                out = probe(batch.patch, batch.prefix, uniform=uniform)
+            logits.append(out.float().cpu().numpy())
+            labels.append(batch.labels.cpu().numpy())
+            positions.append(batch.index.numpy())
+    if not logits:
+        c = probe.num_classes
+        return Predictions(np.zeros((0, c), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return Predictions(np.concatenate(logits), np.concatenate(labels), np.concatenate(positions))
+
+
+def accuracy(
+    probe: Probe,
+    tokens: TokenSet,
+    topk: Sequence[int] = (1, 5),
+    uniform: Iterable[int] | int | None = None,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """Top-k accuracies of `probe` on `tokens`, e.g. {"top1": 0.75, "top5": 0.92}."""
+    preds = predict(probe, tokens, batch_size=batch_size, device=device, precision=precision, uniform=uniform)
+    return preds.accuracy(topk)
+
+
+def loss_and_accuracy(
+    probe: Probe,
+    tokens: TokenSet,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    check_finite: bool = False,
+) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy of `probe` on `tokens`."""
+    device = _device_for(probe, device)
+    total_loss, correct, count = 0.0, 0, 0
+    with eval_mode(probe):
+        for batch in iter_batches(tokens, batch_size, device):
+            if check_finite:
+                ensure_finite(batch, "validation")
+            with autocast(device, precision):
+                logits = probe(batch.patch, batch.prefix).float()
+            total_loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == batch.labels).sum().item()
+            count += len(batch.labels)
+    return total_loss / count, correct / count
+
+
+def ensure_finite(batch: TokenBatch, what: str) -> None:
+    """Raise a ValueError naming the first sample whose tokens hold NaN or inf."""
+    for name, t in (("patch", batch.patch), ("prefix", batch.prefix)):
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t).flatten(1).all(dim=1)
+        if bad.any():
+            first = int(batch.index[bad.nonzero()[0, 0].cpu()].item())
+            raise ValueError(
+                f"the {what} tokens contain NaN or inf ({name} tokens of sample {first}, among "
+                f"{int(bad.sum())} bad samples in its batch); fix or re-extract them before training"
+            )
+
+
+def attention_maps(
+    probe: Probe,
+    tokens: TokenSet,
+    batch_size: int = 256,
+    index: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (sample positions, maps) one batch at a time; maps are float32 (b, K, N).
+
+    Only one batch of maps is held at a time; use :func:`collect_attention` for the full array.
+    """
+    if probe.num_predictors == 0:
+        raise ValueError(f"probe '{probe.name}' has no attention predictors: attention maps exist only for attentive probes")
+    device = _device_for(probe, device)
+    for batch in iter_batches(tokens, batch_size, device, index):
+        # enter and leave eval mode per batch: the caller's code between batches keeps its own modes
+        with eval_mode(probe), autocast(device, precision):
+            maps = probe.attention(batch.patch, batch.prefix)
+        yield batch.index.numpy(), maps.float().cpu().numpy()
+
+
+def collect_attention(
+    probe: Probe,
+    tokens: TokenSet,
+    batch_size: int = 256,
+    index: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> np.ndarray:
+    """All attention maps as one float32 array (n, K, N), in the order of `index` (default: stored order)."""
+    parts = [maps for _, maps in attention_maps(probe, tokens, batch_size, index, device, precision)]
+    if not parts:
+        return np.zeros((0, probe.num_predictors, tokens.num_tokens), np.float32)
+    return np.concatenate(parts)

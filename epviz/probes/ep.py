@@ -1,0 +1,133 @@
+"""Efficient Probing (EP): M learned queries, raw tokens as keys, one sliced value projection.
+
+With tokens X (N x D) and queries U (M x D)::
+
+    A     = softmax_over_tokens(U X^T / sqrt(D))      (M x N), row j = predictor j
+    V     = X W_V                                     (N x D_o), D_o = D / d_out
+    y_j   = a_j V^(j)                                 V^(j): columns [j*D_o/M, (j+1)*D_o/M)
+    y     = concat(y_1 .. y_M)                        (D_o)
+
+The pooling is linear in X, so y_j = (a_j X) W_V^(j): :meth:`EfficientProbe._pool`
+pools the raw tokens first and projects the M pooled vectors afterwards (the fast
+form). :meth:`EfficientProbe.pool_direct` projects every token first (the direct
+form); both give the same y.
+
+``ep_all`` appends the prefix tokens ([CLS], registers) as extra keys and values (not
+as queries). Its :meth:`~epviz.probes.base.Probe.attention` returns each query's
+distribution restricted to the patch tokens and renormalised to sum 1; the mass on
+the prefix tokens is :meth:`EfficientProbeAll.prefix_mass`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from epviz.probes.base import Pooled, Probe, divisors, uniform_rows
+from epviz.probes.registry import register
+
+__all__ = ["EfficientProbe", "EfficientProbeAll"]
+
+
+@register("ep")
+class EfficientProbe(Probe):
+    """EP over the patch tokens.
+
+    Attributes:
+        queries: Learned queries U, shape (M, D), initialised N(0, 0.02^2).
+        value: Value projection D -> D / d_out, no bias.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_queries: int = 32,
+        d_out: int = 1,
+        grid: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__(dim, num_classes, grid=grid, num_queries=int(num_queries), d_out=int(d_out))
+        _check_shapes(self.name, self.dim, int(num_queries), int(d_out))
+        self.num_queries = int(num_queries)
+        self.d_out = int(d_out)
+        self.queries = nn.Parameter(torch.randn(self.num_queries, self.dim) * 0.02)
+        self.value = nn.Linear(self.dim, self.dim // self.d_out, bias=False)
+        self._finish(self.dim // self.d_out)
+
+    @property
+    def num_predictors(self) -> int:
+        return self.num_queries
+
+    @property
+    def slice_width(self) -> int:
+        """Columns of y each query owns: D_o / M."""
+        return self.width // self.num_queries
+
+    def predictor_slices(self) -> list[slice | None]:
+        c = self.slice_width
+        return [slice(j * c, (j + 1) * c) for j in range(self.num_queries)]
+
+    def _keys(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        return patch
+
+    def _weights(self, keys: torch.Tensor, num_patch: int, uniform: frozenset[int]) -> tuple[torch.Tensor, Pooled]:
+        # one (B*L, D) x (D, M) product; scaling the small query matrix instead of the scores saves a pass
+        scores = F.linear(keys, self.queries * self.dim**-0.5)  # (B, L, M)
+        attn = uniform_rows(scores.softmax(dim=1).transpose(1, 2), uniform)  # (B, M, L)
+        return self._hook_maps(attn, num_patch)
+
+    def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
+        keys = self._keys(patch, prefix)
+        attn, maps = self._weights(keys, patch.shape[1], uniform)
+        pooled = torch.bmm(attn, keys)  # (B, M, D): a_j X
+        w = self.value.weight.view(self.num_queries, self.slice_width, self.dim)  # W_V^(j) as (c, D)
+        y = torch.einsum("bmd,mcd->bmc", pooled, w.to(pooled.dtype))
+        return maps._replace(features=y.reshape(len(patch), self.width))
+
+    def pool_direct(
+        self,
+        patch_tokens: torch.Tensor,
+        prefix_tokens: torch.Tensor | None = None,
+        uniform: Iterable[int] | int | None = None,
+    ) -> torch.Tensor:
+        """The pooled feature y computed in the direct form: project every token, then pool.
+
+        Same result as :meth:`features` at about M times the cost; kept as a reference.
+        """
+        patch, prefix = self._validate(patch_tokens, prefix_tokens)
+        keys = self._keys(patch, prefix)
+        attn, _ = self._weights(keys, patch.shape[1], self._uniform_set(uniform))
+        values = self.value(keys).view(*keys.shape[:2], self.num_queries, self.slice_width)  # (B, L, M, c)
+        y = torch.einsum("bml,blmc->bmc", attn, values)
+        return y.reshape(len(patch), self.width)
+
+
+@register("ep_all")
+class EfficientProbeAll(EfficientProbe):
+    """EP whose keys and values are the patch tokens followed by the prefix tokens.
+
+    Maps are over the patch tokens, renormalised; "uniform" means uniform over all N + P keys.
+    """
+
+    needs_prefix = True
+
+    def _keys(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        return torch.cat([patch, prefix], dim=1)
+
+    def prefix_mass(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
+        """Attention mass (B, M) each query puts on the prefix tokens."""
+        return self.nonpatch_mass(patch_tokens, prefix_tokens)
+
+
+def _check_shapes(name: str, dim: int, num_queries: int, d_out: int) -> None:
+    if d_out < 1 or dim % d_out:
+        raise ValueError(f"probe '{name}': d_out={d_out} must divide D={dim}; valid d_out: {divisors(dim)}")
+    width = dim // d_out
+    if num_queries < 1 or width % num_queries:
+        raise ValueError(
+            f"probe '{name}': D={dim} must be divisible by d_out*num_queries = {d_out}*{num_queries} = {d_out * num_queries}. "
+            f"With d_out={d_out}, valid num_queries: {divisors(width)}"
+        )

@@ -1,0 +1,82 @@
+"""SimPool and its projection-free variant: the GAP vector is the query.
+
+As in the reference code, SimPool's query is W_Q applied to the mean of the raw
+tokens; keys are W_K LN(x) and values LN(x) (no value projection). The efficient
+variant drops W_Q and W_K: query LN(mean x), keys LN(x), values x. Values are not
+projected, so head h alone produces columns [h*D/H, (h+1)*D/H) of the pooled feature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from epviz.probes.base import Pooled, Probe, resolve_heads, split_heads
+from epviz.probes.registry import register
+
+__all__ = ["SimPoolProbe", "EfficientSimPoolProbe"]
+
+
+class _HeadSlices:
+    heads: int
+    width: int
+
+    def predictor_slices(self) -> list[slice | None]:
+        d = self.width // self.heads
+        return [slice(h * d, (h + 1) * d) for h in range(self.heads)]
+
+
+@register("simpool")
+class SimPoolProbe(_HeadSlices, Probe):
+    """SimPool: one GAP query, W_Q and W_K without biases, a shared LayerNorm.
+
+    Args:
+        heads: Attention heads (default 1).
+    """
+
+    def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
+        heads = resolve_heads(int(dim), heads, 1, "simpool")
+        super().__init__(dim, num_classes, grid=grid, heads=heads)
+        self.heads = heads
+        self.token_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self.wq = nn.Linear(self.dim, self.dim, bias=False)
+        self.wk = nn.Linear(self.dim, self.dim, bias=False)
+        self._finish(self.dim)
+
+    @property
+    def num_predictors(self) -> int:
+        return self.heads
+
+    def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
+        x = self.token_norm(patch)
+        q = split_heads(self.wq(patch.mean(dim=1, keepdim=True)), self.heads)
+        out, maps = self._attend(q, split_heads(self.wk(x), self.heads), split_heads(x, self.heads), uniform, patch.shape[1])
+        return maps._replace(features=out)
+
+
+@register("esimpool")
+class EfficientSimPoolProbe(_HeadSlices, Probe):
+    """SimPool without linear layers: query LN(GAP), keys LN(x), values x.
+
+    Args:
+        heads: Attention heads (default 12).
+    """
+
+    def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
+        heads = resolve_heads(int(dim), heads, 12, "esimpool")
+        super().__init__(dim, num_classes, grid=grid, heads=heads)
+        self.heads = heads
+        self.token_norm = nn.LayerNorm(self.dim, eps=1e-6)
+        self._finish(self.dim)
+
+    @property
+    def num_predictors(self) -> int:
+        return self.heads
+
+    def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
+        q = split_heads(self.token_norm(patch.mean(dim=1, keepdim=True)), self.heads)
+        k = split_heads(self.token_norm(patch), self.heads)
+        out, maps = self._attend(q, k, split_heads(patch, self.heads), uniform, patch.shape[1])
+        return maps._replace(features=out)

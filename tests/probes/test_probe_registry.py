@@ -1,0 +1,126 @@
+"""The registry, build options and input validation."""
+
+import pytest
+import torch
+
+import epviz.probes as probes
+from epviz.probes import Probe, register
+
+EXPECTED = ["abmilp", "aim", "cae", "cait", "cbam", "clip", "cls", "coca", "dinovit", "dolg", "ep", "ep_all",
+            "esimpool", "gap", "jepa", "mhca", "siglip", "simpool"]
+
+
+def test_available_lists_every_probe():
+    assert probes.available() == EXPECTED
+
+
+@pytest.mark.parametrize("typo,suggestion", [("ep_al", "'ep_all'"), ("mhcaa", "'mhca'"), ("simpol", "'simpool'"), ("CLS", "'cls'")])
+def test_unknown_name_suggests_close_matches(typo, suggestion):
+    with pytest.raises(ValueError, match="unknown probe") as err:
+        probes.build(typo, 64, 10)
+    assert f"Did you mean {suggestion}" in str(err.value)
+    assert "Available probes: abmilp, aim," in str(err.value)
+
+
+def test_unknown_name_without_close_match_lists_names():
+    with pytest.raises(ValueError, match=r"unknown probe 'zzzz'\. Available probes: abmilp"):
+        probes.build("zzzz", 64, 10)
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['queries'\]; it accepts \['d_out', 'grid', 'num_queries'\]"):
+        probes.build("ep", 64, 10, queries=4)
+
+
+def test_seed_makes_build_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = probes.build("mhca", 64, 10, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = probes.build("mhca", 64, 10, seed=7)
+    c = probes.build("mhca", 64, 10, seed=8)
+    assert torch.equal(a.query, b.query) and torch.equal(a.head.weight, b.head.weight)
+    assert not torch.equal(a.query, c.query)
+
+
+def test_register_adds_a_family_and_rejects_duplicates():
+    @register("test_max_pool")
+    class MaxPool(Probe):
+        def __init__(self, dim, num_classes, grid=None):
+            super().__init__(dim, num_classes, grid=grid)
+            self._finish(self.dim)
+
+        def _pool(self, patch, prefix, uniform):
+            from epviz.probes import Pooled
+
+            return Pooled(patch.amax(dim=1))
+
+    try:
+        probe = probes.build("test_max_pool", 8, 3)
+        assert probe.name == "test_max_pool" and probe(torch.randn(2, 4, 8)).shape == (2, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register("test_max_pool")(MaxPool)
+    finally:
+        from epviz.probes import registry
+
+        registry._REGISTRY.pop("test_max_pool", None)
+
+
+def test_bad_build_arguments():
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        probes.build("gap", 64, 0)
+    with pytest.raises(ValueError, match=r"grid must be \(rows, cols\)"):
+        probes.build("cbam", 64, 10, grid=(4,))
+
+
+class TestInputValidation:
+    probe = probes.build("ep", 64, 10, num_queries=8)
+
+    def test_wrong_width_names_expected_and_received(self):
+        with pytest.raises(ValueError, match="expects tokens of width D=64 but the patch tokens have D=32"):
+            self.probe(torch.randn(2, 16, 32))
+        with pytest.raises(ValueError, match="expects tokens of width D=64 but the prefix tokens have D=32"):
+            self.probe(torch.randn(2, 16, 64), torch.randn(2, 1, 32))
+
+    def test_wrong_ndim(self):
+        with pytest.raises(ValueError, match=r"shape \(batch, tokens, dim\); got shape \(16, 64\) \(add a batch axis"):
+            self.probe(torch.randn(16, 64))
+        with pytest.raises(ValueError, match=r"got shape \(1, 2, 16, 64\)"):
+            self.probe(torch.randn(1, 2, 16, 64))
+        with pytest.raises(ValueError, match="prefix tokens must have shape"):
+            self.probe(torch.randn(2, 16, 64), torch.randn(2, 64))
+        with pytest.raises(TypeError, match="must be a torch.Tensor"):
+            self.probe([[0.0]])
+
+    def test_batch_mismatch_and_empty_tokens(self):
+        with pytest.raises(ValueError, match="2 prefix token sets for a batch of 3"):
+            self.probe(torch.randn(3, 16, 64), torch.randn(2, 1, 64))
+        with pytest.raises(ValueError, match="got 0 patch tokens"):
+            self.probe(torch.randn(3, 0, 64))
+
+    def test_uniform_out_of_range(self):
+        with pytest.raises(ValueError, match=r"has 8 attention predictors \(0..7\); uniform got \[8\]"):
+            self.probe(torch.randn(2, 16, 64), uniform=[8])
+        with pytest.raises(ValueError, match=r"uniform got \[-1\]"):
+            self.probe(torch.randn(2, 16, 64), uniform=-1)
+
+
+def test_cls_needs_prefix_tokens():
+    probe = probes.build("cls", 64, 10)
+    with pytest.raises(ValueError, match=r"probe 'cls' reads the prefix tokens \(\[CLS\] at index 0\) but none were given"):
+        probe(torch.randn(2, 16, 64))
+    with pytest.raises(ValueError, match="none were given"):
+        probe(torch.randn(2, 16, 64), torch.randn(2, 0, 64))
+    prefix = torch.randn(2, 3, 64)
+    probe.eval()
+    assert torch.equal(probe.features(torch.randn(2, 16, 64), prefix), prefix[:, 0])
+
+
+@pytest.mark.parametrize("name", ["cls", "gap"])
+def test_probes_without_predictors(name):
+    probe = probes.build(name, 64, 10)
+    assert probe.num_predictors == 0 and probe.predictor_slices() == [] and probe.feature_mask() is None
+    with pytest.raises(ValueError, match=f"probe '{name}' has no attention predictors"):
+        probe.attention(torch.randn(2, 16, 64), torch.randn(2, 1, 64))
+    with pytest.raises(ValueError, match="has no attention predictors, so uniform=\\[0\\] cannot apply"):
+        probe(torch.randn(2, 16, 64), torch.randn(2, 1, 64), uniform=[0])
