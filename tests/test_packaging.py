@@ -17,7 +17,9 @@ def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = dict(_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"])
     listed = {}
-    for line in (ROOT / "environment.yml").read_text().splitlines():
+    text = (ROOT / "environment.yml").read_text()
+    section = text[text.index("dependencies:"):]
+    for line in section.splitlines():
         m = re.match(r"\s+- ([A-Za-z][^#:]*)$", line)
         if m:
             name, spec = _name(m.group(1))
