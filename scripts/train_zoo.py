@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--eval-size", type=int, default=4000, help="test canvases for the per-epoch metrics")
     parser.add_argument("--out", type=Path, default=ZOO_DIR)
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke tests); the schedule still spans --epochs")
     args = parser.parse_args(argv)
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95) if args.objective == "mae" else (0.9, 0.999))
     canvases = CanvasGenerator("train")
-    test = ClutteredFashionMNIST("test", 4000, seed=0)
+    test = ClutteredFashionMNIST("test", args.eval_size, seed=0)
     steps_per_epoch = math.ceil(canvases.num_items / args.batch_size)
     total = steps_per_epoch * args.epochs
     warmup = int(args.warmup_epochs * steps_per_epoch)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             "dataset": "cluttered Fashion-MNIST (epviz.data.ClutteredFashionMNIST recipe)",
             "recipe": asdict(canvases.recipe),
             "sampling": f"fresh canvases every epoch from all {canvases.num_items} Fashion-MNIST train items",
-            "evaluation": "4,000 test canvases (Fashion-MNIST test items), seed 0",
+            "evaluation": f"{args.eval_size} test canvases (Fashion-MNIST test items), seed 0",
         },
         "training": {
             "epochs": args.epochs if not args.max_steps else None, "steps": step, "batch_size": args.batch_size,
