@@ -1,0 +1,28 @@
+"""Analyses of trained probes; each returns tidy pandas DataFrames.
+
+Every result row carries the context columns ``backbone``, ``layer``, ``probe`` and
+``seed`` (filled from a ``context`` dict, the probe's name and the tokens' info), so
+results of many runs concatenate into one table.
+
+* :func:`uniform_ablation`: accuracy drop when one attention predictor becomes uniform.
+* :func:`localization` / :func:`localization_from_maps`: MaxBoxAccV2, attention mass in the
+  GT boxes, pointing game.
+* :func:`entropy` / :func:`entropy_from_maps`: entropy of the maps, in nats and over log N.
+* :func:`layer_sweep`, :func:`low_shot`, :func:`aggregate_runs`: many trainings, one table.
+* :func:`efficiency`: trainable parameters, FLOPs, throughput.
+* :func:`query_groups`: overlap between predictors, their groups and group maps.
+"""
+
+from epviz.analysis.ablation import ablated_logits, uniform_ablation
+from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_flops, throughput, trainable_params
+from epviz.analysis.entropy import entropy, entropy_from_maps, map_entropy
+from epviz.analysis.localization import DELTAS, THRESHOLDS, LocalizationMeter, localization, localization_from_maps
+from epviz.analysis.query_groups import QueryGroups, group_maps, group_queries, pairwise_overlap, query_groups
+from epviz.analysis.sweeps import aggregate_runs, layer_sweep, low_shot, sample_per_class
+
+__all__ = [
+    "DELTAS", "THRESHOLDS", "LocalizationMeter", "QueryGroups", "ablated_logits", "aggregate_runs", "backbone_flops",
+    "count_flops", "efficiency", "entropy", "entropy_from_maps", "group_maps", "group_queries", "layer_sweep",
+    "localization", "localization_from_maps", "low_shot", "map_entropy", "pairwise_overlap", "probe_flops",
+    "query_groups", "sample_per_class", "throughput", "trainable_params", "uniform_ablation",
+]

@@ -1,0 +1,417 @@
+"""Localization quality of attention maps against ground-truth boxes (Fig. 4, x axis).
+
+Three measures per attention predictor, over a dataset whose images carry GT boxes
+(``(x0, y0, x1, y1)`` pixels, exclusive ``x1, y1``; an image may have several boxes).
+Definitions (ours where the paper's could not be checked):
+
+* **MaxBoxAccV2** (Choe et al., CVPR 2020). Each map, a distribution over the N patch
+  tokens, is upsampled bilinearly (``align_corners=False``) from the patch grid to the
+  image size and min-max normalised to [0, 1] (a constant map becomes all zeros and never
+  yields a box). For every threshold tau in ``thresholds`` (default 0, 0.01, ..., 0.99),
+  every 8-connected region of pixels with value ``> tau`` is boxed (tightest box, holes
+  are not boxed separately). An image is correct at (tau, delta) when the best IoU of any
+  of its region boxes with any of its GT boxes is ``>= delta``. Accuracy per (tau, delta)
+  is the fraction of correct images over the whole dataset; the best tau is chosen per
+  delta at the dataset level (never per image); MaxBoxAccV2 is the mean of those best
+  accuracies over delta in ``deltas`` (default 0.3, 0.5, 0.7). IoU uses exclusive pixel
+  boxes: a region covering pixel columns a..b has x0 = a, x1 = b + 1.
+* **In-box mass**: the attention mass inside the GT boxes, computed on the token grid.
+  Patch token (r, c) covers the image rectangle ``[c W/cols, (c+1) W/cols) x
+  [r H/rows, (r+1) H/rows)``; its weight counts by the fraction of that area inside the
+  union of the image's GT boxes (boxes rasterised to pixels, edge pixels of non-integer
+  boxes counted fractionally, union = pixel-wise max). The map is renormalised to sum 1
+  first. ``chance_mass`` is the area fraction of the image covered by the boxes, which is
+  exactly the in-box mass of the uniform map.
+* **Pointing game**: an image is a hit when the centre of the map's argmax patch (first one
+  on ties) lies inside a GT box (``x0 <= x < x1`` and ``y0 <= y < y1``).
+
+Everything streams over the dataset in batches: only one batch of maps is upsampled at a
+time, and the thresholds of a group of maps are labelled together (one
+``scipy.ndimage.label`` call over a stack of thresholded maps whose planes are not
+connected to each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
+from operator import attrgetter
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
+from epviz.evaluate import attention_maps
+from epviz.probes.base import Probe
+from epviz.tokenset import TokenSet
+
+__all__ = ["DELTAS", "THRESHOLDS", "LocalizationMeter", "localization", "localization_from_maps", "box_source"]
+
+DELTAS = (0.3, 0.5, 0.7)
+THRESHOLDS = np.round(np.arange(100) * 0.01, 2)
+_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_STRUCTURE[1] = True  # 8-connectivity inside a plane, no connection across planes
+_VOXEL_BUDGET = 1 << 20  # thresholded pixels labelled per ndimage.label call
+
+
+def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    h, w = (int(s) for s in image_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return h, w
+
+
+def check_boxes(boxes, image: int, height: int, width: int) -> np.ndarray:
+    """Validate one image's GT boxes and return them as a float64 (k, 4) array.
+
+    Raises:
+        ValueError: No box, a malformed array, a box outside the image or with zero area.
+    """
+    b = np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    if b.ndim == 1:
+        b = b[None]
+    if b.ndim != 2 or b.shape[1] != 4:
+        raise ValueError(f"GT boxes of image {image} must be (k, 4) xyxy pixels, got shape {b.shape}")
+    if len(b) == 0:
+        raise ValueError(f"image {image} has no GT box; every image needs at least one")
+    for box in b:
+        x0, y0, x1, y1 = box
+        shown = [float(v) for v in box]
+        if not np.isfinite(box).all():
+            raise ValueError(f"GT box {shown} of image {image} is not finite")
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(
+                f"GT box {shown} of image {image} has zero area: boxes are (x0, y0, x1, y1) pixels "
+                "with exclusive x1, y1, so x1 > x0 and y1 > y0"
+            )
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            raise ValueError(
+                f"GT box {shown} of image {image} lies outside the {width}x{height} (width x height) image; "
+                "boxes are (x0, y0, x1, y1) pixels with exclusive x1, y1"
+            )
+    return b
+
+
+def box_source(dataset) -> Callable[[int], np.ndarray]:
+    """A function image index -> that image's GT boxes (k, 4).
+
+    Args:
+        dataset: An object with a ``box_list(i)`` method or a ``boxes`` attribute
+            ((n, 4) array or tensor, or a per-image sequence of (k, 4) arrays), or the boxes
+            themselves (array, tensor or list).
+    """
+    if hasattr(dataset, "box_list"):
+        return dataset.box_list
+    boxes = dataset if isinstance(dataset, (np.ndarray, torch.Tensor, list, tuple)) else getattr(dataset, "boxes", None)
+    if boxes is None:
+        raise ValueError(
+            f"localization needs GT boxes: a `boxes` attribute ((n, 4) xyxy pixels, or one (k, 4) array per image) "
+            f"or a `box_list(i)` method on the dataset; {type(dataset).__name__} has neither"
+        )
+    return lambda i: boxes[i]
+
+
+def _cell_weights(cells: int, length: int) -> np.ndarray:
+    """(cells, length): fraction of each cell's extent covered by each pixel of the axis."""
+    edges = np.arange(cells + 1) * (length / cells)
+    px = np.arange(length)
+    lo = np.maximum(px[None, :], edges[:-1, None])
+    hi = np.minimum(px[None, :] + 1, edges[1:, None])
+    return np.clip(hi - lo, 0, None) / (length / cells)
+
+
+def _axis_cover(lo: np.ndarray, hi: np.ndarray, length: int) -> np.ndarray:
+    """(k, length): fraction of each pixel of the axis inside [lo, hi) for each of k intervals."""
+    px = np.arange(length)
+    return np.clip(np.minimum(px + 1, hi[:, None]) - np.maximum(px, lo[:, None]), 0, 1)
+
+
+def _region_boxes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plane index (L,) and box (L, 4) as x0, y0, x1, y1 (exclusive) of every label of a (P, H, W) array."""
+    slices = list(chain.from_iterable(ndimage.find_objects(labels)))  # (plane, y, x) slices per label
+    starts = np.fromiter(map(attrgetter("start"), slices), np.int64, len(slices)).reshape(-1, 3)
+    stops = np.fromiter(map(attrgetter("stop"), slices), np.int64, len(slices)).reshape(-1, 3)
+    boxes = np.stack([starts[:, 2], starts[:, 1], stops[:, 2], stops[:, 1]], axis=1).astype(np.float64)
+    return starts[:, 0], boxes
+
+
+class LocalizationMeter:
+    """Streaming accumulator of the three localization measures, one batch of maps at a time.
+
+    Args:
+        num_predictors: K, maps per image.
+        grid: Patch grid (rows, cols).
+        image_size: Image (height, width) in pixels, or the side of a square image.
+        thresholds: Thresholds tau for MaxBoxAccV2 (fractions of the map's max after min-max).
+        deltas: IoU thresholds averaged by MaxBoxAccV2.
+    """
+
+    def __init__(
+        self,
+        num_predictors: int,
+        grid: Sequence[int],
+        image_size: int | Sequence[int],
+        thresholds: Sequence[float] | None = None,
+        deltas: Sequence[float] = DELTAS,
+    ) -> None:
+        self.k = int(num_predictors)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.size = _as_size(image_size)
+        self.thresholds = np.asarray(THRESHOLDS if thresholds is None else thresholds, dtype=np.float64)
+        self.deltas = np.asarray(deltas, dtype=np.float64)
+        if self.thresholds.ndim != 1 or len(self.thresholds) == 0:
+            raise ValueError("thresholds must be a non-empty 1-D sequence")
+        if len(self.deltas) == 0 or (self.deltas <= 0).any() or (self.deltas > 1).any():
+            raise ValueError(f"deltas must be IoU thresholds in (0, 1], got {list(deltas)}")
+        h, w = self.size
+        rows, cols = self.grid
+        self._wy, self._wx = _cell_weights(rows, h), _cell_weights(cols, w)
+        cy = (np.arange(rows) + 0.5) * (h / rows)
+        cx = (np.arange(cols) + 0.5) * (w / cols)
+        self._centres = np.stack(np.broadcast_arrays(cx[None, :], cy[:, None]), -1).reshape(-1, 2)  # (N, 2) as (x, y)
+        self.n = 0
+        self.correct = np.zeros((self.k, len(self.thresholds), len(self.deltas)), dtype=np.int64)
+        self.mass_sum = np.zeros(self.k)
+        self.mass_sq = np.zeros(self.k)
+        self.hits = np.zeros(self.k, dtype=np.int64)
+        self.chance_sum = 0.0
+
+    # --- accumulation ------------------------------------------------------------------
+
+    def update(self, maps: np.ndarray | torch.Tensor, boxes: Sequence, indices: Sequence[int] | None = None) -> None:
+        """Add a batch.
+
+        Args:
+            maps: (b, K, N) maps over the patch tokens (or (b, N) when K == 1); non-negative.
+            boxes: Per image, its GT boxes (k, 4) xyxy pixels with exclusive x1, y1.
+            indices: Dataset positions of the images, for error messages.
+        """
+        maps = self._check_maps(maps, indices)
+        b = maps.shape[0]
+        if len(boxes) != b:
+            raise ValueError(f"got {b} images of maps but {len(boxes)} sets of boxes")
+        indices = list(range(self.n, self.n + b)) if indices is None else [int(i) for i in indices]
+        h, w = self.size
+        gts = [check_boxes(bx, i, h, w) for bx, i in zip(boxes, indices)]
+        self._mass_and_pointing(maps, gts)
+        self._maxboxacc(maps, gts)
+        self.n += b
+
+    def _check_maps(self, maps, indices) -> np.ndarray:
+        maps = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, dtype=np.float32)
+        n_tok = self.grid[0] * self.grid[1]
+        if maps.ndim == 2 and self.k == 1:
+            maps = maps[:, None]
+        if maps.ndim != 3 or maps.shape[1] != self.k or maps.shape[2] != n_tok:
+            raise ValueError(
+                f"maps must be (images, {self.k} predictors, {n_tok} tokens) for a {self.grid[0]}x{self.grid[1]} grid; "
+                f"got shape {maps.shape}"
+            )
+        bad = ~np.isfinite(maps) | (maps < 0)
+        if bad.any():
+            i, j, _ = np.argwhere(bad)[0]
+            where = i if indices is None else list(indices)[i]
+            raise ValueError(f"the map of image {where}, predictor {j} has negative or non-finite values")
+        zero = maps.sum(-1) <= 0
+        if zero.any():
+            i, j = np.argwhere(zero)[0]
+            where = i if indices is None else list(indices)[i]
+            raise ValueError(f"the map of image {where}, predictor {j} sums to 0: it is not a distribution")
+        return np.ascontiguousarray(maps)
+
+    def _mass_and_pointing(self, maps: np.ndarray, gts: list[np.ndarray]) -> None:
+        h, w = self.size
+        cover, inside = [], []
+        for g in gts:
+            pixels = (_axis_cover(g[:, 1], g[:, 3], h)[:, :, None] * _axis_cover(g[:, 0], g[:, 2], w)[:, None, :]).max(0)
+            cover.append((self._wy @ pixels @ self._wx.T).reshape(-1))  # per token: area fraction inside the boxes
+            self.chance_sum += pixels.sum() / (h * w)
+            cx, cy = self._centres[:, 0:1], self._centres[:, 1:2]
+            inside.append(((g[:, 0] <= cx) & (cx < g[:, 2]) & (g[:, 1] <= cy) & (cy < g[:, 3])).any(1))
+        cover, inside = np.stack(cover), np.stack(inside)  # (b, N)
+        probs = maps / maps.sum(-1, keepdims=True)
+        mass = np.einsum("bkn,bn->bk", probs.astype(np.float64), cover)
+        self.mass_sum += mass.sum(0)
+        self.mass_sq += (mass**2).sum(0)
+        top = maps.argmax(-1)  # (b, K)
+        self.hits += np.take_along_axis(inside, top, axis=1).sum(0)
+
+    def _maxboxacc(self, maps: np.ndarray, gts: list[np.ndarray]) -> None:
+        b, k, _ = maps.shape
+        h, w = self.size
+        t = len(self.thresholds)
+        up = torch.from_numpy(maps).view(b * k, 1, *self.grid)
+        if up.shape[-2:] != (h, w):
+            up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
+        up = up.view(b * k, h * w)
+        lo, hi = up.min(dim=1, keepdim=True).values, up.max(dim=1, keepdim=True).values
+        span = hi - lo
+        up = torch.where(span > 0, (up - lo) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
+        scores = up.view(b * k, h, w).numpy()
+
+        kmax = max(len(g) for g in gts)
+        gt = np.zeros((b, kmax, 4))  # padding boxes have zero area, hence IoU 0
+        for i, g in enumerate(gts):
+            gt[i, : len(g)] = g
+        gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+
+        step = max(1, _VOXEL_BUDGET // (t * h * w))
+        for start in range(0, b * k, step):
+            chunk = scores[start : start + step]
+            m = len(chunk)
+            stack = chunk[:, None] > self.thresholds[None, :, None, None]  # (m, T, H, W)
+            labels, count = ndimage.label(stack.reshape(m * t, h, w), structure=_STRUCTURE)
+            best = np.zeros(m * t)
+            if count:
+                plane, rbox = _region_boxes(labels)
+                image = (start + plane // t) // k
+                g = gt[image]  # (L, kmax, 4)
+                ix = np.clip(np.minimum(rbox[:, None, 2], g[..., 2]) - np.maximum(rbox[:, None, 0], g[..., 0]), 0, None)
+                iy = np.clip(np.minimum(rbox[:, None, 3], g[..., 3]) - np.maximum(rbox[:, None, 1], g[..., 1]), 0, None)
+                inter = ix * iy
+                r_area = (rbox[:, 2] - rbox[:, 0]) * (rbox[:, 3] - rbox[:, 1])
+                iou = (inter / (r_area[:, None] + gt_area[image] - inter)).max(1)
+                np.maximum.at(best, plane, iou)
+            correct = best.reshape(m, t)[:, :, None] >= self.deltas  # (m, T, deltas)
+            np.add.at(self.correct, (start + np.arange(m)) % k, correct)
+
+    # --- results -----------------------------------------------------------------------
+
+    def _delta_names(self) -> list[str]:
+        return [f"iou{round(d * 100):d}" for d in self.deltas]
+
+    def accuracy(self) -> np.ndarray:
+        """Box accuracy per (predictor, tau, delta), shape (K, T, len(deltas))."""
+        if self.n == 0:
+            raise ValueError("no images were added: there is nothing to summarise")
+        return self.correct / self.n
+
+    def summary(self, context: Mapping | None = None) -> pd.DataFrame:
+        """One row per predictor: MaxBoxAccV2 and its per-delta parts, in-box mass, chance, pointing."""
+        acc = self.accuracy()
+        best_acc, best_tau = acc.max(1), self.thresholds[acc.argmax(1)]  # dataset-level best tau per delta
+        mean = self.mass_sum / self.n
+        std = np.sqrt(np.clip(self.mass_sq / self.n - mean**2, 0, None))
+        rows = []
+        for j in range(self.k):
+            row = dict(predictor=j, maxboxacc_v2=float(best_acc[j].mean()))
+            for name, a, tau in zip(self._delta_names(), best_acc[j], best_tau[j]):
+                row[f"maxboxacc_{name}"] = float(a)
+                row[f"best_tau_{name}"] = float(tau)
+            row.update(inbox_mass=float(mean[j]), inbox_mass_std=float(std[j]), chance_mass=self.chance_sum / self.n,
+                       pointing=self.hits[j] / self.n, n_images=self.n)
+            rows.append(row)
+        return frame(rows, context_columns(context))
+
+    def curves(self, context: Mapping | None = None) -> pd.DataFrame:
+        """Box accuracy for every (predictor, delta, tau): the curves MaxBoxAccV2 maximises."""
+        acc = self.accuracy()
+        j, t, d = np.meshgrid(np.arange(self.k), np.arange(len(self.thresholds)), np.arange(len(self.deltas)), indexing="ij")
+        rows = pd.DataFrame(dict(predictor=j.ravel(), iou=self.deltas[d.ravel()], tau=self.thresholds[t.ravel()], box_acc=acc.ravel()))
+        return frame(rows.to_dict("records"), context_columns(context), columns=list(rows.columns))
+
+
+def localization_from_maps(
+    maps: np.ndarray | torch.Tensor,
+    boxes: Sequence,
+    grid: Sequence[int],
+    image_size: int | Sequence[int],
+    *,
+    thresholds: Sequence[float] | None = None,
+    deltas: Sequence[float] = DELTAS,
+    context: Mapping | None = None,
+    batch_size: int = 64,
+    return_curves: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """Localization measures of precomputed maps.
+
+    Args:
+        maps: (n, K, N) maps over the patch tokens, or (n, N) for one predictor.
+        boxes: Per image, its GT boxes ((k, 4) or (4,), xyxy pixels, exclusive x1, y1).
+        grid: Patch grid (rows, cols), rows * cols == N.
+        image_size: Image (height, width), or the side of a square image.
+        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
+        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        context: Values of the context columns.
+        batch_size: Images processed together.
+        return_curves: Also return the per-(predictor, iou, tau) accuracy table.
+
+    Returns:
+        The per-predictor summary (see :meth:`LocalizationMeter.summary`), and the curves when asked.
+    """
+    maps = maps if isinstance(maps, torch.Tensor) else np.asarray(maps)
+    k = 1 if maps.ndim == 2 else maps.shape[1]
+    if len(boxes) != len(maps):
+        raise ValueError(f"got maps of {len(maps)} images but boxes of {len(boxes)}")
+    meter = LocalizationMeter(k, grid, image_size, thresholds, deltas)
+    for start in range(0, len(maps), batch_size):
+        stop = min(start + batch_size, len(maps))
+        meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop))
+    summary = meter.summary(context)
+    return (summary, meter.curves(context)) if return_curves else summary
+
+
+def _image_size_of(dataset, image_size) -> tuple[int, int]:
+    if image_size is not None:
+        return _as_size(image_size)
+    size = getattr(dataset, "image_size", None)
+    if size is not None:
+        return _as_size(size)
+    images = getattr(dataset, "images", None)
+    if images is not None and getattr(images, "ndim", 0) >= 3:
+        return int(images.shape[-2]), int(images.shape[-1])
+    raise ValueError("localization needs the image size: pass image_size=(height, width) (the dataset has no `image_size`)")
+
+
+def localization(
+    probe: Probe,
+    tokens: TokenSet,
+    dataset,
+    *,
+    image_size: int | Sequence[int] | None = None,
+    context: Mapping | None = None,
+    thresholds: Sequence[float] | None = None,
+    deltas: Sequence[float] = DELTAS,
+    batch_size: int = 64,
+    index: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    return_curves: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+    """Localization quality of every attention predictor of `probe` over a dataset with GT boxes.
+
+    Args:
+        probe: A trained attentive probe.
+        tokens: Tokens of the dataset's images, in the dataset's order.
+        dataset: The images' dataset with GT boxes (``box_list(i)`` or ``boxes``), or the boxes.
+        image_size: Image (height, width); default from ``dataset.image_size`` or ``dataset.images``.
+        context: Values of the context columns (defaults: probe name, ``tokens.info``).
+        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
+        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        batch_size: Images per batch (maps are upsampled one batch at a time).
+        index: Optional subset of sample positions.
+        device: Where to run the probe; None picks automatically.
+        precision: "fp32" or "bf16".
+        return_curves: Also return the per-(predictor, iou, tau) accuracy table.
+
+    Returns:
+        One row per predictor: maxboxacc_v2, maxboxacc_iouXX, best_tau_iouXX, inbox_mass,
+        inbox_mass_std, chance_mass, pointing, n_images (and the curves when asked).
+    """
+    require_predictors(probe, "localization")
+    boxes_of = box_source(dataset)
+    size = _image_size_of(dataset, image_size)
+    if hasattr(dataset, "__len__") and len(dataset) != len(tokens):
+        raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
+    device = prepare_probe(probe, device)
+    meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, thresholds, deltas)
+    for positions, maps in attention_maps(probe, tokens, batch_size, index, device, precision):
+        meter.update(maps, [boxes_of(int(i)) for i in positions], positions)
+    ctx = context_columns(context, probe, tokens)
+    summary = meter.summary(ctx)
+    return (summary, meter.curves(ctx)) if return_curves else summary
