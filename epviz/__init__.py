@@ -8,18 +8,18 @@ The public API, re-exported here::
     result = epviz.fit(probe, cache.tokens(-1), val_tokens)
 """
 
-from epviz import data, plots, probes
+from epviz import analysis, data, plots, probes
 from epviz.backbones import Backbone, load_backbone
 from epviz.evaluate import accuracy, attention_maps, collect_attention, predict
 from epviz.runtime import resolve_device
 from epviz.tokens import TokenCache, extract_tokens
 from epviz.tokenset import TokenBatch, TokenSet
-from epviz.train import FitResult, fit, load_probe
+from epviz.train import FitResult, fit, load_probe, save_probe
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backbone", "FitResult", "TokenBatch", "TokenCache", "TokenSet", "accuracy", "attention_maps",
+    "Backbone", "FitResult", "analysis", "TokenBatch", "TokenCache", "TokenSet", "accuracy", "attention_maps",
     "collect_attention", "data", "extract_tokens", "fit", "load_backbone", "load_probe", "plots",
-    "predict", "probes", "resolve_device",
+    "predict", "probes", "resolve_device", "save_probe",
 ]

@@ -166,3 +166,21 @@ def test_bad_inputs_leave_nothing_behind(tmp_path, test_vit_backbone, small_canv
     with pytest.raises(TypeError, match="fingerprint"):
         extract_tokens(test_vit_backbone, torch.utils.data.Subset(small_canvases, [0, 1]), [5], cache_dir=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_image_file_stops_extraction_cleanly(tmp_path, test_vit_backbone):
+    from PIL import Image
+
+    from epviz.data.images import ImageFileError, ImageFolderDataset
+
+    root = tmp_path / "images" / "cat"
+    root.mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((24, 24, 3), 40 * i, dtype=np.uint8)).save(root / f"{i}.png")
+    good = (root / "4.png").read_bytes()
+    (root / "4.png").write_bytes(good[: len(good) // 2])
+    cache_dir = tmp_path / "cache"
+    ds = ImageFolderDataset(tmp_path / "images", image_size=32)
+    with pytest.raises(ImageFileError, match="4.png"):
+        extract_tokens(test_vit_backbone, ds, [0], cache_dir=cache_dir, batch_size=2, progress=False)
+    assert list(cache_dir.iterdir()) == [], "nothing half-written"
