@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--warmup-epochs", type=float, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ZOO_DIR / "evaluation")
+    parser.add_argument("--update", action="store_true", help="keep the rows of other backbones already in the table")
     args = parser.parse_args()
 
     sets = {
@@ -78,11 +79,16 @@ def main() -> None:
             })
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
+    previous = args.out.with_suffix(".csv")
+    if args.update and previous.is_file():
+        kept = pd.read_csv(previous)
+        table = pd.concat([kept[~kept["backbone"].isin(args.backbones)], table], ignore_index=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     csv_tmp = args.out.with_suffix(".csv.tmp")
     table.to_csv(csv_tmp, index=False)
     os.replace(csv_tmp, args.out.with_suffix(".csv"))
-    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("backbones", "update")}
+    protocol["backbones"] = sorted(table["backbone"].unique())
     protocol["description"] = ("cached last-block tokens (no final norm, no augmentation); best epoch chosen on held-out "
                                "train canvases (seed 1); top-1 on test canvases (Fashion-MNIST test items, seed 0)")
     protocol["torch_threads"] = torch.get_num_threads()
