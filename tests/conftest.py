@@ -46,3 +46,14 @@ def test_vit_backbone():
     from epviz.backbones import load_backbone
 
     return load_backbone("test_vit", pretrained=False, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests use tiny tensors, for which one thread is fastest and immune to a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,13 +11,6 @@ from epviz.tokenset import TokenSet
 D, C, N = 16, 6, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokens() -> TokenSet:

@@ -16,13 +16,6 @@ from epviz.train import LARS, FitResult, fit, load_probe, lr_at, save_probe
 D, C = 16, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def token_set(n=96, seed=0, num_tokens=4, prefix=True) -> TokenSet:
     """Tokens whose class shows as a shifted direction on one random patch token."""

@@ -13,13 +13,6 @@ D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tokens():

@@ -13,13 +13,6 @@ D, N, C = 16, 16, 3
 FIT = dict(epochs=3, batch_size=50, optimizer="adamw", lr=1e-2, warmup_epochs=0, device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_tokens(n: int, signal: float, seed: int, layer: int) -> TokenSet:
     rng = np.random.default_rng(seed)

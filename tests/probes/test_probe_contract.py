@@ -18,14 +18,6 @@ DEAD = {"cae": {"unused_norm.weight", "unused_norm.bias"}}
 EXTRA_KEYS = {"ep_all", "clip", "cait"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: thread hand-offs cost more than they save
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(name: str, seed: int = 0) -> Probe:
     options = {"num_queries": 8} if name.startswith("ep") else {}
     return probes.build(name, D, C, grid=GRID, seed=seed, **options)

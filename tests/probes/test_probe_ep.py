@@ -7,13 +7,6 @@ import epviz.probes as probes
 from epviz.probes.ep import EfficientProbe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tokens(b=4, n=16, d=64, p=2, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -8,13 +8,6 @@ from torch.nn import functional as F
 import epviz.probes as probes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tokens(b=3, n=20, d=64, seed=0):
     return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
