@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-import epviz.probes as probes
-from epviz.probes.ep import EfficientProbe
-from epviz.train import LARS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import epviz.probes as probes  # noqa: E402
+from epviz.probes.ep import EfficientProbe  # noqa: E402
+from epviz.train import LARS  # noqa: E402
 
 
 class DirectEP(nn.Module):
