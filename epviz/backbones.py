@@ -261,7 +261,7 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
                 f"{path} does not fit {name}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check the architecture name"
             )
-        return _move(_describe_model(model, name, hashlib.sha256(path.read_bytes()).hexdigest(), {"weights": str(path)}), dev)
+        return _move(_describe_model(model, name, zoo.file_sha256(path), {"weights": str(path)}), dev)
     if not pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -286,7 +286,7 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         cached = _cached_hub_file(cfg) or ""
     else:
         model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}, **timm_kwargs)
-    weights_id = hashlib.sha256(Path(cached).read_bytes()).hexdigest() if cached else _state_hash(model)
+    weights_id = zoo.file_sha256(Path(cached)) if cached else _state_hash(model)
     return _move(_describe_model(model, name, weights_id, {"pretrained_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, tuple, list))}}), dev)
 
 

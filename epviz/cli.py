@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from epviz.atomic import atomic_write, atomic_write_text
+
 __all__ = ["main", "run_notebooks", "write_report"]
 
 
@@ -47,10 +49,7 @@ def run_notebooks(notebooks: list[Path], fast: bool, timeout: int = 3600) -> lis
         start = time.time()
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
         client.execute()
-        target = executed_dir / path.name
-        tmp = target.with_suffix(".ipynb.tmp")
-        nbformat.write(nb, tmp)
-        os.replace(tmp, target)
+        atomic_write(executed_dir / path.name, lambda tmp, nb=nb: nbformat.write(nb, tmp))
         timings.append({"notebook": path.name, "seconds": round(time.time() - start, 1)})
         print(f"{path.name}: {timings[-1]['seconds']} s", flush=True)
     return timings
@@ -70,11 +69,7 @@ def write_report(figures: Path, timings: list[dict] | None = None) -> Path:
         link = f" — data: <a href='{html.escape(csv.name)}'>{html.escape(csv.name)}</a>" if csv.is_file() else ""
         parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(png.stem)}'>"
                      f"<figcaption>{html.escape(png.stem)}{link}</figcaption></figure>")
-    report = figures / "report.html"
-    tmp = report.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts))
-    os.replace(tmp, report)
-    return report
+    return atomic_write_text(figures / "report.html", "\n".join(parts))
 
 
 def _reproduce(args: argparse.Namespace) -> None:

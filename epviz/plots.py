@@ -3,8 +3,6 @@ the CSV of the data behind it (atomically) as ``<out>/<name>.png`` / ``.csv``.""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,21 +10,11 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from epviz.atomic import atomic_write
+
 __all__ = ["save_figure", "canvas_gallery", "zoo_overview", "attention_overlays", "upsample_maps", "training_curves", "BACKBONE_PALETTE"]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str | Path | None, dpi: int = 150) -> dict[str, Path]:
@@ -35,10 +23,10 @@ def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str 
         return {}
     out = Path(out)
     written = {"png": out / f"{name}.png"}
-    _atomic_write(written["png"], lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    atomic_write(written["png"], lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     if data is not None:
         written["csv"] = out / f"{name}.csv"
-        _atomic_write(written["csv"], lambda tmp: data.to_csv(tmp, index=False))
+        atomic_write(written["csv"], lambda tmp: data.to_csv(tmp, index=False))
     return written
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from numpy.lib.format import write_array_header_1_0
 from tqdm.auto import tqdm
 
+from epviz.atomic import atomic_write_text
 from epviz.backbones import Backbone
 from epviz.runtime import autocast, resolve_device
 from epviz.tokenset import TokenSet
@@ -274,9 +275,7 @@ def extract_tokens(
                       dtype=dtype, device=dev, num_workers=num_workers, progress=progress)
         meta.update(parts, key=key)
         meta["backbone"] = dict(backbone.describe())
-        tmp_meta = partial / "meta.json.tmp"
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, partial / "meta.json")
+        atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.rename(partial, final)

@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from epviz.atomic import atomic_write
 from epviz.evaluate import ensure_finite, loss_and_accuracy
 from epviz.probes.base import Probe
 from epviz.probes.registry import build
@@ -153,7 +153,7 @@ def save_probe(probe: Probe, path: str | os.PathLike, extra: dict | None = None)
     base = _base_path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
-    _atomic_write(base.with_name(base.name + ".safetensors"), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    atomic_write(base.with_name(base.name + ".safetensors"), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     doc = {"format": FORMAT, "probe": probe.config, **(extra or {})}
     text = json.dumps(_jsonable(doc), indent=2, allow_nan=False)
 
@@ -161,7 +161,7 @@ def save_probe(probe: Probe, path: str | os.PathLike, extra: dict | None = None)
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    _atomic_write(base.with_name(base.name + ".json"), write_json)
+    atomic_write(base.with_name(base.name + ".json"), write_json)
     return base
 
 
@@ -371,18 +371,6 @@ def _base_path(path: str | os.PathLike) -> Path:
     if path.suffix in (".json", ".safetensors"):
         path = path.with_suffix("")
     return path
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _finite_or_none(x: float | None) -> float | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz import probes  # noqa: E402
+from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
 from epviz.backbones import load_backbone  # noqa: E402
 from epviz.data import ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import accuracy  # noqa: E402
@@ -83,18 +83,13 @@ def main() -> None:
     if args.update and previous.is_file():
         kept = pd.read_csv(previous)
         table = pd.concat([kept[~kept["backbone"].isin(args.backbones)], table], ignore_index=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    csv_tmp = args.out.with_suffix(".csv.tmp")
-    table.to_csv(csv_tmp, index=False)
-    os.replace(csv_tmp, args.out.with_suffix(".csv"))
+    atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("backbones", "update")}
     protocol["backbones"] = sorted(table["backbone"].unique())
     protocol["description"] = ("cached last-block tokens (no final norm, no augmentation); best epoch chosen on held-out "
                                "train canvases (seed 1); top-1 on test canvases (Fashion-MNIST test items, seed 0)")
     protocol["torch_threads"] = torch.get_num_threads()
-    json_tmp = args.out.with_suffix(".json.tmp")
-    json_tmp.write_text(json.dumps(protocol, indent=2) + "\n")
-    os.replace(json_tmp, args.out.with_suffix(".json"))
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(protocol, indent=2) + "\n")
     print(table.pivot(index="probe", columns="backbone", values="test_acc").round(3).to_string())
 
 

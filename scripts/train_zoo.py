@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -32,6 +31,7 @@ from timm.models.vision_transformer import Block
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
 from epviz.data import CanvasGenerator, ClutteredFashionMNIST  # noqa: E402
 from epviz.zoo import ARCHITECTURE, NORMALIZATION, ZOO_DIR, build_zoo_vit, file_sha256  # noqa: E402
 
@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.time() - start
 
     state = {k: v.contiguous() for k, v in encoder.state_dict().items() if not k.startswith("head.")}
-    args.out.mkdir(parents=True, exist_ok=True)
     weights = args.out / f"{name}.safetensors"
-    tmp = weights.with_suffix(".safetensors.tmp")
-    save_file(state, str(tmp), metadata={"name": name, "objective": args.objective})
-    os.replace(tmp, weights)
+    atomic_write(weights, lambda tmp: save_file(state, tmp, metadata={"name": name, "objective": args.objective}))
     card = {
         "name": name,
         "objective": {
@@ -221,9 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python scripts/train_zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     card_path = args.out / f"{name}.json"
-    card_tmp = card_path.with_suffix(".json.tmp")
-    card_tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(card_tmp, card_path)
+    atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
     print(f"wrote {weights} and {card_path} in {wall / 60:.1f} min")
 
 
