@@ -19,9 +19,11 @@ test      Fashion-MNIST test,  seed 0      4,000       500
 epoch; ``test`` is only ever used for the numbers that are reported.
 
 The standard probe budget (cached tokens, no augmentation): AdamW, lr 1e-3, weight decay
-1e-4 on matrices, linear warm-up then cosine decay, best epoch on ``val``; 30 epochs
-(3 of warm-up) in batches of 256, or in fast mode 5 epochs (1 of warm-up) in batches of 64
-(more, smaller steps for the same compute on the small training set).
+1e-4 on matrices, linear warm-up then cosine decay, best epoch on ``val``; 15 epochs
+(2 of warm-up) in batches of 256 under bf16 autocast, or in fast mode 5 epochs (1 of
+warm-up) in batches of 64 in fp32 (more, smaller steps for the same compute on the small
+training set). Trained probes are stored in the probe cache (:mod:`epviz.probe_cache`),
+so a notebook that needs a probe another notebook trained loads it instead.
 
 Fast mode (``EPVIZ_FAST=1``) shrinks sizes and budgets so that every notebook runs in a
 minute or two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -47,6 +48,7 @@ from epviz.backbones import Backbone, load_backbone
 from epviz.data.cluttered import ClutteredFashionMNIST
 from epviz.evaluate import accuracy
 from epviz.probes.base import Probe
+from epviz.probe_cache import load_cached_fit, probe_key, store_fit
 from epviz.probes.registry import build, probe_class
 from epviz.tokens import TokenCache, extract_tokens
 from epviz.tokenset import TokenSet
@@ -209,8 +211,8 @@ def zoo_tokens(
 
 def budget(fast: bool, **overrides) -> dict:
     """The standard probe budget as :func:`epviz.fit` keyword arguments (overrides win)."""
-    base = dict(epochs=5 if fast else 30, batch_size=64 if fast else 256, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                warmup_epochs=1 if fast else 3)
+    base = dict(epochs=5 if fast else 15, batch_size=64 if fast else 256, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
+                warmup_epochs=1 if fast else 2, precision="fp32" if fast else "bf16")
     base.update(overrides)
     return base
 
@@ -263,9 +265,13 @@ def train_probe(
     *,
     seed: int = 0,
     fit_options: Mapping | None = None,
+    cache: bool = True,
     **options,
 ) -> FitResult:
     """Build a probe and train it with the standard budget, the best epoch picked on `val`.
+
+    A run on tokens read from token caches is stored in the probe cache
+    (:mod:`epviz.probe_cache`) and loaded from there when it is asked for again.
 
     Args:
         name: Registry name of the probe.
@@ -274,11 +280,19 @@ def train_probe(
         fast: Fast-mode budget.
         seed: Seed of the initialisation and of the shuffling.
         fit_options: Overrides of the budget (see :func:`budget`).
+        cache: Read and write the probe cache (False: always train, store nothing).
         **options: Build options of the probe (``num_queries``, ``d_out``, ``heads``, ...).
     """
     num_classes = max(int(train.num_classes), int(val.num_classes))
+    fit_kwargs = budget(fast, **dict(fit_options or {}))
+    key = probe_key(name, options, num_classes, train, val, fit_kwargs, seed) if cache else None
+    if key is not None and (stored := load_cached_fit(key)) is not None:
+        return stored
     probe = _build(name, train, num_classes, seed, options)
-    return fit(probe, train, val, seed=seed, progress=False, **budget(fast, **dict(fit_options or {})))
+    result = fit(probe, train, val, seed=seed, progress=False, **fit_kwargs)
+    if key is not None:
+        store_fit(key, result)
+    return result
 
 
 def probe_zoo(
@@ -300,7 +314,8 @@ def probe_zoo(
 
     Returns:
         A tidy table, one row per backbone x probe (backbone, layer, probe, name, seed, params,
-        val_acc, test_acc, best_epoch, seconds), and the trained probes keyed by (backbone, label).
+        val_acc, test_acc, best_epoch, seconds of training, cached: loaded from the probe cache),
+        and the trained probes keyed by (backbone, label).
     """
     specs = probe_specs(probes)
     rows, fitted = [], {}
@@ -308,14 +323,13 @@ def probe_zoo(
         for label, options in specs.items():
             options = dict(options)
             name = options.pop("name")
-            start = time.perf_counter()
             result = train_probe(name, split["train"], split["val"], fast, seed=seed, fit_options=fit_options, **options)
             test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
             fitted[backbone, label] = result.probe
             rows.append(dict(backbone=backbone, layer=split["train"].info.get("layer"), probe=label, name=name, seed=seed,
                              params=sum(p.numel() for p in result.probe.parameters() if p.requires_grad),
                              predictors=result.probe.num_predictors, val_acc=result.best_acc, test_acc=test,
-                             best_epoch=result.best_epoch, seconds=time.perf_counter() - start))
+                             best_epoch=result.best_epoch, seconds=result.seconds, cached="cached" in result.config))
     return pd.DataFrame(rows), fitted
 
 

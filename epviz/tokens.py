@@ -112,7 +112,8 @@ class TokenCache:
         ts = TokenSet(
             patch=self.patch(layer), prefix=self.prefix(layer), labels=self.labels, grid=self.grid,
             num_classes=self.meta.get("dataset_info", {}).get("num_classes"),
-            info={"backbone": self.meta["backbone"]["name"], "layer": layer, "dataset": self.meta["dataset"]},
+            info={"backbone": self.meta["backbone"]["name"], "layer": layer, "dataset": self.meta["dataset"],
+                  "cache": self.path.name},
         )
         return ts.load() if in_memory else ts
 

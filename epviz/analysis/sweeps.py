@@ -6,6 +6,8 @@ validation top-1. Results are tidy: one row per probe x layer (or shots) x seed.
 Low-shot sampling (ours): for k shots and a seed, k training images are drawn without
 replacement from every class present in the training labels, with
 ``numpy.random.default_rng(seed)``; the same (k, seed) gives the same images to every probe.
+Runs on whole token caches are stored in (and read back from) the probe cache
+(:mod:`epviz.probe_cache`); low-shot subsets are always trained afresh.
 The batch size of a low-shot run is ``min(batch_size, k * classes)``.
 """
 
@@ -20,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from epviz.analysis._common import context_columns
+from epviz.probe_cache import load_cached_fit, probe_key, store_fit
 from epviz.probes.registry import build, probe_class
 from epviz.tokenset import TokenSet
 from epviz.train import fit
@@ -54,8 +57,14 @@ def _train_one(label: str, name: str, options: dict, train: TokenSet, val: Token
     if "grid" not in options and "grid" in inspect.signature(probe_class(name).__init__).parameters:
         options["grid"] = train.grid
     num_classes = max(int(train.num_classes), int(val.num_classes))
-    probe = build(name, train.dim, num_classes, seed=seed, **options)
-    result = fit(probe, train, val, epochs=epochs, batch_size=batch_size, seed=seed, device=device, progress=False, **fit_kwargs)
+    run = dict(fit_kwargs, epochs=epochs, batch_size=batch_size)
+    key = probe_key(name, options, num_classes, train, val, run, seed)
+    result = None if key is None else load_cached_fit(key)
+    if result is None:
+        probe = build(name, train.dim, num_classes, seed=seed, **options)
+        result = fit(probe, train, val, seed=seed, device=device, progress=False, **run)
+        if key is not None:
+            store_fit(key, result)
     return dict(
         best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
         epochs_run=int(result.history["epoch"].iloc[-1]),

@@ -1,0 +1,89 @@
+"""An on-disk cache of trained probes, keyed like the token cache.
+
+Training is the slow part of every analysis, and the notebooks train the same probe on
+the same tokens more than once (the efficiency zoo, the uniform ablation and the query
+maps all need EP16 on the last block). A trained probe is stored under
+``<token cache>/probes/<key>`` and found again when everything that changes its weights
+is the same: the token caches of the training and validation sets (their keys name the
+backbone, weights, dataset, transform and block), the probe's build options, the number
+of classes, the fit options and the seed.
+
+Only tokens read whole from a token cache have such an identity (their ``info`` carries
+the cache key); tokens built in memory or subsets are always trained afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+from epviz.tokens import default_cache_dir
+from epviz.tokenset import TokenSet
+from epviz.train import FitResult, load_probe
+
+__all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit"]
+
+PROBE_CACHE_FORMAT = 1
+
+
+def probe_cache_dir() -> Path:
+    """Folder of the cached probes: ``probes/`` inside the token cache folder."""
+    return default_cache_dir() / "probes"
+
+
+def _identity(tokens: TokenSet) -> dict | None:
+    info = tokens.info
+    if "cache" not in info or "subset" in info:
+        return None
+    return {"cache": info["cache"], "layer": info.get("layer"), "images": len(tokens)}
+
+
+def probe_key(
+    name: str,
+    options: Mapping,
+    num_classes: int,
+    train: TokenSet,
+    val: TokenSet,
+    fit_options: Mapping,
+    seed: int,
+) -> str | None:
+    """The cache key of a training run, or None when the tokens have no cache identity."""
+    train_id, val_id = _identity(train), _identity(val)
+    if train_id is None or val_id is None:
+        return None
+    doc = {"format": PROBE_CACHE_FORMAT, "probe": name, "options": dict(options), "num_classes": int(num_classes),
+           "train": train_id, "val": val_id, "fit": dict(fit_options), "seed": int(seed)}
+    text = json.dumps(doc, sort_keys=True, default=str)
+    return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def load_cached_fit(key: str, cache_dir: str | Path | None = None) -> FitResult | None:
+    """The stored fit of `key`, or None when there is none (or it cannot be read)."""
+    base = Path(cache_dir or probe_cache_dir()) / key
+    meta = base.with_name(base.name + ".json")
+    if not meta.is_file() or not base.with_name(base.name + ".safetensors").is_file():
+        return None
+    try:
+        doc = json.loads(meta.read_text(encoding="utf-8"))
+        probe = load_probe(base, device=None)  # where fit would have trained it
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None  # unreadable or from another version: train again and overwrite
+    nan = float("nan")
+    return FitResult(
+        probe=probe,
+        history=pd.DataFrame(doc.get("history", [])),
+        best_epoch=int(doc.get("best_epoch") or 0),
+        best_acc=nan if doc.get("best_acc") is None else float(doc["best_acc"]),
+        final_acc=nan if doc.get("final_acc") is None else float(doc["final_acc"]),
+        seconds=float(doc.get("seconds", nan)),
+        config=dict(doc.get("fit", {}), cached=key),
+    )
+
+
+def store_fit(key: str, result: FitResult, cache_dir: str | Path | None = None) -> Path:
+    """Store a fit under `key` (weights first, then the JSON that marks it complete)."""
+    return result.save(Path(cache_dir or probe_cache_dir()) / key)
