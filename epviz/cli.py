@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,10 +34,12 @@ def run_notebooks(notebooks: list[Path], fast: bool, timeout: int = 3600) -> lis
     """Execute notebooks in place of a temporary copy with nbclient; returns per-notebook timings.
 
     The executed copies (with outputs) go to ``figures/notebooks/``; the stored notebooks
-    stay without outputs.
+    stay without outputs. A failing notebook does not stop the others: its entry holds
+    ``error`` (the failing cell's error) and its executed copy shows the traceback.
     """
     import nbformat
     from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
     from tqdm.auto import tqdm
 
     os.environ["EPVIZ_FAST"] = "1" if fast else "0"
@@ -48,11 +51,25 @@ def run_notebooks(notebooks: list[Path], fast: bool, timeout: int = 3600) -> lis
         nb = nbformat.read(path, as_version=4)
         start = time.time()
         client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
-        client.execute()
+        entry = {"notebook": path.name}
+        try:
+            client.execute()
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
+            entry["error"] = _first_line(err)
         atomic_write(executed_dir / path.name, lambda tmp, nb=nb: nbformat.write(nb, tmp))
-        timings.append({"notebook": path.name, "seconds": round(time.time() - start, 1)})
-        print(f"{path.name}: {timings[-1]['seconds']} s", flush=True)
+        entry["seconds"] = round(time.time() - start, 1)
+        timings.append(entry)
+        status = f"FAILED: {entry['error']}" if "error" in entry else "ok"
+        print(f"{path.name}: {entry['seconds']} s, {status}", flush=True)
     return timings
+
+
+def _first_line(err: Exception) -> str:
+    """The most telling line of a notebook error (nbclient puts the exception last)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # tracebacks arrive coloured
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
+    return (errors or lines or [type(err).__name__])[-1][:300]
 
 
 def write_report(figures: Path, timings: list[dict] | None = None) -> Path:
@@ -61,8 +78,9 @@ def write_report(figures: Path, timings: list[dict] | None = None) -> Path:
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%;border:1px solid #ddd}"
              "figure{margin:2em 0}figcaption{color:#555}</style>", "<h1>epviz — reproduced figures</h1>"]
     if timings:
-        rows = "".join(f"<tr><td>{html.escape(t['notebook'])}</td><td>{t['seconds']}</td></tr>" for t in timings)
-        parts.append(f"<table><tr><th>notebook</th><th>seconds</th></tr>{rows}</table>")
+        rows = "".join(f"<tr><td>{html.escape(t['notebook'])}</td><td>{t['seconds']}</td>"
+                       f"<td>{html.escape(t.get('error', 'ok'))}</td></tr>" for t in timings)
+        parts.append(f"<table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>{rows}</table>")
     for png in sorted(figures.glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         csv = png.with_suffix(".csv")
@@ -82,6 +100,10 @@ def _reproduce(args: argparse.Namespace) -> None:
     timings = run_notebooks(notebooks, fast=args.fast)
     report = write_report(root / "figures" / ("fast" if args.fast else ""), timings)
     print(f"report: {report}")
+    failed = [t["notebook"] for t in timings if "error" in t]
+    if failed:
+        sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(failed)}; their executed copies under "
+                 f"figures/{'fast/' if args.fast else ''}notebooks/ show the error")
 
 
 def _extract(args: argparse.Namespace) -> None:

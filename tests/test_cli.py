@@ -27,3 +27,25 @@ def test_extract_command_reports_a_cache(tmp_path, capsys):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+
+
+def _notebook(path, source: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_a_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    _notebook(tmp_path / "notebooks" / "01_bad.ipynb", "raise ValueError('no such backbone')")
+    _notebook(tmp_path / "notebooks" / "02_good.ipynb", "open('ran.txt', 'w').write('yes')")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="1 notebook\\(s\\) failed: 01_bad.ipynb"):
+        cli.main(["reproduce", "--fast"])
+    assert (tmp_path / "notebooks" / "ran.txt").read_text() == "yes"
+    report = (tmp_path / "figures" / "fast" / "report.html").read_text()
+    assert "ValueError: no such backbone" in report
+    assert (tmp_path / "figures" / "fast" / "notebooks" / "01_bad.ipynb").is_file()
