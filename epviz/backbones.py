@@ -230,8 +230,10 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     """Load a frozen backbone.
 
     Args:
-        name: A zoo name ("tiny-mae", "tiny-sup", "tiny-random") or a timm model name,
-            with an optional pretrained tag ("vit_base_patch16_224.mae").
+        name: A zoo name ("tiny-mae", "tiny-sup", "tiny-random"), a timm model name
+            with an optional pretrained tag ("vit_base_patch16_224.mae"), a preset of
+            :mod:`epviz.presets` ("mae-vit-b"), or any of these but the zoo's followed by
+            ":random" for seeded random weights ("test_vit:random").
         weights: A local .safetensors or torch checkpoint to load instead of hub weights.
         pretrained: Load pretrained hub weights (ignored with `weights`); False gives a
             randomly initialised timm model (architecture checks, tests).
@@ -242,8 +244,11 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         BackboneError: Unknown name (with close matches), missing or unreadable weights file.
         HubUnavailable: Hub weights requested, not cached, hub not reachable.
     """
+    from epviz import presets
     from epviz.runtime import resolve_device
 
+    if presets.handles(name):  # paper presets ("mae-vit-b") and random-init names ("test_vit:random")
+        return presets.load(name, weights=weights, pretrained=pretrained, device=device, **timm_kwargs)
     dev = resolve_device(device)
     if name in zoo.ZOO:
         if weights is not None:

@@ -18,6 +18,20 @@ test      Fashion-MNIST test,  seed 0      4,000       500
 ``val`` holds other canvases of the training items (another seed) and selects the best
 epoch; ``test`` is only ever used for the numbers that are reported.
 
+Datasets on disk plug in through the same seam, as a spec ``"<kind>:<root>"`` (see
+:mod:`epviz.data.specs` for the layouts, the options and how each split is formed)::
+
+    DATASET = "imagenet:/data/imagenet"     # train/ + val/ (val is the reported test split)
+    DATASET = "cub:/data/CUB_200_2011"      # train_test_split.txt
+    DATASET = "pets:/data/oxford-iiit-pet"  # trainval.txt / test.txt
+    DATASET = "imagefolder:/data/images"    # train/ [val/] [test/] of class folders, or class folders only
+
+Their images get the reference evaluation transform (Resize 256 + CenterCrop 224,
+bicubic). ``val`` is held out from the training images (10% of each class, fixed seed)
+unless the dataset has a validation set besides its test set, and ``test`` is the
+official evaluation set. The standard sizes above are then upper bounds: a split keeps at
+most that many images, spread evenly over the classes (``size=None``: all of them).
+
 The standard probe budget (cached tokens, no augmentation): AdamW, lr 1e-3, weight decay
 1e-4 on matrices, linear warm-up then cosine decay, best epoch on ``val``; 15 epochs
 (2 of warm-up) in batches of 256 under bf16 autocast, or in fast mode 5 epochs (1 of
@@ -62,7 +76,7 @@ __all__ = [
 ]
 
 DEFAULT_DATASET = "cluttered-fashion-mnist"
-DATASETS = (DEFAULT_DATASET,)
+DATASETS = (DEFAULT_DATASET, "imagenet:<root>", "cub:<root>", "pets:<root>", "imagefolder:<root>")
 SPLITS = ("train", "val", "test")
 FULL_SIZES = {"train": 20_000, "val": 2_000, "test": 4_000}
 FAST_SIZES = {"train": 2_000, "val": 500, "test": 500}
@@ -87,17 +101,26 @@ def load_dataset(spec: str = DEFAULT_DATASET, split: str = "train", size: int | 
     """One dataset from a dataset spec: the seam where other datasets plug in.
 
     Args:
-        spec: Name of the dataset; see :data:`DATASETS`.
-        split: "train", "val" or "test": "val" holds other canvases of the train items
-            (seed ``seed + 1``), "test" canvases of the test items.
-        size: Number of images (default: the full standard size of the split).
-        seed: Seed of the dataset's randomness.
+        spec: "cluttered-fashion-mnist" or a dataset on disk, ``"<kind>:<root>"`` with kind
+            imagenet, cub, pets or imagefolder; see :data:`DATASETS` and :mod:`epviz.data.specs`.
+        split: "train", "val" or "test". Canvases: "val" holds other canvases of the train
+            items (seed ``seed + 1``), "test" canvases of the test items. Datasets on disk:
+            see the module docstring.
+        size: Number of images (default: the full standard size of the split); for datasets
+            on disk at most that many, balanced over classes (None: every image).
+        seed: Seed of the dataset's randomness (on disk: which images a `size` keeps).
 
     Raises:
-        ValueError: Unknown dataset spec or split.
+        ValueError: Unknown dataset spec, option or split.
+        FileNotFoundError: The root folder of a dataset on disk does not exist.
     """
+    from epviz.data import specs
+
+    if isinstance(spec, str) and specs.is_spec(spec):
+        return specs.open_split(spec, split, size, seed)
     if spec not in DATASETS:
-        raise ValueError(f"unknown dataset {spec!r}; known datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {spec!r}; known datasets: {', '.join(DATASETS)} "
+                         f"(<root>: the dataset's folder, e.g. 'imagenet:/data/imagenet')")
     if split not in _SOURCES:
         raise ValueError(f"unknown split {split!r} of {spec}; use one of {', '.join(_SOURCES)}")
     source, offset = _SOURCES[split]
@@ -109,8 +132,8 @@ def standard_sets(fast: bool, dataset: str = DEFAULT_DATASET, splits: Sequence[s
     """The standard train / val / test sets (see the module docstring for sizes and seeds).
 
     Args:
-        fast: Small sizes (fast mode) instead of the full ones.
-        dataset: Dataset spec (see :func:`load_dataset`).
+        fast: Small sizes (fast mode) instead of the full ones (upper bounds for datasets on disk).
+        dataset: Dataset spec (see :func:`load_dataset`), e.g. "imagenet:/data/imagenet".
         splits: Which of "train", "val", "test" to build.
     """
     sizes = set_sizes(fast)

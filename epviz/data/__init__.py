@@ -1,6 +1,17 @@
-"""Datasets: the embedded cluttered Fashion-MNIST and the Fashion-MNIST file loader."""
+"""Datasets: the embedded cluttered Fashion-MNIST, the Fashion-MNIST file loader, and image files on disk
+(ImageNet-1k, CUB-200-2011, Oxford-IIIT Pets, ImageFolder) under the reference evaluation transform."""
 
 from epviz.data.cluttered import CanvasGenerator, CanvasRecipe, Canvases, ClutteredFashionMNIST
+from epviz.data.annotated import AnnotatedImages, AnnotationError
+from epviz.data.cub import cub
 from epviz.data.fashion_mnist import CLASSES, FashionMNISTNotFound, load_fashion_mnist
+from epviz.data.imagenet import imagenet
+from epviz.data.pets import pets
+from epviz.data.specs import image_folder, open_split, parse_spec
+from epviz.data.transforms import EvalTransform, train_transform
 
-__all__ = ["CLASSES", "CanvasGenerator", "CanvasRecipe", "Canvases", "ClutteredFashionMNIST", "FashionMNISTNotFound", "load_fashion_mnist"]
+__all__ = [
+    "AnnotatedImages", "AnnotationError", "CLASSES", "CanvasGenerator", "CanvasRecipe", "Canvases", "ClutteredFashionMNIST",
+    "EvalTransform", "FashionMNISTNotFound", "cub", "image_folder", "imagenet", "load_fashion_mnist", "open_split", "parse_spec",
+    "pets", "train_transform",
+]

@@ -1,0 +1,136 @@
+"""Writers of small datasets in the real on-disk formats (ImageNet, CUB-200-2011, Oxford-IIIT Pets).
+
+Every image is a dark noisy background with one bright rectangle where its box is, so that
+tests can check boxes against pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def write_image(path: Path, width: int, height: int, box: tuple[int, int, int, int] | None, seed: int = 0) -> Path:
+    """An RGB image: noise in 0..40, the box (x0, y0, x1, y1, exclusive) filled with 255."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        pixels[y0:y1, x0:x1] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format="PNG" if path.suffix.lower() == ".png" else "JPEG", quality=95)
+    return path
+
+
+def voc_xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int, int]], stem: str) -> str:
+    """A PASCAL-VOC annotation as ImageNet ships it (inclusive xmax/ymax)."""
+    objects = "".join(
+        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1 - 1}</xmax><ymax>{y1 - 1}</ymax></bndbox></object>"
+        for x0, y0, x1, y1 in boxes
+    )
+    return (f"<annotation><folder>val</folder><filename>{stem}</filename><source><database>ILSVRC_2012</database></source>"
+            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size><segmented>0</segmented>"
+            f"{objects}</annotation>")
+
+
+def _box(i: int, width: int, height: int) -> tuple[int, int, int, int]:
+    x0, y0 = 4 + 3 * (i % 5), 6 + 2 * (i % 4)
+    return x0, y0, min(width, x0 + width // 2), min(height, y0 + height // 2)
+
+
+def write_imagenet(root: Path, *, train_per_class: int = 6, val_per_class: int = 2, layout: str = "folders",
+                   boxes: str = "xml", size: tuple[int, int] = (80, 60)) -> dict[str, tuple]:
+    """An ImageNet tree: ``train/<wnid>/`` and ``val/`` (class folders or flat), val boxes as XML or CSV.
+
+    Args:
+        layout: "folders" (val/<wnid>/...) or "flat" (val/ILSVRC2012_val_XXXXXXXX.JPEG).
+        boxes: "xml" (root/Annotations/CLS-LOC/val/<stem>.xml), "beside" (XML next to the image),
+            "csv" (root/LOC_val_solution.csv) or "none".
+
+    Returns:
+        ``{val stem: (wnid, box exclusive xyxy, (width, height))}``.
+    """
+    w, h = size
+    for c, wnid in enumerate(WNIDS):
+        for i in range(train_per_class):
+            write_image(root / "train" / wnid / f"{wnid}_{i}.JPEG", w, h, _box(i, w, h), seed=100 * c + i)
+    truth, rows, n = {}, ["ImageId,PredictionString"], 0
+    for c, wnid in enumerate(WNIDS):
+        for i in range(val_per_class):
+            n += 1
+            stem = f"ILSVRC2012_val_{n:08d}"
+            width, height = w + 8 * i, h + 4 * c
+            box = _box(n, width, height)
+            folder = root / "val" / (wnid if layout == "folders" else "")
+            write_image(folder / f"{stem}.JPEG", width, height, box, seed=1000 + n)
+            truth[stem] = (wnid, box, (width, height))
+            xml = voc_xml(wnid, width, height, [box], stem)
+            if boxes == "xml":
+                target = root / "Annotations" / "CLS-LOC" / "val" / f"{stem}.xml"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(xml)
+            elif boxes == "beside":
+                (folder / f"{stem}.xml").write_text(xml)
+            rows.append(f"{stem},{wnid} {box[0]} {box[1]} {box[2] - 1} {box[3] - 1} ")
+    if boxes == "csv":
+        (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+def write_cub(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (90, 70)) -> dict[int, tuple]:
+    """A CUB_200_2011 folder; half of each class is train. Returns ``{image id: (label, box, is_train)}``."""
+    w, h = size
+    lines = {k: [] for k in ("images", "labels", "split", "boxes", "classes")}
+    truth, image_id = {}, 0
+    for c in range(1, classes + 1):
+        folder = f"{c:03d}.Bird_{c}"
+        lines["classes"].append(f"{c} {folder}")
+        for i in range(per_class):
+            image_id += 1
+            rel = f"{folder}/Bird_{c}_{i:04d}.jpg"
+            box = (5 + i, 7, 5 + i + 40, 7 + 30)
+            write_image(root / "images" / rel, w, h, box, seed=image_id)
+            is_train = i % 2 == 0
+            lines["images"].append(f"{image_id} {rel}")
+            lines["labels"].append(f"{image_id} {c}")
+            lines["split"].append(f"{image_id} {int(is_train)}")
+            lines["boxes"].append(f"{image_id} {float(box[0])} {float(box[1])} {float(box[2] - box[0])} {float(box[3] - box[1])}")
+            truth[image_id] = (c - 1, box, is_train)
+    names = {"images": "images.txt", "labels": "image_class_labels.txt", "split": "train_test_split.txt",
+             "boxes": "bounding_boxes.txt", "classes": "classes.txt"}
+    for key, name in names.items():
+        (root / name).write_text("\n".join(lines[key]) + "\n")
+    return truth
+
+
+def write_pets(root: Path, breeds: tuple[str, ...] = ("Abyssinian", "american_bulldog"), per_breed: int = 4,
+               size: tuple[int, int] = (72, 64)) -> dict[str, tuple]:
+    """An Oxford-IIIT Pets folder. Returns ``{name: (label, pet box incl. border, is_trainval)}``."""
+    w, h = size
+    ann = root / "annotations"
+    (ann / "trimaps").mkdir(parents=True, exist_ok=True)
+    header = ["#Image CLASS-ID SPECIES BREED ID", "#ID: 1:37 Class ids", "#SPECIES: 1:Cat 2:Dog", "#BREED ID: 1-25:Cat 1:12:Dog"]
+    listing, trainval, test, truth = [], [], [], {}
+    for c, breed in enumerate(breeds, start=1):
+        for i in range(1, per_breed + 1):
+            name = f"{breed}_{i}"
+            inner = (10 + i, 12, 40 + i, 44)
+            outer = (inner[0] - 2, inner[1] - 2, inner[2] + 2, inner[3] + 2)
+            write_image(root / "images" / f"{name}.jpg", w, h, inner, seed=10 * c + i)
+            trimap = np.full((h, w), 2, np.uint8)
+            trimap[outer[1] : outer[3], outer[0] : outer[2]] = 3
+            trimap[inner[1] : inner[3], inner[0] : inner[2]] = 1
+            Image.fromarray(trimap).save(ann / "trimaps" / f"{name}.png")
+            line = f"{name} {c} {1 if breed[0].isupper() else 2} {c}"
+            listing.append(line)
+            (trainval if i % 2 else test).append(line)
+            truth[name] = (c - 1, outer, bool(i % 2))
+    (ann / "list.txt").write_text("\n".join(header + listing) + "\n")
+    (ann / "trainval.txt").write_text("\n".join(trainval) + "\n")
+    (ann / "test.txt").write_text("\n".join(test) + "\n")
+    return truth

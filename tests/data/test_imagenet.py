@@ -1,0 +1,145 @@
+import numpy as np
+import pytest
+import torch
+from formats import WNIDS, write_image, write_imagenet
+
+from epviz import experiments
+from epviz.data.annotated import AnnotationError
+from epviz.data.images import ImageFileError
+from epviz.data.imagenet import imagenet, read_solution_csv
+from epviz.data.transforms import EvalTransform
+
+
+def expected_boxes(box, width, height, t=EvalTransform()):
+    return t.boxes(np.array([box]), (height, width))[0]
+
+
+@pytest.mark.parametrize("layout,boxes", [("folders", "xml"), ("flat", "xml"), ("flat", "csv"), ("flat", "beside"), ("folders", "csv")])
+def test_val_labels_follow_sorted_wnids_and_boxes_follow_the_transform(tmp_path, layout, boxes):
+    truth = write_imagenet(tmp_path, layout=layout, boxes=boxes)
+    ds = imagenet(tmp_path, "val")
+    assert ds.classes == sorted(WNIDS) and len(ds) == len(truth)
+    for i, sample in enumerate(ds.samples):
+        wnid, box, (w, h) = truth[sample.path.stem]
+        assert ds.labels[i] == sorted(WNIDS).index(wnid)
+        assert np.allclose(ds.box_list(i), expected_boxes(box, w, h), atol=1e-4)
+    image, label = ds[0]
+    assert image.shape == (3, 224, 224) and label == ds.labels[0]
+    # the box sits on the bright rectangle of the transformed image
+    x0, y0, x1, y1 = ds.box_list(0)[0]
+    bright = image[0] > 0.6
+    assert bright[int(y0) + 2 : int(y1) - 2, int(x0) + 2 : int(x1) - 2].float().mean() > 0.95
+    assert bright.float().mean() < 0.6
+
+
+def test_class_index_order_is_torchvisions_sorted_wnids(tmp_path):
+    write_imagenet(tmp_path)
+    (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(f"{w} fish {i}" for i, w in enumerate(reversed(WNIDS))) + "\n")
+    train = imagenet(tmp_path, "train")
+    assert train.classes == sorted(WNIDS)
+    assert [train.classes[l] for l in train.labels] == [s.path.parent.name for s in train.samples]
+    assert not train.has_boxes
+    with pytest.raises(AnnotationError, match="no box annotations"):
+        train.box_list(0)
+
+
+def test_solution_csv_boxes_are_inclusive_pixel_indices(tmp_path):
+    path = tmp_path / "LOC_val_solution.csv"
+    path.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 10 20 29 39 n01751748 0 0 4 4 \n")
+    boxes, wnids = read_solution_csv(path)["ILSVRC2012_val_00000001"]
+    assert boxes.tolist() == [[10, 20, 30, 40], [0, 0, 5, 5]] and wnids == ["n01751748", "n01751748"]
+    path.write_text("id,boxes\n")
+    with pytest.raises(AnnotationError, match="ImageId,PredictionString"):
+        read_solution_csv(path)
+
+
+def test_missing_annotation_file_names_the_file(tmp_path):
+    truth = write_imagenet(tmp_path, layout="flat", boxes="xml")
+    stem = sorted(truth)[1]
+    (tmp_path / "Annotations" / "CLS-LOC" / "val" / f"{stem}.xml").unlink()
+    with pytest.raises(AnnotationError, match=f"{stem}.xml.*missing"):
+        imagenet(tmp_path, "val")
+
+
+def test_flat_val_without_any_boxes_asks_for_them(tmp_path):
+    write_imagenet(tmp_path, layout="flat", boxes="none")
+    with pytest.raises(AnnotationError, match="boxes="):
+        imagenet(tmp_path, "val")
+
+
+def test_box_outside_its_image_is_an_error(tmp_path):
+    truth = write_imagenet(tmp_path, layout="folders", boxes="csv")
+    csv = tmp_path / "LOC_val_solution.csv"
+    stem = sorted(truth)[0]
+    wnid, _, (w, h) = truth[stem]
+    lines = csv.read_text().splitlines()
+    lines = [f"{stem},{wnid} 10 10 {w + 30} {h - 5} " if line.startswith(stem) else line for line in lines]
+    csv.write_text("\n".join(lines) + "\n")
+    ds = imagenet(tmp_path, "val")
+    index = [s.path.stem for s in ds.samples].index(stem)
+    with pytest.raises(AnnotationError, match="outside"):
+        ds.box_list(index)
+
+
+def test_image_that_does_not_decode_names_the_file(tmp_path):
+    truth = write_imagenet(tmp_path)
+    ds = imagenet(tmp_path, "val")
+    ds.samples[0].path.write_bytes(b"not a jpeg at all")
+    with pytest.raises(ImageFileError, match=f"{ds.samples[0].path.name}.*corrupt"):
+        ds[0]
+    assert len(truth) == len(ds)
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    write_imagenet(tmp_path)
+    (tmp_path / "train" / "n09999999").mkdir()
+    with pytest.raises(ValueError, match="n09999999 holds no images"):
+        imagenet(tmp_path, "train")
+
+
+def test_box_cropped_away_is_reported_not_dropped(tmp_path):
+    write_imagenet(tmp_path, train_per_class=1, val_per_class=1, boxes="beside")
+    folder = tmp_path / "val" / WNIDS[0]
+    image = next(folder.glob("*.JPEG"))
+    write_image(image, 200, 50, (0, 5, 12, 45))  # a wide image: the left edge falls outside the center crop
+    xml = image.with_suffix(".xml")
+    xml.write_text(xml.read_text().replace("<width>80</width><height>60</height>", "<width>200</width><height>50</height>")
+                   .replace("</object>", "</object><object><name>x</name><bndbox><xmin>80</xmin><ymin>5</ymin>"
+                            "<xmax>119</xmax><ymax>44</ymax></bndbox></object>", 1)
+                   .replace(xml.read_text().split("<bndbox>")[1].split("</bndbox>")[0], "<xmin>0</xmin><ymin>5</ymin><xmax>11</xmax><ymax>44</ymax>"))
+    ds = imagenet(tmp_path, "val")
+    index = [s.path for s in ds.samples].index(image)
+    with pytest.warns(UserWarning, match="cropped_away"):
+        kept = ds.box_list(index)
+    assert len(kept) == 1
+    report = ds.cropped_away([index])
+    assert len(report) == 1 and report["box"][0] == [0.0, 5.0, 12.0, 45.0] and report["boxes_left"][0] == 1
+
+
+def test_dataset_spec_forms_train_val_test(tmp_path):
+    write_imagenet(tmp_path, train_per_class=10, val_per_class=2)
+    spec = f"imagenet:{tmp_path}"
+    train, val, test = (experiments.load_dataset(spec, s) for s in ("train", "val", "test"))
+    assert len(test) == 6 and test.has_boxes and test.split == "val"
+    assert len(val) == 3 and len(train) == 27, "10% of each class of train is held out as val"
+    assert not {s.path for s in train.samples} & {s.path for s in val.samples}
+    small = experiments.load_dataset(spec, "train", size=6, seed=1)
+    assert np.bincount(small.labels).tolist() == [2, 2, 2], "subsets are balanced over classes"
+    assert small.fingerprint() != experiments.load_dataset(spec, "train", size=6, seed=2).fingerprint()
+    sets = experiments.standard_sets(True, spec)
+    assert {k: len(v) for k, v in sets.items()} == {"train": 27, "val": 3, "test": 6}
+    assert torch.is_tensor(sets["test"][0][0])
+
+
+def test_dataset_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown dataset.*imagenet:<root>"):
+        experiments.load_dataset("imagenet-val", "test")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        experiments.load_dataset(f"imagenet:{tmp_path / 'nowhere'}", "test")
+    write_imagenet(tmp_path)
+    with pytest.raises(ValueError, match="unknown option 'zoom'"):
+        experiments.load_dataset(f"imagenet:{tmp_path}?zoom=2", "test")
+    with pytest.raises(ValueError, match="split"):
+        experiments.load_dataset(f"imagenet:{tmp_path}", "validation")
+    ds = experiments.load_dataset(f"imagenet:{tmp_path}?resize=120&crop=96", "test")
+    assert ds[0][0].shape == (3, 96, 96) and ds.image_size == 96
