@@ -113,7 +113,7 @@ class TokenSet:
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> TokenBatch:
         """Gather the samples at `index` as an fp32 TokenBatch on `device`."""
-        index = np.asarray(index, dtype=np.int64)
+        index = np.ascontiguousarray(index, dtype=np.int64)  # torch rejects negative strides
         order = np.argsort(index, kind="stable")
         sorted_index = index[order]  # sorted reads are much faster on memory maps
         inverse = np.empty_like(order)

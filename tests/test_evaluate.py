@@ -89,6 +89,8 @@ def test_attention_maps_stream_batches(probe, tokens):
     assert np.allclose(full, expected, atol=1e-6) and np.allclose(full.sum(-1), 1.0, atol=1e-5)
     sub = collect_attention(probe, tokens, index=[3, 1])
     assert np.allclose(sub, expected[[3, 1]], atol=1e-6)
+    backwards = collect_attention(probe, tokens, index=np.arange(37)[::-1])  # a negative-stride view
+    assert np.allclose(backwards, expected[::-1], atol=1e-6)
 
 
 def test_errors(tokens):
