@@ -11,9 +11,17 @@ results of many runs concatenate into one table.
 * :func:`layer_sweep`, :func:`low_shot`, :func:`aggregate_runs`: many trainings, one table.
 * :func:`efficiency`: trainable parameters, FLOPs, throughput.
 * :func:`query_groups`: overlap between predictors, their groups and group maps.
+* :func:`predictor_importance`, :func:`importance_vs_ablation`: captum LayerFeatureAblation of each
+  predictor's pooled slice, ranked against Δacc; :func:`token_attribution`,
+  :func:`attention_agreement`, :func:`attribution_vs_attention`: captum Integrated Gradients on the
+  patch tokens, compared with the attention maps.
 """
 
 from epviz.analysis.ablation import ablated_logits, uniform_ablation
+from epviz.analysis.attribution import (
+    AttributionComparison, TokenAttribution, attention_agreement, attribution_vs_attention, importance_vs_ablation,
+    join_importance, predictor_importance, sliced_probe_names, token_attribution, topk_overlap,
+)
 from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_flops, throughput, trainable_params
 from epviz.analysis.entropy import entropy, entropy_from_maps, map_entropy
 from epviz.analysis.localization import DELTAS, THRESHOLDS, LocalizationMeter, localization, localization_from_maps
@@ -25,4 +33,8 @@ __all__ = [
     "count_flops", "efficiency", "entropy", "entropy_from_maps", "group_maps", "group_queries", "layer_sweep",
     "localization", "localization_from_maps", "low_shot", "map_entropy", "pairwise_overlap", "probe_flops",
     "query_groups", "sample_per_class", "throughput", "trainable_params", "uniform_ablation",
+]
+__all__ += [
+    "AttributionComparison", "TokenAttribution", "attention_agreement", "attribution_vs_attention", "importance_vs_ablation",
+    "join_importance", "predictor_importance", "sliced_probe_names", "token_attribution", "topk_overlap",
 ]
