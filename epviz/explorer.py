@@ -1,0 +1,921 @@
+"""The interactive Explorer: pick a backbone, a block, a probe, an attention view and an image.
+
+Two layers:
+
+* :class:`ExplorerModel` holds the data and every cache, and turns a :class:`Selection`
+  (the user's choices) into an :class:`ExplorerState` (everything on screen: the image, its GT
+  boxes, the overlay, the labels, the predictor table, an error text). It needs no browser.
+* :class:`Explorer` is the ipywidgets view of it: one widget per field of the selection, a
+  progress bar, the rendered figure (matplotlib, as PNG), the predictor table and an error line.
+
+Computed once per Explorer and kept in memory: loaded backbones, the token caches of every
+block per backbone and split (on disk, :func:`epviz.experiments.zoo_caches`), trained probes
+keyed by (backbone, block, probe options) (also in the on-disk probe cache of
+:func:`epviz.experiments.train_probe`), test-set predictions, per-predictor tables
+(:func:`epviz.experiments.predictor_table`: Δacc, entropy, localization), query groups and the
+per-image effect of making predictors uniform. Changing the query, the image, the ordering or
+the opacity only reads these caches.
+
+Views:
+
+* ``"image only"``: the image, its GT boxes and the prediction (any probe).
+* ``"one query"``: the map of predictor ``query`` (inferno colours).
+* ``"all queries"``: every predictor at once, each pixel coloured by the predictor whose map is
+  strongest there, its opacity given by that map.
+* ``"query groups"``: the same with groups of predictors (:func:`epviz.analysis.query_groups`),
+  ``groups`` of them; the group of ``query`` is the one highlighted.
+
+Image orderings (after the optional class filter on the true label):
+
+* ``"index"``: dataset order.
+* ``"most confident mistakes"``: misclassified images, most confident prediction first.
+* ``"largest Δacc"``: images whose prediction suffers most when the highlighted predictors
+  (the query, its group, or all of them) are made uniform: first those that turn from correct
+  to wrong, then by the drop of the true class's probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from epviz import experiments as ex
+from epviz import zoo
+from epviz.backbones import Backbone, load_backbone
+from epviz.probes.base import Probe
+
+__all__ = [
+    "VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "TABLE_COLUMNS", "Selection", "ExplorerState", "ExplorerModel",
+    "Explorer", "render_state", "state_png", "save_state", "table_html",
+]
+
+VIEWS = ("image only", "one query", "all queries", "query groups")
+ORDERS = ("index", "most confident mistakes", "largest Δacc")
+ALL_CLASSES = "all classes"
+QUERY_CHOICES = (4, 8, 16, 32)
+TABLE_COLUMNS = ("predictor", "delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass", "pointing")
+_SPLITS = ("train", "val", "test")
+_USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError, ArithmeticError, TypeError)
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The user's choices.
+
+    Attributes:
+        backbone: Backbone name (zoo name or timm name).
+        layer: Block index (0 = first block, -1 = last).
+        probe: Label of a probe spec of the Explorer.
+        queries: Number of queries, for probes that take ``num_queries`` (EP); ignored by others.
+        view: One of :data:`VIEWS`.
+        query: The highlighted predictor (query, head, map).
+        groups: Number of query groups in the ``"query groups"`` view.
+        order: One of :data:`ORDERS`.
+        label: :data:`ALL_CLASSES` or the class name the images are filtered by (true label).
+        position: Position of the image in the filtered, ordered list.
+        opacity: Opacity of the overlay at its peak, in [0, 1].
+    """
+
+    backbone: str = "tiny-mae"
+    layer: int = -1
+    probe: str = "ep"
+    queries: int = ex.EP_QUERIES
+    view: str = "one query"
+    query: int = 0
+    groups: int = 4
+    order: str = "index"
+    label: str = ALL_CLASSES
+    position: int = 0
+    opacity: float = 0.6
+
+    def replace(self, **changes) -> "Selection":
+        """A copy with some fields changed; unknown field names raise a ValueError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            fields = ", ".join(f.name for f in dataclasses.fields(self))
+            raise ValueError(f"unknown explorer setting(s) {unknown}; the settings are: {fields}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class ExplorerState:
+    """Everything the Explorer shows for one selection (fields stay None where not computed).
+
+    Attributes:
+        selection: The selection this state shows.
+        error: Why (part of) the selection cannot be shown, with the fix; "" when all is well.
+        num_layers: Blocks of the backbone.
+        num_predictors: Attention predictors K of the probe (0 for cls, gap).
+        takes_queries: Whether the probe takes the number of queries as an option.
+        accuracy: Test top-1 of the probe.
+        image_count: Images in the filtered, ordered list.
+        image_index: Dataset index of the shown image.
+        image: (H, W, 3) uint8.
+        boxes: (k, 4) GT boxes (x0, y0, x1, y1) in pixels.
+        true_label / predicted_label: Class names.
+        confidence: Softmax probability of the predicted class.
+        highlighted: Predictors highlighted (the query, its group, or all).
+        maps: (M, N) token maps shown: one row per query (one query / all queries) or group.
+        groups: Group of each predictor in the ``"query groups"`` view, (K,).
+        overlay: (H, W, 4) RGBA overlay drawn over the image.
+        table: One row per predictor: the columns of :data:`TABLE_COLUMNS`, plus ``group`` and
+            ``highlighted``.
+        seconds: Time taken to compute this state.
+    """
+
+    selection: Selection
+    error: str = ""
+    num_layers: int | None = None
+    num_predictors: int | None = None
+    takes_queries: bool = False
+    accuracy: float | None = None
+    image_count: int | None = None
+    image_index: int | None = None
+    image: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    true_label: str | None = None
+    predicted_label: str | None = None
+    confidence: float | None = None
+    highlighted: list[int] = field(default_factory=list)
+    maps: np.ndarray | None = None
+    groups: np.ndarray | None = None
+    overlay: np.ndarray | None = None
+    table: pd.DataFrame | None = None
+    seconds: float = 0.0
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the prediction is right (None when unknown)."""
+        if self.true_label is None or self.predicted_label is None:
+            return None
+        return self.true_label == self.predicted_label
+
+    def summary(self) -> dict:
+        """The scalar facts of the state, for printing."""
+        s = self.selection
+        return {
+            "backbone": s.backbone, "layer": s.layer, "probe": s.probe, "view": s.view, "query": s.query,
+            "order": s.order, "label filter": s.label, "position": s.position, "image": self.image_index,
+            "images in order": self.image_count, "true": self.true_label, "predicted": self.predicted_label,
+            "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "probe test top-1": None if self.accuracy is None else round(self.accuracy, 3),
+            "predictors": self.num_predictors, "highlighted": self.highlighted, "error": self.error or None,
+        }
+
+
+@dataclass
+class _ProbeData:
+    """What is known about one trained probe on the test split."""
+
+    probe: Probe
+    probs: np.ndarray  # (n, C) softmax on the test images
+    labels: np.ndarray  # (n,)
+    table: pd.DataFrame | None = None
+    overlap: np.ndarray | None = None
+    groups: dict[int, np.ndarray] = field(default_factory=dict)
+    effects: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+
+class ExplorerModel:
+    """Data, caches and the selection -> state logic of the Explorer (no widgets).
+
+    Args:
+        backbones: Backbone names or loaded backbones (default: the zoo backbones present).
+        probes: Probe specs (see :func:`epviz.experiments.probe_specs`; default
+            :data:`epviz.experiments.FAST_PROBES`).
+        fast: Fast-mode sizes and budget (default: ``EPVIZ_FAST``).
+        sets: ``{"train", "val", "test": dataset}`` (default: the standard sets); the images
+            shown are those of ``test``, which needs GT boxes.
+        fit_options: Overrides of the probe budget (see :func:`epviz.experiments.budget`).
+        seed: Seed of every probe.
+        localization_images: Test images of the localization columns of the table (the costly measure).
+        progress: Called as ``progress(fraction, message)`` during slow steps (extraction, training).
+    """
+
+    def __init__(
+        self,
+        backbones: Iterable[str | Backbone] | None = None,
+        probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
+        *,
+        fast: bool | None = None,
+        sets: Mapping | None = None,
+        fit_options: Mapping | None = None,
+        seed: int = 0,
+        localization_images: int = 200,
+        progress: Progress | None = None,
+    ) -> None:
+        self.fast = ex.is_fast() if fast is None else bool(fast)
+        given = list(ex.present_backbones(zoo.ZOO) if backbones is None else backbones)
+        if not given:
+            raise ValueError("no backbones given: pass zoo names (tiny-mae, tiny-sup, tiny-random) or timm ViT names")
+        self._backbones: dict[str, Backbone] = {b.name: b for b in given if isinstance(b, Backbone)}
+        self.backbone_names = [b.name if isinstance(b, Backbone) else str(b) for b in given]
+        self.specs = ex.probe_specs(ex.FAST_PROBES if probes is None else probes)
+        self.fit_options = dict(fit_options or {})
+        self.seed = int(seed)
+        self.localization_images = int(localization_images)
+        self.progress = progress
+        self._sets = None if sets is None else dict(sets)
+        self._caches: dict[str, dict] = {}
+        self._tokens: dict[tuple[str, int], dict] = {}
+        self._probes: dict[tuple, _ProbeData] = {}
+        self.counts = {"extractions": 0, "trainings": 0, "tables": 0}
+
+    # --- data ----------------------------------------------------------------------------
+
+    @property
+    def sets(self) -> dict:
+        """The train / val / test datasets (built on first use)."""
+        if self._sets is None:
+            self._report(0.0, "building the standard datasets")
+            self._sets = ex.standard_sets(self.fast)
+        missing = [s for s in _SPLITS if s not in self._sets]
+        if missing:
+            raise ValueError(f"the Explorer needs datasets for {', '.join(_SPLITS)}; sets= lacks {', '.join(missing)}")
+        return self._sets
+
+    @property
+    def test(self):
+        """The dataset whose images are shown."""
+        return self.sets["test"]
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names of the test set (its ``classes``, else the label numbers)."""
+        classes = getattr(self.test, "classes", None)
+        if classes is not None:
+            return [str(c) for c in classes]
+        return [str(c) for c in range(int(np.max(_labels(self.test))) + 1)]
+
+    def _report(self, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(float(fraction), message)
+
+    def backbone(self, name: str) -> Backbone:
+        """The backbone called `name`, loaded once."""
+        if name not in self._backbones:
+            if name not in self.backbone_names:
+                raise ValueError(f"backbone {name!r} is not one of this Explorer's backbones ({', '.join(self.backbone_names)}); "
+                                 f"create the Explorer with backbones=[..., {name!r}] to add it")
+            self._report(0.02, f"loading backbone {name}")
+            self._backbones[name] = load_backbone(name)
+        return self._backbones[name]
+
+    def block(self, backbone: str, layer: int) -> int:
+        """Block index in 0..depth-1 of `layer` (negative counts from the end)."""
+        return self.backbone(backbone).resolve_layers(int(layer))[0]
+
+    def tokens(self, backbone: str, layer: int) -> dict:
+        """``{split: TokenSet}`` of one block; every block of a backbone is extracted once, on first use."""
+        block = self.block(backbone, layer)
+        if (backbone, block) not in self._tokens:
+            caches = self._caches.get(backbone)
+            if caches is None:
+                caches = self._extract(backbone)
+            self._tokens[backbone, block] = {split: caches[split].tokens(block, in_memory=True) for split in _SPLITS}
+        return self._tokens[backbone, block]
+
+    def _extract(self, backbone: str) -> dict:
+        bb, sets, caches = self.backbone(backbone), self.sets, {}
+        for i, split in enumerate(_SPLITS):
+            self._report(0.05 + 0.6 * i / len(_SPLITS), f"tokens of {backbone}: {split} split, all {bb.depth} blocks, "
+                                                        f"{len(sets[split]):,} images (extracted once, then read from disk)")
+            caches[split] = ex.zoo_caches([bb], self.fast, sets={split: sets[split]}, splits=[split], progress=True)[bb.name][split]
+            self.counts["extractions"] += int(not caches[split].hit)
+        self._caches[backbone] = caches
+        return caches
+
+    # --- probes --------------------------------------------------------------------------
+
+    def probe_options(self, label: str, queries: int | None = None) -> dict:
+        """Build options of probe `label` (with ``name``), the number of queries applied where it is an option."""
+        if label not in self.specs:
+            raise ValueError(f"probe {label!r} is not one of this Explorer's probes ({', '.join(self.specs)}); "
+                             f"create the Explorer with probes=[..., {label!r}] to add it")
+        options = dict(self.specs[label])
+        if queries is not None and _takes_queries(options["name"]):
+            options["num_queries"] = int(queries)
+        return options
+
+    def probe_key(self, sel: Selection) -> tuple:
+        """In-memory key of the probe of a selection: (backbone, block, probe label, options)."""
+        options = self.probe_options(sel.probe, sel.queries)
+        return (sel.backbone, self.block(sel.backbone, sel.layer), sel.probe, json.dumps(options, sort_keys=True))
+
+    def probe_data(self, sel: Selection) -> _ProbeData:
+        """The trained probe of a selection and its test predictions (trained once per key)."""
+        key = self.probe_key(sel)
+        if key not in self._probes:
+            tokens = self.tokens(sel.backbone, sel.layer)
+            options = self.probe_options(sel.probe, sel.queries)
+            name = options.pop("name")
+            self._report(0.7, f"training probe {sel.probe} on {sel.backbone} block {key[1]} ({_options_text(options)}; "
+                              "loaded instead when it was trained before)")
+            result = ex.train_probe(name, tokens["train"], tokens["val"], self.fast, seed=self.seed,
+                                    fit_options=self.fit_options, **options)
+            self.counts["trainings"] += 1
+            self._report(0.9, "predicting the test images")
+            from epviz.evaluate import predict
+
+            preds = predict(result.probe, tokens["test"])
+            probs = _softmax(preds.logits)
+            self._probes[key] = _ProbeData(probe=result.probe, probs=probs, labels=preds.labels)
+        return self._probes[key]
+
+    def table(self, sel: Selection, data: _ProbeData) -> pd.DataFrame:
+        """Per-predictor Δacc, entropy and localization of the selection's probe (computed once)."""
+        if data.table is None:
+            self._report(0.95, f"measuring the {data.probe.num_predictors} predictors (Δacc, entropy, localization)")
+            tokens = self.tokens(sel.backbone, sel.layer)["test"]
+            n_loc = min(len(tokens), self.localization_images)
+            context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
+            full = ex.predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
+                                      thresholds=ex.localization_thresholds(self.fast))
+            data.table = full[list(TABLE_COLUMNS)].reset_index(drop=True)
+            self.counts["tables"] += 1
+        return data.table
+
+    def group_labels(self, sel: Selection, data: _ProbeData) -> np.ndarray:
+        """Group of each predictor for ``sel.groups`` groups (the overlap is measured once per probe)."""
+        from epviz.analysis import group_queries, query_groups
+
+        k = data.probe.num_predictors
+        if not 1 <= sel.groups <= k:
+            raise ValueError(f"{sel.groups} query groups asked for, but probe {sel.probe} has {k} predictors: "
+                             f"choose between 1 and {k} groups")
+        if data.overlap is None:
+            tokens = self.tokens(sel.backbone, sel.layer)["test"]
+            data.overlap = query_groups(data.probe, tokens, 1, maps_index=[0]).overlap
+        if sel.groups not in data.groups:
+            data.groups[sel.groups] = group_queries(data.overlap, sel.groups)
+        return data.groups[sel.groups]
+
+    def uniform_effect(self, sel: Selection, data: _ProbeData, predictors: Sequence[int]) -> np.ndarray:
+        """Per test image, the sort score of "largest Δacc" when `predictors` are made uniform.
+
+        The score is (correct before - correct after) + (true-class probability drop) / 2,
+        so images whose prediction flips come first, then the largest probability drops.
+        """
+        key = tuple(sorted(int(p) for p in predictors))
+        if key not in data.effects:
+            from epviz.evaluate import predict
+
+            tokens = self.tokens(sel.backbone, sel.layer)["test"]
+            after = _softmax(predict(data.probe, tokens, uniform=list(key)).logits)
+            rows = np.arange(len(data.labels))
+            flipped = (data.preds == data.labels).astype(float) - (after.argmax(1) == data.labels).astype(float)
+            drop = data.probs[rows, data.labels] - after[rows, data.labels]
+            data.effects[key] = flipped + drop / 2
+        return data.effects[key]
+
+    # --- images --------------------------------------------------------------------------
+
+    def image_order(self, sel: Selection, data: _ProbeData, highlighted: Sequence[int]) -> np.ndarray:
+        """Dataset indices of the test images in the selected order, after the class filter."""
+        if sel.order not in ORDERS:
+            raise ValueError(f"unknown image order {sel.order!r}; choose one of: {', '.join(ORDERS)}")
+        index = np.arange(len(data.labels))
+        if sel.label != ALL_CLASSES:
+            names = self.class_names
+            if sel.label not in names:
+                raise ValueError(f"unknown class {sel.label!r}; choose {ALL_CLASSES!r} or one of: {', '.join(names)}")
+            index = index[data.labels == names.index(sel.label)]
+        if sel.order == "most confident mistakes":
+            index = index[data.preds[index] != data.labels[index]]
+            index = index[np.argsort(-data.probs[index].max(1), kind="stable")]
+        elif sel.order == "largest Δacc":
+            if data.probe.num_predictors == 0:
+                raise ValueError(f"ordering by Δacc needs attention predictors, and probe {sel.probe} has none: "
+                                 "choose an attentive probe (ep, mhca, ...) or another image order")
+            effect = self.uniform_effect(sel, data, highlighted)
+            index = index[np.argsort(-effect[index], kind="stable")]
+        if len(index) == 0:
+            what = "misclassified" if sel.order == "most confident mistakes" else "in this selection"
+            raise ValueError(f"no test image is {what}" + (f" among class {sel.label}" if sel.label != ALL_CLASSES else "")
+                             + ": choose another class filter or image order")
+        return index
+
+    def image_maps(self, sel: Selection, data: _ProbeData, image: int) -> np.ndarray:
+        """(K, N) attention maps of one test image."""
+        from epviz.evaluate import collect_attention
+
+        return collect_attention(data.probe, self.tokens(sel.backbone, sel.layer)["test"], index=[image])[0]
+
+    # --- the state -----------------------------------------------------------------------
+
+    def state(self, sel: Selection) -> ExplorerState:
+        """What the Explorer shows for `sel`; a bad choice gives a state with its ``error`` set."""
+        start = time.perf_counter()
+        out = ExplorerState(selection=sel)
+        try:
+            self._fill(sel, out)
+        except _USER_ERRORS as err:
+            out.error = _message(err)
+        out.seconds = time.perf_counter() - start
+        return out
+
+    def _fill(self, sel: Selection, out: ExplorerState) -> None:
+        if sel.view not in VIEWS:
+            raise ValueError(f"unknown view {sel.view!r}; choose one of: {', '.join(VIEWS)}")
+        if not 0.0 <= float(sel.opacity) <= 1.0:
+            raise ValueError(f"opacity must lie in [0, 1], got {sel.opacity}")
+        out.num_layers = self.backbone(sel.backbone).depth
+        out.takes_queries = _takes_queries(self.probe_options(sel.probe)["name"])
+        data = self.probe_data(sel)
+        k = data.probe.num_predictors
+        out.num_predictors = k
+        out.accuracy = float((data.preds == data.labels).mean())
+        groups = self.group_labels(sel, data) if sel.view == "query groups" and k else None
+        highlighted = self._highlighted(sel, k, groups)
+        out.highlighted = highlighted
+        order = self.image_order(sel, data, highlighted)
+        out.image_count = len(order)
+        if not 0 <= sel.position < len(order):
+            raise ValueError(f"image position {sel.position} is out of range: the ordering holds {len(order)} images "
+                             f"(positions 0..{len(order) - 1})")
+        image = int(order[sel.position])
+        self._fill_image(out, data, image)
+        if sel.view != "image only" and k == 0:
+            raise ValueError(f"probe {sel.probe} has no attention predictors (num_predictors == 0), so the "
+                             f"{sel.view!r} view has no map to show: choose an attentive probe (ep, mhca, ...) "
+                             "or the 'image only' view")
+        if k:
+            self._fill_maps(sel, out, data, image, groups)
+            table = self.table(sel, data).copy()
+            if groups is not None:
+                table["group"] = groups[table["predictor"].to_numpy()]
+            table["highlighted"] = table["predictor"].isin(highlighted)
+            out.table = table
+
+    def _highlighted(self, sel: Selection, k: int, groups: np.ndarray | None) -> list[int]:
+        if k == 0:
+            return []
+        if not 0 <= sel.query < k:
+            raise ValueError(f"query {sel.query} is out of range: probe {sel.probe} has {k} predictors (0..{k - 1})")
+        if sel.view == "all queries":
+            return list(range(k))
+        if groups is not None:
+            return np.flatnonzero(groups == groups[sel.query]).tolist()
+        return [int(sel.query)]
+
+    def _fill_image(self, out: ExplorerState, data: _ProbeData, image: int) -> None:
+        names = self.class_names
+        out.image_index = image
+        out.image = _image(self.test, image)
+        out.boxes = _boxes(self.test, image)
+        out.true_label = names[int(data.labels[image])]
+        out.predicted_label = names[int(data.preds[image])]
+        out.confidence = float(data.probs[image].max())
+
+    def _fill_maps(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int, groups: np.ndarray | None) -> None:
+        from epviz.analysis.query_groups import group_maps
+
+        if sel.view == "image only":
+            return
+        maps = self.image_maps(sel, data, image)
+        grid = self.tokens(sel.backbone, sel.layer)["test"].grid
+        size = out.image.shape[:2]
+        if sel.view == "one query":
+            out.maps = maps[[sel.query]]
+            out.overlay = _heat_overlay(out.maps[0], grid, size, sel.opacity)
+            return
+        if groups is not None:
+            out.groups = groups
+            out.maps = group_maps(maps[None], groups)[0]
+            colours = group_colours(int(groups.max()) + 1)
+        else:
+            out.maps = maps
+            colours = query_colours(len(maps))
+        out.overlay = _composite_overlay(out.maps, grid, size, colours, sel.opacity)
+
+
+# --- small pure functions ----------------------------------------------------------------
+
+
+def _takes_queries(name: str) -> bool:
+    from epviz.probes.registry import _accepted_options, probe_class
+
+    return "num_queries" in _accepted_options(probe_class(name))
+
+
+def _options_text(options: Mapping) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "default options"
+
+
+def _message(err: BaseException) -> str:
+    text = str(err).strip().strip("'\"") or type(err).__name__
+    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _labels(dataset) -> np.ndarray:
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = [dataset[i][1] for i in range(len(dataset))]
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _image(dataset, index: int) -> np.ndarray:
+    """(H, W, 3) uint8 image `index` of a dataset (its ``images`` array, else ``dataset[index][0]``)."""
+    images = getattr(dataset, "images", None)
+    img = images[index] if images is not None else dataset[index][0]
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return img.transpose(1, 2, 0) if img.shape[0] in (1, 3) and img.ndim == 3 else img
+
+
+def _boxes(dataset, index: int) -> np.ndarray:
+    from epviz.analysis.localization import box_source
+
+    return np.asarray(box_source(dataset)(index), dtype=np.float32).reshape(-1, 4)
+
+
+def query_colours(k: int) -> list[tuple[float, float, float]]:
+    """A distinct colour per predictor (evenly spaced hues)."""
+    import seaborn as sns
+
+    return [tuple(c) for c in sns.color_palette("husl", k)]
+
+
+def group_colours(g: int) -> list[tuple[float, float, float]]:
+    """The group colours of :func:`epviz.plots.query_group_gallery`."""
+    from matplotlib.colors import to_rgb
+
+    from epviz.plots import GROUP_COLOURS
+
+    return [to_rgb(GROUP_COLOURS[i % len(GROUP_COLOURS)]) for i in range(g)]
+
+
+def _heat_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, int], opacity: float) -> np.ndarray:
+    """(H, W, 4) inferno overlay of one (N,) map, upsampled and min-max normalised."""
+    from matplotlib import colormaps
+
+    from epviz.plots import upsample_maps
+
+    up = upsample_maps(token_map[None], grid, size)[0]
+    rgba = colormaps["inferno"](up)
+    rgba[..., 3] = opacity
+    return rgba.astype(np.float32)
+
+
+def _composite_overlay(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: Sequence, opacity: float) -> np.ndarray:
+    """(H, W, 4): each pixel in the colour of the strongest of the (M, N) maps, opaque as that map."""
+    from epviz.plots import upsample_maps
+
+    up = upsample_maps(maps, grid, size)  # (M, H, W), each in [0, 1]
+    winner = up.argmax(0)
+    rgba = np.zeros((*size, 4), np.float32)
+    rgba[..., :3] = np.asarray(colours, np.float32)[winner]
+    rgba[..., 3] = opacity * up.max(0)
+    return rgba
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+def render_state(state: ExplorerState, width: float = 7.0):
+    """The figure of a state: the image with its overlay and GT boxes, and the Δacc bars."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, width * 0.45), dpi=100)
+    ax_img, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.35]})
+    _draw_image(ax_img, state)
+    _draw_bars(ax_bar, state)
+    fig.subplots_adjust(left=0.01, right=0.98, bottom=0.15, top=0.86, wspace=0.22)  # fixed: tight_layout costs ~80 ms
+    return fig
+
+
+def _draw_image(ax, state: ExplorerState) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if state.image is None:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        return
+    ax.imshow(state.image, interpolation="nearest")
+    if state.overlay is not None:
+        ax.imshow(state.overlay, interpolation="nearest")
+    for x0, y0, x1, y1 in state.boxes if state.boxes is not None else []:
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.2))
+    colour = "tab:green" if state.correct else "tab:red"
+    ax.set_title(f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} "
+                 f"({state.confidence:.0%})", fontsize=8, color=colour)
+
+
+def _draw_bars(ax, state: ExplorerState) -> None:
+    ax.tick_params(labelsize=7)
+    if state.table is None:
+        ax.axis("off")
+        return
+    t = state.table
+    colours = ["tab:orange" if h else "0.65" for h in t["highlighted"]]
+    if "group" in t:
+        palette = group_colours(int(t["group"].max()) + 1)
+        colours = [palette[g] if h else (*palette[g], 0.35) for g, h in zip(t["group"], t["highlighted"])]
+    ax.bar(t["predictor"], t["delta_acc"], color=colours)
+    ax.axhline(0, color="k", lw=0.6)
+    if len(t) <= 32:
+        ax.set_xticks(t["predictor"])
+    ax.set_xlabel("predictor", fontsize=7)
+    ax.set_ylabel("Δacc when made uniform", fontsize=7)
+    ax.set_title(f"{state.selection.probe}: test top-1 {state.accuracy:.1%}", fontsize=8)
+
+
+def state_png(state: ExplorerState, width: float = 7.0) -> bytes:
+    """The rendered figure of a state as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = render_state(state, width)
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def save_state(state: ExplorerState, out, name: str = "explorer", width: float = 7.0) -> dict:
+    """Save the figure of a state as ``<out>/<name>.png`` and its predictor table as ``.csv`` (atomically)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from epviz.plots import save_figure
+
+    fig = render_state(state, width)
+    FigureCanvasAgg(fig)
+    return save_figure(fig, state.table, name, out)
+
+
+def table_html(state: ExplorerState) -> str:
+    """The predictor table of a state as HTML, the highlighted rows in bold."""
+    if state.table is None:
+        return ""
+    t = state.table.copy()
+    shown = t.pop("highlighted")
+    t = t.rename(columns={"delta_acc": "Δacc", "entropy_norm": "entropy/log N", "maxboxacc_v2": "MaxBoxAccV2",
+                          "inbox_mass": "mass in box", "pointing": "pointing"})
+    styled = t.style.format(precision=3).hide(axis="index").apply(
+        lambda row: ["font-weight: bold; background: #fde7c8" if shown.iloc[row.name] else "" for _ in row], axis=1)
+    return styled.to_html()
+
+
+# --- the widget view ---------------------------------------------------------------------
+
+
+class Explorer:
+    """The ipywidgets Explorer (display it in JupyterLab; drive it from code with :meth:`set`).
+
+    Args:
+        backbones, probes, fast, sets, fit_options, seed, localization_images: See :class:`ExplorerModel`.
+        selection: Initial settings (fields of :class:`Selection`).
+        width: Width of the figure in inches.
+    """
+
+    def __init__(
+        self,
+        backbones: Iterable[str | Backbone] | None = None,
+        probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
+        *,
+        fast: bool | None = None,
+        sets: Mapping | None = None,
+        fit_options: Mapping | None = None,
+        seed: int = 0,
+        localization_images: int = 200,
+        selection: Mapping | None = None,
+        width: float = 7.0,
+    ) -> None:
+        self.model = ExplorerModel(backbones, probes, fast=fast, sets=sets, fit_options=fit_options, seed=seed,
+                                   localization_images=localization_images)
+        self.width = width
+        self.state: ExplorerState | None = None
+        self.png = b""
+        self._syncing = False
+        probe = "ep" if "ep" in self.model.specs else next(iter(self.model.specs))
+        start = Selection(backbone=self.model.backbone_names[0], probe=probe)
+        start = start.replace(**dict(selection or {}))
+        self.widgets = self._build(start)
+        self.box = self._layout()
+        self.model.progress = self._progress
+        self.refresh()
+
+    # building
+
+    def _build(self, sel: Selection) -> dict:
+        import ipywidgets as w
+
+        style = {"description_width": "64px"}
+        classes = [ALL_CLASSES] + self.model.class_names
+        ws = {
+            "backbone": w.Dropdown(options=self.model.backbone_names, value=sel.backbone, description="backbone"),
+            "layer": w.Dropdown(options=[("last block", -1)], value=-1, description="layer"),
+            "probe": w.Dropdown(options=list(self.model.specs), value=sel.probe, description="probe"),
+            "queries": w.Dropdown(options=list(QUERY_CHOICES), value=sel.queries, description="queries"),
+            "view": w.Dropdown(options=list(VIEWS), value=sel.view, description="view"),
+            "query": w.IntSlider(value=sel.query, min=0, max=max(sel.query, 0), description="query"),
+            "groups": w.IntSlider(value=sel.groups, min=1, max=max(sel.groups, 1), description="groups"),
+            "order": w.Dropdown(options=list(ORDERS), value=sel.order, description="images"),
+            "label": w.Dropdown(options=classes, value=sel.label, description="class"),
+            "position": w.IntSlider(value=sel.position, min=0, max=max(sel.position, 0), description="image"),
+            "opacity": w.FloatSlider(value=sel.opacity, min=0.0, max=1.0, step=0.05, description="opacity"),
+        }
+        if sel.layer != -1:
+            ws["layer"].options = [("last block", -1), (f"block {sel.layer}", sel.layer)]
+            ws["layer"].value = sel.layer
+        for name, widget in ws.items():
+            widget.style = style
+            widget.layout = w.Layout(width="260px")
+            if hasattr(widget, "continuous_update"):
+                widget.continuous_update = False  # sliders update on release, not on every step
+            widget.add_class(f"epviz-explorer-{name}")
+            widget.observe(self._changed, names="value")
+        ws["progress"] = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="", layout=w.Layout(width="220px"))
+        ws["status"] = w.HTML(value="")
+        ws["error"] = w.HTML(value="")
+        ws["labels"] = w.HTML(value="")
+        ws["figure"] = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        ws["table"] = w.HTML(value="")
+        ws["log"] = w.Output()
+        for name in ("progress", "status", "error", "labels", "figure", "table", "log"):
+            ws[name].add_class(f"epviz-explorer-{name}")
+        return ws
+
+    def _layout(self):
+        import ipywidgets as w
+
+        ws = self.widgets
+        controls = w.HBox([
+            w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
+            w.VBox([ws[n] for n in ("view", "query", "groups", "opacity")]),
+            w.VBox([ws[n] for n in ("order", "label", "position")]),
+        ])
+        box = w.VBox([controls, w.HBox([ws["progress"], ws["status"]]), ws["error"], ws["labels"], ws["figure"], ws["table"], ws["log"]])
+        box.add_class("epviz-explorer")
+        return box
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+    # driving
+
+    @property
+    def selection(self) -> Selection:
+        """The selection the widgets hold now."""
+        values = {name: self.widgets[name].value for name in (f.name for f in dataclasses.fields(Selection))}
+        return Selection(**values)
+
+    def set(self, **values) -> ExplorerState:
+        """Set widget values from code (names of :class:`Selection` fields), then update once.
+
+        A value that is not among a widget's choices leaves the widgets as they were and shows why.
+        """
+        from traitlets import TraitError
+
+        try:
+            self.selection.replace(**values)
+        except ValueError as err:
+            return self._fail(str(err))
+        if ("order" in values or "label" in values) and "position" not in values:
+            values["position"] = 0  # a new ordering starts at its first image, as in the widgets
+        with self._quiet():
+            for name, value in values.items():
+                widget = self.widgets[name]
+                try:
+                    widget.value = value
+                except TraitError:
+                    choices = getattr(widget, "options", None)
+                    hint = f"; choose one of: {', '.join(str(_option_value(o)) for o in choices)}" if choices else ""
+                    return self._fail(f"{value!r} is not a valid {name}{hint}")
+        return self.refresh()
+
+    def refresh(self) -> ExplorerState:
+        """Compute the state of the current widget values and show it."""
+        start, counts = time.perf_counter(), dict(self.model.counts)
+        with self.widgets["log"]:
+            state = self.model.state(self.selection)
+            for _ in range(3):  # choices adapted to the new state (e.g. fewer predictors) may move a value
+                self._sync(state)
+                if self.selection == state.selection:
+                    break
+                state = self.model.state(self.selection)
+        if _in_kernel():
+            self.widgets["log"].clear_output()  # the finished extraction bars are closed widgets
+        self._show(state, start, "computed" if self.model.counts != counts else "updated")
+        return state
+
+    def _changed(self, change) -> None:
+        if self._syncing:
+            return
+        if change["owner"] in (self.widgets["order"], self.widgets["label"]):
+            with self._quiet():
+                self.widgets["position"].value = 0
+        self.refresh()
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        was, self._syncing = self._syncing, True
+        try:
+            yield
+        finally:
+            self._syncing = was
+
+    def _sync(self, state: ExplorerState) -> None:
+        """Adapt the choices of the widgets to the state (block count, predictors, images)."""
+        ws = self.widgets
+        with self._quiet():
+            if state.num_layers is not None:
+                layers = [("last block", -1)] + [(f"block {i}", i) for i in range(state.num_layers)]
+                if list(ws["layer"].options) != layers:
+                    value = ws["layer"].value if ws["layer"].value in range(-1, state.num_layers) else -1
+                    ws["layer"].options = layers
+                    ws["layer"].value = value
+            ws["queries"].disabled = not state.takes_queries
+            k = state.num_predictors or 0
+            _set_range(ws["query"], 0, max(k - 1, 0))
+            _set_range(ws["groups"], 1, max(k, 1))
+            ws["query"].disabled = state.selection.view == "image only" or k == 0
+            ws["groups"].disabled = state.selection.view != "query groups"
+            if state.image_count:
+                _set_range(ws["position"], 0, state.image_count - 1)
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.widgets["progress"].value = fraction
+        self.widgets["progress"].bar_style = "info"
+        self.widgets["status"].value = f"<span style='font-size:12px'>{_escape(message)}</span>"
+
+    def _fail(self, message: str) -> ExplorerState:
+        state = ExplorerState(selection=self.state.selection if self.state else self.selection, error=message)
+        self.widgets["error"].value = _error_html(message)
+        return state
+
+    def _show(self, state: ExplorerState, start: float, verb: str = "updated") -> None:
+        """Update the output widgets; the error line last, so that when it changes the rest has."""
+        ws = self.widgets
+        self.state = state
+        self.png = state_png(state, self.width)
+        ws["figure"].value = self.png
+        ws["table"].value = table_html(state)
+        ws["labels"].value = _labels_html(state)
+        ws["progress"].value = 1.0
+        ws["progress"].bar_style = "danger" if state.error else "success"
+        ws["status"].value = f"<span style='font-size:12px'>{verb} in {(time.perf_counter() - start) * 1000:.0f} ms</span>"
+        ws["error"].value = _error_html(state.error) if state.error else ""
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (where output widgets capture output)."""
+    from IPython import get_ipython
+
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+def _option_value(option):
+    return option[1] if isinstance(option, tuple) else option
+
+
+def _set_range(slider, lo: int, hi: int) -> None:
+    """Set a slider's bounds in the order that never has min > max (a value outside is clamped)."""
+    if (slider.min, slider.max) == (lo, hi):
+        return
+    if hi >= slider.min:
+        slider.max, slider.min = hi, lo
+    else:
+        slider.min, slider.max = lo, hi
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def _error_html(message: str) -> str:
+    return f"<div style='color:#b00020;font-size:13px'>⚠ {_escape(message)}</div>"
+
+
+def _labels_html(state: ExplorerState) -> str:
+    if state.true_label is None:
+        return ""
+    colour = "#1b7f1b" if state.correct else "#b00020"
+    return (f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
+            f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
+            f"({state.confidence:.0%}) · probe test top-1 {state.accuracy:.1%}</div>")

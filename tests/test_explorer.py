@@ -1,0 +1,160 @@
+"""The Explorer without a browser: widget values set from code, the state it then shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from epviz.explorer import ALL_CLASSES, TABLE_COLUMNS, Explorer, Selection, state_png
+
+pytest.importorskip("ipywidgets")
+
+
+@pytest.fixture(scope="module")
+def explorer(tmp_path_factory, small_canvases, test_vit_backbone):
+    """An Explorer over timm's test_vit and tiny-random, small sets, a 2-epoch budget, a private cache."""
+    from epviz.data import ClutteredFashionMNIST
+
+    sets = {"train": ClutteredFashionMNIST("train", 96, seed=0), "val": ClutteredFashionMNIST("train", 32, seed=1),
+            "test": small_canvases}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EPVIZ_CACHE", str(tmp_path_factory.mktemp("explorer-cache")))
+        yield Explorer([test_vit_backbone, "tiny-random"], ["cls", "ep", "mhca"], fast=True, sets=sets,
+                       fit_options={"epochs": 2})
+
+
+@pytest.fixture
+def start(explorer):
+    """The explorer back at its first settings (its caches kept)."""
+    explorer.set(backbone="test_vit", layer=-1, probe="ep", queries=16, view="one query", query=0, groups=4,
+                 order="index", label=ALL_CLASSES, position=0, opacity=0.6)
+    assert explorer.state.error == ""
+    return explorer
+
+
+def test_first_state_shows_image_map_labels_and_table(start, small_canvases):
+    state = start.state
+    assert state.image_index == 0 and state.image.shape == (64, 64, 3) and state.image.dtype == np.uint8
+    np.testing.assert_array_equal(state.image, small_canvases.images[0].permute(1, 2, 0).numpy())
+    np.testing.assert_allclose(state.boxes, small_canvases.boxes[:1].numpy())
+    assert state.true_label == small_canvases.classes[int(small_canvases.labels[0])]
+    assert state.predicted_label in small_canvases.classes and 0.1 <= state.confidence <= 1
+    assert state.maps.shape == (1, 100)  # one query, the 10x10 grid of test_vit
+    np.testing.assert_allclose(state.maps.sum(-1), 1, atol=1e-4)
+    assert state.overlay.shape == (64, 64, 4) and np.allclose(state.overlay[..., 3], 0.6)
+    assert list(state.table.columns) == [*TABLE_COLUMNS, "highlighted"] and len(state.table) == 16
+    assert state.table["highlighted"].tolist() == [True] + [False] * 15
+    assert state.table["delta_acc"].between(-1, 1).all() and state.table["entropy_norm"].between(0, 1 + 1e-6).all()
+    assert state.true_label in start.widgets["labels"].value and start.widgets["error"].value == ""
+    assert start.widgets["figure"].value[:4] == b"\x89PNG"
+    assert "Δacc" in start.widgets["table"].value
+
+
+def test_query_change_shows_that_query_without_retraining(start):
+    before = dict(start.model.counts)
+    first = start.state.maps.copy()
+    start.widgets["query"].value = 5
+    state = start.state
+    assert state.selection.query == 5 and state.highlighted == [5]
+    assert not np.allclose(state.maps, first)
+    assert state.table.loc[state.table["highlighted"], "predictor"].tolist() == [5]
+    assert start.model.counts == before
+    assert state.seconds < 1.0
+
+
+def test_all_queries_and_query_groups(start):
+    state = start.set(view="all queries", opacity=0.8)
+    assert state.maps.shape == (16, 100) and state.highlighted == list(range(16))
+    assert state.overlay[..., 3].max() <= 0.8 + 1e-6
+    state = start.set(view="query groups", groups=3, query=4)
+    assert state.groups.shape == (16,) and set(state.groups.tolist()) == {0, 1, 2}
+    assert state.maps.shape == (3, 100)
+    np.testing.assert_allclose(state.maps.sum(-1), np.bincount(state.groups), rtol=1e-4)
+    assert state.highlighted == np.flatnonzero(state.groups == state.groups[4]).tolist()
+    assert state.table["group"].tolist() == state.groups.tolist()
+    assert start.widgets["groups"].max == 16 and not start.widgets["groups"].disabled
+
+
+def test_image_orders_and_class_filter(start, small_canvases):
+    data = start.model.probe_data(start.selection)
+    state = start.set(order="most confident mistakes")
+    shown = [start.set(position=p) for p in range(min(3, state.image_count))]
+    assert all(not s.correct for s in shown)
+    assert [s.confidence for s in shown] == sorted((s.confidence for s in shown), reverse=True)
+    assert state.image_count == int((data.preds != data.labels).sum())
+    state = start.set(order="index", label="Bag")
+    assert start.widgets["position"].value == 0  # a new ordering starts at its first image
+    assert state.true_label == "Bag" and state.image_count == int((small_canvases.labels == 8).sum())
+    state = start.set(label=ALL_CLASSES, order="largest Δacc", query=2)
+    effect = start.model.uniform_effect(start.selection, data, [2])
+    second = start.set(position=1)
+    assert effect[state.image_index] >= effect[second.image_index]
+    assert effect[state.image_index] == effect.max()
+
+
+def test_probe_without_attention_shows_the_error_and_the_image(start):
+    state = start.set(probe="cls")
+    assert "cls has no attention predictors" in state.error and "image only" in state.error
+    assert "no attention predictors" in start.widgets["error"].value
+    assert state.true_label is not None and state.maps is None and state.table is None
+    assert state.num_predictors == 0 and start.widgets["query"].disabled
+    state = start.set(view="image only")
+    assert state.error == "" and start.widgets["error"].value == ""
+    assert state.overlay is None and state.table is None and state.accuracy is not None
+
+
+def test_reselecting_a_probe_never_retrains(start):
+    start.set(probe="mhca")
+    trained = start.model.counts["trainings"]
+    start.set(probe="ep")
+    start.set(probe="mhca")
+    assert start.model.counts["trainings"] == trained
+    state = start.set(probe="ep", queries=8, query=7)
+    assert state.num_predictors == 8 and len(state.table) == 8
+    assert start.model.counts["trainings"] == trained + 1
+    start.set(queries=16)
+    assert start.model.counts["trainings"] == trained + 1
+
+
+def test_backbone_change_extracts_once_with_progress(start):
+    messages = []
+    report = start.model.progress
+    start.model.progress = lambda fraction, message: (messages.append((fraction, message)), report(fraction, message))
+    try:
+        state = start.set(backbone="tiny-random")
+        extracted = start.model.counts["extractions"]
+        assert state.error == "" and state.maps.shape == (1, 64)  # tiny-random: 8x8 grid
+        assert any("tokens of tiny-random" in m for _, m in messages)
+        assert [f for f, _ in messages] == sorted(f for f, _ in messages)
+        assert start.widgets["progress"].value == 1.0
+        messages.clear()
+        state = start.set(layer=2)
+        assert state.error == "" and start.model.counts["extractions"] == extracted
+        assert not any("tokens of" in m for _, m in messages)
+        assert [o[1] for o in start.widgets["layer"].options] == [-1, 0, 1, 2, 3, 4, 5]
+    finally:
+        start.model.progress = report
+
+
+def test_bad_choices_show_their_error(start):
+    start.set(backbone="vit_nonexistent")
+    assert "not a valid backbone" in start.widgets["error"].value and "test_vit" in start.widgets["error"].value
+    assert start.selection.backbone == "test_vit"
+    start.set(colour="red")
+    assert "unknown explorer setting" in start.widgets["error"].value
+    model, sel = start.model, start.selection
+    assert "out of range" in model.state(sel.replace(query=99)).error
+    assert "between 1 and 16" in model.state(sel.replace(view="query groups", groups=17)).error
+    assert "positions 0..47" in model.state(sel.replace(position=48)).error
+    assert "opacity" in model.state(sel.replace(opacity=1.5)).error
+    assert "layer 9 is out of range" in model.state(sel.replace(layer=9)).error
+    assert "not one of this Explorer's probes" in model.state(sel.replace(probe="jepa")).error
+    state = start.set(view="one query")
+    assert state.error == ""
+
+
+def test_state_renders_to_png(start):
+    png = state_png(start.state)
+    assert png[:4] == b"\x89PNG" and len(png) > 5_000
+    empty = state_png(start.model.state(Selection(backbone="test_vit", probe="ep", opacity=3)))
+    assert empty[:4] == b"\x89PNG"
