@@ -34,8 +34,11 @@ def count_flops(fn: Callable[[], object]) -> int:
 
     ``scaled_dot_product_attention`` runs with the math backend while counting: the fused
     CPU kernel is invisible to FlopCounterMode, the math backend's matmuls are not.
+    Gradients are enabled while counting (nothing is backpropagated): FlopCounterMode's
+    module tracker cannot hook a view of a parameter made under ``no_grad``, which is how
+    the learned queries of coca and siglip enter their attention.
     """
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -1,5 +1,7 @@
 """Efficiency: FlopCounterMode's convention, EP's hand-counted FLOPs, parameters, throughput."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -72,3 +74,14 @@ def test_needs_a_token_count():
         efficiency(probes.build("gap", 32, 5), measure_speed=False)
     with pytest.raises(TypeError, match="Probes"):
         efficiency([torch.nn.Linear(2, 2)], num_tokens=4)
+
+
+@pytest.mark.parametrize("name", probes.available())
+def test_every_probe_can_be_counted(name):
+    # coca and siglip feed views of their learned queries into submodules: counting must not trip on them
+    options = {"num_queries": 4} if name in ("ep", "ep_all") else {}
+    if "grid" in inspect.signature(probes.probe_class(name).__init__).parameters:
+        options["grid"] = (4, 4)
+    probe = probes.build(name, 64, 5, **options)
+    df = efficiency({name: probe}, num_tokens=16, num_prefix=1, measure_speed=False, device="cpu")
+    assert df.loc[0, "flops"] > 0 and df.loc[0, "params"] == trainable_params(probe)
