@@ -308,10 +308,10 @@ def train_probe(
     """
     num_classes = max(int(train.num_classes), int(val.num_classes))
     fit_kwargs = budget(fast, **dict(fit_options or {}))
-    key = probe_key(name, options, num_classes, train, val, fit_kwargs, seed) if cache else None
+    probe = _build(name, train, num_classes, seed, options)  # its config holds every option, defaults resolved
+    key = probe_key(name, probe.config, num_classes, train, val, fit_kwargs, seed) if cache else None
     if key is not None and (stored := load_cached_fit(key)) is not None:
         return stored
-    probe = _build(name, train, num_classes, seed, options)
     result = fit(probe, train, val, seed=seed, progress=False, **fit_kwargs)
     if key is not None:
         store_fit(key, result)

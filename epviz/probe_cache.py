@@ -5,8 +5,9 @@ the same tokens more than once (the efficiency zoo, the uniform ablation and the
 maps all need EP16 on the last block). A trained probe is stored under
 ``<token cache>/probes/<key>`` and found again when everything that changes its weights
 is the same: the token caches of the training and validation sets (their keys name the
-backbone, weights, dataset, transform and block), the probe's build options, the number
-of classes, the fit options and the seed.
+backbone, weights, dataset, transform and block), the probe's build options with their
+defaults resolved (``probe.config``: ``d_out=1`` given or left out is the same probe), the
+number of classes, the fit options and the seed.
 
 Only tokens read whole from a token cache have such an identity (their ``info`` carries
 the cache key); tokens built in memory or subsets are always trained afresh.

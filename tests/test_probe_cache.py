@@ -100,3 +100,11 @@ def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
     low_shot(caches[0][1], caches[1][1], shots=(2,), seeds=(0,), probes=("gap",), epochs=2, warmup_epochs=0,
              progress=False, optimizer="adamw")
     assert sorted(cache_dir.glob("*.json")) == stored
+
+
+def test_options_left_at_their_default_give_the_same_key(cache_dir, monkeypatch):
+    train, val = _tokens(30, 0, "t"), _tokens(15, 1, "v")
+    first = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
+    monkeypatch.setattr(ex, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    same = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2, d_out=1)
+    assert same.config["cached"] and same.best_acc == pytest.approx(first.best_acc)

@@ -58,10 +58,10 @@ def _train_one(label: str, name: str, options: dict, train: TokenSet, val: Token
         options["grid"] = train.grid
     num_classes = max(int(train.num_classes), int(val.num_classes))
     run = dict(fit_kwargs, epochs=epochs, batch_size=batch_size)
-    key = probe_key(name, options, num_classes, train, val, run, seed)
+    probe = build(name, train.dim, num_classes, seed=seed, **options)
+    key = probe_key(name, probe.config, num_classes, train, val, run, seed)
     result = None if key is None else load_cached_fit(key)
     if result is None:
-        probe = build(name, train.dim, num_classes, seed=seed, **options)
         result = fit(probe, train, val, seed=seed, device=device, progress=False, **run)
         if key is not None:
             store_fit(key, result)
