@@ -1,0 +1,255 @@
+"""The ipywidgets view of the Explorer: one widget per choice, the figure, the table, an error line."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from epviz.backbones import Backbone
+from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection
+from epviz.explorer.render import state_png, table_html
+
+__all__ = ["Explorer"]
+
+
+class Explorer:
+    """The ipywidgets Explorer (display it in JupyterLab; drive it from code with :meth:`set`).
+
+    Args:
+        backbones, probes, fast, sets, fit_options, seed, localization_images: See :class:`ExplorerModel`.
+        selection: Initial settings (fields of :class:`Selection`).
+        width: Width of the figure in inches.
+    """
+
+    def __init__(
+        self,
+        backbones: Iterable[str | Backbone] | None = None,
+        probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
+        *,
+        fast: bool | None = None,
+        sets: Mapping | None = None,
+        fit_options: Mapping | None = None,
+        seed: int = 0,
+        localization_images: int = 200,
+        selection: Mapping | None = None,
+        width: float = 7.0,
+    ) -> None:
+        self.model = ExplorerModel(backbones, probes, fast=fast, sets=sets, fit_options=fit_options, seed=seed,
+                                   localization_images=localization_images)
+        self.width = width
+        self.state: ExplorerState | None = None
+        self.png = b""
+        self._syncing = False
+        probe = "ep" if "ep" in self.model.specs else next(iter(self.model.specs))
+        start = Selection(backbone=self.model.backbone_names[0], probe=probe)
+        start = start.replace(**dict(selection or {}))
+        self.widgets = self._build(start)
+        self.box = self._layout()
+        self.model.progress = self._progress
+        self.refresh()
+
+    # building
+
+    def _build(self, sel: Selection) -> dict:
+        import ipywidgets as w
+
+        style = {"description_width": "64px"}
+        classes = [ALL_CLASSES] + self.model.class_names
+        ws = {
+            "backbone": w.Dropdown(options=self.model.backbone_names, value=sel.backbone, description="backbone"),
+            "layer": w.Dropdown(options=[("last block", -1)], value=-1, description="layer"),
+            "probe": w.Dropdown(options=list(self.model.specs), value=sel.probe, description="probe"),
+            "queries": w.Dropdown(options=list(QUERY_CHOICES), value=sel.queries, description="queries"),
+            "view": w.Dropdown(options=list(VIEWS), value=sel.view, description="view"),
+            "query": w.IntSlider(value=sel.query, min=0, max=max(sel.query, 0), description="query"),
+            "groups": w.IntSlider(value=sel.groups, min=1, max=max(sel.groups, 1), description="groups"),
+            "order": w.Dropdown(options=list(ORDERS), value=sel.order, description="images"),
+            "label": w.Dropdown(options=classes, value=sel.label, description="class"),
+            "position": w.IntSlider(value=sel.position, min=0, max=max(sel.position, 0), description="image"),
+            "opacity": w.FloatSlider(value=sel.opacity, min=0.0, max=1.0, step=0.05, description="opacity"),
+        }
+        if sel.layer != -1:
+            ws["layer"].options = [("last block", -1), (f"block {sel.layer}", sel.layer)]
+            ws["layer"].value = sel.layer
+        for name, widget in ws.items():
+            widget.style = style
+            widget.layout = w.Layout(width="260px")
+            if hasattr(widget, "continuous_update"):
+                widget.continuous_update = False  # sliders update on release, not on every step
+            widget.add_class(f"epviz-explorer-{name}")
+            widget.observe(self._changed, names="value")
+        ws["progress"] = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="", layout=w.Layout(width="220px"))
+        ws["status"] = w.HTML(value="")
+        ws["error"] = w.HTML(value="")
+        ws["labels"] = w.HTML(value="")
+        ws["figure"] = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        ws["table"] = w.HTML(value="")
+        ws["log"] = w.Output()
+        for name in ("progress", "status", "error", "labels", "figure", "table", "log"):
+            ws[name].add_class(f"epviz-explorer-{name}")
+        return ws
+
+    def _layout(self):
+        import ipywidgets as w
+
+        ws = self.widgets
+        controls = w.HBox([
+            w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
+            w.VBox([ws[n] for n in ("view", "query", "groups", "opacity")]),
+            w.VBox([ws[n] for n in ("order", "label", "position")]),
+        ])
+        box = w.VBox([controls, w.HBox([ws["progress"], ws["status"]]), ws["error"], ws["labels"], ws["figure"], ws["table"], ws["log"]])
+        box.add_class("epviz-explorer")
+        return box
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.box)
+
+    # driving
+
+    @property
+    def selection(self) -> Selection:
+        """The selection the widgets hold now."""
+        values = {name: self.widgets[name].value for name in (f.name for f in dataclasses.fields(Selection))}
+        return Selection(**values)
+
+    def set(self, **values) -> ExplorerState:
+        """Set widget values from code (names of :class:`Selection` fields), then update once.
+
+        A value that is not among a widget's choices leaves the widgets as they were and shows why.
+        """
+        from traitlets import TraitError
+
+        try:
+            self.selection.replace(**values)
+        except ValueError as err:
+            return self._fail(str(err))
+        if ("order" in values or "label" in values) and "position" not in values:
+            values["position"] = 0  # a new ordering starts at its first image, as in the widgets
+        with self._quiet():
+            for name, value in values.items():
+                widget = self.widgets[name]
+                try:
+                    widget.value = value
+                except TraitError:
+                    choices = getattr(widget, "options", None)
+                    hint = f"; choose one of: {', '.join(str(_option_value(o)) for o in choices)}" if choices else ""
+                    return self._fail(f"{value!r} is not a valid {name}{hint}")
+        return self.refresh()
+
+    def refresh(self) -> ExplorerState:
+        """Compute the state of the current widget values and show it."""
+        start, counts = time.perf_counter(), dict(self.model.counts)
+        with self.widgets["log"]:
+            state = self.model.state(self.selection)
+            for _ in range(3):  # choices adapted to the new state (e.g. fewer predictors) may move a value
+                self._sync(state)
+                if self.selection == state.selection:
+                    break
+                state = self.model.state(self.selection)
+        if _in_kernel():
+            self.widgets["log"].clear_output()  # the finished extraction bars are closed widgets
+        self._show(state, start, "computed" if self.model.counts != counts else "updated")
+        return state
+
+    def _changed(self, change) -> None:
+        if self._syncing:
+            return
+        if change["owner"] in (self.widgets["order"], self.widgets["label"]):
+            with self._quiet():
+                self.widgets["position"].value = 0
+        self.refresh()
+
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
+        was, self._syncing = self._syncing, True
+        try:
+            yield
+        finally:
+            self._syncing = was
+
+    def _sync(self, state: ExplorerState) -> None:
+        """Adapt the choices of the widgets to the state (block count, predictors, images)."""
+        ws = self.widgets
+        with self._quiet():
+            if state.num_layers is not None:
+                layers = [("last block", -1)] + [(f"block {i}", i) for i in range(state.num_layers)]
+                if list(ws["layer"].options) != layers:
+                    value = ws["layer"].value if ws["layer"].value in range(-1, state.num_layers) else -1
+                    ws["layer"].options = layers
+                    ws["layer"].value = value
+            ws["queries"].disabled = not state.takes_queries
+            k = state.num_predictors or 0
+            _set_range(ws["query"], 0, max(k - 1, 0))
+            _set_range(ws["groups"], 1, max(k, 1))
+            ws["query"].disabled = state.selection.view == "image only" or k == 0
+            ws["groups"].disabled = state.selection.view != "query groups"
+            if state.image_count:
+                _set_range(ws["position"], 0, state.image_count - 1)
+
+    def _progress(self, fraction: float, message: str) -> None:
+        self.widgets["progress"].value = fraction
+        self.widgets["progress"].bar_style = "info"
+        self.widgets["status"].value = f"<span style='font-size:12px'>{_escape(message)}</span>"
+
+    def _fail(self, message: str) -> ExplorerState:
+        state = ExplorerState(selection=self.state.selection if self.state else self.selection, error=message)
+        self.widgets["error"].value = _error_html(message)
+        return state
+
+    def _show(self, state: ExplorerState, start: float, verb: str = "updated") -> None:
+        """Update the output widgets; the error line last, so that when it changes the rest has."""
+        ws = self.widgets
+        self.state = state
+        self.png = state_png(state, self.width)
+        ws["figure"].value = self.png
+        ws["table"].value = table_html(state)
+        ws["labels"].value = _labels_html(state)
+        ws["progress"].value = 1.0
+        ws["progress"].bar_style = "danger" if state.error else "success"
+        ws["status"].value = f"<span style='font-size:12px'>{verb} in {(time.perf_counter() - start) * 1000:.0f} ms</span>"
+        ws["error"].value = _error_html(state.error) if state.error else ""
+
+
+def _in_kernel() -> bool:
+    """Whether this runs in a Jupyter kernel (where output widgets capture output)."""
+    from IPython import get_ipython
+
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+def _option_value(option):
+    return option[1] if isinstance(option, tuple) else option
+
+
+def _set_range(slider, lo: int, hi: int) -> None:
+    """Set a slider's bounds in the order that never has min > max (a value outside is clamped)."""
+    if (slider.min, slider.max) == (lo, hi):
+        return
+    if hi >= slider.min:
+        slider.max, slider.min = hi, lo
+    else:
+        slider.min, slider.max = lo, hi
+
+
+def _escape(text: str) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def _error_html(message: str) -> str:
+    return f"<div style='color:#b00020;font-size:13px'>⚠ {_escape(message)}</div>"
+
+
+def _labels_html(state: ExplorerState) -> str:
+    if state.true_label is None:
+        return ""
+    colour = "#1b7f1b" if state.correct else "#b00020"
+    return (f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
+            f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
+            f"({state.confidence:.0%}) · probe test top-1 {state.accuracy:.1%}</div>")
