@@ -210,8 +210,9 @@ def test_fast_sizes_are_small_and_full_sizes_are_the_standard_ones():
 
 
 def test_budget_and_fast_switch(monkeypatch):
-    assert experiments.budget(False)["epochs"] == 30
-    assert experiments.budget(True)["epochs"] < 30
+    full, fast = experiments.budget(False), experiments.budget(True)
+    assert full["epochs"] == 15 and full["precision"] == "bf16" and full["batch_size"] == 256
+    assert fast["epochs"] < full["epochs"] and fast["precision"] == "fp32"
     assert experiments.budget(True, lr=0.5)["lr"] == 0.5
     assert experiments.budget(False)["optimizer"] == "adamw" and experiments.budget(False)["weight_decay"] == 1e-4
     monkeypatch.setenv("EPVIZ_FAST", "1")
