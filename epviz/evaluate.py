@@ -70,12 +70,12 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
 
 
 @contextlib.contextmanager
-def eval_mode(probe: Probe) -> Iterator[Probe]:
-    """Put `probe` in eval mode and disable gradients; restore its mode afterwards."""
+def eval_mode(probe: Probe, grad: bool = False) -> Iterator[Probe]:
+    """Put `probe` in eval mode, gradients off unless `grad`; restore its mode afterwards."""
     was_training = probe.training
     probe.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             yield probe
     finally:
         probe.train(was_training)

@@ -62,11 +62,11 @@ from epviz.backbones import Backbone, load_backbone
 from epviz.data.cluttered import ClutteredFashionMNIST
 from epviz.evaluate import accuracy
 from epviz.probes.base import Probe
-from epviz.probe_cache import load_cached_fit, probe_key, store_fit
+from epviz.probe_cache import fit_or_load
 from epviz.probes.registry import build, probe_class
 from epviz.tokens import TokenCache, extract_tokens
 from epviz.tokenset import TokenSet
-from epviz.train import FitResult, fit
+from epviz.train import FitResult
 
 __all__ = [
     "DEFAULT_DATASET", "DATASETS", "SPLITS", "FULL_SIZES", "FAST_SIZES", "FAST_PROBES", "EP_QUERIES", "EP_VARIANTS",
@@ -308,14 +308,8 @@ def train_probe(
     """
     num_classes = max(int(train.num_classes), int(val.num_classes))
     fit_kwargs = budget(fast, **dict(fit_options or {}))
-    probe = _build(name, train, num_classes, seed, options)  # its config holds every option, defaults resolved
-    key = probe_key(name, probe.config, num_classes, train, val, fit_kwargs, seed) if cache else None
-    if key is not None and (stored := load_cached_fit(key)) is not None:
-        return stored
-    result = fit(probe, train, val, seed=seed, progress=False, **fit_kwargs)
-    if key is not None:
-        store_fit(key, result)
-    return result
+    probe = _build(name, train, num_classes, seed, options)
+    return fit_or_load(probe, train, val, seed=seed, cache=cache, **fit_kwargs)
 
 
 def probe_zoo(

@@ -24,9 +24,10 @@ import pandas as pd
 
 from epviz.tokens import default_cache_dir
 from epviz.tokenset import TokenSet
-from epviz.train import FitResult, load_probe
+from epviz.probes.base import Probe
+from epviz.train import FitResult, fit, load_probe
 
-__all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit"]
+__all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit", "fit_or_load"]
 
 PROBE_CACHE_FORMAT = 1
 
@@ -88,3 +89,26 @@ def load_cached_fit(key: str, cache_dir: str | Path | None = None) -> FitResult 
 def store_fit(key: str, result: FitResult, cache_dir: str | Path | None = None) -> Path:
     """Store a fit under `key` (weights first, then the JSON that marks it complete)."""
     return result.save(Path(cache_dir or probe_cache_dir()) / key)
+
+
+def fit_or_load(probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, cache: bool = True,
+                device=None, **fit_options) -> FitResult:
+    """:func:`epviz.fit` `probe` (freshly built with `seed`), or load the stored result of the same run.
+
+    Args:
+        probe: A freshly built probe; its ``config`` (every option, defaults resolved) is part of the key.
+        train: Training tokens.
+        val: Validation tokens (epoch selection).
+        seed: Seed of the build and of the shuffling.
+        cache: Read and write the cache (False: always train, store nothing).
+        device: Where to train (not part of the key).
+        **fit_options: :func:`epviz.fit` options (part of the key).
+    """
+    config = probe.config
+    key = probe_key(config["name"], config, config["num_classes"], train, val, fit_options, seed) if cache else None
+    if key is not None and (stored := load_cached_fit(key)) is not None:
+        return stored
+    result = fit(probe, train, val, seed=seed, device=device, progress=False, **fit_options)
+    if key is not None:
+        store_fit(key, result)
+    return result

@@ -30,7 +30,7 @@ def test_second_run_loads_the_stored_probe(cache_dir, monkeypatch):
     train, val = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key")
     first = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
     assert len(list(cache_dir.glob("ep-*.safetensors"))) == 1
-    monkeypatch.setattr(ex, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     second = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
     assert second.config["cached"].startswith("ep-")
     assert second.best_epoch == first.best_epoch and second.best_acc == pytest.approx(first.best_acc)
@@ -92,9 +92,7 @@ def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
     stored = sorted(cache_dir.glob("*.json"))
     assert len(stored) == 1
     with pytest.MonkeyPatch.context() as mp:
-        import epviz.analysis.sweeps as sweeps
-
-        mp.setattr(sweeps, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+        mp.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
         again = layer_sweep(*caches, probes=("gap",), epochs=2, warmup_epochs=0, progress=False, optimizer="adamw")
     assert again["best_acc"].tolist() == pytest.approx(first["best_acc"].tolist())
     low_shot(caches[0][1], caches[1][1], shots=(2,), seeds=(0,), probes=("gap",), epochs=2, warmup_epochs=0,
@@ -105,6 +103,6 @@ def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
 def test_options_left_at_their_default_give_the_same_key(cache_dir, monkeypatch):
     train, val = _tokens(30, 0, "t"), _tokens(15, 1, "v")
     first = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
-    monkeypatch.setattr(ex, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
+    monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     same = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2, d_out=1)
     assert same.config["cached"] and same.best_acc == pytest.approx(first.best_acc)

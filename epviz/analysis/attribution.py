@@ -41,9 +41,8 @@ Definitions (ours):
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,18 +333,6 @@ class TokenAttribution:
                                                       "delta", "relative_delta"])
 
 
-@contextlib.contextmanager
-def _eval_with_grad(probe: Probe) -> Iterator[Probe]:
-    """Eval mode (BatchNorm running statistics) with gradients on; restore the mode afterwards."""
-    was_training = probe.training
-    probe.eval()
-    try:
-        with torch.enable_grad():
-            yield probe
-    finally:
-        probe.train(was_training)
-
-
 def _token_baseline(patch: torch.Tensor, baseline: str) -> torch.Tensor:
     if baseline == "zero":
         return torch.zeros_like(patch)
@@ -412,7 +399,7 @@ def token_attribution(
     device = prepare_probe(probe, device)
     parts: dict[str, list] = {k: [] for k in ("attr", "index", "labels", "targets", "diff", "delta")}
     batches = iter_batches(tokens, batch_size, device, index)
-    with _eval_with_grad(probe):
+    with eval_mode(probe, grad=True):  # BatchNorm running statistics, gradients for captum
         for batch in tqdm(batches, desc="integrated gradients", disable=not progress, leave=False):
             attr, targets, diff, delta = _attribute_batch(probe, batch, target, baseline, int(n_steps), internal_batch_size)
             for key, value in (("attr", attr), ("index", batch.index), ("labels", batch.labels), ("targets", targets),

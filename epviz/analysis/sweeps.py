@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from epviz.analysis._common import context_columns
-from epviz.probe_cache import load_cached_fit, probe_key, store_fit
+from epviz.probe_cache import fit_or_load
 from epviz.probes.registry import build, probe_class
 from epviz.tokenset import TokenSet
-from epviz.train import fit
 
 __all__ = ["layer_sweep", "low_shot", "sample_per_class", "aggregate_runs"]
 
@@ -57,14 +56,8 @@ def _train_one(label: str, name: str, options: dict, train: TokenSet, val: Token
     if "grid" not in options and "grid" in inspect.signature(probe_class(name).__init__).parameters:
         options["grid"] = train.grid
     num_classes = max(int(train.num_classes), int(val.num_classes))
-    run = dict(fit_kwargs, epochs=epochs, batch_size=batch_size)
     probe = build(name, train.dim, num_classes, seed=seed, **options)
-    key = probe_key(name, probe.config, num_classes, train, val, run, seed)
-    result = None if key is None else load_cached_fit(key)
-    if result is None:
-        result = fit(probe, train, val, seed=seed, device=device, progress=False, **run)
-        if key is not None:
-            store_fit(key, result)
+    result = fit_or_load(probe, train, val, seed=seed, device=device, epochs=epochs, batch_size=batch_size, **fit_kwargs)
     return dict(
         best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
         epochs_run=int(result.history["epoch"].iloc[-1]),

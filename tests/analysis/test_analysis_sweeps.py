@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-import epviz.analysis.sweeps as sweeps
+from epviz import probe_cache
 from epviz.analysis import aggregate_runs, layer_sweep, low_shot, sample_per_class
 from epviz.tokenset import TokenSet
 
@@ -99,7 +99,7 @@ def test_low_shot_runs(caches):
 
 def test_low_shot_checks_every_k_before_training(caches, monkeypatch):
     train, val = caches
-    monkeypatch.setattr(sweeps, "fit", lambda *a, **k: pytest.fail("trained before checking the shots"))
+    monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: pytest.fail("trained before checking the shots"))
     with pytest.raises(ValueError, match="100 shots per class needs at least 100 training images of every class"):
         low_shot(train[3], val[3], shots=(1, 100), seeds=(0,), probes=("gap",), **FIT)
 
