@@ -12,7 +12,7 @@ import seaborn as sns
 
 from epviz.atomic import atomic_write
 
-__all__ = ["save_figure", "canvas_gallery", "zoo_overview", "attention_overlays", "upsample_maps", "training_curves", "BACKBONE_PALETTE"]
+__all__ = ["save_figure", "draw_boxes", "canvas_gallery", "zoo_overview", "attention_overlays", "upsample_maps", "training_curves", "BACKBONE_PALETTE"]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
 
@@ -30,6 +30,12 @@ def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str 
     return written
 
 
+def draw_boxes(ax, boxes, lw: float = 0.8) -> None:
+    """Draw GT boxes (one (4,) or several (k, 4) xyxy pixel boxes, exclusive x1, y1) in lime on an image axis."""
+    for x0, y0, x1, y1 in np.asarray(boxes, dtype=float).reshape(-1, 4):
+        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=lw))
+
+
 def canvas_gallery(dataset, count: int = 24, columns: int = 8, out: str | Path | None = None, name: str = "canvas_gallery") -> plt.Figure:
     """A grid of canvases with their ground-truth boxes (green) and mask outlines (red)."""
     count = min(count, len(dataset))
@@ -43,7 +49,7 @@ def canvas_gallery(dataset, count: int = 24, columns: int = 8, out: str | Path |
         image = dataset.images[i].permute(1, 2, 0).numpy()
         x0, y0, x1, y1 = dataset.boxes[i].tolist()
         ax.imshow(image, interpolation="nearest")
-        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1))
+        draw_boxes(ax, dataset.boxes[i], lw=1)
         ax.contour(dataset.masks[i].numpy().astype(float), levels=[0.5], colors="red", linewidths=0.5)
         label = dataset.classes[int(dataset.labels[i])]
         ax.set_title(label, fontsize=7)
@@ -119,8 +125,7 @@ def attention_overlays(images, maps: np.ndarray, grid: tuple[int, int], boxes=No
             elif c > 1:
                 ax.imshow(per_query[i, c - 2], cmap="inferno", alpha=alpha, vmin=0, vmax=1)
             if boxes is not None:
-                x0, y0, x1, y1 = np.asarray(boxes[i], dtype=float)
-                ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=0.8))
+                draw_boxes(ax, boxes[i])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -448,8 +453,7 @@ def query_group_gallery(images, maps: np.ndarray, labels, grid: tuple[int, int],
                 q = queries[c - 2 - g]
                 ax.imshow(up_queries[i, c - 2 - g], cmap=_alpha_cmap(colours[labels[q]]), vmin=0, vmax=1 / alpha)
             if boxes is not None:
-                for x0, y0, x1, y1 in np.asarray(boxes[i], dtype=float).reshape(-1, 4):
-                    ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=0.8))
+                draw_boxes(ax, boxes[i])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
-from epviz.plots import _backbone_order, _label, _require, backbone_colours, save_figure, upsample_maps
+from epviz.plots import _backbone_order, _label, _require, backbone_colours, draw_boxes, save_figure, upsample_maps
 
 __all__ = ["importance_vs_delta_acc", "attribution_gallery", "agreement_summary", "token_image"]
 
@@ -139,8 +139,7 @@ def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid
                         bbox=dict(facecolor="black", alpha=0.5, pad=0.5, lw=0))
         for c, ax in enumerate(axes[i]):
             if boxes is not None:
-                x0, y0, x1, y1 = np.asarray(boxes[i], dtype=float)
-                ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=0.8))
+                draw_boxes(ax, boxes[i])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -21,7 +21,7 @@ def render_state(state: ExplorerState, width: float = 7.0):
 
 
 def _draw_image(ax, state: ExplorerState) -> None:
-    from matplotlib.patches import Rectangle
+    from epviz.plots import draw_boxes
 
     ax.set_xticks([])
     ax.set_yticks([])
@@ -31,8 +31,8 @@ def _draw_image(ax, state: ExplorerState) -> None:
     ax.imshow(state.image, interpolation="nearest")
     if state.overlay is not None:
         ax.imshow(state.overlay, interpolation="nearest")
-    for x0, y0, x1, y1 in state.boxes if state.boxes is not None else []:
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=1.2))
+    if state.boxes is not None:
+        draw_boxes(ax, state.boxes, lw=1.2)
     colour = "tab:green" if state.correct else "tab:red"
     ax.set_title(f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} "
                  f"({state.confidence:.0%})", fontsize=8, color=colour)
