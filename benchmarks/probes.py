@@ -23,7 +23,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import epviz.probes as probes  # noqa: E402
 from epviz.probes.ep import EfficientProbe  # noqa: E402
-from epviz.train import LARS  # noqa: E402
+from epviz.training import LARS  # noqa: E402
 
 
 class DirectEP(nn.Module):

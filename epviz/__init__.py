@@ -4,20 +4,19 @@ The public API, re-exported here::
 
     backbone = epviz.load_backbone("tiny-mae")
     cache = epviz.extract_tokens(backbone, dataset, layers=[-1])
-    probe = epviz.probes.build("ep", backbone.dim, num_classes, num_queries=16)
+    probe = epviz.probes.build("ep16", backbone.dim, num_classes)
     result = epviz.fit(probe, cache.tokens(-1), val_tokens)
 """
 
-from epviz import analysis, data, plots, presets, probes
-from epviz.backbones import Backbone, load_backbone
+from epviz import analysis, data, probes, viz
+from epviz._version import __version__
+from epviz.backbones import Backbone, load_backbone, presets
 from epviz.evaluate import accuracy, attention_maps, collect_attention, predict
 from epviz.runtime import resolve_device
-from epviz.tokens import TokenCache, extract_tokens
-from epviz.tokenset import TokenBatch, TokenSet
-from epviz.train import FitResult, fit, load_probe, save_probe
-from epviz.train_images import fit_images
-
-__version__ = "0.1.0"
+from epviz.setting import Setting
+from epviz.study import Study, open_study
+from epviz.tokens import TokenBatch, TokenCache, TokenSet, extract_tokens
+from epviz.training import FitResult, fit, fit_images, load_probe, save_probe
 
 
 def __getattr__(name: str):
@@ -30,7 +29,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Backbone", "Explorer", "FitResult", "analysis", "TokenBatch", "TokenCache", "TokenSet", "accuracy", "attention_maps",
-    "collect_attention", "data", "extract_tokens", "fit", "fit_images", "load_backbone", "load_probe", "plots",
-    "predict", "presets", "probes", "resolve_device", "save_probe",
+    "Backbone", "Explorer", "FitResult", "Setting", "Study", "TokenBatch", "TokenCache", "TokenSet", "__version__",
+    "accuracy", "analysis", "attention_maps", "collect_attention", "data", "extract_tokens", "fit", "fit_images",
+    "load_backbone", "load_probe", "open_study", "predict", "presets", "probes", "resolve_device", "save_probe", "viz",
 ]

@@ -119,7 +119,7 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def _zoo(args: argparse.Namespace) -> None:
-    from epviz import zoo
+    from epviz.backbones import zoo
 
     for name in zoo.ZOO:
         card = zoo.zoo_card(name)

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from epviz.probes.base import Probe
+from epviz.probes._base import Probe
 from epviz.runtime import autocast, resolve_device
-from epviz.tokenset import TokenBatch, TokenSet
+from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
     "Predictions", "predict", "accuracy", "attention_maps", "collect_attention", "topk_accuracy",

@@ -26,8 +26,8 @@ from epviz.backbones import load_backbone  # noqa: E402
 from epviz.data import ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import accuracy  # noqa: E402
 from epviz.tokens import extract_tokens  # noqa: E402
-from epviz.train import fit  # noqa: E402
-from epviz.zoo import ZOO, ZOO_DIR  # noqa: E402
+from epviz.training import fit  # noqa: E402
+from epviz.backbones.zoo import ZOO, ZOO_DIR  # noqa: E402
 
 
 def parse_probe(spec: str) -> tuple[str, dict]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
 from epviz.data import CanvasGenerator, ClutteredFashionMNIST  # noqa: E402
-from epviz.zoo import ARCHITECTURE, NORMALIZATION, ZOO_DIR, build_zoo_vit, file_sha256  # noqa: E402
+from epviz.backbones.zoo import ARCHITECTURE, NORMALIZATION, ZOO_DIR, build_zoo_vit, file_sha256  # noqa: E402
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

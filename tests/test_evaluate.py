@@ -6,7 +6,7 @@ import torch
 
 import epviz.probes as probes
 from epviz.evaluate import accuracy, attention_maps, collect_attention, predict, topk_accuracy
-from epviz.tokenset import TokenSet
+from epviz.tokens import TokenSet
 
 D, C, N = 16, 6, 9
 

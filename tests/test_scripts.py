@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from epviz.zoo import build_zoo_vit, file_sha256
+from epviz.backbones.zoo import build_zoo_vit, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 

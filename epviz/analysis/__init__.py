@@ -1,15 +1,15 @@
 """Analyses of trained probes; each returns tidy pandas DataFrames.
 
-Every result row carries the context columns ``backbone``, ``layer``, ``probe`` and
-``seed`` (filled from a ``context`` dict, the probe's name and the tokens' info), so
-results of many runs concatenate into one table.
+Every result row carries the context columns ``backbone``, ``layer``, ``probe`` and ``seed``
+(:mod:`epviz.tables`), so results of many runs concatenate into one table.
 
-* :func:`uniform_ablation`: accuracy drop when one attention predictor becomes uniform.
+* :func:`uniform_ablation`: accuracy drop when one attention predictor becomes uniform;
+  :func:`uniform_effect`: the same per image.
 * :func:`localization` / :func:`localization_from_maps`: MaxBoxAccV2, attention mass in the
   GT boxes, pointing game.
 * :func:`entropy` / :func:`entropy_from_maps`: entropy of the maps, in nats and over log N.
-* :func:`layer_sweep`, :func:`low_shot`, :func:`aggregate_runs`: many trainings, one table.
-* :func:`efficiency`: trainable parameters, FLOPs, throughput.
+* :func:`predictor_table` / :func:`predictor_tables`: every per-predictor measure in one table.
+* :func:`efficiency` / :func:`probe_costs`: trainable parameters, FLOPs, throughput.
 * :func:`query_groups`: overlap between predictors, their groups and group maps.
 * :func:`predictor_importance`, :func:`importance_vs_ablation`: captum LayerFeatureAblation of each
   predictor's pooled slice, ranked against Δacc; :func:`token_attribution`,
@@ -17,24 +17,22 @@ results of many runs concatenate into one table.
   patch tokens, compared with the attention maps.
 """
 
-from epviz.analysis.ablation import ablated_logits, uniform_ablation
+from epviz.analysis.ablation import ablated_logits, uniform_ablation, uniform_effect
 from epviz.analysis.attribution import (
     AttributionComparison, TokenAttribution, attention_agreement, attribution_vs_attention, importance_vs_ablation,
     join_importance, predictor_importance, sliced_probe_names, token_attribution, topk_overlap,
 )
-from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_flops, throughput, trainable_params
+from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_costs, probe_flops, throughput
 from epviz.analysis.entropy import entropy, entropy_from_maps, map_entropy
 from epviz.analysis.localization import DELTAS, THRESHOLDS, LocalizationMeter, localization, localization_from_maps
 from epviz.analysis.query_groups import QueryGroups, group_maps, group_queries, pairwise_overlap, query_groups
-from epviz.analysis.sweeps import aggregate_runs, layer_sweep, low_shot, sample_per_class
+from epviz.analysis.report import predictor_table, predictor_tables
 
 __all__ = [
-    "DELTAS", "THRESHOLDS", "LocalizationMeter", "QueryGroups", "ablated_logits", "aggregate_runs", "backbone_flops",
-    "count_flops", "efficiency", "entropy", "entropy_from_maps", "group_maps", "group_queries", "layer_sweep",
-    "localization", "localization_from_maps", "low_shot", "map_entropy", "pairwise_overlap", "probe_flops",
-    "query_groups", "sample_per_class", "throughput", "trainable_params", "uniform_ablation",
-]
-__all__ += [
-    "AttributionComparison", "TokenAttribution", "attention_agreement", "attribution_vs_attention", "importance_vs_ablation",
-    "join_importance", "predictor_importance", "sliced_probe_names", "token_attribution", "topk_overlap",
+    "DELTAS", "THRESHOLDS", "AttributionComparison", "LocalizationMeter", "QueryGroups", "TokenAttribution",
+    "ablated_logits", "attention_agreement", "attribution_vs_attention", "backbone_flops", "count_flops", "efficiency",
+    "entropy", "entropy_from_maps", "group_maps", "group_queries", "importance_vs_ablation", "join_importance",
+    "localization", "localization_from_maps", "map_entropy", "pairwise_overlap", "predictor_importance",
+    "predictor_table", "predictor_tables", "probe_costs", "probe_flops", "query_groups", "sliced_probe_names",
+    "throughput", "token_attribution", "topk_overlap", "uniform_ablation", "uniform_effect",
 ]

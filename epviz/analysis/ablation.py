@@ -22,12 +22,12 @@ import torch
 
 from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
 from epviz.evaluate import eval_mode, iter_batches
-from epviz.probes.base import Probe
+from epviz.probes._base import Probe
 from epviz.probes.ep import EfficientProbe
 from epviz.runtime import autocast
-from epviz.tokenset import TokenBatch, TokenSet
+from epviz.tokens import TokenBatch, TokenSet
 
-__all__ = ["uniform_ablation", "ablated_logits"]
+__all__ = ["uniform_ablation", "ablated_logits", "uniform_effect"]
 
 METHODS = ("auto", "fast", "direct")
 
@@ -108,7 +108,7 @@ def uniform_ablation(
         probe: A trained attentive probe (``num_predictors > 0``).
         tokens: Evaluation tokens with labels.
         context: Values for the ``backbone``, ``layer``, ``probe``, ``seed`` columns (and any
-            extra columns); defaults come from the probe's name and ``tokens.info``.
+            extra columns); defaults come from the probe's name and ``tokens.origin``.
         predictors: Only report these predictors (default: all K).
         batch_size: Samples per batch.
         index: Optional subset of sample positions.
@@ -146,3 +146,43 @@ def uniform_ablation(
         for j in chosen
     ]
     return frame(rows, context_columns(context, probe, tokens))
+
+
+def uniform_effect(
+    probe: Probe,
+    tokens: TokenSet,
+    predictors: Iterable[int],
+    *,
+    probs: np.ndarray | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Per image, how much making `predictors` uniform (together) hurts its prediction.
+
+    The score is (correct before - correct after) + (true-class probability drop) / 2, so images
+    whose prediction flips from right to wrong score highest, then those with the largest
+    probability drop (the Explorer's "largest Δacc" order).
+
+    Args:
+        probe: A trained attentive probe.
+        tokens: Evaluation tokens with labels.
+        predictors: Predictors made uniform together.
+        probs: The probe's softmax on `tokens`, if already computed (n, C).
+        batch_size: Samples per forward pass.
+    """
+    from epviz.evaluate import predict
+
+    require_predictors(probe, "uniform_effect")
+    before = predict(probe, tokens, batch_size=batch_size)
+    labels = before.labels
+    probs = _softmax(before.logits) if probs is None else np.asarray(probs)
+    after = _softmax(predict(probe, tokens, batch_size=batch_size, uniform=sorted(int(j) for j in predictors)).logits)
+    rows = np.arange(len(labels))
+    flipped = (probs.argmax(1) == labels).astype(float) - (after.argmax(1) == labels).astype(float)
+    drop = probs[rows, labels] - after[rows, labels]
+    return flipped + drop / 2
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

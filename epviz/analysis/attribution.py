@@ -53,10 +53,9 @@ from tqdm.auto import tqdm
 
 from epviz.analysis._common import CONTEXT_KEYS, context_columns, frame, prepare_probe, require_predictors
 from epviz.evaluate import collect_attention, eval_mode, iter_batches
-from epviz.probes.base import Probe
-from epviz.probes.registry import available, probe_class
+from epviz.probes import Probe, available
 from epviz.runtime import autocast
-from epviz.tokenset import TokenBatch, TokenSet
+from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
     "ABLATION_BASELINES", "TOKEN_BASELINES", "TARGETS", "AttributionComparison", "TokenAttribution",
@@ -75,7 +74,7 @@ METRICS = ("logit", "prob", "acc")
 
 def sliced_probe_names() -> list[str]:
     """Registered probes whose predictors own disjoint columns of ``hook_pooled``."""
-    return [n for n in available() if probe_class(n).predictor_slices is not Probe.predictor_slices]
+    return available(sliced=True, variants=False)
 
 
 def _as_index(index: Iterable[int] | None) -> np.ndarray | None:
@@ -177,7 +176,7 @@ def predictor_importance(
         probe: A trained attentive probe whose predictors own disjoint pooled columns.
         tokens: Evaluation tokens with labels.
         context: Values for the ``backbone``, ``layer``, ``probe``, ``seed`` columns (and extra
-            columns); defaults come from the probe's name and ``tokens.info``.
+            columns); defaults come from the probe's name and ``tokens.origin``.
         baseline: "running_mean" (default), "mean", "zero", a number, or one value per pooled column.
         feature_mask: Groups of pooled columns ablated together, (width,) or (1, width) integers,
             -1 for columns in no group, which get no row (default: ``probe.feature_mask()``, one group
@@ -548,7 +547,7 @@ def attribution_vs_attention(
     Args:
         probe: A trained attentive probe.
         tokens: Tokens with labels.
-        context: Values of the context columns (defaults: probe name, ``tokens.info``).
+        context: Values of the context columns (defaults: probe name, ``tokens.origin``).
         k: Tokens in the top-k sets.
         predictors: Also compare with single predictors' maps ("all" or indices).
         absolute: Rank tokens by |relevance|.

@@ -24,9 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from epviz.analysis._common import context_columns, prepare_probe
 from epviz.evaluate import eval_mode
-from epviz.probes.base import Probe
+from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
 
-__all__ = ["count_flops", "probe_flops", "backbone_flops", "throughput", "trainable_params", "efficiency"]
+__all__ = ["count_flops", "probe_flops", "backbone_flops", "throughput", "efficiency", "probe_costs"]
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -41,11 +41,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def trainable_params(module: torch.nn.Module) -> int:
-    """Number of parameters with ``requires_grad``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _tokens(probe: Probe, batch: int, num_tokens: int, num_prefix: int, device, seed: int = 0):
@@ -187,3 +182,34 @@ def efficiency(
             "num_prefix": num_prefix,
         })
     return pd.DataFrame(rows)
+
+
+def probe_costs(
+    probes: str | Sequence[str] | Mapping[str, Mapping | None],
+    backbone,
+    num_classes: int,
+    *,
+    measure_speed: bool = False,
+) -> pd.DataFrame:
+    """Trainable parameters, FLOPs (and optionally throughput) of each probe on a backbone's tokens.
+
+    Args:
+        probes: Probe specs (see :func:`epviz.probes.probe_specs`).
+        backbone: The backbone (or its name) whose token count, grid, width and FLOPs apply.
+        num_classes: Number of classes C (the classifier's size counts).
+        measure_speed: Also measure throughput (a timing run; NaN otherwise).
+
+    Returns:
+        One row per probe, the columns of :func:`efficiency` with ``backbone``.
+    """
+    from epviz.backbones import Backbone, load_backbone
+
+    bb = backbone if isinstance(backbone, Backbone) else load_backbone(backbone)
+    built = {}
+    for label, options in probe_specs(probes).items():
+        options = dict(options)
+        name = options.pop("name")
+        if "grid" not in options and "grid" in accepted_options(name):
+            options["grid"] = bb.grid
+        built[label] = build(name, bb.dim, num_classes, seed=0, **options)
+    return efficiency(built, backbone=bb, measure_speed=measure_speed, context={"backbone": bb.name})

@@ -17,8 +17,8 @@ import torch
 
 from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
 from epviz.evaluate import attention_maps
-from epviz.probes.base import Probe
-from epviz.tokenset import TokenSet
+from epviz.probes._base import Probe
+from epviz.tokens import TokenSet
 
 __all__ = ["map_entropy", "entropy", "entropy_from_maps"]
 
@@ -96,7 +96,7 @@ def entropy(
     Args:
         probe: A trained attentive probe.
         tokens: The tokens whose maps are measured.
-        context: Values of the context columns (defaults: probe name, ``tokens.info``).
+        context: Values of the context columns (defaults: probe name, ``tokens.origin``).
         batch_size: Samples per batch.
         index: Optional subset of sample positions.
         device: Where to run; None picks automatically.

@@ -45,13 +45,13 @@ from scipy import ndimage
 
 from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
 from epviz.evaluate import attention_maps
-from epviz.probes.base import Probe
-from epviz.tokenset import TokenSet
+from epviz.probes._base import Probe
+from epviz.setting import THRESHOLDS
+from epviz.tokens import TokenSet
 
 __all__ = ["DELTAS", "THRESHOLDS", "LocalizationMeter", "localization", "localization_from_maps", "box_source"]
 
 DELTAS = (0.3, 0.5, 0.7)
-THRESHOLDS = np.round(np.arange(100) * 0.01, 2)
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE[1] = True  # 8-connectivity inside a plane, no connection across planes
 _VOXEL_BUDGET = 1 << 20  # thresholded pixels labelled per ndimage.label call
@@ -390,7 +390,7 @@ def localization(
         tokens: Tokens of the dataset's images, in the dataset's order.
         dataset: The images' dataset with GT boxes (``box_list(i)`` or ``boxes``), or the boxes.
         image_size: Image (height, width); default from ``dataset.image_size`` or ``dataset.images``.
-        context: Values of the context columns (defaults: probe name, ``tokens.info``).
+        context: Values of the context columns (defaults: probe name, ``tokens.origin``).
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
         deltas: IoU thresholds (default 0.3, 0.5, 0.7).
         batch_size: Images per batch (maps are upsampled one batch at a time).

@@ -36,6 +36,7 @@ the classes, chosen by ``seed`` (None: every image).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -45,7 +46,8 @@ import numpy as np
 from epviz.data.annotated import AnnotatedImages
 from epviz.data.transforms import EvalTransform
 
-__all__ = ["DatasetSpec", "KINDS", "parse_spec", "open_split", "held_out", "balanced_subset", "VAL_FRACTION", "HOLDOUT_SEED"]
+__all__ = ["DEFAULT_DATASET", "DATASETS", "DatasetSpec", "KINDS", "parse_spec", "open_split", "load_split", "standard_splits",
+           "held_out", "balanced_subset", "VAL_FRACTION", "HOLDOUT_SEED"]
 
 KINDS = ("imagenet", "cub", "pets", "imagefolder")
 VAL_FRACTION = 0.1
@@ -53,6 +55,10 @@ TEST_FRACTION = 0.2
 HOLDOUT_SEED = 0
 SPLITS = ("train", "val", "test")
 _OPTIONS = {"resize": int, "crop": int, "boxes": str}
+DEFAULT_DATASET = "cluttered-fashion-mnist"
+DATASETS = (DEFAULT_DATASET, *(f"{kind}:<root>" for kind in KINDS))
+_CANVAS_SOURCES = {"train": ("train", 0), "val": ("train", 1), "test": ("test", 0)}  # split -> (item split, seed offset)
+_CANVAS_SIZES = {"train": 20_000, "val": 2_000, "test": 4_000}
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,49 @@ def open_split(spec: str | DatasetSpec, split: str, size: int | None = None, see
     if len(data) == 0:
         raise ValueError(f"the {split} split of {spec.kind}:{spec.root} is empty")
     return data
+
+
+def load_split(spec: str = DEFAULT_DATASET, split: str = "train", size: int | None = None, seed: int = 0):
+    """One split of a dataset named by a spec: the seam where datasets plug in.
+
+    Args:
+        spec: "cluttered-fashion-mnist" or a dataset on disk, ``"<kind>:<root>"`` (see the module docstring).
+        split: "train", "val" or "test". Canvases: "val" holds other canvases of the train items
+            (seed ``seed + 1``), "test" canvases of the test items.
+        size: Number of images; canvases default to the full standard size (20,000 / 2,000 /
+            4,000); datasets on disk keep at most that many, balanced over classes (None: all).
+        seed: Seed of the dataset's randomness (on disk: which images a `size` keeps).
+
+    Raises:
+        ValueError: Unknown dataset spec, option or split.
+        FileNotFoundError: The root folder of a dataset on disk does not exist.
+    """
+    if isinstance(spec, str) and is_spec(spec):
+        return open_split(spec, split, size, seed)
+    if spec != DEFAULT_DATASET:
+        raise ValueError(f"unknown dataset {spec!r}; known datasets: {', '.join(DATASETS)} "
+                         f"(<root>: the dataset's folder, e.g. 'imagenet:/data/imagenet')")
+    if split not in _CANVAS_SOURCES:
+        raise ValueError(f"unknown split {split!r} of {spec}; use one of {', '.join(_CANVAS_SOURCES)}")
+    from epviz.data.cluttered import ClutteredFashionMNIST
+
+    source, offset = _CANVAS_SOURCES[split]
+    size = _CANVAS_SIZES[split] if size is None else int(size)
+    return ClutteredFashionMNIST(source, size, seed=seed + offset)
+
+
+def standard_splits(spec: str, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS) -> dict:
+    """The standard train / val / test datasets of a spec at the given sizes.
+
+    Args:
+        spec: Dataset spec (see :func:`load_split`).
+        sizes: Images per split (see :class:`epviz.Setting`).
+        splits: Which of "train", "val", "test" to build.
+    """
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise ValueError(f"unknown splits {unknown}; the standard splits are {', '.join(SPLITS)}")
+    return {split: load_split(spec, split, sizes.get(split)) for split in splits}
 
 
 def held_out(labels: np.ndarray, fraction: float, seed: int = HOLDOUT_SEED) -> np.ndarray:

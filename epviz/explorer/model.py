@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from epviz import experiments as ex
-from epviz import zoo
-from epviz.backbones import Backbone, load_backbone
-from epviz.probes.base import Probe
+from epviz.analysis.ablation import uniform_effect
+from epviz.analysis.report import predictor_table
+from epviz.backbones import Backbone, load_backbone, present_backbones, zoo
+from epviz.data import standard_splits
+from epviz.probes import Probe, accepted_options, available, probe_specs
+from epviz.setting import Setting
+from epviz.tokens import extract_sets
+from epviz.training import train_probe
+from epviz.viz.maps import composite_overlay, group_colours, heat_overlay, query_colours
 
-__all__ = ["VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "TABLE_COLUMNS", "Selection", "ExplorerState", "ExplorerModel", "query_colours", "group_colours"]
+__all__ = ["VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "TABLE_COLUMNS", "Selection", "ExplorerState", "ExplorerModel"]
 
 VIEWS = ("image only", "one query", "all queries", "query groups")
 ORDERS = ("index", "most confident mistakes", "largest Δacc")
@@ -50,7 +55,7 @@ class Selection:
     backbone: str = "tiny-mae"
     layer: int = -1
     probe: str = "ep"
-    queries: int = ex.EP_QUERIES
+    queries: int = 16
     view: str = "one query"
     query: int = 0
     groups: int = 4
@@ -156,12 +161,12 @@ class ExplorerModel:
 
     Args:
         backbones: Backbone names or loaded backbones (default: the zoo backbones present).
-        probes: Probe specs (see :func:`epviz.experiments.probe_specs`; default
-            :data:`epviz.experiments.FAST_PROBES`).
-        fast: Fast-mode sizes and budget (default: ``EPVIZ_FAST``).
+        probes: Probe specs (see :func:`epviz.probes.probe_specs`; default: every registered
+            probe, trained when first selected).
+        setting: Sizes and budget (default: :meth:`epviz.Setting.from_env`).
         sets: ``{"train", "val", "test": dataset}`` (default: the standard sets); the images
             shown are those of ``test``, which needs GT boxes.
-        fit_options: Overrides of the probe budget (see :func:`epviz.experiments.budget`).
+        fit_options: Overrides of the setting's probe budget.
         seed: Seed of every probe.
         localization_images: Test images of the localization columns of the table (the costly measure).
         progress: Called as ``progress(fraction, message)`` during slow steps (extraction, training).
@@ -172,20 +177,20 @@ class ExplorerModel:
         backbones: Iterable[str | Backbone] | None = None,
         probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
         *,
-        fast: bool | None = None,
+        setting: Setting | None = None,
         sets: Mapping | None = None,
         fit_options: Mapping | None = None,
         seed: int = 0,
         localization_images: int = 200,
         progress: Progress | None = None,
     ) -> None:
-        self.fast = ex.is_fast() if fast is None else bool(fast)
-        given = list(ex.present_backbones(zoo.ZOO) if backbones is None else backbones)
+        self.setting = Setting.from_env() if setting is None else setting
+        given = list(present_backbones(zoo.ZOO) if backbones is None else backbones)
         if not given:
             raise ValueError("no backbones given: pass zoo names (tiny-mae, tiny-sup, tiny-random) or timm ViT names")
         self._backbones: dict[str, Backbone] = {b.name: b for b in given if isinstance(b, Backbone)}
         self.backbone_names = [b.name if isinstance(b, Backbone) else str(b) for b in given]
-        self.specs = ex.probe_specs(ex.FAST_PROBES if probes is None else probes)
+        self.specs = probe_specs(available() if probes is None else probes)
         self.fit_options = dict(fit_options or {})
         self.seed = int(seed)
         self.localization_images = int(localization_images)
@@ -203,7 +208,7 @@ class ExplorerModel:
         """The train / val / test datasets (built on first use)."""
         if self._sets is None:
             self._report(0.0, "building the standard datasets")
-            self._sets = ex.standard_sets(self.fast)
+            self._sets = standard_splits("cluttered-fashion-mnist", self.setting.sizes)
         missing = [s for s in _SPLITS if s not in self._sets]
         if missing:
             raise ValueError(f"the Explorer needs datasets for {', '.join(_SPLITS)}; sets= lacks {', '.join(missing)}")
@@ -255,7 +260,7 @@ class ExplorerModel:
         for i, split in enumerate(_SPLITS):
             self._report(0.05 + 0.6 * i / len(_SPLITS), f"tokens of {backbone}: {split} split, all {bb.depth} blocks, "
                                                         f"{len(sets[split]):,} images (extracted once, then read from disk)")
-            caches[split] = ex.zoo_caches([bb], self.fast, sets={split: sets[split]}, splits=[split], progress=True)[bb.name][split]
+            caches[split] = extract_sets([bb], {split: sets[split]}, progress=True)[bb.name][split]
             self.counts["extractions"] += int(not caches[split].hit)
         self._caches[backbone] = caches
         return caches
@@ -286,8 +291,8 @@ class ExplorerModel:
             name = options.pop("name")
             self._report(0.7, f"training probe {sel.probe} on {sel.backbone} block {key[1]} ({_options_text(options)}; "
                               "loaded instead when it was trained before)")
-            result = ex.train_probe(name, tokens["train"], tokens["val"], self.fast, seed=self.seed,
-                                    fit_options=self.fit_options, **options)
+            result = train_probe(name, tokens["train"], tokens["val"], budget=self.setting.fit_options(**self.fit_options),
+                                 seed=self.seed, **options)
             self.counts["trainings"] += 1
             self._report(0.9, "predicting the test images")
             from epviz.evaluate import predict
@@ -304,8 +309,8 @@ class ExplorerModel:
             tokens = self.tokens(sel.backbone, sel.layer)["test"]
             n_loc = min(len(tokens), self.localization_images)
             context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
-            full = ex.predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
-                                      thresholds=ex.localization_thresholds(self.fast))
+            full = predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
+                                      thresholds=self.setting.thresholds)
             data.table = full[list(TABLE_COLUMNS)].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
@@ -326,21 +331,14 @@ class ExplorerModel:
         return data.groups[sel.groups]
 
     def uniform_effect(self, sel: Selection, data: _ProbeData, predictors: Sequence[int]) -> np.ndarray:
-        """Per test image, the sort score of "largest Δacc" when `predictors` are made uniform.
+        """Per test image, the sort score of "largest Δacc" when `predictors` are made uniform (computed once).
 
-        The score is (correct before - correct after) + (true-class probability drop) / 2,
-        so images whose prediction flips come first, then the largest probability drops.
+        See :func:`epviz.analysis.uniform_effect`.
         """
         key = tuple(sorted(int(p) for p in predictors))
         if key not in data.effects:
-            from epviz.evaluate import predict
-
             tokens = self.tokens(sel.backbone, sel.layer)["test"]
-            after = _softmax(predict(data.probe, tokens, uniform=list(key)).logits)
-            rows = np.arange(len(data.labels))
-            flipped = (data.preds == data.labels).astype(float) - (after.argmax(1) == data.labels).astype(float)
-            drop = data.probs[rows, data.labels] - after[rows, data.labels]
-            data.effects[key] = flipped + drop / 2
+            data.effects[key] = uniform_effect(data.probe, tokens, key, probs=data.probs)
         return data.effects[key]
 
     # --- images --------------------------------------------------------------------------
@@ -452,7 +450,7 @@ class ExplorerModel:
         size = out.image.shape[:2]
         if sel.view == "one query":
             out.maps = maps[[sel.query]]
-            out.overlay = _heat_overlay(out.maps[0], grid, size, sel.opacity)
+            out.overlay = heat_overlay(out.maps[0], grid, size, sel.opacity)
             return
         if groups is not None:
             out.groups = groups
@@ -461,16 +459,14 @@ class ExplorerModel:
         else:
             out.maps = maps
             colours = query_colours(len(maps))
-        out.overlay = _composite_overlay(out.maps, grid, size, colours, sel.opacity)
+        out.overlay = composite_overlay(out.maps, grid, size, colours, sel.opacity)
 
 
 # --- small pure functions ----------------------------------------------------------------
 
 
 def _takes_queries(name: str) -> bool:
-    from epviz.probes.registry import _accepted_options, probe_class
-
-    return "num_queries" in _accepted_options(probe_class(name))
+    return "num_queries" in accepted_options(name)
 
 
 def _options_text(options: Mapping) -> str:
@@ -509,46 +505,6 @@ def _boxes(dataset, index: int) -> np.ndarray:
     from epviz.analysis.localization import box_source
 
     return np.asarray(box_source(dataset)(index), dtype=np.float32).reshape(-1, 4)
-
-
-def query_colours(k: int) -> list[tuple[float, float, float]]:
-    """A distinct colour per predictor (evenly spaced hues)."""
-    import seaborn as sns
-
-    return [tuple(c) for c in sns.color_palette("husl", k)]
-
-
-def group_colours(g: int) -> list[tuple[float, float, float]]:
-    """The group colours of :func:`epviz.plots.query_group_gallery`."""
-    from matplotlib.colors import to_rgb
-
-    from epviz.plots import GROUP_COLOURS
-
-    return [to_rgb(GROUP_COLOURS[i % len(GROUP_COLOURS)]) for i in range(g)]
-
-
-def _heat_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, int], opacity: float) -> np.ndarray:
-    """(H, W, 4) inferno overlay of one (N,) map, upsampled and min-max normalised."""
-    from matplotlib import colormaps
-
-    from epviz.plots import upsample_maps
-
-    up = upsample_maps(token_map[None], grid, size)[0]
-    rgba = colormaps["inferno"](up)
-    rgba[..., 3] = opacity
-    return rgba.astype(np.float32)
-
-
-def _composite_overlay(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: Sequence, opacity: float) -> np.ndarray:
-    """(H, W, 4): each pixel in the colour of the strongest of the (M, N) maps, opaque as that map."""
-    from epviz.plots import upsample_maps
-
-    up = upsample_maps(maps, grid, size)  # (M, H, W), each in [0, 1]
-    winner = up.argmax(0)
-    rgba = np.zeros((*size, 4), np.float32)
-    rgba[..., :3] = np.asarray(colours, np.float32)[winner]
-    rgba[..., 3] = opacity * up.max(0)
-    return rgba
 
 
 # --- rendering ---------------------------------------------------------------------------

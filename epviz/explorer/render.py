@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 
-from epviz.explorer.model import ExplorerState, group_colours
+from epviz.explorer.model import ExplorerState
+from epviz.viz.maps import group_colours
 
 __all__ = ["render_state", "state_png", "save_state", "table_html"]
 
@@ -21,7 +22,7 @@ def render_state(state: ExplorerState, width: float = 7.0):
 
 
 def _draw_image(ax, state: ExplorerState) -> None:
-    from epviz.plots import draw_boxes
+    from epviz.viz import draw_boxes
 
     ax.set_xticks([])
     ax.set_yticks([])
@@ -72,7 +73,7 @@ def save_state(state: ExplorerState, out, name: str = "explorer", width: float =
     """Save the figure of a state as ``<out>/<name>.png`` and its predictor table as ``.csv`` (atomically)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from epviz.plots import save_figure
+    from epviz.viz import save_figure
 
     fig = render_state(state, width)
     FigureCanvasAgg(fig)

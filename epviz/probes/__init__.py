@@ -8,14 +8,18 @@ Build one by name::
     logits_j = probe(patch_tokens, prefix_tokens, uniform=[j])
 
 Every probe is pool -> ``norm`` (BatchNorm1d, affine=False, eps=1e-6) -> ``head``
-(Linear); see :class:`~epviz.probes.base.Probe` for the full interface. New probe
-families subclass ``Probe`` and register with ``@register("name")``.
+(Linear); see :class:`~epviz.probes.Probe` for the full interface. A new probe family is
+one file: subclass ``Probe``, implement ``_pool`` (and ``num_predictors``), and register it
+with ``@register("name")``; named variants are data: ``register("ep16", "ep", num_queries=16)``.
 """
 
-from epviz.probes.base import HookPoint, Pooled, Probe
-from epviz.probes.registry import available, build, probe_class, register
+from epviz.probes._base import HookPoint, Pooled, Probe, trainable_params
+from epviz.probes._registry import (
+    ProbeEntry, accepted_options, available, build, entry, probe_class, probe_specs, register, standard_set,
+)
 
 # Importing the families fills the registry.
 from epviz.probes import abmilp, blocks, ep, linear, mhca, simpool, spatial  # noqa: E402,F401  isort: skip
 
-__all__ = ["HookPoint", "Pooled", "Probe", "available", "build", "probe_class", "register"]
+__all__ = ["HookPoint", "Pooled", "Probe", "ProbeEntry", "accepted_options", "available", "build", "entry", "probe_class",
+           "probe_specs", "register", "standard_set", "trainable_params"]

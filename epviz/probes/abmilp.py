@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from epviz.probes.base import Pooled, Probe, uniform_rows
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, uniform_rows
+from epviz.probes._registry import register
 
 __all__ = ["AbmilpProbe"]
 
@@ -21,6 +21,8 @@ class AbmilpProbe(Probe):
     s = SA(x) (W_QKV without bias, W_O with bias); a = softmax_over_tokens(scorer(s));
     pooled = sum_n a_n s_n. The single predictor is a; "uniform" sets it to 1/N.
     """
+
+    attentive = True
 
     def __init__(self, dim: int, num_classes: int, grid: Sequence[int] | None = None) -> None:
         super().__init__(dim, num_classes, grid=grid)

@@ -14,8 +14,8 @@ import torch
 from timm.layers import AttentionPoolLatent, Mlp
 from torch import nn
 
-from epviz.probes.base import Pooled, Probe, resolve_heads, split_heads, uniform_rows
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, resolve_heads, split_heads, uniform_rows
+from epviz.probes._registry import register
 
 __all__ = ["JepaProbe", "SiglipProbe", "CaitProbe", "DinoVitProbe", "ClipProbe"]
 
@@ -32,6 +32,8 @@ class JepaProbe(Probe):
         heads: Attention heads (default 16).
         mlp_ratio: Hidden width of the MLP over D.
     """
+
+    attentive = True
 
     def __init__(
         self,
@@ -106,6 +108,8 @@ class SiglipProbe(Probe):
         heads: Attention heads (default 8).
     """
 
+    attentive = True
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
         heads = resolve_heads(int(dim), heads, 8, "siglip")
         super().__init__(dim, num_classes, grid=grid, heads=heads)
@@ -134,6 +138,8 @@ class CaitProbe(Probe):
         heads: Attention heads (default 4).
         init_scale: Initial LayerScale value.
     """
+
+    attentive = True
 
     def __init__(
         self,
@@ -188,6 +194,8 @@ class DinoVitProbe(Probe):
         heads: Attention heads (default 8).
     """
 
+    attentive = True
+
     attn_hook_in_path = False
 
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
@@ -233,6 +241,8 @@ class ClipProbe(Probe):
         heads: Attention heads (default 4).
         num_tokens: Number N of patch tokens the probe will see.
     """
+
+    attentive = True
 
     def __init__(
         self,

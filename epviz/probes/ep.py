@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from epviz.probes.base import Pooled, Probe, divisors, uniform_rows
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, divisors, uniform_rows
+from epviz.probes._registry import register
 
 __all__ = ["EfficientProbe", "EfficientProbeAll"]
 
@@ -40,6 +40,9 @@ class EfficientProbe(Probe):
         queries: Learned queries U, shape (M, D), initialised N(0, 0.02^2).
         value: Value projection D -> D / d_out, no bias.
     """
+
+    attentive = True
+    sliced = True
 
     def __init__(
         self,
@@ -131,3 +134,11 @@ def _check_shapes(name: str, dim: int, num_queries: int, d_out: int) -> None:
             f"probe '{name}': D={dim} must be divisible by d_out*num_queries = {d_out}*{num_queries} = {d_out * num_queries}. "
             f"With d_out={d_out}, valid num_queries: {divisors(width)}"
         )
+
+
+# Variants: EP with 16 queries is the standard EP of the zoo comparisons (D = 192 must be divisible by
+# d_out * M for d_out in 1, 2, 4); ep16_d2 / ep16_d4 shrink the value space D_o = D / d_out.
+register("ep16", "ep", standard=True, num_queries=16)
+register("ep_all16", "ep_all", standard=True, num_queries=16)
+register("ep16_d2", "ep", num_queries=16, d_out=2)
+register("ep16_d4", "ep", num_queries=16, d_out=4)

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from epviz.probes.base import Pooled, Probe
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe
+from epviz.probes._registry import register
 
 __all__ = ["ClsProbe", "GapProbe"]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes.base import Pooled, Probe, resolve_heads, split_heads
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, resolve_heads, split_heads
+from epviz.probes._registry import register
 
 __all__ = ["MultiHeadCrossAttentionProbe", "AimProbe", "CaeProbe", "CocaProbe"]
 
@@ -37,6 +37,8 @@ class MultiHeadCrossAttentionProbe(Probe):
         heads: Attention heads; default D // 64 (12 at D=768).
         bias: Whether W_Q, W_K, W_V, W_O have biases.
     """
+
+    attentive = True
 
     def __init__(
         self,
@@ -80,6 +82,9 @@ class AimProbe(Probe):
         heads: Attention heads (default 16).
     """
 
+    attentive = True
+    sliced = True
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
         heads = resolve_heads(int(dim), heads, 16, "aim")
         super().__init__(dim, num_classes, grid=grid, heads=heads)
@@ -116,6 +121,8 @@ class CaeProbe(Probe):
     Args:
         heads: Attention heads (default 8).
     """
+
+    attentive = True
 
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
         heads = resolve_heads(int(dim), heads, 8, "cae")
@@ -161,6 +168,8 @@ class CocaProbe(Probe):
         dim_head: Width of each head and of the shared key/value head (default 64).
         num_queries: Learned queries (default 196).
     """
+
+    attentive = True
 
     def __init__(
         self,

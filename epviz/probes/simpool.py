@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes.base import Pooled, Probe, resolve_heads, split_heads
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, resolve_heads, split_heads
+from epviz.probes._registry import register
 
 __all__ = ["SimPoolProbe", "EfficientSimPoolProbe"]
 
@@ -35,6 +35,9 @@ class SimPoolProbe(_HeadSlices, Probe):
     Args:
         heads: Attention heads (default 1).
     """
+
+    attentive = True
+    sliced = True
 
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
         heads = resolve_heads(int(dim), heads, 1, "simpool")
@@ -63,6 +66,9 @@ class EfficientSimPoolProbe(_HeadSlices, Probe):
     Args:
         heads: Attention heads (default 12).
     """
+
+    attentive = True
+    sliced = True
 
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
         heads = resolve_heads(int(dim), heads, 12, "esimpool")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from epviz.probes.base import Pooled, Probe, uniform_rows
-from epviz.probes.registry import register
+from epviz.probes._base import Pooled, Probe, uniform_rows
+from epviz.probes._registry import register
 
 __all__ = ["DolgProbe", "CbamProbe"]
 
@@ -38,6 +38,8 @@ class DolgProbe(Probe):
 
     No spatial grid is needed (every operation is per position).
     """
+
+    attentive = True
 
     def __init__(self, dim: int, num_classes: int, grid: Sequence[int] | None = None) -> None:
         super().__init__(dim, num_classes, grid=grid)
@@ -70,6 +72,8 @@ class CbamProbe(Probe):
         reduction: Channel reduction ratio of the MLP.
         kernel_size: Spatial convolution size.
     """
+
+    attentive = True
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from formats import write_cub
+from tests.data.formats import write_cub
 
 from epviz import experiments
 from epviz.data.annotated import AnnotationError

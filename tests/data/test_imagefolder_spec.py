@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from formats import write_image
+from tests.data.formats import write_image
 
 from epviz import experiments
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from formats import WNIDS, write_image, write_imagenet
+from tests.data.formats import WNIDS, write_image, write_imagenet
 
 from epviz import experiments
 from epviz.data.annotated import AnnotationError

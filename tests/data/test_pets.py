@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from formats import write_pets
+from tests.data.formats import write_pets
 from PIL import Image
 
 from epviz import experiments

@@ -1,0 +1,159 @@
+"""The notebooks' standard setting: dataset sizes, probe budgets, MaxBoxAccV2 thresholds, the probe set.
+
+One frozen :class:`Setting` replaces the ``fast`` flag that used to travel through every call::
+
+    setting = Setting.from_env()          # full, or fast when EPVIZ_FAST=1
+    setting = Setting.full().replace(sizes={"train": 50_000, "val": 5_000, "test": None})   # custom
+
+The standard sets (cluttered Fashion-MNIST by default):
+
+========  ==========================  =========  ========
+split     canvases                    full size  fast size
+========  ==========================  =========  ========
+train     Fashion-MNIST train, seed 0     20,000     2,000
+val       Fashion-MNIST train, seed 1      2,000       500
+test      Fashion-MNIST test,  seed 0      4,000       500
+========  ==========================  =========  ========
+
+``val`` holds other canvases of the training items (another seed) and selects the best epoch;
+``test`` is only ever used for the numbers that are reported. For datasets on disk the sizes are
+upper bounds (``None``: the whole split), spread evenly over the classes.
+
+The standard probe budget (cached tokens, no augmentation): AdamW, lr 1e-3, weight decay 1e-4 on
+matrices, linear warm-up then cosine decay, best epoch on ``val``; 15 epochs (2 of warm-up) in
+batches of 256 under bf16 autocast, or in fast mode 5 epochs (1 of warm-up) in batches of 64 in
+fp32 (more, smaller steps for the same compute on the small training set). Low-shot runs get 100
+epochs (10 of warm-up), or 40 (4) in fast mode, since a few images make one step per epoch.
+
+Fast mode (``EPVIZ_FAST=1``) shrinks sizes and budgets so that every notebook runs in a minute or
+two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FAST_ENV", "SPLITS", "Setting", "THRESHOLDS"]
+
+FAST_ENV = "EPVIZ_FAST"
+SPLITS = ("train", "val", "test")
+THRESHOLDS = np.round(np.arange(100) * 0.01, 2)  # MaxBoxAccV2 thresholds tau: 0, 0.01, ..., 0.99
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Sizes, budgets, thresholds and probe set shared by every notebook.
+
+    Attributes:
+        name: "full", "fast" or "custom" (any setting changed with :meth:`replace`).
+        sizes: Images per split (train, val, test); None for a whole split of a dataset on disk.
+        budget: :func:`epviz.fit` keyword arguments of a probe run.
+        low_shot_budget: The same for low-shot runs.
+        threshold_step: MaxBoxAccV2 uses every n-th threshold of 0, 0.01, ..., 0.99.
+        probes: The probes "every probe" means; None: :func:`epviz.probes.standard_set` (every
+            registered family, so a new family joins without an edit).
+    """
+
+    name: str = "full"
+    sizes: Mapping[str, int | None] = field(default_factory=lambda: _frozen({"train": 20_000, "val": 2_000, "test": 4_000}))
+    budget: Mapping[str, Any] = field(default_factory=lambda: _frozen(dict(
+        epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16")))
+    low_shot_budget: Mapping[str, Any] = field(default_factory=lambda: _frozen(dict(
+        epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16")))
+    threshold_step: int = 1
+    probes: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SPLITS if s not in self.sizes]
+        if missing:
+            raise ValueError(f"a setting needs a size for every split ({', '.join(SPLITS)}); missing: {', '.join(missing)}")
+        bad = {s: v for s, v in self.sizes.items() if v is not None and int(v) < 1}
+        if bad:
+            raise ValueError(f"split sizes must be positive numbers of images (or None: the whole split), got {bad}")
+        if int(self.threshold_step) < 1:
+            raise ValueError(f"threshold_step must be a positive integer, got {self.threshold_step}")
+        for attr in ("sizes", "budget", "low_shot_budget"):
+            object.__setattr__(self, attr, _frozen(getattr(self, attr)))
+        if self.probes is not None:
+            object.__setattr__(self, "probes", tuple(self.probes))
+
+    @classmethod
+    def full(cls) -> "Setting":
+        """The full standard setting (the numbers the README reports)."""
+        return cls()
+
+    @classmethod
+    def fast(cls) -> "Setting":
+        """Small sizes and budgets for checking the pipeline (CI)."""
+        return cls(
+            name="fast",
+            sizes={"train": 2_000, "val": 500, "test": 500},
+            budget=dict(epochs=5, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=1, precision="fp32"),
+            low_shot_budget=dict(epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=4,
+                                 precision="fp32"),
+            threshold_step=4,
+            probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
+        )
+
+    @classmethod
+    def from_env(cls) -> "Setting":
+        """:meth:`fast` when ``EPVIZ_FAST=1``, else :meth:`full`."""
+        return cls.fast() if os.environ.get(FAST_ENV, "0") == "1" else cls.full()
+
+    @property
+    def is_fast(self) -> bool:
+        """Whether this is the fast setting."""
+        return self.name == "fast"
+
+    def replace(self, **changes: Any) -> "Setting":
+        """A "custom" copy with some fields changed (``budget`` and ``low_shot_budget`` entries are merged)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown setting field(s) {unknown}; the fields are {[f.name for f in dataclasses.fields(self)]}")
+        for key in ("budget", "low_shot_budget", "sizes"):
+            if key in changes:
+                changes[key] = {**getattr(self, key), **changes[key]}
+        changes.setdefault("name", "custom")
+        return dataclasses.replace(self, **changes)
+
+    def fit_options(self, **overrides: Any) -> dict[str, Any]:
+        """The probe budget as :func:`epviz.fit` keyword arguments (overrides win)."""
+        return {**self.budget, **overrides}
+
+    def low_shot_options(self, **overrides: Any) -> dict[str, Any]:
+        """The low-shot budget as :func:`epviz.fit` keyword arguments (overrides win)."""
+        return {**self.low_shot_budget, **overrides}
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """MaxBoxAccV2 thresholds tau."""
+        return THRESHOLDS[:: int(self.threshold_step)]
+
+    def probe_set(self) -> list[str]:
+        """The probes the notebooks compare: :attr:`probes`, or every registered family's standard name."""
+        from epviz.probes import standard_set
+
+        return list(self.probes) if self.probes is not None else standard_set()
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able summary (printed by the notebooks)."""
+        return {"name": self.name, "sizes": dict(self.sizes), "budget": dict(self.budget), "threshold_step": self.threshold_step,
+                "probes": None if self.probes is None else list(self.probes)}
+
+    def sizes_of(self, splits: Sequence[str] = SPLITS) -> dict[str, int | None]:
+        """Sizes of some splits."""
+        unknown = [s for s in splits if s not in self.sizes]
+        if unknown:
+            raise ValueError(f"unknown splits {unknown}; the standard splits are {', '.join(SPLITS)}")
+        return {s: self.sizes[s] for s in splits}

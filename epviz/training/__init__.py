@@ -1,0 +1,22 @@
+"""Training probes: on cached tokens (:func:`fit`), or per step through the backbone (:func:`fit_images`).
+
+* :mod:`~epviz.training.fit`: :func:`fit` and :class:`FitResult` (best epoch on val, tidy history).
+* :mod:`~epviz.training.fit_images`: the reference per-step protocol.
+* :mod:`~epviz.training.optim`: LARS, AdamW, warm-up + cosine.
+* :mod:`~epviz.training.checkpoints`: saved probes (safetensors + JSON).
+* :mod:`~epviz.training.probe_cache`: trained probes cached on disk, keyed like the token cache.
+* :mod:`~epviz.training.runs`: many trainings in one table (probe zoo, layer sweep, low-shot).
+"""
+
+from epviz.training.checkpoints import load_probe, save_probe
+from epviz.training.fit import PROTOCOL, FitResult, fit
+from epviz.training.fit_images import PROTOCOL_PER_STEP, fit_images
+from epviz.training.optim import LARS, lr_at
+from epviz.training.runs import (
+    aggregate_runs, build_for, layer_sweep, low_shot, probe_zoo, sample_per_class, train_probe,
+)
+
+__all__ = [
+    "LARS", "PROTOCOL", "PROTOCOL_PER_STEP", "FitResult", "aggregate_runs", "build_for", "fit", "fit_images", "layer_sweep",
+    "load_probe", "low_shot", "lr_at", "probe_zoo", "sample_per_class", "save_probe", "train_probe",
+]

@@ -1,0 +1,230 @@
+"""Training probes on cached tokens.
+
+:func:`fit` trains a probe on a :class:`~epviz.tokenset.TokenSet` with the reference
+recipe's optimiser and schedule: LARS (momentum 0.9, trust coefficient 0.001,
+lr = 0.1 * batch / 256) or AdamW, linear warm-up then cosine decay per iteration,
+cross-entropy, and selection of the epoch with the best validation top-1.
+
+Protocol note: the tokens are extracted once and cached, so every epoch sees the
+same tokens of the same (un-augmented) images. This is much cheaper than the
+reference protocol, which runs the frozen backbone on a fresh RandomResizedCrop and
+flip of every image at every step; accuracies from the two are not interchangeable.
+
+Runs are deterministic on CPU for a given seed: shuffling uses its own
+``torch.Generator``; build the probe with ``epviz.probes.build(..., seed=...)`` so
+its initial weights are seeded too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from epviz.evaluate import ensure_finite, loss_and_accuracy
+from epviz.probes import Probe
+from epviz.runtime import autocast, resolve_device
+from epviz.tokens import TokenSet
+from epviz.training.checkpoints import finite_or_none, save_probe
+from epviz.training.optim import check_fit_options, lr_at, make_optimizer
+
+__all__ = ["fit", "FitResult", "PROTOCOL"]
+
+PROTOCOL = "cached tokens (one backbone pass, no augmentation)"
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes:
+        probe: The trained probe holding the best epoch's weights, in eval mode.
+        history: One row per epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds.
+            train_loss / train_acc are running means over the epoch's steps (train mode).
+        best_epoch: Epoch (1-based) whose weights `probe` holds.
+        best_acc: Validation top-1 at `best_epoch` (NaN without validation).
+        final_acc: Validation top-1 at the last epoch run (NaN without validation).
+        seconds: Wall time of the whole fit.
+        config: Fit options, the probe's build options and the data sizes.
+    """
+
+    probe: Probe
+    history: pd.DataFrame
+    best_epoch: int
+    best_acc: float
+    final_acc: float
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (options, history); returns `<path>`."""
+        summary = {
+            "fit": self.config,
+            "history": self.history.to_dict("records"),
+            "best_epoch": self.best_epoch,
+            "best_acc": finite_or_none(self.best_acc),
+            "final_acc": finite_or_none(self.final_acc),
+            "seconds": self.seconds,
+        }
+        return save_probe(self.probe, path, summary)
+
+
+def fit(
+    probe: Probe,
+    train: TokenSet,
+    val: TokenSet | None = None,
+    *,
+    epochs: int = 90,
+    batch_size: int = 256,
+    optimizer: str = "lars",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    warmup_epochs: float = 10,
+    label_smoothing: float = 0.0,
+    early_stopping: int | None = None,
+    precision: str = "fp32",
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Train `probe` on `train`, selecting the epoch with the best top-1 on `val`.
+
+    Args:
+        probe: A freshly built probe (trained in place).
+        train: Training tokens.
+        val: Validation tokens; without them the last epoch is kept.
+        epochs: Maximum number of epochs.
+        batch_size: Samples per step. Incomplete last batches are dropped when the set
+            holds more than one batch.
+        optimizer: "lars" (reference recipe) or "adamw".
+        lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
+        weight_decay: Weight decay on parameters with ndim > 1.
+        warmup_epochs: Epochs of linear warm-up before the cosine decay.
+        label_smoothing: Cross-entropy label smoothing.
+        early_stopping: Stop after this many epochs without a validation improvement.
+        precision: "fp32" or "bf16" (autocast).
+        device: Where to train; None picks CUDA when available.
+        seed: Seed for the shuffling order.
+        progress: Show a tqdm bar over epochs.
+    """
+    if not isinstance(probe, Probe):
+        raise TypeError(f"fit expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
+    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val)
+    _check_tokens(probe, train, "train")
+    if val is not None:
+        _check_tokens(probe, val, "validation")
+    if len(train) < 2:
+        raise ValueError("fit needs at least 2 training samples (BatchNorm uses batch statistics)")
+
+    device = resolve_device(device)
+    probe.to(device)
+    if lr is None:
+        lr = 0.1 * batch_size / 256 if optimizer == "lars" else 1e-3
+    opt = make_optimizer(probe, optimizer, lr, weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    drop_last = len(train) > batch_size
+    steps = len(train) // batch_size if drop_last else 1
+
+    rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
+    stale = 0
+    start = time.perf_counter()
+    bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        probe.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for step, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)):
+            if epoch == 0:
+                ensure_finite(batch, "train")
+            current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
+            for group in opt.param_groups:
+                group["lr"] = current_lr
+            with autocast(device, precision):
+                logits = probe(batch.patch, batch.prefix).float()
+            loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"training diverged: the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g}); "
+                    "lower lr or use precision='fp32'"
+                )
+            loss_sum += loss_value * len(batch.labels)
+            correct += (logits.argmax(dim=1) == batch.labels).sum().item()
+            seen += len(batch.labels)
+
+        val_loss = val_acc = math.nan
+        if val is not None:
+            val_loss, val_acc = loss_and_accuracy(probe, val, batch_size=max(batch_size, 256), device=device, precision=precision, check_finite=epoch == 0)
+        rows.append(
+            dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
+                 lr=current_lr, seconds=time.perf_counter() - t0)
+        )
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
+
+        if val is None:
+            best_epoch = epoch + 1
+        elif val_acc > best_acc:
+            best_acc, best_epoch, stale = val_acc, epoch + 1, 0
+            best_state = copy.deepcopy(probe.state_dict())
+        else:
+            stale += 1
+            if early_stopping is not None and stale >= early_stopping:
+                break
+    bar.close()
+
+    if best_state is not None:
+        probe.load_state_dict(best_state)
+    probe.eval()
+    history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
+    config = dict(
+        protocol=PROTOCOL, epochs=epochs, epochs_run=len(rows), batch_size=batch_size, optimizer=optimizer, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
+        early_stopping=early_stopping, precision=precision, device=str(device), seed=seed,
+        train_size=len(train), val_size=None if val is None else len(val), train_origin=train.origin.as_dict(),
+        probe=dict(probe.config),
+    )
+    return FitResult(
+        probe=probe,
+        history=history,
+        best_epoch=best_epoch,
+        best_acc=best_acc if val is not None else math.nan,
+        final_acc=float(history["val_acc"].iloc[-1]),
+        seconds=time.perf_counter() - start,
+        config=config,
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _check_tokens(probe: Probe, tokens: TokenSet, what: str) -> None:
+    if not isinstance(tokens, TokenSet):
+        raise TypeError(f"the {what} tokens must be a TokenSet, got {type(tokens).__name__}")
+    if len(tokens) == 0:
+        raise ValueError(f"the {what} token set is empty")
+    if tokens.dim != probe.dim:
+        raise ValueError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but the {what} tokens have D={tokens.dim}")
+    if probe.needs_prefix and tokens.prefix is None:
+        raise ValueError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but the {what} tokens have none")
+    labels = np.asarray(tokens.labels)
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= probe.num_classes:
+        raise ValueError(
+            f"the {what} labels range from {lo} to {hi} (max label {hi}) but probe '{probe.name}' has "
+            f"num_classes={probe.num_classes}; labels must lie in [0, {probe.num_classes - 1}]"
+        )

@@ -1,0 +1,208 @@
+"""The reference per-step protocol: images stream through the frozen backbone at every step.
+
+:func:`fit_images` trains a probe as the reference implementation does: every training
+step draws a fresh RandomResizedCrop (scale 0.08-1, bicubic) and horizontal flip of each
+image, runs the frozen backbone on it, and trains the probe on the chosen block's tokens
+(raw block output, no final norm) with LARS, lr = 0.1 * batch / 256, linear warm-up then
+cosine decay per step, and keeps the epoch with the best validation top-1. Validation
+images get the evaluation transform (Resize 256 + CenterCrop 224) and also go through
+the backbone every epoch.
+
+This is much slower than training on cached tokens (:func:`epviz.fit`): the backbone's
+forward pass, not the probe, dominates, and it is paid on every step of every epoch —
+for MAE ViT-B on ImageNet-1k about 90 backbone passes over 1.28 M images. Use it on a
+GPU when numbers must be comparable with the paper; the two protocols' accuracies are
+not interchangeable.
+
+The optimiser, schedule and option checks are those of :mod:`epviz.train`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import pandas as pd
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from epviz.backbones import Backbone
+from epviz.data.transforms import train_transform
+from epviz.probes import Probe
+from epviz.runtime import autocast, resolve_device
+from epviz.training.fit import FitResult
+from epviz.training.optim import check_fit_options, lr_at, make_optimizer
+
+__all__ = ["fit_images", "PROTOCOL_PER_STEP"]
+
+PROTOCOL_PER_STEP = "per-step backbone (RandomResizedCrop 0.08-1 + flip at every step, no token cache)"
+
+
+def fit_images(
+    probe: Probe,
+    backbone: Backbone,
+    train,
+    val=None,
+    *,
+    layer: int = -1,
+    epochs: int = 90,
+    batch_size: int = 4096,
+    optimizer: str = "lars",
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    warmup_epochs: float = 10,
+    label_smoothing: float = 0.0,
+    scale: tuple[float, float] = (0.08, 1.0),
+    norm: bool = False,
+    precision: str = "bf16",
+    num_workers: int = 0,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> FitResult:
+    """Train `probe` on `backbone`'s tokens of augmented images, computed afresh at every step.
+
+    Args:
+        probe: A freshly built probe for the backbone's width (trained in place).
+        backbone: The frozen backbone (:func:`epviz.load_backbone`).
+        train: Training images: a dataset with ``with_transform`` (:class:`~epviz.data.annotated.AnnotatedImages`,
+            e.g. from :func:`epviz.experiments.load_dataset`), so that the augmentation replaces its transform.
+        val: Validation images under the evaluation transform; without them the last epoch is kept.
+        layer: Block whose output the probe reads (0 = first, -1 = last).
+        epochs: Number of epochs (reference: 90).
+        batch_size: Images per step (reference: 4096); incomplete last batches are dropped
+            when the set holds more than one batch.
+        optimizer: "lars" (reference) or "adamw".
+        lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
+        weight_decay: Weight decay on parameters with ndim > 1 (reference: 0).
+        warmup_epochs: Epochs of linear warm-up before the cosine decay (reference: 10).
+        label_smoothing: Cross-entropy label smoothing (reference: 0).
+        scale: RandomResizedCrop area range (reference: 0.08-1).
+        norm: Apply the encoder's final norm to the block output (reference: off).
+        precision: "bf16" (reference) or "fp32" for backbone and probe.
+        num_workers: DataLoader worker processes decoding images (use several on a GPU machine).
+        device: Where to run; None picks CUDA when present.
+        seed: Seed of the shuffling and the augmentation.
+        progress: Show a tqdm bar over epochs.
+
+    Returns:
+        A :class:`~epviz.train.FitResult` (best epoch's weights, history, config with the protocol).
+    """
+    if not isinstance(probe, Probe):
+        raise TypeError(f"fit_images expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
+    if not isinstance(backbone, Backbone):
+        raise TypeError(f"fit_images expects a Backbone (see epviz.load_backbone), got {type(backbone).__name__}")
+    if not hasattr(train, "with_transform"):
+        raise TypeError(
+            f"the per-step protocol augments the image files themselves, so train must be a dataset of files with "
+            f"with_transform() (epviz.experiments.load_dataset('imagenet:/root', 'train')); got {type(train).__name__}"
+        )
+    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None)
+    if probe.dim != backbone.dim:
+        raise ValueError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but {backbone.name} gives D={backbone.dim}")
+    if probe.needs_prefix and backbone.num_prefix_tokens == 0:
+        raise ValueError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but {backbone.name} has none")
+    for what, data in (("train", train), ("validation", val)):
+        if data is None:
+            continue
+        if len(data) == 0:
+            raise ValueError(f"the {what} set is empty")
+        labels = torch.as_tensor(data.labels)
+        if int(labels.min()) < 0 or int(labels.max()) >= probe.num_classes:
+            raise ValueError(f"the {what} labels run {int(labels.min())}..{int(labels.max())} but probe '{probe.name}' has "
+                             f"num_classes={probe.num_classes}")
+    if len(train) < 2:
+        raise ValueError("fit_images needs at least 2 training images (BatchNorm uses batch statistics)")
+    (layer,) = backbone.resolve_layers([layer])
+
+    device = resolve_device(device)
+    backbone.model.to(device).eval()
+    probe.to(device)
+    if lr is None:
+        lr = 0.1 * batch_size / 256 if optimizer == "lars" else 1e-3
+    opt = make_optimizer(probe, optimizer, lr, weight_decay)
+    augmented = train.with_transform(train_transform(backbone.image_size[0], scale))
+    generator = torch.Generator().manual_seed(seed)
+    drop_last = len(train) > batch_size
+    steps = len(train) // batch_size if drop_last else 1
+    loader = torch.utils.data.DataLoader(augmented, batch_size=batch_size, shuffle=True, drop_last=drop_last,
+                                         num_workers=num_workers, generator=generator, pin_memory=device.type == "cuda",
+                                         persistent_workers=num_workers > 0)
+
+    def tokens(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad(), autocast(device, precision):
+            ((patch, prefix),) = backbone.model.forward_intermediates(
+                backbone.prepare(images, device), indices=[layer], norm=norm, output_fmt="NLC",
+                intermediates_only=True, return_prefix_tokens=True, stop_early=True)
+        return patch, (prefix if backbone.num_prefix_tokens else None)
+
+    rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
+    start = time.perf_counter()
+    bar = tqdm(range(epochs), desc=f"fit_images {probe.name}", leave=False, disable=not progress)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the augmentation draws from the global generator in the main process
+        for epoch in bar:
+            t0 = time.perf_counter()
+            probe.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for step, (images, labels) in enumerate(loader):
+                current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
+                for group in opt.param_groups:
+                    group["lr"] = current_lr
+                labels = torch.as_tensor(labels).to(device)
+                patch, prefix = tokens(images)
+                with autocast(device, precision):
+                    logits = probe(patch, prefix).float()
+                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                                             f"(lr {current_lr:.3g}); lower lr or use precision='fp32'")
+                loss_sum += value * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum().item()
+                seen += len(labels)
+            val_loss = val_acc = math.nan
+            if val is not None:
+                val_loss, val_acc = _evaluate(probe, val, tokens, batch_size, num_workers, device, precision)
+            rows.append(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss,
+                             val_acc=val_acc, lr=current_lr, seconds=time.perf_counter() - t0))
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
+            if val is None:
+                best_epoch = epoch + 1
+            elif val_acc > best_acc:
+                best_acc, best_epoch = val_acc, epoch + 1
+                best_state = copy.deepcopy(probe.state_dict())
+    bar.close()
+    if best_state is not None:
+        probe.load_state_dict(best_state)
+    probe.eval()
+    history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
+    config = dict(
+        protocol=PROTOCOL_PER_STEP, backbone=backbone.name, layer=layer, norm=norm, epochs=epochs, epochs_run=len(rows),
+        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing, scale=list(scale), precision=precision, device=str(device), seed=seed,
+        train_size=len(train), val_size=None if val is None else len(val), probe=dict(probe.config),
+    )
+    return FitResult(probe=probe, history=history, best_epoch=best_epoch, best_acc=best_acc if val is not None else math.nan,
+                     final_acc=float(history["val_acc"].iloc[-1]), seconds=time.perf_counter() - start, config=config)
+
+
+def _evaluate(probe: Probe, val, tokens, batch_size: int, num_workers: int, device, precision: str) -> tuple[float, float]:
+    loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    total, correct, count = 0.0, 0, 0
+    probe.eval()
+    with torch.no_grad():
+        for images, labels in loader:
+            labels = torch.as_tensor(labels).to(device)
+            patch, prefix = tokens(images)
+            with autocast(device, precision):
+                logits = probe(patch, prefix).float()
+            total += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(dim=1) == labels).sum().item()
+            count += len(labels)
+    return total / count, correct / count

@@ -1,0 +1,311 @@
+"""Many probe trainings, one tidy table: the probe zoo, layer sweeps and low-shot budgets.
+
+Every run builds a fresh probe (seeded), trains it with :func:`epviz.fit` and reports its
+validation top-1. Results are tidy: one row per probe x layer (or shots) x seed.
+
+Low-shot sampling (ours): for k shots and a seed, k training images are drawn without
+replacement from every class present in the training labels, with
+``numpy.random.default_rng(seed)``; the same (k, seed) gives the same images to every probe.
+Runs on whole token caches are stored in (and read back from) the probe cache
+(:mod:`epviz.training.probe_cache`); low-shot subsets are always trained afresh.
+The batch size of a low-shot run is ``min(batch_size, k * classes)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from epviz.evaluate import accuracy
+from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
+from epviz.tables import context_columns
+from epviz.tokens import TokenSet
+from epviz.training.fit import FitResult
+from epviz.training.probe_cache import fit_or_load
+
+__all__ = ["aggregate_runs", "build_for", "layer_sweep", "low_shot", "probe_zoo", "sample_per_class", "train_probe"]
+
+def build_for(name: str, tokens: TokenSet, num_classes: int, seed: int, options: Mapping | None = None) -> Probe:
+    """Build probe `name` for `tokens` (their width, and their grid where the probe takes one)."""
+    options = dict(options or {})
+    if "grid" not in options and "grid" in accepted_options(name):
+        options["grid"] = tokens.grid
+    return build(name, tokens.dim, num_classes, seed=seed, **options)
+
+
+def _num_classes(*sets: TokenSet) -> int:
+    return max(int(s.num_classes) for s in sets)
+
+
+def train_probe(
+    name: str,
+    train: TokenSet,
+    val: TokenSet,
+    *,
+    budget: Mapping,
+    seed: int = 0,
+    cache: bool = True,
+    device=None,
+    **options,
+) -> FitResult:
+    """Build a probe and train it with a budget, the best epoch picked on `val`.
+
+    A run on tokens read from token caches is stored in the probe cache
+    (:mod:`epviz.training.probe_cache`) and loaded from there when it is asked for again.
+
+    Args:
+        name: Registered name of the probe (a family or a variant).
+        train: Training tokens.
+        val: Validation tokens (epoch selection).
+        budget: :func:`epviz.fit` options (e.g. ``Setting.fit_options()``).
+        seed: Seed of the initialisation and of the shuffling.
+        cache: Read and write the probe cache (False: always train, store nothing).
+        device: Where to train (None: automatic).
+        **options: Build options of the probe (``num_queries``, ``d_out``, ``heads``, ...).
+    """
+    probe = build_for(name, train, _num_classes(train, val), seed, options)
+    return fit_or_load(probe, train, val, seed=seed, cache=cache, device=device, **dict(budget))
+
+
+def probe_zoo(
+    tokens: Mapping[str, Mapping[str, TokenSet]],
+    probes: str | Sequence[str] | Mapping[str, Mapping | None],
+    *,
+    budget: Mapping,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[pd.DataFrame, dict[tuple[str, str], Probe]]:
+    """Train every probe on every backbone's tokens; report val and test top-1.
+
+    Args:
+        tokens: ``{backbone: {"train": ..., "val": ..., "test": ...}}`` (see :func:`epviz.tokens.layer_tokens`).
+        probes: Probe specs (see :func:`epviz.probes.probe_specs`).
+        budget: :func:`epviz.fit` options.
+        seed: Seed of every run.
+        progress: Show a tqdm bar over runs.
+
+    Returns:
+        A tidy table, one row per backbone x probe (backbone, layer, probe, name, seed, params,
+        predictors, val_acc, test_acc, best_epoch, seconds of training, cached: loaded from the probe
+        cache), and the trained probes keyed by (backbone, label).
+    """
+    specs = probe_specs(probes)
+    rows, fitted = [], {}
+    bar = tqdm(total=len(tokens) * len(specs), desc="probe zoo", disable=not progress)
+    for backbone, split in tokens.items():
+        for label, options in specs.items():
+            options = dict(options)
+            name = options.pop("name")
+            bar.set_postfix(backbone=backbone, probe=label)
+            result = train_probe(name, split["train"], split["val"], budget=budget, seed=seed, **options)
+            test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
+            fitted[backbone, label] = result.probe
+            rows.append(dict(backbone=backbone, layer=split["train"].origin.layer, probe=label, name=name, seed=seed,
+                             params=trainable_params(result.probe), predictors=result.probe.num_predictors,
+                             val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch, seconds=result.seconds,
+                             cached="cached" in result.config))
+            bar.update()
+    bar.close()
+    return pd.DataFrame(rows), fitted
+
+
+def _specs_list(probes) -> list[tuple[str, str, dict]]:
+    out = []
+    for label, options in probe_specs(probes).items():
+        options = dict(options)
+        out.append((label, options.pop("name"), options))
+    return out
+
+
+def _train_one(label: str, name: str, options: dict, train: TokenSet, val: TokenSet, seed: int,
+               epochs: int, batch_size: int, device, fit_kwargs: dict) -> dict:
+    probe = build_for(name, train, _num_classes(train, val), seed, options)
+    result = fit_or_load(probe, train, val, seed=seed, device=device, epochs=epochs, batch_size=batch_size, **fit_kwargs)
+    return dict(
+        best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
+        epochs_run=int(result.history["epoch"].iloc[-1]), params=trainable_params(result.probe),
+        n_train=len(train), seconds=result.seconds,
+    )
+
+
+def _cache_layers(cache) -> list[int]:
+    if isinstance(cache, Mapping):
+        return list(cache)
+    return list(cache.layers)
+
+
+def _cache_tokens(cache, layer: int, in_memory: bool) -> TokenSet:
+    if isinstance(cache, Mapping):
+        return cache[layer]
+    return cache.tokens(layer, in_memory=in_memory)
+
+
+def layer_sweep(
+    cache_train,
+    cache_val,
+    probes: Sequence[str] | Mapping[str, Mapping] = ("cls", "gap", "ep"),
+    layers: Iterable[int] | None = None,
+    *,
+    seeds: Iterable[int] = (0,),
+    epochs: int = 90,
+    batch_size: int = 256,
+    in_memory: bool = False,
+    device: str | torch.device | None = None,
+    context: Mapping | None = None,
+    progress: bool = True,
+    **fit_kwargs,
+) -> pd.DataFrame:
+    """Train every probe on the tokens of every cached block (one extraction, many layers).
+
+    Args:
+        cache_train: Training tokens: a :class:`~epviz.TokenCache` (``.layers``, ``.tokens(layer)``)
+            or a dict layer -> TokenSet.
+        cache_val: Validation tokens of the same layers.
+        probes: Registry names, or a mapping label -> build options (``name`` selects the registry
+            name, e.g. ``{"ep_d2": {"name": "ep", "d_out": 2}}``).
+        layers: Blocks to sweep (default: every layer of `cache_train`).
+        seeds: One run per seed (probe initialisation and shuffling).
+        epochs: Epochs per run.
+        batch_size: Batch size per run.
+        in_memory: Load each layer's tokens into RAM before training.
+        device: Where to train; None picks automatically.
+        context: Values of the context columns (``backbone`` defaults to the tokens' origin).
+        progress: Show a tqdm bar over runs.
+        **fit_kwargs: Passed to :func:`epviz.fit` (optimizer, lr, weight_decay, warmup_epochs, ...).
+
+    Returns:
+        One row per probe x layer x seed: backbone, layer, probe, seed, best_acc, final_acc,
+        best_epoch, epochs_run, params, n_train, seconds.
+    """
+    specs = _specs_list(probes)
+    available = _cache_layers(cache_train)
+    layers = available if layers is None else list(layers)
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the training cache (it holds {available})")
+    missing_val = [layer for layer in layers if layer not in _cache_layers(cache_val)]
+    if missing_val:
+        raise ValueError(f"layers {missing_val} are not in the validation cache (it holds {_cache_layers(cache_val)})")
+    seeds = [int(s) for s in seeds]
+    rows = []
+    bar = tqdm(total=len(specs) * len(layers) * len(seeds), desc="layer sweep", disable=not progress)
+    for layer in layers:
+        train, val = _cache_tokens(cache_train, layer, in_memory), _cache_tokens(cache_val, layer, in_memory)
+        for label, name, options in specs:
+            for seed in seeds:
+                bar.set_postfix(layer=layer, probe=label, seed=seed)
+                ctx = context_columns(dict(context or {}, layer=layer, seed=seed), label, train)
+                rows.append({**ctx, **_train_one(label, name, options, train, val, seed, epochs, batch_size, device, fit_kwargs)})
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def sample_per_class(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` samples of every class present in `labels`, drawn with `seed` (sorted).
+
+    Raises:
+        ValueError: `shots` exceeds the size of the smallest class.
+    """
+    labels = np.asarray(labels)
+    shots = int(shots)
+    if shots < 1:
+        raise ValueError(f"shots must be a positive number of images per class, got {shots}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) == 0:
+        raise ValueError("there are no training labels to sample from")
+    smallest = int(counts.argmin())
+    if shots > counts[smallest]:
+        raise ValueError(
+            f"{shots} shots per class needs at least {shots} training images of every class, but class "
+            f"{classes[smallest]} has only {counts[smallest]}; use shots <= {counts[smallest]}"
+        )
+    rng = np.random.default_rng(seed)
+    picked = [rng.choice(np.flatnonzero(labels == c), size=shots, replace=False) for c in classes]
+    return np.sort(np.concatenate(picked))
+
+
+def low_shot(
+    train_tokens: TokenSet,
+    val_tokens: TokenSet,
+    shots: Iterable[int] = (1, 2, 5, 10, 25, 50, 100),
+    seeds: Iterable[int] = (0, 1, 2),
+    probes: Sequence[str] | Mapping[str, Mapping] = ("cls", "gap", "ep"),
+    *,
+    epochs: int = 90,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    context: Mapping | None = None,
+    progress: bool = True,
+    **fit_kwargs,
+) -> pd.DataFrame:
+    """Train every probe on k images per class, for every k and seed.
+
+    Args:
+        train_tokens: The full training tokens to sample from.
+        val_tokens: Validation tokens (always the full set).
+        shots: Images per class.
+        seeds: One sample and one run per seed (sampling, initialisation and shuffling).
+        probes: Registry names, or a mapping label -> build options (see :func:`layer_sweep`).
+        epochs: Epochs per run.
+        batch_size: Largest batch size; a run uses ``min(batch_size, its number of images)``.
+        device: Where to train; None picks automatically.
+        context: Values of the context columns (defaults from ``train_tokens.origin``).
+        progress: Show a tqdm bar over runs.
+        **fit_kwargs: Passed to :func:`epviz.fit`.
+
+    Returns:
+        One row per probe x shots x seed: backbone, layer, probe, seed, shots, best_acc, final_acc,
+        best_epoch, epochs_run, params, n_train, seconds. Aggregate with :func:`aggregate_runs`.
+    """
+    specs = _specs_list(probes)
+    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
+    if not shots or not seeds:
+        raise ValueError("low_shot needs at least one value of shots and one seed")
+    for k in shots:  # fail before any training
+        sample_per_class(train_tokens.labels, k, 0)
+    rows = []
+    bar = tqdm(total=len(specs) * len(shots) * len(seeds), desc="low-shot", disable=not progress)
+    for k in shots:
+        for seed in seeds:
+            subset = train_tokens.subset(sample_per_class(train_tokens.labels, k, seed))
+            for label, name, options in specs:
+                bar.set_postfix(shots=k, probe=label, seed=seed)
+                ctx = context_columns(dict(context or {}, seed=seed), label, train_tokens)
+                run = _train_one(label, name, options, subset, val_tokens, seed, epochs, min(batch_size, len(subset)), device, fit_kwargs)
+                rows.append({**ctx, "shots": k, **run})
+                bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def aggregate_runs(
+    runs: pd.DataFrame,
+    by: Sequence[str] | None = None,
+    values: Sequence[str] = ("best_acc", "final_acc"),
+) -> pd.DataFrame:
+    """Mean and sample standard deviation over seeds.
+
+    Args:
+        runs: Rows from :func:`layer_sweep` or :func:`low_shot`.
+        by: Grouping columns; default the present ones among backbone, layer, probe, shots.
+        values: Columns to aggregate.
+
+    Returns:
+        One row per group: the `by` columns, ``<value>_mean``, ``<value>_std`` (NaN for a single
+        run) and ``runs``.
+    """
+    if by is None:
+        by = [c for c in ("backbone", "layer", "probe", "shots") if c in runs.columns]
+    missing = [c for c in [*by, *values] if c not in runs.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the runs (columns: {list(runs.columns)})")
+    grouped = runs.groupby(list(by), dropna=False, sort=True)
+    out = grouped[list(values)].agg(["mean", "std"])
+    out.columns = [f"{v}_{stat}" for v, stat in out.columns]
+    out["runs"] = grouped.size()
+    return out.reset_index()

@@ -1,0 +1,88 @@
+"""Curves: training histories, accuracy per block, accuracy per number of labelled images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure
+
+__all__ = ["layer_curves", "low_shot_curves", "training_curves"]
+
+
+def training_curves(histories: pd.DataFrame, out: str | Path | None = None, name: str = "training_curves") -> plt.Figure:
+    """Validation accuracy per epoch (columns epoch, val_acc, and a `run` label per curve)."""
+    fig, ax = plt.subplots(figsize=(5.5, 3))
+    sns.lineplot(data=histories, x="epoch", y="val_acc", hue="run", marker="o", ms=3, ax=ax)
+    ax.set_ylabel("validation top-1")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, histories, name, out)
+    return fig
+
+
+def _mean_std(runs: pd.DataFrame, by: list[str], y: str) -> pd.DataFrame:
+    grouped = runs.groupby(by, sort=True)[y]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    return out.rename(columns={"mean": f"{y}_mean", "std": f"{y}_std", "count": "runs"})
+
+
+def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, title: str,
+            out: str | Path | None, name: str) -> plt.Figure:
+    summary = _mean_std(runs, ["backbone", "probe", xcol], y)
+    backbones = backbone_order(summary["backbone"])
+    probes = list(dict.fromkeys(runs["probe"]))
+    hue = dict(zip(probes, sns.color_palette("tab10", max(10, len(probes))).as_hex()))
+    fig, axes = plt.subplots(1, len(backbones), figsize=(3.4 * len(backbones), 3.0), squeeze=False, sharey=True)
+    for ax, backbone in zip(axes[0], backbones):
+        for probe in probes:
+            s = summary[(summary["backbone"] == backbone) & (summary["probe"] == probe)].sort_values(xcol)
+            if not len(s):
+                continue
+            mean, std = s[f"{y}_mean"].to_numpy(), s[f"{y}_std"].fillna(0).to_numpy()
+            ax.plot(s[xcol], mean, marker="o", ms=3, color=hue[probe], label=probe)
+            ax.fill_between(s[xcol], mean - std, mean + std, color=hue[probe], alpha=0.18, lw=0)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_title(backbone, fontsize=8, color=backbone_colours([backbone])[backbone])
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, lw=0.4, alpha=0.5)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel(axis_label(y) + (" (mean ± std)" if summary["runs"].max() > 1 else ""), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, summary, name, out)
+    return fig
+
+
+def layer_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
+                 name: str = "layer_curves") -> plt.Figure:
+    """Accuracy per block: one panel per backbone, one line per probe (mean ± std over seeds).
+
+    Args:
+        runs: Rows of :func:`epviz.analysis.layer_sweep` (columns backbone, layer, probe, `y`).
+        y: The accuracy column.
+        out: Folder for ``<name>.png`` / ``.csv`` (the CSV holds the per-point mean, std, runs).
+        name: File stem.
+    """
+    require_columns(runs, ["backbone", "layer", "probe", y], "layer_curves")
+    return _curves(runs, "layer", y, "block (0 = first)", False, "Probes on the tokens of every block", out, name)
+
+
+def low_shot_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
+                    name: str = "low_shot") -> plt.Figure:
+    """Accuracy against labelled images per class (log axis), mean ± std over seeds.
+
+    Args:
+        runs: Rows of :func:`epviz.analysis.low_shot` (columns backbone, probe, shots, `y`).
+        y: The accuracy column.
+        out: Folder for ``<name>.png`` / ``.csv`` (the CSV holds the per-point mean, std, runs).
+        name: File stem.
+    """
+    require_columns(runs, ["backbone", "probe", "shots", y], "low_shot_curves")
+    return _curves(runs, "shots", y, "labelled images per class (log scale)", True, "Low-shot probing", out, name)

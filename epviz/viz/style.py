@@ -1,0 +1,86 @@
+"""The look shared by every figure: backbone colours, axis labels, and saving a figure with its data.
+
+Each figure function of :mod:`epviz.viz` returns a matplotlib Figure and, given `out`, saves
+``<out>/<name>.png`` and the CSV of the data behind it, atomically (:func:`save_figure`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from epviz.atomic import atomic_write
+
+__all__ = ["BACKBONE_PALETTE", "METRIC_LABELS", "axis_label", "backbone_colours", "backbone_order", "register_label",
+           "require_columns", "save_figure"]
+
+BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
+METRIC_LABELS = {
+    "maxboxacc_v2": "MaxBoxAccV2 (localization)",
+    "inbox_mass": "attention mass inside the GT box",
+    "pointing": "pointing game (argmax in box)",
+    "entropy": "entropy of the map (nats)",
+    "entropy_norm": "entropy / log N (1 = uniform)",
+    "delta_acc": "Δacc when the predictor is made uniform",
+    "params": "trainable parameters",
+    "gflops": "probe GFLOPs per image",
+    "total_gflops": "backbone + probe GFLOPs per image",
+    "test_acc": "top-1 accuracy (test)",
+    "val_acc": "top-1 accuracy (val)",
+    "best_acc": "top-1 accuracy (val, best epoch)",
+    "final_acc": "top-1 accuracy (val, last epoch)",
+}
+
+
+def register_label(column: str, label: str) -> None:
+    """Give a result column its axis label (per-predictor meters register theirs)."""
+    METRIC_LABELS[str(column)] = str(label)
+
+
+def axis_label(column: str) -> str:
+    """The axis label of a result column (its registered label, else the column name)."""
+    return METRIC_LABELS.get(column, column.replace("_", " "))
+
+
+def require_columns(data: pd.DataFrame, columns: list[str], what: str) -> None:
+    """Raise a ValueError naming the missing columns, or an empty table."""
+    missing = [c for c in columns if c not in data.columns]
+    if missing:
+        raise ValueError(f"{what} needs the columns {missing}; the table has {list(data.columns)}")
+    if len(data) == 0:
+        raise ValueError(f"{what} got an empty table: there is nothing to draw")
+
+
+def backbone_colours(names) -> dict[str, str]:
+    """A colour per backbone: the zoo's fixed colours, then tab10 colours for any other name."""
+    spare = [c for c in sns.color_palette("tab10").as_hex() if c not in BACKBONE_PALETTE.values()]
+    out, k = {}, 0
+    for name in dict.fromkeys(names):
+        if name in BACKBONE_PALETTE:
+            out[name] = BACKBONE_PALETTE[name]
+        else:
+            out[name] = spare[k % len(spare)]
+            k += 1
+    return out
+
+
+def backbone_order(names) -> list[str]:
+    """Backbone names in display order: the zoo's first, then the others as they come."""
+    present = list(dict.fromkeys(names))
+    return [b for b in BACKBONE_PALETTE if b in present] + [b for b in present if b not in BACKBONE_PALETTE]
+
+
+def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str | Path | None, dpi: int = 150) -> dict[str, Path]:
+    """Save `fig` as ``<out>/<name>.png`` and `data` as ``<out>/<name>.csv``; nothing when `out` is None."""
+    if out is None:
+        return {}
+    out = Path(out)
+    written = {"png": out / f"{name}.png"}
+    atomic_write(written["png"], lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    if data is not None:
+        written["csv"] = out / f"{name}.csv"
+        atomic_write(written["csv"], lambda tmp: data.to_csv(tmp, index=False))
+    return written

@@ -1,0 +1,237 @@
+"""Localization: hand-made maps with known answers, a per-threshold reference, bad input."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from skimage.measure import label, regionprops
+
+import epviz.probes as probes
+from epviz.analysis import LocalizationMeter, localization, localization_from_maps
+from epviz.evaluate import collect_attention
+from epviz.tokens import TokenOrigin, TokenSet
+
+GRID, SIZE = (8, 8), 64  # 8x8 patches of 8x8 pixels
+N = 64
+
+
+def token_map(cells):
+    """A map over the 8x8 grid, uniform over the given (row, col) cells."""
+    m = np.zeros(GRID)
+    for r, c in cells:
+        m[r, c] = 1.0
+    return (m / m.sum()).ravel()
+
+
+def block(r0, r1, c0, c1):
+    return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
+
+
+BOX = np.array([16, 24, 40, 48])  # x0, y0, x1, y1: patch columns 2..4, rows 3..5
+
+
+def test_perfect_box_map():
+    maps = token_map(block(3, 6, 2, 5))[None, None]
+    df = localization_from_maps(maps, [BOX], GRID, SIZE)
+    row = df.iloc[0]
+    assert row["maxboxacc_v2"] == 1.0
+    assert row["maxboxacc_iou30"] == row["maxboxacc_iou50"] == row["maxboxacc_iou70"] == 1.0
+    assert row["inbox_mass"] == pytest.approx(1.0)
+    assert row["pointing"] == 1.0
+    assert row["chance_mass"] == pytest.approx(24 * 24 / 64**2)
+
+
+def test_map_far_from_the_box():
+    maps = token_map([(0, 7)])[None, None]
+    df = localization_from_maps(maps, [np.array([0, 40, 24, 64])], GRID, SIZE)
+    row = df.iloc[0]
+    assert row["maxboxacc_v2"] == 0.0 and row["inbox_mass"] == 0.0 and row["pointing"] == 0.0
+
+
+def test_uniform_map_mass_is_the_chance_level():
+    maps = np.full((2, 1, N), 1 / N)
+    boxes = [BOX, np.array([[0, 0, 10, 30], [5, 20, 30, 45]])]  # the second image: two overlapping boxes
+    df = localization_from_maps(maps, boxes, GRID, SIZE)
+    union = np.zeros((SIZE, SIZE), bool)
+    union[0:30, 0:10] = union[20:45, 5:30] = True
+    chance = np.mean([24 * 24 / SIZE**2, union.mean()])
+    assert df["chance_mass"].iloc[0] == pytest.approx(chance)
+    assert df["inbox_mass"].iloc[0] == pytest.approx(chance)
+    assert df["maxboxacc_v2"].iloc[0] == 0.0  # a constant map yields no region at all
+
+
+@pytest.mark.parametrize("grid,size", [((7, 7), 64), ((6, 5), (50, 41))])
+def test_mass_with_patches_that_do_not_divide_the_image(grid, size):
+    h, w = (size, size) if isinstance(size, int) else size
+    n = grid[0] * grid[1]
+    box = np.array([3.0, 5.0, 30.0, 33.0])
+    uniform = np.full((1, 1, n), 1 / n)
+    df = localization_from_maps(uniform, [box], grid, size)
+    assert df["inbox_mass"].iloc[0] == pytest.approx(27 * 28 / (h * w))
+    # a map on one token: the mass is the token's area fraction inside the box
+    r, c = 1, 1
+    onehot = np.zeros((1, 1, n))
+    onehot[0, 0, r * grid[1] + c] = 1
+    ph, pw = h / grid[0], w / grid[1]
+    fx = (min((c + 1) * pw, 30) - max(c * pw, 3)) / pw
+    fy = (min((r + 1) * ph, 33) - max(r * ph, 5)) / ph
+    df = localization_from_maps(onehot, [box], grid, size)
+    assert df["inbox_mass"].iloc[0] == pytest.approx(fx * fy)
+
+
+def test_every_connected_region_is_boxed():
+    # one blob on the box, a second, equally strong blob far away: their joint box would miss
+    maps = token_map(block(3, 6, 2, 5) + block(0, 2, 6, 8))[None, None]
+    df = localization_from_maps(maps, [BOX], GRID, SIZE)
+    assert df["maxboxacc_v2"].iloc[0] == 1.0
+    assert df["inbox_mass"].iloc[0] == pytest.approx(9 / 13)
+
+
+def test_best_threshold_is_chosen_for_the_dataset_not_per_image():
+    # image size == grid: no interpolation, so the maps are pixel maps
+    a = np.zeros((8, 8))
+    a[0:4, 0:4] = 1.0  # the GT box
+    a[:, 4:8] = 0.55  # joined to it at low thresholds: union box IoU 0.25 -> correct only for tau >= 0.55
+    b = np.zeros((8, 8))
+    b[0:6, 0:6] = 0.25  # the GT box
+    b[0:2, 0:2] = 1.0  # its peak: IoU 4/36 -> correct only for tau < 0.25
+    maps = np.stack([a, b]).reshape(2, 1, 64)
+    boxes = [np.array([0, 0, 4, 4]), np.array([0, 0, 6, 6])]
+    df, curves = localization_from_maps(maps, boxes, (8, 8), 8, return_curves=True)
+    per_image = [localization_from_maps(maps[i : i + 1], boxes[i : i + 1], (8, 8), 8)["maxboxacc_v2"].iloc[0] for i in range(2)]
+    assert per_image == [1.0, 1.0]  # best tau chosen per image would score 1
+    assert df["maxboxacc_v2"].iloc[0] == pytest.approx(0.5)
+    acc = curves[curves["iou"] == 0.5].set_index("tau")["box_acc"]
+    assert acc[0.1] == 0.5 and acc[0.3] == 0.0 and acc[0.6] == 0.5
+    assert df["best_tau_iou50"].iloc[0] == 0.0
+
+
+def test_multiple_gt_boxes_any_box_counts():
+    maps = token_map(block(3, 6, 2, 5))[None, None]
+    boxes = [np.array([[0, 0, 8, 8], BOX])]
+    row = localization_from_maps(maps, boxes, GRID, SIZE).iloc[0]
+    assert row["maxboxacc_v2"] == 1.0 and row["pointing"] == 1.0
+
+
+def reference_box_accuracy(maps, boxes, grid, size, thresholds, deltas):
+    """Straightforward MaxBoxAccV2 curves: skimage label + regionprops per threshold."""
+    n, k, _ = maps.shape
+    correct = np.zeros((k, len(thresholds), len(deltas)))
+    up = F.interpolate(torch.tensor(maps, dtype=torch.float32).view(n * k, 1, *grid), size=(size, size), mode="bilinear",
+                       align_corners=False).view(n, k, size, size).numpy()
+    for i in range(n):
+        for j in range(k):
+            s = up[i, j]
+            s = (s - s.min()) / (s.max() - s.min())
+            for t, tau in enumerate(thresholds):
+                best = 0.0
+                for region in regionprops(label(s > tau, connectivity=2)):
+                    y0, x0, y1, x1 = region.bbox
+                    for gx0, gy0, gx1, gy1 in np.atleast_2d(boxes[i]):
+                        iw = max(0, min(x1, gx1) - max(x0, gx0))
+                        ih = max(0, min(y1, gy1) - max(y0, gy0))
+                        inter = iw * ih
+                        best = max(best, inter / ((x1 - x0) * (y1 - y0) + (gx1 - gx0) * (gy1 - gy0) - inter))
+                correct[j, t] += best >= np.asarray(deltas)
+    return correct / n
+
+
+def test_vectorised_boxes_match_a_per_threshold_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(5, 2, N)) * 2
+    maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    boxes = [np.array([[8, 8, 40, 56]]), np.array([[0, 0, 64, 30], [30, 30, 60, 60]]), np.array([20, 4, 44, 28]),
+             np.array([1, 1, 63, 63]), np.array([30, 30, 34, 36])]
+    thresholds = np.arange(0, 1, 0.05)
+    deltas = (0.1, 0.3, 0.5)
+    meter = LocalizationMeter(2, GRID, SIZE, thresholds, deltas)
+    meter.update(maps[:3], boxes[:3])
+    meter.update(maps[3:], boxes[3:])
+    expected = reference_box_accuracy(maps, boxes, GRID, SIZE, thresholds, deltas)
+    np.testing.assert_allclose(meter.accuracy(), expected)
+    assert 0 < expected.mean() < 1
+
+
+class BoxedSet:
+    """A minimal dataset with boxes and an image size."""
+
+    image_size = SIZE
+
+    def __init__(self, boxes):
+        self.boxes = boxes
+
+    def __len__(self):
+        return len(self.boxes)
+
+
+class Unboxed:
+    def __len__(self):
+        return 12
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    tokens = TokenSet(patch=rng.normal(size=(12, N, 16)).astype(np.float32), prefix=None, labels=rng.integers(0, 3, 12),
+                      grid=GRID, origin=TokenOrigin(backbone="toy", layer=1))
+    probe = probes.build("ep", 16, 3, num_queries=4, seed=0).eval()
+    with torch.no_grad():
+        probe.queries.mul_(100)
+    x0, y0 = rng.integers(0, 40, 12), rng.integers(0, 40, 12)
+    boxes = torch.tensor(np.stack([x0, y0, x0 + 20, y0 + 24], 1))
+    return tokens, probe, boxes
+
+
+def test_probe_path_streams_and_matches_precomputed_maps(setup):
+    tokens, probe, boxes = setup
+    df = localization(probe, tokens, BoxedSet(boxes), batch_size=5, context={"seed": 3})
+    maps = collect_attention(probe, tokens)
+    ref = localization_from_maps(maps, [b for b in boxes], GRID, SIZE)
+    assert len(df) == 4 and df["predictor"].tolist() == [0, 1, 2, 3]
+    assert (df["probe"] == "ep").all() and (df["backbone"] == "toy").all() and (df["seed"] == 3).all()
+    cols = ["maxboxacc_v2", "inbox_mass", "inbox_mass_std", "chance_mass", "pointing", "n_images"]
+    np.testing.assert_allclose(df[cols].to_numpy(float), ref[cols].to_numpy(float))
+    for column in ("maxboxacc_v2", "inbox_mass", "pointing"):
+        assert df[column].between(0, 1).all()
+
+
+def test_dataset_without_boxes(setup):
+    tokens, probe, _ = setup
+    with pytest.raises(ValueError, match="needs GT boxes: a `boxes` attribute"):
+        localization(probe, tokens, Unboxed(), image_size=SIZE)
+
+
+def test_box_outside_the_image_names_image_and_box(setup):
+    tokens, probe, boxes = setup
+    bad = boxes.clone()
+    bad[1] = torch.tensor([50, 10, 70, 30])
+    with pytest.raises(ValueError, match=r"GT box \[50.0, 10.0, 70.0, 30.0\] of image 1 lies outside the 64x64"):
+        localization(probe, tokens, BoxedSet(bad))
+
+
+def test_zero_area_box():
+    with pytest.raises(ValueError, match=r"GT box \[5.0, 5.0, 5.0, 9.0\] of image 2 has zero area"):
+        localization_from_maps(np.full((3, 1, N), 1 / N), [BOX, BOX, np.array([5, 5, 5, 9])], GRID, SIZE)
+
+
+def test_image_without_boxes():
+    with pytest.raises(ValueError, match="image 0 has no GT box"):
+        localization_from_maps(np.full((1, 1, N), 1 / N), [np.zeros((0, 4))], GRID, SIZE)
+
+
+def test_wrong_map_shape():
+    with pytest.raises(ValueError, match="maps must be"):
+        localization_from_maps(np.full((1, 1, 60), 1 / 60), [BOX], GRID, SIZE)
+
+
+@pytest.mark.parametrize("name", ["cls", "gap"])
+def test_probe_without_predictors(setup, name):
+    tokens, _, boxes = setup
+    with pytest.raises(ValueError, match="no attention predictors"):
+        localization(probes.build(name, 16, 3), tokens, BoxedSet(boxes))
+
+
+def test_tokens_and_dataset_must_match(setup):
+    tokens, probe, boxes = setup
+    with pytest.raises(ValueError, match="12"):
+        localization(probe, tokens, BoxedSet(boxes[:5]))

@@ -1,0 +1,128 @@
+import time
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from epviz.backbones import zoo
+from epviz.backbones import BackboneError, HubUnavailable, load_backbone
+
+TRAINED = [n for n in zoo.ZOO if n != "tiny-random"]
+
+
+@pytest.mark.parametrize("name", zoo.ZOO)
+def test_zoo_backbones_load_offline(name):
+    bb = load_backbone(name, device="cpu")
+    assert (bb.num_prefix_tokens, bb.grid, bb.dim, bb.depth, bb.image_size) == (1, (8, 8), 192, 6, (64, 64))
+    assert not any(p.requires_grad for p in bb.model.parameters())
+    out = bb.model.forward_intermediates(torch.zeros(2, 3, 64, 64), indices=[5], intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True)
+    assert out[0][0].shape == (2, 64, 192) and out[0][1].shape == (2, 1, 192)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_zoo_cards_match_their_weights(name):
+    card = zoo.zoo_card(name)
+    assert card["sha256"] == zoo.file_sha256(zoo.zoo_weights(name))
+    for field in ("objective", "data", "training", "wall_time_seconds", "final_metrics", "architecture"):
+        assert field in card, f"model card of {name} lacks {field}"
+    assert load_backbone(name).weights_id == card["sha256"]
+
+
+def test_trained_zoo_weights_differ_from_random():
+    rand = load_backbone("tiny-random").model.state_dict()
+    for name in TRAINED:
+        trained = load_backbone(name).model.state_dict()
+        assert not torch.equal(trained["blocks.0.attn.qkv.weight"], rand["blocks.0.attn.qkv.weight"])
+
+
+def test_tiny_random_is_seeded():
+    a, b = load_backbone("tiny-random"), load_backbone("tiny-random")
+    assert all(torch.equal(a.model.state_dict()[k], v) for k, v in b.model.state_dict().items())
+
+
+def test_corrupt_zoo_file_is_detected(monkeypatch, tmp_path):
+    name = TRAINED[0]
+    bad = tmp_path / f"{name}.safetensors"
+    bad.write_bytes(zoo.zoo_weights(name).read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(zoo, "zoo_weights", lambda n: tmp_path / f"{n}.safetensors")
+    with pytest.raises(BackboneError, match="sha256"):
+        load_backbone(name)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+def test_timm_vit_from_local_file(tmp_path, suffix, reg_tokens):
+    source = timm.create_model("test_vit", pretrained=False, num_classes=0, reg_tokens=reg_tokens)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({"model": state}, path)
+    bb = load_backbone("test_vit", weights=path, reg_tokens=reg_tokens)
+    assert bb.num_prefix_tokens == 1 + reg_tokens and bb.grid == (10, 10) and bb.dim == 64 and bb.depth == 6
+    assert all(torch.equal(bb.model.state_dict()[k], v) for k, v in state.items())
+    assert bb.mean == (0.5, 0.5, 0.5)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    import argparse
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": argparse.Namespace(payload=1)}, path)  # an arbitrary object: unpickling it is refused
+    with pytest.raises(BackboneError, match="weights_only|cannot read"):
+        load_backbone("test_vit", weights=path)
+
+
+def test_wrong_architecture_for_weights(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("test_vit2", num_classes=0).state_dict().items()}, str(path))
+    with pytest.raises(BackboneError, match="does not fit"):
+        load_backbone("test_vit", weights=path)
+
+
+def test_missing_and_truncated_weights_files(tmp_path):
+    with pytest.raises(BackboneError, match="does not exist"):
+        load_backbone("test_vit", weights=tmp_path / "absent.safetensors")
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(BackboneError, match="cannot read"):
+        load_backbone("test_vit", weights=bad)
+
+
+def test_offline_hub_error_is_fast_and_clear(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("EPVIZ_HUB_HOST", "hub.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    start = time.perf_counter()
+    with pytest.raises(HubUnavailable) as err:
+        load_backbone("vit_base_patch16_224.mae")
+    # a guard against hub retry loops (about a minute), not a benchmark
+    assert time.perf_counter() - start < 10
+    assert "weights=" in str(err.value) and "not in the local cache" in str(err.value)
+
+
+def test_hf_hub_offline_is_honoured(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubUnavailable, match="HF_HUB_OFFLINE"):
+        load_backbone("vit_small_patch16_224.dino")
+
+
+def test_unknown_name_suggests_close_matches():
+    with pytest.raises(BackboneError, match="vit_base_patch16_224"):
+        load_backbone("vit_bse_patch16_224")
+    with pytest.raises(BackboneError, match="tiny-mae"):
+        load_backbone("tiny-mea")
+
+
+def test_layer_indices(test_vit_backbone):
+    bb = test_vit_backbone
+    assert bb.resolve_layers(0) == [0]
+    assert bb.resolve_layers([-1, 2]) == [5, 2]
+    assert bb.resolve_layers(None) == list(range(6))
+    for bad in (6, -7):
+        with pytest.raises(ValueError, match="out of range"):
+            bb.resolve_layers(bad)
+    with pytest.raises(ValueError, match="integers"):
+        bb.resolve_layers([1.0])

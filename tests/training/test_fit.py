@@ -1,0 +1,217 @@
+"""fit(): schedule, LARS, best-epoch selection, determinism, save/load, input errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import epviz.probes as probes
+import epviz.training.fit as train_module
+from epviz.evaluate import accuracy, predict
+from epviz.tokens import TokenSet
+from epviz.training import LARS, FitResult, fit, load_probe, lr_at, save_probe
+
+D, C = 16, 3
+
+
+
+def token_set(n=96, seed=0, num_tokens=4, prefix=True) -> TokenSet:
+    """Tokens whose class shows as a shifted direction on one random patch token."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, n)
+    patch = rng.normal(size=(n, num_tokens, D)).astype(np.float16)
+    patch[np.arange(n), rng.integers(0, num_tokens, n), labels] += 4.0
+    pre = rng.normal(size=(n, 1, D)).astype(np.float16) if prefix else None
+    side = int(num_tokens**0.5)
+    return TokenSet(patch, pre, labels, (side, side), num_classes=C)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return token_set(96, seed=0), token_set(48, seed=1)
+
+
+def run(data, seed=0, name="ep", **kwargs):
+    options = dict(epochs=4, batch_size=16, optimizer="adamw", lr=1e-2, warmup_epochs=1, progress=False, seed=seed)
+    options.update(kwargs)
+    probe = probes.build(name, D, C, seed=seed, **({"num_queries": 4} if name == "ep" else {}))
+    return fit(probe, data[0], data[1], **options)
+
+
+def test_fit_returns_history_and_restores_the_best_epoch(data):
+    result = run(data, epochs=6)
+    assert isinstance(result, FitResult)
+    h = result.history
+    assert list(h.columns) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert h["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert result.best_acc == h["val_acc"].max()
+    assert result.best_epoch == int(h.loc[h["val_acc"].idxmax(), "epoch"])
+    assert result.final_acc == h["val_acc"].iloc[-1]
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+    assert result.best_acc > 0.6  # the data is separable
+    assert not result.probe.training
+    assert accuracy(result.probe, data[1])["top1"] == pytest.approx(result.best_acc)
+    assert result.config["protocol"].startswith("cached tokens") and result.config["probe"]["name"] == "ep"
+
+
+def test_best_state_is_the_selected_epoch(data, monkeypatch):
+    """Validation accuracy is scripted: best at epoch 2, then flat; patience 2 stops at epoch 4."""
+    scripted = iter([0.5, 0.7, 0.6, 0.7, 0.9, 0.9])
+    snapshots = []
+
+    def fake_eval(probe, tokens, **kwargs):
+        snapshots.append({k: v.clone() for k, v in probe.state_dict().items()})
+        return 1.0, next(scripted)
+
+    monkeypatch.setattr(train_module, "loss_and_accuracy", fake_eval)
+    result = run(data, epochs=6, early_stopping=2)
+    assert len(result.history) == 4 and result.config["epochs_run"] == 4
+    assert result.best_epoch == 2 and result.best_acc == 0.7 and result.final_acc == 0.7
+    final = result.probe.state_dict()
+    assert all(torch.equal(final[k], snapshots[1][k]) for k in final)
+    assert not all(torch.equal(final[k], snapshots[3][k]) for k in final)
+
+
+def test_runs_are_deterministic_for_a_seed(data):
+    a, b = run(data, seed=5, optimizer="lars"), run(data, seed=5, optimizer="lars")
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr"]
+    assert a.history[cols].equals(b.history[cols])
+    sa, sb = a.probe.state_dict(), b.probe.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = run(data, seed=6, optimizer="lars")
+    assert not a.history["train_loss"].equals(c.history["train_loss"])
+
+
+def test_schedule_warmup_then_cosine():
+    assert lr_at(0.0, 1.0, 10, 2) == 0.0
+    assert lr_at(1.0, 1.0, 10, 2) == pytest.approx(0.5)
+    assert lr_at(2.0, 1.0, 10, 2) == pytest.approx(1.0)
+    assert lr_at(6.0, 1.0, 10, 2) == pytest.approx(0.5)
+    assert lr_at(10.0, 1.0, 10, 2) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_at(e / 10, 1.0, 10, 2) for e in range(101)]
+    assert values.index(max(values)) == 20 and all(b <= a + 1e-12 for a, b in zip(values[20:], values[21:]))
+
+
+def test_history_lr_follows_the_schedule(data):
+    result = run(data, epochs=3, warmup_epochs=1, lr=0.5)
+    steps = 96 // 16
+    expected = [lr_at(e + (steps - 1) / steps, 0.5, 3, 1) for e in range(3)]
+    assert result.history["lr"].tolist() == pytest.approx(expected)
+
+
+def test_default_learning_rates(data):
+    assert run(data, epochs=1, optimizer="lars", lr=None, batch_size=32).config["lr"] == pytest.approx(0.1 * 32 / 256)
+    assert run(data, epochs=1, optimizer="adamw", lr=None).config["lr"] == pytest.approx(1e-3)
+
+
+def test_lars_step():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    opt = LARS([w, b], lr=0.1, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
+    w.grad = torch.tensor([[0.0, 2.0]])  # ||g|| = 2
+    b.grad = torch.tensor([0.5, -0.5])
+    opt.step()
+    # 2-D: update = g * 0.001 * ||w|| / ||g||; 1-D: plain momentum SGD
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0 - 0.1 * 2.0 * 0.001 * 5 / 2]]))
+    assert torch.allclose(b.detach(), torch.tensor([0.95, 1.05]))
+    opt.step()  # momentum accumulates
+    assert torch.allclose(b.detach(), torch.tensor([0.95 - 0.1 * 0.95, 1.05 + 0.1 * 0.95]))
+
+
+def test_save_and_load_round_trip(data, tmp_path):
+    result = run(data, epochs=2, name="mhca")
+    base = result.save(tmp_path / "runs" / "probe")
+    assert (tmp_path / "runs" / "probe.safetensors").exists() and (tmp_path / "runs" / "probe.json").exists()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["probe.json", "probe.safetensors"]
+    doc = json.loads((tmp_path / "runs" / "probe.json").read_text())
+    assert doc["probe"] == result.probe.config and len(doc["history"]) == 2
+    assert doc["best_epoch"] == result.best_epoch and doc["fit"]["optimizer"] == "adamw"
+    for path in (base, str(base) + ".json", tmp_path / "runs" / "probe.safetensors"):
+        loaded = load_probe(path)
+        assert not loaded.training
+        a, b = predict(result.probe, data[1]).logits, predict(loaded, data[1]).logits
+        assert np.array_equal(a, b)
+
+
+def test_save_probe_with_grid_and_nan_history(data, tmp_path):
+    probe = probes.build("clip", D, C, grid=(2, 2), heads=2)
+    result = fit(probe, data[0], None, epochs=1, batch_size=32, progress=False)
+    assert math.isnan(result.best_acc) and math.isnan(result.final_acc) and result.best_epoch == 1
+    result.save(tmp_path / "clip.json")
+    doc = json.loads((tmp_path / "clip.json").read_text())
+    assert doc["best_acc"] is None and doc["history"][0]["val_acc"] is None
+    loaded = load_probe(tmp_path / "clip")
+    assert loaded.grid == (2, 2) and loaded.num_tokens == 4
+    save_probe(loaded, tmp_path / "copy")
+    assert load_probe(tmp_path / "copy").config == loaded.config
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved probe"):
+        load_probe(tmp_path / "nothing")
+
+
+def test_bf16_precision_trains(data):
+    result = run(data, epochs=2, precision="bf16")
+    assert np.isfinite(result.history["train_loss"]).all()
+
+
+@pytest.mark.parametrize("name", ["gap", "cls", "ep_all", "cbam", "dolg"])
+def test_other_probes_fit(data, name):
+    probe = probes.build(name, D, C, seed=0, **({"num_queries": 4} if name == "ep_all" else {}))
+    result = fit(probe, data[0], data[1], epochs=2, batch_size=16, optimizer="adamw", lr=1e-2, progress=False)
+    assert len(result.history) == 2
+
+
+class TestErrors:
+    def test_nan_tokens(self, data):
+        bad = token_set(32, seed=3)
+        bad.patch[7, 1, 2] = np.nan
+        with pytest.raises(ValueError, match=r"train tokens contain NaN or inf \(patch tokens of sample 7"):
+            fit(probes.build("gap", D, C), bad, progress=False, epochs=1)
+        bad = token_set(32, seed=3)
+        bad.prefix[4, 0, 0] = np.inf
+        with pytest.raises(ValueError, match="validation tokens contain NaN or inf .prefix tokens of sample 4"):
+            fit(probes.build("gap", D, C), data[0], bad, progress=False, epochs=1)
+
+    def test_labels_out_of_range(self, data):
+        with pytest.raises(ValueError, match=r"labels range from 0 to 2 \(max label 2\) but probe 'gap' has num_classes=2"):
+            fit(probes.build("gap", D, 2), data[0], progress=False)
+        bad = token_set(32)
+        bad.labels[3] = -1
+        with pytest.raises(ValueError, match="labels range from -1"):
+            fit(probes.build("gap", D, C), bad, progress=False)
+
+    def test_empty_and_tiny_sets(self, data):
+        empty = data[0].subset([])
+        with pytest.raises(ValueError, match="the train token set is empty"):
+            fit(probes.build("gap", D, C), empty, progress=False)
+        with pytest.raises(ValueError, match="the validation token set is empty"):
+            fit(probes.build("gap", D, C), data[0], empty, progress=False)
+        with pytest.raises(ValueError, match="at least 2 training samples"):
+            fit(probes.build("gap", D, C), data[0].subset([0]), progress=False)
+
+    def test_width_mismatch(self, data):
+        with pytest.raises(ValueError, match="expects tokens of width D=32 but the train tokens have D=16"):
+            fit(probes.build("gap", 32, C), data[0], progress=False)
+
+    def test_missing_prefix(self):
+        with pytest.raises(ValueError, match=r"probe 'cls' reads prefix tokens \(\[CLS\]\) but the train tokens have none"):
+            fit(probes.build("cls", D, C), token_set(32, prefix=False), progress=False)
+
+    def test_bad_options(self, data):
+        probe = probes.build("gap", D, C)
+        with pytest.raises(ValueError, match="optimizer must be one of"):
+            fit(probe, data[0], optimizer="sgd")
+        with pytest.raises(ValueError, match="precision must be one of"):
+            fit(probe, data[0], precision="fp16")
+        with pytest.raises(ValueError, match="early_stopping needs validation tokens"):
+            fit(probe, data[0], early_stopping=3)
+        with pytest.raises(TypeError, match="fit expects a Probe"):
+            fit(torch.nn.Linear(2, 2), data[0])
+
+    def test_divergence_is_reported(self, data):
+        with pytest.raises(FloatingPointError, match="training diverged"):
+            run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")

@@ -1,0 +1,62 @@
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.data.formats import write_imagenet
+
+import epviz  # noqa: E402
+from epviz import experiments  # noqa: E402
+from epviz.training import PROTOCOL  # noqa: E402
+from epviz.training import PROTOCOL_PER_STEP, fit_images  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def imagenet_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    write_imagenet(root, train_per_class=4, val_per_class=2, size=(48, 40))
+    spec = f"imagenet:{root}?resize=80&crop=64"
+    return experiments.load_dataset(spec, "train"), experiments.load_dataset(spec, "test")
+
+
+def test_per_step_protocol_trains_with_lars_schedule_and_best_epoch(test_vit_backbone, imagenet_sets):
+    train, test = imagenet_sets
+    probe = epviz.probes.build("ep", test_vit_backbone.dim, 3, num_queries=4, seed=0)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    result = fit_images(probe, test_vit_backbone, train, test, epochs=3, batch_size=4, warmup_epochs=1, precision="fp32",
+                        progress=False, seed=0)
+    assert result.config["protocol"] == PROTOCOL_PER_STEP != PROTOCOL
+    assert result.config["lr"] == pytest.approx(0.1 * 4 / 256), "LARS default lr = 0.1 * batch / 256"
+    h = result.history
+    assert list(h["epoch"]) == [1, 2, 3] and h["val_acc"].between(0, 1).all()
+    assert h["lr"].iloc[0] < h["lr"].max() and h["lr"].iloc[-1] < h["lr"].max(), "warm-up then cosine decay"
+    assert result.best_acc == h["val_acc"].max() and h["val_acc"].iloc[result.best_epoch - 1] == result.best_acc
+    assert any(not torch.equal(before[k], v) for k, v in probe.state_dict().items()), "the probe was trained"
+    assert not any(p.requires_grad for p in test_vit_backbone.model.parameters()), "the backbone stays frozen"
+    assert math.isfinite(result.history["train_loss"].iloc[-1])
+
+
+def test_runs_are_seeded_and_the_seed_changes_the_augmentation(test_vit_backbone, imagenet_sets):
+    train, _ = imagenet_sets
+    losses = []
+    for seed in (0, 0, 1):
+        probe = epviz.probes.build("cls", test_vit_backbone.dim, 3, seed=0)
+        r = fit_images(probe, test_vit_backbone, train, epochs=1, batch_size=4, warmup_epochs=0, optimizer="adamw",
+                       precision="fp32", progress=False, seed=seed)
+        losses.append(r.history["train_loss"].iloc[0])
+        assert math.isnan(r.best_acc) and r.best_epoch == 1
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+
+
+def test_bad_inputs_are_refused_clearly(test_vit_backbone, imagenet_sets, small_canvases):
+    train, test = imagenet_sets
+    with pytest.raises(TypeError, match="with_transform"):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 10), test_vit_backbone, small_canvases)
+    with pytest.raises(ValueError, match="D=32"):
+        fit_images(epviz.probes.build("gap", 32, 3), test_vit_backbone, train)
+    with pytest.raises(ValueError, match="num_classes=2"):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 2), test_vit_backbone, train, test)
+    with pytest.raises(ValueError, match="optimizer"):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, train, optimizer="sgd")

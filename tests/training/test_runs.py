@@ -1,0 +1,115 @@
+"""Sweeps: layer sweep over a cache, low-shot sampling and runs, aggregation."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from epviz.training import probe_cache
+from epviz.analysis import aggregate_runs, layer_sweep, low_shot, sample_per_class
+from epviz.tokens import TokenOrigin, TokenSet
+
+D, N, C = 16, 16, 3
+FIT = dict(epochs=3, batch_size=50, optimizer="adamw", lr=1e-2, warmup_epochs=0, device="cpu", progress=False)
+
+
+
+def make_tokens(n: int, signal: float, seed: int, layer: int) -> TokenSet:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % C
+    centres = np.random.default_rng(99).normal(size=(C, D)) * signal
+    patch = rng.normal(size=(n, N, D)) + centres[labels][:, None]
+    prefix = rng.normal(size=(n, 1, D)) + centres[labels][:, None]
+    return TokenSet(patch=patch.astype(np.float32), prefix=prefix.astype(np.float32), labels=labels, grid=(4, 4),
+                    origin=TokenOrigin(backbone="toy", layer=layer))
+
+
+class FakeCache:
+    """What layer_sweep needs from a TokenCache: .layers and .tokens(layer, in_memory)."""
+
+    def __init__(self, sets):
+        self.sets, self.loaded = sets, []
+
+    @property
+    def layers(self):
+        return list(self.sets)
+
+    def tokens(self, layer, in_memory=False):
+        self.loaded.append((layer, in_memory))
+        return self.sets[layer]
+
+
+@pytest.fixture(scope="module")
+def caches():
+    train = {0: make_tokens(240, 0.0, 0, 0), 3: make_tokens(240, 1.0, 1, 3)}  # block 0: noise, block 3: informative
+    val = {0: make_tokens(90, 0.0, 2, 0), 3: make_tokens(90, 1.0, 3, 3)}
+    return train, val
+
+
+def test_layer_sweep_finds_the_informative_block(caches):
+    train, val = caches
+    cache = FakeCache(train)
+    df = layer_sweep(cache, val, probes={"gap": {}, "ep": {"num_queries": 4}, "cls": {}}, in_memory=True, **FIT)
+    assert len(df) == 2 * 3
+    assert {"backbone", "layer", "probe", "seed", "best_acc", "final_acc", "params", "n_train"} <= set(df.columns)
+    assert (df["backbone"] == "toy").all() and (df["seed"] == 0).all() and (df["n_train"] == 240).all()
+    assert cache.loaded == [(0, True), (3, True)]  # each layer is read once for all probes
+    acc = df.pivot(index="probe", columns="layer", values="best_acc")
+    assert (acc[3] > 0.6).all() and (acc[0] < 0.55).all() and (acc[3] > acc[0] + 0.2).all()
+    assert df.loc[df["probe"] == "ep", "params"].iloc[0] == 4 * D + D * D + D * C + C
+
+
+def test_layer_sweep_options(caches):
+    train, val = caches
+    df = layer_sweep(train, val, probes={"ep_d2": {"name": "ep", "num_queries": 2, "d_out": 2}}, layers=[3],
+                     seeds=(0, 1), context={"backbone": "other"}, **FIT)
+    assert df["probe"].tolist() == ["ep_d2", "ep_d2"] and df["seed"].tolist() == [0, 1] and (df["layer"] == 3).all()
+    assert (df["backbone"] == "other").all()
+    assert df["params"].iloc[0] == 2 * D + D * (D // 2) + (D // 2) * C + C
+    with pytest.raises(ValueError, match=r"layers \[5\] are not in the training cache"):
+        layer_sweep(train, val, probes=("gap",), layers=[5], **FIT)
+    with pytest.raises(ValueError, match="unknown probe"):
+        layer_sweep(train, val, probes=("gapp",), **FIT)
+
+
+def test_sample_per_class():
+    labels = np.array([0] * 5 + [1] * 3 + [2] * 8)
+    idx = sample_per_class(labels, 3, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [3, 3, 3] and len(set(idx)) == 9
+    assert np.array_equal(idx, sample_per_class(labels, 3, seed=0))
+    draws = {tuple(sample_per_class(labels, 2, seed=s)) for s in range(6)}
+    assert len(draws) > 1
+    with pytest.raises(ValueError, match="class 1 has only 3; use shots <= 3"):
+        sample_per_class(labels, 4, seed=0)
+
+
+def test_low_shot_runs(caches):
+    train, val = caches
+    df = low_shot(train[3], val[3], shots=(1, 10), seeds=(0, 1), probes=("gap",), **FIT)
+    assert len(df) == 4
+    assert df["shots"].tolist() == [1, 1, 10, 10] and df["seed"].tolist() == [0, 1, 0, 1]
+    assert df["n_train"].tolist() == [3, 3, 30, 30]
+    assert (df["layer"] == 3).all() and (df["probe"] == "gap").all()
+    summary = aggregate_runs(df)
+    assert summary["shots"].tolist() == [1, 10] and summary["runs"].tolist() == [2, 2]
+    ten = df[df["shots"] == 10]["best_acc"]
+    assert summary["best_acc_mean"].iloc[1] == pytest.approx(ten.mean())
+    assert summary["best_acc_std"].iloc[1] == pytest.approx(ten.std(ddof=1), nan_ok=True)
+
+
+def test_low_shot_checks_every_k_before_training(caches, monkeypatch):
+    train, val = caches
+    monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: pytest.fail("trained before checking the shots"))
+    with pytest.raises(ValueError, match="100 shots per class needs at least 100 training images of every class"):
+        low_shot(train[3], val[3], shots=(1, 100), seeds=(0,), probes=("gap",), **FIT)
+
+
+def test_aggregate_runs_by_hand():
+    runs = pd.DataFrame(dict(probe=["a", "a", "b"], layer=[1, 1, 1], seed=[0, 1, 0], best_acc=[0.5, 0.7, 0.9],
+                             final_acc=[0.4, 0.6, 0.8]))
+    out = aggregate_runs(runs)
+    assert out["probe"].tolist() == ["a", "b"]
+    assert out["best_acc_mean"].tolist() == pytest.approx([0.6, 0.9])
+    assert out["best_acc_std"].iloc[0] == pytest.approx(np.std([0.5, 0.7], ddof=1)) and np.isnan(out["best_acc_std"].iloc[1])
+    with pytest.raises(ValueError, match="columns"):
+        aggregate_runs(runs, by=["shots"])
