@@ -8,13 +8,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install data browser test figures bench clean-cache help
+.PHONY: all install data browser lint test test-fast figures bench clean-cache help
 
 all: figures
 
 help:
 	@echo "make figures   reproduce every figure into figures/ (and figures/report.html)"
-	@echo "make test      run the test suite (library tests and notebooks under nbval)"
+	@echo "make test      lint, then the test suite (library tests and notebooks under nbval)"
+	@echo "make test-fast the unit tests alone (no notebooks, no browser, nothing slow): well under a minute"
+	@echo "make lint      ruff (lint and format check) and mypy"
 	@echo "make bench     run the speed benchmarks in benchmarks/"
 
 $(STAMP): pyproject.toml
@@ -47,8 +49,16 @@ browser:
 	      || echo "chromium could not be installed: the browser test will be skipped"; \
 	  else echo "chromium is missing and apt is not available: the browser test will be skipped"; fi; }
 
-test: data browser
+lint: $(STAMP)
+	$(VENV)/bin/ruff check epviz tests scripts benchmarks
+	$(VENV)/bin/ruff format --check epviz tests scripts benchmarks
+	$(VENV)/bin/mypy
+
+test: lint data browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow and not browser and not notebook" $(PYTEST_ARGS)
 
 figures: data
 	$(PY) -m epviz.cli reproduce

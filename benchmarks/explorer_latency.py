@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz.explorer import Explorer  # noqa: E402
+from epviz.setting import Setting  # noqa: E402
 
 
 def timed(explorer: Explorer, **values) -> tuple[float, float]:
@@ -40,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     start = time.perf_counter()
-    explorer = Explorer([args.backbone], [args.probe], fast=not args.full)
+    explorer = Explorer([args.backbone], [args.probe], setting=Setting.full() if args.full else Setting.fast())
     print(f"first state (tokens, probe, table): {time.perf_counter() - start:.1f} s; error: {explorer.state.error or 'none'}")
     k, n = explorer.state.num_predictors, explorer.state.image_count
     query, image = [], []

@@ -85,7 +85,7 @@ def open_study(
     Args:
         backbones: Zoo names, presets ("mae-vit-b"), timm ViT names or "<name>:random".
         control: The random-init control; it must be among `backbones` (None: no control).
-        dataset: Dataset spec (see :func:`epviz.data.load_split`).
+        dataset: Dataset spec of any registered kind (see :func:`epviz.data.load_split`, :func:`epviz.data.dataset_kinds`).
         layer: Block of :attr:`Study.tokens` (0 = first, -1 = last).
         splits: Which standard splits to build.
         setting: Sizes and budgets (default :meth:`Setting.from_env`: full, or fast with ``EPVIZ_FAST=1``).

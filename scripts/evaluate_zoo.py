@@ -73,7 +73,7 @@ def main() -> None:
             test = accuracy(result.probe, tokens["test"], topk=(1,))
             rows.append({
                 "backbone": name, "probe": spec, "num_classes": 10, "layer": bb.depth - 1,
-                "params": sum(p.numel() for p in probe.parameters() if p.requires_grad),
+                "params": probes.trainable_params(probe),
                 "val_acc": result.best_acc, "best_epoch": result.best_epoch, "test_acc": test["top1"],
                 "train_seconds": round(time.time() - start, 1),
             })

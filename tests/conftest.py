@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("EPVIZ_DEVICE", "cpu")
 
+import tests.plugins.toy_probe  # noqa: E402,F401
+
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in the (gzipped) IDX format of MNIST."""

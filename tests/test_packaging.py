@@ -15,7 +15,8 @@ def _name(requirement: str) -> tuple[str, str]:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = dict(_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"])
+    extras = [r for group in project["optional-dependencies"].values() for r in group if not r.startswith("epviz[")]
+    wanted = dict(_name(r) for r in project["dependencies"] + extras)
     listed = {}
     text = (ROOT / "environment.yml").read_text()
     section = text[text.index("dependencies:"):]
@@ -33,3 +34,21 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert "make test" in (ROOT / "README.md").read_text()
     assert "make figures" in (ROOT / "README.md").read_text()
+
+
+def test_one_source_for_the_version_and_a_typed_package():
+    import epviz
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "epviz._version.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+", epviz.__version__)
+    assert (ROOT / "epviz" / "py.typed").is_file()
+    assert "py.typed" in project["tool"]["setuptools"]["package-data"]["epviz"]
+
+
+def test_notebook_tooling_is_an_extra_not_a_runtime_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {_name(r)[0] for r in project["dependencies"]}
+    assert not runtime & {"jupyterlab", "nbval", "nbclient", "nbformat", "ipykernel", "pytest"}
+    assert {_name(r)[0] for r in project["optional-dependencies"]["notebooks"]} >= {"nbclient", "nbformat", "ipykernel"}

@@ -7,7 +7,6 @@ import torch
 from epviz.probes import Probe, available
 from epviz.runtime import resolve_device
 from epviz.tables import CONTEXT_KEYS, context_columns, frame
-from epviz.tokens import TokenSet
 
 __all__ = ["CONTEXT_KEYS", "context_columns", "frame", "require_predictors", "attentive_probe_names", "prepare_probe"]
 

@@ -6,10 +6,9 @@ by the uniform one at inference and leaves everything else unchanged (the probe'
 ``uniform=[j]`` argument). For EP this turns y_j into the mean of V^(j) over the keys.
 
 Cost: the tokens of a batch are moved to the device once and the full logits are computed
-once. For EP (``ep``, ``ep_all``) the pooled feature is also computed once: the uniform
-feature of every query, ``mean(keys) W_V``, is one more small matmul, and the K ablated
-features are built by swapping one query's slice at a time before ``norm`` and ``head``
-(one batched call for all K). Other probes run their pooling once per predictor.
+once; the K ablated logits come from :meth:`Probe.ablated_logits <epviz.probes.Probe.ablated_logits>`,
+which EP answers with one small matmul and one batched head call (``probe.fast_ablation``)
+and other probes with one pooling per predictor.
 """
 
 from __future__ import annotations
@@ -20,74 +19,94 @@ import numpy as np
 import pandas as pd
 import torch
 
-from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
-from epviz.evaluate import eval_mode, iter_batches
-from epviz.probes._base import Probe
-from epviz.probes.ep import EfficientProbe
-from epviz.runtime import autocast
+from epviz.analysis._common import require_predictors
+from epviz.analysis.measure import measure
+from epviz.analysis.meters import Meter, MeterBatch, register_meter
+from epviz.evaluate import predict
+from epviz.probes import Probe
 from epviz.tokens import TokenBatch, TokenSet
 
-__all__ = ["uniform_ablation", "ablated_logits", "uniform_effect"]
+__all__ = ["METHODS", "UniformAblation", "ablated_logits", "uniform_ablation", "uniform_effect"]
 
 METHODS = ("auto", "fast", "direct")
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _fast_path_available(probe: Probe) -> bool:
-    """Whether the EP slice-swap shortcut reproduces ``probe(..., uniform=[j])`` exactly."""
-    cls = type(probe)
-    return (
-        isinstance(probe, EfficientProbe)
-        and cls._pool is EfficientProbe._pool
-        and cls._weights is EfficientProbe._weights
-        and not _has_hooks(probe.hook_attn)
-        and not _has_hooks(probe.hook_pooled)
-    )
-
-
-def _ep_ablated_logits(probe: EfficientProbe, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    y = probe.features(batch.patch, batch.prefix)  # (B, D_o), pooled once
-    keys = probe._keys(*probe._validate(batch.patch, batch.prefix))
-    w = probe.value.weight.view(probe.num_queries, probe.slice_width, probe.dim)
-    y_uniform = torch.einsum("bd,mcd->bmc", keys.mean(dim=1), w.to(keys.dtype)).reshape(y.shape)
-    k = probe.num_predictors
-    owner = torch.arange(probe.width, device=y.device) // probe.slice_width  # column -> query
-    swap = owner.unsqueeze(0) == torch.arange(k, device=y.device).unsqueeze(1)  # (K, D_o)
-    ablated = torch.where(swap.unsqueeze(1), y_uniform.unsqueeze(0), y.unsqueeze(0))  # (K, B, D_o)
-    logits = probe.head(probe.norm(torch.cat([y, ablated.reshape(-1, probe.width)])))
-    full, rest = logits[: len(y)], logits[len(y) :]
-    return full, rest.view(k, len(y), -1)
-
-
-def _direct_ablated_logits(probe: Probe, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    full = probe(batch.patch, batch.prefix)
-    ablated = torch.stack([probe(batch.patch, batch.prefix, uniform=[j]) for j in range(probe.num_predictors)])
-    return full, ablated
-
-
-def ablated_logits(probe: Probe, batch: TokenBatch, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def ablated_logits(probe: Probe, batch: TokenBatch | MeterBatch, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Full logits (B, C) and the logits with each predictor made uniform (K, B, C), for one batch.
 
     Args:
         probe: An attentive probe in eval mode (call under ``torch.no_grad()``).
         batch: Tokens on the probe's device.
-        method: "auto" (EP shortcut when it applies), "fast" (require the shortcut) or
-            "direct" (one ``probe(..., uniform=[j])`` call per predictor).
+        method: "auto" (the probe's own :meth:`~epviz.probes.Probe.ablated_logits`, with its
+            shortcut where it has one), "fast" (require the shortcut: ``probe.fast_ablation``)
+            or "direct" (one ``probe(..., uniform=[j])`` call per predictor).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    fast = _fast_path_available(probe)
-    if method == "fast" and not fast:
+    _check_method(method)
+    if method == "direct":
+        return Probe.ablated_logits(probe, batch.patch, batch.prefix)
+    if method == "fast" and not probe.fast_ablation:
         raise ValueError(
-            f"method='fast' needs an EP probe ('ep', 'ep_all') without hooks on hook_attn / hook_pooled; "
-            f"probe '{probe.name}' does not qualify: use method='auto' or 'direct'"
+            f"method='fast' needs a probe with an exact ablation shortcut (probe.fast_ablation), e.g. EP ('ep', "
+            f"'ep_all') without hooks on hook_attn / hook_pooled; probe '{probe.name}' has none: use method='auto' or 'direct'"
         )
-    if fast and method != "direct":
-        return _ep_ablated_logits(probe, batch)
-    return _direct_ablated_logits(probe, batch)
+    return probe.ablated_logits(batch.patch, batch.prefix)
+
+
+@register_meter("uniform_ablation")
+class UniformAblation(Meter):
+    """Accuracy with each predictor made uniform, against the full accuracy (Δacc).
+
+    Args:
+        method: See :func:`ablated_logits`.
+        predictors: Only report these predictors (default: all K).
+    """
+
+    columns = {"delta_acc": "Δacc when the predictor is made uniform",
+               "acc_full": "top-1 accuracy of the full probe",
+               "acc_uniform": "top-1 accuracy with the predictor made uniform"}
+    table_columns = ("delta_acc",)
+    needs_maps = False
+    order = 0.0
+    table_order = 0.0
+
+    def __init__(self, method: str = "auto", predictors: Iterable[int] | None = None) -> None:
+        _check_method(method)
+        self.method = method
+        self.predictors = None if predictors is None else sorted({int(j) for j in predictors})
+        self.chosen: list[int] = []
+        self.correct_full, self.correct_uniform, self.seen = 0, np.zeros(0, dtype=np.int64), 0
+
+    def start(self, probe: Probe, tokens: TokenSet, dataset=None) -> None:
+        k = probe.num_predictors
+        self.chosen = list(range(k)) if self.predictors is None else self.predictors
+        bad = [j for j in self.chosen if not 0 <= j < k]
+        if bad:
+            raise ValueError(f"probe '{probe.name}' has {k} predictors (0..{k - 1}); predictors got {bad}")
+        self.correct_full, self.correct_uniform, self.seen = 0, np.zeros(k, dtype=np.int64), 0
+
+    def update(self, maps: torch.Tensor | None, batch: MeterBatch) -> None:
+        with batch.autocast():
+            full, ablated = ablated_logits(batch.probe, batch, self.method)
+        labels = batch.labels
+        self.correct_full += int((full.argmax(dim=-1) == labels).sum())
+        self.correct_uniform += (ablated.argmax(dim=-1) == labels.unsqueeze(0)).sum(dim=1).cpu().numpy()
+        self.seen += len(labels)
+
+    def summary(self) -> pd.DataFrame:
+        if self.seen == 0:
+            raise ValueError("uniform_ablation got no samples to evaluate (empty index)")
+        acc_full = self.correct_full / self.seen
+        rows = [
+            dict(predictor=j, acc_full=acc_full, acc_uniform=self.correct_uniform[j] / self.seen,
+                 delta_acc=acc_full - self.correct_uniform[j] / self.seen, n_images=self.seen)
+            for j in self.chosen
+        ]
+        return pd.DataFrame(rows, columns=["predictor", "acc_full", "acc_uniform", "delta_acc", "n_images"])
 
 
 def uniform_ablation(
@@ -120,32 +139,9 @@ def uniform_ablation(
         One row per predictor: predictor, acc_full, acc_uniform, delta_acc, n_images.
     """
     require_predictors(probe, "uniform_ablation")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    k = probe.num_predictors
-    chosen = list(range(k)) if predictors is None else sorted({int(j) for j in predictors})
-    bad = [j for j in chosen if not 0 <= j < k]
-    if bad:
-        raise ValueError(f"probe '{probe.name}' has {k} predictors (0..{k - 1}); predictors got {bad}")
-    device = prepare_probe(probe, device)
-    correct_full, correct_uniform, seen = 0, np.zeros(k, dtype=np.int64), 0
-    with eval_mode(probe):
-        for batch in iter_batches(tokens, batch_size, device, index):
-            with autocast(device, precision):
-                full, ablated = ablated_logits(probe, batch, method)
-            labels = batch.labels
-            correct_full += int((full.argmax(dim=-1) == labels).sum())
-            correct_uniform += (ablated.argmax(dim=-1) == labels.unsqueeze(0)).sum(dim=1).cpu().numpy()
-            seen += len(labels)
-    if seen == 0:
-        raise ValueError("uniform_ablation got no samples to evaluate (empty index)")
-    acc_full = correct_full / seen
-    rows = [
-        dict(predictor=j, acc_full=acc_full, acc_uniform=correct_uniform[j] / seen,
-             delta_acc=acc_full - correct_uniform[j] / seen, n_images=seen)
-        for j in chosen
-    ]
-    return frame(rows, context_columns(context, probe, tokens))
+    meter = UniformAblation(method, predictors)
+    return measure(probe, tokens, meters=[meter], index=index, batch_size=batch_size, device=device,
+                   precision=precision, context=context)
 
 
 def uniform_effect(
@@ -169,8 +165,6 @@ def uniform_effect(
         probs: The probe's softmax on `tokens`, if already computed (n, C).
         batch_size: Samples per forward pass.
     """
-    from epviz.evaluate import predict
-
     require_predictors(probe, "uniform_effect")
     before = predict(probe, tokens, batch_size=batch_size)
     labels = before.labels

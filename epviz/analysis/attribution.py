@@ -41,17 +41,16 @@ Definitions (ours):
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 from tqdm.auto import tqdm
 
 from epviz.analysis._common import CONTEXT_KEYS, context_columns, frame, prepare_probe, require_predictors
+from epviz.analysis.stats import row_spearman, spearman
 from epviz.evaluate import collect_attention, eval_mode, iter_batches
 from epviz.probes import Probe, available
 from epviz.runtime import autocast
@@ -113,7 +112,7 @@ def _mean_features(probe: Probe, tokens: TokenSet, batch_size: int, index, devic
     with eval_mode(probe):
         for batch in iter_batches(tokens, batch_size, device, index):
             with autocast(device, precision):
-                y = probe.features(batch.patch, batch.prefix).float()
+                y = probe.pooled(batch.patch, batch.prefix).float()
             total = y.sum(0) if total is None else total + y.sum(0)
             seen += len(y)
     if seen == 0:
@@ -260,15 +259,6 @@ def join_importance(importance: pd.DataFrame, ablation: pd.DataFrame) -> pd.Data
     return joined.drop(columns="_merge")
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        result = stats.spearmanr(x, y)
-    return float(result.statistic), float(result.pvalue)
-
-
 def importance_vs_ablation(importance: pd.DataFrame, ablation: pd.DataFrame, column: str = "importance_acc") -> pd.DataFrame:
     """Spearman rank correlation across predictors between an ablation importance and Δacc.
 
@@ -288,7 +278,7 @@ def importance_vs_ablation(importance: pd.DataFrame, ablation: pd.DataFrame, col
     rows = []
     for values, group in (joined.groupby(keys, sort=False, dropna=False) if keys else [((), joined)]):
         values = values if isinstance(values, tuple) else (values,)
-        rho, p = _spearman(group[column].to_numpy(float), group["delta_acc"].to_numpy(float))
+        rho, p = spearman(group[column].to_numpy(float), group["delta_acc"].to_numpy(float))
         rows.append(dict(zip(keys, values), predictors=len(group), rho=rho, p_value=p,
                          mean_importance=float(group[column].mean()), mean_delta_acc=float(group["delta_acc"].mean()),
                          column=column))
@@ -415,19 +405,6 @@ def token_attribution(
 # --- agreement between relevance and attention ----------------------------------------------------
 
 
-def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of `a` with the same row of `b` (NaN for a constant row)."""
-    ra = stats.rankdata(a, axis=-1)
-    rb = stats.rankdata(b, axis=-1)
-    ra -= ra.mean(-1, keepdims=True)
-    rb -= rb.mean(-1, keepdims=True)
-    denom = np.sqrt((ra**2).sum(-1) * (rb**2).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = (ra * rb).sum(-1) / denom
-    rho[denom == 0] = np.nan
-    return np.clip(rho, -1.0, 1.0)
-
-
 def topk_overlap(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
     """Per row, the fraction of the k largest entries of `a` that are among the k largest of `b`."""
     ta = torch.as_tensor(np.asarray(a, dtype=np.float64)).topk(k, dim=-1).indices
@@ -500,7 +477,7 @@ def attention_agreement(
     relevance = np.abs(attr) if absolute else attr
     rows = []
     for name, ref in _reference_maps(maps, predictors):
-        rho = _row_spearman(relevance, ref)
+        rho = row_spearman(relevance, ref)
         overlap = topk_overlap(relevance, ref, k)
         rows += [dict(image=int(i), map=name, spearman=float(r), topk_overlap=float(o), k=k,
                       chance_overlap=k / num_tokens, num_tokens=num_tokens) for i, r, o in zip(index, rho, overlap)]

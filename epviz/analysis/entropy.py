@@ -15,12 +15,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
-from epviz.evaluate import attention_maps
-from epviz.probes._base import Probe
+from epviz.analysis._common import context_columns, frame, require_predictors
+from epviz.analysis.measure import measure
+from epviz.analysis.meters import Meter, MeterBatch, register_meter
+from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
-__all__ = ["map_entropy", "entropy", "entropy_from_maps"]
+__all__ = ["Entropy", "map_entropy", "entropy", "entropy_from_maps"]
 
 
 def map_entropy(maps: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -34,12 +35,27 @@ def map_entropy(maps: np.ndarray | torch.Tensor) -> np.ndarray:
     return torch.special.entr(p / total).sum(-1).numpy()
 
 
-class _EntropyMeter:
-    def __init__(self, k: int, n_tokens: int) -> None:
+@register_meter("entropy")
+class Entropy(Meter):
+    """Mean and standard deviation over images of each predictor's map entropy, in nats and over log N."""
+
+    columns = {"entropy": "entropy of the map (nats)", "entropy_norm": "entropy / log N (1 = uniform)"}
+    table_columns = ("entropy_norm",)
+    order = 20.0
+    table_order = 10.0
+
+    def __init__(self) -> None:
+        self.setup(0, 0)
+
+    def start(self, probe: Probe, tokens: TokenSet, dataset=None) -> None:
+        self.setup(probe.num_predictors, tokens.num_tokens)
+
+    def setup(self, k: int, n_tokens: int) -> None:
+        """Empty the accumulators for `k` predictors over `n_tokens` tokens."""
         self.k, self.n_tokens, self.n = k, n_tokens, 0
         self.total, self.sq = np.zeros(k), np.zeros(k)
 
-    def update(self, maps) -> None:
+    def update(self, maps: np.ndarray | torch.Tensor, batch: MeterBatch | None = None) -> None:
         h = map_entropy(maps)  # (b, K)
         if h.ndim != 2 or h.shape[1] != self.k:
             raise ValueError(f"maps must be (images, {self.k} predictors, tokens), got entropies of shape {h.shape}")
@@ -47,7 +63,10 @@ class _EntropyMeter:
         self.sq += (h**2).sum(0)
         self.n += len(h)
 
-    def rows(self) -> list[dict]:
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame(self._rows())
+
+    def _rows(self) -> list[dict]:
         if self.n == 0:
             raise ValueError("no maps were given: there is nothing to summarise")
         mean = self.total / self.n
@@ -76,9 +95,10 @@ def entropy_from_maps(maps: np.ndarray | torch.Tensor, context: Mapping | None =
         maps = maps[:, None]
     if maps.ndim != 3:
         raise ValueError(f"maps must be (images, predictors, tokens), got shape {tuple(maps.shape)}")
-    meter = _EntropyMeter(maps.shape[1], maps.shape[2])
+    meter = Entropy()
+    meter.setup(maps.shape[1], maps.shape[2])
     meter.update(maps)
-    return frame(meter.rows(), context_columns(context))
+    return frame(meter._rows(), context_columns(context))
 
 
 def entropy(
@@ -106,8 +126,5 @@ def entropy(
         See :func:`entropy_from_maps`.
     """
     require_predictors(probe, "entropy")
-    device = prepare_probe(probe, device)
-    meter = _EntropyMeter(probe.num_predictors, tokens.num_tokens)
-    for _, maps in attention_maps(probe, tokens, batch_size, index, device, precision):
-        meter.update(maps)
-    return frame(meter.rows(), context_columns(context, probe, tokens))
+    return measure(probe, tokens, meters=[Entropy()], index=index, batch_size=batch_size, device=device,
+                   precision=precision, context=context)

@@ -43,13 +43,16 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
-from epviz.evaluate import attention_maps
-from epviz.probes._base import Probe
+from epviz.analysis._common import context_columns, frame, require_predictors
+from epviz.analysis.measure import measure
+from epviz.analysis.meters import Meter, MeterBatch, register_meter
+from epviz.data import GroundTruthBoxes, ImageDataset
+from epviz.probes import Probe
 from epviz.setting import THRESHOLDS
 from epviz.tokens import TokenSet
 
-__all__ = ["DELTAS", "THRESHOLDS", "LocalizationMeter", "localization", "localization_from_maps", "box_source"]
+__all__ = ["DELTAS", "THRESHOLDS", "Localization", "LocalizationMeter", "box_source", "localization",
+           "localization_from_maps"]
 
 DELTAS = (0.3, 0.5, 0.7)
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
@@ -101,17 +104,26 @@ def box_source(dataset) -> Callable[[int], np.ndarray]:
     """A function image index -> that image's GT boxes (k, 4).
 
     Args:
-        dataset: An object with a ``box_list(i)`` method or a ``boxes`` attribute
-            ((n, 4) array or tensor, or a per-image sequence of (k, 4) arrays), or the boxes
-            themselves (array, tensor or list).
+        dataset: An :class:`~epviz.data.ImageDataset` with boxes (its ``box_list``), a
+            :class:`~epviz.data.GroundTruthBoxes` stand-in (its ``boxes``: an (n, 4) array or
+            tensor, or a per-image sequence of (k, 4) arrays), or the boxes themselves.
+
+    Raises:
+        ValueError: The dataset has no boxes.
     """
-    if hasattr(dataset, "box_list"):
+    if isinstance(dataset, ImageDataset):
+        if not dataset.has_boxes:
+            raise ValueError(f"localization needs GT boxes, but {dataset!r} has no box annotations (has_boxes is False); "
+                             "use a dataset with boxes (the canvases, ImageNet val with its XML/CSV boxes, CUB, Pets)")
         return dataset.box_list
-    boxes = dataset if isinstance(dataset, (np.ndarray, torch.Tensor, list, tuple)) else getattr(dataset, "boxes", None)
-    if boxes is None:
+    if isinstance(dataset, GroundTruthBoxes):
+        boxes = dataset.boxes
+    elif isinstance(dataset, (np.ndarray, torch.Tensor, list, tuple)):
+        boxes = dataset
+    else:
         raise ValueError(
             f"localization needs GT boxes: a `boxes` attribute ((n, 4) xyxy pixels, or one (k, 4) array per image) "
-            f"or a `box_list(i)` method on the dataset; {type(dataset).__name__} has neither"
+            f"with an `image_size`, or a dataset with boxes (epviz.data.ImageDataset); {type(dataset).__name__} is neither"
         )
     return lambda i: boxes[i]
 
@@ -293,6 +305,10 @@ class LocalizationMeter:
 
     def summary(self, context: Mapping | None = None) -> pd.DataFrame:
         """One row per predictor: MaxBoxAccV2 and its per-delta parts, in-box mass, chance, pointing."""
+        return frame(self.rows(), context_columns(context))
+
+    def rows(self) -> list[dict]:
+        """The rows of :meth:`summary`, without the context columns."""
         acc = self.accuracy()
         best_acc, best_tau = acc.max(1), self.thresholds[acc.argmax(1)]  # dataset-level best tau per delta
         mean = self.mass_sum / self.n
@@ -306,7 +322,7 @@ class LocalizationMeter:
             row.update(inbox_mass=float(mean[j]), inbox_mass_std=float(std[j]), chance_mass=self.chance_sum / self.n,
                        pointing=self.hits[j] / self.n, n_images=self.n)
             rows.append(row)
-        return frame(rows, context_columns(context))
+        return rows
 
     def curves(self, context: Mapping | None = None) -> pd.DataFrame:
         """Box accuracy for every (predictor, delta, tau): the curves MaxBoxAccV2 maximises."""
@@ -359,13 +375,72 @@ def localization_from_maps(
 def _image_size_of(dataset, image_size) -> tuple[int, int]:
     if image_size is not None:
         return _as_size(image_size)
-    size = getattr(dataset, "image_size", None)
-    if size is not None:
-        return _as_size(size)
-    images = getattr(dataset, "images", None)
-    if images is not None and getattr(images, "ndim", 0) >= 3:
-        return int(images.shape[-2]), int(images.shape[-1])
+    if isinstance(dataset, (ImageDataset, GroundTruthBoxes)):
+        return _as_size(dataset.image_size)
     raise ValueError("localization needs the image size: pass image_size=(height, width) (the dataset has no `image_size`)")
+
+
+@register_meter("localization")
+class Localization(Meter):
+    """MaxBoxAccV2 (and its per-IoU parts and best taus), in-box mass, chance mass and pointing.
+
+    The costly measure: it runs on the pass's ``localization_index`` images, and upsamples at
+    most `chunk_size` images' maps at a time (a :class:`LocalizationMeter` accumulates them).
+
+    Args:
+        image_size: Image (height, width); default from ``dataset.image_size``.
+        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
+        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        chunk_size: Images whose maps are upsampled together.
+    """
+
+    columns = {"maxboxacc_v2": "MaxBoxAccV2 (localization)",
+               "inbox_mass": "attention mass inside the GT box",
+               "chance_mass": "attention mass inside the GT box, uniform map (chance)",
+               "pointing": "pointing game (argmax in box)"}
+    table_columns = ("maxboxacc_v2", "inbox_mass", "pointing")
+    subset = "localization_index"
+    order = 10.0
+    table_order = 20.0
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] | None = None,
+        thresholds: Sequence[float] | None = None,
+        deltas: Sequence[float] = DELTAS,
+        chunk_size: int = 64,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.image_size, self.thresholds, self.deltas, self.chunk_size = image_size, thresholds, deltas, int(chunk_size)
+        self.meter: LocalizationMeter | None = None
+
+    def start(self, probe: Probe, tokens: TokenSet, dataset=None) -> None:
+        if dataset is None:
+            raise ValueError("the localization meter needs GT boxes: pass the images' dataset to measure(probe, tokens, dataset)")
+        self._boxes_of = box_source(dataset)
+        size = _image_size_of(dataset, self.image_size)
+        if len(dataset) != len(tokens):
+            raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
+        self.meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, self.thresholds, self.deltas)
+
+    def update(self, maps: torch.Tensor, batch: MeterBatch) -> None:
+        positions = batch.index
+        for start in range(0, len(positions), self.chunk_size):
+            part = positions[start : start + self.chunk_size]
+            self._started().update(maps[start : start + self.chunk_size], [self._boxes_of(int(i)) for i in part], part)
+
+    def summary(self) -> pd.DataFrame:
+        return pd.DataFrame(self._started().rows())
+
+    def curves(self, context: Mapping | None = None) -> pd.DataFrame:
+        """Box accuracy for every (predictor, delta, tau): see :meth:`LocalizationMeter.curves`."""
+        return self._started().curves(context)
+
+    def _started(self) -> LocalizationMeter:
+        if self.meter is None:
+            raise ValueError("the localization meter has not started: run it through measure(probe, tokens, dataset)")
+        return self.meter
 
 
 def localization(
@@ -404,14 +479,7 @@ def localization(
         inbox_mass_std, chance_mass, pointing, n_images (and the curves when asked).
     """
     require_predictors(probe, "localization")
-    boxes_of = box_source(dataset)
-    size = _image_size_of(dataset, image_size)
-    if hasattr(dataset, "__len__") and len(dataset) != len(tokens):
-        raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
-    device = prepare_probe(probe, device)
-    meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, thresholds, deltas)
-    for positions, maps in attention_maps(probe, tokens, batch_size, index, device, precision):
-        meter.update(maps, [boxes_of(int(i)) for i in positions], positions)
-    ctx = context_columns(context, probe, tokens)
-    summary = meter.summary(ctx)
-    return (summary, meter.curves(ctx)) if return_curves else summary
+    meter = Localization(image_size, thresholds, deltas, chunk_size=batch_size)
+    summary = measure(probe, tokens, dataset, [meter], index=index, batch_size=batch_size, device=device,
+                      precision=precision, context=context)
+    return (summary, meter.curves(context_columns(context, probe, tokens))) if return_curves else summary

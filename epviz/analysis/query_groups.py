@@ -24,7 +24,7 @@ import torch
 
 from epviz.analysis._common import context_columns, frame, prepare_probe, require_predictors
 from epviz.evaluate import attention_maps, collect_attention
-from epviz.probes._base import Probe
+from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
 __all__ = ["METRICS", "QueryGroups", "pairwise_overlap", "group_queries", "group_maps", "query_groups"]

@@ -1,8 +1,8 @@
-"""The per-predictor table: one row per attention predictor with every per-predictor measure.
+"""The per-predictor table: one row per attention predictor with every registered per-predictor measure.
 
-For each attention predictor of a probe: its accuracy drop when made uniform
-(:func:`~epviz.analysis.uniform_ablation`), its localization (:func:`~epviz.analysis.localization`)
-and its entropy (:func:`~epviz.analysis.entropy`), merged on the context columns and ``predictor``.
+The registered meters (:mod:`epviz.analysis.meters`: the accuracy drop when made uniform, the
+localization, the entropy, and any meter registered later) run in one pass over the tokens
+(:func:`~epviz.analysis.measure`); their summaries are joined on ``predictor``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from epviz.analysis.ablation import uniform_ablation
-from epviz.analysis.entropy import entropy
-from epviz.analysis.localization import localization
+from epviz.analysis.localization import Localization
+from epviz.analysis.measure import measure
+from epviz.analysis.meters import Meter, meter_class, meter_names
 from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
@@ -31,7 +31,7 @@ def predictor_table(
     localization_index: Iterable[int] | None = None,
     thresholds: Sequence[float] | None = None,
 ) -> pd.DataFrame:
-    """One row per attention predictor: its accuracy drop when made uniform, its localization and entropy.
+    """One row per attention predictor: every registered meter's measures, from one pass over the tokens.
 
     Args:
         probe: A trained attentive probe.
@@ -44,23 +44,22 @@ def predictor_table(
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
 
     Returns:
-        The columns of :func:`~epviz.analysis.uniform_ablation` (delta_acc, ...), of
-        :func:`~epviz.analysis.localization` (maxboxacc_v2, inbox_mass, chance_mass, pointing, ...)
-        and of :func:`~epviz.analysis.entropy` (entropy, entropy_norm, ...), merged on the
-        context columns and ``predictor``.
+        The context columns and ``predictor``, then the columns of
+        :func:`~epviz.analysis.uniform_ablation` (acc_full, acc_uniform, delta_acc, n_images), of
+        :func:`~epviz.analysis.localization` (maxboxacc_v2, ..., inbox_mass, chance_mass, pointing,
+        n_images_localization), of :func:`~epviz.analysis.entropy` (entropy, entropy_norm, ...),
+        of every other registered meter, and ``predictors`` (K).
     """
-    index = None if index is None else np.asarray(list(index), dtype=np.int64)
-    loc_index = index if localization_index is None else np.asarray(list(localization_index), dtype=np.int64)
-    ablation = uniform_ablation(probe, tokens, context=context, index=index)
-    keys = [c for c in ablation.columns if c not in ("acc_full", "acc_uniform", "delta_acc", "n_images")]
-    loc = localization(probe, tokens, dataset, context=context, index=loc_index, thresholds=thresholds)
-    loc = loc.rename(columns={"n_images": "n_images_localization"})
-    ent = entropy(probe, tokens, context=context, index=index)
-    table = ablation.merge(loc, on=keys).merge(ent.drop(columns=["n_images"]), on=keys)
+    meters: list[Meter] = [
+        Localization(thresholds=thresholds) if meter_class(name) is Localization else meter_class(name)()
+        for name in meter_names()
+    ]
+    table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index,
+                    context=context)
     table["predictors"] = probe.num_predictors
     if len(table) != probe.num_predictors:
         raise RuntimeError(f"expected {probe.num_predictors} predictor rows, got {len(table)}")
-    if table["delta_acc"].isna().any() or not np.isfinite(table["delta_acc"]).all():
+    if "delta_acc" in table and (table["delta_acc"].isna().any() or not np.isfinite(table["delta_acc"]).all()):
         raise RuntimeError("a predictor has no accuracy drop")
     return table
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from epviz.data.images import ImageFileError, load_image
+from epviz.data.images import ImageFileError, load_image, to_display
 from epviz.data.transforms import EvalTransform
 
 __all__ = ["AnnotationError", "Sample", "AnnotatedImages", "BOX_TOLERANCE"]
@@ -128,6 +128,10 @@ class AnnotatedImages(torch.utils.data.Dataset):
         """Side of the (square) transformed images in pixels."""
         return int(getattr(self.transform, "crop", 0)) or int(self[0][0].shape[-1])
 
+    def display_image(self, index: int) -> np.ndarray:
+        """Image `index` under the dataset's transform, uint8 (crop, crop, 3): the frame of :meth:`box_list`."""
+        return to_display(self[index][0])
+
     @property
     def has_masks(self) -> bool:
         """Whether the images have masks."""
@@ -183,7 +187,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
 
     # --- derived datasets ---------------------------------------------------------------
 
-    def subset(self, indices: Sequence[int]) -> "AnnotatedImages":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> "AnnotatedImages":
         """The same dataset restricted to `indices` (in that order)."""
         other = copy.copy(self)
         other.samples = [self.samples[int(i)] for i in indices]

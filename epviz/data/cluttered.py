@@ -15,6 +15,10 @@ Definitions (ours):
       split, test canvases only from the test split; backgrounds are shared.
 
 Generation is batched with ``grid_sample`` and fully determined by the seed.
+
+The canvases are the dataset kind ``cluttered-fashion-mnist`` (no folder): its standard
+``train`` split holds canvases of the Fashion-MNIST train items (seed ``seed``), ``val`` other
+canvases of the same items (seed ``seed + 1``), ``test`` canvases of the test items.
 """
 
 from __future__ import annotations
@@ -31,11 +35,15 @@ import torch.nn.functional as F
 
 from epviz.data.backgrounds import BACKGROUND_NAMES, background_bank
 from epviz.data.fashion_mnist import CLASSES, load_fashion_mnist
+from epviz.data.registry import DatasetSpec, register_dataset
 
-__all__ = ["CanvasRecipe", "Canvases", "CanvasGenerator", "ClutteredFashionMNIST", "GENERATOR_VERSION"]
+__all__ = ["CanvasRecipe", "Canvases", "CanvasGenerator", "ClutteredFashionMNIST", "GENERATOR_VERSION", "STANDARD_SIZES",
+           "canvases_split"]
 
 GENERATOR_VERSION = 1
 _SPLIT_SALT = {"train": 0x5EED0, "test": 0x7E570}
+STANDARD_SIZES = {"train": 20_000, "val": 2_000, "test": 4_000}
+_SOURCES = {"train": ("train", 0), "val": ("train", 1), "test": ("test", 0)}  # standard split -> (item split, seed offset)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,11 @@ class Canvases:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square canvases in pixels."""
+        return int(self.images.shape[-1])
 
 
 def _uniform(gen: torch.Generator, n: int, bounds: tuple[float, float]) -> torch.Tensor:
@@ -224,6 +237,7 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
     """
 
     classes = CLASSES
+    has_boxes = True
 
     def __init__(self, split: str = "train", size: int = 10_000, seed: int = 0, recipe: CanvasRecipe | None = None) -> None:
         if split not in _SPLIT_SALT:
@@ -263,6 +277,10 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
         """The ground-truth boxes of one image, (k, 4) xyxy pixels (k == 1 here)."""
         return self.boxes[index : index + 1].numpy()
 
+    def display_image(self, index: int) -> np.ndarray:
+        """Canvas `index` as uint8 (S, S, 3)."""
+        return self.images[index].permute(1, 2, 0).numpy()
+
     def fingerprint(self) -> dict:
         """Everything that determines the images (used in token-cache keys)."""
         recipe = json.dumps(dataclasses.asdict(self.recipe), sort_keys=True)
@@ -275,3 +293,17 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
             "recipe": hashlib.sha256(recipe.encode()).hexdigest()[:16],
             "backgrounds": len(BACKGROUND_NAMES),
         }
+
+
+@register_dataset("cluttered-fashion-mnist", needs_root=False, draws=True)
+def canvases_split(spec: DatasetSpec, split: str, *, size: int | None = None, seed: int = 0) -> ClutteredFashionMNIST:
+    """One standard split of the canvases (see the module docstring).
+
+    Args:
+        spec: The parsed spec (the canvases take no options).
+        split: "train", "val" or "test".
+        size: Number of canvases (None: :data:`STANDARD_SIZES`).
+        seed: Seed of the train and test canvases; val uses ``seed + 1``.
+    """
+    source, offset = _SOURCES[split]
+    return ClutteredFashionMNIST(source, STANDARD_SIZES[split] if size is None else int(size), seed=seed + offset)

@@ -11,6 +11,9 @@
 
 Labels are ``class id - 1``. A box ``(x, y, w, h)`` becomes ``(x, y, x + w, y + h)``
 (exclusive ``x1, y1``, as in the WSOL evaluation of Choe et al.).
+
+The dataset kind ``cub:<root>``: ``test`` is the official test split, ``train`` and ``val``
+are cut from the official train split (:func:`epviz.data.splits.train_val`).
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from epviz.data.annotated import AnnotatedImages, AnnotationError, Sample
+from epviz.data.registry import DatasetSpec, register_dataset
+from epviz.data.splits import train_val
 
-__all__ = ["cub", "SPLITS", "REQUIRED_FILES"]
+__all__ = ["cub", "cub_split", "SPLITS", "REQUIRED_FILES"]
 
 SPLITS = ("train", "test")
 REQUIRED_FILES = {
@@ -112,3 +117,11 @@ def _class_names(root: Path, files: dict, labels: dict, class_ids: list[int]) ->
         return [table.get(c, str(c)) for c in class_ids]
     folders = {int(labels[i][0]): rel.split("/")[0] for i, (rel,) in files.items()}
     return [folders.get(c, str(c)) for c in class_ids]
+
+
+@register_dataset("cub", options={"resize": int, "crop": int})
+def cub_split(spec: DatasetSpec, split: str) -> AnnotatedImages:
+    """One standard split of CUB-200-2011: test, or train / val held out from the official train split."""
+    if split == "test":
+        return cub(spec.folder, "test", transform=spec.transform)
+    return train_val(cub(spec.folder, "train", transform=spec.transform), split)

@@ -25,6 +25,10 @@ widths): ``xmin..xmax`` are 0-based *inclusive* pixel indices, so the box is
 ``(xmin, ymin, xmax + 1, ymax + 1)`` with exclusive ``x1, y1``. On ``val`` every image
 must have its annotation (a missing one is an error); on ``train`` only some images have
 boxes, the others have none.
+
+The dataset kind ``imagenet:<root>[?boxes=...]``: ``test`` is the official val split (with the
+boxes of ``boxes=`` or those found under the root), ``train`` and ``val`` are cut from the
+official train split (:func:`epviz.data.splits.train_val`).
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ import numpy as np
 
 from epviz.data.annotated import AnnotatedImages, AnnotationError, Sample
 from epviz.data.images import IMAGE_SUFFIXES, ImageFolderDataset
+from epviz.data.registry import DatasetSpec, register_dataset
+from epviz.data.splits import train_val
 
-__all__ = ["imagenet", "read_voc_xml", "read_solution_csv", "imagenet_classes", "SPLITS"]
+__all__ = ["imagenet", "imagenet_split", "read_voc_xml", "read_solution_csv", "imagenet_classes", "SPLITS"]
 
 SPLITS = ("train", "val")
 NUM_CLASSES = 1000
@@ -103,6 +109,14 @@ def imagenet(root: str | Path, split: str = "val", *, boxes: str | Path | None =
             raise AnnotationError(f"{path.name} is of class {wnid!r}, which is not among the {len(wnids)} ImageNet classes found")
         samples.append(Sample(path=path, label=index[wnid], boxes=box, size=size, source=src))
     return AnnotatedImages("imagenet", split, samples, wnids, root, transform, has_boxes=source is not None)
+
+
+@register_dataset("imagenet", options={"resize": int, "crop": int, "boxes": str})
+def imagenet_split(spec: DatasetSpec, split: str) -> AnnotatedImages:
+    """One standard split of ImageNet-1k: test is the official val, train / val are held out from train."""
+    if split == "test":
+        return imagenet(spec.folder, "val", boxes=spec.options.get("boxes"), transform=spec.transform)
+    return train_val(imagenet(spec.folder, "train", transform=spec.transform), split)
 
 
 def imagenet_classes(root: str | Path) -> list[str] | None:

@@ -1,4 +1,4 @@
-"""Reading image files safely, and a plain ImageFolder dataset (labels, no boxes)."""
+"""Reading image files safely, images for display, and a plain ImageFolder dataset (labels, no boxes)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageFileError", "load_image", "ImageFolderDataset", "IMAGE_SUFFIXES"]
+__all__ = ["ImageFileError", "load_image", "to_display", "ImageFolderDataset", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -48,8 +48,16 @@ def load_image(path: str | Path, convert: bool = False) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
 
 
+def to_display(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An image (3, H, W), float in [0, 1] or uint8, as uint8 (H, W, 3) for display."""
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+    return array.transpose(1, 2, 0) if array.ndim == 3 and array.shape[0] in (1, 3) else array
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """``root/<class>/<image>`` folders; classes sorted by name, as in torchvision.
+    """``root/<class>/<image>`` folders; classes sorted by name, as in torchvision (no boxes).
 
     Args:
         root: The folder of class folders.
@@ -72,6 +80,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.samples += [(p, label) for p in files]
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
 
+    has_boxes = False
+
     @property
     def num_classes(self) -> int:
         """Number of class folders."""
@@ -85,6 +95,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         img = load_image(path, convert=self.convert)
         img = torch.nn.functional.interpolate(img[None], size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)[0]
         return img.clamp(0, 1), label
+
+    def box_list(self, index: int) -> np.ndarray:
+        """Always an error: an ImageFolder has labels only.
+
+        Raises:
+            ValueError: Always (``has_boxes`` is False).
+        """
+        raise ValueError(f"the image folder {self.root} has no box annotations, so it cannot be used for localization; "
+                         "use a dataset with boxes (ImageNet val with its XML/CSV boxes, CUB, Pets)")
+
+    def display_image(self, index: int) -> np.ndarray:
+        """Image `index` as resized for the backbone, uint8 (H, W, 3)."""
+        return to_display(self[index][0])
 
     def fingerprint(self) -> dict:
         """Folder, file list with sizes and mtimes, and the resize (cache key)."""

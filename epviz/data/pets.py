@@ -8,6 +8,9 @@
 Labels are ``class id - 1``; a class's name is its images' name without the trailing
 ``_<number>``. Our definitions: the **mask** is the pet with its border (trimap 1 or 3),
 and the **box** the tightest box around that mask (exclusive ``x1, y1``).
+
+The dataset kind ``pets:<root>``: ``test`` is the official test split, ``train`` and ``val``
+are cut from the official trainval split (:func:`epviz.data.splits.train_val`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from epviz.data.annotated import AnnotatedImages, AnnotationError, Sample
+from epviz.data.registry import DatasetSpec, register_dataset
+from epviz.data.splits import train_val
 
-__all__ = ["pets", "read_trimap", "SPLITS"]
+__all__ = ["pets", "pets_split", "read_trimap", "SPLITS"]
 
 SPLITS = ("trainval", "test")
 _FOREGROUND = (1, 3)
@@ -100,3 +105,11 @@ def _class_names(list_file: Path, rows: list[tuple[str, int]]) -> list[str]:
     if ids != list(range(1, len(ids) + 1)):
         raise AnnotationError(f"Pets class ids must run 1..{len(ids)}, got {ids[:5]}... (is {list_file} complete?)")
     return [names[i] for i in ids]
+
+
+@register_dataset("pets", options={"resize": int, "crop": int})
+def pets_split(spec: DatasetSpec, split: str) -> AnnotatedImages:
+    """One standard split of the Pets: test, or train / val held out from the official trainval split."""
+    if split == "test":
+        return pets(spec.folder, "test", transform=spec.transform)
+    return train_val(pets(spec.folder, "trainval", transform=spec.transform), split)

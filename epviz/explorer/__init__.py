@@ -9,10 +9,10 @@ Two layers:
   progress bar, the rendered figure (matplotlib, as PNG), the predictor table and an error line.
 
 Computed once per Explorer and kept in memory: loaded backbones, the token caches of every
-block per backbone and split (on disk, :func:`epviz.experiments.zoo_caches`), trained probes
+block per backbone and split (on disk, :func:`epviz.tokens.extract_sets`), trained probes
 keyed by (backbone, block, probe options) (also in the on-disk probe cache of
-:func:`epviz.experiments.train_probe`), test-set predictions, per-predictor tables
-(:func:`epviz.experiments.predictor_table`: Δacc, entropy, localization), query groups and the
+:func:`epviz.training.train_probe`), test-set predictions, per-predictor tables
+(:func:`epviz.analysis.predictor_table`: Δacc, entropy, localization), query groups and the
 per-image effect of making predictors uniform. Changing the query, the image, the ordering or
 the opacity only reads these caches.
 
@@ -34,11 +34,11 @@ Image orderings (after the optional class filter on the true label):
   to wrong, then by the drop of the true class's probability.
 """
 
-from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, TABLE_COLUMNS, VIEWS, ExplorerModel, ExplorerState, Selection
+from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection, table_columns
 from epviz.explorer.render import render_state, save_state, state_png, table_html
 from epviz.explorer.widgets import Explorer
 
 __all__ = [
-    "VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "TABLE_COLUMNS", "Selection", "ExplorerState", "ExplorerModel",
+    "VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "table_columns", "Selection", "ExplorerState", "ExplorerModel",
     "Explorer", "render_state", "state_png", "save_state", "table_html",
 ]

@@ -12,22 +12,22 @@ import numpy as np
 import pandas as pd
 
 from epviz.analysis.ablation import uniform_effect
+from epviz.analysis.meters import table_columns
 from epviz.analysis.report import predictor_table
 from epviz.backbones import Backbone, load_backbone, present_backbones, zoo
-from epviz.data import standard_splits
+from epviz.data import ImageDataset, standard_splits, to_display
 from epviz.probes import Probe, accepted_options, available, probe_specs
 from epviz.setting import Setting
 from epviz.tokens import extract_sets
 from epviz.training import train_probe
 from epviz.viz.maps import composite_overlay, group_colours, heat_overlay, query_colours
 
-__all__ = ["VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "TABLE_COLUMNS", "Selection", "ExplorerState", "ExplorerModel"]
+__all__ = ["VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "Selection", "ExplorerState", "ExplorerModel", "table_columns"]
 
 VIEWS = ("image only", "one query", "all queries", "query groups")
 ORDERS = ("index", "most confident mistakes", "largest Δacc")
 ALL_CLASSES = "all classes"
 QUERY_CHOICES = (4, 8, 16, 32)
-TABLE_COLUMNS = ("predictor", "delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass", "pointing")
 _SPLITS = ("train", "val", "test")
 _USER_ERRORS = (ValueError, LookupError, OSError, RuntimeError, ArithmeticError, TypeError)
 
@@ -94,7 +94,7 @@ class ExplorerState:
         maps: (M, N) token maps shown: one row per query (one query / all queries) or group.
         groups: Group of each predictor in the ``"query groups"`` view, (K,).
         overlay: (H, W, 4) RGBA overlay drawn over the image.
-        table: One row per predictor: the columns of :data:`TABLE_COLUMNS`, plus ``group`` and
+        table: One row per predictor: the columns of :func:`table_columns`, plus ``group`` and
             ``highlighted``.
         seconds: Time taken to compute this state.
     """
@@ -222,9 +222,8 @@ class ExplorerModel:
     @property
     def class_names(self) -> list[str]:
         """Class names of the test set (its ``classes``, else the label numbers)."""
-        classes = getattr(self.test, "classes", None)
-        if classes is not None:
-            return [str(c) for c in classes]
+        if isinstance(self.test, ImageDataset):
+            return [str(c) for c in self.test.classes]
         return [str(c) for c in range(int(np.max(_labels(self.test))) + 1)]
 
     def _report(self, fraction: float, message: str) -> None:
@@ -303,7 +302,7 @@ class ExplorerModel:
         return self._probes[key]
 
     def table(self, sel: Selection, data: _ProbeData) -> pd.DataFrame:
-        """Per-predictor Δacc, entropy and localization of the selection's probe (computed once)."""
+        """The registered meters' table columns (Δacc, entropy, localization, ...) of the selection's probe, computed once."""
         if data.table is None:
             self._report(0.95, f"measuring the {data.probe.num_predictors} predictors (Δacc, entropy, localization)")
             tokens = self.tokens(sel.backbone, sel.layer)["test"]
@@ -311,7 +310,7 @@ class ExplorerModel:
             context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
             full = predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
                                       thresholds=self.setting.thresholds)
-            data.table = full[list(TABLE_COLUMNS)].reset_index(drop=True)
+            data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
 
@@ -485,20 +484,16 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _labels(dataset) -> np.ndarray:
-    labels = getattr(dataset, "labels", None)
-    if labels is None:
-        labels = [dataset[i][1] for i in range(len(dataset))]
-    return np.asarray(labels, dtype=np.int64)
+    if isinstance(dataset, ImageDataset):
+        return np.asarray(dataset.labels, dtype=np.int64)
+    return np.asarray([dataset[i][1] for i in range(len(dataset))], dtype=np.int64)
 
 
 def _image(dataset, index: int) -> np.ndarray:
-    """(H, W, 3) uint8 image `index` of a dataset (its ``images`` array, else ``dataset[index][0]``)."""
-    images = getattr(dataset, "images", None)
-    img = images[index] if images is not None else dataset[index][0]
-    img = np.asarray(img)
-    if img.dtype != np.uint8:
-        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-    return img.transpose(1, 2, 0) if img.shape[0] in (1, 3) and img.ndim == 3 else img
+    """(H, W, 3) uint8 image `index` of a dataset (its ``display_image``, else ``dataset[index][0]``)."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.display_image(index)
+    return to_display(dataset[index][0])
 
 
 def _boxes(dataset, index: int) -> np.ndarray:

@@ -9,17 +9,29 @@ Build one by name::
 
 Every probe is pool -> ``norm`` (BatchNorm1d, affine=False, eps=1e-6) -> ``head``
 (Linear); see :class:`~epviz.probes.Probe` for the full interface. A new probe family is
-one file: subclass ``Probe``, implement ``_pool`` (and ``num_predictors``), and register it
-with ``@register("name")``; named variants are data: ``register("ep16", "ep", num_queries=16)``.
+one file: subclass ``Probe``, implement ``_pool`` (and ``num_predictors``), pass raw attention
+weights through ``self._route_attention``, and register it with ``@register("name")``; named
+variants are data: ``register("ep16", "ep", num_queries=16)``.
 """
 
-from epviz.probes._base import HookPoint, Pooled, Probe, trainable_params
+from epviz.probes._base import HookPoint, Pooled, Probe, Routed, trainable_params
 from epviz.probes._registry import (
-    ProbeEntry, accepted_options, available, build, entry, probe_class, probe_specs, register, standard_set,
+    ProbeEntry,
+    accepted_options,
+    available,
+    build,
+    entry,
+    probe_class,
+    probe_specs,
+    register,
+    standard_set,
+    unregister,
 )
 
-# Importing the families fills the registry.
-from epviz.probes import abmilp, blocks, ep, linear, mhca, simpool, spatial  # noqa: E402,F401  isort: skip
+# Importing the families (one module per family, named after it) fills the registry.
+from epviz.probes import (  # noqa: E402,F401  isort: skip
+    abmilp, aim, cae, cait, cbam, clip, coca, dinovit, dolg, ep, jepa, linear, mhca, siglip, simpool,
+)
 
-__all__ = ["HookPoint", "Pooled", "Probe", "ProbeEntry", "accepted_options", "available", "build", "entry", "probe_class",
-           "probe_specs", "register", "standard_set", "trainable_params"]
+__all__ = ["HookPoint", "Pooled", "Probe", "ProbeEntry", "Routed", "accepted_options", "available", "build", "entry",
+           "probe_class", "probe_specs", "register", "standard_set", "trainable_params", "unregister"]

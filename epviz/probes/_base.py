@@ -24,7 +24,11 @@ the patch part renormalised to sum 1, and the probe rebuilds the full weights as
 the uniform one over all the keys it attends to (1/N for patch-only predictors,
 1/(N+E) when it also sees E other keys). For spatial-map probes (dolg, cbam) the
 map is replaced by its mean value, which is the same thing once the map is
-normalised to sum 1.
+normalised to sum 1. For self-attention predictors (dinovit) every query row of
+head j becomes uniform.
+
+All of this happens in one place, :meth:`Probe._route_attention`, which every
+attentive family calls with its raw weights.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["HookPoint", "Probe", "Pooled", "divisors", "resolve_heads", "split_heads", "trainable_params", "uniform_rows"]
+from epviz.probes._layers import uniform_rows
+
+__all__ = ["HookPoint", "Pooled", "Probe", "Routed", "trainable_params"]
 
 
 class HookPoint(nn.Module):
@@ -50,7 +56,7 @@ class Pooled(NamedTuple):
     """What a probe's pooling stage returns.
 
     Attributes:
-        features: Pooled features, shape (B, width).
+        features: The pooled vector (what :meth:`Probe.pooled` returns), shape (B, width).
         maps: Predictor distributions over the patch tokens, shape (B, K, N), or None when K == 0.
         nonpatch: Attention mass each predictor puts on keys that are not patch tokens,
             shape (B, K), or None when every key is a patch token.
@@ -61,63 +67,32 @@ class Pooled(NamedTuple):
     nonpatch: torch.Tensor | None = None
 
 
+class Routed(NamedTuple):
+    """Attention weights after :meth:`Probe._route_attention`.
+
+    Attributes:
+        weights: The weights the pooling goes on with, shaped like the input weights
+            (uniform rows applied, rebuilt from the hook's output where it is in the path).
+        maps: What ``hook_attn`` returned: distributions over the patch tokens, shape (B, K, N).
+        nonpatch: Mass (B, K) on keys that are not patch tokens, or None when there are none.
+    """
+
+    weights: torch.Tensor
+    maps: torch.Tensor
+    nonpatch: torch.Tensor | None = None
+
+
 def trainable_params(module: nn.Module) -> int:
     """Number of parameters with ``requires_grad``."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def divisors(n: int) -> list[int]:
-    """All positive divisors of `n`, ascending."""
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def resolve_heads(dim: int, heads: int | None, preferred: int, name: str) -> int:
-    """The number of attention heads to use.
-
-    Args:
-        dim: Width the heads split.
-        heads: An explicit choice, or None for the default.
-        preferred: The reference implementation's head count, used when it divides `dim`;
-            otherwise the largest divisor of `dim` below it.
-        name: Probe name, for error messages.
-    """
-    if heads is None:
-        return max(d for d in divisors(dim) if d <= max(1, preferred))
-    heads = int(heads)
-    if heads < 1 or dim % heads:
-        valid = [d for d in divisors(dim) if d <= 64]
-        raise ValueError(f"probe '{name}': heads={heads} must divide the token width D={dim}; valid choices include {valid}")
-    return heads
-
-
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reshape (B, L, H*d) to (B, H, L, d)."""
-    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
-
-
-def uniform_rows(attn: torch.Tensor, rows: frozenset[int], axis: int = 1) -> torch.Tensor:
-    """Replace the distributions at positions `rows` of `axis` by the uniform one.
-
-    Args:
-        attn: Attention weights whose last axis is the key axis (sums to 1).
-        rows: Predictor indices along `axis` to make uniform.
-        axis: The predictor axis.
-    """
-    if not rows:
-        return attn
-    mask = torch.zeros(attn.shape[axis], dtype=torch.bool, device=attn.device)
-    mask[sorted(rows)] = True
-    shape = [1] * attn.ndim
-    shape[axis] = attn.shape[axis]
-    fill = torch.full((), 1.0 / attn.shape[-1], dtype=attn.dtype, device=attn.device)
-    return torch.where(mask.view(shape), fill, attn)
 
 
 class Probe(nn.Module):
     """Base class of every probe.
 
     Subclasses build their pooling modules, call :meth:`_finish` with the pooled width,
-    and implement :meth:`_pool` and :attr:`num_predictors`.
+    and implement :meth:`_pool` and :attr:`num_predictors`; attentive ones pass their
+    raw attention weights through :meth:`_route_attention`.
 
     Attributes:
         name: Registry name of the family (set by ``@register``).
@@ -165,7 +140,7 @@ class Probe(nn.Module):
         """Number K of attention predictors."""
         return 0
 
-    # --- the three public verbs -------------------------------------------------------
+    # --- the public verbs ------------------------------------------------------------
 
     def forward(
         self,
@@ -180,18 +155,53 @@ class Probe(nn.Module):
             prefix_tokens: Prefix tokens (B, P, D) ([CLS] at index 0), or None.
             uniform: Predictors whose distributions are replaced by the uniform one.
         """
-        return self.head(self.norm(self.features(patch_tokens, prefix_tokens, uniform)))
+        return self.head(self.norm(self.pooled(patch_tokens, prefix_tokens, uniform)))
 
-    def features(
+    def pooled(
         self,
         patch_tokens: torch.Tensor,
         prefix_tokens: torch.Tensor | None = None,
         uniform: Iterable[int] | int | None = None,
     ) -> torch.Tensor:
-        """The pooled feature before ``norm`` (what ``hook_pooled`` sees), shape (B, width)."""
+        """The pooled vector before ``norm`` (what ``hook_pooled`` sees), shape (B, width).
+
+        Args:
+            patch_tokens: Patch tokens (B, N, D).
+            prefix_tokens: Prefix tokens (B, P, D), or None.
+            uniform: Predictors whose distributions are replaced by the uniform one.
+        """
         patch, prefix = self._validate(patch_tokens, prefix_tokens)
         out = self._pool(patch, prefix, self._uniform_set(uniform))
         return self.hook_pooled(out.features)
+
+    def ablated_logits(
+        self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full logits and the logits with each predictor made uniform in turn.
+
+        This implementation runs ``self(patch, prefix, uniform=[j])`` once per predictor;
+        families with an exact shortcut override it (see :attr:`fast_ablation`).
+
+        Args:
+            patch_tokens: Patch tokens (B, N, D).
+            prefix_tokens: Prefix tokens (B, P, D), or None.
+
+        Returns:
+            Logits (B, C) and, stacked over the K predictors, the ablated logits (K, B, C).
+
+        Raises:
+            ValueError: The probe has no attention predictors.
+        """
+        if self.num_predictors == 0:
+            raise ValueError(f"probe '{self.name}' has no attention predictors, so there is nothing to ablate; use an attentive probe")
+        full = self(patch_tokens, prefix_tokens)
+        ablated = torch.stack([self(patch_tokens, prefix_tokens, uniform=[j]) for j in range(self.num_predictors)])
+        return full, ablated
+
+    @property
+    def fast_ablation(self) -> bool:
+        """Whether :meth:`ablated_logits` takes a shortcut that equals the per-predictor loop."""
+        return False
 
     def attention(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Attention maps (B, K, N): one distribution over the N patch tokens per predictor."""
@@ -229,22 +239,59 @@ class Probe(nn.Module):
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         raise NotImplementedError
 
-    def _hook_maps(self, attn: torch.Tensor, num_patch: int, extra_first: bool = False) -> tuple[torch.Tensor, Pooled]:
-        """Pass attention weights through ``hook_attn`` and rebuild them from its output.
+    def _route_attention(
+        self,
+        attn: torch.Tensor,
+        uniform: frozenset[int],
+        *,
+        num_patch: int | None = None,
+        extra_first: bool = False,
+    ) -> Routed:
+        """Apply ``uniform``, pass the maps through ``hook_attn`` and rebuild the weights from its output.
+
+        The shape of `attn` says what kind of predictor it holds:
+
+        - (B, K, L): K distributions over L keys, the `num_patch` patch keys plus L - N others
+          (before them when `extra_first`). Uniform rows become 1/L over all keys; the hook
+          sees the patch part renormalised to sum 1 and the weights are rebuilt as
+          ``map * patch_mass``.
+        - (B, H, N, N): self-attention with the H heads as predictors. Uniform makes every
+          query row of the head 1/N; the hook observes the mean over query rows and its
+          output is not used (the class must set ``attn_hook_in_path = False``).
+        - (B, N): one positive spatial map w (not a distribution). The hook sees
+          w / sum(w) as a (B, 1, N) map, uniform replaces it by 1/N (w by its mean), and the
+          weights are the hook's output times sum(w), shape (B, N).
 
         Args:
-            attn: Weights (B, K, L) over L keys: the `num_patch` patch tokens plus L - N others.
-            num_patch: Number N of patch keys.
-            extra_first: Whether the other keys come before the patch keys.
+            attn: The raw weights, as above.
+            uniform: Predictors to make uniform.
+            num_patch: Number N of patch keys among the L keys (default: all of them).
+            extra_first: Whether the non-patch keys come before the patch keys.
 
         Returns:
-            The (possibly hook-edited) weights over all L keys, and a Pooled holding the maps
-            and non-patch mass (its features field is a placeholder).
+            The weights to pool with, the maps the hook returned, and the non-patch mass.
         """
-        n_extra = attn.shape[-1] - num_patch
+        if num_patch is not None and attn.ndim != 3 and num_patch != attn.shape[-1]:
+            raise ValueError(f"probe '{self.name}': only (B, K, L) weights can have non-patch keys; got shape {tuple(attn.shape)} with num_patch={num_patch}")
+        if attn.ndim == 2:
+            total = attn.sum(dim=-1, keepdim=True)
+            maps = self.hook_attn(uniform_rows((attn / total).unsqueeze(1), uniform))  # (B, 1, N)
+            return Routed(maps.squeeze(1) * total, maps)
+        if attn.ndim == 4:
+            if self.attn_hook_in_path:
+                raise TypeError(
+                    f"probe class {type(self).__name__} routes (B, H, N, N) self-attention, whose hook only observes "
+                    "the mean over query rows: set the class attribute attn_hook_in_path = False"
+                )
+            attn = uniform_rows(attn, uniform)
+            return Routed(attn, self.hook_attn(attn.mean(dim=2)))
+        if attn.ndim != 3:
+            raise ValueError(f"probe '{self.name}': attention weights must be (B, K, L), (B, H, N, N) or (B, N); got shape {tuple(attn.shape)}")
+        attn = uniform_rows(attn, uniform)
+        n_extra = 0 if num_patch is None else attn.shape[-1] - num_patch
         if n_extra == 0:
             maps = self.hook_attn(attn)
-            return maps, Pooled(attn, maps, None)
+            return Routed(maps, maps)
         if extra_first:
             extra, patch = attn[..., :n_extra], attn[..., n_extra:]
         else:
@@ -253,35 +300,7 @@ class Probe(nn.Module):
         maps = self.hook_attn(patch / mass.clamp_min(torch.finfo(attn.dtype).tiny))
         patch = maps * mass
         full = torch.cat([extra, patch] if extra_first else [patch, extra], dim=-1)
-        return full, Pooled(attn, maps, extra.sum(-1))
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        uniform: frozenset[int],
-        num_patch: int,
-        extra_first: bool = False,
-    ) -> tuple[torch.Tensor, Pooled]:
-        """Multi-head attention of one query per head, with the heads as predictors.
-
-        Args:
-            q: Queries (B or 1, H, 1, d), not yet scaled.
-            k: Keys (B, H or 1, L, d).
-            v: Values (B, H or 1, L, d_v).
-            uniform: Heads whose weights become uniform over the L keys.
-            num_patch: How many of the L keys are patch tokens.
-            extra_first: Whether the non-patch keys come first.
-
-        Returns:
-            The heads' outputs concatenated, shape (B, H * d_v), and a Pooled with the maps.
-        """
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, 1, L)
-        attn = uniform_rows(scores.squeeze(2).softmax(dim=-1), uniform)
-        attn, maps = self._hook_maps(attn, num_patch, extra_first)
-        out = (attn.unsqueeze(2) @ v).squeeze(2)  # (B, H, d_v)
-        return out.reshape(out.shape[0], -1), maps
+        return Routed(full, maps, extra.sum(-1))
 
     def _attention_output(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None) -> Pooled:
         if self.num_predictors == 0:

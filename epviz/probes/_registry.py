@@ -21,7 +21,8 @@ import torch
 
 from epviz.probes._base import Probe
 
-__all__ = ["ProbeEntry", "accepted_options", "available", "build", "entry", "probe_class", "probe_specs", "register", "standard_set"]
+__all__ = ["ProbeEntry", "accepted_options", "available", "build", "entry", "probe_class", "probe_specs", "register", "standard_set",
+           "unregister"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,26 @@ def register(name: str, family: str | type[Probe] | None = None, *, standard: bo
     added = ProbeEntry(name, cls, dict(options), bool(standard))
     _REGISTRY[name] = added
     return added
+
+
+def unregister(name: str) -> ProbeEntry:
+    """Remove a registered name (e.g. a family defined in a notebook cell that is run again).
+
+    Args:
+        name: A registered family or variant; a family's variants must be removed first.
+
+    Returns:
+        The removed entry.
+
+    Raises:
+        ValueError: The name is unknown, or it is a family that still has variants.
+    """
+    removed = entry(name)
+    if not removed.is_variant:
+        variants = sorted(n for n, e in _REGISTRY.items() if e.family is removed.family and e.is_variant)
+        if variants:
+            raise ValueError(f"probe family {name!r} still has the variant(s) {variants}: unregister them first")
+    return _REGISTRY.pop(name)
 
 
 def available(*, attentive: bool | None = None, sliced: bool | None = None, variants: bool = True) -> list[str]:
@@ -179,7 +200,7 @@ def probe_specs(probes: str | Sequence[str] | Mapping[str, Mapping | None]) -> d
     if isinstance(probes, str):
         probes = [probes]
     if not isinstance(probes, Mapping):
-        probes = {p: None for p in probes}
+        probes = dict.fromkeys(probes)
     specs = {}
     for label, options in probes.items():
         options = dict(options or {})

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from epviz.probes._base import Pooled, Probe, uniform_rows
+from epviz.probes._base import Pooled, Probe
 from epviz.probes._registry import register
 
 __all__ = ["AbmilpProbe"]
@@ -39,6 +39,5 @@ class AbmilpProbe(Probe):
         b, n, _ = patch.shape
         q, k, v = self.qkv(patch).view(b, n, 3, 1, self.dim).permute(2, 0, 3, 1, 4).unbind(0)
         s = self.proj(F.scaled_dot_product_attention(q, k, v).squeeze(1))  # (B, N, D)
-        weights = uniform_rows(self.scorer(s).transpose(1, 2).softmax(dim=-1), uniform)  # (B, 1, N)
-        weights = self.hook_attn(weights)
-        return Pooled((weights @ s).squeeze(1), weights)
+        weights, maps, _ = self._route_attention(self.scorer(s).transpose(1, 2).softmax(dim=-1), uniform)  # (B, 1, N)
+        return Pooled((weights @ s).squeeze(1), maps)

@@ -13,9 +13,13 @@ form). :meth:`EfficientProbe.pool_direct` projects every token first (the direct
 form); both give the same y.
 
 ``ep_all`` appends the prefix tokens ([CLS], registers) as extra keys and values (not
-as queries). Its :meth:`~epviz.probes.base.Probe.attention` returns each query's
+as queries). Its :meth:`~epviz.probes.Probe.attention` returns each query's
 distribution restricted to the patch tokens and renormalised to sum 1; the mass on
 the prefix tokens is :meth:`EfficientProbeAll.prefix_mass`.
+
+Uniform ablation has a shortcut here: a uniform query's output is mean(keys) W_V^(j),
+so :meth:`EfficientProbe.ablated_logits` pools once and swaps one query's slice at a
+time, with one batched norm + head call for all M queries.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from epviz.probes._base import Pooled, Probe, divisors, uniform_rows
+from epviz.probes._base import Pooled, Probe, Routed
+from epviz.probes._layers import divisors
 from epviz.probes._registry import register
 
 __all__ = ["EfficientProbe", "EfficientProbeAll"]
@@ -76,19 +81,59 @@ class EfficientProbe(Probe):
     def _keys(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
         return patch
 
-    def _weights(self, keys: torch.Tensor, num_patch: int, uniform: frozenset[int]) -> tuple[torch.Tensor, Pooled]:
+    def _weights(self, keys: torch.Tensor, num_patch: int, uniform: frozenset[int]) -> Routed:
         # one (B*L, D) x (D, M) product; scaling the small query matrix instead of the scores saves a pass
         scores = F.linear(keys, self.queries * self.dim**-0.5)  # (B, L, M)
-        attn = uniform_rows(scores.softmax(dim=1).transpose(1, 2), uniform)  # (B, M, L)
-        return self._hook_maps(attn, num_patch)
+        return self._route_attention(scores.softmax(dim=1).transpose(1, 2), uniform, num_patch=num_patch)  # (B, M, L)
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         keys = self._keys(patch, prefix)
-        attn, maps = self._weights(keys, patch.shape[1], uniform)
+        attn, maps, nonpatch = self._weights(keys, patch.shape[1], uniform)
         pooled = torch.bmm(attn, keys)  # (B, M, D): a_j X
         w = self.value.weight.view(self.num_queries, self.slice_width, self.dim)  # W_V^(j) as (c, D)
         y = torch.einsum("bmd,mcd->bmc", pooled, w.to(pooled.dtype))
-        return maps._replace(features=y.reshape(len(patch), self.width))
+        return Pooled(y.reshape(len(patch), self.width), maps, nonpatch)
+
+    @property
+    def fast_ablation(self) -> bool:
+        """Whether :meth:`ablated_logits` takes the slice-swap shortcut.
+
+        It does when the shortcut equals the per-predictor loop: the probe is in eval mode
+        (the batched norm call would otherwise mix batch statistics), ``hook_attn`` and
+        ``hook_pooled`` carry no forward hooks or pre-hooks, and the class keeps EP's pooling.
+        """
+        cls = type(self)
+        return (
+            not self.training
+            and all(getattr(cls, method) is getattr(EfficientProbe, method) for method in _POOLING_METHODS)
+            and not _has_hooks(self.hook_attn)
+            and not _has_hooks(self.hook_pooled)
+        )
+
+    def ablated_logits(
+        self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full logits (B, C) and the logits with each query made uniform in turn (M, B, C).
+
+        With :attr:`fast_ablation`, y is pooled once, each query's uniform slice
+        mean(keys) W_V^(j) is one small product, and the M ablated features go through
+        ``norm`` and ``head`` in one batched call; otherwise the per-query loop of
+        :meth:`Probe.ablated_logits` runs.
+        """
+        if not self.fast_ablation:
+            return super().ablated_logits(patch_tokens, prefix_tokens)
+        patch, prefix = self._validate(patch_tokens, prefix_tokens)
+        y = self.pooled(patch, prefix)  # (B, D_o), pooled once
+        keys = self._keys(patch, prefix)
+        w = self.value.weight.view(self.num_queries, self.slice_width, self.dim)
+        y_uniform = torch.einsum("bd,mcd->bmc", keys.mean(dim=1), w.to(keys.dtype)).reshape(y.shape)
+        k = self.num_predictors
+        owner = torch.arange(self.width, device=y.device) // self.slice_width  # column -> query
+        swap = owner.unsqueeze(0) == torch.arange(k, device=y.device).unsqueeze(1)  # (M, D_o)
+        ablated = torch.where(swap.unsqueeze(1), y_uniform.unsqueeze(0), y.unsqueeze(0))  # (M, B, D_o)
+        logits = self.head(self.norm(torch.cat([y, ablated.reshape(-1, self.width)])))
+        full, rest = logits[: len(y)], logits[len(y) :]
+        return full, rest.view(k, len(y), -1)
 
     def pool_direct(
         self,
@@ -98,11 +143,11 @@ class EfficientProbe(Probe):
     ) -> torch.Tensor:
         """The pooled feature y computed in the direct form: project every token, then pool.
 
-        Same result as :meth:`features` at about M times the cost; kept as a reference.
+        Same result as :meth:`pooled` at about M times the cost; kept as a reference.
         """
         patch, prefix = self._validate(patch_tokens, prefix_tokens)
         keys = self._keys(patch, prefix)
-        attn, _ = self._weights(keys, patch.shape[1], self._uniform_set(uniform))
+        attn = self._weights(keys, patch.shape[1], self._uniform_set(uniform)).weights
         values = self.value(keys).view(*keys.shape[:2], self.num_queries, self.slice_width)  # (B, L, M, c)
         y = torch.einsum("bml,blmc->bmc", attn, values)
         return y.reshape(len(patch), self.width)
@@ -123,6 +168,14 @@ class EfficientProbeAll(EfficientProbe):
     def prefix_mass(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:
         """Attention mass (B, M) each query puts on the prefix tokens."""
         return self.nonpatch_mass(patch_tokens, prefix_tokens)
+
+
+# Methods whose EP versions the ablation shortcut relies on; a subclass overriding one falls back to the loop.
+_POOLING_METHODS = ("forward", "pooled", "_pool", "_weights", "_route_attention")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _check_shapes(name: str, dim: int, num_queries: int, d_out: int) -> None:

@@ -13,23 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe, resolve_heads, split_heads
+from epviz.probes._base import Pooled, Probe
+from epviz.probes._layers import head_slices, merge_heads, query_weights, resolve_heads, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["SimPoolProbe", "EfficientSimPoolProbe"]
 
 
-class _HeadSlices:
-    heads: int
-    width: int
-
-    def predictor_slices(self) -> list[slice | None]:
-        d = self.width // self.heads
-        return [slice(h * d, (h + 1) * d) for h in range(self.heads)]
-
-
 @register("simpool")
-class SimPoolProbe(_HeadSlices, Probe):
+class SimPoolProbe(Probe):
     """SimPool: one GAP query, W_Q and W_K without biases, a shared LayerNorm.
 
     Args:
@@ -52,15 +44,18 @@ class SimPoolProbe(_HeadSlices, Probe):
     def num_predictors(self) -> int:
         return self.heads
 
+    def predictor_slices(self) -> list[slice | None]:
+        return head_slices(self.width, self.heads)
+
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         x = self.token_norm(patch)
         q = split_heads(self.wq(patch.mean(dim=1, keepdim=True)), self.heads)
-        out, maps = self._attend(q, split_heads(self.wk(x), self.heads), split_heads(x, self.heads), uniform, patch.shape[1])
-        return maps._replace(features=out)
+        attn, maps, _ = self._route_attention(query_weights(q, split_heads(self.wk(x), self.heads)), uniform)
+        return Pooled(merge_heads(attn, split_heads(x, self.heads)), maps)
 
 
 @register("esimpool")
-class EfficientSimPoolProbe(_HeadSlices, Probe):
+class EfficientSimPoolProbe(Probe):
     """SimPool without linear layers: query LN(GAP), keys LN(x), values x.
 
     Args:
@@ -81,8 +76,11 @@ class EfficientSimPoolProbe(_HeadSlices, Probe):
     def num_predictors(self) -> int:
         return self.heads
 
+    def predictor_slices(self) -> list[slice | None]:
+        return head_slices(self.width, self.heads)
+
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         q = split_heads(self.token_norm(patch.mean(dim=1, keepdim=True)), self.heads)
         k = split_heads(self.token_norm(patch), self.heads)
-        out, maps = self._attend(q, k, split_heads(patch, self.heads), uniform, patch.shape[1])
-        return maps._replace(features=out)
+        attn, maps, _ = self._route_attention(query_weights(q, k), uniform)
+        return Pooled(merge_heads(attn, split_heads(patch, self.heads)), maps)

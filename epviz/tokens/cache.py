@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from epviz.atomic import atomic_write_text
 from epviz.backbones import Backbone
+from epviz.data.protocol import Fingerprinted, ImageBatches
 from epviz.runtime import autocast, resolve_device
 from epviz.tokens.tokenset import TokenOrigin, TokenSet
 
@@ -127,13 +128,12 @@ def _slug(text: str) -> str:
 def _dataset_fingerprint(dataset, key: dict | None) -> dict:
     if key is not None:
         return dict(key)
-    fp = getattr(dataset, "fingerprint", None)
-    if fp is None:
+    if not isinstance(dataset, Fingerprinted):
         raise TypeError(
             f"{type(dataset).__name__} has no fingerprint(); the token cache needs one to know when tokens are stale. "
             "Give the dataset a fingerprint() method returning a JSON-able dict, or pass dataset_key={...}"
         )
-    return fp()
+    return dataset.fingerprint()
 
 
 def cache_key(backbone: Backbone, dataset_fingerprint: dict, layers: list[int], norm: bool, precision: str, dtype: str, transform: dict) -> tuple[str, dict]:
@@ -154,7 +154,7 @@ def cache_key(backbone: Backbone, dataset_fingerprint: dict, layers: list[int], 
 def _image_batches(dataset, batch_size: int, num_workers: int):
     """Yield (images float (B, C, H, W), labels (B,)) from any supported dataset."""
     n = len(dataset)
-    if hasattr(dataset, "image_batch") and hasattr(dataset, "labels"):
+    if isinstance(dataset, ImageBatches):
         labels = torch.as_tensor(dataset.labels)
         for s in range(0, n, batch_size):
             yield dataset.image_batch(slice(s, s + batch_size)), labels[s : s + batch_size]

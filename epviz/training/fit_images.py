@@ -68,7 +68,7 @@ def fit_images(
         probe: A freshly built probe for the backbone's width (trained in place).
         backbone: The frozen backbone (:func:`epviz.load_backbone`).
         train: Training images: a dataset with ``with_transform`` (:class:`~epviz.data.annotated.AnnotatedImages`,
-            e.g. from :func:`epviz.experiments.load_dataset`), so that the augmentation replaces its transform.
+            e.g. from :func:`epviz.data.load_split`), so that the augmentation replaces its transform.
         val: Validation images under the evaluation transform; without them the last epoch is kept.
         layer: Block whose output the probe reads (0 = first, -1 = last).
         epochs: Number of epochs (reference: 90).
@@ -97,7 +97,7 @@ def fit_images(
     if not hasattr(train, "with_transform"):
         raise TypeError(
             f"the per-step protocol augments the image files themselves, so train must be a dataset of files with "
-            f"with_transform() (epviz.experiments.load_dataset('imagenet:/root', 'train')); got {type(train).__name__}"
+            f"with_transform() (epviz.data.load_split('imagenet:/root', 'train')); got {type(train).__name__}"
         )
     check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None)
     if probe.dim != backbone.dim:

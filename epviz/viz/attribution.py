@@ -13,6 +13,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
+from epviz.analysis.stats import spearman
 from epviz.viz.maps import draw_boxes, upsample_maps
 from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure
 
@@ -23,12 +24,6 @@ IMPORTANCE_LABELS = {
     "importance_prob": "true-class probability drop, slice ablated",
     "importance_logit": "true-class logit drop, slice ablated",
 }
-
-
-def _spearman(x: pd.Series, y: pd.Series) -> float:
-    if len(x) < 2 or x.nunique() < 2 or y.nunique() < 2:
-        return float("nan")
-    return float(x.corr(y, method="spearman"))
 
 
 def importance_vs_delta_acc(table: pd.DataFrame, x: str = "delta_acc", y: str = "importance_acc",
@@ -53,7 +48,7 @@ def importance_vs_delta_acc(table: pd.DataFrame, x: str = "delta_acc", y: str = 
         ax.scatter(part[x], part[y], s=18, color=colours[backbone])
         for _, row in part.iterrows():
             ax.annotate(str(int(row["predictor"])), (row[x], row[y]), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        ax.set_title(f"{backbone}   Spearman ρ = {_spearman(part[x], part[y]):.2f}", fontsize=8)
+        ax.set_title(f"{backbone}   Spearman ρ = {spearman(part[x], part[y]).rho:.2f}", fontsize=8)
         ax.set_xlabel(axis_label(x), fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(4))
         ax.tick_params(labelsize=7)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from epviz.analysis.stats import spearman
 from epviz.viz.style import axis_label, backbone_order, require_columns, save_figure
 
 __all__ = ["delta_acc_panels"]
@@ -24,15 +26,13 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
 
     Args:
         table: One row per predictor with columns ``backbone``, ``probe``, `x`, `y`
-            (see :func:`epviz.experiments.predictor_table`).
+            (see :func:`epviz.analysis.predictor_table`).
         x: The map property: ``maxboxacc_v2``, ``inbox_mass``, ``pointing``, ``entropy``, ``entropy_norm``...
         y: The accuracy drop column.
         panels: Panel title -> probe labels it shows (default: one panel with every probe).
         out: Folder for ``<name>.png`` / ``.csv``; None saves nothing.
         name: File stem.
     """
-    from scipy.stats import spearmanr
-
     require_columns(table, ["backbone", "probe", x, y], "delta_acc_panels")
     probes = list(dict.fromkeys(table["probe"]))
     panels = {"probes": probes} if panels is None else {k: list(v) for k, v in panels.items()}
@@ -56,8 +56,8 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
             ax.axhline(0, color="k", lw=0.6, ls=":")
             if x == "inbox_mass" and "chance_mass" in rows and len(rows):
                 ax.axvline(float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--", label="chance (box area)")
-            if len(rows) > 2 and rows[x].nunique() > 1 and rows[y].nunique() > 1:
-                rho = spearmanr(rows[x], rows[y]).statistic
+            rho = spearman(rows[x], rows[y]).rho if len(rows) > 2 else float("nan")
+            if np.isfinite(rho):
                 ax.text(0.03, 0.95, f"ρ = {rho:+.2f}", transform=ax.transAxes, fontsize=7, va="top")
             ax.set_title(f"{backbone} · {title}", fontsize=8)
             if r == len(backbones) - 1:

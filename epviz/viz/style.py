@@ -12,19 +12,14 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from epviz.analysis.meters import column_label
 from epviz.atomic import atomic_write
 
 __all__ = ["BACKBONE_PALETTE", "METRIC_LABELS", "axis_label", "backbone_colours", "backbone_order", "register_label",
            "require_columns", "save_figure"]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
-METRIC_LABELS = {
-    "maxboxacc_v2": "MaxBoxAccV2 (localization)",
-    "inbox_mass": "attention mass inside the GT box",
-    "pointing": "pointing game (argmax in box)",
-    "entropy": "entropy of the map (nats)",
-    "entropy_norm": "entropy / log N (1 = uniform)",
-    "delta_acc": "Δacc when the predictor is made uniform",
+METRIC_LABELS = {  # the per-predictor measures' labels come with their meters (epviz.analysis.meters)
     "params": "trainable parameters",
     "gflops": "probe GFLOPs per image",
     "total_gflops": "backbone + probe GFLOPs per image",
@@ -36,13 +31,15 @@ METRIC_LABELS = {
 
 
 def register_label(column: str, label: str) -> None:
-    """Give a result column its axis label (per-predictor meters register theirs)."""
+    """Give a result column its axis label (it takes precedence over a meter's label)."""
     METRIC_LABELS[str(column)] = str(label)
 
 
 def axis_label(column: str) -> str:
-    """The axis label of a result column (its registered label, else the column name)."""
-    return METRIC_LABELS.get(column, column.replace("_", " "))
+    """The axis label of a result column: its registered label, else its meter's label, else its name."""
+    if column in METRIC_LABELS:
+        return METRIC_LABELS[column]
+    return column_label(column) or column.replace("_", " ")
 
 
 def require_columns(data: pd.DataFrame, columns: list[str], what: str) -> None:

@@ -123,3 +123,40 @@ def test_probe_without_predictors(tokens, name):
 def test_bad_predictor_index(tokens):
     with pytest.raises(ValueError, match="predictors got"):
         uniform_ablation(sharp("ep"), tokens, predictors=[8])
+
+
+def test_methods_delegate_to_the_probe(tokens, monkeypatch):
+    probe = sharp("ep", tokens=tokens)
+    b = tokens.batch(np.arange(12))
+    calls = []
+    own = probe.ablated_logits
+
+    def spy(patch, prefix=None):
+        calls.append(len(patch))
+        return own(patch, prefix)
+
+    monkeypatch.setattr(probe, "ablated_logits", spy)
+    with torch.no_grad():
+        auto = ablated_logits(probe, b)
+        fast = ablated_logits(probe, b, method="fast")
+        assert calls == [12, 12]
+        direct = ablated_logits(probe, b, method="direct")  # the base-class loop, not the probe's shortcut
+    assert calls == [12, 12]
+    torch.testing.assert_close(auto[1], direct[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[0], direct[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        ablated_logits(probe, b, method="quick")
+
+
+def test_a_batch_of_a_pass_works_like_a_token_batch(tokens):
+    from epviz.analysis import MeterBatch
+
+    probe = sharp("mhca", tokens=tokens)
+    b = tokens.batch(np.arange(10))
+    with torch.no_grad():
+        full, ablated = ablated_logits(probe, MeterBatch(probe, b), method="direct")
+        ref_full, ref = ablated_logits(probe, b, method="direct")
+    assert ablated.shape == (probe.num_predictors, 10, C)
+    torch.testing.assert_close(full, ref_full)
+    torch.testing.assert_close(ablated, ref)
+

@@ -51,7 +51,7 @@ def true_class_scores(probe, tokens, pooled_edit=None):
     """Mean true-class logit, probability and accuracy, optionally editing the pooled feature first."""
     b = tokens.batch(np.arange(len(tokens)))
     with torch.no_grad():
-        y = probe.features(b.patch, b.prefix)
+        y = probe.pooled(b.patch, b.prefix)
         if pooled_edit is not None:
             y = pooled_edit(y.clone())
         logits = probe.head(probe.norm(y)).double()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.analysis import backbone_flops, count_flops, efficiency, probe_flops, throughput, trainable_params
+from epviz.analysis import backbone_flops, count_flops, efficiency, probe_costs, probe_flops, throughput
+from epviz.probes import trainable_params
 
 
 def test_flop_counter_counts_two_per_multiply_add():
@@ -85,3 +86,14 @@ def test_every_probe_can_be_counted(name):
     probe = probes.build(name, 64, 5, **options)
     df = efficiency({name: probe}, num_tokens=16, num_prefix=1, measure_speed=False, device="cpu")
     assert df.loc[0, "flops"] > 0 and df.loc[0, "params"] == trainable_params(probe)
+
+
+def test_probe_costs_rank_ep_below_mhca(test_vit_backbone):
+    costs = probe_costs(["cls", "ep16", "mhca"], test_vit_backbone, 10)
+    assert list(costs["probe"]) == ["cls", "ep16", "mhca"] and (costs["backbone"] == "test_vit").all()
+    cost = costs.set_index("probe")
+    d, c = test_vit_backbone.dim, 10
+    assert cost.loc["cls", "params"] == d * c + c
+    assert cost.loc["ep16", "pool_params"] == 16 * d + d * d
+    assert cost.loc["ep16", "flops"] < cost.loc["mhca", "flops"]
+    assert (cost["backbone_flops"] > 0).all() and cost["throughput"].isna().all()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from skimage.measure import label, regionprops
 
 import epviz.probes as probes
-from epviz.analysis import LocalizationMeter, localization, localization_from_maps
+from epviz.analysis import Localization, LocalizationMeter, localization, localization_from_maps, measure
 from epviz.evaluate import collect_attention
 from epviz.tokens import TokenOrigin, TokenSet
 
@@ -235,3 +235,19 @@ def test_tokens_and_dataset_must_match(setup):
     tokens, probe, boxes = setup
     with pytest.raises(ValueError, match="12"):
         localization(probe, tokens, BoxedSet(boxes[:5]))
+
+
+def test_the_meter_upsamples_in_chunks_and_keeps_its_curves(setup):
+    tokens, probe, boxes = setup
+    meter = Localization(thresholds=np.arange(0, 1, 0.1), chunk_size=3)
+    df = measure(probe, tokens, BoxedSet(boxes), [meter], batch_size=8)
+    ref, ref_curves = localization_from_maps(collect_attention(probe, tokens), [b for b in boxes], GRID, SIZE,
+                                             thresholds=np.arange(0, 1, 0.1), return_curves=True)
+    assert meter.meter.n == 12
+    cols = ["maxboxacc_v2", "maxboxacc_iou50", "best_tau_iou50", "inbox_mass", "chance_mass", "pointing", "n_images"]
+    np.testing.assert_allclose(df[cols].to_numpy(float), ref[cols].to_numpy(float), rtol=1e-6)
+    np.testing.assert_allclose(meter.curves()["box_acc"], ref_curves["box_acc"])
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        Localization(chunk_size=0)
+    with pytest.raises(ValueError, match="has not started"):
+        Localization().summary()

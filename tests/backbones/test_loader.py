@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from epviz.backbones import zoo
-from epviz.backbones import BackboneError, HubUnavailable, load_backbone
+from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader
 
 TRAINED = [n for n in zoo.ZOO if n != "tiny-random"]
 
@@ -126,3 +126,13 @@ def test_layer_indices(test_vit_backbone):
             bb.resolve_layers(bad)
     with pytest.raises(ValueError, match="integers"):
         bb.resolve_layers([1.0])
+
+
+def test_present_backbones_leaves_out_zoo_models_without_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader.zoo, "zoo_weights", lambda name: tmp_path / f"{name}.safetensors")
+    (tmp_path / "tiny-sup.safetensors").write_bytes(b"")
+    (tmp_path / "tiny-sup.json").write_text("{}")
+    (tmp_path / "tiny-mae.safetensors").write_bytes(b"")  # weights without a model card are not loadable
+    with pytest.warns(UserWarning, match="tiny-mae"):
+        kept = loader.present_backbones(["tiny-mae", "tiny-sup", "tiny-random", "vit_small_patch16_224"])
+    assert kept == ["tiny-sup", "tiny-random", "vit_small_patch16_224"]

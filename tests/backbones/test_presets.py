@@ -60,17 +60,10 @@ def test_load_backbone_resolves_a_preset_to_its_timm_model():
     assert bb.model.forward_features(x).shape == (1, 197, 384)
 
 
-def test_pretrained_cfg_and_img_size_pass_through(monkeypatch):
-    seen = {}
-
-    def fake_load(name, weights=None, pretrained=True, device=None, **kwargs):
-        seen.update(name=name, pretrained=pretrained, kwargs=kwargs)
-        raise BackboneError("stop")
-
-    monkeypatch.setattr("epviz.backbones.load_backbone", fake_load)
-    with pytest.raises(BackboneError):
-        presets.load("dinov2-vit-b")
-    assert seen == {"name": "vit_base_patch14_dinov2.lvd142m", "pretrained": True, "kwargs": {"img_size": 224}}
+def test_pretrained_cfg_and_img_size_pass_through():
+    timm_name, pretrained, kwargs, card = presets.resolve("dinov2-vit-b", None, True, {})
+    assert (timm_name, pretrained, kwargs) == ("vit_base_patch14_dinov2.lvd142m", True, {"img_size": 224})
+    assert card["preset"] == "dinov2-vit-b" and card["ep_all"] is True
 
 
 def test_clear_errors():

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
-from tests.data.formats import write_cub
 
-from epviz import experiments
+from epviz.data import load_split
 from epviz.data.annotated import AnnotationError
 from epviz.data.cub import cub
 from epviz.data.images import ImageFileError
 from epviz.data.transforms import EvalTransform
+from tests.data.formats import write_cub
 
 
 def test_labels_splits_and_boxes_after_the_transform(tmp_path):
@@ -30,7 +30,7 @@ def test_parent_folder_and_spec(tmp_path):
     write_cub(tmp_path / "CUB_200_2011", per_class=10)
     assert len(cub(tmp_path, "test")) == 15
     spec = f"cub:{tmp_path}"
-    train, val = experiments.load_dataset(spec, "train"), experiments.load_dataset(spec, "val")
+    train, val = load_split(spec, "train"), load_split(spec, "val")
     assert len(val) == 3 and len(train) == 12 and not {s.path for s in train.samples} & {s.path for s in val.samples}
 
 

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 import torch
-from tests.data.formats import WNIDS, write_image, write_imagenet
 
-from epviz import experiments
+from epviz import Setting
+from epviz.data import load_split, standard_splits
 from epviz.data.annotated import AnnotationError
-from epviz.data.images import ImageFileError
 from epviz.data.imagenet import imagenet, read_solution_csv
+from epviz.data.images import ImageFileError
 from epviz.data.transforms import EvalTransform
+from tests.data.formats import WNIDS, write_image, write_imagenet
 
 
 def expected_boxes(box, width, height, t=EvalTransform()):
@@ -119,27 +120,27 @@ def test_box_cropped_away_is_reported_not_dropped(tmp_path):
 def test_dataset_spec_forms_train_val_test(tmp_path):
     write_imagenet(tmp_path, train_per_class=10, val_per_class=2)
     spec = f"imagenet:{tmp_path}"
-    train, val, test = (experiments.load_dataset(spec, s) for s in ("train", "val", "test"))
+    train, val, test = (load_split(spec, s) for s in ("train", "val", "test"))
     assert len(test) == 6 and test.has_boxes and test.split == "val"
     assert len(val) == 3 and len(train) == 27, "10% of each class of train is held out as val"
     assert not {s.path for s in train.samples} & {s.path for s in val.samples}
-    small = experiments.load_dataset(spec, "train", size=6, seed=1)
+    small = load_split(spec, "train", size=6, seed=1)
     assert np.bincount(small.labels).tolist() == [2, 2, 2], "subsets are balanced over classes"
-    assert small.fingerprint() != experiments.load_dataset(spec, "train", size=6, seed=2).fingerprint()
-    sets = experiments.standard_sets(True, spec)
+    assert small.fingerprint() != load_split(spec, "train", size=6, seed=2).fingerprint()
+    sets = standard_splits(spec, Setting.fast().sizes)
     assert {k: len(v) for k, v in sets.items()} == {"train": 27, "val": 3, "test": 6}
     assert torch.is_tensor(sets["test"][0][0])
 
 
 def test_dataset_spec_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset.*imagenet:<root>"):
-        experiments.load_dataset("imagenet-val", "test")
+        load_split("imagenet-val", "test")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        experiments.load_dataset(f"imagenet:{tmp_path / 'nowhere'}", "test")
+        load_split(f"imagenet:{tmp_path / 'nowhere'}", "test")
     write_imagenet(tmp_path)
     with pytest.raises(ValueError, match="unknown option 'zoom'"):
-        experiments.load_dataset(f"imagenet:{tmp_path}?zoom=2", "test")
+        load_split(f"imagenet:{tmp_path}?zoom=2", "test")
     with pytest.raises(ValueError, match="split"):
-        experiments.load_dataset(f"imagenet:{tmp_path}", "validation")
-    ds = experiments.load_dataset(f"imagenet:{tmp_path}?resize=120&crop=96", "test")
+        load_split(f"imagenet:{tmp_path}", "validation")
+    ds = load_split(f"imagenet:{tmp_path}?resize=120&crop=96", "test")
     assert ds[0][0].shape == (3, 96, 96) and ds.image_size == 96

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
-from tests.data.formats import write_pets
 from PIL import Image
 
-from epviz import experiments
+from epviz.data import load_split
 from epviz.data.annotated import AnnotationError
 from epviz.data.pets import pets, read_trimap
 from epviz.data.transforms import EvalTransform
+from tests.data.formats import write_pets
 
 
 def test_labels_classes_masks_and_boxes_from_trimaps(tmp_path):
@@ -57,6 +57,6 @@ def test_trimap_of_another_size_is_an_error(tmp_path):
 def test_spec_holds_out_val_from_trainval(tmp_path):
     write_pets(tmp_path, per_breed=20)
     spec = f"pets:{tmp_path}"
-    train, val, test = (experiments.load_dataset(spec, s) for s in ("train", "val", "test"))
+    train, val, test = (load_split(spec, s) for s in ("train", "val", "test"))
     assert (len(train), len(val), len(test)) == (18, 2, 20)
     assert np.bincount(val.labels).tolist() == [1, 1]

@@ -41,8 +41,8 @@ RUN_TIMEOUT = 240_000  # ms: kernel start, imports, token extraction and a probe
 SMALL_SETS = '''from epviz.data import ClutteredFashionMNIST
 sets = {"train": ClutteredFashionMNIST("train", 200, seed=0), "val": ClutteredFashionMNIST("train", 50, seed=1),
         "test": ClutteredFashionMNIST("test", 60, seed=0)}
-explorer = epviz.Explorer(["tiny-mae"], ["ep", "cls"], fast=True, sets=sets, fit_options={"epochs": 2}, localization_images=30)'''
-STANDARD_SETS = '''explorer = epviz.Explorer(["tiny-mae", "tiny-random"], ["ep", "cls", "mhca"], fast=False,
+explorer = epviz.Explorer(["tiny-mae"], ["ep", "cls"], setting=epviz.Setting.fast(), sets=sets, fit_options={"epochs": 2}, localization_images=30)'''
+STANDARD_SETS = '''explorer = epviz.Explorer(["tiny-mae", "tiny-random"], ["ep", "cls", "mhca"], setting=epviz.Setting.full(),
                           selection={"query": 6, "position": 4})'''
 
 

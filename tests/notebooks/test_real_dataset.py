@@ -24,15 +24,16 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, 4)
     (cell,) = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     cell.source = "\n".join([
-        "from pathlib import Path",
+        "import epviz",
+        "SETTING = epviz.Setting.fast()",
         "FAST = True",
         'BACKBONES = ("test_vit:random",)',
         "CONTROL = None",
         f'DATASET = "imagenet:{root}"',
         "LAYER = -1",
-        'PROBES = ("cls", "gap", "ep", "mhca", "cbam")',
+        'PROBES = ("cls", "gap", "ep16", "mhca", "cbam")',
         "SEED = 0",
-        f'FIGURES = Path("{figures}")',
+        f'FIGURES = "{figures}"',
     ])
     nb.cells.append(nbformat.v4.new_code_cell(
         f'results.to_csv("{tmp_path / "results.csv"}", index=False)\n'
@@ -41,7 +42,7 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=500, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     results = pd.read_csv(tmp_path / "results.csv")
-    assert set(results["probe"]) == {"cls", "gap", "ep", "mhca", "cbam"} and set(results["backbone"]) == {"test_vit:random"}
+    assert set(results["probe"]) == {"cls", "gap", "ep16", "mhca", "cbam"} and set(results["backbone"]) == {"test_vit:random"}
     assert results["test_acc"].between(0, 1).all()
     assert (tmp_path / "sizes.json").read_text() == '{"train": 21, "val": 3, "test": 9}'
-    assert any(figures.glob("01_accuracy_vs_params*.png")), "the figures were written where FIGURES points"
+    assert any((figures / "fast").glob("01_accuracy_vs_params*.png")), "the figures were written where FIGURES points"

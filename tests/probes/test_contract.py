@@ -10,16 +10,22 @@ from epviz.probes import Probe
 
 D, C, GRID = 64, 5, (4, 4)
 N = GRID[0] * GRID[1]
+# Every registered name, families and variants, including families registered outside epviz (tests/plugins).
 ALL = probes.available()
-ATTENTIVE = [n for n in ALL if n not in ("cls", "gap")]
-# Parameters the reference designs hold but never use in the forward pass (documented in each class).
+ATTENTIVE = probes.available(attentive=True)
+# Parameters the reference designs hold but never use in the forward pass (documented in each class), by family.
 DEAD = {"cae": {"unused_norm.weight", "unused_norm.bias"}}
-# Probes whose predictors also attend to keys that are not patch tokens.
-EXTRA_KEYS = {"ep_all", "clip", "cait"}
+# Families whose predictors also attend to keys that are not patch tokens.
+EXTRA_KEY_FAMILIES = {"ep_all", "clip", "cait"}
+EXTRA_KEYS = [n for n in ATTENTIVE if probes.probe_class(n).name in EXTRA_KEY_FAMILIES]
+
+
+def family(name: str) -> str:
+    return probes.probe_class(name).name
 
 
 def make(name: str, seed: int = 0) -> Probe:
-    options = {"num_queries": 8} if name.startswith("ep") else {}
+    options = {"num_queries": 8} if name in ("ep", "ep_all") else {}
     return probes.build(name, D, C, grid=GRID, seed=seed, **options)
 
 
@@ -56,11 +62,13 @@ def test_structure_and_forward(name, vit_tokens):
     assert isinstance(probe.norm, nn.BatchNorm1d) and not probe.norm.affine and probe.norm.eps == 1e-6
     assert isinstance(probe.head, nn.Linear) and probe.head.out_features == C
     assert probe.norm.num_features == probe.width == probe.head.in_features
-    assert probe.config["name"] == name and probe.config["dim"] == D and probe.config["num_classes"] == C
+    assert probe.config["name"] == family(name) and probe.config["dim"] == D and probe.config["num_classes"] == C
+    assert probes.entry(name).options.items() <= probe.config.items()
     logits, pooled = capture(probe, "hook_pooled", patch, prefix)
     assert logits.shape == (6, C) and torch.isfinite(logits).all()
     assert pooled.shape == (6, probe.width)
-    assert torch.allclose(probe.features(patch, prefix), pooled)
+    assert torch.allclose(probe.pooled(patch, prefix), pooled)
+    assert isinstance(probe, probes.probe_class(name)) and probe.name == family(name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -130,7 +138,7 @@ def test_hook_attn_edits_reach_the_logits(name, vit_tokens):
         assert torch.equal(edited, plain)
 
 
-@pytest.mark.parametrize("name", sorted(EXTRA_KEYS))
+@pytest.mark.parametrize("name", EXTRA_KEYS)
 def test_hook_attn_in_path_with_extra_keys(name, vit_tokens):
     patch, prefix = vit_tokens
     probe = make(name).eval()
@@ -159,12 +167,21 @@ def test_trains_a_few_steps(name, vit_tokens):
         loss.backward()
         if not losses:
             no_grad = {n for n, p in probe.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0}
-            assert no_grad == DEAD.get(name, set())
-            if name == "coca":  # only query 0 reaches the output
+            assert no_grad == DEAD.get(family(name), set())
+            if family(name) == "coca":  # only query 0 reaches the output
                 assert probe.queries.grad[0].abs().sum() > 0 and (probe.queries.grad[1:] == 0).all()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_declared_capabilities_match_the_probe(name):
+    cls, probe = probes.probe_class(name), make(name)
+    assert cls.attentive == (probe.num_predictors > 0)
+    assert cls.sliced == (probe.feature_mask() is not None)
+    assert (name in ATTENTIVE) == cls.attentive
+    assert (name in probes.available(sliced=True)) == cls.sliced
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -173,12 +190,34 @@ def test_predictor_slices_partition_the_pooled_feature(name):
     slices = probe.predictor_slices()
     assert len(slices) == probe.num_predictors
     mask = probe.feature_mask()
-    if mask is None:
+    if not type(probe).sliced:
+        assert mask is None and all(s is None for s in slices)
         return
-    assert mask.shape == (1, probe.width)
-    assert sorted(mask.unique().tolist()) == list(range(probe.num_predictors))
+    assert probe.num_predictors > 0
+    assert mask.shape == (1, probe.width) and mask.dtype == torch.long
+    owner = torch.full((probe.width,), -1)
     for j, cols in enumerate(slices):
-        assert (mask[0, cols] == j).all()
+        assert isinstance(cols, slice) and cols.stop > cols.start
+        assert (owner[cols] == -1).all(), f"predictor {j}'s columns overlap another's"
+        owner[cols] = j
+    assert (owner >= 0).all(), "some pooled columns belong to no predictor"
+    assert torch.equal(mask[0], owner)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_ablated_logits_equal_one_uniform_call_per_predictor(name, vit_tokens):
+    patch, prefix = vit_tokens
+    probe = make(name).eval()
+    if not probe.num_predictors:
+        with pytest.raises(ValueError, match="has no attention predictors, so there is nothing to ablate"):
+            probe.ablated_logits(patch, prefix)
+        return
+    with torch.no_grad():
+        full, ablated = probe.ablated_logits(patch, prefix)
+        assert full.shape == (6, C) and ablated.shape == (probe.num_predictors, 6, C)
+        assert torch.allclose(full, probe(patch, prefix), atol=1e-6)
+        for j in range(probe.num_predictors):
+            assert torch.allclose(ablated[j], probe(patch, prefix, uniform=[j]), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -8,10 +8,41 @@ from epviz.probes import Probe, register
 
 EXPECTED = ["abmilp", "aim", "cae", "cait", "cbam", "clip", "cls", "coca", "dinovit", "dolg", "ep", "ep_all",
             "esimpool", "gap", "jepa", "mhca", "siglip", "simpool"]
+VARIANTS = {"ep16": ("ep", {"num_queries": 16}), "ep16_d2": ("ep", {"num_queries": 16, "d_out": 2}),
+            "ep16_d4": ("ep", {"num_queries": 16, "d_out": 4}), "ep_all16": ("ep_all", {"num_queries": 16})}
+
+
+def builtin(names):
+    return [n for n in names if probes.probe_class(n).__module__.startswith("epviz.")]
 
 
 def test_available_lists_every_probe():
-    assert probes.available() == EXPECTED
+    assert builtin(probes.available(variants=False)) == EXPECTED
+    assert builtin(probes.available()) == sorted(EXPECTED + list(VARIANTS))
+    assert builtin(probes.available(attentive=False)) == ["cls", "gap"]
+    assert builtin(probes.available(sliced=True, variants=False)) == ["aim", "ep", "ep_all", "esimpool", "simpool"]
+
+
+def test_each_family_lives_in_the_module_named_after_it():
+    pairs = {"ep_all": "ep", "esimpool": "simpool", "cls": "linear", "gap": "linear"}
+    for name in EXPECTED:
+        assert probes.probe_class(name).__module__ == f"epviz.probes.{pairs.get(name, name)}"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_variants_are_a_family_with_fixed_options(name):
+    family, options = VARIANTS[name]
+    e = probes.entry(name)
+    assert e.is_variant and e.family is probes.probe_class(family) and dict(e.options) == options
+    probe = probes.build(name, 64, 5, seed=0)
+    assert probe.config == {**probes.build(family, 64, 5, **options).config}
+    assert probes.build(name, 64, 5, num_queries=8).num_queries == 8  # build options override the variant's
+
+
+def test_standard_set_has_one_name_per_family():
+    standard = builtin(probes.standard_set())
+    assert len(standard) == len(EXPECTED)
+    assert "ep16" in standard and "ep_all16" in standard and "ep" not in standard and "mhca" in standard
 
 
 @pytest.mark.parametrize("typo,suggestion", [("ep_al", "'ep_all'"), ("mhcaa", "'mhca'"), ("simpol", "'simpool'"), ("CLS", "'cls'")])
@@ -61,9 +92,8 @@ def test_register_adds_a_family_and_rejects_duplicates():
         with pytest.raises(ValueError, match="already registered"):
             register("test_max_pool")(MaxPool)
     finally:
-        from epviz.probes import registry
-
-        registry._REGISTRY.pop("test_max_pool", None)
+        probes.unregister("test_max_pool")
+    assert "test_max_pool" not in probes.available()
 
 
 def test_bad_build_arguments():
@@ -113,7 +143,7 @@ def test_cls_needs_prefix_tokens():
         probe(torch.randn(2, 16, 64), torch.randn(2, 0, 64))
     prefix = torch.randn(2, 3, 64)
     probe.eval()
-    assert torch.equal(probe.features(torch.randn(2, 16, 64), prefix), prefix[:, 0])
+    assert torch.equal(probe.pooled(torch.randn(2, 16, 64), prefix), prefix[:, 0])
 
 
 @pytest.mark.parametrize("name", ["cls", "gap"])

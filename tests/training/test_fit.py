@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import epviz.probes as probes
-import epviz.training.fit as train_module
+import importlib
+
+train_module = importlib.import_module("epviz.training.fit")
 from epviz.evaluate import accuracy, predict
 from epviz.tokens import TokenSet
 from epviz.training import LARS, FitResult, fit, load_probe, lr_at, save_probe

@@ -7,10 +7,10 @@ import torch
 
 from tests.data.formats import write_imagenet
 
-import epviz  # noqa: E402
-from epviz import experiments  # noqa: E402
-from epviz.training import PROTOCOL  # noqa: E402
-from epviz.training import PROTOCOL_PER_STEP, fit_images  # noqa: E402
+import epviz
+from epviz.data import load_split
+from epviz.training import PROTOCOL
+from epviz.training import PROTOCOL_PER_STEP, fit_images
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def imagenet_sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagenet")
     write_imagenet(root, train_per_class=4, val_per_class=2, size=(48, 40))
     spec = f"imagenet:{root}?resize=80&crop=64"
-    return experiments.load_dataset(spec, "train"), experiments.load_dataset(spec, "test")
+    return load_split(spec, "train"), load_split(spec, "test")
 
 
 def test_per_step_protocol_trains_with_lars_schedule_and_best_epoch(test_vit_backbone, imagenet_sets):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from epviz import experiments as ex
+from epviz.training import train_probe
 from epviz.training import probe_cache
 from epviz.training.runs import layer_sweep, low_shot
 from epviz.tokens import TokenOrigin, TokenSet
@@ -28,10 +28,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 def test_second_run_loads_the_stored_probe(cache_dir, monkeypatch):
     train, val = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key")
-    first = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
+    first = train_probe("ep", train, val, budget=FIT, num_queries=2)
     assert len(list(cache_dir.glob("ep-*.safetensors"))) == 1
     monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
-    second = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
+    second = train_probe("ep", train, val, budget=FIT, num_queries=2)
     assert second.config["cached"].startswith("ep-")
     assert second.best_epoch == first.best_epoch and second.best_acc == pytest.approx(first.best_acc)
     assert second.history["val_acc"].tolist() == pytest.approx(first.history["val_acc"].tolist())
@@ -68,20 +68,20 @@ def test_every_key_component_changes_the_key(change):
 def test_tokens_without_a_cache_identity_are_never_stored(cache_dir):
     train, val = _tokens(30, 0, None), _tokens(15, 1, "v")
     assert probe_cache.probe_key("ep", {}, 3, train, val, FIT, 0) is None
-    ex.train_probe("gap", train, val, True, fit_options=FIT)
+    train_probe("gap", train, val, budget=FIT)
     subset = _tokens(30, 0, "t").subset(np.arange(10))
     assert probe_cache.probe_key("gap", {}, 3, subset, val, FIT, 0) is None
-    ex.train_probe("gap", subset, val, True, fit_options=FIT)
-    ex.train_probe("gap", _tokens(30, 0, "t"), val, True, fit_options=FIT, cache=False)
+    train_probe("gap", subset, val, budget=FIT)
+    train_probe("gap", _tokens(30, 0, "t"), val, budget=FIT, cache=False)
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
 
 
 def test_an_unreadable_entry_is_trained_again_and_replaced(cache_dir):
     train, val = _tokens(30, 0, "t"), _tokens(15, 1, "v")
-    ex.train_probe("gap", train, val, True, fit_options=FIT)
+    train_probe("gap", train, val, budget=FIT)
     (meta,) = cache_dir.glob("gap-*.json")
     meta.write_text("{ not json")
-    again = ex.train_probe("gap", train, val, True, fit_options=FIT)
+    again = train_probe("gap", train, val, budget=FIT)
     assert "cached" not in again.config
     assert probe_cache.load_cached_fit(meta.name[: -len(".json")]) is not None
 
@@ -102,7 +102,7 @@ def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
 
 def test_options_left_at_their_default_give_the_same_key(cache_dir, monkeypatch):
     train, val = _tokens(30, 0, "t"), _tokens(15, 1, "v")
-    first = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2)
+    first = train_probe("ep", train, val, budget=FIT, num_queries=2)
     monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
-    same = ex.train_probe("ep", train, val, True, fit_options=FIT, num_queries=2, d_out=1)
+    same = train_probe("ep", train, val, budget=FIT, num_queries=2, d_out=1)
     assert same.config["cached"] and same.best_acc == pytest.approx(first.best_acc)

@@ -1,12 +1,14 @@
-"""Sweeps: layer sweep over a cache, low-shot sampling and runs, aggregation."""
+"""Many trainings in one table: the probe zoo, layer sweeps, low-shot sampling and runs, aggregation."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from epviz.training import probe_cache
-from epviz.analysis import aggregate_runs, layer_sweep, low_shot, sample_per_class
+from epviz.probes import probe_specs
+from epviz.setting import Setting
+from epviz.training import aggregate_runs, layer_sweep, low_shot, probe_cache, probe_zoo, sample_per_class, train_probe
+from tests.toy_tokens import toy_tokens
 from epviz.tokens import TokenOrigin, TokenSet
 
 D, N, C = 16, 16, 3
@@ -113,3 +115,26 @@ def test_aggregate_runs_by_hand():
     assert out["best_acc_std"].iloc[0] == pytest.approx(np.std([0.5, 0.7], ddof=1)) and np.isnan(out["best_acc_std"].iloc[1])
     with pytest.raises(ValueError, match="columns"):
         aggregate_runs(runs, by=["shots"])
+
+
+def test_probe_specs_resolve_names_variants_and_labels():
+    specs = probe_specs(["cls", "ep16"])
+    assert specs == {"cls": {"name": "cls"}, "ep16": {"name": "ep16"}}
+    assert probe_specs({"ep_d4": {"name": "ep", "num_queries": 16, "d_out": 4}})["ep_d4"] == {"name": "ep", "num_queries": 16, "d_out": 4}
+    with pytest.raises(ValueError, match="unknown probe"):
+        probe_specs(["ep", "epp"])
+
+
+def test_train_probe_and_probe_zoo_use_the_budget_and_report_every_probe():
+    train, _ = toy_tokens(120, 0)
+    val, _ = toy_tokens(60, 1)
+    result = train_probe("ep", train, val, budget=Setting.fast().fit_options(epochs=3, batch_size=32), num_queries=4)
+    assert result.config["optimizer"] == "adamw" and result.config["epochs"] == 3 and result.config["weight_decay"] == 1e-4
+    assert result.probe.num_queries == 4 and result.probe.grid == (4, 4)
+    table, fitted = probe_zoo({"toy": {"train": train, "val": val, "test": val}},
+                              {"gap": None, "ep4": {"name": "ep", "num_queries": 4}},
+                              budget=Setting.fast().fit_options(epochs=3, batch_size=32))
+    assert list(table["probe"]) == ["gap", "ep4"] and list(table["name"]) == ["gap", "ep"]
+    assert table["test_acc"].between(0, 1).all() and (table["params"] > 0).all()
+    assert set(fitted) == {("toy", "gap"), ("toy", "ep4")}
+    assert table["test_acc"].max() > 0.6, "class-coded tokens are learnt"

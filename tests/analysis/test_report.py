@@ -1,0 +1,43 @@
+"""The per-predictor table: every measure for every attention predictor."""
+
+import numpy as np
+import pytest
+
+from epviz.analysis import predictor_table, predictor_tables
+from epviz.setting import Setting
+from epviz.training import probe_zoo, train_probe
+from tests.toy_tokens import Boxes, toy_tokens
+
+
+def test_predictor_table_has_every_measure_for_every_predictor():
+    train, _ = toy_tokens(150, 0)
+    test, boxes = toy_tokens(30, 2)
+    probe = train_probe("ep", train, train, budget=Setting.fast().fit_options(epochs=4, batch_size=50), num_queries=4).probe
+    table = predictor_table(probe, test, Boxes(boxes), context=dict(backbone="toy", layer=1, probe="ep4", seed=0),
+                                        thresholds=Setting.fast().thresholds)
+    assert list(table["predictor"]) == [0, 1, 2, 3]
+    for column in ("delta_acc", "maxboxacc_v2", "inbox_mass", "chance_mass", "pointing", "entropy", "entropy_norm"):
+        assert table[column].notna().all(), column
+    assert table["entropy_norm"].between(0, 1 + 1e-9).all() and table["maxboxacc_v2"].between(0, 1).all()
+    np.testing.assert_allclose(table["chance_mass"], 0.25)
+    np.testing.assert_allclose(table["delta_acc"], table["acc_full"] - table["acc_uniform"])
+    assert (table[["backbone", "probe"]] == ["toy", "ep4"]).all().all()
+    subset = predictor_table(probe, test, Boxes(boxes), index=range(10), thresholds=[0.5])
+    assert (subset["n_images"] == 10).all() and (subset["n_images_localization"] == 10).all()
+    cheap = predictor_table(probe, test, Boxes(boxes), localization_index=range(6), thresholds=[0.5])
+    assert (cheap["n_images"] == 30).all() and (cheap["n_images_localization"] == 6).all()
+    np.testing.assert_allclose(cheap["delta_acc"], table["delta_acc"])
+
+
+def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
+    train, _ = toy_tokens(90, 0)
+    test, boxes = toy_tokens(20, 2)
+    tokens = {"toy": {"train": train, "val": train, "test": test}}
+    _, fitted = probe_zoo(tokens, {"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
+                          budget=Setting.fast().fit_options(epochs=1, batch_size=30))
+    table = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6])
+    expected = {"ep4": 4, "mhca": fitted["toy", "mhca"].num_predictors}
+    assert table.groupby("probe").size().to_dict() == expected
+    assert (table["layer"] == 1).all() and table["delta_acc"].notna().all()
+    with pytest.raises(ValueError, match="attention predictors"):
+        predictor_tables({("toy", "gap"): fitted["toy", "gap"]}, tokens, Boxes(boxes))

@@ -1,0 +1,1 @@
+"""Probe families defined outside the epviz package, registered on import."""

@@ -1,0 +1,28 @@
+"""Small class-coded token sets with GT boxes, shared by the tests of runs, reports and figures."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from epviz.tokens import TokenOrigin, TokenSet
+
+
+def toy_tokens(n: int, seed: int, layer: int = 1) -> tuple[TokenSet, np.ndarray]:
+    """Class-coded tokens placed inside a box (the rest noise), and those boxes on a 32x32 image."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    centres = np.random.default_rng(7).normal(size=(3, 32)) * 3
+    patch = rng.normal(size=(n, 16, 32))
+    patch[:, :4] += centres[labels][:, None]  # the first grid row carries the class
+    boxes = np.tile([0.0, 0.0, 32.0, 8.0], (n, 1))
+    ts = TokenSet(patch=patch.astype(np.float32), prefix=patch[:, :1].mean(1, keepdims=True).astype(np.float32),
+                  labels=labels, grid=(4, 4), num_classes=3, origin=TokenOrigin(backbone="toy", layer=layer))
+    return ts, boxes
+
+
+class Boxes:
+    def __init__(self, boxes):
+        self.boxes, self.image_size = boxes, 32
+
+    def __len__(self):
+        return len(self.boxes)
