@@ -49,9 +49,8 @@ def assert_same_weights(a, b, atol=1e-5):
 HISTORY = ["train_loss", "train_acc", "val_loss", "val_acc"]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lars"])
-def test_every_grid_point_reproduces_a_separate_fit(data, optimizer):
-    lrs, wds = (3e-3, 3e-2), (0.0, 0.05)
+@pytest.mark.parametrize("optimizer, lrs, wds", [("adamw", (3e-3, 3e-2), (0.0, 0.05)), ("lars", (0.3, 3.0), (0.0, 0.5))])
+def test_every_grid_point_reproduces_a_separate_fit(data, optimizer, lrs, wds):
     result = fit_grid("ep", *data, lrs=lrs, weight_decays=wds, optimizer=optimizer, keep_all=True, **OPTIONS, **EP)
     assert isinstance(result, GridResult)
     assert len(result.points) == 4 and len(result.history) == 4 * 3 and len(result.probes) == 4
@@ -155,6 +154,8 @@ def test_every_point_diverging_raises(data):
 def test_early_stopping_per_head_matches_separate_fits(data):
     options = {**OPTIONS, "epochs": 6}
     result = fit_grid("ep", *data, lrs=(1e-3, 1e-1), weight_decays=(0.0,), early_stopping=1, **options, **EP)
+    runs = result.points["epochs_run"]
+    assert (runs < 6).all() and runs.nunique() == 2  # both heads stop early, at different epochs
     for point, row in result.points.iterrows():
         alone = separate_fit(data, row["lr"], 0.0, early_stopping=1, epochs=6)
         assert row["epochs_run"] == len(alone.history)
