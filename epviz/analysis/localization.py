@@ -464,7 +464,7 @@ def localization(
         probe: A trained attentive probe.
         tokens: Tokens of the dataset's images, in the dataset's order.
         dataset: The images' dataset with GT boxes (``box_list(i)`` or ``boxes``), or the boxes.
-        image_size: Image (height, width); default from ``dataset.image_size`` or ``dataset.images``.
+        image_size: Image (height, width); default from ``dataset.image_size``.
         context: Values of the context columns (defaults: probe name, ``tokens.origin``).
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
         deltas: IoU thresholds (default 0.3, 0.5, 0.7).

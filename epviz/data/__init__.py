@@ -24,6 +24,7 @@ from epviz.data.registry import (
     parse_spec,
     register_dataset,
     standard_splits,
+    unregister_dataset,
 )
 from epviz.data.splits import HOLDOUT_SEED, SPLITS, VAL_FRACTION, Subsettable, balanced_subset, held_out, train_val
 from epviz.data.transforms import EvalTransform, train_transform
@@ -34,5 +35,5 @@ __all__ = [
     "GroundTruthBoxes", "HOLDOUT_SEED", "ImageBatches", "ImageDataset", "ImageFileError", "ImageFolderDataset", "SPLITS",
     "Subsettable", "VAL_FRACTION", "balanced_subset", "cub", "dataset_kind", "dataset_kinds", "held_out", "image_folder",
     "imagenet", "load_fashion_mnist", "load_image", "load_split", "missing_members", "parse_spec", "pets", "register_dataset",
-    "standard_splits", "to_display", "train_transform", "train_val",
+    "standard_splits", "to_display", "train_transform", "train_val", "unregister_dataset",
 ]

@@ -51,7 +51,7 @@ from epviz.data.protocol import ImageDataset, missing_members
 from epviz.data.splits import SPLITS, Subsettable, balanced_subset
 from epviz.data.transforms import EvalTransform
 
-__all__ = ["DEFAULT_DATASET", "DatasetKind", "DatasetSpec", "dataset_kind", "dataset_kinds", "load_split", "parse_spec",
+__all__ = ["DEFAULT_DATASET", "DatasetKind", "DatasetSpec", "dataset_kind", "dataset_kinds", "load_split", "parse_spec", "unregister_dataset",
            "register_dataset", "standard_splits"]
 
 DEFAULT_DATASET = "cluttered-fashion-mnist"
@@ -156,6 +156,17 @@ def register_dataset(
         return opener
 
     return add
+
+
+def unregister_dataset(kind: str) -> DatasetKind:
+    """Remove a registered kind (e.g. one a test or a notebook cell registered) and return its registration.
+
+    Raises:
+        ValueError: Unknown kind.
+    """
+    entry = dataset_kind(kind)
+    del _KINDS[kind]
+    return entry
 
 
 def dataset_kinds() -> list[str]:

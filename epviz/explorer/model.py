@@ -15,7 +15,7 @@ from epviz.analysis.ablation import uniform_effect
 from epviz.analysis.meters import table_columns
 from epviz.analysis.report import predictor_table
 from epviz.backbones import Backbone, load_backbone, present_backbones, zoo
-from epviz.data import ImageDataset, standard_splits, to_display
+from epviz.data import DEFAULT_DATASET, ImageDataset, standard_splits, to_display
 from epviz.probes import Probe, accepted_options, available, probe_specs
 from epviz.setting import Setting
 from epviz.tokens import extract_sets
@@ -164,7 +164,8 @@ class ExplorerModel:
         probes: Probe specs (see :func:`epviz.probes.probe_specs`; default: every registered
             probe, trained when first selected).
         setting: Sizes and budget (default: :meth:`epviz.Setting.from_env`).
-        sets: ``{"train", "val", "test": dataset}`` (default: the standard sets); the images
+        dataset: Dataset spec of the standard sets (see :func:`epviz.data.load_split`).
+        sets: ``{"train", "val", "test": dataset}`` (default: the standard sets of `dataset`); the images
             shown are those of ``test``, which needs GT boxes.
         fit_options: Overrides of the setting's probe budget.
         seed: Seed of every probe.
@@ -178,6 +179,7 @@ class ExplorerModel:
         probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
         *,
         setting: Setting | None = None,
+        dataset: str = DEFAULT_DATASET,
         sets: Mapping | None = None,
         fit_options: Mapping | None = None,
         seed: int = 0,
@@ -195,6 +197,7 @@ class ExplorerModel:
         self.seed = int(seed)
         self.localization_images = int(localization_images)
         self.progress = progress
+        self.dataset = dataset
         self._sets = None if sets is None else dict(sets)
         self._caches: dict[str, dict] = {}
         self._tokens: dict[tuple[str, int], dict] = {}
@@ -208,7 +211,7 @@ class ExplorerModel:
         """The train / val / test datasets (built on first use)."""
         if self._sets is None:
             self._report(0.0, "building the standard datasets")
-            self._sets = standard_splits("cluttered-fashion-mnist", self.setting.sizes)
+            self._sets = standard_splits(self.dataset, self.setting.sizes)
         missing = [s for s in _SPLITS if s not in self._sets]
         if missing:
             raise ValueError(f"the Explorer needs datasets for {', '.join(_SPLITS)}; sets= lacks {', '.join(missing)}")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from epviz.backbones import Backbone
+from epviz.data import DEFAULT_DATASET
 from epviz.setting import Setting
 from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection
 from epviz.explorer.render import state_png, table_html
@@ -19,7 +20,7 @@ class Explorer:
     """The ipywidgets Explorer (display it in JupyterLab; drive it from code with :meth:`set`).
 
     Args:
-        backbones, probes, setting, sets, fit_options, seed, localization_images: See :class:`ExplorerModel`.
+        backbones, probes, setting, dataset, sets, fit_options, seed, localization_images: See :class:`ExplorerModel`.
         selection: Initial settings (fields of :class:`Selection`).
         width: Width of the figure in inches.
     """
@@ -30,6 +31,7 @@ class Explorer:
         probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
         *,
         setting: Setting | None = None,
+        dataset: str = DEFAULT_DATASET,
         sets: Mapping | None = None,
         fit_options: Mapping | None = None,
         seed: int = 0,
@@ -37,7 +39,7 @@ class Explorer:
         selection: Mapping | None = None,
         width: float = 7.0,
     ) -> None:
-        self.model = ExplorerModel(backbones, probes, setting=setting, sets=sets, fit_options=fit_options, seed=seed,
+        self.model = ExplorerModel(backbones, probes, setting=setting, dataset=dataset, sets=sets, fit_options=fit_options, seed=seed,
                                    localization_images=localization_images)
         self.width = width
         self.state: ExplorerState | None = None

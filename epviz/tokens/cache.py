@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from epviz.atomic import atomic_write_text
 from epviz.backbones import Backbone
-from epviz.data.protocol import Fingerprinted, ImageBatches
+from epviz.data.protocol import Fingerprinted, ImageBatches, ImageDataset
 from epviz.runtime import autocast, resolve_device
 from epviz.tokens.tokenset import TokenOrigin, TokenSet
 
@@ -312,7 +312,7 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
     for stream in streams:
         stream.close()
     np.save(folder / "labels.npy", labels)
-    num_classes = getattr(dataset, "num_classes", None)
+    num_classes = int(dataset.num_classes) if isinstance(dataset, ImageDataset) else None
     return {"num_images": n, "layers": layers, "num_patches": N, "num_prefix_tokens": P, "dim": D,
             "seconds": round(time.time() - start, 2), "dataset_info": {"num_classes": num_classes},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

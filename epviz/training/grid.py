@@ -13,8 +13,9 @@ evaluates it once, on :attr:`GridResult.probe` only::
 Each grid point reproduces a separate :func:`~epviz.training.fit` with its lr and weight decay
 and the same seed: every head starts from the same initial weights, sees the same batches in the
 same order, follows the same warm-up + cosine schedule of its own base lr, and keeps its best
-epoch on ``val``. The heads share no parameter, so the one backward pass through the sum of
-their losses gives each head the gradient of its own loss.
+epoch on ``val``. The heads share no parameter and one optimiser holds them all (one group per
+head and parameter kind, as :func:`~epviz.training.optim.make_optimizer` splits them), so one
+step of it is the step each separate fit would take.
 
 What is shared is the cost of the data: each batch is gathered, converted to fp32 and moved
 to the device once for all heads, and so is each validation batch.
@@ -203,20 +204,24 @@ def fit_grid(
             at = epoch + step / steps
             for group, i in zip(opt.param_groups, owner):
                 group["lr"] = lr_at(at, points[i][0], epochs, warmup_epochs)
-            with autocast(device, precision):
-                logits = [heads[i](batch.patch, batch.prefix) for i in active]
-            logits = [x.float() for x in logits]
-            losses = torch.stack([F.cross_entropy(x, batch.labels, label_smoothing=label_smoothing) for x in logits])
-            values = losses.tolist()  # one sync for all heads
+            opt.zero_grad(set_to_none=True)
+            losses, hits = [], []
+            for i in active:
+                # one head at a time, forward then backward: only one head's activations are alive at once;
+                # the heads share no parameter, so this is the gradient of the sum of their losses
+                with autocast(device, precision):
+                    logits = heads[i](batch.patch, batch.prefix).float()
+                loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+                loss.backward()
+                losses.append(loss.detach())
+                hits.append((logits.argmax(dim=1) == batch.labels).sum())
+            values = torch.stack(losses).tolist()  # one sync for all heads
             finite = [math.isfinite(v) and v <= loss_limit for v in values]
-            opt.zero_grad(set_to_none=True)  # a diverging head gets no gradient: its weights stay as they were
-            if all(finite):
-                losses.sum().backward()
-            elif any(finite):
-                losses[torch.tensor(finite, device=device)].sum().backward()
-            opt.step()  # heads without a gradient are left as they are
-            hits = torch.stack([(x.argmax(dim=1) == batch.labels).sum() for x in logits])
-            correct[active] += hits
+            for i, ok in zip(active, finite):
+                if not ok:  # a diverging head takes no step: its weights stay as they were
+                    heads[i].zero_grad(set_to_none=True)
+            opt.step()  # parameters without a gradient are left as they are
+            correct[active] += torch.stack(hits)
             n = len(batch.labels)
             for i, v, ok in zip(active, values, finite):
                 loss_sum[i] += v * n
