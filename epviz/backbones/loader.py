@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epviz.backbones import presets, zoo
+from epviz.errors import WeightsError
 from epviz.runtime import resolve_device
 
 __all__ = ["Backbone", "load_backbone", "BackboneError", "HubUnavailable", "available_backbones", "present_backbones"]
@@ -36,7 +37,7 @@ HUB_HOST_ENV = "EPVIZ_HUB_HOST"
 _HUB_TIMEOUT = 1.5
 
 
-class BackboneError(ValueError):
+class BackboneError(WeightsError):
     """A backbone could not be built or loaded (message says why and what to do)."""
 
 

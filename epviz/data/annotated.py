@@ -28,14 +28,12 @@ from PIL import Image, UnidentifiedImageError
 
 from epviz.data.images import ImageFileError, load_image, to_display
 from epviz.data.transforms import EvalTransform
+from epviz.errors import AnnotationError
 
 __all__ = ["AnnotationError", "Sample", "AnnotatedImages", "BOX_TOLERANCE"]
 
 BOX_TOLERANCE = 1.0
 
-
-class AnnotationError(ValueError):
-    """An annotation file is missing, malformed, or does not fit its image (message names the file)."""
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from epviz.errors import DataError
+
 __all__ = ["ImageFileError", "load_image", "to_display", "ImageFolderDataset", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
-class ImageFileError(ValueError):
+class ImageFileError(DataError):
     """An image file cannot be used as it is (message names the file and the fix)."""
 
 
