@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from epviz.analysis.boxes import box_source
 from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
@@ -87,7 +88,6 @@ class MeterBatch:
         """Per image of the batch, its GT boxes (k, 4) xyxy pixels with exclusive x1, y1."""
         if self.dataset is None:
             raise ValueError("this meter needs GT boxes: pass the images' dataset to measure(probe, tokens, dataset)")
-        from epviz.analysis.localization import box_source  # localization registers a meter of this module
 
         boxes_of = box_source(self.dataset)
         return [boxes_of(int(i)) for i in self.index]

@@ -500,7 +500,7 @@ def _image(dataset, index: int) -> np.ndarray:
 
 
 def _boxes(dataset, index: int) -> np.ndarray:
-    from epviz.analysis.localization import box_source
+    from epviz.analysis.boxes import box_source
 
     return np.asarray(box_source(dataset)(index), dtype=np.float32).reshape(-1, 4)
 

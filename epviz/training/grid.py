@@ -13,9 +13,9 @@ evaluates it once, on :attr:`GridResult.probe` only::
 Each grid point reproduces a separate :func:`~epviz.training.fit` with its lr and weight decay
 and the same seed: every head starts from the same initial weights, sees the same batches in the
 same order, follows the same warm-up + cosine schedule of its own base lr, and keeps its best
-epoch on ``val``. The heads share no parameter and one optimiser holds them all (one group per
-head and parameter kind, as :func:`~epviz.training.optim.make_optimizer` splits them), so one
-step of it is the step each separate fit would take.
+epoch on ``val``. The heads share no parameter, and one optimiser holds them all with the
+parameter groups :func:`~epviz.training.optim.make_optimizer` gives each head (each group
+following its own head's schedule), so one step of it is the step each separate fit would take.
 
 What is shared is the cost of the data: each batch is gathered, converted to fp32 and moved
 to the device once for all heads, and so is each validation batch.
@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -101,7 +100,7 @@ def select_point(points: pd.DataFrame) -> pd.Series:
     """
     ok = points[points["best_val_acc"].notna()]
     if ok.empty:
-        lrs = ", ".join(f"{lr:g}" for lr in points["lr"])
+        lrs = ", ".join(f"{lr:g}" for lr in sorted(set(points["lr"])))
         raise FloatingPointError(
             f"every grid point diverged (lrs {lrs}): lower the learning rates, or use precision='fp32'"
         )
@@ -168,7 +167,7 @@ def fit_grid(
         raise ValueError("fit_grid needs at least 2 training samples (BatchNorm uses batch statistics)")
 
     device = resolve_device(device)
-    heads = nn.ModuleList(copy.deepcopy(template) for _ in points).to(device)
+    heads: list[Probe] = [copy.deepcopy(template).to(device) for _ in points]
     opt, owner = _grid_optimizer(heads, points, optimizer)
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(train) > batch_size
@@ -232,13 +231,13 @@ def fit_grid(
 
         trained = active + sorted(broke)
         val_loss, val_acc = _validate(heads, active, val, val_batch, device, precision, check_finite=epoch == 0)
-        correct = correct.tolist()
+        hits_total = correct.tolist()
         for i in sorted(trained):
             epochs_run[i] = epoch + 1
             if i in broke:
                 row = dict(train_loss=math.nan, train_acc=math.nan, val_loss=math.nan, val_acc=math.nan)
             else:
-                row = dict(train_loss=loss_sum[i] / seen, train_acc=correct[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i])
+                row = dict(train_loss=loss_sum[i] / seen, train_acc=hits_total[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i])
                 if not math.isfinite(row["val_loss"]):
                     broke[i] = f"the validation loss became {row['val_loss']} after epoch {epoch + 1}"
                     row.update(val_loss=math.nan, val_acc=math.nan)
@@ -262,9 +261,9 @@ def fit_grid(
         bar.set_postfix(active=len(active), best_val=f"{max(best_acc):.3f}")
     bar.close()
 
-    for i, head in enumerate(heads):
-        if best_state[i] is not None:
-            head.load_state_dict(best_state[i])
+    for head, state in zip(heads, best_state):
+        if state is not None:
+            head.load_state_dict(state)
         head.eval()
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS).sort_values(["point", "epoch"], ignore_index=True)
     final = history.groupby("point")["val_acc"].last()
@@ -296,7 +295,7 @@ def fit_grid(
         history=history,
         seconds=time.perf_counter() - start,
         config=config,
-        probes=list(heads) if keep_all else None,
+        probes=heads if keep_all else None,
     )
 
 
@@ -334,7 +333,7 @@ def _template(probe: str | Probe | Callable[[], Probe], train: TokenSet, val: To
     if isinstance(probe, str):
         if "grid" not in options and "grid" in accepted_options(probe):
             options = {**options, "grid": train.grid}
-        num_classes = max(int(train.num_classes), int(val.num_classes))
+        num_classes = max(int(s.num_classes or 0) for s in (train, val))
         return build(probe, train.dim, num_classes, seed=seed, **options)
     if options:
         raise ValueError(f"build options {sorted(options)} apply only when the probe is given by name; build the probe with them instead")
@@ -366,25 +365,24 @@ def _check_tokens(probe: Probe, tokens: TokenSet, what: str) -> None:
         )
 
 
-def _grid_optimizer(heads: nn.ModuleList, points: list[tuple[float, float]], name: str) -> tuple[torch.optim.Optimizer, list[int]]:
+def _grid_optimizer(heads: list[Probe], points: list[tuple[float, float]], name: str) -> tuple[torch.optim.Optimizer, list[int]]:
     """One optimiser over every head: the parameter groups :func:`make_optimizer` gives each head, side by side.
 
     Returns the optimiser and, per parameter group, the index of the head that owns it.
     """
-    groups, owner, kind = [], [], None
-    for i, (head, (lr, wd)) in enumerate(zip(heads, points)):
-        single = make_optimizer(head, name, lr, wd)
-        kind = type(single)
+    singles = [make_optimizer(head, name, lr, wd) for head, (lr, wd) in zip(heads, points)]
+    groups, owner = [], []
+    for i, single in enumerate(singles):
         for group in single.param_groups:
             if group["params"]:
                 groups.append(dict(group))
                 owner.append(i)
-    return kind(groups), owner
+    return type(singles[0])(groups), owner  # type: ignore[call-arg]  # each group carries its own options
 
 
 @torch.no_grad()
 def _validate(
-    heads: nn.ModuleList, active: list[int], val: TokenSet, batch_size: int, device: torch.device, precision: str, check_finite: bool
+    heads: list[Probe], active: list[int], val: TokenSet, batch_size: int, device: torch.device, precision: str, check_finite: bool
 ) -> tuple[list[float], list[float]]:
     """Mean cross-entropy and top-1 of every active head on `val`, in one pass (NaN for the others)."""
     k = len(heads)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from epviz.analysis.localization import box_source
+from epviz.analysis.boxes import box_source
 from epviz.data import (
     AnnotatedImages,
     Fingerprinted,
