@@ -19,11 +19,18 @@ test      Fashion-MNIST test,  seed 0      4,000       500
 ``test`` is only ever used for the numbers that are reported. For datasets on disk the sizes are
 upper bounds (``None``: the whole split), spread evenly over the classes.
 
-The standard probe budget (cached tokens, no augmentation): AdamW, lr 1e-3, weight decay 1e-4 on
-matrices, linear warm-up then cosine decay, best epoch on ``val``; 15 epochs (2 of warm-up) in
-batches of 256 under bf16 autocast, or in fast mode 5 epochs (1 of warm-up) in batches of 64 in
-fp32 (more, smaller steps for the same compute on the small training set). Low-shot runs get 100
-epochs (10 of warm-up), or 40 (4) in fast mode, since a few images make one step per epoch.
+The standard probe budget (cached tokens, no augmentation): AdamW, linear warm-up then cosine
+decay, best epoch on ``val``; 15 epochs (2 of warm-up) in batches of 256 under bf16 autocast, or in
+fast mode 5 epochs (1 of warm-up) in batches of 64 in fp32 (more, smaller steps for the same compute
+on the small training set). Low-shot runs get 100 epochs (10 of warm-up), or 40 (4) in fast mode,
+since a few images make one step per epoch.
+
+Probes are never compared at one shared learning rate: every probe gets the same tuning budget, a
+grid of learning rates x weight decays (:attr:`Setting.grid`), trained together on one read of the
+tokens and selected on ``val`` (:mod:`epviz.training.tuning`). :meth:`Setting.single_recipe` keeps
+the former one-recipe budget (AdamW, lr 1e-3, weight decay 1e-4) and :meth:`Setting.paper` the
+reference implementation's recipe (LARS, lr 0.1 x batch / 256, 90 epochs, 10 of warm-up, batch 4096,
+no weight decay), for reproducing those protocols exactly.
 
 Fast mode (``EPVIZ_FAST=1``) shrinks sizes and budgets so that every notebook runs in a minute or
 two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
@@ -61,6 +68,9 @@ class Setting:
         budget: :func:`epviz.fit` keyword arguments of a probe run.
         low_shot_budget: The same for low-shot runs.
         threshold_step: MaxBoxAccV2 uses every n-th threshold of 0, 0.01, ..., 0.99.
+        grid: The tuning grid of every probe run: ``lrs``, ``weight_decays`` and ``train_size`` (the
+            grid is trained on that many training images, then the chosen point is refit on all of
+            them; None: on all); None: one run with the budget's own lr and weight decay.
         probes: The probes "every probe" means; None: :func:`epviz.probes.standard_set` (every
             registered family, so a new family joins without an edit).
     """
@@ -73,6 +83,8 @@ class Setting:
         epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16")))
     threshold_step: int = 1
     probes: tuple[str, ...] | None = None
+    grid: Mapping[str, Any] | None = field(default_factory=lambda: _frozen(
+        {"lrs": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decays": (1e-4,), "train_size": 4_000}))
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.sizes]
@@ -85,6 +97,10 @@ class Setting:
             raise ValueError(f"threshold_step must be a positive integer, got {self.threshold_step}")
         for attr in ("sizes", "budget", "low_shot_budget"):
             object.__setattr__(self, attr, _frozen(getattr(self, attr)))
+        if self.grid is not None:
+            from epviz.training.tuning import check_grid
+
+            object.__setattr__(self, "grid", _frozen(check_grid(self.grid)))
         if self.probes is not None:
             object.__setattr__(self, "probes", tuple(self.probes))
 
@@ -104,7 +120,28 @@ class Setting:
                                  precision="fp32"),
             threshold_step=4,
             probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
+            grid={"lrs": (1e-3, 1e-2), "weight_decays": (1e-4,)},
         )
+
+    @classmethod
+    def single_recipe(cls) -> "Setting":
+        """The full sizes with one shared recipe for every probe (AdamW, lr 1e-3, weight decay 1e-4), no grid.
+
+        One learning rate decides which probe wins (EP learns slowly at 1e-3); kept to reproduce
+        earlier numbers, not for comparisons.
+        """
+        return cls(name="single-recipe", grid=None)
+
+    @classmethod
+    def paper(cls) -> "Setting":
+        """The reference implementation's recipe on cached tokens: LARS, lr 0.1 x batch / 256, 90 epochs
+        (10 of warm-up), batch 4096, no weight decay, bf16; no grid.
+
+        The reference runs it with the backbone on augmented images at every step (``epviz.fit_images``);
+        on cached tokens it is a different, cheaper protocol.
+        """
+        recipe = dict(epochs=90, batch_size=4096, optimizer="lars", lr=None, weight_decay=0.0, warmup_epochs=10, precision="bf16")
+        return cls(name="paper", budget=recipe, low_shot_budget=recipe, grid=None)
 
     @classmethod
     def from_env(cls) -> "Setting":
@@ -124,16 +161,35 @@ class Setting:
         for key in ("budget", "low_shot_budget", "sizes"):
             if key in changes:
                 changes[key] = {**getattr(self, key), **changes[key]}
+        if changes.get("grid") is not None and self.grid is not None:
+            changes["grid"] = {**self.grid, **changes["grid"]}
         changes.setdefault("name", "custom")
         return dataclasses.replace(self, **changes)
 
     def fit_options(self, **overrides: Any) -> dict[str, Any]:
-        """The probe budget as :func:`epviz.fit` keyword arguments (overrides win)."""
-        return {**self.budget, **overrides}
+        """The probe budget as keyword arguments of the training runs (overrides win).
+
+        With a grid the options hold ``grid`` (and no ``lr`` / ``weight_decay``): the runs of
+        :mod:`epviz.training.runs` then tune every probe (see :mod:`epviz.training.tuning`).
+        """
+        return self._options(self.budget, self.grid, overrides)
 
     def low_shot_options(self, **overrides: Any) -> dict[str, Any]:
-        """The low-shot budget as :func:`epviz.fit` keyword arguments (overrides win)."""
-        return {**self.low_shot_budget, **overrides}
+        """The low-shot budget as keyword arguments of the training runs (overrides win); the grid without a subset."""
+        grid = None if self.grid is None else {**self.grid, "train_size": None}
+        return self._options(self.low_shot_budget, grid, overrides)
+
+    @staticmethod
+    def _options(budget: Mapping[str, Any], grid: Mapping[str, Any] | None, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        options = dict(budget)
+        if grid is not None:
+            options.pop("lr", None)
+            options.pop("weight_decay", None)
+            options["grid"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid.items()}
+        options.update(overrides)
+        if options.get("grid") is None:
+            options.pop("grid", None)
+        return options
 
     @property
     def thresholds(self) -> np.ndarray:
@@ -149,7 +205,8 @@ class Setting:
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (printed by the notebooks)."""
         return {"name": self.name, "sizes": dict(self.sizes), "budget": dict(self.budget), "threshold_step": self.threshold_step,
-                "probes": None if self.probes is None else list(self.probes)}
+                "probes": None if self.probes is None else list(self.probes),
+                "grid": None if self.grid is None else dict(self.grid)}
 
     def sizes_of(self, splits: Sequence[str] = SPLITS) -> dict[str, int | None]:
         """Sizes of some splits."""

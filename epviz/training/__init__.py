@@ -11,6 +11,7 @@
 from epviz.training.checkpoints import load_probe, save_probe
 from epviz.training.fit import PROTOCOL, FitResult, fit
 from epviz.training.fit_images import PROTOCOL_PER_STEP, fit_images
+from epviz.training.tuning import tune
 from epviz.training.grid import GridResult, fit_grid, select_point
 from epviz.training.optim import LARS, lr_at
 from epviz.training.runs import (
@@ -20,5 +21,5 @@ from epviz.training.runs import (
 __all__ = [
     "LARS", "PROTOCOL", "PROTOCOL_PER_STEP", "FitResult", "aggregate_runs", "build_for", "fit", "fit_images", "layer_sweep",
     "load_probe", "low_shot", "lr_at", "probe_zoo", "sample_per_class", "save_probe", "train_probe",
-    "GridResult", "fit_grid", "select_point",
+    "GridResult", "fit_grid", "select_point", "tune",
 ]

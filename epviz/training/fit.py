@@ -68,6 +68,19 @@ class FitResult:
     seconds: float
     config: dict = field(default_factory=dict)
 
+    @property
+    def grid_points(self) -> pd.DataFrame | None:
+        """For a tuned run (:func:`epviz.training.tuning.tune`): one row per grid point (lr, weight_decay,
+        best_epoch, best_val_acc, ...); None for a single fit."""
+        grid = self.config.get("grid")
+        return None if grid is None else pd.DataFrame(grid["points"])
+
+    @property
+    def grid_history(self) -> pd.DataFrame | None:
+        """For a tuned run: every grid point's validation curve (one row per point x epoch); None for a single fit."""
+        grid = self.config.get("grid")
+        return None if grid is None else pd.DataFrame(grid["history"])
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>.safetensors`` (weights) and ``<path>.json`` (options, history); returns `<path>`."""
         summary = {

@@ -27,6 +27,7 @@ from epviz.tokens import TokenSet
 from epviz.probes import Probe
 from epviz.training.checkpoints import load_probe
 from epviz.training.fit import FitResult, fit
+from epviz.training.tuning import tune
 
 __all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit", "fit_or_load"]
 
@@ -96,6 +97,9 @@ def fit_or_load(probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, 
                 device=None, **fit_options) -> FitResult:
     """:func:`epviz.fit` `probe` (freshly built with `seed`), or load the stored result of the same run.
 
+    With ``grid=...`` among the options the probe is tuned instead (:func:`epviz.training.tuning.tune`:
+    one head per grid point, the point chosen on `val`), and the tuned run is what is stored.
+
     Args:
         probe: A freshly built probe; its ``config`` (every option, defaults resolved) is part of the key.
         train: Training tokens.
@@ -103,13 +107,18 @@ def fit_or_load(probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, 
         seed: Seed of the build and of the shuffling.
         cache: Read and write the cache (False: always train, store nothing).
         device: Where to train (not part of the key).
-        **fit_options: :func:`epviz.fit` options (part of the key).
+        **fit_options: :func:`epviz.fit` options, or a budget with ``grid`` (part of the key).
     """
     config = probe.config
     key = probe_key(config["name"], config, config["num_classes"], train, val, fit_options, seed) if cache else None
     if key is not None and (stored := load_cached_fit(key)) is not None:
         return stored
-    result = fit(probe, train, val, seed=seed, device=device, progress=False, **fit_options)
+    if fit_options.get("grid") is not None:
+        options = dict(fit_options)
+        result = tune(probe, train, val, seed=seed, device=device, grid=options.pop("grid"), **options)
+    else:
+        result = fit(probe, train, val, seed=seed, device=device, progress=False,
+                     **{k: v for k, v in fit_options.items() if k != "grid"})
     if key is not None:
         store_fit(key, result)
     return result

@@ -84,14 +84,16 @@ def probe_zoo(
     Args:
         tokens: ``{backbone: {"train": ..., "val": ..., "test": ...}}`` (see :func:`epviz.tokens.layer_tokens`).
         probes: Probe specs (see :func:`epviz.probes.probe_specs`).
-        budget: :func:`epviz.fit` options.
+        budget: :func:`epviz.fit` options, or with ``grid`` a tuning budget (``Setting.fit_options()``).
         seed: Seed of every run.
         progress: Show a tqdm bar over runs.
 
     Returns:
         A tidy table, one row per backbone x probe (backbone, layer, probe, name, seed, params,
-        predictors, val_acc, test_acc, best_epoch, seconds of training, cached: loaded from the probe
-        cache), and the trained probes keyed by (backbone, label).
+        predictors, val_acc, test_acc, best_epoch, lr and weight_decay of the run (the grid point chosen
+        on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
+        tuned, seconds of training, cached: loaded from the probe cache), and the trained probes keyed
+        by (backbone, label). The test split is evaluated once, for the chosen run only.
     """
     specs = probe_specs(probes)
     rows, fitted = [], {}
@@ -106,8 +108,9 @@ def probe_zoo(
             fitted[backbone, label] = result.probe
             rows.append(dict(backbone=backbone, layer=split["train"].origin.layer, probe=label, name=name, seed=seed,
                              params=trainable_params(result.probe), predictors=result.probe.num_predictors,
-                             val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch, seconds=result.seconds,
-                             cached="cached" in result.config))
+                             val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch,
+                             lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"),
+                             tuned="grid" in result.config, seconds=result.seconds, cached="cached" in result.config))
             bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
@@ -128,7 +131,7 @@ def _train_one(label: str, name: str, options: dict, train: TokenSet, val: Token
     return dict(
         best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
         epochs_run=int(result.history["epoch"].iloc[-1]), params=trainable_params(result.probe),
-        n_train=len(train), seconds=result.seconds,
+        lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"), n_train=len(train), seconds=result.seconds,
     )
 
 
