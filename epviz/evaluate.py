@@ -7,6 +7,7 @@ probe's previous mode afterwards. Accuracies are fractions in [0, 1].
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,13 +16,14 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from epviz.errors import ConfigError, DataError
 from epviz.probes._base import Probe
-from epviz.runtime import autocast, resolve_device
+from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
     "Predictions", "predict", "accuracy", "attention_maps", "collect_attention", "topk_accuracy",
-    "eval_mode", "iter_batches", "loss_and_accuracy", "ensure_finite",
+    "eval_mode", "iter_batches", "loss_and_accuracy", "ensure_finite", "check_labels",
 ]
 
 
@@ -45,7 +47,11 @@ class Predictions:
         return self.logits.argmax(axis=1)
 
     def accuracy(self, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-        """Top-k accuracies as {"top1": ..., "top5": ...}."""
+        """Top-k accuracies as {"top1": ..., "top5": ...}.
+
+        Raises:
+            ConfigError: A label outside [0, number of classes), or a k that is not a positive integer.
+        """
         return topk_accuracy(torch.from_numpy(self.logits), torch.from_numpy(self.labels), topk)
 
     def to_frame(self) -> pd.DataFrame:
@@ -54,17 +60,66 @@ class Predictions:
         return pd.DataFrame({"index": self.index, "label": self.labels, "pred": preds, "correct": preds == self.labels})
 
 
+def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
+    """Refuse labels outside [0, num_classes): scored anyway they would count as silent misses.
+
+    Args:
+        labels: Class indices (any array-like).
+        num_classes: Number of classes C the scores cover.
+        what: Whose labels, for the message ("train", "validation", "the").
+        owner: What has C classes, for the message ("probe 'ep'", "the logits").
+
+    Raises:
+        ConfigError: Names the range found, the valid range and how many samples lie outside.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_classes:
+        return
+    outside = int(((labels < 0) | (labels >= num_classes)).sum())
+    fix = "negative labels are not classes: fix the labels" if lo < 0 else f"build the probe with num_classes={hi + 1} or fix the labels"
+    raise ConfigError(
+        f"the {what} labels range from {lo} to {hi} (max label {hi}) but {owner} has num_classes={num_classes}; "
+        f"labels must lie in [0, {num_classes - 1}] and {outside} of {labels.size} samples lie outside: {fix}"
+    )
+
+
+def _check_topk(topk: Sequence[int]) -> list[int]:
+    if isinstance(topk, (int, np.integer)) and not isinstance(topk, bool):
+        topk = [topk]
+    ks = list(topk) if isinstance(topk, Iterable) and not isinstance(topk, (str, bytes)) else None
+    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
+        raise ConfigError(f"topk must be a list of positive integers such as (1, 5), got {topk!r}")
+    return [int(k) for k in ks]
+
+
+def _check_run_options(batch_size, precision: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Fraction of samples whose label is among the k best logits, for each k.
 
     A k larger than the number of classes counts every sample as correct.
+
+    Raises:
+        DataError: No samples, or logits and labels of different lengths.
+        ConfigError: A label outside [0, number of classes), or a k that is not a positive integer.
     """
+    ks = _check_topk(topk)
     if len(labels) == 0:
-        raise ValueError("cannot compute accuracy on 0 samples")
+        raise DataError("cannot compute accuracy on 0 samples")
+    if logits.ndim != 2 or logits.shape[0] != len(labels):
+        raise DataError(f"logits must be (samples, classes) with one row per label; got {tuple(logits.shape)} for {len(labels)} labels")
+    check_labels(labels.cpu().numpy() if torch.is_tensor(labels) else labels, int(logits.shape[1]), "the", "the logits")
     out = {}
-    for k in topk:
-        kk = min(int(k), logits.shape[1])
-        hits = (logits.topk(kk, dim=1).indices == labels[:, None]).any(dim=1)
+    for k in ks:
+        hits = (logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
         out[f"top{k}"] = hits.float().mean().item()
     return out
 
@@ -87,19 +142,33 @@ def iter_batches(
     device: torch.device,
     index: Iterable[int] | None = None,
 ) -> Iterator[TokenBatch]:
-    """Batches of `tokens` in stored order, or of the samples at `index` in the order given."""
+    """Batches of `tokens` in stored order, or of the samples at `index` in the order given.
+
+    Raises:
+        DataError: The token set is empty.
+        ConfigError: batch_size not a positive integer, or an index outside [0, len(tokens)).
+    """
     if len(tokens) == 0:
-        raise ValueError("the token set is empty: there is nothing to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        raise DataError("the token set is empty: there is nothing to evaluate")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if index is None:
         yield from tokens.batches(batch_size, device=device)
         return
-    index = np.asarray(list(index) if not isinstance(index, np.ndarray) else index, dtype=np.int64)
-    if len(index) and (index.min() < 0 or index.max() >= len(tokens)):
-        raise ValueError(f"index must lie in [0, {len(tokens)}); got values from {index.min()} to {index.max()}")
+    index = _as_index(index, len(tokens))
     for start in range(0, len(index), batch_size):
         yield tokens.batch(index[start : start + batch_size], device=device)
+
+
+def _as_index(index: Iterable[int], n: int) -> np.ndarray:
+    """`index` as int64 positions in [0, n), or a ConfigError."""
+    raw = np.asarray(list(index) if not isinstance(index, np.ndarray) else index)
+    if raw.ndim != 1 or (raw.size and raw.dtype.kind not in "iu"):
+        raise ConfigError(f"index must be a 1-D sequence of integer sample positions, got dtype {raw.dtype} shape {raw.shape}")
+    index = raw.astype(np.int64, copy=False)
+    if len(index) and (index.min() < 0 or index.max() >= n):
+        raise ConfigError(f"index must lie in [0, {n}); got values from {index.min()} to {index.max()}")
+    return index
 
 
 def _device_for(probe: Probe, device: str | torch.device | None) -> torch.device:
@@ -129,7 +198,14 @@ def predict(
         precision: "fp32" or "bf16".
         uniform: Predictors replaced by the uniform distribution (see :class:`~epviz.probes.Probe`).
         index: Optional subset of sample positions.
+
+    Raises:
+        ConfigError: batch_size, precision or index out of range. Labels are not checked here (they
+            only ride along); :meth:`Predictions.accuracy` checks them.
     """
+    _check_run_options(batch_size, precision)
+    if index is not None:
+        index = _as_index(index, len(tokens))
     device = _device_for(probe, device)
     logits, labels, positions = [], [], []
     with eval_mode(probe):
@@ -154,7 +230,15 @@ def accuracy(
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> dict[str, float]:
-    """Top-k accuracies of `probe` on `tokens`, e.g. {"top1": 0.75, "top5": 0.92}."""
+    """Top-k accuracies of `probe` on `tokens`, e.g. {"top1": 0.75, "top5": 0.92}.
+
+    Raises:
+        ConfigError: A label outside [0, probe.num_classes) (checked before any forward pass), a k
+            that is not a positive integer, or batch_size / precision out of range.
+    """
+    _check_topk(topk)
+    _check_run_options(batch_size, precision)
+    check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     preds = predict(probe, tokens, batch_size=batch_size, device=device, precision=precision, uniform=uniform)
     return preds.accuracy(topk)
 
@@ -167,7 +251,13 @@ def loss_and_accuracy(
     precision: str = "fp32",
     check_finite: bool = False,
 ) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 accuracy of `probe` on `tokens`."""
+    """Mean cross-entropy and top-1 accuracy of `probe` on `tokens`.
+
+    Raises:
+        ConfigError: A label outside [0, probe.num_classes), or batch_size / precision out of range.
+    """
+    _check_run_options(batch_size, precision)
+    check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     device = _device_for(probe, device)
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(probe):
@@ -183,14 +273,14 @@ def loss_and_accuracy(
 
 
 def ensure_finite(batch: TokenBatch, what: str) -> None:
-    """Raise a ValueError naming the first sample whose tokens hold NaN or inf."""
+    """Raise a DataError naming the first sample of `batch` whose tokens hold NaN or inf."""
     for name, t in (("patch", batch.patch), ("prefix", batch.prefix)):
         if t is None:
             continue
         bad = ~torch.isfinite(t).flatten(1).all(dim=1)
         if bad.any():
             first = int(batch.index[bad.nonzero()[0, 0].cpu()].item())
-            raise ValueError(
+            raise DataError(
                 f"the {what} tokens contain NaN or inf ({name} tokens of sample {first}, among "
                 f"{int(bad.sum())} bad samples in its batch); fix or re-extract them before training"
             )
@@ -207,7 +297,11 @@ def attention_maps(
     """Yield (sample positions, maps) one batch at a time; maps are float32 (b, K, N).
 
     Only one batch of maps is held at a time; use :func:`collect_attention` for the full array.
+
+    Raises:
+        ConfigError: batch_size, precision or index out of range.
     """
+    _check_run_options(batch_size, precision)
     if probe.num_predictors == 0:
         raise ValueError(f"probe '{probe.name}' has no attention predictors: attention maps exist only for attentive probes")
     device = _device_for(probe, device)
@@ -226,7 +320,12 @@ def collect_attention(
     device: str | torch.device | None = None,
     precision: str = "fp32",
 ) -> np.ndarray:
-    """All attention maps as one float32 array (n, K, N), in the order of `index` (default: stored order)."""
+    """All attention maps as one float32 array (n, K, N), in the order of `index` (default: stored order).
+
+    Raises:
+        ConfigError: batch_size, precision or index out of range.
+    """
+    _check_run_options(batch_size, precision)
     parts = [maps for _, maps in attention_maps(probe, tokens, batch_size, index, device, precision)]
     if not parts:
         return np.zeros((0, probe.num_predictors, tokens.num_tokens), np.float32)

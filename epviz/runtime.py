@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from epviz.errors import ConfigError
+
 __all__ = ["resolve_device", "autocast", "PRECISIONS"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -28,16 +30,16 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from err
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
+        raise ConfigError("device 'cuda' was requested but no CUDA device is available; use device='cpu'")
     return device
 
 
 def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
     """A context that runs matmuls in `precision` ("fp32" or "bf16") on `device`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.evaluate import accuracy, attention_maps, collect_attention, predict, topk_accuracy
+from epviz.errors import ConfigError, DataError
+from epviz.evaluate import accuracy, attention_maps, collect_attention, loss_and_accuracy, predict, topk_accuracy
 from epviz.tokens import TokenSet
 
 D, C, N = 16, 6, 9
@@ -101,3 +102,67 @@ def test_errors(tokens):
         predict(gap, tokens.subset([]))
     with pytest.raises(ValueError, match="expects tokens of width D=8 but the patch tokens have D=16"):
         predict(probes.build("gap", 8, C), tokens)
+
+
+# --- labels and arguments out of range -------------------------------------------------------
+
+
+def with_labels(tokens, labels):
+    return TokenSet(tokens.patch, tokens.prefix, np.asarray(labels), tokens.grid)  # no num_classes: the set accepts them
+
+
+def test_accuracy_refuses_labels_beyond_the_probe(probe, tokens):
+    some = with_labels(tokens, np.where(np.arange(37) % 5 == 0, C + 3, tokens.labels))
+    with pytest.raises(ConfigError, match=r"labels range from \d+ to 9 \(max label 9\) but probe 'ep' has num_classes=6; labels must lie in \[0, 5\] and 8 of 37"):
+        accuracy(probe, some)
+    every = with_labels(tokens, np.full(37, C))
+    with pytest.raises(ConfigError, match="37 of 37 samples lie outside"):
+        accuracy(probe, every)
+    negative = with_labels(tokens, np.where(np.arange(37) == 4, -1, tokens.labels))
+    with pytest.raises(ConfigError, match="negative labels are not classes"):
+        accuracy(probe, negative)
+
+
+def test_predictions_and_topk_accuracy_check_labels(probe, tokens):
+    preds = predict(probe, with_labels(tokens, np.full(37, C)))  # predict itself only carries the labels along
+    with pytest.raises(ConfigError, match="the logits has num_classes=6"):
+        preds.accuracy()
+    with pytest.raises(ConfigError, match="labels range from 0 to 7"):
+        topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 7, 1]))
+    with pytest.raises(ConfigError, match="topk must be a list of positive integers"):
+        topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 1, 1]), topk=(0, 5))
+    with pytest.raises(DataError, match="one row per label"):
+        topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 1]))
+
+
+def test_loss_and_accuracy_checks_labels(probe, tokens):
+    with pytest.raises(ConfigError, match="probe 'ep' has num_classes=6"):
+        loss_and_accuracy(probe, with_labels(tokens, np.full(37, C)))
+
+
+def test_analyses_check_labels(probe, tokens):
+    from epviz.analysis import measure, uniform_effect
+
+    bad = with_labels(tokens, np.full(37, C + 1))
+    with pytest.raises(ConfigError, match="num_classes=6"):
+        measure(probe, bad, meters=["entropy"])
+    with pytest.raises(ConfigError, match="num_classes=6"):
+        uniform_effect(probe, bad, [0])
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, t: predict(p, t, batch_size=0),
+    lambda p, t: accuracy(p, t, batch_size=-3),
+    lambda p, t: accuracy(p, t, topk=(1, 2.5)),
+    lambda p, t: accuracy(p, t, precision="fp16"),
+    lambda p, t: predict(p, t, index=[0, 37]),
+    lambda p, t: predict(p, t, index=[[0, 1]]),
+    lambda p, t: predict(p, t, index=[0.5]),
+    lambda p, t: next(attention_maps(p, t, batch_size=0)),
+    lambda p, t: collect_attention(p, t, precision="half"),
+    lambda p, t: collect_attention(p, t, index=[-1]),
+    lambda p, t: loss_and_accuracy(p, t, batch_size=0),
+])
+def test_arguments_out_of_range_are_config_errors(probe, tokens, call):
+    with pytest.raises(ConfigError):
+        call(probe, tokens)

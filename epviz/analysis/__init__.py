@@ -8,6 +8,12 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
   the figures' axis labels (:func:`column_label`) and the Explorer's table (:func:`table_columns`).
 * :func:`uniform_ablation`: accuracy drop when one attention predictor becomes uniform
   (meter ``uniform_ablation``); :func:`uniform_effect`: the same per image.
+* Controls of the uniform ablation (:mod:`epviz.analysis.controls`): the predictor's mean
+  training map, another image's map, a zeroed pooled slice (meters ``mean_map_ablation``,
+  ``shuffled_ablation``, ``zero_ablation``; columns ``delta_acc_mean``, ``delta_acc_shuffled``,
+  ``delta_acc_zero``).
+* Bootstrap intervals over test images (:mod:`epviz.analysis.intervals`): :class:`Bootstrap`
+  (``<column>_lo`` / ``_hi``, Spearman ρ intervals), :func:`spearman_intervals`, :func:`bootstrap_mean`.
 * :func:`localization` / :func:`localization_from_maps`: MaxBoxAccV2, attention mass in the
   GT boxes, pointing game (meter ``localization``).
 * :func:`entropy` / :func:`entropy_from_maps`: entropy of the maps, in nats and over log N
@@ -19,16 +25,25 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
   predictor's pooled slice, ranked against Δacc; :func:`token_attribution`,
   :func:`attention_agreement`, :func:`attribution_vs_attention`: captum Integrated Gradients on the
   patch tokens, compared with the attention maps.
+* :func:`localization_baselines` / :func:`matched_entropy_baselines`: the localization scores of
+  trivial maps (uniform, a centred prior, random maps of matched entropy), the chance lines.
 * :func:`spearman` / :func:`row_spearman`: the rank correlation used throughout.
 """
 
-from epviz.analysis.ablation import UniformAblation, ablated_logits, uniform_ablation, uniform_effect
+from epviz.analysis.ablation import AblationMeter, UniformAblation, ablated_logits, uniform_ablation, uniform_effect
 from epviz.analysis.attribution import (
     AttributionComparison, TokenAttribution, attention_agreement, attribution_vs_attention, importance_vs_ablation,
     join_importance, predictor_importance, sliced_probe_names, token_attribution, topk_overlap,
 )
+from epviz.analysis.baselines import (
+    centre_prior_maps, localization_baselines, matched_entropy_baselines, matched_entropy_maps, uniform_maps,
+)
+from epviz.analysis.controls import (
+    CONTROL_COLUMNS, MeanMapAblation, ShuffledAblation, ZeroAblation, derangement, mean_attention_rows,
+)
 from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_costs, probe_flops, throughput
 from epviz.analysis.entropy import Entropy, entropy, entropy_from_maps, map_entropy
+from epviz.analysis.intervals import Bootstrap, RhoInterval, bootstrap_mean, spearman_intervals
 from epviz.analysis.localization import (
     DELTAS, THRESHOLDS, Localization, LocalizationMeter, localization, localization_from_maps,
 )
@@ -41,12 +56,15 @@ from epviz.analysis.report import predictor_table, predictor_tables
 from epviz.analysis.stats import Spearman, row_spearman, spearman
 
 __all__ = [
+    "CONTROL_COLUMNS", "AblationMeter", "Bootstrap", "MeanMapAblation", "RhoInterval", "ShuffledAblation",
+    "ZeroAblation", "bootstrap_mean", "derangement", "mean_attention_rows", "spearman_intervals",
     "DELTAS", "THRESHOLDS", "AttributionComparison", "Entropy", "Localization", "LocalizationMeter", "Meter",
     "MeterBatch", "QueryGroups", "Spearman", "TokenAttribution", "UniformAblation", "ablated_logits",
-    "attention_agreement", "attribution_vs_attention", "backbone_flops", "column_label", "count_flops", "efficiency",
+    "attention_agreement", "attribution_vs_attention", "backbone_flops", "centre_prior_maps", "column_label", "count_flops", "efficiency",
     "entropy", "entropy_from_maps", "group_maps", "group_queries", "importance_vs_ablation", "join_importance",
-    "localization", "localization_from_maps", "map_entropy", "measure", "meter_class", "meter_names",
+    "localization", "localization_baselines", "localization_from_maps", "map_entropy", "matched_entropy_baselines",
+    "matched_entropy_maps", "measure", "meter_class", "meter_names",
     "pairwise_overlap", "predictor_importance", "predictor_table", "predictor_tables", "probe_costs", "probe_flops",
     "query_groups", "register_meter", "row_spearman", "sliced_probe_names", "spearman", "table_columns", "throughput",
-    "token_attribution", "topk_overlap", "uniform_ablation", "uniform_effect", "unregister_meter",
+    "token_attribution", "topk_overlap", "uniform_ablation", "uniform_effect", "uniform_maps", "unregister_meter",
 ]

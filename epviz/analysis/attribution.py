@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from epviz.analysis._common import CONTEXT_KEYS, context_columns, frame, prepare_probe, require_predictors
 from epviz.analysis.stats import row_spearman, spearman
-from epviz.evaluate import collect_attention, eval_mode, iter_batches
+from epviz.evaluate import check_labels, collect_attention, eval_mode, iter_batches
 from epviz.probes import Probe, available
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
@@ -193,6 +193,7 @@ def predictor_importance(
     from captum.attr import LayerFeatureAblation
 
     require_predictors(probe, "predictor_importance")
+    check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     index = _as_index(index)
     mask = _layer_mask(probe, feature_mask)
     groups = sorted(int(g) for g in torch.unique(mask) if g >= 0)

@@ -5,16 +5,37 @@ Three measures per attention predictor, over a dataset whose images carry GT box
 Definitions (ours where the paper's could not be checked):
 
 * **MaxBoxAccV2** (Choe et al., CVPR 2020). Each map, a distribution over the N patch
-  tokens, is upsampled bilinearly (``align_corners=False``) from the patch grid to the
-  image size and min-max normalised to [0, 1] (a constant map becomes all zeros and never
-  yields a box). For every threshold tau in ``thresholds`` (default 0, 0.01, ..., 0.99),
-  every 8-connected region of pixels with value ``> tau`` is boxed (tightest box, holes
-  are not boxed separately). An image is correct at (tau, delta) when the best IoU of any
-  of its region boxes with any of its GT boxes is ``>= delta``. Accuracy per (tau, delta)
-  is the fraction of correct images over the whole dataset; the best tau is chosen per
-  delta at the dataset level (never per image); MaxBoxAccV2 is the mean of those best
-  accuracies over delta in ``deltas`` (default 0.3, 0.5, 0.7). IoU uses exclusive pixel
-  boxes: a region covering pixel columns a..b has x0 = a, x1 = b + 1.
+  tokens, is upsampled from the patch grid to the image size (``align_corners=False``) and
+  min-max normalised to [0, 1]. A map whose token values are all equal is constant: this is
+  tested on the token grid, before upsampling; a constant map becomes all zeros and never
+  yields a box at any threshold (testing after upsampling would stretch the rounding ripple
+  of the interpolation to [0, 1] and box it). The upsampling runs in float64 and its result
+  is rounded to float32, so a flat stretch of tokens stays exactly flat (a flat background
+  at the minimum is exactly 0, never foreground at tau = 0); scores and thresholds are
+  compared in float64. For every threshold tau in ``thresholds`` (default 0, 0.01, ...,
+  0.99), every 8-connected region of pixels with value ``> tau`` is boxed (tightest box,
+  holes are not boxed separately). An image is correct at (tau, delta) when the best IoU of
+  any of its region boxes with any of its GT boxes is ``>= delta``. Accuracy per
+  (tau, delta) is the fraction of correct images over the whole dataset; the best tau is
+  chosen per delta at the dataset level (never per image); MaxBoxAccV2 is the mean of
+  those best accuracies over delta in ``deltas`` (default 0.3, 0.5, 0.7).
+
+  Two conventions (``convention=``), which differ only in the upsampling and the box:
+
+  - ``"epviz"`` (default, ours): bilinear upsampling; exclusive pixel boxes, a region
+    covering pixel columns a..b has x0 = a, x1 = b + 1, and IoU uses the areas
+    ``(x1 - x0) * (y1 - y0)`` of region and GT boxes alike, so the tightest box around a
+    region scores IoU 1 against an equal GT box.
+  - ``"wsol"``: the conventions of the official wsolevaluation code
+    (clovaai/wsolevaluation): bicubic upsampling (its ``cv2.INTER_CUBIC``; here torch's
+    bicubic, a = -0.75, border pixels replicated); region boxes ``x0 = a``,
+    ``x1 = min(a + w, W - 1)`` (``x + w`` of ``cv2.boundingRect``, clipped to the last
+    pixel); inclusive IoU, areas ``(x1 - x0 + 1) * (y1 - y0 + 1)`` for region and GT boxes
+    alike (the GT numbers are used as given). A region box is thus one pixel larger than the
+    tightest box on each axis, except where it touches the right or bottom edge. Everything
+    else is shared: wsolevaluation's 8-bit quantisation of the scores
+    (``uint8(255 s) > int(255 tau)``) and its boxing of hole contours (``RETR_TREE``) are
+    not reproduced.
 * **In-box mass**: the attention mass inside the GT boxes, computed on the token grid.
   Patch token (r, c) covers the image rectangle ``[c W/cols, (c+1) W/cols) x
   [r H/rows, (r+1) H/rows)``; its weight counts by the fraction of that area inside the
@@ -52,10 +73,11 @@ from epviz.probes import Probe
 from epviz.setting import THRESHOLDS
 from epviz.tokens import TokenSet
 
-__all__ = ["DELTAS", "THRESHOLDS", "Localization", "LocalizationMeter", "box_source", "localization",
+__all__ = ["CONVENTIONS", "DELTAS", "THRESHOLDS", "Localization", "LocalizationMeter", "box_source", "localization",
            "localization_from_maps"]
 
 DELTAS = (0.3, 0.5, 0.7)
+CONVENTIONS = ("epviz", "wsol")  # MaxBoxAccV2 conventions, see the module docstring
 _STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE[1] = True  # 8-connectivity inside a plane, no connection across planes
 _VOXEL_BUDGET = 1 << 20  # thresholded pixels labelled per ndimage.label call
@@ -101,6 +123,13 @@ def check_boxes(boxes, image: int, height: int, width: int) -> np.ndarray:
     return b
 
 
+def _check_convention(convention: str) -> str:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)} (epviz: bilinear upsampling, exclusive boxes; "
+                         f"wsol: wsolevaluation's bicubic upsampling, x + w boxes with inclusive IoU), got {convention!r}")
+    return convention
+
+
 def _cell_weights(cells: int, length: int) -> np.ndarray:
     """(cells, length): fraction of each cell's extent covered by each pixel of the axis."""
     edges = np.arange(cells + 1) * (length / cells)
@@ -134,6 +163,12 @@ class LocalizationMeter:
         image_size: Image (height, width) in pixels, or the side of a square image.
         thresholds: Thresholds tau for MaxBoxAccV2 (fractions of the map's max after min-max).
         deltas: IoU thresholds averaged by MaxBoxAccV2.
+        convention: ``"epviz"`` (bilinear, exclusive boxes; default) or ``"wsol"``
+            (wsolevaluation's bicubic upsampling and ``x + w`` boxes with inclusive IoU); see
+            the module docstring.
+        records: Also keep per-image records for bootstrap intervals (:meth:`image_records`):
+            per image K*T*len(deltas) bits of box correctness, K float32 in-box masses, K
+            pointing hits (about 1.2 kB per image for K = 16, T = 100).
     """
 
     def __init__(
@@ -143,7 +178,10 @@ class LocalizationMeter:
         image_size: int | Sequence[int],
         thresholds: Sequence[float] | None = None,
         deltas: Sequence[float] = DELTAS,
+        records: bool = False,
+        convention: str = "epviz",
     ) -> None:
+        self.convention = _check_convention(convention)
         self.k = int(num_predictors)
         self.grid = (int(grid[0]), int(grid[1]))
         self.size = _as_size(image_size)
@@ -165,6 +203,8 @@ class LocalizationMeter:
         self.mass_sq = np.zeros(self.k)
         self.hits = np.zeros(self.k, dtype=np.int64)
         self.chance_sum = 0.0
+        self.records = bool(records)
+        self._records: dict[str, list[np.ndarray]] = {"box": [], "mass": [], "pointing": []}
 
     # --- accumulation ------------------------------------------------------------------
 
@@ -224,46 +264,76 @@ class LocalizationMeter:
         self.mass_sum += mass.sum(0)
         self.mass_sq += (mass**2).sum(0)
         top = maps.argmax(-1)  # (b, K)
-        self.hits += np.take_along_axis(inside, top, axis=1).sum(0)
+        hit = np.take_along_axis(inside, top, axis=1)
+        self.hits += hit.sum(0)
+        if self.records:
+            self._records["mass"].append(mass.astype(np.float32))
+            self._records["pointing"].append(hit)
+
+    def _scores(self, maps: np.ndarray) -> np.ndarray:
+        """(m, N) maps -> (m, H, W) float64 scores in [0, 1]: upsampled, then min-max normalised.
+
+        A map constant on the token grid gives all zeros (no box at any threshold).
+        """
+        m = len(maps)
+        h, w = self.size
+        flat = torch.from_numpy(np.ascontiguousarray(maps)).reshape(m, -1)
+        constant = (flat == flat[:, :1]).all(dim=1)  # on the tokens, before any interpolation
+        up = flat.view(m, 1, *self.grid)
+        if up.shape[-2:] != (h, w):
+            mode = "bicubic" if self.convention == "wsol" else "bilinear"
+            # float64, rounded back to float32: a flat stretch of float32 tokens comes back exactly flat
+            up = F.interpolate(up.double(), size=(h, w), mode=mode, align_corners=False).float()
+        up = up.reshape(m, h * w).double()
+        lo, hi = up.min(dim=1, keepdim=True).values, up.max(dim=1, keepdim=True).values
+        span = hi - lo
+        keep = (span > 0) & ~constant[:, None]
+        up = torch.where(keep, (up - lo) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
+        return up.view(m, h, w).numpy()
 
     def _maxboxacc(self, maps: np.ndarray, gts: list[np.ndarray]) -> None:
         b, k, _ = maps.shape
         h, w = self.size
         t = len(self.thresholds)
-        up = torch.from_numpy(maps).view(b * k, 1, *self.grid)
-        if up.shape[-2:] != (h, w):
-            up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
-        up = up.view(b * k, h * w)
-        lo, hi = up.min(dim=1, keepdim=True).values, up.max(dim=1, keepdim=True).values
-        span = hi - lo
-        up = torch.where(span > 0, (up - lo) / span.clamp_min(torch.finfo(up.dtype).tiny), torch.zeros_like(up))
-        scores = up.view(b * k, h, w).numpy()
+        scores = maps.reshape(b * k, -1)  # upsampled one chunk at a time (self._scores)
 
         kmax = max(len(g) for g in gts)
-        gt = np.zeros((b, kmax, 4))  # padding boxes have zero area, hence IoU 0
+        gt = np.zeros((b, kmax, 4))
+        valid = np.zeros((b, kmax), dtype=bool)  # padding boxes score IoU 0
         for i, g in enumerate(gts):
             gt[i, : len(g)] = g
-        gt_area = (gt[..., 2] - gt[..., 0]) * (gt[..., 3] - gt[..., 1])
+            valid[i, : len(g)] = True
+        # "epviz": exclusive boxes, area (x1 - x0)(y1 - y0); "wsol": inclusive, area (x1 - x0 + 1)(y1 - y0 + 1)
+        one = 1.0 if self.convention == "wsol" else 0.0
+        gt_area = (gt[..., 2] - gt[..., 0] + one) * (gt[..., 3] - gt[..., 1] + one)
 
         step = max(1, _VOXEL_BUDGET // (t * h * w))
+        record = np.zeros((b * k, t, len(self.deltas)), dtype=bool) if self.records else None
         for start in range(0, b * k, step):
-            chunk = scores[start : start + step]
+            chunk = self._scores(scores[start : start + step])
             m = len(chunk)
-            stack = chunk[:, None] > self.thresholds[None, :, None, None]  # (m, T, H, W)
+            stack = chunk[:, None] > self.thresholds[None, :, None, None]  # (m, T, H, W); float64 both sides
             labels, count = ndimage.label(stack.reshape(m * t, h, w), structure=_STRUCTURE)
             best = np.zeros(m * t)
             if count:
                 plane, rbox = _region_boxes(labels)
+                if one:  # "wsol": cv2.boundingRect's x + w, clipped to the last pixel
+                    rbox[:, 2] = np.minimum(rbox[:, 2], w - 1)
+                    rbox[:, 3] = np.minimum(rbox[:, 3], h - 1)
                 image = (start + plane // t) // k
                 g = gt[image]  # (L, kmax, 4)
-                ix = np.clip(np.minimum(rbox[:, None, 2], g[..., 2]) - np.maximum(rbox[:, None, 0], g[..., 0]), 0, None)
-                iy = np.clip(np.minimum(rbox[:, None, 3], g[..., 3]) - np.maximum(rbox[:, None, 1], g[..., 1]), 0, None)
+                ix = np.clip(np.minimum(rbox[:, None, 2], g[..., 2]) - np.maximum(rbox[:, None, 0], g[..., 0]) + one, 0, None)
+                iy = np.clip(np.minimum(rbox[:, None, 3], g[..., 3]) - np.maximum(rbox[:, None, 1], g[..., 1]) + one, 0, None)
                 inter = ix * iy
-                r_area = (rbox[:, 2] - rbox[:, 0]) * (rbox[:, 3] - rbox[:, 1])
-                iou = (inter / (r_area[:, None] + gt_area[image] - inter)).max(1)
+                r_area = (rbox[:, 2] - rbox[:, 0] + one) * (rbox[:, 3] - rbox[:, 1] + one)
+                iou = np.where(valid[image], inter / (r_area[:, None] + gt_area[image] - inter), 0.0).max(1)
                 np.maximum.at(best, plane, iou)
             correct = best.reshape(m, t)[:, :, None] >= self.deltas  # (m, T, deltas)
             np.add.at(self.correct, (start + np.arange(m)) % k, correct)
+            if record is not None:
+                record[start : start + m] = correct
+        if record is not None:
+            self._records["box"].append(np.packbits(record.reshape(b, -1), axis=1))
 
     # --- results -----------------------------------------------------------------------
 
@@ -297,6 +367,17 @@ class LocalizationMeter:
             rows.append(row)
         return rows
 
+    def image_records(self) -> dict[str, np.ndarray]:
+        """Per-image records (``records=True``): ``box`` (n, K*T*len(deltas) bits) packed with
+        ``np.packbits`` (unpack to (n, K, T, len(deltas)) box correctness), ``mass`` (n, K) in-box
+        mass, ``pointing`` (n, K) hits."""
+        if not self.records:
+            raise ValueError("this LocalizationMeter keeps no per-image records: build it with records=True")
+        nbytes = -(-self.k * len(self.thresholds) * len(self.deltas) // 8)
+        empty = {"box": np.zeros((0, nbytes), np.uint8), "mass": np.zeros((0, self.k), np.float32),
+                 "pointing": np.zeros((0, self.k), bool)}
+        return {key: np.concatenate(parts) if parts else empty[key] for key, parts in self._records.items()}
+
     def curves(self, context: Mapping | None = None) -> pd.DataFrame:
         """Box accuracy for every (predictor, delta, tau): the curves MaxBoxAccV2 maximises."""
         acc = self.accuracy()
@@ -316,6 +397,7 @@ def localization_from_maps(
     context: Mapping | None = None,
     batch_size: int = 64,
     return_curves: bool = False,
+    convention: str = "epviz",
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Localization measures of precomputed maps.
 
@@ -329,6 +411,8 @@ def localization_from_maps(
         context: Values of the context columns.
         batch_size: Images processed together.
         return_curves: Also return the per-(predictor, iou, tau) accuracy table.
+        convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
+            ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
 
     Returns:
         The per-predictor summary (see :meth:`LocalizationMeter.summary`), and the curves when asked.
@@ -337,7 +421,7 @@ def localization_from_maps(
     k = 1 if maps.ndim == 2 else maps.shape[1]
     if len(boxes) != len(maps):
         raise ValueError(f"got maps of {len(maps)} images but boxes of {len(boxes)}")
-    meter = LocalizationMeter(k, grid, image_size, thresholds, deltas)
+    meter = LocalizationMeter(k, grid, image_size, thresholds, deltas, convention=convention)
     for start in range(0, len(maps), batch_size):
         stop = min(start + batch_size, len(maps))
         meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop))
@@ -365,6 +449,10 @@ class Localization(Meter):
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
         deltas: IoU thresholds (default 0.3, 0.5, 0.7).
         chunk_size: Images whose maps are upsampled together.
+        records: Keep per-image records, for bootstrap intervals (:meth:`resample`; sizes in
+            :class:`LocalizationMeter`).
+        convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
+            ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
     """
 
     columns = {"maxboxacc_v2": "MaxBoxAccV2 (localization)",
@@ -382,11 +470,16 @@ class Localization(Meter):
         thresholds: Sequence[float] | None = None,
         deltas: Sequence[float] = DELTAS,
         chunk_size: int = 64,
+        records: bool = True,
+        convention: str = "epviz",
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.convention = _check_convention(convention)
         self.image_size, self.thresholds, self.deltas, self.chunk_size = image_size, thresholds, deltas, int(chunk_size)
+        self.records = bool(records)
         self.meter: LocalizationMeter | None = None
+        self._positions: list[np.ndarray] = []
 
     def start(self, probe: Probe, tokens: TokenSet, dataset=None) -> None:
         if dataset is None:
@@ -395,10 +488,13 @@ class Localization(Meter):
         size = _image_size_of(dataset, self.image_size)
         if len(dataset) != len(tokens):
             raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
-        self.meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, self.thresholds, self.deltas)
+        self.meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, self.thresholds, self.deltas,
+                                       records=self.records, convention=self.convention)
+        self._positions = []
 
     def update(self, maps: torch.Tensor, batch: MeterBatch) -> None:
         positions = batch.index
+        self._positions.append(np.asarray(positions, dtype=np.int64))
         for start in range(0, len(positions), self.chunk_size):
             part = positions[start : start + self.chunk_size]
             self._started().update(maps[start : start + self.chunk_size], [self._boxes_of(int(i)) for i in part], part)
@@ -409,6 +505,22 @@ class Localization(Meter):
     def curves(self, context: Mapping | None = None) -> pd.DataFrame:
         """Box accuracy for every (predictor, delta, tau): see :meth:`LocalizationMeter.curves`."""
         return self._started().curves(context)
+
+    def positions(self) -> np.ndarray | None:
+        if not self.records or self.meter is None:
+            return None
+        return np.concatenate(self._positions) if self._positions else np.zeros(0, np.int64)
+
+    def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """MaxBoxAccV2 (best tau re-chosen per delta inside every resample), in-box mass and pointing, per resample."""
+        from epviz.analysis.intervals import resample_box_accuracy, weighted_mean
+
+        meter = self._started()
+        rec = meter.image_records()
+        acc = resample_box_accuracy(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights)
+        return {"maxboxacc_v2": acc.max(axis=2).mean(axis=2),  # (b, K, T, deltas) -> best tau per delta -> mean
+                "inbox_mass": weighted_mean(weights, rec["mass"]),
+                "pointing": weighted_mean(weights, rec["pointing"])}
 
     def _started(self) -> LocalizationMeter:
         if self.meter is None:
@@ -430,6 +542,7 @@ def localization(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     return_curves: bool = False,
+    convention: str = "epviz",
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Localization quality of every attention predictor of `probe` over a dataset with GT boxes.
 
@@ -446,13 +559,15 @@ def localization(
         device: Where to run the probe; None picks automatically.
         precision: "fp32" or "bf16".
         return_curves: Also return the per-(predictor, iou, tau) accuracy table.
+        convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
+            ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
 
     Returns:
         One row per predictor: maxboxacc_v2, maxboxacc_iouXX, best_tau_iouXX, inbox_mass,
         inbox_mass_std, chance_mass, pointing, n_images (and the curves when asked).
     """
     require_predictors(probe, "localization")
-    meter = Localization(image_size, thresholds, deltas, chunk_size=batch_size)
+    meter = Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention)
     summary = measure(probe, tokens, dataset, [meter], index=index, batch_size=batch_size, device=device,
                       precision=precision, context=context)
     return (summary, meter.curves(context_columns(context, probe, tokens))) if return_curves else summary

@@ -16,7 +16,7 @@ import torch
 
 from epviz.analysis._common import context_columns, prepare_probe, require_predictors
 from epviz.analysis.meters import Meter, MeterBatch, meter_class, meter_names
-from epviz.evaluate import eval_mode
+from epviz.evaluate import check_labels, eval_mode
 from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
@@ -62,6 +62,7 @@ def measure(
             meters reporting the same column.
     """
     require_predictors(probe, "measure")
+    check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     chosen = _meters(meters)
     device = prepare_probe(probe, device)
     autocast(device, precision)  # rejects an unknown precision before any work

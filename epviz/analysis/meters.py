@@ -15,6 +15,10 @@ A new measure is one class::
 
         def update(self, maps, batch): ...
         def summary(self): ...
+
+A meter that keeps per-image records also implements :meth:`Meter.positions` and
+:meth:`Meter.resample`; :mod:`epviz.analysis.intervals` then gives its columns bootstrap
+intervals over the images (``<column>_lo`` / ``<column>_hi`` in the predictor table).
 """
 
 from __future__ import annotations
@@ -143,6 +147,25 @@ class Meter:
     def summary(self) -> pd.DataFrame:
         """One row per predictor: column ``predictor`` first, then the meter's columns."""
         raise NotImplementedError(f"meter {type(self).__name__} must implement summary()")
+
+    def positions(self) -> np.ndarray | None:
+        """Dataset positions (n,) of the images whose per-image records the meter kept, in update order.
+
+        None (the default) when the meter keeps no records and has no bootstrap intervals.
+        """
+        return None
+
+    def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Some of the meter's columns recomputed with weighted images, one row per resample.
+
+        Args:
+            weights: (b, n) non-negative image weights over the images of :meth:`positions`
+                (bootstrap counts: each row sums to n).
+
+        Returns:
+            Column -> (b, P) values, P predictors in :meth:`summary` order (default: none).
+        """
+        return {}
 
 
 M = TypeVar("M", bound=type[Meter])

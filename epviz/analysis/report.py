@@ -2,7 +2,11 @@
 
 The registered meters (:mod:`epviz.analysis.meters`: the accuracy drop when made uniform, the
 localization, the entropy, and any meter registered later) run in one pass over the tokens
-(:func:`~epviz.analysis.measure`); their summaries are joined on ``predictor``.
+(:func:`~epviz.analysis.measure`); their summaries are joined on ``predictor``. The controls of
+the uniform ablation (:mod:`epviz.analysis.controls`) are meters too; the mean-map control reads
+the training tokens (``train_tokens=``). Meters that keep per-image records get bootstrap
+intervals over the test images (:mod:`epviz.analysis.intervals`): ``<column>_lo`` and
+``<column>_hi`` columns at the end of the table.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from epviz.analysis.controls import MeanMapAblation, ShuffledAblation
+from epviz.analysis.intervals import LEVEL, N_BOOT, Bootstrap
 from epviz.analysis.localization import Localization
 from epviz.analysis.measure import measure
 from epviz.analysis.meters import Meter, meter_class, meter_names
@@ -30,7 +36,14 @@ def predictor_table(
     index: Iterable[int] | None = None,
     localization_index: Iterable[int] | None = None,
     thresholds: Sequence[float] | None = None,
-) -> pd.DataFrame:
+    train_tokens: TokenSet | None = None,
+    mean_maps=None,
+    shuffle_seed: int = 0,
+    n_boot: int = N_BOOT,
+    boot_seed: int = 0,
+    level: float = LEVEL,
+    return_records: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, Bootstrap | None]:
     """One row per attention predictor: every registered meter's measures, from one pass over the tokens.
 
     Args:
@@ -42,18 +55,28 @@ def predictor_table(
         localization_index: Images of the localization measure, if other than `index`
             (MaxBoxAccV2 is the costly measure).
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
+        train_tokens: Training tokens of the same backbone and layer, for the mean-map control
+            (without them and without `mean_maps`, ``delta_acc_mean`` is NaN).
+        mean_maps: Precomputed mean training maps (K, R, N) instead of `train_tokens`.
+        shuffle_seed: Seed of the shuffled control's derangement of the images.
+        n_boot: Bootstrap resamples of the intervals; 0 adds no interval columns.
+        boot_seed: Seed of the resamples.
+        level: Interval level.
+        return_records: Also return the :class:`~epviz.analysis.intervals.Bootstrap` of the pass
+            (for :meth:`~epviz.analysis.intervals.Bootstrap.spearman` intervals), None when n_boot is 0.
 
     Returns:
         The context columns and ``predictor``, then the columns of
         :func:`~epviz.analysis.uniform_ablation` (acc_full, acc_uniform, delta_acc, n_images), of
         :func:`~epviz.analysis.localization` (maxboxacc_v2, ..., inbox_mass, chance_mass, pointing,
         n_images_localization), of :func:`~epviz.analysis.entropy` (entropy, entropy_norm, ...),
-        of every other registered meter, and ``predictors`` (K).
+        of the controls (acc_mean, delta_acc_mean, acc_shuffled, delta_acc_shuffled, acc_zero,
+        delta_acc_zero), of every other registered meter, ``predictors`` (K), and the intervals
+        (acc_full_lo, acc_full_hi, delta_acc_lo, delta_acc_hi, delta_acc_mean_lo, ..., maxboxacc_v2_lo,
+        ..., inbox_mass_lo, ..., pointing_lo, pointing_hi) when `n_boot` > 0.
     """
-    meters: list[Meter] = [
-        Localization(thresholds=thresholds) if meter_class(name) is Localization else meter_class(name)()
-        for name in meter_names()
-    ]
+    meters: list[Meter] = [_configured(meter_class(name), thresholds, train_tokens, mean_maps, shuffle_seed, n_boot)
+                           for name in meter_names()]
     table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index,
                     context=context)
     table["predictors"] = probe.num_predictors
@@ -61,7 +84,24 @@ def predictor_table(
         raise RuntimeError(f"expected {probe.num_predictors} predictor rows, got {len(table)}")
     if "delta_acc" in table and (table["delta_acc"].isna().any() or not np.isfinite(table["delta_acc"]).all()):
         raise RuntimeError("a predictor has no accuracy drop")
-    return table
+    records = None
+    if n_boot:
+        context_keys = [c for c in table.columns[: list(table.columns).index("predictor")]]
+        records = Bootstrap(meters, n_boot=n_boot, seed=boot_seed, level=level,
+                            context={c: table[c].iloc[0] for c in context_keys})
+        table = table.merge(records.intervals(), on="predictor", how="left")
+    return (table, records) if return_records else table
+
+
+def _configured(cls: type[Meter], thresholds, train_tokens, mean_maps, shuffle_seed: int, n_boot: int) -> Meter:
+    """A registered meter with the predictor table's options."""
+    if cls is Localization:
+        return Localization(thresholds=thresholds, records=bool(n_boot))
+    if cls is MeanMapAblation:
+        return MeanMapAblation(mean_maps=mean_maps, train_tokens=train_tokens)
+    if cls is ShuffledAblation:
+        return ShuffledAblation(seed=shuffle_seed)
+    return cls()
 
 
 def predictor_tables(
@@ -74,7 +114,13 @@ def predictor_tables(
     index: Iterable[int] | None = None,
     localization_index: Iterable[int] | None = None,
     thresholds: Sequence[float] | None = None,
-) -> pd.DataFrame:
+    train_split: str | None = "train",
+    shuffle_seed: int = 0,
+    n_boot: int = N_BOOT,
+    boot_seed: int = 0,
+    level: float = LEVEL,
+    return_records: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]:
     """:func:`predictor_table` of every attentive probe in `fitted`, as one table.
 
     Args:
@@ -87,15 +133,26 @@ def predictor_tables(
         index: Optional subset of images.
         localization_index: Images of the localization measure, if other than `index`.
         thresholds: MaxBoxAccV2 thresholds.
+        train_split: The split whose tokens give the mean-map control its training maps (None:
+            no mean-map control, or when a backbone has no such split).
+        shuffle_seed, n_boot, boot_seed, level: See :func:`predictor_table`.
+        return_records: Also return ``{(backbone, label): Bootstrap}`` (see :func:`predictor_table`).
     """
-    parts = []
+    if train_split is not None and train_split == split:
+        raise ValueError(f"train_split and split are both '{split}': the mean map must come from other images")
+    parts, records = [], {}
     for (backbone, label), probe in fitted.items():
         if probe.num_predictors == 0:
             continue
         ts = tokens[backbone][split]
+        train = None if train_split is None else tokens[backbone].get(train_split)
         context = dict(backbone=backbone, layer=ts.origin.layer, probe=label, seed=seed)
-        parts.append(predictor_table(probe, ts, dataset, context=context, index=index,
-                                     localization_index=localization_index, thresholds=thresholds))
+        table, records[backbone, label] = predictor_table(
+            probe, ts, dataset, context=context, index=index, localization_index=localization_index,
+            thresholds=thresholds, train_tokens=train, shuffle_seed=shuffle_seed, n_boot=n_boot, boot_seed=boot_seed,
+            level=level, return_records=True)
+        parts.append(table)
     if not parts:
         raise ValueError("none of the probes has attention predictors: use attentive probes (e.g. ep, mhca)")
-    return pd.concat(parts, ignore_index=True)
+    table = pd.concat(parts, ignore_index=True)
+    return (table, records) if return_records else table

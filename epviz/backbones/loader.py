@@ -15,10 +15,14 @@ from __future__ import annotations
 import concurrent.futures
 import difflib
 import hashlib
+import math
+import numbers
 import os
+import pickle
+import re
 import socket
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +32,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from epviz.backbones import presets, zoo
-from epviz.errors import WeightsError
+from epviz.errors import ConfigError, WeightsError
 from epviz.runtime import resolve_device
 
-__all__ = ["Backbone", "load_backbone", "BackboneError", "HubUnavailable", "available_backbones", "present_backbones"]
+__all__ = [
+    "Backbone", "load_backbone", "BackboneError", "HubUnavailable", "available_backbones", "present_backbones",
+    "check_finite_weights", "check_weights_fit",
+]
 
 HUB_HOST_ENV = "EPVIZ_HUB_HOST"
 _HUB_TIMEOUT = 1.5
@@ -84,24 +91,30 @@ class Backbone:
         """Normalise layer indices: 0 is block 0, -1 the last block; None means every block.
 
         Raises:
-            ValueError: An index is out of range or not an integer.
+            ConfigError: An index is out of range or not an integer, no index is given, or one block is named twice.
         """
         if layers is None:
             return list(range(self.depth))
-        if isinstance(layers, (int,)) and not isinstance(layers, bool):
+        if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
             layers = [layers]
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise ConfigError(f"layers must be a block index or a list of them (0 is the first block, -1 the last), got {layers!r}")
+        layers = list(layers)
+        if not layers:
+            raise ConfigError(f"layers is empty: name at least one block of {self.name} (0..{self.depth - 1}), or None for every block")
         out = []
         for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                raise ValueError(f"layer indices must be integers, got {layer!r}")
+            if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+                raise ConfigError(f"layer indices must be integers, got {layer!r} in layers={layers}")
+            layer = int(layer)
             if not -self.depth <= layer < self.depth:
-                raise ValueError(
-                    f"layer {layer} is out of range for {self.name}, which has {self.depth} blocks: "
+                raise ConfigError(
+                    f"layer {layer} is out of range for {self.name}, which has {self.depth} blocks (layers={layers}): "
                     f"use 0..{self.depth - 1} (0 is the first block) or -1..-{self.depth} (-1 is the last)"
                 )
             out.append(layer % self.depth)
         if len(set(out)) != len(out):
-            raise ValueError(f"layers {list(layers)} name the same block twice")
+            raise ConfigError(f"layers {layers} name the same block twice; list each block once")
         return out
 
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -191,8 +204,51 @@ def _load_zoo(name: str) -> Backbone:
     return _describe_model(model, name, weights_id, card, mean=norm["mean"], std=norm["std"])
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _plain(text: str) -> str:
+    """`text` without terminal colour codes (torch wraps parts of its messages in them)."""
+    return _ANSI.sub("", text)
+
+
+def _unsafe_globals(path: Path, err: BaseException) -> list[str]:
+    """The globals a pickled checkpoint needs beyond plain tensors, read without unpickling anything."""
+    found: list[str] = []
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is not None:
+        try:
+            found = [str(g) for g in scan(str(path))]
+        except Exception:  # noqa: BLE001 - an older container format: fall back on the message
+            found = []
+    if not found:
+        found = re.findall(r"GLOBAL ([\w.]+)", _plain(str(err)))
+    return sorted(dict.fromkeys(found))
+
+
+def _conversion_hint(path: Path, globals_: list[str]) -> str:
+    """A snippet that converts a checkpoint with benign pickled objects into safetensors."""
+    modules = sorted({g.rsplit(".", 1)[0] for g in globals_ if "." in g})
+    imports = "".join(f"; import {m}" for m in modules)
+    allowed = ", ".join(globals_) or "..."
+    target = path.with_suffix(".safetensors")
+    return (
+        "Convert it once, on a machine where you trust the file, and load the result:\n"
+        f"    import torch{imports}; from safetensors.torch import save_file\n"
+        f"    with torch.serialization.safe_globals([{allowed}]):\n"
+        f"        ckpt = torch.load({str(path)!r}, map_location='cpu', weights_only=True)\n"
+        f"    save_file({{k: v.contiguous() for k, v in ckpt['model'].items()}}, {str(target)!r})  # 'model': the key holding the state dict\n"
+        f"then pass weights={str(target)!r}. epviz itself never unpickles such objects."
+    )
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch checkpoint, never unpickling arbitrary objects."""
+    """A state dict from .safetensors or a torch checkpoint, never unpickling arbitrary objects.
+
+    Raises:
+        BackboneError: The file is missing, unreadable, holds pickled objects other than tensors
+            (the message names them and shows how to convert the file), or holds no state dict.
+    """
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
     try:
@@ -202,9 +258,23 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
+    except pickle.UnpicklingError as err:
+        globals_ = _unsafe_globals(path, err)
+        if not globals_:
+            raise BackboneError(
+                f"cannot read weights from {path}: it is a pickled checkpoint that does not load with weights_only=True "
+                f"({_plain(str(err)).strip().splitlines()[0][:200]}). epviz reads .safetensors files and torch checkpoints "
+                "of plain tensors only; save the state dict with safetensors.torch.save_file"
+            ) from None
         raise BackboneError(
-            f"cannot read weights from {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}. "
+            f"cannot read weights from {path}: besides tensors it holds pickled Python objects of {', '.join(globals_)} "
+            "(often the training arguments saved next to the state dict, as MAE and DeiT releases do), and epviz "
+            "does not unpickle objects from weights files. " + _conversion_hint(path, globals_)
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
+        first = (_plain(str(err)).strip().splitlines() or [""])[0][:200]
+        raise BackboneError(
+            f"cannot read weights from {path}: {type(err).__name__}: {first}. "
             "epviz reads .safetensors files and torch checkpoints of plain tensors (weights_only=True)"
         ) from err
     for key in ("model", "state_dict", "module", "model_ema"):
@@ -214,6 +284,140 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], path: str | Path, error: type[WeightsError] = WeightsError) -> None:
+    """Refuse weights holding NaN or inf: they would turn every token (and every prediction) into NaN.
+
+    Args:
+        state: The state dict read from `path`.
+        path: The file, for the message.
+        error: The WeightsError subclass to raise.
+
+    Raises:
+        WeightsError: Names the first tensor with NaN or inf values, how many it holds, and the total.
+    """
+    bad: list[tuple[str, int, int]] = []
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()) or not value.numel():
+            continue
+        count = int((~torch.isfinite(value)).sum())
+        if count:
+            bad.append((key, count, value.numel()))
+    if bad:
+        key, count, size = bad[0]
+        total = sum(c for _, c, _ in bad)
+        more = f"; {len(bad)} tensors hold {total} such values in all" if len(bad) > 1 else ""
+        raise error(
+            f"{path}: tensor {key!r} holds {count} NaN or inf values (of {size}){more}. Weights like these turn every "
+            "token into NaN (storing tokens as float32 would not help); the file is damaged or comes from a diverged "
+            "training run: download or export it again"
+        )
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def _first(items: list, n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def _vit_facts(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """Width, patch size, depth and position-embedding length of a ViT state dict (those it holds)."""
+    facts: dict[str, object] = {}
+    proj = state.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        facts["width"] = int(proj.shape[0])
+        facts["patch"] = int(proj.shape[2]) if proj.shape[2] == proj.shape[3] else f"{proj.shape[2]}x{proj.shape[3]}"
+    blocks = {int(m.group(1)) for k in state for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+    if blocks:
+        facts["blocks"] = max(blocks) + 1
+    pos = state.get("pos_embed")
+    if pos is not None and pos.ndim == 3:
+        facts["positions"] = int(pos.shape[1])
+        prefix = int("cls_token" in state) + (int(state["reg_token"].shape[1]) if "reg_token" in state and state["reg_token"].ndim == 3 else 0)
+        for extra in dict.fromkeys((prefix, 0, 1)):
+            side = math.isqrt(max(facts["positions"] - extra, 0))
+            if side and side * side == facts["positions"] - extra:
+                facts["grid"] = side
+                break
+    return facts
+
+
+def _describe_misfit(found: dict, expected: dict) -> str:
+    """"checkpoint has width 96 and patch 16; the model expects width 192 and patch 8" (the facts that differ)."""
+    names = {"width": "width {}", "patch": "patch {}", "blocks": "{} blocks", "positions": "position embeddings for {} tokens"}
+    differ = [k for k in names if k in found and k in expected and found[k] != expected[k]]
+    if "width" in differ or "patch" in differ:  # name both, so the two halves compare at a glance; positions follow from them
+        keys = [k for k in ("width", "patch") if k in found and k in expected] + (["blocks"] if "blocks" in differ else [])
+    else:
+        keys = differ
+    if not keys:
+        return ""
+    hint = ""
+    if keys == ["positions"]:
+        size = ""
+        if "grid" in found and isinstance(found.get("patch"), int):
+            size = f" (a {found['grid']}x{found['grid']} patch grid: img_size={found['grid'] * found['patch']})"
+        hint = (f": the file was trained for another input size{size}; pass img_size= to match it, "
+                "epviz does not resample position embeddings")
+    return (f"checkpoint has {' and '.join(names[k].format(found[k]) for k in keys)}; "
+            f"the model expects {' and '.join(names[k].format(expected[k]) for k in keys)}{hint}")
+
+
+def check_weights_fit(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    path: str | Path,
+    target: str,
+    fix: str,
+    error: type[WeightsError] = WeightsError,
+) -> None:
+    """Refuse a state dict whose keys or shapes do not fit a model, before ``load_state_dict`` sees it.
+
+    The first line of the message says what does not fit (for a ViT: width, patch size, depth,
+    position embeddings), then the file, the tensors of other shapes, and the missing and
+    unexpected keys (the first few of each). Nothing is resampled.
+
+    Args:
+        state: The state dict read from `path`.
+        expected: The model's own ``state_dict()``.
+        path: The file, for the message.
+        target: What it should fit, e.g. "test_vit" or "probe 'ep' (dim 16, 3 classes)".
+        fix: The last sentence: what to do.
+        error: The WeightsError subclass to raise.
+
+    Raises:
+        WeightsError: Keys are missing or unexpected, or shapes differ.
+    """
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and _shape(state[k]) != _shape(expected[k])]
+    mismatched.sort(key=lambda k: k.startswith("blocks."))  # the telling ones (patch_embed, pos_embed) first
+    if not (missing or unexpected or mismatched):
+        return
+    summary = _describe_misfit(_vit_facts(state), _vit_facts(expected))
+    if not summary:
+        parts = []
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"{len(mismatched)} tensors have other shapes, e.g. {k} {_shape(state[k])} in the file, {_shape(expected[k])} expected")
+        if missing:
+            parts.append(f"{len(missing)} expected tensors are missing")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors are not part of it")
+        summary = "; ".join(parts)
+    lines = [f"{path} does not fit {target}: {summary}"]
+    if mismatched:
+        shapes = [f"{k} {_shape(state[k])} vs {_shape(expected[k])}" for k in mismatched]
+        lines.append(f"  tensors of other shapes (file vs expected): {_first(shapes)}")
+    if missing:
+        lines.append(f"  missing keys: {_first(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {_first(unexpected)}")
+    lines.append(fix)
+    raise error("\n".join(lines))
 
 
 def _hub_reachable(host: str) -> bool:
@@ -261,16 +465,22 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
             with an optional pretrained tag ("vit_base_patch16_224.mae"), a preset of
             :mod:`epviz.presets` ("mae-vit-b"), or any of these but the zoo's followed by
             ":random" for seeded random weights ("test_vit:random").
-        weights: A local .safetensors or torch checkpoint to load instead of hub weights.
+        weights: A local .safetensors or torch checkpoint to load instead of hub weights. Its
+            keys and shapes must fit the architecture exactly and its values must be finite;
+            a torch checkpoint may hold tensors only (no pickled objects).
         pretrained: Load pretrained hub weights (ignored with `weights`); False gives a
             randomly initialised timm model (architecture checks, tests).
         device: Where the model lives; None picks CUDA when present, else CPU.
         **timm_kwargs: Passed to ``timm.create_model`` (e.g. img_size).
 
     Raises:
-        BackboneError: Unknown name (with close matches), missing or unreadable weights file.
+        BackboneError: Unknown name (with close matches), missing or unreadable weights file, a
+            checkpoint holding pickled objects, weights that do not fit the architecture or hold NaN/inf.
         HubUnavailable: Hub weights requested, not cached, hub not reachable.
+        ConfigError: `name` is not a string.
     """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"name must be a backbone name such as 'tiny-mae' or 'vit_base_patch16_224.mae', got {name!r}")
     if presets.handles(name):  # paper presets ("mae-vit-b") and random-init names ("test_vit:random")
         return _load_preset(name, weights=weights, pretrained=pretrained, device=device, **timm_kwargs)
     dev = resolve_device(device)
@@ -283,13 +493,13 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         path = Path(weights)
         state = _read_weights(path)
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
-        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in model.state_dict()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BackboneError(
-                f"{path} does not fit {name}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. Check the architecture name"
-            )
+        expected = model.state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in expected}
+        check_weights_fit(state, expected, path, name, error=BackboneError, fix=(
+            "Load the file with the architecture it was trained with (the timm name of that width, patch size and "
+            "depth, and its img_size); epviz does not resample or drop weights."))
+        check_finite_weights(state, path, error=BackboneError)
+        model.load_state_dict(state, strict=True)
         return _move(_describe_model(model, name, zoo.file_sha256(path), {"weights": str(path)}), dev)
     if not pretrained:
         with torch.random.fork_rng(devices=[]):

@@ -8,9 +8,16 @@ evaluation transform (Resize 256 + CenterCrop 224); models whose timm default di
 embeddings. Input mean/std come from timm's pretrained config of the model, never from
 this table.
 
-Layer convention (all presets): blocks are numbered 0 .. depth - 1 and -1 is the last;
-the features are the chosen block's raw output, *without* the encoder's final norm,
-as in the reference implementation (``layer=-1, norm=False`` in :func:`epviz.extract_tokens`).
+Layer convention (all presets): blocks are numbered 0 .. depth - 1 and -1 is the last.
+
+Final norm (``Preset.final_norm``), the reference implementation's convention per family:
+its own ViT path (``models_vit``, used for MAE, BEiTv2 and DINO) reads the chosen block's raw
+output, *without* the encoder's final norm; its DINOv2 wrapper (``get_intermediate_layers``,
+norm on) and its timm / open_clip wrappers (``forward_features``: CLIP, EVA02, SigLIP) apply
+it. :func:`epviz.extract_tokens` follows the preset by default (``norm=None``) and applies
+the norm to every extracted block; ``norm=True`` / ``norm=False`` overrides. Plain timm names
+and the zoo backbones default to no final norm. timm's EVA02 keeps an identity ``norm`` (its
+LayerNorm, ``fc_norm``, comes after pooling), so its tokens are the same either way.
 
 ``ep_all`` is the default EP variant for encoders whose training objective is defined on
 [CLS] (DINO, DINOv2, CLIP); plain ``ep`` for masked-image-modelling encoders (MAE,
@@ -27,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 
 __all__ = ["Preset", "PRESETS", "RANDOM_SUFFIX", "get_preset", "available_presets", "split_random", "default_probe",
-           "preset_architecture", "handles", "resolve"]
+           "default_norm", "preset_architecture", "handles", "resolve"]
 
 RANDOM_SUFFIX = ":random"
 IMG_SIZE = 224
@@ -48,6 +55,8 @@ class Preset:
         note: Where the weights come from, caveats.
         cfg_from: Another timm name whose pretrained config gives the input mean/std
             (for presets whose timm architecture carries no config of this encoder).
+        final_norm: Whether the reference implementation applies the encoder's final norm
+            to the tokens of this encoder (the default of :func:`epviz.extract_tokens`).
     """
 
     name: str
@@ -59,6 +68,7 @@ class Preset:
     weights_required: bool = False
     note: str = ""
     cfg_from: str | None = None
+    final_norm: bool = False
 
     @property
     def architecture(self) -> str:
@@ -91,29 +101,29 @@ _MIM = "masked image modelling (no loss on [CLS])"
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("mae-vit-s", "vit_small_patch16_224", f"MAE, {_MIM}", False, weights_required=True,
            note="timm has no MAE ViT-S checkpoint: pass the MAE ViT-S/16 weights with weights=PATH",
-           cfg_from="vit_base_patch16_224.mae"),
-    Preset("mae-vit-b", "vit_base_patch16_224.mae", f"MAE, {_MIM}", False),
-    Preset("mae-vit-l", "vit_large_patch16_224.mae", f"MAE, {_MIM}", False),
-    Preset("mae-vit-h", "vit_huge_patch14_224.mae", f"MAE, {_MIM}", False),
+           cfg_from="vit_base_patch16_224.mae", final_norm=False),
+    Preset("mae-vit-b", "vit_base_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
+    Preset("mae-vit-l", "vit_large_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
+    Preset("mae-vit-h", "vit_huge_patch14_224.mae", f"MAE, {_MIM}", False, final_norm=False),
     Preset("beitv2-vit-b", "beitv2_base_patch16_224", f"BEiTv2, {_MIM} with VQ-KD targets", False, weights_required=True,
            note="timm only has fine-tuned BEiTv2 weights (beitv2_base_patch16_224.in1k_ft_in1k); probing them is not the "
                 "paper's setting: pass the self-supervised checkpoint with weights=PATH",
-           cfg_from="vit_base_patch16_224.mae"),
-    Preset("dino-vit-s", "vit_small_patch16_224.dino", "DINO self-distillation on [CLS]", True),
-    Preset("dino-vit-b", "vit_base_patch16_224.dino", "DINO self-distillation on [CLS]", True),
-    Preset("dinov2-vit-s", "vit_small_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224),
-    Preset("dinov2-vit-b", "vit_base_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224),
-    Preset("dinov2-vit-l", "vit_large_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224),
-    Preset("dinov2-vit-b-reg", "vit_base_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224),
-    Preset("dinov2-vit-l-reg", "vit_large_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224),
-    Preset("clip-vit-b", "vit_base_patch16_clip_224.openai", "CLIP image-text contrastive on [CLS]", True),
-    Preset("clip-vit-l", "vit_large_patch14_clip_224.openai", "CLIP image-text contrastive on [CLS]", True),
-    Preset("eva02-vit-b", "eva02_base_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False),
-    Preset("eva02-vit-l", "eva02_large_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False),
+           cfg_from="vit_base_patch16_224.mae", final_norm=False),
+    Preset("dino-vit-s", "vit_small_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
+    Preset("dino-vit-b", "vit_base_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
+    Preset("dinov2-vit-s", "vit_small_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
+    Preset("dinov2-vit-b", "vit_base_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
+    Preset("dinov2-vit-l", "vit_large_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
+    Preset("dinov2-vit-b-reg", "vit_base_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True),
+    Preset("dinov2-vit-l-reg", "vit_large_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True),
+    Preset("clip-vit-b", "vit_base_patch16_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
+    Preset("clip-vit-l", "vit_large_patch14_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
+    Preset("eva02-vit-b", "eva02_base_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
+    Preset("eva02-vit-l", "eva02_large_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
     Preset("siglip-vit-b", "vit_base_patch16_siglip_224.webli", "SigLIP image-text sigmoid loss; no [CLS] (attention pool)", False,
-           note="no [CLS]: LP on [CLS] and ep_all do not apply; use gap / ep"),
+           note="no [CLS]: LP on [CLS] and ep_all do not apply; use gap / ep", final_norm=True),
     Preset("siglip-vit-l", "vit_large_patch16_siglip_256.webli", "SigLIP image-text sigmoid loss; no [CLS] (attention pool)", False, _224,
-           note="run at 224 px instead of timm's 256; no [CLS]"),
+           note="run at 224 px instead of timm's 256; no [CLS]", final_norm=True),
 )}
 
 
@@ -140,6 +150,16 @@ def default_probe(name: str) -> str:
     return "ep_all" if preset is not None and preset.ep_all else "ep"
 
 
+def default_norm(name: str) -> bool:
+    """Whether tokens of backbone `name` get the encoder's final norm by default.
+
+    A preset (with or without ``:random``): its ``final_norm``, the reference
+    implementation's convention. Anything else (plain timm names, zoo backbones): False.
+    """
+    preset = get_preset(name)
+    return bool(preset.final_norm) if preset is not None else False
+
+
 def resolve(name: str, weights, pretrained: bool, timm_kwargs: dict) -> tuple[str, bool, dict, dict]:
     """What :func:`epviz.load_backbone` should build for `name`.
 
@@ -163,7 +183,8 @@ def resolve(name: str, weights, pretrained: bool, timm_kwargs: dict) -> tuple[st
         return base, pretrained, dict(timm_kwargs), card
     if preset.weights_required and pretrained and weights is None:
         raise ValueError(f"{preset.name}: {preset.note}")
-    card.update(preset=preset.name, timm_name=preset.timm_name, ep_all=preset.ep_all, objective=preset.objective)
+    card.update(preset=preset.name, timm_name=preset.timm_name, ep_all=preset.ep_all, objective=preset.objective,
+                final_norm=preset.final_norm)
     kwargs = {**preset.timm_kwargs, **timm_kwargs}
     if preset.cfg_from:
         kwargs.setdefault("pretrained_cfg_overlay", {"mean": preset.mean, "std": preset.std})
@@ -171,7 +192,7 @@ def resolve(name: str, weights, pretrained: bool, timm_kwargs: dict) -> tuple[st
 
 
 def preset_architecture(name: str) -> dict:
-    """Prefix tokens, grid, width, depth, input size and mean/std of a preset, built on the meta device.
+    """Prefix tokens, grid, width, depth, input size, mean/std and final-norm convention of a preset, built on the meta device.
 
     No weights are allocated or downloaded: this checks the architecture in a fraction of a
     second even at ViT-L size.
@@ -190,6 +211,7 @@ def preset_architecture(name: str) -> dict:
         "grid": tuple(int(g) for g in model.patch_embed.grid_size), "dim": int(model.embed_dim),
         "depth": len(blocks), "image_size": tuple(int(s) for s in model.patch_embed.img_size),
         "mean": preset.mean, "std": preset.std, "forward_intermediates": hasattr(model, "forward_intermediates"),
+        "final_norm": preset.final_norm,
     }
 
 

@@ -28,12 +28,13 @@ from epviz.data.registry import (
 )
 from epviz.data.splits import HOLDOUT_SEED, SPLITS, VAL_FRACTION, Subsettable, balanced_subset, held_out, train_val
 from epviz.data.transforms import EvalTransform, train_transform
+from epviz.data.unreadable import SkippedImage, drop_unreadable
 
 __all__ = [
     "AnnotatedImages", "AnnotationError", "CLASSES", "CanvasGenerator", "CanvasRecipe", "Canvases", "ClutteredFashionMNIST",
     "DEFAULT_DATASET", "DatasetKind", "DatasetSpec", "EvalTransform", "FashionMNISTNotFound", "Fingerprinted",
     "GroundTruthBoxes", "HOLDOUT_SEED", "ImageBatches", "ImageDataset", "ImageFileError", "ImageFolderDataset", "SPLITS",
-    "Subsettable", "VAL_FRACTION", "balanced_subset", "cub", "dataset_kind", "dataset_kinds", "held_out", "image_folder",
+    "SkippedImage", "Subsettable", "VAL_FRACTION", "balanced_subset", "cub", "dataset_kind", "dataset_kinds", "drop_unreadable", "held_out", "image_folder",
     "imagenet", "load_fashion_mnist", "load_image", "load_split", "missing_members", "parse_spec", "pets", "register_dataset",
     "standard_splits", "to_display", "train_transform", "train_val", "unregister_dataset",
 ]

@@ -10,6 +10,15 @@ Boxes are stored in the original image's pixels, ``(x0, y0, x1, y1)`` with exclu
 error (the annotation does not belong to the image); within the tolerance it is clipped.
 A box that the center crop removes entirely is reported by :meth:`AnnotatedImages.cropped_away`
 and by a warning, and left out of :meth:`AnnotatedImages.box_list`.
+
+An annotation that states its image's size (``Sample.size``, e.g. VOC ``<size>``) is checked
+against the image file's header by every accessor, images and boxes alike: a mismatch is an
+:class:`~epviz.errors.AnnotationError`, never boxes in the wrong frame. Images are decoded
+with the size limits of :mod:`epviz.data.images` (a huge image is decoded at a reduced scale
+fitting the transform; its boxes and mask are scaled along).
+
+:meth:`AnnotatedImages.check` reads one image and its annotations as every accessor would;
+:func:`epviz.data.load_split` with ``on_error="skip"`` uses it to leave unreadable images out.
 """
 
 from __future__ import annotations
@@ -24,11 +33,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from epviz.data.images import ImageFileError, load_image, to_display
-from epviz.data.transforms import EvalTransform
-from epviz.errors import AnnotationError
+from epviz.data.images import ImageFileError, read_image, read_image_size, to_display
+from epviz.data.transforms import EvalTransform, min_side
+from epviz.errors import AnnotationError, DataError
 
 __all__ = ["AnnotationError", "Sample", "AnnotatedImages", "BOX_TOLERANCE"]
 
@@ -101,6 +109,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
             raise AnnotationError(f"{name} {split}: labels range {self.labels.min()}..{self.labels.max()} but there are {len(self.classes)} classes")
         self._boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._warned = False
+        self.skipped: list = []
 
     # --- the dataset protocol ---------------------------------------------------------
 
@@ -109,7 +118,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         sample = self.samples[index]
-        image = self._image(sample)
+        image, _ = self._image(sample)
         if isinstance(self.transform, EvalTransform):
             image = self.transform(image).image
         else:
@@ -168,20 +177,38 @@ class AnnotatedImages(torch.utils.data.Dataset):
         if not isinstance(self.transform, EvalTransform):
             raise AnnotationError("masks are only aligned with the evaluation transform; use dataset.with_transform(None)")
         sample = self.samples[index]
-        image = self._image(sample)
-        return self.transform(image, mask=self._mask(sample, image.shape[-2:])).mask
+        image, hw = self._image(sample)
+        return self.transform(image, mask=_fit_mask(self._mask(sample, hw), image)).mask
 
     def sample(self, index: int) -> dict:
         """Everything about image `index` under the evaluation transform: image, label, boxes, visible, mask, file."""
         if not isinstance(self.transform, EvalTransform):
             raise AnnotationError("annotations are only aligned with the evaluation transform; use dataset.with_transform(None)")
         s = self.samples[index]
-        image = self._image(s)
-        raw = self._raw_boxes(index, image_size=tuple(image.shape[-2:]))[0] if self.has_boxes else None
-        mask = self._mask(s, image.shape[-2:]) if self.mask_reader is not None else None
+        image, hw = self._image(s)
+        raw = self._raw_boxes(index, image_size=hw)[0] if self.has_boxes else None
+        mask = _fit_mask(self._mask(s, hw), image) if self.mask_reader is not None else None
+        if raw is not None and tuple(image.shape[-2:]) != hw:  # decoded at a reduced scale: boxes follow
+            (h, w), (dh, dw) = hw, image.shape[-2:]
+            raw = raw * np.array([dw / w, dh / h, dw / w, dh / h])
         out = self.transform(image, raw, mask)
         return {"image": out.image, "label": int(s.label), "boxes": out.boxes[out.visible], "visible": out.visible,
                 "mask": out.mask, "file": str(s.path)}
+
+    def check(self, index: int) -> None:
+        """Read image `index` and its annotations as every accessor would, and discard them.
+
+        Raises:
+            DataError: What reading the image would raise: :class:`~epviz.data.images.ImageFileError`
+                (missing, corrupt, too large) or :class:`~epviz.errors.AnnotationError` (a box, size
+                or mask that does not fit the image).
+        """
+        sample = self.samples[index]
+        _, hw = self._image(sample)
+        if self.mask_reader is not None:
+            self._mask(sample, hw)
+        if self.has_boxes:
+            self._raw_boxes(index, image_size=hw)
 
     # --- derived datasets ---------------------------------------------------------------
 
@@ -216,24 +243,29 @@ class AnnotatedImages(torch.utils.data.Dataset):
 
     # --- internals ------------------------------------------------------------------------
 
-    def _image(self, sample: Sample) -> torch.Tensor:
-        image = load_image(sample.path, convert=True)
-        if sample.size is not None and (image.shape[-1], image.shape[-2]) != tuple(sample.size):
-            raise AnnotationError(
-                f"{sample.path} is {image.shape[-1]}x{image.shape[-2]} pixels but its annotation ({sample.source}) says "
-                f"{sample.size[0]}x{sample.size[1]}: the annotation belongs to another image (or the image was resized)"
-            )
-        return image
+    def _image(self, sample: Sample) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The decoded image (possibly at a reduced scale) and the file's own (height, width)."""
+        image, (w, h) = read_image(sample.path, convert=True, min_side=min_side(self.transform))
+        self._check_frame(sample, w, h)
+        return image, (h, w)
 
     def _image_hw(self, sample: Sample) -> tuple[int, int]:
-        if sample.size is not None:
-            return int(sample.size[1]), int(sample.size[0])
-        try:
-            with Image.open(sample.path) as img:
-                w, h = img.size
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
-            raise ImageFileError(f"{sample.path} cannot be read ({err}); the file is missing or corrupt — replace or remove it") from err
-        return int(h), int(w)
+        """The file's (height, width) from its header (cheap), checked as :meth:`_image` checks it."""
+        w, h = read_image_size(sample.path)
+        self._check_frame(sample, w, h)
+        return h, w
+
+    def _check_frame(self, sample: Sample, w: int, h: int) -> None:
+        if sample.size is not None and (w, h) != tuple(sample.size):
+            raise AnnotationError(
+                f"{sample.path} is {w}x{h} pixels but its annotation ({sample.source}) says "
+                f"{sample.size[0]}x{sample.size[1]}: the annotation belongs to another image (or the image was resized)"
+            )
+        if isinstance(self.transform, EvalTransform):
+            try:
+                self.transform.check_size(h, w, what=str(sample.path))
+            except DataError as err:
+                raise ImageFileError(str(err)) from None
 
     def _mask(self, sample: Sample, hw) -> np.ndarray:
         mask = np.asarray(self.mask_reader(sample.mask_path), dtype=bool)
@@ -279,6 +311,15 @@ class AnnotatedImages(torch.utils.data.Dataset):
                     stacklevel=3,
                 )
         return self._boxes[index]
+
+
+def _fit_mask(mask: np.ndarray, image: torch.Tensor) -> np.ndarray:
+    """`mask` resized (nearest) to an image decoded at a reduced scale; unchanged otherwise."""
+    hw = tuple(image.shape[-2:])
+    if tuple(mask.shape) == hw:
+        return mask
+    resized = torch.nn.functional.interpolate(torch.as_tensor(mask, dtype=torch.uint8)[None, None], size=hw, mode="nearest")
+    return resized[0, 0].bool().numpy()
 
 
 def _tight_box(mask: np.ndarray, source) -> np.ndarray:

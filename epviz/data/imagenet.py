@@ -20,6 +20,13 @@ Boxes (``boxes=`` or found automatically):
 * The single CSV ``LOC_<split>_solution.csv`` (``ImageId,PredictionString`` with
   ``wnid xmin ymin xmax ymax`` repeated), in ``root`` or passed as ``boxes=``.
 
+The CSV is read strictly, since one bad row would otherwise shift boxes between images: the
+header and every row hold exactly two fields (no quotes: a quote character is an error), every
+``ImageId`` appears once, and the PredictionString is whole groups of a wnid (``n`` and 8
+digits) and four numbers. The XML files must give numbers in every ``<bndbox>`` field and in
+``<size>`` (a ``<size>`` of 0 x 0 counts as absent); the stated size is checked against the image
+file whenever the image or its boxes are read. Errors name the file, the line or field, and the value.
+
 Coordinate convention (ours, as the ILSVRC and WSOL evaluation code, which adds 1 to
 widths): ``xmin..xmax`` are 0-based *inclusive* pixel indices, so the box is
 ``(xmin, ymin, xmax + 1, ymax + 1)`` with exclusive ``x1, y1``. On ``val`` every image
@@ -33,7 +40,8 @@ official train split (:func:`epviz.data.splits.train_val`).
 
 from __future__ import annotations
 
-import csv
+import math
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -49,6 +57,7 @@ __all__ = ["imagenet", "imagenet_split", "read_voc_xml", "read_solution_csv", "i
 
 SPLITS = ("train", "val")
 NUM_CLASSES = 1000
+_WNID = re.compile(r"n\d{8}")
 
 
 def imagenet(root: str | Path, split: str = "val", *, boxes: str | Path | None = None, classes: list[str] | None = None,
@@ -137,7 +146,12 @@ def imagenet_classes(root: str | Path) -> list[str] | None:
 
 
 def read_voc_xml(path: str | Path) -> tuple[np.ndarray, tuple[int, int] | None, list[str]]:
-    """Boxes (k, 4, exclusive x1/y1), image (width, height) and object names of one PASCAL-VOC XML file."""
+    """Boxes (k, 4, exclusive x1/y1), image (width, height) and object names of one PASCAL-VOC XML file.
+
+    Raises:
+        AnnotationError: The file is not XML, a ``<bndbox>`` lacks a field, or a field of
+            ``<bndbox>`` or ``<size>`` is not a number (the message names the field and its value).
+    """
     path = Path(path)
     try:
         tree = ET.parse(path).getroot()
@@ -145,17 +159,14 @@ def read_voc_xml(path: str | Path) -> tuple[np.ndarray, tuple[int, int] | None, 
         raise AnnotationError(f"cannot read the annotation {path}: {err}; the XML file is malformed — replace it") from err
     size = None
     if (node := tree.find("size")) is not None:
-        try:
-            size = (int(node.findtext("width")), int(node.findtext("height")))
-        except (TypeError, ValueError):
-            size = None
+        width, height = (_xml_number(node, k, path, "<size>", int) for k in ("width", "height"))
+        size = (width, height) if width > 0 and height > 0 else None
     boxes, names = [], []
-    for obj in tree.iter("object"):
+    for n, obj in enumerate(tree.iter("object"), start=1):
         bb = obj.find("bndbox")
-        try:
-            x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, TypeError, ValueError) as err:
-            raise AnnotationError(f"an <object> of {path} lacks a complete <bndbox> (xmin, ymin, xmax, ymax)") from err
+        if bb is None or any(bb.find(k) is None for k in ("xmin", "ymin", "xmax", "ymax")):
+            raise AnnotationError(f"<object> {n} of {path} lacks a complete <bndbox> (xmin, ymin, xmax, ymax)")
+        x0, y0, x1, y1 = (_xml_number(bb, k, path, f"<bndbox> of <object> {n}", float) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append((x0, y0, x1 + 1, y1 + 1))
         names.append((obj.findtext("name") or "").strip())
     if not boxes:
@@ -164,28 +175,74 @@ def read_voc_xml(path: str | Path) -> tuple[np.ndarray, tuple[int, int] | None, 
 
 
 def read_solution_csv(path: str | Path) -> dict[str, tuple[np.ndarray, list[str]]]:
-    """``ImageId -> (boxes (k, 4) exclusive x1/y1, wnids)`` from a ``LOC_*_solution.csv`` file."""
+    """``ImageId -> (boxes (k, 4) exclusive x1/y1, wnids)`` from a ``LOC_*_solution.csv`` file.
+
+    Raises:
+        AnnotationError: A malformed header or row (see the module docstring); the message
+            names the line (and, for a repeated ImageId, both lines).
+    """
     path = Path(path)
-    out = {}
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise AnnotationError(f"{path} is not a LOC solution CSV: its header must be 'ImageId,PredictionString', got {header}")
-        for line, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            parts = row[1].split() if len(row) > 1 else []
-            if not parts or len(parts) % 5:
-                raise AnnotationError(f"{path}, line {line}: PredictionString must be 'wnid xmin ymin xmax ymax' repeated, got {row[1:]!r}")
+    out: dict[str, tuple[np.ndarray, list[str]]] = {}
+    first_line: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        lines = fh.read().splitlines()
+    if not lines or [h.strip() for h in lines[0].split(",")] != ["ImageId", "PredictionString"]:
+        raise AnnotationError(f"{path} is not a LOC solution CSV: its header must be 'ImageId,PredictionString', "
+                              f"got {lines[0] if lines else ''!r}")
+    for line, text in enumerate(lines[1:], start=2):
+        if not text.strip():
+            continue
+        where = f"{path}, line {line}"
+        if '"' in text:
+            raise AnnotationError(f"{where} holds a quote character, which a LOC solution CSV never has (a quote would merge "
+                                  f"the following rows into this one): {text[:80]!r}; fix the row")
+        row = text.split(",")
+        if len(row) != 2:
+            raise AnnotationError(f"{where} has {len(row)} fields; a row is 'ImageId,PredictionString' (2 fields): {text[:80]!r}")
+        image_id, parts = row[0].strip(), row[1].split()
+        if not image_id:
+            raise AnnotationError(f"{where} has no ImageId: {text[:80]!r}")
+        if not parts or len(parts) % 5:
+            raise AnnotationError(f"{where}: PredictionString must be whole groups of 'wnid xmin ymin xmax ymax'; "
+                                  f"its {len(parts)} values are not a multiple of 5: {row[1]!r}")
+        boxes, wnids = [], []
+        for g in range(0, len(parts), 5):
+            wnid, coords = parts[g], parts[g + 1 : g + 5]
+            if not _WNID.fullmatch(wnid):
+                raise AnnotationError(f"{where}: group {g // 5 + 1} of the PredictionString starts with {wnid!r}, not a wnid "
+                                      f"(n and 8 digits): {row[1]!r}")
             try:
-                boxes = [[float(v) for v in parts[i + 1 : i + 5]] for i in range(0, len(parts), 5)]
-            except ValueError as err:
-                raise AnnotationError(f"{path}, line {line}: non-numeric box coordinates in {row[1]!r}") from err
-            b = np.array(boxes, dtype=np.float64)
-            b[:, 2:] += 1
-            out[row[0].strip()] = (b, parts[0::5])
+                numbers = [float(v) for v in coords]
+            except ValueError:
+                numbers = [float("nan")]
+            if not all(math.isfinite(v) for v in numbers):
+                raise AnnotationError(f"{where}: group {g // 5 + 1} ({' '.join(parts[g:g + 5])}) has non-numeric box "
+                                      "coordinates")
+            boxes.append(numbers)
+            wnids.append(wnid)
+        if image_id in first_line:
+            raise AnnotationError(f"{path}: ImageId {image_id} appears on line {first_line[image_id]} and again on line {line}; "
+                                  "each image has one row — merge or remove the repeated row")
+        first_line[image_id] = line
+        b = np.array(boxes, dtype=np.float64)
+        b[:, 2:] += 1
+        out[image_id] = (b, wnids)
     return out
+
+
+def _xml_number(node, field: str, path: Path, where: str, kind: type):
+    """The finite number in ``<field>`` of `node` (int or float), or an AnnotationError naming field, value and file."""
+    text = node.findtext(field)
+    if text is None:
+        raise AnnotationError(f"{where} in {path} lacks its <{field}>; fix the annotation file")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or (kind is int and not value.is_integer()):
+        what = "a whole number" if kind is int else "a number"
+        raise AnnotationError(f"<{field}> of {where} in {path} is {text.strip()!r}, not {what}; fix the annotation file")
+    return kind(value)
 
 
 # --- internals ----------------------------------------------------------------------------

@@ -36,6 +36,10 @@ imagefolder              train/, minus val           val/ if test/ exists    tes
 (see :mod:`epviz.data.splits`). ``size`` takes at most that many images of a split, spread as
 evenly as possible over the classes, chosen by ``seed`` (None: every image); a kind that draws
 its images (the canvases) makes exactly ``size`` of them instead, with ``seed``.
+
+``on_error``: ``"raise"`` (default) stops at the first unreadable image when it is read;
+``"skip"`` reads every image of the split when it is opened and leaves out, and lists, those that
+cannot be read (:mod:`epviz.data.unreadable`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from urllib.parse import parse_qsl, urlencode
 from epviz.data.protocol import ImageDataset, missing_members
 from epviz.data.splits import SPLITS, Subsettable, balanced_subset
 from epviz.data.transforms import EvalTransform
+from epviz.data.unreadable import check_on_error, drop_unreadable
 
 __all__ = ["DEFAULT_DATASET", "DatasetKind", "DatasetSpec", "dataset_kind", "dataset_kinds", "load_split", "parse_spec", "unregister_dataset",
            "register_dataset", "standard_splits"]
@@ -220,7 +225,8 @@ def parse_spec(spec: str) -> DatasetSpec:
     return parsed
 
 
-def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", size: int | None = None, seed: int = 0) -> ImageDataset:
+def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", size: int | None = None, seed: int = 0, *,
+               on_error: str = "raise") -> ImageDataset:
     """One split of a dataset named by a spec: the seam where datasets plug in.
 
     Args:
@@ -230,11 +236,17 @@ def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", 
         size: Number of images; canvases default to the full standard size (20,000 / 2,000 /
             4,000); datasets on disk keep at most that many, balanced over classes (None: all).
         seed: Seed of the dataset's randomness (on disk: which images a `size` keeps).
+        on_error: "raise" (default): an unreadable image raises when it is read. "skip": read every
+            image of the split now, leave out those that raise a DataError, list them on stderr with a
+            final "N files skipped" line, and keep the list in ``dataset.skipped``
+            (:mod:`epviz.data.unreadable`; the split is cut and `size` applied first).
 
     Raises:
-        ValueError: Unknown dataset spec, option or split.
+        ValueError: Unknown dataset spec, option, split or `on_error`.
         FileNotFoundError: The root folder of a dataset on disk does not exist.
+        DataError: With ``on_error="skip"``, no image of the split can be read.
     """
+    check_on_error(on_error)
     parsed = spec if isinstance(spec, DatasetSpec) else parse_spec(spec)
     entry = dataset_kind(parsed.kind)
     if split not in SPLITS:
@@ -247,23 +259,27 @@ def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", 
         data = _checked(entry, entry.opener(parsed, split))
         if size is not None:
             data = _keep(data, int(size), seed, parsed)
+        if on_error == "skip" and len(data):
+            data = drop_unreadable(data, f"the {split} split of {parsed}")
     if len(data) == 0:
         raise ValueError(f"the {split} split of {parsed} is empty")
     return data
 
 
-def standard_splits(spec: str | DatasetSpec, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS) -> dict:
+def standard_splits(spec: str | DatasetSpec, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS, *,
+                    on_error: str = "raise") -> dict:
     """The standard train / val / test datasets of a spec at the given sizes.
 
     Args:
         spec: Dataset spec (see :func:`load_split`).
         sizes: Images per split (see :class:`epviz.Setting`).
         splits: Which of "train", "val", "test" to build.
+        on_error: "raise" or "skip" unreadable images (see :func:`load_split`).
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown splits {unknown}; the standard splits are {', '.join(SPLITS)}")
-    return {split: load_split(spec, split, sizes.get(split)) for split in splits}
+    return {split: load_split(spec, split, sizes.get(split), on_error=on_error) for split in splits}
 
 
 # --- internals ------------------------------------------------------------------------------

@@ -29,12 +29,25 @@ head j becomes uniform.
 
 All of this happens in one place, :meth:`Probe._route_attention`, which every
 attentive family calls with its raw weights.
+
+Replacement (``forward(..., replace={j: map})``, definition ours) swaps predictor j's
+distribution over the patch tokens for a given one, all else unchanged: the ablation
+controls (the predictor's mean map, another image's map) use it. It edits the same
+tensor as the hook: predictors with non-patch keys keep their non-patch mass and put
+``map * patch_mass`` on the patch keys; spatial maps become ``map * sum(w)``. A
+self-attention predictor (dinovit) has one distribution per query row, so its
+replacement is given per query row, (B, N, N), or as one map for every row.
+:meth:`Probe.attention_rows` returns exactly what a replacement replaces, (B, K, R, N)
+with R = 1 query row (N for self-attention); ``attention()`` is its mean over rows.
+
+Zeroing (``forward(..., zero=[j])``, sliced probes only) sets predictor j's columns of
+the pooled feature to 0 before ``hook_pooled`` and ``norm``.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -42,7 +55,10 @@ from torch import nn
 
 from epviz.probes._layers import uniform_rows
 
-__all__ = ["HookPoint", "Pooled", "Probe", "Routed", "trainable_params"]
+__all__ = ["CONTROLS", "HookPoint", "Intervention", "Pooled", "Probe", "Routed", "trainable_params"]
+
+CONTROLS = ("uniform", "replace", "zero")
+"""What :meth:`Probe.ablated_logits` can do to one predictor at a time."""
 
 
 class HookPoint(nn.Module):
@@ -80,6 +96,35 @@ class Routed(NamedTuple):
     weights: torch.Tensor
     maps: torch.Tensor
     nonpatch: torch.Tensor | None = None
+
+
+class Intervention(frozenset):
+    """What :meth:`Probe._pool` is asked to change: the uniform predictors (the set's members) and more.
+
+    Families receive it as their ``uniform`` argument and pass it to
+    :meth:`Probe._route_attention` unchanged, which applies the replacements and records the rows.
+    A plain frozenset (no replacement, no recording) is what a call without them passes.
+
+    Attributes:
+        replace: Predictor -> replacement distribution(s) over the patch tokens, (B or 1, R or 1, N).
+        record: Whether :meth:`Probe._route_attention` stores the predictors' rows in ``rows``.
+        rows: The recorded rows (B, K, R, N), or None.
+        applied: Whether :meth:`Probe._route_attention` saw this intervention.
+    """
+
+    replace: dict[int, torch.Tensor]
+    record: bool
+    rows: torch.Tensor | None
+    applied: bool
+
+    def __new__(cls, uniform: Iterable[int] = (), replace: Mapping[int, torch.Tensor] | None = None,
+                record: bool = False) -> "Intervention":
+        self = super().__new__(cls, uniform)
+        self.replace = dict(replace or {})
+        self.record = bool(record)
+        self.rows = None
+        self.applied = False
+        return self
 
 
 def trainable_params(module: nn.Module) -> int:
@@ -147,6 +192,9 @@ class Probe(nn.Module):
         patch_tokens: torch.Tensor,
         prefix_tokens: torch.Tensor | None = None,
         uniform: Iterable[int] | int | None = None,
+        *,
+        replace: Mapping[int, torch.Tensor] | None = None,
+        zero: Iterable[int] | int | None = None,
     ) -> torch.Tensor:
         """Class logits, shape (B, C).
 
@@ -154,14 +202,20 @@ class Probe(nn.Module):
             patch_tokens: Patch tokens (B, N, D).
             prefix_tokens: Prefix tokens (B, P, D) ([CLS] at index 0), or None.
             uniform: Predictors whose distributions are replaced by the uniform one.
+            replace: Predictor -> the distribution(s) over the patch tokens that replace its own:
+                (N,), (B, N), or per query row (B or 1, R or 1, N) (see :meth:`attention_rows`).
+            zero: Predictors whose columns of the pooled feature are set to 0 (sliced probes only).
         """
-        return self.head(self.norm(self.pooled(patch_tokens, prefix_tokens, uniform)))
+        return self.head(self.norm(self.pooled(patch_tokens, prefix_tokens, uniform, replace=replace, zero=zero)))
 
     def pooled(
         self,
         patch_tokens: torch.Tensor,
         prefix_tokens: torch.Tensor | None = None,
         uniform: Iterable[int] | int | None = None,
+        *,
+        replace: Mapping[int, torch.Tensor] | None = None,
+        zero: Iterable[int] | int | None = None,
     ) -> torch.Tensor:
         """The pooled vector before ``norm`` (what ``hook_pooled`` sees), shape (B, width).
 
@@ -169,34 +223,96 @@ class Probe(nn.Module):
             patch_tokens: Patch tokens (B, N, D).
             prefix_tokens: Prefix tokens (B, P, D), or None.
             uniform: Predictors whose distributions are replaced by the uniform one.
+            replace: Predictor -> replacement distribution(s), as in :meth:`forward`.
+            zero: Predictors whose pooled columns are set to 0, as in :meth:`forward`.
         """
         patch, prefix = self._validate(patch_tokens, prefix_tokens)
-        out = self._pool(patch, prefix, self._uniform_set(uniform))
-        return self.hook_pooled(out.features)
+        rows = self._uniform_set(uniform)
+        if replace:
+            rows = Intervention(rows, self._replacements(replace, rows, len(patch)))
+        out = self._pool(patch, prefix, rows)
+        if isinstance(rows, Intervention) and not rows.applied:
+            raise RuntimeError(f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so "
+                               "replace= cannot reach its attention weights")
+        features = out.features
+        if zero is not None:
+            cols = self._zero_columns(self._predictor_set(zero, "zero"))
+            if cols is not None:
+                features = features.masked_fill(cols.to(features.device), 0.0)
+        return self.hook_pooled(features)
 
     def ablated_logits(
-        self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None
+        self,
+        patch_tokens: torch.Tensor,
+        prefix_tokens: torch.Tensor | None = None,
+        control: str = "uniform",
+        replacement: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full logits and the logits with each predictor made uniform in turn.
+        """The full logits and the logits with each predictor ablated in turn.
 
-        This implementation runs ``self(patch, prefix, uniform=[j])`` once per predictor;
-        families with an exact shortcut override it (see :attr:`fast_ablation`).
+        This implementation runs one forward per predictor (``self(patch, prefix, uniform=[j])``
+        and its likes); families with an exact shortcut override it (see :attr:`fast_ablation`).
 
         Args:
             patch_tokens: Patch tokens (B, N, D).
             prefix_tokens: Prefix tokens (B, P, D), or None.
+            control: ``"uniform"`` (predictor j uniform), ``"replace"`` (predictor j's
+                distribution replaced by ``replacement[:, j]``) or ``"zero"`` (predictor j's
+                pooled columns set to 0; sliced probes only).
+            replacement: For ``"replace"``: every predictor's replacement, (B or 1, K, R or 1, N)
+                as :meth:`attention_rows` returns them, or (B or 1, K, N).
 
         Returns:
             Logits (B, C) and, stacked over the K predictors, the ablated logits (K, B, C).
 
         Raises:
-            ValueError: The probe has no attention predictors.
+            ValueError: The probe has no attention predictors, an unknown control, a missing
+                replacement, or ``"zero"`` for a probe that is not sliced.
         """
         if self.num_predictors == 0:
             raise ValueError(f"probe '{self.name}' has no attention predictors, so there is nothing to ablate; use an attentive probe")
+        replacement = self._check_control(control, replacement)
+        k = self.num_predictors
         full = self(patch_tokens, prefix_tokens)
-        ablated = torch.stack([self(patch_tokens, prefix_tokens, uniform=[j]) for j in range(self.num_predictors)])
-        return full, ablated
+        if control == "uniform":
+            ablated = [self(patch_tokens, prefix_tokens, uniform=[j]) for j in range(k)]
+        elif control == "zero":
+            ablated = [self(patch_tokens, prefix_tokens, zero=[j]) for j in range(k)]
+        else:
+            ablated = [self(patch_tokens, prefix_tokens, replace={j: replacement[:, j]}) for j in range(k)]
+        return full, torch.stack(ablated)
+
+    def control_support(self, control: str) -> str | None:
+        """None when :meth:`ablated_logits` supports `control`, else the reason it does not.
+
+        Raises:
+            ValueError: `control` is not one of :data:`CONTROLS`.
+        """
+        if control not in CONTROLS:
+            raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+        if self.num_predictors == 0:
+            return f"probe '{self.name}' has no attention predictors"
+        if control == "zero" and any(s is None for s in self.predictor_slices()):
+            return (f"probe '{self.name}' is not sliced: its predictors share every pooled column, so no column "
+                    "belongs to one predictor alone (zeroing needs predictor_slices())")
+        return None
+
+    def attention_rows(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Each predictor's distributions over the N patch tokens, one per query row, shape (B, K, R, N).
+
+        R = 1 for every family whose predictor is one query or one spatial map, R = N for
+        self-attention heads (dinovit), whose map (:meth:`attention`) is the mean over the rows.
+        This is what ``replace=`` replaces.
+        """
+        if self.num_predictors == 0:
+            raise ValueError(f"probe '{self.name}' has no attention predictors: attention maps exist only for attentive probes")
+        patch, prefix = self._validate(patch_tokens, prefix_tokens)
+        record = Intervention(record=True)
+        self._pool(patch, prefix, record)
+        if record.rows is None:
+            raise RuntimeError(f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so its "
+                               "attention rows cannot be recorded")
+        return record.rows
 
     @property
     def fast_ablation(self) -> bool:
@@ -273,9 +389,14 @@ class Probe(nn.Module):
         """
         if num_patch is not None and attn.ndim != 3 and num_patch != attn.shape[-1]:
             raise ValueError(f"probe '{self.name}': only (B, K, L) weights can have non-patch keys; got shape {tuple(attn.shape)} with num_patch={num_patch}")
+        edit = uniform if isinstance(uniform, Intervention) else None
+        if edit is not None:
+            edit.applied = True
         if attn.ndim == 2:
             total = attn.sum(dim=-1, keepdim=True)
-            maps = self.hook_attn(uniform_rows((attn / total).unsqueeze(1), uniform))  # (B, 1, N)
+            maps = _replace_rows(uniform_rows((attn / total).unsqueeze(1), uniform), edit, self.name)  # (B, 1, N)
+            maps = self.hook_attn(maps)
+            _record(edit, maps.unsqueeze(2))
             return Routed(maps.squeeze(1) * total, maps)
         if attn.ndim == 4:
             if self.attn_hook_in_path:
@@ -283,21 +404,24 @@ class Probe(nn.Module):
                     f"probe class {type(self).__name__} routes (B, H, N, N) self-attention, whose hook only observes "
                     "the mean over query rows: set the class attribute attn_hook_in_path = False"
                 )
-            attn = uniform_rows(attn, uniform)
+            attn = _replace_rows(uniform_rows(attn, uniform), edit, self.name)
+            _record(edit, attn)
             return Routed(attn, self.hook_attn(attn.mean(dim=2)))
         if attn.ndim != 3:
             raise ValueError(f"probe '{self.name}': attention weights must be (B, K, L), (B, H, N, N) or (B, N); got shape {tuple(attn.shape)}")
         attn = uniform_rows(attn, uniform)
         n_extra = 0 if num_patch is None else attn.shape[-1] - num_patch
         if n_extra == 0:
-            maps = self.hook_attn(attn)
+            maps = self.hook_attn(_replace_rows(attn, edit, self.name))
+            _record(edit, maps.unsqueeze(2))
             return Routed(maps, maps)
         if extra_first:
             extra, patch = attn[..., :n_extra], attn[..., n_extra:]
         else:
             patch, extra = attn[..., :num_patch], attn[..., num_patch:]
         mass = patch.sum(-1, keepdim=True)
-        maps = self.hook_attn(patch / mass.clamp_min(torch.finfo(attn.dtype).tiny))
+        maps = self.hook_attn(_replace_rows(patch / mass.clamp_min(torch.finfo(attn.dtype).tiny), edit, self.name))
+        _record(edit, maps.unsqueeze(2))
         patch = maps * mass
         full = torch.cat([extra, patch] if extra_first else [patch, extra], dim=-1)
         return Routed(full, maps, extra.sum(-1))
@@ -374,6 +498,95 @@ class Probe(nn.Module):
                 f"uniform got {bad}"
             )
         return rows
+
+    def _predictor_set(self, rows: Iterable[int] | int, what: str) -> frozenset[int]:
+        if isinstance(rows, numbers.Integral) or (isinstance(rows, torch.Tensor) and rows.ndim == 0):
+            rows = [int(rows)]
+        rows = frozenset(int(j) for j in rows)
+        if rows and self.num_predictors == 0:
+            raise ValueError(f"probe '{self.name}' has no attention predictors, so {what}={sorted(rows)} cannot apply")
+        bad = sorted(j for j in rows if not 0 <= j < self.num_predictors)
+        if bad:
+            raise ValueError(
+                f"probe '{self.name}' has {self.num_predictors} attention predictors (0..{self.num_predictors - 1}); "
+                f"{what} got {bad}"
+            )
+        return rows
+
+    def _replacements(self, replace: Mapping[int, torch.Tensor], uniform: frozenset[int], batch: int) -> dict[int, torch.Tensor]:
+        """Check `replace` and bring every replacement to (B or 1, R or 1, N)."""
+        if not isinstance(replace, Mapping):
+            raise TypeError(f"probe '{self.name}': replace must map predictor -> tensor, got {type(replace).__name__}")
+        rows = self._predictor_set(replace.keys(), "replace")
+        both = sorted(rows & uniform)
+        if both:
+            raise ValueError(f"probe '{self.name}': predictors {both} are both made uniform and replaced; choose one")
+        out = {}
+        for j, value in replace.items():
+            value = torch.as_tensor(value)
+            if value.ndim == 1:
+                value = value.view(1, 1, -1)
+            elif value.ndim == 2:
+                value = value.unsqueeze(1)
+            if value.ndim != 3 or value.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"probe '{self.name}': the replacement of predictor {j} must be (N,), (B, N) or (B or 1, R, N) "
+                    f"for a batch of B={batch}; got shape {tuple(torch.as_tensor(replace[j]).shape)}"
+                )
+            out[int(j)] = value
+        return out
+
+    def _check_control(self, control: str, replacement: torch.Tensor | None) -> torch.Tensor | None:
+        """Validate a control of :meth:`ablated_logits`; the replacement as (B or 1, K, R or 1, N)."""
+        reason = self.control_support(control)
+        if reason is not None:
+            raise ValueError(f"control '{control}' does not apply: {reason}")
+        if control != "replace":
+            if replacement is not None:
+                raise ValueError(f"control '{control}' takes no replacement; pass control='replace' to replace maps")
+            return None
+        if replacement is None:
+            raise ValueError("control 'replace' needs replacement=: every predictor's map(s), (B or 1, K, R, N)")
+        replacement = torch.as_tensor(replacement)
+        if replacement.ndim == 3:
+            replacement = replacement.unsqueeze(2)
+        if replacement.ndim != 4 or replacement.shape[1] != self.num_predictors:
+            raise ValueError(f"probe '{self.name}': replacement must be (B or 1, K={self.num_predictors}, R, N), "
+                             f"got shape {tuple(replacement.shape)}")
+        return replacement
+
+    def _zero_columns(self, rows: frozenset[int]) -> torch.Tensor | None:
+        """A (1, width) boolean mask of the pooled columns the predictors `rows` own, or None when empty."""
+        if not rows:
+            return None
+        reason = self.control_support("zero")
+        if reason is not None:
+            raise ValueError(f"zero={sorted(rows)} does not apply: {reason}")
+        mask = torch.zeros(1, self.width, dtype=torch.bool)
+        slices = self.predictor_slices()
+        for j in rows:
+            mask[0, slices[j]] = True
+        return mask
+
+
+def _replace_rows(attn: torch.Tensor, edit: Intervention | None, name: str) -> torch.Tensor:
+    """`attn` (B, K, N) or (B, K, R, N) with the predictors of ``edit.replace`` swapped for their replacements."""
+    if edit is None or not edit.replace:
+        return attn
+    attn = attn.clone()
+    rows = 1 if attn.ndim == 3 else attn.shape[2]
+    for j, value in edit.replace.items():
+        value = value.to(device=attn.device, dtype=attn.dtype)
+        if value.shape[-1] != attn.shape[-1] or value.shape[1] not in (1, rows):
+            raise ValueError(f"probe '{name}': predictor {j} has {rows} row(s) over {attn.shape[-1]} patch tokens, "
+                             f"its replacement has shape {tuple(value.shape)}")
+        attn[:, j] = value[:, 0] if attn.ndim == 3 else value
+    return attn
+
+
+def _record(edit: Intervention | None, rows: torch.Tensor) -> None:
+    if edit is not None and edit.record:
+        edit.rows = rows
 
 
 def _as_grid(grid: Sequence[int], name: str) -> tuple[int, int]:

@@ -13,13 +13,19 @@ form). :meth:`EfficientProbe.pool_direct` projects every token first (the direct
 form); both give the same y.
 
 ``ep_all`` appends the prefix tokens ([CLS], registers) as extra keys and values (not
-as queries). Its :meth:`~epviz.probes.Probe.attention` returns each query's
+as queries): by default every prefix token as its own key (``prefix="all"``, ours); with
+``prefix="first"`` only [CLS] (the reference's DINOv2 wrapper, which drops registers), with
+``prefix="mean"`` one key, the mean of the prefix tokens (the reference's timm/CLIP wrapper).
+Without registers the three are the same. Its :meth:`~epviz.probes.Probe.attention` returns each query's
 distribution restricted to the patch tokens and renormalised to sum 1; the mass on
 the prefix tokens is :meth:`EfficientProbeAll.prefix_mass`.
 
 Uniform ablation has a shortcut here: a uniform query's output is mean(keys) W_V^(j),
 so :meth:`EfficientProbe.ablated_logits` pools once and swaps one query's slice at a
-time, with one batched norm + head call for all M queries.
+time, with one batched norm + head call for all M queries. The other controls take the
+same shortcut: with every query's map replaced by m_j at once, one pooled pass gives all M
+replaced slices y_j = (m_j X) W_V^(j) (``ep_all`` keeps each query's prefix weights and puts
+``m_j * patch_mass_j`` on the patch keys); a zeroed query's slice is 0.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch.nn import functional as F
 from epviz.probes._base import Pooled, Probe, Routed
 from epviz.probes._layers import divisors
 from epviz.probes._registry import register
+from epviz.probes.linear import PREFIX_CHOICES, check_prefix
 
 __all__ = ["EfficientProbe", "EfficientProbeAll"]
 
@@ -111,26 +118,58 @@ class EfficientProbe(Probe):
         )
 
     def ablated_logits(
-        self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None
+        self,
+        patch_tokens: torch.Tensor,
+        prefix_tokens: torch.Tensor | None = None,
+        control: str = "uniform",
+        replacement: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full logits (B, C) and the logits with each query made uniform in turn (M, B, C).
+        """The full logits (B, C) and the logits with each query ablated in turn (M, B, C).
 
-        With :attr:`fast_ablation`, y is pooled once, each query's uniform slice
-        mean(keys) W_V^(j) is one small product, and the M ablated features go through
-        ``norm`` and ``head`` in one batched call; otherwise the per-query loop of
-        :meth:`Probe.ablated_logits` runs.
+        With :attr:`fast_ablation`, y is pooled once, every query's ablated slice comes from
+        one more small pass (``"uniform"``: mean(keys) W_V^(j); ``"replace"``: all M replaced
+        maps pooled together, (m_j X) W_V^(j); ``"zero"``: 0), and the M ablated features go
+        through ``norm`` and ``head`` in one batched call; otherwise the per-query loop of
+        :meth:`Probe.ablated_logits` runs. Arguments as there.
         """
         if not self.fast_ablation:
-            return super().ablated_logits(patch_tokens, prefix_tokens)
+            return super().ablated_logits(patch_tokens, prefix_tokens, control, replacement)
+        if control != "uniform":
+            return self._ablated_control(patch_tokens, prefix_tokens, control, replacement)
         patch, prefix = self._validate(patch_tokens, prefix_tokens)
         y = self.pooled(patch, prefix)  # (B, D_o), pooled once
         keys = self._keys(patch, prefix)
         w = self.value.weight.view(self.num_queries, self.slice_width, self.dim)
         y_uniform = torch.einsum("bd,mcd->bmc", keys.mean(dim=1), w.to(keys.dtype)).reshape(y.shape)
+        return self._swap_slices(y, y_uniform)
+
+    def _ablated_control(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None, control: str,
+                         replacement: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shortcut of :meth:`ablated_logits` for the ``"replace"`` and ``"zero"`` controls."""
+        replacement = self._check_control(control, replacement)
+        patch, prefix = self._validate(patch_tokens, prefix_tokens)
+        keys = self._keys(patch, prefix)
+        n = patch.shape[1]
+        attn = self._weights(keys, n, frozenset()).weights  # (B, M, L), the patch keys first
+        w = self.value.weight.view(self.num_queries, self.slice_width, self.dim).to(keys.dtype)
+        y = torch.einsum("bmd,mcd->bmc", torch.bmm(attn, keys), w).reshape(len(patch), self.width)
+        if control == "zero":
+            return self._swap_slices(y, torch.zeros_like(y))
+        if replacement.shape[2] != 1 or replacement.shape[-1] != n:
+            raise ValueError(f"probe '{self.name}': each query has one map over {n} patch tokens; "
+                             f"the replacement has shape {tuple(replacement.shape)}")
+        maps = replacement[:, :, 0].to(device=attn.device, dtype=attn.dtype)  # (B or 1, M, N)
+        mass = attn[..., :n].sum(-1, keepdim=True)  # (B, M, 1): 1 for ep, the patch share for ep_all
+        replaced = torch.cat([maps * mass, attn[..., n:]], dim=-1)  # every query replaced at once
+        y_replaced = torch.einsum("bmd,mcd->bmc", torch.bmm(replaced, keys), w).reshape(y.shape)
+        return self._swap_slices(y, y_replaced)
+
+    def _swap_slices(self, y: torch.Tensor, y_alt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of y (B, C) and of y with query j's slice taken from `y_alt`, for every j (M, B, C)."""
         k = self.num_predictors
         owner = torch.arange(self.width, device=y.device) // self.slice_width  # column -> query
         swap = owner.unsqueeze(0) == torch.arange(k, device=y.device).unsqueeze(1)  # (M, D_o)
-        ablated = torch.where(swap.unsqueeze(1), y_uniform.unsqueeze(0), y.unsqueeze(0))  # (M, B, D_o)
+        ablated = torch.where(swap.unsqueeze(1), y_alt.unsqueeze(0), y.unsqueeze(0))  # (M, B, D_o)
         logits = self.head(self.norm(torch.cat([y, ablated.reshape(-1, self.width)])))
         full, rest = logits[: len(y)], logits[len(y) :]
         return full, rest.view(k, len(y), -1)
@@ -157,12 +196,36 @@ class EfficientProbe(Probe):
 class EfficientProbeAll(EfficientProbe):
     """EP whose keys and values are the patch tokens followed by the prefix tokens.
 
-    Maps are over the patch tokens, renormalised; "uniform" means uniform over all N + P keys.
+    Maps are over the patch tokens, renormalised; "uniform" means uniform over all the keys.
+
+    Args:
+        prefix: Which prefix tokens become keys: ``"all"`` (default, ours): every prefix token
+            (N + P keys); ``"first"``: [CLS] only; ``"mean"``: one key, the mean of the prefix
+            tokens (N + 1 keys each). Recorded in ``config`` only when not the default.
+        Other arguments as :class:`EfficientProbe`.
     """
 
     needs_prefix = True
 
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        num_queries: int = 32,
+        d_out: int = 1,
+        grid: Sequence[int] | None = None,
+        prefix: str = "all",
+    ) -> None:
+        super().__init__(dim, num_classes, num_queries=num_queries, d_out=d_out, grid=grid)
+        self.prefix = check_prefix(self.name, prefix, ("all", *PREFIX_CHOICES))
+        if self.prefix != "all":
+            self.config["prefix"] = self.prefix
+
     def _keys(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        if self.prefix == "first":
+            prefix = prefix[:, :1]
+        elif self.prefix == "mean":
+            prefix = prefix.mean(dim=1, keepdim=True)
         return torch.cat([patch, prefix], dim=1)
 
     def prefix_mass(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor) -> torch.Tensor:

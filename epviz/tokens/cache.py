@@ -2,8 +2,11 @@
 
 ``extract_tokens`` runs the frozen backbone once (timm ``forward_intermediates``),
 splits patch from prefix tokens, and streams each block's output into fp16 ``.npy``
-memory maps, so peak memory does not grow with the dataset. By default the encoder's
-final LayerNorm is *not* applied, as in the reference protocol (raw block outputs).
+memory maps, so peak memory does not grow with the dataset. Whether the encoder's final
+norm is applied to every extracted block follows the backbone's convention by default
+(``norm=None``): a preset's ``final_norm``, the reference implementation's convention for
+its family (off for MAE, BEiTv2, DINO; on for DINOv2, CLIP, EVA02, SigLIP); off for plain
+timm names and the zoo backbones. ``norm=True`` / ``norm=False`` overrides it.
 
 A cache is keyed by everything that changes the tokens: backbone name and weights hash,
 layers, dataset fingerprint, input transform, final-norm flag, precision and storage
@@ -11,6 +14,10 @@ dtype. It is written into a temporary folder and renamed into place only once co
 so an interrupted run never leaves a cache that reads as complete; the next call
 removes the leftovers and starts again. A second call with the same key is a cache hit
 that never touches the backbone.
+
+The cache also records which split the images belong to (:func:`dataset_split`, kept in
+``meta.json`` and in every TokenSet's ``origin.split``, not part of the key), so that
+:func:`epviz.fit` can warn when it would select on test tokens.
 
 Note: cached tokens mean the cheap protocol (no per-step augmentation); the reference
 implementation instead runs the backbone on augmented images at every training step.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -34,12 +42,14 @@ from numpy.lib.format import write_array_header_1_0
 from tqdm.auto import tqdm
 
 from epviz.atomic import atomic_write_text
-from epviz.backbones import Backbone
+from epviz.backbones import Backbone, presets
+from epviz.data.images import ImageFileError
 from epviz.data.protocol import Fingerprinted, ImageBatches, ImageDataset
-from epviz.runtime import autocast, resolve_device
+from epviz.errors import AnnotationError, ConfigError, DataError
+from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens.tokenset import TokenOrigin, TokenSet
 
-__all__ = ["TokenCache", "extract_tokens", "default_cache_dir", "cache_key", "CACHE_FORMAT"]
+__all__ = ["TokenCache", "extract_tokens", "default_cache_dir", "default_norm", "dataset_split", "cache_key", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
 _PARTIAL = ".partial-"
@@ -106,6 +116,15 @@ class TokenCache:
         file = self.path / f"L{self._check(layer):03d}_prefix.npy"
         return np.load(file, mmap_mode="r") if file.is_file() else None
 
+    @property
+    def split(self) -> str | None:
+        """The split of the cached images (:func:`dataset_split`): from ``meta.json``, else from
+        the dataset fingerprint's ``split`` (caches written before the split was recorded)."""
+        split = self.meta.get("split")
+        if split is None and isinstance(self.meta.get("dataset"), dict):
+            split = self.meta["dataset"].get("split")
+        return split if isinstance(split, str) else None
+
     def tokens(self, layer: int, in_memory: bool = False) -> TokenSet:
         """The TokenSet of one layer (memory-mapped unless `in_memory`)."""
         layer = self._check(layer)
@@ -113,7 +132,7 @@ class TokenCache:
             patch=self.patch(layer), prefix=self.prefix(layer), labels=self.labels, grid=self.grid,
             num_classes=self.meta.get("dataset_info", {}).get("num_classes"),
             origin=TokenOrigin(backbone=self.meta["backbone"]["name"], layer=layer, dataset=self.meta["dataset"],
-                               cache=self.path.name),
+                               cache=self.path.name, split=self.split),
         )
         return ts.load() if in_memory else ts
 
@@ -125,6 +144,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60]
 
 
+def dataset_split(dataset) -> str | None:
+    """The split `dataset`'s images belong to, where known (recorded as ``TokenOrigin.split``).
+
+    Ours: a ``standard_split`` attribute (a string) when the dataset declares one; else its
+    ``split`` attribute, with ImageNet's official ``"val"`` images read as ``"test"`` (they are
+    its test split, the usual test set of probes; epviz's ImageNet ``val`` is held out from the
+    official train images, split ``"train"``). The canvases' ``split`` is the Fashion-MNIST item
+    split: ``"test"`` for the test canvases, ``"train"`` for the standard train *and* val canvases
+    (other canvases of the train items). None when the dataset says nothing.
+    """
+    declared = getattr(dataset, "standard_split", None)
+    if isinstance(declared, str):
+        return declared
+    split = getattr(dataset, "split", None)
+    if not isinstance(split, str):
+        return None
+    if getattr(dataset, "name", None) == "imagenet" and split == "val":
+        return "test"
+    return split
+
+
 def _dataset_fingerprint(dataset, key: dict | None) -> dict:
     if key is not None:
         return dict(key)
@@ -134,6 +174,13 @@ def _dataset_fingerprint(dataset, key: dict | None) -> dict:
             "Give the dataset a fingerprint() method returning a JSON-able dict, or pass dataset_key={...}"
         )
     return dataset.fingerprint()
+
+
+def default_norm(backbone: Backbone) -> bool:
+    """The backbone's final-norm convention: ``card["final_norm"]`` when set (presets), else
+    :func:`epviz.backbones.presets.default_norm` of its name (False for plain timm names and the zoo)."""
+    value = backbone.card.get("final_norm")
+    return presets.default_norm(backbone.name) if value is None else bool(value)
 
 
 def cache_key(backbone: Backbone, dataset_fingerprint: dict, layers: list[int], norm: bool, precision: str, dtype: str, transform: dict) -> tuple[str, dict]:
@@ -205,7 +252,7 @@ def extract_tokens(
     dataset,
     layers: int | list[int] | None = None,
     *,
-    norm: bool = False,
+    norm: bool | None = None,
     batch_size: int = 128,
     precision: str = "fp32",
     dtype: str = "float16",
@@ -223,7 +270,8 @@ def extract_tokens(
         dataset: Yields (image (3, H, W) float in [0, 1] or uint8, label) and has
             ``fingerprint()``; images are resized to the backbone's input size if needed.
         layers: Block indices (0 = first block, -1 = last); None = every block.
-        norm: Apply the encoder's final norm to each block output (off in the reference protocol).
+        norm: Apply the encoder's final norm to each block output. None (default): the
+            backbone's convention (:func:`default_norm`: a preset's ``final_norm``, else off).
         batch_size: Images per backbone pass.
         precision: "fp32" or "bf16" (autocast); part of the key.
         dtype: Storage dtype, "float16" (default) or "float32".
@@ -235,8 +283,14 @@ def extract_tokens(
         progress: Show a tqdm bar.
     """
     layers = backbone.resolve_layers(layers)
+    norm = default_norm(backbone) if norm is None else bool(norm)
     if dtype not in ("float16", "float32"):
-        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        raise ConfigError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for arg, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ConfigError(f"{arg} must be an integer >= {low}, got {value!r}")
     n = len(dataset)
     if n == 0:
         raise ValueError("the dataset is empty: there is nothing to extract")
@@ -247,9 +301,13 @@ def extract_tokens(
     root.mkdir(parents=True, exist_ok=True)
     name = f"{_slug(backbone.name)}__{_slug(str(parts['dataset'].get('dataset', 'data')))}__{key[:20]}"
     final = root / name
+    split = dataset_split(dataset)
     if final.exists() and not overwrite:
         try:
-            return TokenCache.open(final, hit=True)
+            cache = TokenCache.open(final, hit=True)
+            if split is not None:
+                cache.meta["split"] = split  # caches written before the split was recorded
+            return cache
         except FileNotFoundError:
             shutil.rmtree(final, ignore_errors=True)
     _remove_stale_partials(root, key)
@@ -258,7 +316,7 @@ def extract_tokens(
     try:
         meta = _write(backbone, dataset, layers, partial, n, norm=norm, batch_size=batch_size, precision=precision,
                       dtype=dtype, device=dev, num_workers=num_workers, progress=progress)
-        meta.update(parts, key=key)
+        meta.update(parts, key=key, split=split)
         meta["backbone"] = dict(backbone.describe())
         atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1))
         if final.exists():
@@ -268,6 +326,19 @@ def extract_tokens(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return TokenCache.open(final, hit=False)
+
+
+def _refuse_nonfinite(backbone: Backbone, layer: int, patch: torch.Tensor, dtype: str, offset: int) -> None:
+    """Say why a block's tokens are not finite: NaN from the model or its input, or float16 overflow."""
+    rows = ~torch.isfinite(patch.float()).flatten(1).all(dim=1)
+    if bool(rows.any()):
+        first = offset + int(rows.nonzero()[0, 0])
+        raise DataError(
+            f"block {layer} of {backbone.name} gives NaN or inf tokens (image {first} first, {int(rows.sum())} of the "
+            f"{len(rows)} images in its batch) before any storage cast: the backbone's weights or the images hold NaN "
+            "or inf; dtype='float32' would store the same NaNs, so check the images (and the weights file)"
+        )
+    raise OverflowError(f"block {layer} of {backbone.name} has token values beyond the float16 range; extract with dtype='float32'")
 
 
 def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int, *, norm: bool, batch_size: int,
@@ -294,8 +365,8 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
                     if patch.shape[1:] != (N, D):
                         raise RuntimeError(f"{backbone.name} block {layer} gave tokens {tuple(patch.shape)}, expected (B, {N}, {D})")
                     stored = patch.to(torch_dtype).cpu()  # torch's fp16 cast is much faster than numpy's
-                    if dtype == "float16" and not bool(torch.isfinite(stored).all()):
-                        raise OverflowError(f"block {layer} of {backbone.name} has token values beyond the fp16 range (or NaN); extract with dtype='float32'")
+                    if not bool(torch.isfinite(stored).all()):
+                        _refuse_nonfinite(backbone, layer, patch, dtype, done)
                     blocks.append((patch_maps[layer], stored.numpy()))
                     if P:
                         blocks.append((prefix_maps[layer], prefix.to(torch_dtype).cpu().numpy()))
@@ -303,6 +374,9 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
                 labels[done : done + b] = batch_labels.numpy()
                 done += b
                 bar.update(b)
+    except (ImageFileError, AnnotationError) as err:  # an unreadable image: fail fast, and say how to leave it out
+        raise type(err)(f"{err}\n(extract_tokens stops at the first unreadable image; to leave unreadable images out, listed "
+                        "and never scored, open the dataset with epviz.data.load_split(..., on_error='skip'))") from err
     finally:
         bar.close()
         for stream in streams:

@@ -7,14 +7,19 @@ fp32 torch batches without loading the whole set into memory.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import dataclasses
+import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["TokenSet", "TokenBatch", "TokenOrigin"]
+from epviz.errors import ConfigError, DataError
+
+__all__ = ["NonFinite", "TokenSet", "TokenBatch", "TokenOrigin"]
+
+_CHUNK_BYTES = 64 * 2**20  # the finiteness scan reads memory maps this much at a time
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,10 @@ class TokenOrigin:
         dataset: The dataset's fingerprint (or name).
         cache: Name of the token cache folder they were read from; None for tokens built in memory.
         subset: Number of samples when the set is a subset of a cached set (then it has no cache identity).
+        split: The split the images belong to, where known ("train", "val", "test", or the dataset's
+            own name of it); set by :func:`epviz.extract_tokens` (see
+            :func:`epviz.tokens.cache.dataset_split`). :func:`epviz.fit` warns when it selects on
+            tokens whose split is "test".
     """
 
     backbone: str | None = None
@@ -34,6 +43,7 @@ class TokenOrigin:
     dataset: dict | str | None = None
     cache: str | None = None
     subset: int | None = None
+    split: str | None = None
 
     def replace(self, **changes) -> "TokenOrigin":
         """A copy with some fields changed."""
@@ -61,6 +71,23 @@ class TokenBatch:
     index: torch.Tensor
 
 
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a TokenSet holds NaN or inf (see :meth:`TokenSet.find_nonfinite`).
+
+    Attributes:
+        first: Position of the first sample with a NaN or inf value.
+        part: "patch" or "prefix": which tokens of that sample.
+        count: Number of samples with at least one NaN or inf value.
+        total: Number of samples in the set.
+    """
+
+    first: int
+    part: str
+    count: int
+    total: int
+
+
 @dataclass
 class TokenSet:
     """Tokens of one backbone layer for a whole dataset.
@@ -83,20 +110,42 @@ class TokenSet:
 
     def __post_init__(self) -> None:
         if self.patch.ndim != 3:
-            raise ValueError(f"patch tokens must be (images, tokens, dim); got shape {tuple(self.patch.shape)}")
+            raise DataError(f"patch tokens must be (images, tokens, dim); got shape {tuple(self.patch.shape)}")
         n_images, n_tokens, _ = self.patch.shape
-        if len(self.labels) != n_images:
-            raise ValueError(f"{len(self.labels)} labels for {n_images} token sets; they must match")
+        labels = np.asarray(self.labels)
+        if labels.ndim != 1:
+            raise DataError(f"labels must be one class index per image, shape ({n_images},); got shape {labels.shape}")
+        if len(labels) != n_images:
+            raise DataError(f"{len(labels)} labels for {n_images} token sets; they must match")
+        kind = labels.dtype.kind
+        if labels.size and (kind not in "iufb" or (kind == "f" and not np.all(np.mod(labels, 1) == 0))):
+            raise DataError(f"labels must be integer class indices, got dtype {labels.dtype}"
+                            + (" with fractional values" if kind == "f" else ""))
         if self.prefix is not None and self.prefix.shape[0] != n_images:
-            raise ValueError(f"prefix tokens cover {self.prefix.shape[0]} images, patch tokens {n_images}")
+            raise DataError(f"prefix tokens cover {self.prefix.shape[0]} images, patch tokens {n_images}")
         if self.prefix is not None and self.prefix.shape[1] == 0:
             self.prefix = None
-        self.grid = (int(self.grid[0]), int(self.grid[1]))
+        self.grid = _as_grid(self.grid)
         if self.grid[0] * self.grid[1] != n_tokens:
-            raise ValueError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} cells but there are {n_tokens} patch tokens")
-        self.labels = np.asarray(self.labels, dtype=np.int64)
+            raise ConfigError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} cells but there are {n_tokens} patch tokens; "
+                              "pass the backbone's patch grid (rows, cols) with rows * cols == tokens")
+        self.labels = labels.astype(np.int64, copy=False)
         if self.num_classes is None:
             self.num_classes = int(self.labels.max()) + 1 if n_images else 0
+        else:
+            if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, numbers.Integral) or self.num_classes < 1:
+                raise ConfigError(f"num_classes must be a positive integer (or None: max label + 1), got {self.num_classes!r}")
+            self.num_classes = int(self.num_classes)
+            if n_images:
+                lo, hi = int(self.labels.min()), int(self.labels.max())
+                if lo < 0 or hi >= self.num_classes:
+                    outside = int(((self.labels < 0) | (self.labels >= self.num_classes)).sum())
+                    raise ConfigError(
+                        f"the labels range from {lo} to {hi} but num_classes={self.num_classes}: labels must lie in "
+                        f"[0, {self.num_classes - 1}] ({outside} of {n_images} samples lie outside); pass the dataset's "
+                        "class count as num_classes, or fix the labels"
+                    )
+        self._finite: NonFinite | None | bool = False  # False: not scanned yet
 
     def __len__(self) -> int:
         return int(self.patch.shape[0])
@@ -117,8 +166,14 @@ class TokenSet:
         return 0 if self.prefix is None else int(self.prefix.shape[1])
 
     def subset(self, index: np.ndarray | list[int]) -> "TokenSet":
-        """A TokenSet holding only the given samples (copied into memory)."""
-        index = np.sort(np.asarray(index, dtype=np.int64))
+        """A TokenSet holding only the given samples (copied into memory).
+
+        Raises:
+            ConfigError: An index outside [0, len(self)).
+        """
+        index = np.sort(np.asarray(index, dtype=np.int64).reshape(-1))
+        if len(index) and (index[0] < 0 or index[-1] >= len(self)):
+            raise ConfigError(f"index must lie in [0, {len(self)}); got values from {index[0]} to {index[-1]}")
         return TokenSet(
             patch=np.asarray(self.patch[index]),
             prefix=None if self.prefix is None else np.asarray(self.prefix[index]),
@@ -170,10 +225,58 @@ class TokenSet:
             device: Where the batches are placed.
             drop_last: Skip a final batch smaller than `batch_size`.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             yield self.batch(order[start : start + batch_size], device=device)
+
+    def find_nonfinite(self, chunk_bytes: int = _CHUNK_BYTES) -> NonFinite | None:
+        """Scan every sample once for NaN or inf, a chunk at a time (a memory map is never loaded whole).
+
+        The answer is remembered when the arrays are read-only (memory-mapped caches), since
+        they cannot change; arrays that can be written are scanned again on every call.
+
+        Args:
+            chunk_bytes: About how many bytes of tokens to read at a time.
+
+        Returns:
+            None when every value is finite, else where the first bad sample is and how many there are.
+        """
+        arrays = [("patch", self.patch)] + ([("prefix", self.prefix)] if self.prefix is not None else [])
+        frozen = all(not getattr(a, "flags", None) or not a.flags.writeable for _, a in arrays)
+        if frozen and getattr(self, "_finite", False) is not False:
+            return self._finite
+        n = len(self)
+        bad = np.zeros(n, dtype=bool)
+        first_part = np.full(n, "", dtype=object)
+        for part, array in arrays:
+            per_sample = max(int(np.prod(array.shape[1:])) * array.dtype.itemsize, 1)
+            step = max(1, int(chunk_bytes) // per_sample)
+            for start in range(0, n, step):
+                chunk = np.asarray(array[start : start + step])
+                rows = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+                new = rows & ~bad[start : start + step]
+                first_part[start : start + step][new] = part
+                bad[start : start + step] |= rows
+        found = None
+        if bad.any():
+            first = int(np.flatnonzero(bad)[0])
+            found = NonFinite(first=first, part=str(first_part[first]), count=int(bad.sum()), total=n)
+        if frozen:
+            self._finite = found
+        return found
+
+
+def _as_grid(grid) -> tuple[int, int]:
+    """`grid` as (rows, cols) of positive integers, or a ConfigError."""
+    try:
+        rows, cols = grid
+        ok = all(not isinstance(g, bool) and isinstance(g, numbers.Real) and float(g).is_integer() and g >= 1 for g in (rows, cols))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"grid must be (rows, cols) of positive integers, got {grid!r}")
+    return int(rows), int(cols)

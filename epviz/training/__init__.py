@@ -15,11 +15,11 @@ from epviz.training.tuning import tune
 from epviz.training.grid import GridResult, fit_grid, select_point
 from epviz.training.optim import LARS, lr_at
 from epviz.training.runs import (
-    aggregate_runs, build_for, layer_sweep, low_shot, probe_zoo, sample_per_class, train_probe,
+    aggregate_runs, build_for, layer_sweep, low_shot, probe_zoo, sample_per_class, seed_summary, train_probe,
 )
 
 __all__ = [
     "LARS", "PROTOCOL", "PROTOCOL_PER_STEP", "FitResult", "aggregate_runs", "build_for", "fit", "fit_images", "layer_sweep",
-    "load_probe", "low_shot", "lr_at", "probe_zoo", "sample_per_class", "save_probe", "train_probe",
+    "load_probe", "low_shot", "lr_at", "probe_zoo", "sample_per_class", "save_probe", "seed_summary", "train_probe",
     "GridResult", "fit_grid", "select_point", "tune",
 ]

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from epviz.atomic import atomic_write
+from epviz.backbones.loader import check_finite_weights, check_weights_fit
+from epviz.errors import WeightsError
 from epviz.probes import Probe, build
 from epviz.runtime import resolve_device
 
@@ -29,7 +31,14 @@ def save_probe(probe: Probe, path: str | os.PathLike, extra: dict | None = None)
 
     Both files are written to temporary names and moved into place, so a reader never
     sees a half-written file. Returns `<path>` without suffix.
+
+    Raises:
+        TypeError: `probe` is not a Probe, or `extra` is not a dict.
     """
+    if not isinstance(probe, Probe):
+        raise TypeError(f"save_probe expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict of JSON-able values (or None), got {type(extra).__name__}")
     base = _base_path(path)
     base.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
@@ -51,19 +60,44 @@ def load_probe(path: str | os.PathLike, device: str | torch.device | None = "cpu
     Args:
         path: `<path>`, `<path>.json` or `<path>.safetensors`.
         device: Where to place the probe.
+
+    Raises:
+        FileNotFoundError: One of the two files is missing.
+        WeightsError: The JSON is not an epviz probe file or describes a probe that cannot be built,
+            the weights cannot be read, their keys or shapes do not fit the probe the JSON describes,
+            or they hold NaN or inf.
     """
     base = _base_path(path)
     meta_path, weights_path = base.with_name(base.name + ".json"), base.with_name(base.name + ".safetensors")
     for p in (meta_path, weights_path):
         if not p.exists():
             raise FileNotFoundError(f"no saved probe at {base}: {p.name} is missing")
-    doc = json.loads(meta_path.read_text(encoding="utf-8"))
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{meta_path} is not an epviz probe file (format {doc.get('format')!r}, expected {FORMAT!r})")
-    options = dict(doc["probe"])
-    name, dim, num_classes = options.pop("name"), options.pop("dim"), options.pop("num_classes")
-    probe = build(name, dim, num_classes, **options)
-    probe.load_state_dict(load_file(str(weights_path)))
+    try:
+        doc = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{meta_path} is not readable JSON ({err}); save the probe again with save_probe") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        found = doc.get("format") if isinstance(doc, dict) else None
+        raise WeightsError(f"{meta_path} is not an epviz probe file (format {found!r}, expected {FORMAT!r})")
+    try:
+        options = dict(doc["probe"])
+        name, dim, num_classes = options.pop("name"), options.pop("dim"), options.pop("num_classes")
+        probe = build(name, dim, num_classes, **options)
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(
+            f"{meta_path} describes a probe that cannot be built ({type(err).__name__}: {err}); if it is a plugin's "
+            "probe family, import the plugin first"
+        ) from None
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
+        raise WeightsError(f"cannot read probe weights from {weights_path}: {type(err).__name__}: {err}; save the probe again") from None
+    described = f"the probe its JSON describes ('{name}', dim={dim}, num_classes={num_classes})"
+    check_weights_fit(state, probe.state_dict(), weights_path, described,
+                      fix=f"The two files come from different probes: save the probe again, or pair {weights_path.name} "
+                          "with the JSON written beside it.")
+    check_finite_weights(state, weights_path)
+    probe.load_state_dict(state)
     return probe.to(resolve_device(device)).eval()
 
 

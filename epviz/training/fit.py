@@ -22,6 +22,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +34,14 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from epviz.evaluate import ensure_finite, loss_and_accuracy
+from epviz.errors import ConfigError, DataError
+from epviz.evaluate import check_labels, loss_and_accuracy
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
 from epviz.tokens import TokenSet
 from epviz.training.checkpoints import finite_or_none, save_probe
-from epviz.training.optim import check_fit_options, lr_at, make_optimizer
+from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
+from epviz.training.selection import check_selection_split
 
 __all__ = ["fit", "FitResult", "PROTOCOL"]
 
@@ -104,7 +107,7 @@ def fit(
     optimizer: str = "lars",
     lr: float | None = None,
     weight_decay: float = 0.0,
-    warmup_epochs: float = 10,
+    warmup_epochs: float | None = None,
     label_smoothing: float = 0.0,
     early_stopping: int | None = None,
     precision: str = "fp32",
@@ -117,29 +120,46 @@ def fit(
     Args:
         probe: A freshly built probe (trained in place).
         train: Training tokens.
-        val: Validation tokens; without them the last epoch is kept.
+        val: Validation tokens; without them the last epoch is kept. Held-out training data,
+            never the test split: a UserWarning says so when ``val.origin.split`` is "test".
         epochs: Maximum number of epochs.
         batch_size: Samples per step. Incomplete last batches are dropped when the set
             holds more than one batch.
         optimizer: "lars" (reference recipe) or "adamw".
         lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
         weight_decay: Weight decay on parameters with ndim > 1.
-        warmup_epochs: Epochs of linear warm-up before the cosine decay.
+        warmup_epochs: Epochs of linear warm-up before the cosine decay; default (None) the reference's
+            ratio, 10 of 90 epochs: ``min(10, epochs / 9)``.
         label_smoothing: Cross-entropy label smoothing.
         early_stopping: Stop after this many epochs without a validation improvement.
         precision: "fp32" or "bf16" (autocast).
         device: Where to train; None picks CUDA when available.
         seed: Seed for the shuffling order.
         progress: Show a tqdm bar over epochs.
+
+    Raises:
+        ConfigError: An option out of range (lr <= 0, negative weight decay, warm-up longer than the
+            run, ...; see :func:`~epviz.training.optim.check_fit_options`), labels outside
+            [0, probe.num_classes), or tokens the probe cannot read.
+        DataError: An empty or one-sample set, a training set of a single class (see
+            :func:`check_classes`; validation classes missing from training only warn), or NaN/inf
+            anywhere in the train or val tokens (the whole set is scanned once, before any step).
     """
     if not isinstance(probe, Probe):
         raise TypeError(f"fit expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
-    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val)
+    warmup_epochs = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
+    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val,
+                      lr=lr, weight_decay=weight_decay)
     _check_tokens(probe, train, "train")
     if val is not None:
         _check_tokens(probe, val, "validation")
+    check_selection_split(val, "fit")
     if len(train) < 2:
-        raise ValueError("fit needs at least 2 training samples (BatchNorm uses batch statistics)")
+        raise DataError("fit needs at least 2 training samples (BatchNorm uses batch statistics)")
+    check_classes(train.labels, None if val is None else val.labels)
+    _check_finite(train, "train")
+    if val is not None:
+        _check_finite(val, "validation")
 
     device = resolve_device(device)
     probe.to(device)
@@ -159,8 +179,6 @@ def fit(
         probe.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for step, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)):
-            if epoch == 0:
-                ensure_finite(batch, "train")
             current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
             for group in opt.param_groups:
                 group["lr"] = current_lr
@@ -174,6 +192,7 @@ def fit(
             if not math.isfinite(loss_value):
                 raise FloatingPointError(
                     f"training diverged: the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g}); "
+                    "the tokens were checked finite before training, so the optimisation itself blew up: "
                     "lower lr or use precision='fp32'"
                 )
             loss_sum += loss_value * len(batch.labels)
@@ -182,7 +201,7 @@ def fit(
 
         val_loss = val_acc = math.nan
         if val is not None:
-            val_loss, val_acc = loss_and_accuracy(probe, val, batch_size=max(batch_size, 256), device=device, precision=precision, check_finite=epoch == 0)
+            val_loss, val_acc = loss_and_accuracy(probe, val, batch_size=max(batch_size, 256), device=device, precision=precision)
         rows.append(
             dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
                  lr=current_lr, seconds=time.perf_counter() - t0)
@@ -229,15 +248,57 @@ def _check_tokens(probe: Probe, tokens: TokenSet, what: str) -> None:
     if not isinstance(tokens, TokenSet):
         raise TypeError(f"the {what} tokens must be a TokenSet, got {type(tokens).__name__}")
     if len(tokens) == 0:
-        raise ValueError(f"the {what} token set is empty")
+        raise DataError(f"the {what} token set is empty")
     if tokens.dim != probe.dim:
-        raise ValueError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but the {what} tokens have D={tokens.dim}")
+        raise ConfigError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but the {what} tokens have D={tokens.dim}")
     if probe.needs_prefix and tokens.prefix is None:
-        raise ValueError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but the {what} tokens have none")
-    labels = np.asarray(tokens.labels)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= probe.num_classes:
-        raise ValueError(
-            f"the {what} labels range from {lo} to {hi} (max label {hi}) but probe '{probe.name}' has "
-            f"num_classes={probe.num_classes}; labels must lie in [0, {probe.num_classes - 1}]"
+        raise ConfigError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but the {what} tokens have none")
+    check_labels(tokens.labels, probe.num_classes, what, f"probe '{probe.name}'")
+
+
+def _check_finite(tokens: TokenSet, what: str) -> None:
+    """Scan the whole set once, before any step: a NaN anywhere (even in a batch that would be dropped) is refused."""
+    found = tokens.find_nonfinite()
+    if found is not None:
+        raise DataError(
+            f"the {what} tokens contain NaN or inf ({found.part} tokens of sample {found.first}; {found.count} of "
+            f"{found.total} samples hold NaN or inf): fix or re-extract them before training (check the backbone's "
+            "weights and the images first; with finite ones, dtype='float32' avoids float16 overflow)"
         )
+
+
+def check_classes(train_labels, val_labels=None) -> None:
+    """Refuse a training set of one class; warn when validation holds classes the training set lacks.
+
+    One class is refused rather than warned about: the loss reaches 0 at once, the probe predicts
+    that class for everything and scores 1.0 on any validation set of the same class, so no result
+    of such a run means anything. Validation classes missing from training are only warned about
+    (a low-shot or subsampled split can lack a rare class legitimately), with the share of
+    validation samples the probe cannot get right.
+
+    Args:
+        train_labels: Training labels.
+        val_labels: Validation labels, or None.
+
+    Raises:
+        DataError: The training labels hold a single class.
+    """
+    train_labels = np.asarray(train_labels)
+    classes = np.unique(train_labels)
+    if len(classes) == 1:
+        raise DataError(
+            f"the training set holds a single class (label {int(classes[0])}, all {len(train_labels)} samples): a probe "
+            "learns nothing from it (the loss drops to 0 and any validation set of that class scores 1.0); "
+            "train on samples of at least 2 classes"
+        )
+    if val_labels is not None and len(val_labels):
+        val_labels = np.asarray(val_labels)
+        unseen = np.setdiff1d(np.unique(val_labels), classes)
+        if len(unseen):
+            share = float(np.isin(val_labels, unseen).mean())
+            shown = ", ".join(str(int(c)) for c in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+            warnings.warn(
+                f"the validation set holds {len(unseen)} classes the training set lacks ({shown}): "
+                f"{share:.1%} of its samples cannot be predicted right, so validation accuracy is at most {1 - share:.3f}",
+                UserWarning, stacklevel=3,
+            )

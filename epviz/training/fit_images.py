@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import time
 
 import pandas as pd
@@ -30,10 +31,12 @@ from tqdm.auto import tqdm
 
 from epviz.backbones import Backbone
 from epviz.data.transforms import train_transform
+from epviz.errors import ConfigError, DataError
+from epviz.evaluate import check_labels
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
-from epviz.training.fit import FitResult
-from epviz.training.optim import check_fit_options, lr_at, make_optimizer
+from epviz.training.fit import FitResult, check_classes
+from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 
 __all__ = ["fit_images", "PROTOCOL_PER_STEP"]
 
@@ -52,7 +55,7 @@ def fit_images(
     optimizer: str = "lars",
     lr: float | None = None,
     weight_decay: float = 0.0,
-    warmup_epochs: float = 10,
+    warmup_epochs: float | None = None,
     label_smoothing: float = 0.0,
     scale: tuple[float, float] = (0.08, 1.0),
     norm: bool = False,
@@ -77,7 +80,8 @@ def fit_images(
         optimizer: "lars" (reference) or "adamw".
         lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
         weight_decay: Weight decay on parameters with ndim > 1 (reference: 0).
-        warmup_epochs: Epochs of linear warm-up before the cosine decay (reference: 10).
+        warmup_epochs: Epochs of linear warm-up before the cosine decay; default (None) the reference's
+            ratio, 10 of 90 epochs: ``min(10, epochs / 9)``.
         label_smoothing: Cross-entropy label smoothing (reference: 0).
         scale: RandomResizedCrop area range (reference: 0.08-1).
         norm: Apply the encoder's final norm to the block output (reference: off).
@@ -89,6 +93,13 @@ def fit_images(
 
     Returns:
         A :class:`~epviz.train.FitResult` (best epoch's weights, history, config with the protocol).
+
+    Raises:
+        ConfigError: An option out of range (see :func:`~epviz.training.optim.check_fit_options`; also
+            `layer`, `scale` within (0, 1] with low <= high, `num_workers` >= 0), labels outside
+            [0, probe.num_classes), or a probe that cannot read the backbone's tokens.
+        DataError: An empty or one-image set, or a training set of a single class (validation
+            classes missing from training only warn; see :func:`epviz.training.fit.check_classes`).
     """
     if not isinstance(probe, Probe):
         raise TypeError(f"fit_images expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
@@ -99,23 +110,26 @@ def fit_images(
             f"the per-step protocol augments the image files themselves, so train must be a dataset of files with "
             f"with_transform() (epviz.data.load_split('imagenet:/root', 'train')); got {type(train).__name__}"
         )
-    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None)
+    warmup_epochs = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
+    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None,
+                      lr=lr, weight_decay=weight_decay)
+    _check_scale(scale)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise ConfigError(f"num_workers must be an integer >= 0 (0 decodes in the main process), got {num_workers!r}")
+    (layer,) = backbone.resolve_layers([layer])
     if probe.dim != backbone.dim:
-        raise ValueError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but {backbone.name} gives D={backbone.dim}")
+        raise ConfigError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but {backbone.name} gives D={backbone.dim}")
     if probe.needs_prefix and backbone.num_prefix_tokens == 0:
-        raise ValueError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but {backbone.name} has none")
+        raise ConfigError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but {backbone.name} has none")
     for what, data in (("train", train), ("validation", val)):
         if data is None:
             continue
         if len(data) == 0:
-            raise ValueError(f"the {what} set is empty")
-        labels = torch.as_tensor(data.labels)
-        if int(labels.min()) < 0 or int(labels.max()) >= probe.num_classes:
-            raise ValueError(f"the {what} labels run {int(labels.min())}..{int(labels.max())} but probe '{probe.name}' has "
-                             f"num_classes={probe.num_classes}")
+            raise DataError(f"the {what} set is empty")
+        check_labels(data.labels, probe.num_classes, what, f"probe '{probe.name}'")
     if len(train) < 2:
-        raise ValueError("fit_images needs at least 2 training images (BatchNorm uses batch statistics)")
-    (layer,) = backbone.resolve_layers([layer])
+        raise DataError("fit_images needs at least 2 training images (BatchNorm uses batch statistics)")
+    check_classes(train.labels, None if val is None else val.labels)
 
     device = resolve_device(device)
     backbone.model.to(device).eval()
@@ -190,6 +204,16 @@ def fit_images(
     )
     return FitResult(probe=probe, history=history, best_epoch=best_epoch, best_acc=best_acc if val is not None else math.nan,
                      final_acc=float(history["val_acc"].iloc[-1]), seconds=time.perf_counter() - start, config=config)
+
+
+def _check_scale(scale) -> None:
+    """RandomResizedCrop's area range: two numbers with 0 < low <= high <= 1."""
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise ConfigError(f"scale must be (low, high), the crop's share of the image area, got {scale!r}") from None
+    if not (0 < low <= high <= 1):
+        raise ConfigError(f"scale must satisfy 0 < low <= high <= 1 (reference: (0.08, 1.0)), got {scale!r}")
 
 
 def _evaluate(probe: Probe, val, tokens, batch_size: int, num_workers: int, device, precision: str) -> tuple[float, float]:

@@ -47,6 +47,7 @@ from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device
 from epviz.tokens import TokenSet
 from epviz.training.optim import check_fit_options, lr_at, make_optimizer
+from epviz.training.selection import check_selection_split
 
 __all__ = ["DIVERGENCE_FACTOR", "GridResult", "fit_grid", "select_point"]
 
@@ -163,6 +164,7 @@ def fit_grid(
     template = _template(probe, train, val, seed, build_options)
     _check_tokens(template, train, "train")
     _check_tokens(template, val, "validation")
+    check_selection_split(val, "fit_grid")
     if len(train) < 2:
         raise ValueError("fit_grid needs at least 2 training samples (BatchNorm uses batch statistics)")
 

@@ -7,14 +7,16 @@ together with the check of their common options.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
 
+from epviz.errors import ConfigError
 from epviz.probes import Probe
 from epviz.runtime import PRECISIONS
 
-__all__ = ["LARS", "OPTIMIZERS", "check_fit_options", "lr_at", "make_optimizer"]
+__all__ = ["LARS", "OPTIMIZERS", "check_fit_options", "default_warmup", "lr_at", "make_optimizer"]
 
 OPTIMIZERS = ("lars", "adamw")
 
@@ -32,6 +34,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: L2 penalty, applied only to parameters with ndim > 1.
         momentum: Momentum factor.
         trust_coefficient: LARS trust coefficient.
+
+    Raises:
+        ConfigError: lr or weight_decay negative, momentum outside [0, 1), trust_coefficient not > 0.
     """
 
     def __init__(
@@ -42,6 +47,10 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
     ) -> None:
+        _number("lr", lr, ">= 0", lambda x: x >= 0)
+        _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
+        _number("momentum", momentum, "in [0, 1)", lambda x: 0 <= x < 1)
+        _number("trust_coefficient", trust_coefficient, "> 0", lambda x: x > 0)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
 
@@ -72,6 +81,14 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+def default_warmup(epochs: float) -> float:
+    """The default warm-up: the reference's ratio (10 of 90 epochs), at most 10 epochs: ``min(10, epochs / 9)``."""
+    try:
+        return min(10.0, float(epochs) / 9.0)
+    except (TypeError, ValueError):
+        return 10.0  # the epochs check reports the bad value
+
+
 def lr_at(epoch: float, base_lr: float, epochs: int, warmup_epochs: float, min_lr: float = 0.0) -> float:
     """Learning rate at fractional `epoch`: linear warm-up from 0, then half-cosine to `min_lr`."""
     if epoch < warmup_epochs:
@@ -81,6 +98,15 @@ def lr_at(epoch: float, base_lr: float, epochs: int, warmup_epochs: float, min_l
 
 
 def make_optimizer(probe: Probe, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimiser `name` over the probe's trainable parameters (weight decay on ndim > 1 only).
+
+    Raises:
+        ConfigError: Unknown `name`, lr not > 0 or weight_decay negative.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    _number("lr", lr, "> 0", lambda x: x > 0)
+    _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
     params = [p for p in probe.parameters() if p.requires_grad]
     if name == "lars":
         return LARS(params, lr=lr, weight_decay=weight_decay)
@@ -90,21 +116,60 @@ def make_optimizer(probe: Probe, name: str, lr: float, weight_decay: float) -> t
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val) -> None:
+def _integer(name: str, value, low: int) -> int:
+    """`value` as an int >= `low`, or a ConfigError naming `name` (bools and fractional numbers are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if int(value) < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _number(name: str, value, valid: str, ok) -> float:
+    """`value` as a finite float satisfying `ok`, or a ConfigError naming `name` and the range `valid`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) or not ok(float(value)):
+        raise ConfigError(f"{name} must be a finite number {valid}, got {value!r}")
+    return float(value)
+
+
+def check_fit_options(
+    optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val,
+    *, lr: float | None = None, weight_decay: float = 0.0,
+) -> None:
+    """Refuse out-of-range training options before anything runs, naming the option and its valid range.
+
+    Args:
+        optimizer: One of :data:`OPTIMIZERS`.
+        precision: One of ``PRECISIONS``.
+        epochs: An integer >= 1.
+        batch_size: An integer >= 1.
+        warmup_epochs: A number in [0, epochs]: a warm-up longer than the run would never reach the peak lr.
+        label_smoothing: A number in [0, 1).
+        early_stopping: None, or a patience (integer >= 1) that needs `val`.
+        val: The validation data (or None).
+        lr: None (the default for the optimiser) or a finite number > 0; a negative lr would run gradient ascent.
+        weight_decay: A finite number >= 0.
+
+    Raises:
+        ConfigError: An option is out of range.
+    """
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    epochs = _integer("epochs", epochs, 1)
+    _integer("batch_size", batch_size, 1)
+    warmup = _number("warmup_epochs", warmup_epochs, ">= 0", lambda x: x >= 0)
+    if warmup > epochs:
+        raise ConfigError(
+            f"warmup_epochs={warmup_epochs} is longer than the run (epochs={epochs}), so the learning rate would never "
+            f"reach its peak: pass warmup_epochs between 0 and {epochs} (e.g. warmup_epochs={max(epochs // 10, 0)})"
+        )
+    _number("label_smoothing", label_smoothing, "in [0, 1)", lambda x: 0.0 <= x < 1.0)
+    if lr is not None:
+        _number("lr", lr, "> 0 (the peak learning rate; None picks the optimiser's default)", lambda x: x > 0)
+    _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
     if early_stopping is not None:
         if val is None:
-            raise ValueError("early_stopping needs validation tokens: pass val=...")
-        if int(early_stopping) < 1:
-            raise ValueError(f"early_stopping is a patience in epochs and must be >= 1, got {early_stopping}")
+            raise ConfigError("early_stopping needs validation tokens: pass val=...")
+        _integer("early_stopping (a patience in epochs)", early_stopping, 1)

@@ -1,7 +1,9 @@
 """Many probe trainings, one tidy table: the probe zoo, layer sweeps and low-shot budgets.
 
 Every run builds a fresh probe (seeded), trains it with :func:`epviz.fit` and reports its
-validation top-1. Results are tidy: one row per probe x layer (or shots) x seed.
+validation top-1. Results are tidy: one row per probe x layer (or shots) x seed, with the number
+of classes (``num_classes``, whose inverse is the chance accuracy the figures draw).
+:func:`aggregate_runs` and :func:`seed_summary` give the mean and sample standard deviation over seeds.
 
 Low-shot sampling (ours): for k shots and a seed, k training images are drawn without
 replacement from every class present in the training labels, with
@@ -27,7 +29,8 @@ from epviz.tokens import TokenSet
 from epviz.training.fit import FitResult
 from epviz.training.probe_cache import fit_or_load
 
-__all__ = ["aggregate_runs", "build_for", "layer_sweep", "low_shot", "probe_zoo", "sample_per_class", "train_probe"]
+__all__ = ["aggregate_runs", "build_for", "layer_sweep", "low_shot", "probe_zoo", "sample_per_class", "seed_summary",
+           "train_probe"]
 
 def build_for(name: str, tokens: TokenSet, num_classes: int, seed: int, options: Mapping | None = None) -> Probe:
     """Build probe `name` for `tokens` (their width, and their grid where the probe takes one)."""
@@ -77,41 +80,50 @@ def probe_zoo(
     *,
     budget: Mapping,
     seed: int = 0,
+    seeds: Sequence[int] | None = None,
     progress: bool = False,
-) -> tuple[pd.DataFrame, dict[tuple[str, str], Probe]]:
-    """Train every probe on every backbone's tokens; report val and test top-1.
+) -> tuple[pd.DataFrame, dict[tuple, Probe]]:
+    """Train every probe on every backbone's tokens, once per seed; report val and test top-1.
 
     Args:
         tokens: ``{backbone: {"train": ..., "val": ..., "test": ...}}`` (see :func:`epviz.tokens.layer_tokens`).
         probes: Probe specs (see :func:`epviz.probes.probe_specs`).
         budget: :func:`epviz.fit` options, or with ``grid`` a tuning budget (``Setting.fit_options()``).
-        seed: Seed of every run.
+        seed: Seed of every run when `seeds` is None.
+        seeds: One run per seed (initialisation and shuffling); default ``(seed,)``.
         progress: Show a tqdm bar over runs.
 
     Returns:
-        A tidy table, one row per backbone x probe (backbone, layer, probe, name, seed, params,
-        predictors, val_acc, test_acc, best_epoch, lr and weight_decay of the run (the grid point chosen
+        A tidy table, one row per backbone x probe x seed (backbone, layer, probe, name, seed, params,
+        predictors, num_classes, val_acc, test_acc, best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
         tuned, seconds of training, cached: loaded from the probe cache), and the trained probes keyed
-        by (backbone, label). The test split is evaluated once, for the chosen run only.
+        by (backbone, label) with a single seed, by (backbone, label, seed) with several. The test
+        split is evaluated once per run, for the chosen grid point only. :func:`seed_summary` gives
+        mean ± std over the seeds.
     """
     specs = probe_specs(probes)
+    seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
     rows, fitted = [], {}
-    bar = tqdm(total=len(tokens) * len(specs), desc="probe zoo", disable=not progress)
+    bar = tqdm(total=len(tokens) * len(specs) * len(seeds), desc="probe zoo", disable=not progress)
     for backbone, split in tokens.items():
         for label, options in specs.items():
             options = dict(options)
             name = options.pop("name")
-            bar.set_postfix(backbone=backbone, probe=label)
-            result = train_probe(name, split["train"], split["val"], budget=budget, seed=seed, **options)
-            test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
-            fitted[backbone, label] = result.probe
-            rows.append(dict(backbone=backbone, layer=split["train"].origin.layer, probe=label, name=name, seed=seed,
-                             params=trainable_params(result.probe), predictors=result.probe.num_predictors,
-                             val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch,
-                             lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"),
-                             tuned="grid" in result.config, seconds=result.seconds, cached="cached" in result.config))
-            bar.update()
+            for run_seed in seeds:
+                bar.set_postfix(backbone=backbone, probe=label, seed=run_seed)
+                result = train_probe(name, split["train"], split["val"], budget=budget, seed=run_seed, **options)
+                test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
+                fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
+                rows.append(dict(backbone=backbone, layer=split["train"].origin.layer, probe=label, name=name,
+                                 seed=run_seed, params=trainable_params(result.probe),
+                                 predictors=result.probe.num_predictors, num_classes=int(result.probe.num_classes),
+                                 val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch,
+                                 lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"),
+                                 tuned="grid" in result.config, seconds=result.seconds, cached="cached" in result.config))
+                bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
 
@@ -131,7 +143,8 @@ def _train_one(label: str, name: str, options: dict, train: TokenSet, val: Token
     return dict(
         best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
         epochs_run=int(result.history["epoch"].iloc[-1]), params=trainable_params(result.probe),
-        lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"), n_train=len(train), seconds=result.seconds,
+        lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"), n_train=len(train),
+        num_classes=int(result.probe.num_classes), seconds=result.seconds,
     )
 
 
@@ -312,3 +325,37 @@ def aggregate_runs(
     out.columns = [f"{v}_{stat}" for v, stat in out.columns]
     out["runs"] = grouped.size()
     return out.reset_index()
+
+
+def seed_summary(
+    runs: pd.DataFrame,
+    by: Sequence[str] = ("backbone", "probe"),
+    values: Sequence[str] = ("val_acc", "test_acc"),
+) -> pd.DataFrame:
+    """Mean ± sample standard deviation over seeds, in the shape of a one-seed table.
+
+    Each `values` column becomes its mean over the group's runs (so a figure drawing ``test_acc``
+    draws the mean), beside ``<value>_std`` (NaN for a single run) and ``seeds`` (runs per group).
+    Columns constant within every group (layer, name, params, num_classes...) are kept; the
+    others (seed, best_epoch, seconds...) are dropped. Groups keep their first appearance's order.
+
+    Args:
+        runs: Rows of :func:`probe_zoo` (or any table with the `by` and `values` columns).
+        by: The columns of a group.
+        values: The columns to average.
+    """
+    by, values = list(by), list(values)
+    missing = [c for c in [*by, *values] if c not in runs.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the runs (columns: {list(runs.columns)})")
+    if len(runs) == 0:
+        raise ValueError("there are no runs to summarise")
+    grouped = runs.groupby(by, sort=False, dropna=False)
+    out = grouped[values].mean()
+    for v in values:
+        out[f"{v}_std"] = grouped[v].std(ddof=1)
+    out["seeds"] = grouped.size()
+    rest = [c for c in runs.columns if c not in by and c not in values and c != "seed"]
+    constant = [c for c in rest if (grouped[c].nunique(dropna=False) <= 1).all()]
+    out = grouped[constant].first().join(out) if constant else out
+    return out.reset_index()[[*by, *constant, *values, *[f"{v}_std" for v in values], "seeds"]]

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure
+from epviz.viz.style import axis_label, backbone_colours, backbone_order, chance_level, draw_chance, require_columns, save_figure
 
 __all__ = ["layer_curves", "low_shot_curves", "training_curves"]
 
@@ -31,7 +31,8 @@ def _mean_std(runs: pd.DataFrame, by: list[str], y: str) -> pd.DataFrame:
 
 
 def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, title: str,
-            out: str | Path | None, name: str) -> plt.Figure:
+            out: str | Path | None, name: str, chance: float | None = None) -> plt.Figure:
+    chance = chance_level(runs, chance)
     summary = _mean_std(runs, ["backbone", "probe", xcol], y)
     backbones = backbone_order(summary["backbone"])
     probes = list(dict.fromkeys(runs["probe"]))
@@ -45,6 +46,7 @@ def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, titl
             mean, std = s[f"{y}_mean"].to_numpy(), s[f"{y}_std"].fillna(0).to_numpy()
             ax.plot(s[xcol], mean, marker="o", ms=3, color=hue[probe], label=probe)
             ax.fill_between(s[xcol], mean - std, mean + std, color=hue[probe], alpha=0.18, lw=0)
+        draw_chance(ax, chance)
         if logx:
             ax.set_xscale("log")
         ax.set_title(backbone, fontsize=8, color=backbone_colours([backbone])[backbone])
@@ -56,12 +58,14 @@ def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, titl
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    if chance is not None:
+        summary = summary.assign(chance=chance)
     save_figure(fig, summary, name, out)
     return fig
 
 
 def layer_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
-                 name: str = "layer_curves") -> plt.Figure:
+                 name: str = "layer_curves", chance: float | None = None) -> plt.Figure:
     """Accuracy per block: one panel per backbone, one line per probe (mean ± std over seeds).
 
     Args:
@@ -69,13 +73,14 @@ def layer_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None
         y: The accuracy column.
         out: Folder for ``<name>.png`` / ``.csv`` (the CSV holds the per-point mean, std, runs).
         name: File stem.
+        chance: The chance accuracy drawn as a line; default 1 / the runs' ``num_classes``, none without it.
     """
     require_columns(runs, ["backbone", "layer", "probe", y], "layer_curves")
-    return _curves(runs, "layer", y, "block (0 = first)", False, "Probes on the tokens of every block", out, name)
+    return _curves(runs, "layer", y, "block (0 = first)", False, "Probes on the tokens of every block", out, name, chance)
 
 
 def low_shot_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
-                    name: str = "low_shot") -> plt.Figure:
+                    name: str = "low_shot", chance: float | None = None) -> plt.Figure:
     """Accuracy against labelled images per class (log axis), mean ± std over seeds.
 
     Args:
@@ -83,6 +88,7 @@ def low_shot_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | N
         y: The accuracy column.
         out: Folder for ``<name>.png`` / ``.csv`` (the CSV holds the per-point mean, std, runs).
         name: File stem.
+        chance: The chance accuracy drawn as a line; default 1 / the runs' ``num_classes``, none without it.
     """
     require_columns(runs, ["backbone", "probe", "shots", y], "low_shot_curves")
-    return _curves(runs, "shots", y, "labelled images per class (log scale)", True, "Low-shot probing", out, name)
+    return _curves(runs, "shots", y, "labelled images per class (log scale)", True, "Low-shot probing", out, name, chance)

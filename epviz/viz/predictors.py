@@ -12,17 +12,48 @@ import seaborn as sns
 from epviz.analysis.stats import spearman
 from epviz.viz.style import axis_label, backbone_order, require_columns, save_figure
 
-__all__ = ["delta_acc_panels"]
+__all__ = ["BASELINE_STYLES", "delta_acc_panels"]
+
+BASELINE_STYLES = {  # line style of each trivial map of epviz.analysis.baselines
+    "uniform": dict(color="0.45", ls=":", lw=1.0),
+    "centre prior": dict(color="0.25", ls="-.", lw=1.0),
+    "random, matched entropy": dict(color="0.1", ls=(0, (4, 2)), lw=0.9),
+}
+
+
+def _baseline_lines(ax, baselines: pd.DataFrame, x: str, backbone: str, members: list[str], hue: dict[str, str],
+                    chance_drawn: bool) -> pd.DataFrame:
+    """Draw the vertical line of every baseline that applies to a panel; return the rows drawn."""
+    rows = baselines
+    if "backbone" in rows.columns:
+        rows = rows[rows["backbone"].isna() | (rows["backbone"] == backbone)]
+    if "probe" in rows.columns:
+        rows = rows[rows["probe"].isna() | rows["probe"].isin(members)]
+    rows = rows[rows[x].notna()]
+    if chance_drawn:  # the uniform map's in-box mass is the chance line already drawn
+        rows = rows[rows["baseline"] != "uniform"]
+    for _, row in rows.iterrows():
+        style = dict(BASELINE_STYLES.get(row["baseline"], dict(color="0.3", ls="--", lw=0.8)))
+        probe = row.get("probe") if "probe" in rows.columns else None
+        label = str(row["baseline"])
+        if isinstance(probe, str):
+            style["color"] = hue.get(probe, style["color"])
+            label = f"{label} ({probe})"
+        ax.axvline(float(row[x]), label=label, zorder=1, **style)
+    return rows
 
 
 def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "delta_acc",
                      panels: dict[str, list[str]] | None = None, out: str | Path | None = None,
-                     name: str = "delta_acc_vs_localization") -> plt.Figure:
+                     name: str = "delta_acc_vs_localization", baselines: pd.DataFrame | None = None) -> plt.Figure:
     """Paper Fig. 4: one point per attention predictor, its accuracy drop against a property of its map.
 
     Rows of panels are backbones, columns the `panels` (e.g. several attentive probes on the
     left, EP with several D_o on the right); colours are probes, consistent across panels.
-    Each panel shows the Spearman rank correlation of its points.
+    Each panel shows the Spearman rank correlation of its points. A localization measure is drawn
+    with its chance lines: the box-area chance of ``inbox_mass`` (from ``chance_mass``), and the
+    scores of the trivial maps in `baselines` as vertical lines (the matched-entropy baseline of
+    a probe in that probe's colour).
 
     Args:
         table: One row per predictor with columns ``backbone``, ``probe``, `x`, `y`
@@ -32,8 +63,16 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
         panels: Panel title -> probe labels it shows (default: one panel with every probe).
         out: Folder for ``<name>.png`` / ``.csv``; None saves nothing.
         name: File stem.
+        baselines: Trivial maps' scores, one row per baseline with a ``baseline`` column and `x`
+            (:func:`epviz.analysis.localization_baselines`, :func:`epviz.analysis.matched_entropy_baselines`);
+            a row with a ``backbone`` is drawn only in that backbone's panels, one with a ``probe``
+            only in panels showing that probe. Rows without `x` are not drawn, nor any for an entropy `x`
+            (the random baseline has the probe's entropy by construction). The CSV lists the
+            drawn lines as extra rows with their ``baseline`` name (and no `y`).
     """
     require_columns(table, ["backbone", "probe", x, y], "delta_acc_panels")
+    if baselines is not None:
+        require_columns(baselines, ["baseline"], "delta_acc_panels(baselines=...)")
     probes = list(dict.fromkeys(table["probe"]))
     panels = {"probes": probes} if panels is None else {k: list(v) for k, v in panels.items()}
     unknown = sorted({p for members in panels.values() for p in members} - set(probes))
@@ -54,8 +93,14 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
                 if len(pts):
                     ax.scatter(pts[x], pts[y], s=16, color=hue[probe], label=probe, alpha=0.85, edgecolor="none")
             ax.axhline(0, color="k", lw=0.6, ls=":")
-            if x == "inbox_mass" and "chance_mass" in rows and len(rows):
-                ax.axvline(float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--", label="chance (box area)")
+            chance_drawn = x == "inbox_mass" and "chance_mass" in rows and len(rows) > 0
+            if chance_drawn:
+                ax.axvline(float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--",
+                           label="chance (box area = uniform map)")
+            if baselines is not None and x in baselines.columns and not x.startswith("entropy"):  # matched by design
+                drawn = _baseline_lines(ax, baselines, x, backbone, members, hue, chance_drawn)
+                keep = [c for c in ("backbone", "probe", "baseline", x) if c in drawn.columns]
+                parts.append(drawn[keep].assign(backbone=backbone, panel=title))
             rho = spearman(rows[x], rows[y]).rho if len(rows) > 2 else float("nan")
             if np.isfinite(rho):
                 ax.text(0.03, 0.95, f"ρ = {rho:+.2f}", transform=ax.transAxes, fontsize=7, va="top")
@@ -63,7 +108,7 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
             if r == len(backbones) - 1:
                 ax.set_xlabel(axis_label(x), fontsize=8)
             if c == 0:
-                ax.set_ylabel("Δacc (uniform predictor)", fontsize=8)
+                ax.set_ylabel("Δacc (uniform predictor)" if y == "delta_acc" else axis_label(y), fontsize=8)
             ax.tick_params(labelsize=7)
             ax.legend(fontsize=6, loc="best")
             parts.append(rows.assign(panel=title))

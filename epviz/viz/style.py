@@ -15,8 +15,8 @@ import seaborn as sns
 from epviz.analysis.meters import column_label
 from epviz.atomic import atomic_write
 
-__all__ = ["BACKBONE_PALETTE", "METRIC_LABELS", "axis_label", "backbone_colours", "backbone_order", "register_label",
-           "require_columns", "save_figure"]
+__all__ = ["BACKBONE_PALETTE", "METRIC_LABELS", "axis_label", "backbone_colours", "backbone_order", "chance_level",
+           "draw_chance", "register_label", "require_columns", "save_figure"]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
 METRIC_LABELS = {  # the per-predictor measures' labels come with their meters (epviz.analysis.meters)
@@ -68,6 +68,28 @@ def backbone_order(names) -> list[str]:
     """Backbone names in display order: the zoo's first, then the others as they come."""
     present = list(dict.fromkeys(names))
     return [b for b in BACKBONE_PALETTE if b in present] + [b for b in present if b not in BACKBONE_PALETTE]
+
+
+def chance_level(results: pd.DataFrame, chance: float | None = None) -> float | None:
+    """The top-1 accuracy of guessing, 1 / classes: `chance` when given, else from a ``num_classes`` column.
+
+    Raises:
+        ValueError: The rows disagree on the number of classes.
+    """
+    if chance is not None:
+        return float(chance)
+    if "num_classes" not in results.columns:
+        return None
+    classes = pd.to_numeric(results["num_classes"], errors="coerce").dropna().unique()
+    if len(classes) > 1:
+        raise ValueError(f"the rows have different numbers of classes {sorted(classes)}: pass chance= explicitly")
+    return 1.0 / float(classes[0]) if len(classes) else None
+
+
+def draw_chance(ax, chance: float | None) -> None:
+    """A horizontal line at the chance accuracy, labelled for the legend; nothing when None."""
+    if chance is not None:
+        ax.axhline(chance, color="k", lw=0.8, ls=":", zorder=1, label=f"chance (1/classes = {chance:.3g})")
 
 
 def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str | Path | None, dpi: int = 150) -> dict[str, Path]:

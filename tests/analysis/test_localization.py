@@ -251,3 +251,194 @@ def test_the_meter_upsamples_in_chunks_and_keeps_its_curves(setup):
         Localization(chunk_size=0)
     with pytest.raises(ValueError, match="has not started"):
         Localization().summary()
+
+
+# --- constant maps, flat regions ---------------------------------------------------------
+
+
+def random_boxes(rng, n, size, large):
+    """n GT boxes inside a size x size image: small (1/8 to 1/3 of a side) or large (0.6 to 1)."""
+    lo, hi = (size * 6 // 10, size + 1) if large else (max(2, size // 8), size // 3 + 1)
+    w, h = rng.integers(lo, hi, n), rng.integers(lo, hi, n)
+    x0, y0 = rng.integers(0, size - w + 1), rng.integers(0, size - h + 1)
+    return [np.array([a, b, a + c, b + d]) for a, b, c, d in zip(x0, y0, w, h)]
+
+
+@pytest.mark.parametrize("convention", ["epviz", "wsol"])
+@pytest.mark.parametrize("large", [False, True], ids=["small_boxes", "large_boxes"])
+@pytest.mark.parametrize("size", [64, 224])
+@pytest.mark.parametrize("side", [2, 3, 7, 12, 14, 16, 40])
+def test_constant_maps_never_yield_a_box(side, size, large, convention):
+    rng = np.random.default_rng(side * 1000 + size)
+    n_tok = side * side
+    values = np.r_[1 / n_tok, 1.0, 1 / 3, 0.37, 5.0, 1e-3, rng.uniform(1e-4, 1, 14)]
+    maps = np.concatenate([np.full((1, 1, n_tok), 1 / n_tok, np.float32),  # uniform, float32
+                           np.repeat(values[:, None, None], n_tok, 2)])  # constant maps of many values
+    boxes = random_boxes(rng, len(maps), size, large)
+    df, curves = localization_from_maps(maps, boxes, (side, side), size, return_curves=True, convention=convention)
+    assert df["maxboxacc_v2"].iloc[0] == 0.0
+    assert (curves["box_acc"] == 0).all()  # no box at any threshold
+
+
+@pytest.mark.parametrize("side,size", [(12, 224), (7, 64), (16, 224)])
+@pytest.mark.parametrize("background", [0.01, 0.1, 1 / 3])
+def test_flat_background_is_not_foreground_at_tau_0(side, size, background):
+    # one strong token on a flat background: at tau = 0 only the pixels the token reaches are above
+    # the minimum, so the only region is the token's interpolation footprint
+    n_tok = side * side
+    hot = (side // 2) * side + side // 2
+    m = np.full(n_tok, background, np.float32)
+    m[hot] = 1.0
+    indicator = torch.zeros(1, 1, side, side, dtype=torch.float64)
+    indicator.view(-1)[hot] = 1.0
+    footprint = F.interpolate(indicator, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy() > 0
+    ys, xs = np.nonzero(footprint)
+    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    assert box[2] - box[0] < size // 2
+    df = localization_from_maps(m[None, None], [box], (side, side), size, thresholds=[0.0], deltas=(1.0,))
+    assert df["maxboxacc_iou100"].iloc[0] == 1.0
+
+
+def test_non_constant_maps_keep_their_scores():
+    # the expectations of the hand-made maps above, through the default convention
+    perfect = token_map(block(3, 6, 2, 5))[None, None]
+    assert localization_from_maps(perfect, [BOX], GRID, SIZE)["maxboxacc_v2"].iloc[0] == 1.0
+    assert localization_from_maps(perfect, [BOX], GRID, SIZE, convention="epviz")["maxboxacc_v2"].iloc[0] == 1.0
+    two = token_map(block(3, 6, 2, 5) + block(0, 2, 6, 8))[None, None]
+    assert localization_from_maps(two, [BOX], GRID, SIZE)["maxboxacc_v2"].iloc[0] == 1.0
+    far = token_map([(0, 7)])[None, None]
+    assert localization_from_maps(far, [np.array([0, 40, 24, 64])], GRID, SIZE)["maxboxacc_v2"].iloc[0] == 0.0
+
+
+# --- the two conventions: epviz (bilinear, exclusive boxes) and wsol (bicubic, x + w, inclusive IoU) ---
+
+
+def box_accuracy(maps, boxes, thresholds, deltas, convention):
+    """LocalizationMeter(image == grid, one predictor) accuracy per (tau, delta)."""
+    meter = LocalizationMeter(1, maps.shape[1:], maps.shape[1:], thresholds, deltas, convention=convention)
+    meter.update(maps.reshape(len(maps), 1, -1), boxes)
+    return meter.accuracy()[0]
+
+
+def test_box_and_iou_conventions_by_hand():
+    # image == grid: no interpolation, so only the box convention differs
+    inner = np.zeros((8, 8))
+    inner[3:6, 2:5] = 1.0  # columns 2..4, rows 3..5: tightest exclusive box (2, 3, 5, 6)
+    gt = np.array([2, 3, 4, 5])
+    # epviz: region area 3*3 = 9, GT area 2*2 = 4, intersection 4 -> IoU 4/9
+    # wsol: region (2, 3, 2+3, 3+3) inclusive 4*4 = 16, GT inclusive 3*3 = 9, intersection 9 -> 9/16
+    for convention, iou in (("epviz", 4 / 9), ("wsol", 9 / 16)):
+        acc = box_accuracy(inner[None], [gt], [0.5], (iou, iou + 1e-9), convention)
+        assert acc.tolist() == [[1.0, 0.0]], convention
+    edge = np.zeros((8, 8))
+    edge[0:2, 5:8] = 1.0  # touches the right edge: wsol clips x + w = 8 to the last pixel, 7
+    gt = np.array([5, 0, 7, 1])
+    # epviz: region (5, 0, 8, 2) area 6, GT area 2, intersection 2 -> 1/3
+    # wsol: region (5, 0, 7, 2) inclusive 3*3 = 9, GT inclusive 3*2 = 6, intersection 3*2 = 6 -> 2/3
+    for convention, iou in (("epviz", 1 / 3), ("wsol", 2 / 3)):
+        acc = box_accuracy(edge[None], [gt], [0.5], (iou, iou + 1e-9), convention)
+        assert acc.tolist() == [[1.0, 0.0]], convention
+
+
+def interpolation_weights(n_in, n_out, mode):
+    """(n_out, n_in) weights of half-pixel bilinear or cubic-convolution (a = -0.75) resampling."""
+    scale, weights = n_in / n_out, np.zeros((n_out, n_in))
+    for i in range(n_out):
+        s = (i + 0.5) * scale - 0.5
+        if mode == "bilinear":
+            s = max(s, 0.0)
+            f = int(np.floor(s))
+            weights[i, f] += 1 - (s - f)
+            weights[i, min(f + 1, n_in - 1)] += s - f
+            continue
+        f = int(np.floor(s))
+        for k in (-1, 0, 1, 2):
+            x, a = abs(s - (f + k)), -0.75
+            v = (a + 2) * x**3 - (a + 3) * x**2 + 1 if x <= 1 else a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+            weights[i, min(max(f + k, 0), n_in - 1)] += v
+    return weights
+
+
+def reference_curves(maps, boxes, grid, size, thresholds, deltas, mode, inclusive):
+    """MaxBoxAccV2 curves from numpy resampling, skimage regions and explicit IoU formulas."""
+    wy, wx = interpolation_weights(grid[0], size, mode), interpolation_weights(grid[1], size, mode)
+    correct = np.zeros((len(thresholds), len(deltas)))
+    one = 1 if inclusive else 0
+    for m, gts in zip(maps, boxes):
+        s = wy @ m.reshape(grid) @ wx.T
+        s = (s - s.min()) / (s.max() - s.min())
+        for t, tau in enumerate(thresholds):
+            best = 0.0
+            for region in regionprops(label(s > tau, connectivity=2)):
+                y0, x0, y1, x1 = region.bbox
+                if inclusive:
+                    x1, y1 = min(x1, size - 1), min(y1, size - 1)
+                for gx0, gy0, gx1, gy1 in np.atleast_2d(gts):
+                    inter = max(0, min(x1, gx1) - max(x0, gx0) + one) * max(0, min(y1, gy1) - max(y0, gy0) + one)
+                    union = (x1 - x0 + one) * (y1 - y0 + one) + (gx1 - gx0 + one) * (gy1 - gy0 + one) - inter
+                    best = max(best, inter / union)
+            correct[t] += best >= np.asarray(deltas)
+    return correct / len(maps)
+
+
+def test_the_conventions_differ_in_upsampling_and_box_only():
+    rng = np.random.default_rng(1)
+    peak = np.full((4, 4), 0.1)
+    peak[1, 1] = 1.0  # a known map: bicubic overshoots around the peak, bilinear does not
+    logits = rng.normal(size=(5, 4, 4)) * 2
+    maps = np.concatenate([peak[None], np.exp(logits)]).reshape(6, 16)
+    boxes = [np.array([0, 0, 9, 9]), np.array([2, 3, 20, 18]), np.array([[0, 0, 31, 12], [10, 10, 30, 30]]),
+             np.array([5, 5, 15, 28]), np.array([1, 1, 31, 31]), np.array([16, 0, 32, 16])]
+    thresholds, deltas = np.arange(0, 1, 0.05), (0.3, 0.5, 0.7)
+    got = {}
+    for convention in ("epviz", "wsol"):
+        meter = LocalizationMeter(1, (4, 4), 32, thresholds, deltas, convention=convention)
+        meter.update(maps[:, None], boxes)
+        got[convention] = meter.accuracy()[0]
+    np.testing.assert_allclose(got["epviz"], reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, "bilinear", False))
+    np.testing.assert_allclose(got["wsol"], reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, "bicubic", True))
+    # each of the two respects changes the curves on its own
+    mixed = [reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, mode, inclusive)
+             for mode, inclusive in (("bicubic", False), ("bilinear", True))]
+    for curves in mixed:
+        assert not np.array_equal(curves, got["epviz"]) and not np.array_equal(curves, got["wsol"])
+
+
+def test_bicubic_and_bilinear_on_a_known_map():
+    # the peak map of 4x4 tokens at 32 px: at tau = 0 bilinear keeps only the peak's footprint,
+    # bicubic's negative lobes become the minimum, so the flat background is above it
+    peak = np.full(16, 0.1)
+    peak[5] = 1.0
+    full = np.array([0, 0, 32, 32])
+    epviz = localization_from_maps(peak[None, None], [full], (4, 4), 32, thresholds=[0.0], deltas=(0.9,))
+    wsol = localization_from_maps(peak[None, None], [full], (4, 4), 32, thresholds=[0.0], deltas=(0.9,), convention="wsol")
+    assert epviz["maxboxacc_iou90"].iloc[0] == 0.0 and wsol["maxboxacc_iou90"].iloc[0] == 1.0
+
+
+@pytest.mark.parametrize("call", ["meter", "from_maps", "probe", "Localization"])
+def test_unknown_convention_names_the_choices(setup, call):
+    tokens, probe, boxes = setup
+    with pytest.raises(ValueError, match=r"convention must be one of \['epviz', 'wsol'\]"):
+        if call == "meter":
+            LocalizationMeter(1, GRID, SIZE, convention="cv2")
+        elif call == "from_maps":
+            localization_from_maps(np.full((1, 1, N), 1 / N), [BOX], GRID, SIZE, convention="cv2")
+        elif call == "probe":
+            localization(probe, tokens, BoxedSet(boxes), convention="cv2")
+        else:
+            Localization(convention="cv2")
+
+
+def test_the_probe_path_and_the_meter_pass_the_convention(setup):
+    tokens, probe, boxes = setup
+    maps = collect_attention(probe, tokens)
+    ref = localization_from_maps(maps, [b for b in boxes], GRID, SIZE, convention="wsol")
+    df = localization(probe, tokens, BoxedSet(boxes), batch_size=5, convention="wsol")
+    np.testing.assert_allclose(df["maxboxacc_v2"], ref["maxboxacc_v2"])
+    meter = Localization(convention="wsol")
+    measured = measure(probe, tokens, BoxedSet(boxes), [meter], batch_size=8)
+    np.testing.assert_allclose(measured["maxboxacc_v2"], ref["maxboxacc_v2"])
+    assert meter.meter.convention == "wsol"
+    default = localization_from_maps(maps, [b for b in boxes], GRID, SIZE)
+    assert not np.allclose(default[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
+                           ref[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]])

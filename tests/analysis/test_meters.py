@@ -88,9 +88,11 @@ class NoMaps(Recorder):
 
 # --- the registry --------------------------------------------------------------------------
 
+BUILT_IN = ["uniform_ablation", "localization", "entropy", "mean_map_ablation", "shuffled_ablation", "zero_ablation"]
+
 
 def test_built_in_meters_in_table_order():
-    assert meter_names() == ["uniform_ablation", "localization", "entropy"]
+    assert meter_names() == BUILT_IN
     assert meter_class("localization") is Localization and meter_class("entropy") is Entropy
     assert table_columns() == ("predictor", "delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass", "pointing")
     assert column_label("maxboxacc_v2") == "MaxBoxAccV2 (localization)" and column_label("nope") is None
@@ -130,7 +132,7 @@ def test_registration_checks_the_class():
 
     with pytest.raises(ValueError, match="subset must be one of"):
         register_meter("elsewhere")(Elsewhere)
-    assert meter_names() == ["uniform_ablation", "localization", "entropy"]
+    assert meter_names() == BUILT_IN
 
 
 # --- one pass ------------------------------------------------------------------------------
@@ -200,10 +202,14 @@ def test_results_equal_the_single_measure_functions(setup):
 
 def test_predictor_table_is_one_pass_over_every_registered_meter(setup):
     probe, tokens, boxes = setup
-    table = predictor_table(probe, tokens, boxes, thresholds=[0.5])
-    ref = measure(probe, tokens, boxes, ["uniform_ablation", Localization(thresholds=[0.5]), "entropy"])
-    pd.testing.assert_frame_equal(table.drop(columns="predictors"), ref)
+    table = predictor_table(probe, tokens, boxes, thresholds=[0.5], n_boot=20)
+    ref = measure(probe, tokens, boxes, ["uniform_ablation", Localization(thresholds=[0.5]), "entropy",
+                                         "mean_map_ablation", "shuffled_ablation", "zero_ablation"])
+    intervals = [c for c in table.columns if c.endswith(("_lo", "_hi"))]
+    assert list(table.columns[-len(intervals):]) == intervals and "delta_acc_lo" in intervals
+    pd.testing.assert_frame_equal(table.drop(columns=["predictors", *intervals]), ref)
     assert (table["predictors"] == 4).all()
+    assert table["delta_acc_mean"].isna().all()  # no training tokens given: no mean map
     assert list(table.columns[5:9]) == ["acc_full", "acc_uniform", "delta_acc", "n_images"]
     assert table.columns.get_loc("maxboxacc_v2") < table.columns.get_loc("entropy")
 

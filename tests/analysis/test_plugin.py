@@ -46,7 +46,9 @@ def test_without_the_plugin_only_the_built_in_meters_exist():
 def test_the_plugin_column_joins_the_predictor_table(toy_meter, setup):
     probe, tokens, boxes = setup
     table = predictor_table(probe, tokens, boxes, context=dict(backbone="toy", probe="ep4"), thresholds=[0.5])
-    assert list(table.columns[-2:]) == ["peak_mass", "predictors"]
+    columns = list(table.columns)
+    assert columns[columns.index("predictors") - 1 : columns.index("predictors") + 1] == ["peak_mass", "predictors"]
+    assert all(c.endswith(("_lo", "_hi")) for c in columns[columns.index("predictors") + 1 :])  # the intervals
     maps = collect_attention(probe, tokens)
     np.testing.assert_allclose(table["peak_mass"], maps.max(-1).mean(0), rtol=1e-6)
     assert table["peak_mass"].min() > 1 / 16 and table["peak_mass"].max() <= 1

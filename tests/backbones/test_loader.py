@@ -1,5 +1,6 @@
 import time
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -7,6 +8,7 @@ from safetensors.torch import save_file
 
 from epviz.backbones import zoo
 from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader
+from epviz.errors import ConfigError, WeightsError
 
 TRAINED = [n for n in zoo.ZOO if n != "tiny-random"]
 
@@ -136,3 +138,109 @@ def test_present_backbones_leaves_out_zoo_models_without_weights(tmp_path, monke
     with pytest.warns(UserWarning, match="tiny-mae"):
         kept = loader.present_backbones(["tiny-mae", "tiny-sup", "tiny-random", "vit_small_patch16_224"])
     assert kept == ["tiny-sup", "tiny-random", "vit_small_patch16_224"]
+
+
+# --- bad weights files: one clear error each -----------------------------------------------
+
+
+def _state(model):
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def test_checkpoint_with_training_arguments_names_the_global_and_the_conversion(tmp_path):
+    import argparse
+
+    path = tmp_path / "mae_release.pth"
+    source = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    torch.save({"model": _state(source), "args": argparse.Namespace(lr=1.5e-4, model="test_vit")}, path)
+    with pytest.raises(BackboneError) as err:
+        load_backbone("test_vit", weights=path)
+    text = str(err.value)
+    assert "\x1b" not in text, "terminal colour codes are stripped"
+    assert "argparse.Namespace" in text and str(path) in text
+    assert "safe_globals([argparse.Namespace])" in text and "save_file" in text and "mae_release.safetensors" in text
+    assert isinstance(err.value, WeightsError)
+
+
+def test_converted_checkpoint_loads(tmp_path):
+    """The conversion the message shows gives a file epviz loads."""
+    import argparse
+
+    path = tmp_path / "release.pth"
+    source = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    torch.save({"model": _state(source), "args": argparse.Namespace(lr=1.0)}, path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous() for k, v in ckpt["model"].items()}, str(tmp_path / "release.safetensors"))
+    bb = load_backbone("test_vit", weights=tmp_path / "release.safetensors")
+    assert torch.equal(bb.model.state_dict()["pos_embed"], source.state_dict()["pos_embed"])
+
+
+def test_unpickling_is_never_the_fallback(tmp_path, monkeypatch):
+    import argparse
+
+    path = tmp_path / "w.pth"
+    torch.save({"model": _state(timm.create_model("test_vit", num_classes=0)), "args": argparse.Namespace(a=1)}, path)
+    calls = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    with pytest.raises(BackboneError):
+        load_backbone("test_vit", weights=path)
+    assert calls and all(flag is True for flag in calls)
+
+
+def test_ansi_codes_are_stripped_from_quoted_errors():
+    assert loader._plain("a \x1b[1mbold\x1b[0m word") == "a bold word"
+
+
+def test_width_and_patch_mismatch_is_named_on_the_first_line(tmp_path):
+    path = tmp_path / "w96.safetensors"
+    save_file(_state(timm.create_model("test_vit", num_classes=0, embed_dim=96)), str(path))
+    with pytest.raises(BackboneError) as err:
+        load_backbone("test_vit", weights=path, patch_size=8)
+    first, *rest = str(err.value).splitlines()
+    assert "checkpoint has width 96 and patch 16; the model expects width 64 and patch 8" in first
+    assert str(path) in first
+    assert "patch_embed.proj.weight (96, 3, 16, 16) vs (64, 3, 8, 8)" in "\n".join(rest)
+    assert len(str(err.value).splitlines()) < 10
+
+
+def test_input_size_mismatch_is_not_resampled(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(_state(timm.create_model("test_vit", num_classes=0)), str(path))  # 160 px, 10x10 grid
+    with pytest.raises(BackboneError, match=r"position embeddings for 101 tokens; the model expects position embeddings for 197.*img_size=160"):
+        load_backbone("test_vit", weights=path, img_size=224)
+
+
+def test_depth_mismatch_lists_missing_and_unexpected_keys(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file(_state(timm.create_model("test_vit", num_classes=0)), str(path))
+    with pytest.raises(BackboneError) as err:
+        load_backbone("test_vit2", weights=path)
+    text = str(err.value)
+    assert text.splitlines()[0].endswith("checkpoint has 6 blocks; the model expects 8 blocks")
+    assert "missing keys: reg_token" in text and "unexpected keys: cls_token" in text
+
+
+def test_nan_weights_are_refused_at_load_time(tmp_path):
+    state = _state(timm.create_model("test_vit", num_classes=0))
+    state["blocks.2.mlp.fc1.weight"][0, :5] = float("nan")
+    state["norm.weight"][0] = float("inf")
+    path = tmp_path / "diverged.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(BackboneError, match=r"diverged.safetensors: tensor 'blocks.2.mlp.fc1.weight' holds 5 NaN or inf values .*2 tensors hold 6"):
+        load_backbone("test_vit", weights=path)
+
+
+def test_layer_and_name_arguments_raise_config_errors(test_vit_backbone):
+    for bad in (6, -7, [1.5], [], [0, -6], "last"):
+        with pytest.raises(ConfigError):
+            test_vit_backbone.resolve_layers(bad)
+    assert test_vit_backbone.resolve_layers(np.int64(2)) == [2]
+    with pytest.raises(ConfigError, match="name must be a backbone name"):
+        load_backbone(None)

@@ -81,3 +81,31 @@ def test_random_timm_name_loads_without_download():
     with pytest.warns(UserWarning, match="weights are random"):
         bb = epviz.load_backbone("test_vit:random", device="cpu")
     assert bb.name == "test_vit:random" and bb.card["random_init"] and bb.grid == (10, 10)
+
+
+# the reference's final-norm convention per family: its models_vit path (MAE, BEiTv2, DINO) reads the raw
+# block output; its DINOv2 wrapper (get_intermediate_layers, norm on) and its timm/open_clip wrappers
+# (forward_features) apply the encoder's final norm
+FINAL_NORM = {"mae": False, "beitv2": False, "dino": False, "dinov2": True, "clip": True, "eva02": True, "siglip": True}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_preset_carries_the_reference_final_norm(name):
+    expected = FINAL_NORM[name.split("-")[0]]
+    assert presets.PRESETS[name].final_norm is expected
+    assert presets.preset_architecture(name)["final_norm"] is expected  # meta device
+    card = presets.resolve(name, None, False, {})[3]
+    assert card["final_norm"] is expected
+    assert presets.default_norm(name) is expected and presets.default_norm(f"{name}:random") is expected
+
+
+def test_timm_names_and_zoo_backbones_default_to_no_final_norm():
+    for name in ("vit_base_patch14_dinov2.lvd142m", "test_vit", "tiny-mae", "tiny-random", "test_vit:random"):
+        assert presets.default_norm(name) is False
+
+
+def test_eva02_final_norm_is_an_identity_in_timm():
+    # timm's EVA02 pools with fc_norm and keeps an identity `norm`: its tokens are the same either way
+    with torch.device("meta"):
+        model = timm.create_model(presets.PRESETS["eva02-vit-b"].architecture, pretrained=False, num_classes=0)
+    assert isinstance(model.norm, torch.nn.Identity)

@@ -134,3 +134,33 @@ def write_pets(root: Path, breeds: tuple[str, ...] = ("Abyssinian", "american_bu
     (ann / "trainval.txt").write_text("\n".join(trainval) + "\n")
     (ann / "test.txt").write_text("\n".join(test) + "\n")
     return truth
+
+
+def write_grey_png(path: Path, width: int, height: int, bands: tuple[int, ...] = (0,)) -> Path:
+    """A complete 8-bit greyscale PNG of horizontal bands of one grey value each (top to bottom).
+
+    The rows of a band are identical, so each band is compressed once and its deflate blocks
+    repeated: a 20000 x 20000 file takes a fraction of a second and little memory.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    deflate, body, adler, block_rows = zlib.compressobj(6, zlib.DEFLATED, -15), [], zlib.adler32(b""), 64
+    for k, value in enumerate(bands):
+        rows = (k + 1) * height // len(bands) - k * height // len(bands)
+        row = b"\x00" + bytes([value]) * width  # filter type 0, then the pixels
+        for count, repeat in ((block_rows, rows // block_rows), (rows % block_rows, 1)):
+            if count and repeat:
+                data = row * count
+                body.append((deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)) * repeat)  # full flush: independent blocks
+                for _ in range(repeat):
+                    adler = zlib.adler32(data, adler)
+    stream = b"\x78\x9c" + b"".join(body) + deflate.flush() + struct.pack(">I", adler & 0xFFFFFFFF)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
+        fh.write(chunk(b"IDAT", stream) + chunk(b"IEND", b""))
+    return path

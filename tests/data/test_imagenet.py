@@ -144,3 +144,86 @@ def test_dataset_spec_errors(tmp_path):
         load_split(f"imagenet:{tmp_path}", "validation")
     ds = load_split(f"imagenet:{tmp_path}?resize=120&crop=96", "test")
     assert ds[0][0].shape == (3, 96, 96) and ds.image_size == 96
+
+
+# --- strict LOC_val_solution.csv -----------------------------------------------------------------
+
+
+def solution_rows(tmp_path, layout="flat"):
+    truth = write_imagenet(tmp_path, layout=layout, boxes="csv")
+    return truth, tmp_path / "LOC_val_solution.csv", (tmp_path / "LOC_val_solution.csv").read_text().splitlines()
+
+
+def test_repeated_image_id_names_the_id_and_both_lines(tmp_path):
+    truth, path, lines = solution_rows(tmp_path)
+    stem = sorted(truth)[1]
+    wnid = truth[stem][0]
+    path.write_text("\n".join(lines + [f"{stem},{wnid} 1 1 9 9 "]) + "\n")
+    with pytest.raises(AnnotationError, match=rf"ImageId {stem} appears on line 3 and again on line {len(lines) + 1}"):
+        imagenet(tmp_path, "val")
+
+
+def test_unbalanced_quote_cannot_hand_one_image_the_boxes_of_the_next_rows(tmp_path):
+    truth, path, lines = solution_rows(tmp_path)
+    lines[2] = lines[2].replace(",", ',"', 1)  # an opening quote that is never closed
+    path.write_text("\n".join(lines) + "\n")
+    for stem in sorted(truth)[2:]:  # a val folder holding only some of the images
+        (tmp_path / "val" / f"{stem}.JPEG").unlink()
+    with pytest.raises(AnnotationError, match=r"LOC_val_solution.csv, line 3 holds a quote character"):
+        imagenet(tmp_path, "val")
+
+
+def test_prediction_string_must_be_whole_groups_each_with_a_wnid(tmp_path):
+    truth, path, lines = solution_rows(tmp_path)
+    stem = sorted(truth)[0]
+    wnid = truth[stem][0]
+    for bad, reason in ((f"{wnid} 1 2 30 40 50 60 70 80 90", r"line 2: group 2 of the PredictionString starts with '50', not a wnid"),
+                        (f"{wnid} 1 2 30 40 {wnid} 5 6", r"line 2: .*its 8 values are not a multiple of 5"),
+                        (f"{wnid} 1 2 x 40", r"line 2: group 1 \(.* 1 2 x 40\) has non-numeric")):
+        path.write_text("\n".join([lines[0], f"{stem},{bad}"] + lines[2:]) + "\n")
+        with pytest.raises(AnnotationError, match=reason):
+            read_solution_csv(path)
+
+
+def test_extra_column_is_an_error_not_dropped(tmp_path):
+    truth, path, lines = solution_rows(tmp_path)
+    lines[4] += ",0.93"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AnnotationError, match=r"line 5 has 3 fields; a row is 'ImageId,PredictionString'"):
+        imagenet(tmp_path, "val")
+    path.write_text("\n".join(["ImageId,PredictionString,Score"] + lines[1:4]) + "\n")
+    with pytest.raises(AnnotationError, match="header must be 'ImageId,PredictionString'"):
+        read_solution_csv(path)
+
+
+# --- VOC XML -------------------------------------------------------------------------------------
+
+
+def test_non_numeric_voc_field_is_named_with_its_value(tmp_path):
+    truth = write_imagenet(tmp_path, layout="flat", boxes="xml")
+    stem = sorted(truth)[0]
+    xml = tmp_path / "Annotations" / "CLS-LOC" / "val" / f"{stem}.xml"
+    text = xml.read_text()
+    xml.write_text(text.replace("<ymax>", "<ymax>12a", 1))
+    with pytest.raises(AnnotationError, match=rf"<ymax> of <bndbox> of <object> 1 in .*{stem}.xml is '12a\d+', not a number"):
+        imagenet(tmp_path, "val")
+    xml.write_text(text.replace("<width>", "<width>wide", 1))
+    with pytest.raises(AnnotationError, match=rf"<width> of <size> in .*{stem}.xml is 'wide\d+', not a whole number"):
+        imagenet(tmp_path, "val")
+
+
+def test_voc_size_that_disagrees_with_the_image_fails_boxes_and_image_alike(tmp_path):
+    truth = write_imagenet(tmp_path, layout="flat", boxes="xml")
+    stem = sorted(truth)[0]
+    _, _, (w, h) = truth[stem]
+    xml = tmp_path / "Annotations" / "CLS-LOC" / "val" / f"{stem}.xml"
+    xml.write_text(xml.read_text().replace(f"<width>{w}</width><height>{h}</height>", f"<width>{2 * w}</width><height>{2 * h}</height>"))
+    ds = imagenet(tmp_path, "val")
+    index = [s.path.stem for s in ds.samples].index(stem)
+    reason = rf"{stem}.JPEG is {w}x{h} pixels but its annotation .*{stem}.xml\) says {2 * w}x{2 * h}"
+    with pytest.raises(AnnotationError, match=reason):
+        ds.box_list(index)
+    with pytest.raises(AnnotationError, match=reason):
+        ds[index]
+    other = 1 if index == 0 else 0
+    assert len(ds.box_list(other)) == 1 and ds[other][0].shape == (3, 224, 224), "the other images are unaffected"

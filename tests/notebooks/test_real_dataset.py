@@ -33,6 +33,8 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
         "LAYER = -1",
         'PROBES = ("cls", "gap", "ep16", "mhca", "cbam")',
         "SEED = 0",
+        "SEEDS = (0, 1)",
+        'SEEDS_FOR = ("cls", "ep16")',
         f'FIGURES = "{figures}"',
     ])
     nb.cells.append(nbformat.v4.new_code_cell(
@@ -44,5 +46,6 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
     results = pd.read_csv(tmp_path / "results.csv")
     assert set(results["probe"]) == {"cls", "gap", "ep16", "mhca", "cbam"} and set(results["backbone"]) == {"test_vit:random"}
     assert results["test_acc"].between(0, 1).all()
+    assert results.set_index("probe")["seeds"].to_dict() == {"cls": 2, "gap": 1, "ep16": 2, "mhca": 1, "cbam": 1}
     assert (tmp_path / "sizes.json").read_text() == '{"train": 21, "val": 3, "test": 9}'
     assert any((figures / "fast").glob("01_accuracy_vs_params*.png")), "the figures were written where FIGURES points"

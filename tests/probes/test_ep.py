@@ -193,3 +193,26 @@ def test_training_mode_and_overridden_pooling_disable_the_ablation_shortcut():
 def test_probes_without_the_shortcut_report_it():
     assert not probes.build("mhca", 64, 7).eval().fast_ablation
     assert not probes.build("simpool", 64, 7).eval().fast_ablation
+
+
+def test_ep_all_prefix_keys_every_prefix_token_by_default():
+    patch, prefix = tokens(p=5)
+    probe = probes.build("ep_all", 64, 7, num_queries=8, seed=0)
+    assert probe.prefix == "all" and "prefix" not in probe.config
+    assert torch.allclose(probe.pooled(patch, prefix), manual_ep(probe, torch.cat([patch, prefix], 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("choice", ["first", "mean"])
+def test_ep_all_can_key_the_first_or_the_mean_prefix_token(choice):
+    patch, prefix = tokens(p=5)  # [CLS] + 4 registers
+    probe = probes.build("ep_all", 64, 7, num_queries=8, prefix=choice, seed=0)
+    default = probes.build("ep_all", 64, 7, num_queries=8, seed=0)
+    assert probe.config["prefix"] == choice and sorted(probe.state_dict()) == sorted(default.state_dict())
+    extra = prefix[:, :1] if choice == "first" else prefix.mean(dim=1, keepdim=True)  # DINOv2 / timm wrapper of the reference
+    assert torch.allclose(probe.pooled(patch, prefix), default.pooled(patch, extra), atol=1e-6)
+    assert torch.allclose(probe.pooled(patch, prefix), manual_ep(probe, torch.cat([patch, extra], 1)), atol=1e-5)
+    assert probe.prefix_mass(patch, prefix).shape == (4, 8)
+    with pytest.raises(ValueError, match=r"prefix must be one of \['all', 'first', 'mean'\]"):
+        probes.build("ep_all", 64, 7, num_queries=8, prefix="cls")
+    with pytest.raises(ValueError, match="does not take option"):
+        probes.build("ep", 64, 7, prefix="mean")

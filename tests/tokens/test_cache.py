@@ -184,3 +184,55 @@ def test_corrupt_image_file_stops_extraction_cleanly(tmp_path, test_vit_backbone
     with pytest.raises(ImageFileError, match="4.png"):
         extract_tokens(test_vit_backbone, ds, [0], cache_dir=cache_dir, batch_size=2, progress=False)
     assert list(cache_dir.iterdir()) == [], "nothing half-written"
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("batch_size", 2.0), ("num_workers", -1), ("precision", "fp16"),
+                                           ("dtype", "int8"), ("layers", [9]), ("layers", [])])
+def test_extract_arguments_out_of_range(tmp_path, test_vit_backbone, small_canvases, option, value):
+    from epviz.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=option):
+        extract_tokens(test_vit_backbone, small_canvases, **{"layers": [5], option: value}, cache_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir()), "nothing is written"
+
+
+def test_nan_tokens_are_not_blamed_on_float16(tmp_path, small_canvases):
+    from epviz.errors import DataError
+
+    bb = load_backbone("test_vit", pretrained=False, device="cpu")
+    with torch.no_grad():
+        bb.model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+    for dtype in ("float16", "float32"):
+        with pytest.raises(DataError, match="float32' would store the same NaNs") as err:
+            extract_tokens(bb, small_canvases, [3], dtype=dtype, cache_dir=tmp_path, progress=False)
+        assert "image 0 first" in str(err.value)
+
+
+def test_norm_defaults_to_the_backbone_convention(tmp_path, test_vit_backbone, small_canvases):
+    from epviz.backbones import presets
+
+    base = dict(cache_dir=tmp_path, dtype="float32", progress=False)
+    raw = extract_tokens(test_vit_backbone, small_canvases, [5], **base)  # a plain timm name: no final norm
+    assert raw.meta["norm"] is False
+    assert extract_tokens(test_vit_backbone, small_canvases, [5], norm=False, **base).hit  # the same key as before
+    for family, preset in (("dinov2", "dinov2-vit-s"), ("clip", "clip-vit-b"), ("mae", "mae-vit-b"), ("dino", "dino-vit-s")):
+        card = {**test_vit_backbone.card, **presets.resolve(preset, None, False, {})[3]}
+        bb = dataclasses.replace(test_vit_backbone, card=card)  # the tiny test_vit, carrying the preset's convention
+        default = extract_tokens(bb, small_canvases, [5], **base)
+        assert default.meta["norm"] is presets.PRESETS[preset].final_norm, family
+        forced = extract_tokens(bb, small_canvases, [5], norm=not default.meta["norm"], **base)
+        assert forced.meta["norm"] is not default.meta["norm"] and forced.path != default.path
+    normed = extract_tokens(dataclasses.replace(test_vit_backbone, card={"final_norm": True}), small_canvases, [5], **base)
+    with torch.no_grad():
+        expected = test_vit_backbone.model.norm(torch.from_numpy(np.array(raw.patch(5))))
+    np.testing.assert_allclose(normed.patch(5), expected.numpy(), atol=1e-4)
+
+
+def test_the_zoo_default_key_is_unchanged(tmp_path, small_canvases):
+    from epviz.tokens.cache import cache_key
+
+    bb = load_backbone("tiny-random", device="cpu")
+    cache = extract_tokens(bb, small_canvases, [-1], cache_dir=tmp_path, progress=False)
+    transform = {"resize_to": list(bb.image_size), "interpolation": "bicubic-antialias", "mean": list(bb.mean), "std": list(bb.std)}
+    key, parts = cache_key(bb, small_canvases.fingerprint(), cache.layers, False, "fp32", "float16", transform)
+    assert cache.meta["key"] == key and parts["norm"] is False

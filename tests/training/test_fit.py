@@ -11,9 +11,13 @@ import epviz.probes as probes
 import importlib
 
 train_module = importlib.import_module("epviz.training.fit")
+from safetensors.torch import save_file
+
+from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.evaluate import accuracy, predict
 from epviz.tokens import TokenSet
 from epviz.training import LARS, FitResult, fit, load_probe, lr_at, save_probe
+from epviz.training.optim import check_fit_options
 
 D, C = 16, 3
 
@@ -139,7 +143,7 @@ def test_save_and_load_round_trip(data, tmp_path):
 
 def test_save_probe_with_grid_and_nan_history(data, tmp_path):
     probe = probes.build("clip", D, C, grid=(2, 2), heads=2)
-    result = fit(probe, data[0], None, epochs=1, batch_size=32, progress=False)
+    result = fit(probe, data[0], None, epochs=1, warmup_epochs=0, batch_size=32, progress=False)
     assert math.isnan(result.best_acc) and math.isnan(result.final_acc) and result.best_epoch == 1
     result.save(tmp_path / "clip.json")
     doc = json.loads((tmp_path / "clip.json").read_text())
@@ -163,7 +167,7 @@ def test_bf16_precision_trains(data):
 @pytest.mark.parametrize("name", ["gap", "cls", "ep_all", "cbam", "dolg"])
 def test_other_probes_fit(data, name):
     probe = probes.build(name, D, C, seed=0, **({"num_queries": 4} if name == "ep_all" else {}))
-    result = fit(probe, data[0], data[1], epochs=2, batch_size=16, optimizer="adamw", lr=1e-2, progress=False)
+    result = fit(probe, data[0], data[1], epochs=2, warmup_epochs=1, batch_size=16, optimizer="adamw", lr=1e-2, progress=False)
     assert len(result.history) == 2
 
 
@@ -172,11 +176,11 @@ class TestErrors:
         bad = token_set(32, seed=3)
         bad.patch[7, 1, 2] = np.nan
         with pytest.raises(ValueError, match=r"train tokens contain NaN or inf \(patch tokens of sample 7"):
-            fit(probes.build("gap", D, C), bad, progress=False, epochs=1)
+            fit(probes.build("gap", D, C), bad, progress=False, epochs=1, warmup_epochs=0)
         bad = token_set(32, seed=3)
         bad.prefix[4, 0, 0] = np.inf
         with pytest.raises(ValueError, match="validation tokens contain NaN or inf .prefix tokens of sample 4"):
-            fit(probes.build("gap", D, C), data[0], bad, progress=False, epochs=1)
+            fit(probes.build("gap", D, C), data[0], bad, progress=False, epochs=1, warmup_epochs=0)
 
     def test_labels_out_of_range(self, data):
         with pytest.raises(ValueError, match=r"labels range from 0 to 2 \(max label 2\) but probe 'gap' has num_classes=2"):
@@ -217,3 +221,158 @@ class TestErrors:
     def test_divergence_is_reported(self, data):
         with pytest.raises(FloatingPointError, match="training diverged"):
             run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
+
+
+class TestRefusedInputs:
+    """One clear epviz error per bad input, raised before any training step."""
+
+    def test_nan_in_the_dropped_last_batch_is_found(self, data):
+        bad = token_set(40, seed=3)  # batch 16 with drop_last: samples 32..39 are never in a batch
+        bad.patch[37, 0, 0] = np.nan
+        with pytest.raises(DataError, match=r"train tokens contain NaN or inf \(patch tokens of sample 37; 1 of 40 samples"):
+            fit(probes.build("gap", D, C), bad, progress=False, epochs=2, warmup_epochs=0, batch_size=16)
+
+    def test_nan_is_found_before_any_step(self, data, monkeypatch):
+        bad = token_set(48, seed=4)
+        bad.prefix[[5, 9, 30], 0, 1] = np.inf
+        steps = []
+        monkeypatch.setattr(train_module, "make_optimizer", lambda *a, **k: steps.append(1) or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        with pytest.raises(DataError, match=r"validation tokens contain NaN or inf \(prefix tokens of sample 5; 3 of 48 samples"):
+            fit(probes.build("gap", D, C), data[0], bad, progress=False, epochs=3, warmup_epochs=0)
+        assert not steps, "nothing was set up for training"
+
+    def test_memory_mapped_tokens_are_scanned_in_chunks(self, tmp_path, monkeypatch):
+        ts = token_set(64, seed=5)
+        patch = np.array(ts.patch)
+        patch[50, 2, 3] = np.nan
+        np.save(tmp_path / "patch.npy", patch)
+        mapped = TokenSet(np.load(tmp_path / "patch.npy", mmap_mode="r"), ts.prefix, ts.labels, ts.grid, num_classes=C)
+        reads = []
+        real = np.asarray
+
+        def spy(a, *args, **kwargs):
+            out = real(a, *args, **kwargs)
+            if isinstance(a, np.memmap):
+                reads.append(len(out))
+            return out
+
+        monkeypatch.setattr(np, "asarray", spy)
+        found = mapped.find_nonfinite(chunk_bytes=10 * 4 * D * 2)  # 10 samples of fp16 per chunk
+        monkeypatch.undo()
+        assert (found.first, found.part, found.count, found.total) == (50, "patch", 1, 64)
+        assert reads and max(reads) == 10, "never more than one chunk in memory"
+        with pytest.raises(DataError, match="sample 50"):
+            fit(probes.build("gap", D, C), mapped, progress=False, epochs=1, warmup_epochs=0)
+
+    def test_divergence_message_no_longer_blames_the_tokens(self, data):
+        with pytest.raises(FloatingPointError, match="tokens were checked finite"):
+            run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
+
+    @pytest.mark.parametrize("option, value, names", [
+        ("lr", -0.5, "lr must be a finite number > 0"),
+        ("lr", 0.0, "lr must be"),
+        ("lr", float("nan"), "lr must be"),
+        ("lr", float("inf"), "lr must be"),
+        ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("epochs", 2.5, "epochs must be an integer"),
+        ("batch_size", 0, "batch_size must be an integer >= 1"),
+        ("batch_size", True, "batch_size must be an integer"),
+        ("warmup_epochs", -1, "warmup_epochs must be a finite number >= 0"),
+        ("warmup_epochs", 5, r"warmup_epochs=5 is longer than the run \(epochs=4\)"),
+        ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0, 1\)"),
+        ("early_stopping", 0, "early_stopping"),
+        ("optimizer", "sgd", "optimizer must be one of"),
+        ("precision", "fp16", "precision must be one of"),
+    ])
+    def test_options_out_of_range(self, data, option, value, names):
+        with pytest.raises(ConfigError, match=names):
+            run(data, **{option: value, "optimizer": "lars"} if option != "optimizer" else {option: value})
+
+    def test_lars_itself_checks_its_arguments(self):
+        w = [torch.nn.Parameter(torch.zeros(2, 2))]
+        for kwargs, names in [({"lr": -0.5}, "lr"), ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"),
+                              ({"weight_decay": -1.0}, "weight_decay"), ({"trust_coefficient": 0.0}, "trust_coefficient")]:
+            with pytest.raises(ConfigError, match=names):
+                LARS(w, **kwargs)
+
+    def test_check_fit_options_is_the_shared_gate(self):
+        check_fit_options("lars", "fp32", 10, 8, 10, 0.0, None, None, lr=0.1, weight_decay=0.0)  # warm-up == epochs is allowed
+        with pytest.raises(ConfigError, match="lr"):
+            check_fit_options("lars", "fp32", 10, 8, 1, 0.0, None, None, lr=-0.5)
+
+    def test_a_single_training_class_is_refused(self):
+        one = token_set(32, seed=6)
+        one.labels[:] = 2
+        with pytest.raises(DataError, match=r"training set holds a single class \(label 2, all 32 samples\)"):
+            fit(probes.build("gap", D, C), one, progress=False, epochs=1, warmup_epochs=0)
+
+    def test_validation_classes_missing_from_training_warn(self, data):
+        train = token_set(60, seed=7)
+        keep = np.flatnonzero(train.labels != 2)
+        train = train.subset(keep)
+        with pytest.warns(UserWarning, match=r"validation set holds 1 classes the training set lacks \(2\)"):
+            fit(probes.build("gap", D, C), train, data[1], progress=False, epochs=1, warmup_epochs=0)
+
+    def test_label_errors_are_config_errors(self, data):
+        with pytest.raises(ConfigError, match=r"\d+ of 96 samples lie outside: build the probe with num_classes=3"):
+            fit(probes.build("gap", D, 2), data[0], progress=False)
+
+
+class TestSavedProbeFiles:
+    def test_weights_that_do_not_fit_their_json(self, data, tmp_path):
+        save_probe(probes.build("gap", D, C), tmp_path / "a")
+        save_probe(probes.build("gap", D, 5), tmp_path / "b")
+        (tmp_path / "b.safetensors").replace(tmp_path / "a.safetensors")  # weights of a 5-class probe beside a 3-class JSON
+        with pytest.raises(WeightsError) as err:
+            load_probe(tmp_path / "a")
+        first = str(err.value).splitlines()[0]
+        assert "a.safetensors does not fit the probe its JSON describes ('gap', dim=16, num_classes=3)" in first
+        assert "head.weight (5, 16) vs (3, 16)" in str(err.value)
+
+    def test_missing_and_extra_tensors(self, tmp_path):
+        probe = probes.build("gap", D, C)
+        save_probe(probe, tmp_path / "p")
+        state = {k: v.contiguous() for k, v in probe.state_dict().items() if k != "head.bias"}
+        state["extra.weight"] = torch.zeros(2)
+        save_file(state, str(tmp_path / "p.safetensors"))
+        with pytest.raises(WeightsError, match=r"(?s)missing keys: head.bias.*unexpected keys: extra.weight"):
+            load_probe(tmp_path / "p")
+
+    def test_nan_weights(self, tmp_path):
+        probe = probes.build("gap", D, C)
+        save_probe(probe, tmp_path / "p")
+        state = {k: v.clone().contiguous() for k, v in probe.state_dict().items()}
+        state["head.weight"][1, :3] = float("nan")
+        save_file(state, str(tmp_path / "p.safetensors"))
+        with pytest.raises(WeightsError, match=r"p.safetensors: tensor 'head.weight' holds 3 NaN or inf values \(of 48\)"):
+            load_probe(tmp_path / "p")
+
+    def test_bad_json(self, tmp_path):
+        save_probe(probes.build("gap", D, C), tmp_path / "p")
+        (tmp_path / "p.json").write_text("{not json")
+        with pytest.raises(WeightsError, match="p.json is not readable JSON"):
+            load_probe(tmp_path / "p")
+        (tmp_path / "p.json").write_text(json.dumps({"format": "epviz-probe/1", "probe": {"name": "no-such-probe", "dim": D, "num_classes": C}}))
+        with pytest.raises(WeightsError, match="describes a probe that cannot be built"):
+            load_probe(tmp_path / "p")
+
+    def test_save_probe_arguments(self, tmp_path):
+        with pytest.raises(TypeError, match="save_probe expects a Probe"):
+            save_probe(torch.nn.Linear(2, 2), tmp_path / "x")
+        with pytest.raises(TypeError, match="extra must be a dict"):
+            save_probe(probes.build("gap", D, C), tmp_path / "x", extra=[1])
+
+    def test_unknown_device_is_a_config_error(self, tmp_path):
+        save_probe(probes.build("gap", D, C), tmp_path / "p")
+        with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+            load_probe(tmp_path / "p", device="gpu0")
+
+
+def test_default_warmup_keeps_the_reference_ratio(data):
+    from epviz.training.optim import default_warmup
+
+    assert default_warmup(90) == 10 and default_warmup(200) == 10 and default_warmup(9) == 1
+    result = run(data, epochs=3, warmup_epochs=None)
+    assert result.config["warmup_epochs"] == pytest.approx(1 / 3)
+    assert result.history["lr"].iloc[0] < 1e-2, "the first epoch ends after the warm-up, on the way down the cosine"

@@ -2,6 +2,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,6 +10,7 @@ from tests.data.formats import write_imagenet
 
 import epviz
 from epviz.data import load_split
+from epviz.errors import ConfigError, DataError
 from epviz.training import PROTOCOL
 from epviz.training import PROTOCOL_PER_STEP, fit_images
 
@@ -60,3 +62,33 @@ def test_bad_inputs_are_refused_clearly(test_vit_backbone, imagenet_sets, small_
         fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 2), test_vit_backbone, train, test)
     with pytest.raises(ValueError, match="optimizer"):
         fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, train, optimizer="sgd")
+
+
+@pytest.mark.parametrize("option, value, names", [
+    ("lr", -0.5, "lr must be a finite number > 0"),
+    ("weight_decay", -1.0, "weight_decay"),
+    ("epochs", 0, "epochs"),
+    ("batch_size", 0, "batch_size"),
+    ("warmup_epochs", 3, r"warmup_epochs=3 is longer than the run \(epochs=2\)"),
+    ("scale", (0.0, 1.0), "scale must satisfy 0 < low <= high <= 1"),
+    ("scale", (0.9, 0.1), "scale"),
+    ("scale", 0.5, "scale must be"),
+    ("num_workers", -1, "num_workers"),
+    ("layer", 6, r"layer 6 .* out of range"),
+])
+def test_options_out_of_range_are_config_errors(test_vit_backbone, imagenet_sets, option, value, names):
+    train, _ = imagenet_sets
+    options = dict(epochs=2, warmup_epochs=0, progress=False)
+    options[option] = value
+    with pytest.raises(ConfigError, match=names):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, train, **options)
+
+
+def test_labels_and_classes(test_vit_backbone, imagenet_sets):
+    train, test = imagenet_sets
+    one = train.subset(np.flatnonzero(np.asarray(train.labels) == 1))
+    with pytest.raises(DataError, match=r"single class \(label 1"):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, one, epochs=1, warmup_epochs=0,
+                   progress=False)
+    with pytest.raises(ConfigError, match=r"labels range from 0 to 2 \(max label 2\) but probe 'gap' has num_classes=2"):
+        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 2), test_vit_backbone, train, test, epochs=1, warmup_epochs=0)

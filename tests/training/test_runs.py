@@ -7,7 +7,9 @@ import torch
 
 from epviz.probes import probe_specs
 from epviz.setting import Setting
-from epviz.training import aggregate_runs, layer_sweep, low_shot, probe_cache, probe_zoo, sample_per_class, train_probe
+from epviz.training import (
+    aggregate_runs, layer_sweep, low_shot, probe_cache, probe_zoo, sample_per_class, seed_summary, train_probe,
+)
 from tests.toy_tokens import toy_tokens
 from epviz.tokens import TokenOrigin, TokenSet
 
@@ -138,3 +140,45 @@ def test_train_probe_and_probe_zoo_use_the_budget_and_report_every_probe():
     assert table["test_acc"].between(0, 1).all() and (table["params"] > 0).all()
     assert set(fitted) == {("toy", "gap"), ("toy", "ep4")}
     assert table["test_acc"].max() > 0.6, "class-coded tokens are learnt"
+
+
+def test_probe_zoo_one_run_per_seed_and_seed_summary():
+    train, _ = toy_tokens(120, 0)
+    val, _ = toy_tokens(60, 1)
+    splits = {"toy": {"train": train, "val": val, "test": val}}
+    budget = Setting.fast().fit_options(epochs=2, batch_size=32)
+    table, fitted = probe_zoo(splits, {"gap": None, "ep4": {"name": "ep", "num_queries": 4}}, budget=budget, seeds=(0, 1, 2))
+    assert table[["probe", "seed"]].values.tolist() == [[p, s] for p in ("gap", "ep4") for s in (0, 1, 2)]
+    assert set(fitted) == {("toy", p, s) for p in ("gap", "ep4") for s in (0, 1, 2)}
+    assert (table["num_classes"] == train.num_classes).all()
+    ep = table[table["probe"] == "ep4"]
+    queries = [fitted["toy", "ep4", s].state_dict() for s in (0, 1)]
+    assert any(not torch.equal(queries[0][k], queries[1][k]) for k in queries[0]), "the seeds give different runs"
+    # seed 1 of a three-seed zoo is the run of a one-seed zoo with seed=1
+    single, single_fitted = probe_zoo(splits, {"ep4": {"name": "ep", "num_queries": 4}}, budget=budget, seed=1)
+    assert set(single_fitted) == {("toy", "ep4")} and single["seed"].tolist() == [1]
+    assert single["test_acc"].iloc[0] == pytest.approx(ep.loc[ep["seed"] == 1, "test_acc"].iloc[0])
+    same = single_fitted["toy", "ep4"].state_dict()
+    assert all(torch.equal(same[k], fitted["toy", "ep4", 1].state_dict()[k]) for k in same)
+    summary = seed_summary(table)
+    assert summary["probe"].tolist() == ["gap", "ep4"] and (summary["seeds"] == 3).all()
+    np.testing.assert_allclose(summary["test_acc"], table.groupby("probe", sort=False)["test_acc"].mean())
+    np.testing.assert_allclose(summary["test_acc_std"], table.groupby("probe", sort=False)["test_acc"].std(ddof=1))
+    assert {"params", "name", "layer", "num_classes", "val_acc_std"} <= set(summary.columns)
+    assert "seed" not in summary.columns and "seconds" not in summary.columns
+    with pytest.raises(ValueError, match="distinct"):
+        probe_zoo(splits, ["gap"], budget=budget, seeds=(0, 0))
+
+
+def test_seed_summary_by_hand_keeps_constant_columns():
+    runs = pd.DataFrame(dict(backbone=["a", "a", "a", "b"], probe=["ep", "ep", "cls", "ep"], seed=[0, 1, 0, 0],
+                             params=[5, 5, 2, 5], best_epoch=[3, 4, 2, 1], val_acc=[0.5, 0.7, 0.4, 0.9],
+                             test_acc=[0.4, 0.6, 0.3, 0.8]))
+    out = seed_summary(runs)
+    assert out[["backbone", "probe"]].values.tolist() == [["a", "ep"], ["a", "cls"], ["b", "ep"]]
+    assert out["test_acc"].tolist() == pytest.approx([0.5, 0.3, 0.8])
+    assert out["test_acc_std"].iloc[0] == pytest.approx(np.std([0.4, 0.6], ddof=1)) and out["test_acc_std"].iloc[1:].isna().all()
+    assert out["seeds"].tolist() == [2, 1, 1] and out["params"].tolist() == [5, 2, 5]
+    assert "best_epoch" not in out.columns, "not constant over seeds"
+    with pytest.raises(ValueError, match="columns"):
+        seed_summary(runs.drop(columns="test_acc"))

@@ -23,40 +23,7 @@ def points(ax) -> int:
     return sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets"))
 
 
-# --- Figs. 2 and 3 -----------------------------------------------------------------------------
-
-
-def zoo_results() -> pd.DataFrame:
-    rows = []
-    for b, backbone in enumerate(["tiny-random", "tiny-mae", "my-vit"]):
-        for p, (probe, params, gflops) in enumerate([("cls", 1930, 4e-6), ("ep", 44938, 3e-4), ("mhca", 149578, 2e-3)]):
-            rows.append(dict(backbone=backbone, probe=probe, params=params, gflops=gflops, test_acc=0.2 + 0.1 * b + 0.05 * p))
-    return pd.DataFrame(rows)
-
-
-@pytest.mark.parametrize("kind", ["params", "flops"])
-def test_accuracy_vs_cost_draws_one_labelled_point_per_probe_and_backbone(tmp_path, kind):
-    results = zoo_results()
-    draw = plots.accuracy_vs_params if kind == "params" else plots.accuracy_vs_flops
-    fig = draw(results, out=tmp_path, name=f"fig_{kind}")
-    ax = fig.axes[0]
-    assert ax.get_xscale() == "log"
-    assert points(ax) == len(results) == 9
-    assert sorted(t.get_text() for t in ax.texts) == sorted(results["probe"])
-    # one colour per backbone: the zoo's fixed colours, another one for a foreign backbone
-    colours = {tuple(c.get_facecolor()[0][:3]) for c in ax.collections}
-    assert len(colours) == 3 and tuple(to_rgb(plots.BACKBONE_PALETTE["tiny-random"])) in colours
-    table = written(tmp_path, f"fig_{kind}")
-    assert len(table) == 9 and set(table["backbone"]) == {"tiny-random", "tiny-mae", "my-vit"}
-
-
-def test_accuracy_vs_cost_refuses_non_positive_costs_and_missing_columns():
-    results = zoo_results()
-    results.loc[0, "params"] = 0
-    with pytest.raises(ValueError, match="positive"):
-        plots.accuracy_vs_params(results)
-    with pytest.raises(ValueError, match="test_acc"):
-        plots.accuracy_vs_params(zoo_results().drop(columns="test_acc"))
+# --- Figs. 2 and 3: tests/viz/test_costs.py ----------------------------------------------------
 
 
 # --- Fig. 4 ------------------------------------------------------------------------------------
@@ -103,6 +70,40 @@ def test_delta_acc_panels_chance_line_and_errors(tmp_path):
         plots.delta_acc_panels(table.iloc[:0])
 
 
+def test_delta_acc_panels_draws_the_baselines_of_its_panels(tmp_path):
+    table = predictor_rows()
+    common = pd.DataFrame(dict(baseline=["uniform", "centre prior"], maxboxacc_v2=[0.0, 0.41], inbox_mass=[0.3, 0.45],
+                               pointing=[0.02, 0.8]))
+    matched = pd.DataFrame(dict(baseline=["random, matched entropy"] * 3, backbone=["tiny-mae", "tiny-mae", "tiny-random"],
+                                probe=["mhca", "ep_d1", "mhca"], maxboxacc_v2=[0.21, 0.23, 0.25], inbox_mass=[0.31, 0.32, 0.33]))
+    baselines = pd.concat([common, matched], ignore_index=True)
+    panels = {"attentive probes": ["ep_d1", "mhca"], "EP, D_o": ["ep_d2", "ep_d4"]}
+    fig = plots.delta_acc_panels(table, x="maxboxacc_v2", panels=panels, baselines=baselines, out=tmp_path, name="loc")
+
+    def vertical(ax):
+        return sorted(round(float(line.get_xdata()[0]), 3) for line in ax.lines
+                      if len(set(line.get_xdata())) == 1 and line.get_label().startswith(("uniform", "centre", "random")))
+
+    mae_probes, mae_ep, random_probes, random_ep = fig.axes
+    assert vertical(mae_probes) == [0.0, 0.21, 0.23, 0.41]  # both matched baselines of the panel's probes
+    assert vertical(mae_ep) == [0.0, 0.41]  # no matched baseline: its probes have none
+    assert vertical(random_probes) == [0.0, 0.25, 0.41]
+    labels = [line.get_label() for line in mae_probes.lines]
+    assert "random, matched entropy (mhca)" in labels and "centre prior" in labels
+    data = written(tmp_path, "loc")
+    lines = data[data["baseline"].notna()]
+    assert len(lines) == 4 + 2 + 3 + 2 and lines["delta_acc"].isna().all()
+    assert len(data) - len(lines) == 2 * (7 + 8)
+    # in-box mass: the uniform map is the chance line already drawn, once
+    fig = plots.delta_acc_panels(table, x="inbox_mass", baselines=baselines)
+    at_chance = [line for line in fig.axes[0].lines if np.allclose(line.get_xdata(), 0.3)]
+    assert len(at_chance) == 1 and "chance" in at_chance[0].get_label()
+    assert any(np.allclose(line.get_xdata(), 0.45) for line in fig.axes[0].lines)
+    # entropy: the random maps match it by construction, nothing drawn
+    fig = plots.delta_acc_panels(table, x="entropy_norm", baselines=baselines.assign(entropy_norm=0.5))
+    assert not any(line.get_label().startswith(("uniform", "centre", "random")) for line in fig.axes[0].lines)
+
+
 # --- layer-wise and low-shot curves -------------------------------------------------------------
 
 
@@ -127,6 +128,22 @@ def test_layer_curves_one_line_per_probe_per_backbone(tmp_path):
     assert len(summary) == 3 * 3 * 4
     assert (summary["runs"] == 2).all()
     np.testing.assert_allclose(summary["best_acc_std"], np.std([0.0, 0.02], ddof=1))
+
+
+def test_curves_draw_the_chance_accuracy_when_the_classes_are_known(tmp_path):
+    runs = sweep_runs().assign(num_classes=10)
+    fig = plots.layer_curves(runs, out=tmp_path, name="layers_chance")
+    for ax in fig.axes:
+        chance = [line for line in ax.lines if np.allclose(line.get_ydata(), 0.1)]
+        assert len(chance) == 1 and chance[0].get_label().startswith("chance")
+        assert any(t.get_text().startswith("chance") for t in ax.get_legend().get_texts())
+    assert (written(tmp_path, "layers_chance")["chance"] == 0.1).all()
+    rows = [dict(backbone="tiny-mae", probe="ep", shots=k, seed=0, best_acc=0.5) for k in (1, 5)]
+    fig = plots.low_shot_curves(pd.DataFrame(rows), chance=0.25)
+    assert any(np.allclose(line.get_ydata(), 0.25) for line in fig.axes[0].lines)
+    assert len(plots.layer_curves(sweep_runs()).axes[0].lines) == 3, "no classes known: no chance line"
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        plots.layer_curves(runs.assign(num_classes=np.where(runs["seed"] == 0, 10, 5)))
 
 
 def test_low_shot_curves_mean_and_std_over_seeds_on_a_log_axis(tmp_path):

@@ -1,0 +1,285 @@
+"""Trivial attention maps: the chance lines every localization score is read against.
+
+A localization score means little on its own: on a dataset whose objects sit near the centre, a
+map that ignores the image already scores well. Three trivial maps, scored with exactly the
+measures of :mod:`epviz.analysis.localization` on the same GT boxes (definitions ours):
+
+* **uniform**: 1/N on every patch token. Its in-box mass is the boxes' area fraction (the
+  ``chance_mass``); a constant map yields no box at any threshold, so its MaxBoxAccV2 is 0; its
+  pointing is reported as NaN, since every token ties for the argmax (the random maps' pointing
+  is the pointing chance).
+* **centre prior**: an isotropic Gaussian centred on the image centre, evaluated at the patch
+  centres and normalised to sum 1; its standard deviation along each axis is ``sigma_fraction``
+  (default 0.25, a quarter) of the grid's side along that axis. The same map for every image.
+* **random, matched entropy**: per image, ``softmax(z / T)`` of seeded i.i.d. standard Gaussian
+  noise ``z`` over the N tokens (``numpy.random.default_rng(seed)``), one temperature ``T`` for
+  the whole set, found by bisection on ``log T`` so that the mean over images of the entropy
+  divided by ``log N`` equals a target (within ``tol``, default 1e-4). The target is a probe's
+  mean normalised entropy (the mean of its predictors' ``entropy_norm``), so the random maps are
+  as peaked as the probe's but placed at random; their argmax is a uniformly random patch, so
+  their pointing score is the pointing chance. MaxBoxAccV2 min-max normalises a map and pointing
+  reads its argmax, so both barely depend on the temperature: the entropy matters mostly for the
+  in-box mass and for reading the maps side by side.
+
+:func:`localization_baselines` scores the three maps at once (they are three "predictors" of one
+pass of :func:`~epviz.analysis.localization.localization_from_maps`) and returns one row per
+baseline; :func:`matched_entropy_baselines` gives the entropy-matched baseline of every probe of a
+predictor table. Their tables feed ``delta_acc_panels(..., baselines=...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from epviz.analysis.boxes import box_source
+from epviz.analysis.entropy import map_entropy
+from epviz.analysis.localization import DELTAS, localization_from_maps
+from epviz.tables import context_columns, frame
+
+__all__ = ["BASELINES", "CENTRE_PRIOR", "MATCHED", "SIGMA_FRACTION", "UNIFORM", "centre_prior_maps",
+           "localization_baselines", "matched_entropy_baselines", "matched_entropy_maps", "temperature_for_entropy",
+           "uniform_maps"]
+
+UNIFORM = "uniform"
+CENTRE_PRIOR = "centre prior"
+MATCHED = "random, matched entropy"
+BASELINES = (UNIFORM, CENTRE_PRIOR, MATCHED)
+SIGMA_FRACTION = 0.25
+_LOG_T_RANGE = (-12.0, 12.0)  # bisection bracket of log T
+
+
+def _tokens(grid: Sequence[int]) -> int:
+    rows, cols = (int(g) for g in grid)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"grid must be (rows, cols) of positive integers, got {tuple(grid)}")
+    return rows * cols
+
+
+def uniform_maps(n: int, num_tokens: int) -> np.ndarray:
+    """(n, N) maps of 1/N everywhere."""
+    return np.full((int(n), int(num_tokens)), 1.0 / int(num_tokens))
+
+
+def centre_prior_maps(n: int, grid: Sequence[int], sigma_fraction: float = SIGMA_FRACTION) -> np.ndarray:
+    """(n, N) copies of a centred Gaussian over the patch grid (row-major tokens), summing to 1.
+
+    Args:
+        n: Number of images.
+        grid: Patch grid (rows, cols).
+        sigma_fraction: Standard deviation along each axis as a fraction of the grid's side along it.
+    """
+    if not sigma_fraction > 0:
+        raise ValueError(f"sigma_fraction must be positive, got {sigma_fraction}")
+    rows, cols = (int(g) for g in grid)
+    _tokens(grid)
+    r = (np.arange(rows) + 0.5 - rows / 2) / (sigma_fraction * rows)  # patch centres in units of sigma
+    c = (np.arange(cols) + 0.5 - cols / 2) / (sigma_fraction * cols)
+    prior = np.exp(-0.5 * (r[:, None] ** 2 + c[None, :] ** 2)).reshape(-1)
+    return np.broadcast_to(prior / prior.sum(), (int(n), rows * cols)).copy()
+
+
+def _softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits / temperature
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(-1, keepdims=True)
+
+
+def _mean_entropy_norm(maps: np.ndarray) -> float:
+    return float(map_entropy(maps).mean() / math.log(maps.shape[-1]))
+
+
+def temperature_for_entropy(logits: np.ndarray, target: float, tol: float = 1e-4, max_iter: int = 200) -> float:
+    """The temperature T at which ``softmax(logits / T)`` has mean normalised entropy `target`.
+
+    The mean entropy grows monotonically with T, so a bisection on ``log T`` finds it.
+
+    Args:
+        logits: (n, N) scores, N >= 2, not constant along the last axis.
+        target: Mean entropy / log N, in (0, 1).
+        tol: Accepted absolute error on the mean normalised entropy.
+        max_iter: Bisection steps at most.
+
+    Raises:
+        ValueError: The target is outside (0, 1), or the bracket cannot reach it within `tol`.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (images, tokens) with at least 2 tokens, got shape {logits.shape}")
+    if not 0 < target < 1:
+        raise ValueError(f"the target normalised entropy must lie in (0, 1) for random maps, got {target}")
+    lo, hi = _LOG_T_RANGE
+    h_lo, h_hi = _mean_entropy_norm(_softmax(logits, math.exp(lo))), _mean_entropy_norm(_softmax(logits, math.exp(hi)))
+    if not h_lo - tol <= target <= h_hi + tol:
+        raise ValueError(f"a normalised entropy of {target} is out of reach of these logits ({h_lo:.4f} to {h_hi:.4f})")
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        h = _mean_entropy_norm(_softmax(logits, math.exp(mid)))
+        if abs(h - target) <= tol:
+            return math.exp(mid)
+        lo, hi = (mid, hi) if h < target else (lo, mid)
+    raise ValueError(f"the bisection did not reach a normalised entropy of {target} within {tol}")
+
+
+def matched_entropy_maps(n: int, num_tokens: int, target: float, *, seed: int = 0,
+                         tol: float = 1e-4) -> tuple[np.ndarray, float]:
+    """(n, N) random maps whose mean normalised entropy is `target`, and their temperature.
+
+    Args:
+        n: Number of images.
+        num_tokens: N.
+        target: Mean entropy / log N of the maps, in [0, 1]; 1 gives uniform maps, 0 one-hot maps at
+            the noise's argmax. Any other target keeps the noise's order, however close to 1.
+        seed: Seed of the Gaussian noise (the same seed gives the same noise whatever the target).
+        tol: Accepted absolute error on the mean normalised entropy.
+
+    Returns:
+        The maps and the temperature T (``inf`` for target 1, 0 for target 0).
+    """
+    logits = np.random.default_rng(seed).standard_normal((int(n), int(num_tokens)))
+    if not 0 <= target <= 1 or not np.isfinite(target):
+        raise ValueError(f"a normalised entropy lies in [0, 1], got {target}")
+    if target >= 1:
+        return uniform_maps(n, num_tokens), math.inf
+    if target <= 0:
+        return np.eye(int(num_tokens))[logits.argmax(-1)], 0.0
+    temperature = temperature_for_entropy(logits, target, tol)
+    return _softmax(logits, temperature), temperature
+
+
+def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int]]:
+    if hasattr(boxes, "box_list") or (hasattr(boxes, "boxes") and hasattr(boxes, "image_size")):
+        size = image_size if image_size is not None else boxes.image_size
+        source = box_source(boxes)
+        index = range(len(boxes)) if index is None else index
+        return [source(int(i)) for i in index], size
+    if image_size is None:
+        raise ValueError("pass image_size=(height, width): the boxes do not say the size of their images")
+    boxes = list(boxes)
+    return (boxes if index is None else [boxes[int(i)] for i in index]), image_size
+
+
+def _score(maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size) -> pd.DataFrame:
+    stack = np.stack(list(maps.values()), axis=1).astype(np.float32)  # (n, baselines, N): one pass, one "predictor" each
+    summary = localization_from_maps(stack, boxes, grid, image_size, thresholds=thresholds, deltas=deltas,
+                                     batch_size=batch_size)
+    own = [c for c in summary.columns if c not in context_columns(None)]
+    summary = summary[own].drop(columns="predictor")
+    entropy = map_entropy(stack).mean(0)  # (baselines,)
+    summary.insert(0, "baseline", list(maps))
+    return summary.assign(entropy=entropy, entropy_norm=entropy / math.log(stack.shape[-1]))
+
+
+def localization_baselines(
+    boxes,
+    grid: Sequence[int],
+    image_size: int | Sequence[int] | None = None,
+    *,
+    target_entropy: float | None = None,
+    sigma_fraction: float = SIGMA_FRACTION,
+    seed: int = 0,
+    index: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+    deltas: Sequence[float] = DELTAS,
+    context: Mapping | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The localization scores of the trivial maps on a dataset's GT boxes, one row per baseline.
+
+    Args:
+        boxes: Per image, its GT boxes ((k, 4) or (4,), xyxy pixels, exclusive x1, y1), or a dataset
+            with boxes (see :func:`~epviz.analysis.localization.box_source`).
+        grid: Patch grid (rows, cols) of the maps they stand in for.
+        image_size: Image (height, width) or side; default the dataset's ``image_size``.
+        target_entropy: Mean normalised entropy of the random maps; None leaves that baseline out.
+        sigma_fraction: The centre prior's standard deviation, as a fraction of the grid's side.
+        seed: Seed of the random maps' noise.
+        index: Images of the dataset to use (default all), e.g. the ``localization_index`` of the probes.
+        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01): pass the probes' own.
+        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        context: Values of the context columns (backbone, layer, probe, seed).
+        batch_size: Images processed together.
+
+    Returns:
+        Context columns, then ``baseline`` (``uniform``, ``centre prior``, ``random, matched entropy``)
+        and the localization columns of :func:`~epviz.analysis.localization.localization_from_maps`
+        (maxboxacc_v2, its per-IoU parts and best taus, inbox_mass, inbox_mass_std, chance_mass,
+        pointing (NaN for the uniform map), n_images), entropy, entropy_norm, and the parameters: sigma_fraction (centre prior),
+        target_entropy_norm, temperature and map_seed (random maps).
+    """
+    boxes, image_size = _boxes_and_size(boxes, image_size, index)
+    n, num_tokens = len(boxes), _tokens(grid)
+    if n == 0:
+        raise ValueError("there are no boxes to score the baselines on")
+    maps = {UNIFORM: uniform_maps(n, num_tokens), CENTRE_PRIOR: centre_prior_maps(n, grid, sigma_fraction)}
+    params = {UNIFORM: {}, CENTRE_PRIOR: dict(sigma_fraction=float(sigma_fraction))}
+    if target_entropy is not None:
+        maps[MATCHED], temperature = matched_entropy_maps(n, num_tokens, float(target_entropy), seed=seed)
+        params[MATCHED] = dict(target_entropy_norm=float(target_entropy), temperature=temperature, map_seed=int(seed))
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size)
+    summary.loc[summary["baseline"] == UNIFORM, "pointing"] = np.nan  # no argmax: every token ties
+    rows = [{**row, **params[row["baseline"]]} for row in summary.to_dict("records")]
+    columns = list(summary.columns) + ["sigma_fraction", "target_entropy_norm", "temperature", "map_seed"]
+    return frame(rows, context_columns(context), columns=columns)
+
+
+def matched_entropy_baselines(
+    table: pd.DataFrame,
+    boxes,
+    grid: Sequence[int],
+    image_size: int | Sequence[int] | None = None,
+    *,
+    by: Sequence[str] = ("backbone", "probe"),
+    column: str = "entropy_norm",
+    seed: int = 0,
+    index: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+    deltas: Sequence[float] = DELTAS,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """The entropy-matched random baseline of every probe of a predictor table.
+
+    The target of a group (by default a backbone x probe) is the mean of its predictors'
+    `column` (their mean normalised entropy). Every group's random maps share the same noise
+    (`seed`) and differ only in their temperature; all groups are scored in one pass.
+
+    Args:
+        table: One row per predictor with the `by` columns and `column` (e.g. of
+            :func:`epviz.analysis.predictor_tables`).
+        boxes: As for :func:`localization_baselines`.
+        grid: Patch grid (rows, cols).
+        image_size: Image (height, width) or side; default the dataset's ``image_size``.
+        by: The columns that make a group (one baseline each).
+        column: The normalised-entropy column.
+        seed: Seed of the noise.
+        index: Images of the dataset to use (default all).
+        thresholds: MaxBoxAccV2 thresholds: pass the probes' own.
+        deltas: IoU thresholds.
+        batch_size: Images processed together.
+
+    Returns:
+        One row per group: the `by` columns, ``baseline`` (``random, matched entropy``), the
+        localization columns, entropy, entropy_norm, target_entropy_norm, temperature, map_seed.
+    """
+    by = list(by)
+    missing = [c for c in [*by, column] if c not in table.columns]
+    if missing:
+        raise ValueError(f"matched_entropy_baselines needs the columns {missing}; the table has {list(table.columns)}")
+    targets = table.groupby(by, sort=False, dropna=False)[column].mean()
+    if len(targets) == 0:
+        raise ValueError("the table is empty: there is no probe to match")
+    boxes, image_size = _boxes_and_size(boxes, image_size, index)
+    n, num_tokens = len(boxes), _tokens(grid)
+    maps, params = {}, []
+    for key, target in targets.items():
+        key = key if isinstance(key, tuple) else (key,)
+        maps[repr(key)], temperature = matched_entropy_maps(n, num_tokens, float(target), seed=seed)
+        params.append({**dict(zip(by, key)), "target_entropy_norm": float(target), "temperature": temperature,
+                       "map_seed": int(seed)})
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size).assign(baseline=MATCHED)
+    keys = pd.DataFrame(params)
+    return pd.concat([keys[by], summary, keys.drop(columns=by)], axis=1)
