@@ -275,15 +275,23 @@ def spearman_intervals(records: Mapping[object, Bootstrap], pairs: Sequence[tupl
     Returns:
         One row per (probe, pair): the Bootstrap's context columns, ``x``, ``y``, ``rho``,
         ``rho_lo``, ``rho_hi``, ``rho_undefined`` (share of resamples where ρ is undefined),
-        ``predictors``.
+        ``predictors``. A probe lacking records of a pair's column (e.g. a meter it did not run)
+        has no row for that pair.
+
+    Raises:
+        KeyError: No probe has records of both columns of a pair.
     """
-    rows = []
+    rows, found = [], set()
     for bootstrap in records.values():
         samples = bootstrap.samples(n_boot, seed)
         for x, y in pairs:
             if x not in samples or y not in samples:
                 continue
+            found.add((x, y))
             r = bootstrap.spearman(x, y, n_boot, seed, level)
             rows.append({**bootstrap.context, "x": x, "y": y, "rho": r.rho, "rho_lo": r.lo, "rho_hi": r.hi,
                          "rho_undefined": r.undefined, "predictors": samples[x].shape[1]})
+    missing = [pair for pair in pairs if tuple(pair) not in found]
+    if missing:
+        raise KeyError(f"no probe has bootstrap records for both columns of {missing}")
     return pd.DataFrame(rows)

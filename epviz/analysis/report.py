@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from epviz.analysis.controls import MeanMapAblation, ShuffledAblation
 from epviz.analysis.intervals import LEVEL, N_BOOT, Bootstrap
@@ -37,7 +38,7 @@ def predictor_table(
     localization_index: Iterable[int] | None = None,
     thresholds: Sequence[float] | None = None,
     train_tokens: TokenSet | None = None,
-    mean_maps=None,
+    mean_maps: torch.Tensor | np.ndarray | None = None,
     shuffle_seed: int = 0,
     n_boot: int = N_BOOT,
     boot_seed: int = 0,
@@ -86,14 +87,15 @@ def predictor_table(
         raise RuntimeError("a predictor has no accuracy drop")
     records = None
     if n_boot:
-        context_keys = [c for c in table.columns[: list(table.columns).index("predictor")]]
+        context_keys = list(table.columns[: list(table.columns).index("predictor")])
         records = Bootstrap(meters, n_boot=n_boot, seed=boot_seed, level=level,
                             context={c: table[c].iloc[0] for c in context_keys})
         table = table.merge(records.intervals(), on="predictor", how="left")
     return (table, records) if return_records else table
 
 
-def _configured(cls: type[Meter], thresholds, train_tokens, mean_maps, shuffle_seed: int, n_boot: int) -> Meter:
+def _configured(cls: type[Meter], thresholds: Sequence[float] | None, train_tokens: TokenSet | None,
+                mean_maps: torch.Tensor | np.ndarray | None, shuffle_seed: int, n_boot: int) -> Meter:
     """A registered meter with the predictor table's options."""
     if cls is Localization:
         return Localization(thresholds=thresholds, records=bool(n_boot))

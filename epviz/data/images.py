@@ -6,10 +6,10 @@ turns any file into 8-bit RGB by the same rules:
 * **Alpha and transparency** (RGBA, LA, a palette or RGB/L image with a transparent colour):
   the image is composited onto :data:`ALPHA_BACKGROUND`, the ImageNet mean colour
   (124, 116, 104). Transparent pixels carry no content, and the colour underneath them is
-  arbitrary (often black or leftover paint); the mean colour is what the backbones' input
-  normalization maps to zero, so a transparent area becomes the least informative input and
-  draws no artificial edge around the object, which black or white would (and which attention
-  maps would then show). An opaque alpha channel changes nothing.
+  arbitrary (often black or leftover paint); the mean colour is what the input normalization
+  of ImageNet-normalized backbones maps to zero, so a transparent area becomes the least
+  informative input and draws no artificial edge around the object, which black or white
+  would (and which attention maps would then show). An opaque alpha channel changes nothing.
 * **16-bit samples** (``I;16`` greyscale PNG or TIFF, and 32-bit integer ``I`` images whose
   values lie in 0..65535) are divided by 257 and rounded, so that the full 16-bit range
   0..65535 maps onto 0..255 (65535 -> 255) and relative intensities are kept. Other ``I``
@@ -29,7 +29,10 @@ Size limits, so that no file costs gigabytes:
   the rest is box-averaged with ``reduce``). With the default 256-pixel resize this only touches
   images whose shorter side is 2048 pixels or more; every smaller image decodes exactly as
   before. A reduced image is decoded at 4 to 8 times the resolution the resize keeps, so its
-  resized result differs from a full decode by far less than one output pixel.
+  resized result differs from a full decode by far less than one output pixel. A JPEG never
+  decodes at full size then; other formats (PNG) decode at full size once, 8 bits per sample,
+  before the reduction (a 10000 x 10000 PNG: +140 MB grey, +420 MB RGB at peak, where a full
+  decode to floats takes +2.9 GB).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ class Intervention(frozenset):
     applied: bool
 
     def __new__(cls, uniform: Iterable[int] = (), replace: Mapping[int, torch.Tensor] | None = None,
-                record: bool = False) -> "Intervention":
+                record: bool = False) -> Intervention:
         self = super().__new__(cls, uniform)
         self.replace = dict(replace or {})
         self.record = bool(record)

@@ -7,8 +7,15 @@ import torch
 
 import epviz.probes as probes
 from epviz.analysis import (
-    CONTROL_COLUMNS, MeanMapAblation, ShuffledAblation, ZeroAblation, derangement, mean_attention_rows, measure,
-    predictor_table, uniform_ablation,
+    CONTROL_COLUMNS,
+    MeanMapAblation,
+    ShuffledAblation,
+    ZeroAblation,
+    derangement,
+    mean_attention_rows,
+    measure,
+    predictor_table,
+    uniform_ablation,
 )
 from epviz.evaluate import accuracy
 from epviz.tokens import TokenOrigin, TokenSet

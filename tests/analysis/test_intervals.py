@@ -8,9 +8,17 @@ import torch
 import epviz.analysis.intervals as intervals
 import epviz.probes as probes
 from epviz.analysis import (
-    Bootstrap, Localization, LocalizationMeter, UniformAblation, bootstrap_mean, measure, predictor_table,
+    Bootstrap,
+    Localization,
+    LocalizationMeter,
+    UniformAblation,
+    bootstrap_mean,
+    measure,
+    predictor_table,
+    spearman,
+    spearman_intervals,
+    uniform_ablation,
 )
-from epviz.analysis import spearman, spearman_intervals, uniform_ablation
 from epviz.analysis.intervals import bootstrap_weights, percentile_interval, resample_box_accuracy
 from tests.toy_tokens import Boxes, toy_tokens
 
@@ -202,6 +210,8 @@ def test_spearman_interval_of_two_measures(setup):
     assert ((frame["rho_lo"] <= frame["rho_hi"]) | frame["rho_lo"].isna()).all()
     with pytest.raises(KeyError, match="no bootstrap records"):
         records.spearman("delta_acc", "entropy")
+    with pytest.raises(KeyError, match="no probe has bootstrap records"):
+        spearman_intervals({("toy", "ep4"): records}, [("delta_acc", "entropy")])
 
 
 def test_spearman_of_a_constant_measure_is_undefined():

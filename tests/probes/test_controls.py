@@ -44,6 +44,12 @@ def hooked(probe: Probe, point: str, edit, *args, **kwargs):
         handle.remove()
 
 
+def hooked_output(probe: Probe, point: str, *args, **kwargs) -> torch.Tensor:
+    seen = []
+    hooked(probe, point, lambda m, i, o: seen.append(o.clone()), *args, **kwargs)
+    return seen[-1]
+
+
 @pytest.mark.parametrize("name", ATTENTIVE)
 def test_attention_rows_average_to_the_maps(name, toks):
     probe = make(name)
@@ -79,13 +85,12 @@ def test_every_family_supports_replacement(name, toks):
 def test_hook_sees_the_replaced_map_and_the_others_unchanged(name, toks):
     probe = make(name)
     k = probe.num_predictors
-    seen = []
     with torch.no_grad():
         base = probe.attention(*toks)
         target = torch.softmax(torch.randn(6, N, generator=torch.Generator().manual_seed(1)), dim=-1)
-        hooked(probe, "hook_attn", lambda m, i, o: seen.append(o.clone()), *toks, replace={0: target})
-    assert torch.allclose(seen[-1][:, 0], target, atol=1e-6)  # dinovit: the mean over rows of the replaced rows
-    assert torch.allclose(seen[-1][:, 1:], base[:, 1:], atol=1e-6) if k > 1 else True
+        seen = hooked_output(probe, "hook_attn", *toks, replace={0: target})
+    assert torch.allclose(seen[:, 0], target, atol=1e-6)  # dinovit: the mean over rows of the replaced rows
+    assert torch.allclose(seen[:, 1:], base[:, 1:], atol=1e-6)  # (empty when K == 1)
 
 
 @pytest.mark.parametrize("name", [n for n in ATTENTIVE if probes.probe_class(n).attn_hook_in_path])
@@ -154,9 +159,8 @@ def test_zero_is_manual_zeroing_through_hook_pooled_or_declined(name, toks):
             manual = hooked(probe, "hook_pooled", zero, *toks)
             torch.testing.assert_close(probe(*toks, zero=[j]), manual, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ablated[j], manual, rtol=1e-5, atol=1e-5)
-            seen = []
-            hooked(probe, "hook_pooled", lambda m, i, o: seen.append(o.clone()), *toks, zero=j)
-            assert (seen[0][:, slices[j]] == 0).all()  # hook_pooled sees the zeroed feature
+            seen = hooked_output(probe, "hook_pooled", *toks, zero=j)
+            assert (seen[:, slices[j]] == 0).all()  # hook_pooled sees the zeroed feature
             assert not torch.equal(ablated[j], full)
 
 

@@ -65,7 +65,7 @@ def test_dataset_split_of_each_kind():
 def test_token_caches_record_the_split(tmp_path, test_vit_backbone, small_canvases):
     base = dict(cache_dir=tmp_path, progress=False)
     test = extract_tokens(test_vit_backbone, small_canvases, [5], **base)  # canvases of the test items
-    val = extract_tokens(test_vit_backbone, ClutteredFashionMNIST("train", 24, seed=1), [5], **base)
+    val = extract_tokens(test_vit_backbone, ClutteredFashionMNIST("train", 48, seed=1), [5], **base)
     assert test.tokens(5).origin.split == "test" and val.tokens(5).origin.split == "train"
     assert json.loads((test.path / "meta.json").read_text())["split"] == "test"
     assert TokenCache.open(test.path).tokens(5).origin.split == "test"
