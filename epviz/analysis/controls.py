@@ -155,6 +155,7 @@ class MeanMapAblation(AblationMeter):
 
     def _logits(self, batch: MeterBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self._maps is None:
+            assert self.train_tokens is not None  # _unsupported set the reason otherwise
             self._maps = self._shaped(
                 mean_attention_rows(batch.probe, self.train_tokens, batch_size=self.batch_size, device=batch.device,
                                     precision=batch.precision), batch.probe, batch.patch.shape[1])
@@ -190,6 +191,7 @@ class ShuffledAblation(AblationMeter):
         return None
 
     def _logits(self, batch: MeterBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.tokens is not None  # set by start()
         other = self.tokens.batch(self.partner[batch.index], device=batch.device)
         rows = batch.probe.attention_rows(other.patch, other.prefix)  # (b, K, R, N) of the partner images
         return ablated_logits(batch.probe, batch, self.method, "replace", rows)

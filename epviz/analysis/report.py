@@ -12,6 +12,7 @@ intervals over the test images (:mod:`epviz.analysis.intervals`): ``<column>_lo`
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -26,6 +27,23 @@ from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
 __all__ = ["predictor_table", "predictor_tables"]
+
+
+@overload
+def predictor_table(probe: Probe, tokens: TokenSet, dataset, *, context: Mapping | None = ...,
+                    index: Iterable[int] | None = ..., localization_index: Iterable[int] | None = ...,
+                    thresholds: Sequence[float] | None = ..., train_tokens: TokenSet | None = ...,
+                    mean_maps: torch.Tensor | np.ndarray | None = ..., shuffle_seed: int = ..., n_boot: int = ...,
+                    boot_seed: int = ..., level: float = ..., return_records: Literal[False] = ...) -> pd.DataFrame: ...
+
+
+@overload
+def predictor_table(probe: Probe, tokens: TokenSet, dataset, *, context: Mapping | None = ...,
+                    index: Iterable[int] | None = ..., localization_index: Iterable[int] | None = ...,
+                    thresholds: Sequence[float] | None = ..., train_tokens: TokenSet | None = ...,
+                    mean_maps: torch.Tensor | np.ndarray | None = ..., shuffle_seed: int = ..., n_boot: int = ...,
+                    boot_seed: int = ..., level: float = ...,
+                    return_records: Literal[True]) -> tuple[pd.DataFrame, Bootstrap | None]: ...
 
 
 def predictor_table(
@@ -104,6 +122,23 @@ def _configured(cls: type[Meter], thresholds: Sequence[float] | None, train_toke
     if cls is ShuffledAblation:
         return ShuffledAblation(seed=shuffle_seed)
     return cls()
+
+
+@overload
+def predictor_tables(fitted: Mapping[tuple[str, str], Probe], tokens: Mapping[str, Mapping[str, TokenSet]], dataset, *,
+                     split: str = ..., seed: int = ..., index: Iterable[int] | None = ...,
+                     localization_index: Iterable[int] | None = ..., thresholds: Sequence[float] | None = ...,
+                     train_split: str | None = ..., shuffle_seed: int = ..., n_boot: int = ..., boot_seed: int = ...,
+                     level: float = ..., return_records: Literal[False] = ...) -> pd.DataFrame: ...
+
+
+@overload
+def predictor_tables(fitted: Mapping[tuple[str, str], Probe], tokens: Mapping[str, Mapping[str, TokenSet]], dataset, *,
+                     split: str = ..., seed: int = ..., index: Iterable[int] | None = ...,
+                     localization_index: Iterable[int] | None = ..., thresholds: Sequence[float] | None = ...,
+                     train_split: str | None = ..., shuffle_seed: int = ..., n_boot: int = ..., boot_seed: int = ...,
+                     level: float = ..., return_records: Literal[True]
+                     ) -> tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]: ...
 
 
 def predictor_tables(

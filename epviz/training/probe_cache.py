@@ -31,7 +31,7 @@ from epviz.training.tuning import tune
 
 __all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit", "fit_or_load"]
 
-PROBE_CACHE_FORMAT = 1
+PROBE_CACHE_FORMAT = 2  # 2: tuned runs (grid in the key), reference dolg initialisation
 
 
 def probe_cache_dir() -> Path:

@@ -84,7 +84,6 @@ def test_every_family_supports_replacement(name, toks):
 @pytest.mark.parametrize("name", ATTENTIVE)
 def test_hook_sees_the_replaced_map_and_the_others_unchanged(name, toks):
     probe = make(name)
-    k = probe.num_predictors
     with torch.no_grad():
         base = probe.attention(*toks)
         target = torch.softmax(torch.randn(6, N, generator=torch.Generator().manual_seed(1)), dim=-1)
