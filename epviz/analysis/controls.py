@@ -99,13 +99,12 @@ def mean_attention_rows(
     positions = np.arange(len(tokens)) if index is None else np.asarray(list(index), dtype=np.int64)
     if len(positions) == 0:
         raise ValueError("mean_attention_rows got no images to average over")
-    total = None
+    parts = []
     with eval_mode(probe), autocast(device, precision):
         for start in range(0, len(positions), batch_size):
             batch = tokens.batch(positions[start : start + batch_size], device=device)
-            part = probe.attention_rows(batch.patch, batch.prefix).double().sum(0)
-            total = part if total is None else total + part
-    return (total / len(positions)).float().cpu()
+            parts.append(probe.attention_rows(batch.patch, batch.prefix).double().sum(0))
+    return (torch.stack(parts).sum(0) / len(positions)).float().cpu()
 
 
 @register_meter("mean_map_ablation")

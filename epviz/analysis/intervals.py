@@ -24,8 +24,9 @@ Definitions (ours):
 
 Memory: draw counts are made for at most ``_WEIGHT_BUDGET`` = 2**22 numbers at a time
 (16 MB as float32; with n images that is 2**22 // n resamples per chunk); MaxBoxAccV2 records
-stay packed (K * T * 3 bits per image) and are unpacked ``_UNPACK_BUDGET`` = 2**22 bits at a
-time; the result keeps B * K floats per column.
+stay packed (K * T * 3 bits per image, 600 bytes for K = 16, T = 100) and are unpacked
+``_UNPACK_BUDGET`` = 2**22 values at a time (16 MB as float32), for at most 2**22 / (K * T * 3)
+resamples at a time; the result keeps B * K floats per column.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from epviz.analysis.meters import Meter
 from epviz.analysis.stats import row_spearman, spearman
 
 __all__ = ["Bootstrap", "Interval", "RhoInterval", "bootstrap_mean", "bootstrap_weights", "percentile_interval",
-           "resample_box_accuracy", "spearman_intervals", "weighted_mean"]
+           "resample_box_accuracy", "resample_maxboxacc", "spearman_intervals", "weighted_mean"]
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -132,14 +133,27 @@ def resample_box_accuracy(packed: np.ndarray, shape: Sequence[int], weights: np.
     n, bits = len(packed), k * t * d
     if weights.shape[1] != n:
         raise ValueError(f"weights cover {weights.shape[1]} images, the box records {n}")
-    total = np.zeros((len(weights), bits), dtype=np.float64)
+    total = np.zeros((len(weights), bits), dtype=np.float32)  # counts <= n: exact in float32 below 2**24
     step = max(1, _UNPACK_BUDGET // max(bits, 1))
     for start in range(0, n, step):
         part = np.unpackbits(packed[start : start + step], axis=1, count=bits).astype(np.float32)
         total += weights[:, start : start + step].astype(np.float32) @ part
     with np.errstate(invalid="ignore", divide="ignore"):
-        acc = total / weights.sum(axis=1, keepdims=True)
+        acc = total.astype(np.float64) / weights.sum(axis=1, keepdims=True)
     return acc.reshape(len(weights), k, t, d)
+
+
+def resample_maxboxacc(packed: np.ndarray, shape: Sequence[int], weights: np.ndarray) -> np.ndarray:
+    """MaxBoxAccV2 per (resample, predictor): the best tau per delta chosen inside each resample, then the mean over delta.
+
+    Args and records as in :func:`resample_box_accuracy`; resamples are taken a few at a time so
+    that the (resamples, K, T, D) accuracies stay within ``_UNPACK_BUDGET`` values.
+    """
+    bits = max(1, int(np.prod(shape)))
+    rows = max(1, _UNPACK_BUDGET // bits)
+    parts = [resample_box_accuracy(packed, shape, weights[i : i + rows]).max(axis=2).mean(axis=2)
+             for i in range(0, len(weights), rows)]
+    return np.concatenate(parts) if parts else np.zeros((0, int(shape[0])))
 
 
 def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +195,7 @@ class Bootstrap:
         self.meters = [m for m in meters if m.positions() is not None]
         self.n_boot, self.seed, self.level = int(n_boot), int(seed), float(level)
         self.context = dict(context or {})
-        self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._cache: dict[tuple[int, int], dict[str, pd.DataFrame]] = {}
         self._points: pd.DataFrame | None = None
 
     def _predictors(self, meter: Meter) -> np.ndarray:
@@ -210,7 +224,7 @@ class Bootstrap:
     def _draw(self, n_boot: int, seed: int) -> dict[str, pd.DataFrame]:
         if not self.meters:
             return {}
-        positions = [m.positions() for m in self.meters]
+        positions = [np.asarray(m.positions()) for m in self.meters]
         union, inverse = np.unique(np.concatenate(positions), return_inverse=True)
         cols, start = [], 0
         for p in positions:

@@ -513,12 +513,11 @@ class Localization(Meter):
 
     def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """MaxBoxAccV2 (best tau re-chosen per delta inside every resample), in-box mass and pointing, per resample."""
-        from epviz.analysis.intervals import resample_box_accuracy, weighted_mean
+        from epviz.analysis.intervals import resample_maxboxacc, weighted_mean
 
         meter = self._started()
         rec = meter.image_records()
-        acc = resample_box_accuracy(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights)
-        return {"maxboxacc_v2": acc.max(axis=2).mean(axis=2),  # (b, K, T, deltas) -> best tau per delta -> mean
+        return {"maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
                 "inbox_mass": weighted_mean(weights, rec["mass"]),
                 "pointing": weighted_mean(weights, rec["pointing"])}
 

@@ -279,6 +279,7 @@ class Probe(nn.Module):
         elif control == "zero":
             ablated = [self(patch_tokens, prefix_tokens, zero=[j]) for j in range(k)]
         else:
+            assert replacement is not None  # _check_control demands one for "replace"
             ablated = [self(patch_tokens, prefix_tokens, replace={j: replacement[:, j]}) for j in range(k)]
         return full, torch.stack(ablated)
 
@@ -499,10 +500,10 @@ class Probe(nn.Module):
             )
         return rows
 
-    def _predictor_set(self, rows: Iterable[int] | int, what: str) -> frozenset[int]:
-        if isinstance(rows, numbers.Integral) or (isinstance(rows, torch.Tensor) and rows.ndim == 0):
-            rows = [int(rows)]
-        rows = frozenset(int(j) for j in rows)
+    def _predictor_set(self, given: Iterable[int] | int, what: str) -> frozenset[int]:
+        if isinstance(given, numbers.Integral) or (isinstance(given, torch.Tensor) and given.ndim == 0):
+            given = [int(given)]
+        rows = frozenset(int(j) for j in given)  # type: ignore[union-attr]
         if rows and self.num_predictors == 0:
             raise ValueError(f"probe '{self.name}' has no attention predictors, so {what}={sorted(rows)} cannot apply")
         bad = sorted(j for j in rows if not 0 <= j < self.num_predictors)

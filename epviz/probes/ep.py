@@ -153,7 +153,7 @@ class EfficientProbe(Probe):
         attn = self._weights(keys, n, frozenset()).weights  # (B, M, L), the patch keys first
         w = self.value.weight.view(self.num_queries, self.slice_width, self.dim).to(keys.dtype)
         y = torch.einsum("bmd,mcd->bmc", torch.bmm(attn, keys), w).reshape(len(patch), self.width)
-        if control == "zero":
+        if control == "zero" or replacement is None:
             return self._swap_slices(y, torch.zeros_like(y))
         if replacement.shape[2] != 1 or replacement.shape[-1] != n:
             raise ValueError(f"probe '{self.name}': each query has one map over {n} patch tokens; "

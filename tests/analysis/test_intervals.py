@@ -19,7 +19,12 @@ from epviz.analysis import (
     spearman_intervals,
     uniform_ablation,
 )
-from epviz.analysis.intervals import bootstrap_weights, percentile_interval, resample_box_accuracy
+from epviz.analysis.intervals import (
+    bootstrap_weights,
+    percentile_interval,
+    resample_box_accuracy,
+    resample_maxboxacc,
+)
 from tests.toy_tokens import Boxes, toy_tokens
 
 
@@ -79,6 +84,8 @@ def test_packed_box_records_give_the_weighted_accuracy(monkeypatch):
     acc = resample_box_accuracy(packed, (2, 5, 3), weights)
     expected = np.einsum("bn,nktd->bktd", weights, correct.astype(float)) / 30
     np.testing.assert_allclose(acc, expected)
+    monkeypatch.setattr(intervals, "_UNPACK_BUDGET", 40)  # MaxBoxAccV2 a resample at a time
+    np.testing.assert_allclose(resample_maxboxacc(packed, (2, 5, 3), weights), expected.max(axis=2).mean(axis=2))
 
 
 # --- MaxBoxAccV2: the best tau is chosen inside every resample --------------------------------

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from epviz.analysis import predictor_table, predictor_tables
+from epviz.analysis import mean_attention_rows, predictor_table, predictor_tables
 from epviz.setting import Setting
 from epviz.training import probe_zoo, train_probe
 from tests.toy_tokens import Boxes, toy_tokens
@@ -41,3 +41,24 @@ def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
     assert (table["layer"] == 1).all() and table["delta_acc"].notna().all()
     with pytest.raises(ValueError, match="attention predictors"):
         predictor_tables({("toy", "gap"): fitted["toy", "gap"]}, tokens, Boxes(boxes))
+
+
+def test_predictor_tables_take_the_mean_map_from_the_training_split_and_keep_the_records():
+    train, _ = toy_tokens(90, 0)
+    test, boxes = toy_tokens(20, 2)
+    tokens = {"toy": {"train": train, "val": train, "test": test}}
+    _, fitted = probe_zoo(tokens, {"ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
+                          budget=Setting.fast().fit_options(epochs=1, batch_size=30))
+    table, records = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6], n_boot=40, return_records=True)
+    assert set(records) == {("toy", "ep4"), ("toy", "mhca")}
+    assert table["delta_acc_mean"].notna().all() and table["delta_acc_shuffled"].notna().all()
+    assert table.loc[table["probe"] == "ep4", "delta_acc_zero"].notna().all()
+    assert table.loc[table["probe"] == "mhca", ["delta_acc_zero", "delta_acc_zero_lo"]].isna().all().all()
+    assert records["toy", "ep4"].context["probe"] == "ep4"
+    mean = mean_attention_rows(fitted["toy", "ep4"], train)
+    alone = predictor_table(fitted["toy", "ep4"], test, Boxes(boxes), thresholds=[0.2, 0.6], mean_maps=mean, n_boot=0)
+    np.testing.assert_allclose(alone["delta_acc_mean"], table.loc[table["probe"] == "ep4", "delta_acc_mean"])
+    without = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.5], train_split=None, n_boot=0)
+    assert without["delta_acc_mean"].isna().all()
+    with pytest.raises(ValueError, match="the mean map must come from other images"):
+        predictor_tables(fitted, tokens, Boxes(boxes), train_split="test")
