@@ -236,3 +236,4 @@ def test_the_zoo_default_key_is_unchanged(tmp_path, small_canvases):
     transform = {"resize_to": list(bb.image_size), "interpolation": "bicubic-antialias", "mean": list(bb.mean), "std": list(bb.std)}
     key, parts = cache_key(bb, small_canvases.fingerprint(), cache.layers, False, "fp32", "float16", transform)
     assert cache.meta["key"] == key and parts["norm"] is False
+    assert key == "6a2dc06e049e1bcfc586cd2e1dfe179d4ba2491162185096e8429c9f645aa345"  # the key this cache always had
