@@ -312,8 +312,7 @@ class ExplorerModel:
             n_loc = min(len(tokens), self.localization_images)
             context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
             full = predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
-                                   thresholds=self.setting.thresholds, train_tokens=self.tokens(sel.backbone, sel.layer)["train"],
-                                   n_boot=0)
+                                   thresholds=self.setting.thresholds, n_boot=0)
             data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
