@@ -432,13 +432,13 @@ def test_unknown_convention_names_the_choices(setup, call):
 def test_the_probe_path_and_the_meter_pass_the_convention(setup):
     tokens, probe, boxes = setup
     maps = collect_attention(probe, tokens)
-    ref = localization_from_maps(maps, [b for b in boxes], GRID, SIZE, convention="wsol")
+    ref = localization_from_maps(maps, list(boxes), GRID, SIZE, convention="wsol")
     df = localization(probe, tokens, BoxedSet(boxes), batch_size=5, convention="wsol")
     np.testing.assert_allclose(df["maxboxacc_v2"], ref["maxboxacc_v2"])
     meter = Localization(convention="wsol")
     measured = measure(probe, tokens, BoxedSet(boxes), [meter], batch_size=8)
     np.testing.assert_allclose(measured["maxboxacc_v2"], ref["maxboxacc_v2"])
     assert meter.meter.convention == "wsol"
-    default = localization_from_maps(maps, [b for b in boxes], GRID, SIZE)
+    default = localization_from_maps(maps, list(boxes), GRID, SIZE)
     assert not np.allclose(default[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
                            ref[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]])

@@ -1,6 +1,5 @@
 """No selection on test: token sets remember their split, and fit / fit_grid refuse quietly to select on test."""
 
-import dataclasses
 import json
 import warnings
 from types import SimpleNamespace
