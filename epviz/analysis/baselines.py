@@ -38,6 +38,7 @@ import pandas as pd
 from epviz.analysis.boxes import box_source
 from epviz.analysis.entropy import map_entropy
 from epviz.analysis.localization import DELTAS, localization_from_maps
+from epviz.data import GroundTruthBoxes, ImageDataset
 from epviz.tables import context_columns, frame
 
 __all__ = ["BASELINES", "CENTRE_PRIOR", "MATCHED", "SIGMA_FRACTION", "UNIFORM", "centre_prior_maps",
@@ -152,7 +153,7 @@ def matched_entropy_maps(n: int, num_tokens: int, target: float, *, seed: int = 
 
 
 def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int]]:
-    if hasattr(boxes, "box_list") or (hasattr(boxes, "boxes") and hasattr(boxes, "image_size")):
+    if isinstance(boxes, (ImageDataset, GroundTruthBoxes)):
         size = image_size if image_size is not None else boxes.image_size
         source = box_source(boxes)
         index = range(len(boxes)) if index is None else index
@@ -163,10 +164,11 @@ def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int]
     return (boxes if index is None else [boxes[int(i)] for i in index]), image_size
 
 
-def _score(maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size) -> pd.DataFrame:
+def _score(maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size,
+           convention: str = "epviz") -> pd.DataFrame:
     stack = np.stack(list(maps.values()), axis=1).astype(np.float32)  # (n, baselines, N): one pass, one "predictor" each
     summary = localization_from_maps(stack, boxes, grid, image_size, thresholds=thresholds, deltas=deltas,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, convention=convention)
     own = [c for c in summary.columns if c not in context_columns(None)]
     summary = summary[own].drop(columns="predictor")
     entropy = map_entropy(stack).mean(0)  # (baselines,)
@@ -184,6 +186,7 @@ def localization_baselines(
     seed: int = 0,
     index: Sequence[int] | None = None,
     thresholds: Sequence[float] | None = None,
+    convention: str = "epviz",
     deltas: Sequence[float] = DELTAS,
     context: Mapping | None = None,
     batch_size: int = 64,
@@ -200,6 +203,7 @@ def localization_baselines(
         seed: Seed of the random maps' noise.
         index: Images of the dataset to use (default all), e.g. the ``localization_index`` of the probes.
         thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01): pass the probes' own.
+        convention: MaxBoxAccV2 convention, "epviz" or "wsol" (see :mod:`epviz.analysis.localization`): the probes' own.
         deltas: IoU thresholds (default 0.3, 0.5, 0.7).
         context: Values of the context columns (backbone, layer, probe, seed).
         batch_size: Images processed together.
@@ -220,7 +224,7 @@ def localization_baselines(
     if target_entropy is not None:
         maps[MATCHED], temperature = matched_entropy_maps(n, num_tokens, float(target_entropy), seed=seed)
         params[MATCHED] = dict(target_entropy_norm=float(target_entropy), temperature=temperature, map_seed=int(seed))
-    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size)
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention)
     summary.loc[summary["baseline"] == UNIFORM, "pointing"] = np.nan  # no argmax: every token ties
     rows = [{**row, **params[row["baseline"]]} for row in summary.to_dict("records")]
     columns = list(summary.columns) + ["sigma_fraction", "target_entropy_norm", "temperature", "map_seed"]
@@ -238,6 +242,7 @@ def matched_entropy_baselines(
     seed: int = 0,
     index: Sequence[int] | None = None,
     thresholds: Sequence[float] | None = None,
+    convention: str = "epviz",
     deltas: Sequence[float] = DELTAS,
     batch_size: int = 64,
 ) -> pd.DataFrame:
@@ -258,6 +263,7 @@ def matched_entropy_baselines(
         seed: Seed of the noise.
         index: Images of the dataset to use (default all).
         thresholds: MaxBoxAccV2 thresholds: pass the probes' own.
+        convention: MaxBoxAccV2 convention: the probes' own.
         deltas: IoU thresholds.
         batch_size: Images processed together.
 
@@ -280,6 +286,6 @@ def matched_entropy_baselines(
         maps[repr(key)], temperature = matched_entropy_maps(n, num_tokens, float(target), seed=seed)
         params.append({**dict(zip(by, key)), "target_entropy_norm": float(target), "temperature": temperature,
                        "map_seed": int(seed)})
-    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size).assign(baseline=MATCHED)
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention).assign(baseline=MATCHED)
     keys = pd.DataFrame(params)
     return pd.concat([keys[by], summary, keys.drop(columns=by)], axis=1)

@@ -117,6 +117,16 @@ class Backbone:
             raise ConfigError(f"layers {layers} name the same block twice; list each block once")
         return out
 
+    @property
+    def final_norm(self) -> bool:
+        """Whether the reference implementation reads this encoder's blocks through its final norm.
+
+        ``card["final_norm"]`` when set (presets), else the preset rule of its name (False for plain
+        timm names and the zoo); :func:`epviz.extract_tokens` and :func:`epviz.fit_images` follow it by default.
+        """
+        value = self.card.get("final_norm")
+        return presets.default_norm(self.name) if value is None else bool(value)
+
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """Images (B, 3, H, W), uint8 or float in [0, 1], as the model's normalised input on `device`.
 

@@ -263,6 +263,7 @@ def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", 
             data = drop_unreadable(data, f"the {split} split of {parsed}")
     if len(data) == 0:
         raise ValueError(f"the {split} split of {parsed} is empty")
+    data.standard_split = split  # which standard split this is (token origins record it: fit warns on a test split)
     return data
 
 

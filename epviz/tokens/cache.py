@@ -49,7 +49,7 @@ from epviz.errors import AnnotationError, ConfigError, DataError
 from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens.tokenset import TokenOrigin, TokenSet
 
-__all__ = ["TokenCache", "extract_tokens", "default_cache_dir", "default_norm", "dataset_split", "cache_key", "CACHE_FORMAT"]
+__all__ = ["TokenCache", "extract_tokens", "default_cache_dir", "dataset_split", "cache_key", "CACHE_FORMAT"]
 
 CACHE_FORMAT = 1
 _PARTIAL = ".partial-"
@@ -176,13 +176,6 @@ def _dataset_fingerprint(dataset, key: dict | None) -> dict:
     return dataset.fingerprint()
 
 
-def default_norm(backbone: Backbone) -> bool:
-    """The backbone's final-norm convention: ``card["final_norm"]`` when set (presets), else
-    :func:`epviz.backbones.presets.default_norm` of its name (False for plain timm names and the zoo)."""
-    value = backbone.card.get("final_norm")
-    return presets.default_norm(backbone.name) if value is None else bool(value)
-
-
 def cache_key(backbone: Backbone, dataset_fingerprint: dict, layers: list[int], norm: bool, precision: str, dtype: str, transform: dict) -> tuple[str, dict]:
     """The cache key (hex sha256) and the JSON-able components it hashes."""
     parts = {
@@ -271,7 +264,7 @@ def extract_tokens(
             ``fingerprint()``; images are resized to the backbone's input size if needed.
         layers: Block indices (0 = first block, -1 = last); None = every block.
         norm: Apply the encoder's final norm to each block output. None (default): the
-            backbone's convention (:func:`default_norm`: a preset's ``final_norm``, else off).
+            backbone's convention (:attr:`Backbone.final_norm`: a preset's ``final_norm``, else off).
         batch_size: Images per backbone pass.
         precision: "fp32" or "bf16" (autocast); part of the key.
         dtype: Storage dtype, "float16" (default) or "float32".
@@ -283,7 +276,7 @@ def extract_tokens(
         progress: Show a tqdm bar.
     """
     layers = backbone.resolve_layers(layers)
-    norm = default_norm(backbone) if norm is None else bool(norm)
+    norm = backbone.final_norm if norm is None else bool(norm)
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
     if precision not in PRECISIONS:

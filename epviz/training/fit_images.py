@@ -3,7 +3,7 @@
 :func:`fit_images` trains a probe as the reference implementation does: every training
 step draws a fresh RandomResizedCrop (scale 0.08-1, bicubic) and horizontal flip of each
 image, runs the frozen backbone on it, and trains the probe on the chosen block's tokens
-(raw block output, no final norm) with LARS, lr = 0.1 * batch / 256, linear warm-up then
+(the block output, through the final norm where the reference applies it) with LARS, lr = 0.1 * batch / 256, linear warm-up then
 cosine decay per step, and keeps the epoch with the best validation top-1. Validation
 images get the evaluation transform (Resize 256 + CenterCrop 224) and also go through
 the backbone every epoch.
@@ -58,7 +58,7 @@ def fit_images(
     warmup_epochs: float | None = None,
     label_smoothing: float = 0.0,
     scale: tuple[float, float] = (0.08, 1.0),
-    norm: bool = False,
+    norm: bool | None = None,
     precision: str = "bf16",
     num_workers: int = 0,
     device: str | torch.device | None = None,
@@ -84,7 +84,8 @@ def fit_images(
             ratio, 10 of 90 epochs: ``min(10, epochs / 9)``.
         label_smoothing: Cross-entropy label smoothing (reference: 0).
         scale: RandomResizedCrop area range (reference: 0.08-1).
-        norm: Apply the encoder's final norm to the block output (reference: off).
+        norm: Apply the encoder's final norm to the block output; None follows the backbone's (the
+            reference implementation's) convention, :attr:`~epviz.backbones.Backbone.final_norm`.
         precision: "bf16" (reference) or "fp32" for backbone and probe.
         num_workers: DataLoader worker processes decoding images (use several on a GPU machine).
         device: Where to run; None picks CUDA when present.
@@ -111,6 +112,7 @@ def fit_images(
             f"with_transform() (epviz.data.load_split('imagenet:/root', 'train')); got {type(train).__name__}"
         )
     warmup_epochs = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
+    norm = backbone.final_norm if norm is None else bool(norm)
     check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None,
                       lr=lr, weight_decay=weight_decay)
     _check_scale(scale)
