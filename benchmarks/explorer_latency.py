@@ -51,8 +51,10 @@ def main() -> None:
     for name, runs in (("query change", query), ("image change", image)):
         total = statistics.median(t for t, _ in runs)
         state = statistics.median(s for _, s in runs)
-        print(f"{name}: median {total:.0f} ms end to end (state {state:.0f} ms, figure and widgets {total - state:.0f} ms), "
-              f"max {max(t for t, _ in runs):.0f} ms over {len(runs)} updates")
+        print(
+            f"{name}: median {total:.0f} ms end to end (state {state:.0f} ms, figure and widgets {total - state:.0f} ms), "
+            f"max {max(t for t, _ in runs):.0f} ms over {len(runs)} updates"
+        )
 
 
 if __name__ == "__main__":

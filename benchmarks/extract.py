@@ -33,7 +33,9 @@ def bare_loop(bb, images: torch.Tensor, layers: list[int], batch_size: int, prec
     with torch.inference_mode(), autocast(device, precision):
         for s in range(0, len(images), batch_size):
             x = (images[s : s + batch_size].to(device).float() / 255.0 - mean) / std
-            bb.model.forward_intermediates(x, indices=layers, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True, stop_early=True)
+            bb.model.forward_intermediates(
+                x, indices=layers, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True, stop_early=True
+            )
     return time.perf_counter() - start
 
 
@@ -55,10 +57,14 @@ def main() -> None:
         bare.append(bare_loop(bb, ds.images, layers, args.batch_size, args.precision, device))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            extract_tokens(bb, ds, layers, batch_size=args.batch_size, precision=args.precision, cache_dir=tmp, device=device, progress=False)
+            extract_tokens(
+                bb, ds, layers, batch_size=args.batch_size, precision=args.precision, cache_dir=tmp, device=device, progress=False
+            )
             ours.append(time.perf_counter() - start)
     b, o = statistics.median(bare), statistics.median(ours)
-    print(f"backbone {bb.name}, {args.images} images, all {len(layers)} blocks, batch {args.batch_size}, {args.precision}, {device}")
+    print(
+        f"backbone {bb.name}, {args.images} images, all {len(layers)} blocks, batch {args.batch_size}, {args.precision}, {device}"
+    )
     print(f"bare forward_intermediates: {args.images / b:8.1f} img/s  (median of {args.repeats})")
     print(f"epviz extract_tokens:       {args.images / o:8.1f} img/s  (to fp16 memmaps on disk)")
     print(f"throughput ratio epviz / bare: {b / o:.3f}  (target >= 0.9)")

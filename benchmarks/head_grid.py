@@ -73,8 +73,16 @@ def main() -> None:
     lrs = [float(x) for x in args.lrs.split(",")]
     wds = [float(x) for x in args.wds.split(",")]
     k = len(lrs) * len(wds)
-    budget = dict(epochs=args.epochs, batch_size=args.batch, optimizer=args.optimizer, warmup_epochs=min(1, args.epochs - 1),
-                  precision=args.precision, device=args.device, seed=0, progress=False)
+    budget = dict(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        optimizer=args.optimizer,
+        warmup_epochs=min(1, args.epochs - 1),
+        precision=args.precision,
+        device=args.device,
+        seed=0,
+        progress=False,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         train = random_tokens(args.samples, args, Path(tmp), "train", 0)
@@ -84,8 +92,10 @@ def main() -> None:
             f"D={args.dim}, C={args.classes}, {args.epochs} epochs, batch {args.batch}, {args.optimizer}, {args.precision}, "
             f"{'RAM' if args.in_memory else 'fp16 memmap'}; {torch.get_num_threads()} threads, {args.repeats} round(s)\n"
         )
-        print(f"{'probe':<8}{'grid s':>9}{'separate s':>12}{'grid/separate':>15}{'grid s/head':>13}{'fit s/head':>12}"
-              f"{'max |d val acc|':>17}")
+        print(
+            f"{'probe':<8}{'grid s':>9}{'separate s':>12}{'grid/separate':>15}{'grid s/head':>13}{'fit s/head':>12}"
+            f"{'max |d val acc|':>17}"
+        )
         for name in args.probes.split(","):
             grid_s, sep_s, diff = [], [], 0.0
             for _ in range(args.repeats):

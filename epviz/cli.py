@@ -1,8 +1,8 @@
 """Command line: ``epviz reproduce | extract | zoo``.
 
-    epviz reproduce [--fast] [--only 00_quickstart]   run the notebooks, write figures/ + report.html
-    epviz extract --backbone tiny-mae --split test --size 4000 --layers -1
-    epviz zoo                                          the zoo's model cards and probe results
+epviz reproduce [--fast] [--only 00_quickstart]   run the notebooks, write figures/ + report.html
+epviz extract --backbone tiny-mae --split test --size 4000 --layers -1
+epviz zoo                                          the zoo's model cards and probe results
 """
 
 from __future__ import annotations
@@ -74,19 +74,26 @@ def _first_line(err: Exception) -> str:
 
 def write_report(figures: Path, timings: list[dict] | None = None) -> Path:
     """One self-contained HTML page showing every PNG in `figures` (images embedded)."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>epviz figures</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%;border:1px solid #ddd}"
-             "figure{margin:2em 0}figcaption{color:#555}</style>", "<h1>epviz — reproduced figures</h1>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>epviz figures</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%;border:1px solid #ddd}"
+        "figure{margin:2em 0}figcaption{color:#555}</style>",
+        "<h1>epviz — reproduced figures</h1>",
+    ]
     if timings:
-        rows = "".join(f"<tr><td>{html.escape(t['notebook'])}</td><td>{t['seconds']}</td>"
-                       f"<td>{html.escape(t.get('error', 'ok'))}</td></tr>" for t in timings)
+        rows = "".join(
+            f"<tr><td>{html.escape(t['notebook'])}</td><td>{t['seconds']}</td><td>{html.escape(t.get('error', 'ok'))}</td></tr>"
+            for t in timings
+        )
         parts.append(f"<table><tr><th>notebook</th><th>seconds</th><th>status</th></tr>{rows}</table>")
     for png in sorted(figures.glob("*.png")):
         data = base64.b64encode(png.read_bytes()).decode()
         csv = png.with_suffix(".csv")
         link = f" — data: <a href='{html.escape(csv.name)}'>{html.escape(csv.name)}</a>" if csv.is_file() else ""
-        parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(png.stem)}'>"
-                     f"<figcaption>{html.escape(png.stem)}{link}</figcaption></figure>")
+        parts.append(
+            f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(png.stem)}'>"
+            f"<figcaption>{html.escape(png.stem)}{link}</figcaption></figure>"
+        )
     return atomic_write_text(figures / "report.html", "\n".join(parts))
 
 
@@ -102,8 +109,10 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"report: {report}")
     failed = [t["notebook"] for t in timings if "error" in t]
     if failed:
-        sys.exit(f"{len(failed)} notebook(s) failed: {', '.join(failed)}; their executed copies under "
-                 f"figures/{'fast/' if args.fast else ''}notebooks/ show the error")
+        sys.exit(
+            f"{len(failed)} notebook(s) failed: {', '.join(failed)}; their executed copies under "
+            f"figures/{'fast/' if args.fast else ''}notebooks/ show the error"
+        )
 
 
 def _extract(args: argparse.Namespace) -> None:

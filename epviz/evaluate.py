@@ -22,8 +22,17 @@ from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
-    "Predictions", "predict", "accuracy", "attention_maps", "collect_attention", "topk_accuracy",
-    "eval_mode", "iter_batches", "loss_and_accuracy", "ensure_finite", "check_labels",
+    "Predictions",
+    "predict",
+    "accuracy",
+    "attention_maps",
+    "collect_attention",
+    "topk_accuracy",
+    "eval_mode",
+    "iter_batches",
+    "loss_and_accuracy",
+    "ensure_finite",
+    "check_labels",
 ]
 
 
@@ -79,7 +88,11 @@ def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
     if lo >= 0 and hi < num_classes:
         return
     outside = int(((labels < 0) | (labels >= num_classes)).sum())
-    fix = "negative labels are not classes: fix the labels" if lo < 0 else f"build the probe with num_classes={hi + 1} or fix the labels"
+    fix = (
+        "negative labels are not classes: fix the labels"
+        if lo < 0
+        else f"build the probe with num_classes={hi + 1} or fix the labels"
+    )
     raise ConfigError(
         f"the {what} labels range from {lo} to {hi} (max label {hi}) but {owner} has num_classes={num_classes}; "
         f"labels must lie in [0, {num_classes - 1}] and {outside} of {labels.size} samples lie outside: {fix}"
@@ -115,7 +128,9 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
     if len(labels) == 0:
         raise DataError("cannot compute accuracy on 0 samples")
     if logits.ndim != 2 or logits.shape[0] != len(labels):
-        raise DataError(f"logits must be (samples, classes) with one row per label; got {tuple(logits.shape)} for {len(labels)} labels")
+        raise DataError(
+            f"logits must be (samples, classes) with one row per label; got {tuple(logits.shape)} for {len(labels)} labels"
+        )
     check_labels(labels.cpu().numpy() if torch.is_tensor(labels) else labels, int(logits.shape[1]), "the", "the logits")
     out = {}
     for k in ks:

@@ -77,14 +77,21 @@ class Setting:
 
     name: str = "full"
     sizes: Mapping[str, int | None] = field(default_factory=lambda: _frozen({"train": 20_000, "val": 2_000, "test": 4_000}))
-    budget: Mapping[str, Any] = field(default_factory=lambda: _frozen(dict(
-        epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16")))
-    low_shot_budget: Mapping[str, Any] = field(default_factory=lambda: _frozen(dict(
-        epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16")))
+    budget: Mapping[str, Any] = field(
+        default_factory=lambda: _frozen(
+            dict(epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16")
+        )
+    )
+    low_shot_budget: Mapping[str, Any] = field(
+        default_factory=lambda: _frozen(
+            dict(epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16")
+        )
+    )
     threshold_step: int = 1
     probes: tuple[str, ...] | None = None
-    grid: Mapping[str, Any] | None = field(default_factory=lambda: _frozen(
-        {"lrs": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decays": (1e-4,), "train_size": 4_000}))
+    grid: Mapping[str, Any] | None = field(
+        default_factory=lambda: _frozen({"lrs": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decays": (1e-4,), "train_size": 4_000})
+    )
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.sizes]
@@ -105,26 +112,29 @@ class Setting:
             object.__setattr__(self, "probes", tuple(self.probes))
 
     @classmethod
-    def full(cls) -> "Setting":
+    def full(cls) -> Setting:
         """The full standard setting (the numbers the README reports)."""
         return cls()
 
     @classmethod
-    def fast(cls) -> "Setting":
+    def fast(cls) -> Setting:
         """Small sizes and budgets for checking the pipeline (CI)."""
         return cls(
             name="fast",
             sizes={"train": 2_000, "val": 500, "test": 500},
-            budget=dict(epochs=5, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=1, precision="fp32"),
-            low_shot_budget=dict(epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=4,
-                                 precision="fp32"),
+            budget=dict(
+                epochs=5, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=1, precision="fp32"
+            ),
+            low_shot_budget=dict(
+                epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=4, precision="fp32"
+            ),
             threshold_step=4,
             probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
             grid={"lrs": (1e-3, 1e-2), "weight_decays": (1e-4,)},
         )
 
     @classmethod
-    def single_recipe(cls) -> "Setting":
+    def single_recipe(cls) -> Setting:
         """The full sizes with one shared recipe for every probe (AdamW, lr 1e-3, weight decay 1e-4), no grid.
 
         One learning rate decides which probe wins (EP learns slowly at 1e-3); kept to reproduce
@@ -133,7 +143,7 @@ class Setting:
         return cls(name="single-recipe", grid=None)
 
     @classmethod
-    def paper(cls) -> "Setting":
+    def paper(cls) -> Setting:
         """The reference implementation's recipe on cached tokens: LARS, lr 0.1 x batch / 256, 90 epochs
         (10 of warm-up), batch 4096, no weight decay, bf16; no grid.
 
@@ -144,7 +154,7 @@ class Setting:
         return cls(name="paper", budget=recipe, low_shot_budget=recipe, grid=None)
 
     @classmethod
-    def from_env(cls) -> "Setting":
+    def from_env(cls) -> Setting:
         """:meth:`fast` when ``EPVIZ_FAST=1``, else :meth:`full`."""
         return cls.fast() if os.environ.get(FAST_ENV, "0") == "1" else cls.full()
 
@@ -153,7 +163,7 @@ class Setting:
         """Whether this is the fast setting."""
         return self.name == "fast"
 
-    def replace(self, **changes: Any) -> "Setting":
+    def replace(self, **changes: Any) -> Setting:
         """A "custom" copy with some fields changed (``budget`` and ``low_shot_budget`` entries are merged)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -204,9 +214,14 @@ class Setting:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (printed by the notebooks)."""
-        return {"name": self.name, "sizes": dict(self.sizes), "budget": dict(self.budget), "threshold_step": self.threshold_step,
-                "probes": None if self.probes is None else list(self.probes),
-                "grid": None if self.grid is None else dict(self.grid)}
+        return {
+            "name": self.name,
+            "sizes": dict(self.sizes),
+            "budget": dict(self.budget),
+            "threshold_step": self.threshold_step,
+            "probes": None if self.probes is None else list(self.probes),
+            "grid": None if self.grid is None else dict(self.grid),
+        }
 
     def sizes_of(self, splits: Sequence[str] = SPLITS) -> dict[str, int | None]:
         """Sizes of some splits."""

@@ -64,9 +64,16 @@ class Study:
 
     def describe(self) -> dict:
         """A summary to print at the top of a notebook."""
-        return {"setting": self.setting.name, "backbones": self.backbones, "control": self.control, "dataset": self.dataset,
-                "layer": self.layer, "images": {split: len(ds) for split, ds in self.sets.items()},
-                "budget": self.budget, "figures": str(self.figures)}
+        return {
+            "setting": self.setting.name,
+            "backbones": self.backbones,
+            "control": self.control,
+            "dataset": self.dataset,
+            "layer": self.layer,
+            "images": {split: len(ds) for split, ds in self.sets.items()},
+            "budget": self.budget,
+            "figures": str(self.figures),
+        }
 
 
 def open_study(
@@ -98,8 +105,10 @@ def open_study(
     setting = Setting.from_env() if setting is None else setting
     present = present_backbones(backbones)
     if control is not None and control not in present:
-        raise ValueError(f"the random-init control {control!r} must be among the backbones {present}: the control stands "
-                         "beside every trained backbone (control=None runs without one)")
+        raise ValueError(
+            f"the random-init control {control!r} must be among the backbones {present}: the control stands "
+            "beside every trained backbone (control=None runs without one)"
+        )
     sets = standard_splits(dataset, setting.sizes, splits)
     folder = Path(figures) / ("fast" if setting.is_fast else "")
     study = Study(setting=setting, backbones=present, control=control, dataset=dataset, layer=layer, sets=sets, figures=folder)

@@ -24,7 +24,7 @@ def context_columns(context: Mapping | None, probe: Any = None, tokens: Any = No
     name, and ``backbone`` / ``layer`` from ``tokens.origin`` (set by token caches); anything
     still unknown is None. Values in `context` win, and extra keys become extra columns.
     """
-    out: dict = {k: None for k in CONTEXT_KEYS}
+    out: dict = dict.fromkeys(CONTEXT_KEYS)
     if tokens is not None:
         for key in ("backbone", "layer"):
             if getattr(tokens.origin, key) is not None:

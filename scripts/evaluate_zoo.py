@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz import probes  # noqa: E402
 from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
 from epviz.backbones import load_backbone  # noqa: E402
+from epviz.backbones.zoo import ZOO, ZOO_DIR  # noqa: E402
 from epviz.data import ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import accuracy  # noqa: E402
 from epviz.tokens import extract_tokens  # noqa: E402
 from epviz.training import fit  # noqa: E402
-from epviz.backbones.zoo import ZOO, ZOO_DIR  # noqa: E402
 
 
 def parse_probe(spec: str) -> tuple[str, dict]:
@@ -67,16 +67,33 @@ def main() -> None:
             kind, options = parse_probe(spec)
             probe = probes.build(kind, bb.dim, 10, seed=args.seed, **options)
             start = time.time()
-            result = fit(probe, tokens["train"], tokens["val"], epochs=args.epochs, batch_size=args.batch_size,
-                         optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                         warmup_epochs=args.warmup_epochs, seed=args.seed, progress=False)
+            result = fit(
+                probe,
+                tokens["train"],
+                tokens["val"],
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                optimizer=args.optimizer,
+                lr=args.lr,
+                weight_decay=args.weight_decay,
+                warmup_epochs=args.warmup_epochs,
+                seed=args.seed,
+                progress=False,
+            )
             test = accuracy(result.probe, tokens["test"], topk=(1,))
-            rows.append({
-                "backbone": name, "probe": spec, "num_classes": 10, "layer": bb.depth - 1,
-                "params": probes.trainable_params(probe),
-                "val_acc": result.best_acc, "best_epoch": result.best_epoch, "test_acc": test["top1"],
-                "train_seconds": round(time.time() - start, 1),
-            })
+            rows.append(
+                {
+                    "backbone": name,
+                    "probe": spec,
+                    "num_classes": 10,
+                    "layer": bb.depth - 1,
+                    "params": probes.trainable_params(probe),
+                    "val_acc": result.best_acc,
+                    "best_epoch": result.best_epoch,
+                    "test_acc": test["top1"],
+                    "train_seconds": round(time.time() - start, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     previous = args.out.with_suffix(".csv")
@@ -86,8 +103,10 @@ def main() -> None:
     atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("backbones", "update")}
     protocol["backbones"] = sorted(table["backbone"].unique())
-    protocol["description"] = ("cached last-block tokens (no final norm, no augmentation); best epoch chosen on held-out "
-                               "train canvases (seed 1); top-1 on test canvases (Fashion-MNIST test items, seed 0)")
+    protocol["description"] = (
+        "cached last-block tokens (no final norm, no augmentation); best epoch chosen on held-out "
+        "train canvases (seed 1); top-1 on test canvases (Fashion-MNIST test items, seed 0)"
+    )
     protocol["torch_threads"] = torch.get_num_threads()
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(protocol, indent=2) + "\n")
     print(table.pivot(index="probe", columns="backbone", values="test_acc").round(3).to_string())

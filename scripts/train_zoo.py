@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
-from epviz.data import CanvasGenerator, ClutteredFashionMNIST  # noqa: E402
 from epviz.backbones.zoo import ARCHITECTURE, NORMALIZATION, ZOO_DIR, build_zoo_vit, file_sha256  # noqa: E402
+from epviz.data import CanvasGenerator, ClutteredFashionMNIST  # noqa: E402
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -56,7 +56,9 @@ class MaskedAutoencoder(nn.Module):
     No loss term touches [CLS]: it is carried through the encoder but never decoded.
     """
 
-    def __init__(self, encoder: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4, mask_ratio: float = 0.75) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder_dim: int = 128, decoder_depth: int = 2, decoder_heads: int = 4, mask_ratio: float = 0.75
+    ) -> None:
         super().__init__()
         self.encoder, self.mask_ratio = encoder, mask_ratio
         self.patch = ARCHITECTURE["patch_size"]
@@ -147,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     model = encoder if args.objective == "sup" else MaskedAutoencoder(encoder)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n and "token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95) if args.objective == "mae" else (0.9, 0.999))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95) if args.objective == "mae" else (0.9, 0.999),
+    )
     canvases = CanvasGenerator("train")
     test = ClutteredFashionMNIST("test", args.eval_size, seed=0)
     steps_per_epoch = math.ceil(canvases.num_items / args.batch_size)
@@ -205,15 +210,28 @@ def main(argv: list[str] | None = None) -> None:
             "evaluation": f"{args.eval_size} test canvases (Fashion-MNIST test items), seed 0",
         },
         "training": {
-            "epochs": args.epochs if not args.max_steps else None, "steps": step, "batch_size": args.batch_size,
-            "optimizer": "AdamW", "lr": args.lr, "weight_decay": args.weight_decay, "warmup_epochs": args.warmup_epochs,
-            "schedule": "linear warm-up then cosine per step", "label_smoothing": args.label_smoothing if args.objective == "sup" else None,
-            "precision": args.precision, "seed": args.seed, "threads": torch.get_num_threads(),
+            "epochs": args.epochs if not args.max_steps else None,
+            "steps": step,
+            "batch_size": args.batch_size,
+            "optimizer": "AdamW",
+            "lr": args.lr,
+            "weight_decay": args.weight_decay,
+            "warmup_epochs": args.warmup_epochs,
+            "schedule": "linear warm-up then cosine per step",
+            "label_smoothing": args.label_smoothing if args.objective == "sup" else None,
+            "precision": args.precision,
+            "seed": args.seed,
+            "threads": torch.get_num_threads(),
         },
         "wall_time_seconds": round(wall, 1),
         "final_metrics": {k: v for k, v in history[-1].items() if k not in ("epoch", "seconds")},
         "history": history,
-        "environment": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine()},
+        "environment": {
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
         "sha256": file_sha256(weights),
         "command": "python scripts/train_zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }

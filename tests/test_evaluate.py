@@ -12,7 +12,6 @@ from epviz.tokens import TokenSet
 D, C, N = 16, 6, 9
 
 
-
 @pytest.fixture(scope="module")
 def tokens() -> TokenSet:
     rng = np.random.default_rng(0)
@@ -113,7 +112,10 @@ def with_labels(tokens, labels):
 
 def test_accuracy_refuses_labels_beyond_the_probe(probe, tokens):
     some = with_labels(tokens, np.where(np.arange(37) % 5 == 0, C + 3, tokens.labels))
-    with pytest.raises(ConfigError, match=r"labels range from \d+ to 9 \(max label 9\) but probe 'ep' has num_classes=6; labels must lie in \[0, 5\] and 8 of 37"):
+    with pytest.raises(
+        ConfigError,
+        match=r"labels range from \d+ to 9 \(max label 9\) but probe 'ep' has num_classes=6; labels must lie in \[0, 5\] and 8 of 37",
+    ):
         accuracy(probe, some)
     every = with_labels(tokens, np.full(37, C))
     with pytest.raises(ConfigError, match="37 of 37 samples lie outside"):
@@ -150,19 +152,22 @@ def test_analyses_check_labels(probe, tokens):
         uniform_effect(probe, bad, [0])
 
 
-@pytest.mark.parametrize("call", [
-    lambda p, t: predict(p, t, batch_size=0),
-    lambda p, t: accuracy(p, t, batch_size=-3),
-    lambda p, t: accuracy(p, t, topk=(1, 2.5)),
-    lambda p, t: accuracy(p, t, precision="fp16"),
-    lambda p, t: predict(p, t, index=[0, 37]),
-    lambda p, t: predict(p, t, index=[[0, 1]]),
-    lambda p, t: predict(p, t, index=[0.5]),
-    lambda p, t: next(attention_maps(p, t, batch_size=0)),
-    lambda p, t: collect_attention(p, t, precision="half"),
-    lambda p, t: collect_attention(p, t, index=[-1]),
-    lambda p, t: loss_and_accuracy(p, t, batch_size=0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, t: predict(p, t, batch_size=0),
+        lambda p, t: accuracy(p, t, batch_size=-3),
+        lambda p, t: accuracy(p, t, topk=(1, 2.5)),
+        lambda p, t: accuracy(p, t, precision="fp16"),
+        lambda p, t: predict(p, t, index=[0, 37]),
+        lambda p, t: predict(p, t, index=[[0, 1]]),
+        lambda p, t: predict(p, t, index=[0.5]),
+        lambda p, t: next(attention_maps(p, t, batch_size=0)),
+        lambda p, t: collect_attention(p, t, precision="half"),
+        lambda p, t: collect_attention(p, t, index=[-1]),
+        lambda p, t: loss_and_accuracy(p, t, batch_size=0),
+    ],
+)
 def test_arguments_out_of_range_are_config_errors(probe, tokens, call):
     with pytest.raises(ConfigError):
         call(probe, tokens)

@@ -1,8 +1,9 @@
 """The conda environment and pyproject.toml list the same dependencies; CI calls make test."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"pytorch": "torch"}
@@ -19,7 +20,7 @@ def test_environment_yml_matches_pyproject():
     wanted = dict(_name(r) for r in project["dependencies"] + extras)
     listed = {}
     text = (ROOT / "environment.yml").read_text()
-    section = text[text.index("dependencies:"):]
+    section = text[text.index("dependencies:") :]
     for line in section.splitlines():
         m = re.match(r"\s+- ([A-Za-z][^#:]*)$", line)
         if m:

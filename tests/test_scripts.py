@@ -22,7 +22,9 @@ def load_script(name: str):
 @pytest.mark.parametrize("objective", ["sup", "mae"])
 def test_train_zoo_writes_weights_and_card(tmp_path, objective):
     train_zoo = load_script("train_zoo")
-    train_zoo.main([objective, "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--eval-size", "64", "--out", str(tmp_path)])
+    train_zoo.main(
+        [objective, "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--eval-size", "64", "--out", str(tmp_path)]
+    )
     weights = tmp_path / f"tiny-{objective}.safetensors"
     card = json.loads((tmp_path / f"tiny-{objective}.json").read_text())
     assert card["sha256"] == file_sha256(weights)

@@ -15,8 +15,14 @@ def toy_tokens(n: int, seed: int, layer: int = 1) -> tuple[TokenSet, np.ndarray]
     patch = rng.normal(size=(n, 16, 32))
     patch[:, :4] += centres[labels][:, None]  # the first grid row carries the class
     boxes = np.tile([0.0, 0.0, 32.0, 8.0], (n, 1))
-    ts = TokenSet(patch=patch.astype(np.float32), prefix=patch[:, :1].mean(1, keepdims=True).astype(np.float32),
-                  labels=labels, grid=(4, 4), num_classes=3, origin=TokenOrigin(backbone="toy", layer=layer))
+    ts = TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=patch[:, :1].mean(1, keepdims=True).astype(np.float32),
+        labels=labels,
+        grid=(4, 4),
+        num_classes=3,
+        origin=TokenOrigin(backbone="toy", layer=layer),
+    )
     return ts, boxes
 
 

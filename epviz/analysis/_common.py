@@ -11,8 +11,6 @@ from epviz.tables import CONTEXT_KEYS, context_columns, frame
 __all__ = ["CONTEXT_KEYS", "context_columns", "frame", "require_predictors", "attentive_probe_names", "prepare_probe"]
 
 
-
-
 def attentive_probe_names() -> list[str]:
     """Registered probe families that have attention predictors."""
     return available(attentive=True, variants=False)
@@ -39,4 +37,3 @@ def prepare_probe(probe: Probe, device: str | torch.device | None) -> torch.devi
     device = resolve_device(device)
     probe.to(device)
     return device
-

@@ -43,8 +43,13 @@ def _check_method(method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def ablated_logits(probe: Probe, batch: TokenBatch | MeterBatch, method: str = "auto", control: str = "uniform",
-                   replacement: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def ablated_logits(
+    probe: Probe,
+    batch: TokenBatch | MeterBatch,
+    method: str = "auto",
+    control: str = "uniform",
+    replacement: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Full logits (B, C) and the logits with each predictor ablated (K, B, C), for one batch.
 
     Args:
@@ -143,8 +148,15 @@ class AblationMeter(Meter):
             rows = [{"predictor": j, acc: np.nan, delta: np.nan, "n_images": self.seen} for j in self.chosen]
             return pd.DataFrame(rows, columns=["predictor", acc, delta, "n_images"])
         acc_full = self.correct_full / self.seen
-        rows = [{"predictor": j, acc: self.correct_uniform[j] / self.seen,
-                 delta: acc_full - self.correct_uniform[j] / self.seen, "n_images": self.seen} for j in self.chosen]
+        rows = [
+            {
+                "predictor": j,
+                acc: self.correct_uniform[j] / self.seen,
+                delta: acc_full - self.correct_uniform[j] / self.seen,
+                "n_images": self.seen,
+            }
+            for j in self.chosen
+        ]
         return pd.DataFrame(rows, columns=["predictor", acc, delta, "n_images"])
 
     def positions(self) -> np.ndarray | None:
@@ -178,9 +190,11 @@ class UniformAblation(AblationMeter):
         predictors: Only report these predictors (default: all K).
     """
 
-    columns = {"delta_acc": "Δacc when the predictor is made uniform",
-               "acc_full": "top-1 accuracy of the full probe",
-               "acc_uniform": "top-1 accuracy with the predictor made uniform"}
+    columns = {
+        "delta_acc": "Δacc when the predictor is made uniform",
+        "acc_full": "top-1 accuracy of the full probe",
+        "acc_uniform": "top-1 accuracy with the predictor made uniform",
+    }
     table_columns = ("delta_acc",)
     control = "uniform"
     order = 0.0
@@ -192,15 +206,22 @@ class UniformAblation(AblationMeter):
     def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """``acc_full`` and ``delta_acc`` per resample and predictor."""
         full, _ = self.image_correct()
-        return {"acc_full": np.repeat(weighted_mean(weights, full)[:, None], len(self.chosen), axis=1),
-                **super().resample(weights)}
+        return {
+            "acc_full": np.repeat(weighted_mean(weights, full)[:, None], len(self.chosen), axis=1),
+            **super().resample(weights),
+        }
 
     def summary(self) -> pd.DataFrame:
         self._check_seen()
         acc_full = self.correct_full / self.seen
         rows = [
-            dict(predictor=j, acc_full=acc_full, acc_uniform=self.correct_uniform[j] / self.seen,
-                 delta_acc=acc_full - self.correct_uniform[j] / self.seen, n_images=self.seen)
+            dict(
+                predictor=j,
+                acc_full=acc_full,
+                acc_uniform=self.correct_uniform[j] / self.seen,
+                delta_acc=acc_full - self.correct_uniform[j] / self.seen,
+                n_images=self.seen,
+            )
             for j in self.chosen
         ]
         return pd.DataFrame(rows, columns=["predictor", "acc_full", "acc_uniform", "delta_acc", "n_images"])
@@ -237,8 +258,9 @@ def uniform_ablation(
     """
     require_predictors(probe, "uniform_ablation")
     meter = UniformAblation(method, predictors)
-    return measure(probe, tokens, meters=[meter], index=index, batch_size=batch_size, device=device,
-                   precision=precision, context=context)
+    return measure(
+        probe, tokens, meters=[meter], index=index, batch_size=batch_size, device=device, precision=precision, context=context
+    )
 
 
 def uniform_effect(

@@ -57,9 +57,19 @@ from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
-    "ABLATION_BASELINES", "TOKEN_BASELINES", "TARGETS", "AttributionComparison", "TokenAttribution",
-    "attention_agreement", "attribution_vs_attention", "importance_vs_ablation", "join_importance",
-    "predictor_importance", "sliced_probe_names", "token_attribution", "topk_overlap",
+    "ABLATION_BASELINES",
+    "TOKEN_BASELINES",
+    "TARGETS",
+    "AttributionComparison",
+    "TokenAttribution",
+    "attention_agreement",
+    "attribution_vs_attention",
+    "importance_vs_ablation",
+    "join_importance",
+    "predictor_importance",
+    "sliced_probe_names",
+    "token_attribution",
+    "topk_overlap",
 ]
 
 ABLATION_BASELINES = ("running_mean", "mean", "zero")
@@ -124,7 +134,9 @@ def _layer_baseline(probe: Probe, baseline, tokens: TokenSet, batch_size: int, i
     """The (1, width) value an ablated column takes."""
     if isinstance(baseline, str):
         if baseline not in ABLATION_BASELINES:
-            raise ValueError(f"baseline must be one of {ABLATION_BASELINES}, a number or a ({probe.width},) tensor; got {baseline!r}")
+            raise ValueError(
+                f"baseline must be one of {ABLATION_BASELINES}, a number or a ({probe.width},) tensor; got {baseline!r}"
+            )
         if baseline == "zero":
             return torch.zeros(1, probe.width, device=device)
         if baseline == "mean":
@@ -137,7 +149,9 @@ def _layer_baseline(probe: Probe, baseline, tokens: TokenSet, batch_size: int, i
     if value.ndim == 0:
         return value.expand(1, probe.width).clone()
     if value.numel() != probe.width:
-        raise ValueError(f"a baseline tensor must hold one value per pooled column ({probe.width}); got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"a baseline tensor must hold one value per pooled column ({probe.width}); got shape {tuple(value.shape)}"
+        )
     return value.reshape(1, probe.width)
 
 
@@ -211,8 +225,11 @@ def predictor_importance(
                 for metric in METRICS:
                     forward = _metric_forward(probe, metric)
                     attr = LayerFeatureAblation(forward, probe.hook_pooled).attribute(
-                        batch.patch, layer_baselines=base.to(batch.patch.dtype),
-                        additional_forward_args=(batch.prefix, batch.labels), layer_mask=mask)
+                        batch.patch,
+                        layer_baselines=base.to(batch.patch.dtype),
+                        additional_forward_args=(batch.prefix, batch.labels),
+                        layer_mask=mask,
+                    )
                     sums[metric] += attr[:, first.to(attr.device)].float().sum(0).cpu().numpy()
                     full[metric] += float(forward(batch.patch, batch.prefix, batch.labels).sum())
             seen += len(batch.labels)
@@ -220,9 +237,18 @@ def predictor_importance(
         raise ValueError("predictor_importance got no samples to evaluate (empty index)")
     label = baseline if isinstance(baseline, str) else "custom"
     rows = [
-        dict(predictor=g, importance_logit=sums["logit"][i] / seen, importance_prob=sums["prob"][i] / seen,
-             importance_acc=sums["acc"][i] / seen, logit_full=full["logit"] / seen, prob_full=full["prob"] / seen,
-             acc_full=full["acc"] / seen, acc_ablated=(full["acc"] - sums["acc"][i]) / seen, baseline=label, n_images=seen)
+        dict(
+            predictor=g,
+            importance_logit=sums["logit"][i] / seen,
+            importance_prob=sums["prob"][i] / seen,
+            importance_acc=sums["acc"][i] / seen,
+            logit_full=full["logit"] / seen,
+            prob_full=full["prob"] / seen,
+            acc_full=full["acc"] / seen,
+            acc_ablated=(full["acc"] - sums["acc"][i]) / seen,
+            baseline=label,
+            n_images=seen,
+        )
         for i, g in enumerate(groups)
     ]
     return frame(rows, context_columns(context, probe, tokens))
@@ -242,12 +268,16 @@ def join_importance(importance: pd.DataFrame, ablation: pd.DataFrame) -> pd.Data
     Raises:
         ValueError: Missing columns, or predictors present in only one of the tables.
     """
-    for name, table, needed in (("importance", importance, ["predictor", "importance_acc"]),
-                                ("ablation", ablation, ["predictor", "delta_acc"])):
+    for name, table, needed in (
+        ("importance", importance, ["predictor", "importance_acc"]),
+        ("ablation", ablation, ["predictor", "delta_acc"]),
+    ):
         missing = [c for c in needed if c not in table.columns]
         if missing:
-            raise ValueError(f"the {name} table lacks the columns {missing}; pass the output of "
-                             f"{'predictor_importance' if name == 'importance' else 'uniform_ablation'}")
+            raise ValueError(
+                f"the {name} table lacks the columns {missing}; pass the output of "
+                f"{'predictor_importance' if name == 'importance' else 'uniform_ablation'}"
+            )
     keys = [k for k in _context_keys(importance) if k in ablation.columns] + ["predictor"]
     right = ablation[keys + ["delta_acc", "acc_uniform"]]
     joined = importance.merge(right, on=keys, how="outer", indicator=True)
@@ -277,12 +307,20 @@ def importance_vs_ablation(importance: pd.DataFrame, ablation: pd.DataFrame, col
     joined = join_importance(importance, ablation)
     keys = _context_keys(joined)
     rows = []
-    for values, group in (joined.groupby(keys, sort=False, dropna=False) if keys else [((), joined)]):
+    for values, group in joined.groupby(keys, sort=False, dropna=False) if keys else [((), joined)]:
         values = values if isinstance(values, tuple) else (values,)
         rho, p = spearman(group[column].to_numpy(float), group["delta_acc"].to_numpy(float))
-        rows.append(dict(zip(keys, values), predictors=len(group), rho=rho, p_value=p,
-                         mean_importance=float(group[column].mean()), mean_delta_acc=float(group["delta_acc"].mean()),
-                         column=column))
+        rows.append(
+            dict(
+                zip(keys, values),
+                predictors=len(group),
+                rho=rho,
+                p_value=p,
+                mean_importance=float(group[column].mean()),
+                mean_delta_acc=float(group["delta_acc"].mean()),
+                column=column,
+            )
+        )
     return pd.DataFrame(rows)
 
 
@@ -316,11 +354,23 @@ class TokenAttribution:
     def to_frame(self, context: Mapping | None = None) -> pd.DataFrame:
         """One row per image: image, label, target, output_diff, attribution_sum, delta, relative_delta."""
         total = self.attributions.astype(np.float64).sum(-1)
-        rows = [dict(image=int(i), label=int(lab), target=int(t), output_diff=float(d), attribution_sum=float(s),
-                     delta=float(e), relative_delta=float(abs(e) / max(abs(d), 1e-12)))
-                for i, lab, t, d, s, e in zip(self.index, self.labels, self.targets, self.output_diff, total, self.delta)]
-        return frame(rows, context_columns(context), ["image", "label", "target", "output_diff", "attribution_sum",
-                                                      "delta", "relative_delta"])
+        rows = [
+            dict(
+                image=int(i),
+                label=int(lab),
+                target=int(t),
+                output_diff=float(d),
+                attribution_sum=float(s),
+                delta=float(e),
+                relative_delta=float(abs(e) / max(abs(d), 1e-12)),
+            )
+            for i, lab, t, d, s, e in zip(self.index, self.labels, self.targets, self.output_diff, total, self.delta)
+        ]
+        return frame(
+            rows,
+            context_columns(context),
+            ["image", "label", "target", "output_diff", "attribution_sum", "delta", "relative_delta"],
+        )
 
 
 def _token_baseline(patch: torch.Tensor, baseline: str) -> torch.Tensor:
@@ -340,8 +390,14 @@ def _attribute_batch(probe: Probe, batch: TokenBatch, target: str, baseline: str
     targets = batch.labels if target == "true" else logits.argmax(dim=-1)
     base = _token_baseline(batch.patch, baseline)
     attr, delta = IntegratedGradients(forward).attribute(
-        batch.patch, baselines=base, target=targets, additional_forward_args=(batch.prefix,), n_steps=n_steps,
-        internal_batch_size=internal_batch_size, return_convergence_delta=True)
+        batch.patch,
+        baselines=base,
+        target=targets,
+        additional_forward_args=(batch.prefix,),
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=True,
+    )
     with torch.no_grad():
         at_base = forward(base, batch.prefix).gather(1, targets[:, None])[:, 0]
     diff = logits.gather(1, targets[:, None])[:, 0] - at_base
@@ -392,15 +448,28 @@ def token_attribution(
     with eval_mode(probe, grad=True):  # BatchNorm running statistics, gradients for captum
         for batch in tqdm(batches, desc="integrated gradients", disable=not progress, leave=False):
             attr, targets, diff, delta = _attribute_batch(probe, batch, target, baseline, int(n_steps), internal_batch_size)
-            for key, value in (("attr", attr), ("index", batch.index), ("labels", batch.labels), ("targets", targets),
-                               ("diff", diff), ("delta", delta)):
+            for key, value in (
+                ("attr", attr),
+                ("index", batch.index),
+                ("labels", batch.labels),
+                ("targets", targets),
+                ("diff", diff),
+                ("delta", delta),
+            ):
                 parts[key].append(value.cpu().numpy())
     if not parts["attr"]:
         raise ValueError("token_attribution got no samples to explain (empty index)")
     cat = {k: np.concatenate(v) for k, v in parts.items()}
-    return TokenAttribution(cat["attr"].astype(np.float32), cat["index"].astype(np.int64), cat["labels"].astype(np.int64),
-                            cat["targets"].astype(np.int64), cat["diff"].astype(np.float64), cat["delta"].astype(np.float64),
-                            baseline, int(n_steps))
+    return TokenAttribution(
+        cat["attr"].astype(np.float32),
+        cat["index"].astype(np.int64),
+        cat["labels"].astype(np.int64),
+        cat["targets"].astype(np.int64),
+        cat["diff"].astype(np.float64),
+        cat["delta"].astype(np.float64),
+        baseline,
+        int(n_steps),
+    )
 
 
 # --- agreement between relevance and attention ----------------------------------------------------
@@ -461,11 +530,15 @@ def attention_agreement(
     if maps.ndim == 2:
         maps = maps[:, None]
     if attr.ndim != 2 or maps.ndim != 3:
-        raise ValueError(f"attributions must be (images, tokens) and maps (images, predictors, tokens); "
-                         f"got shapes {attr.shape} and {maps.shape}")
+        raise ValueError(
+            f"attributions must be (images, tokens) and maps (images, predictors, tokens); "
+            f"got shapes {attr.shape} and {maps.shape}"
+        )
     if attr.shape[0] != maps.shape[0] or attr.shape[1] != maps.shape[2]:
-        raise ValueError(f"attributions {attr.shape} and maps {maps.shape} disagree: they need the same images "
-                         "(first axis) and the same tokens (last axis)")
+        raise ValueError(
+            f"attributions {attr.shape} and maps {maps.shape} disagree: they need the same images "
+            "(first axis) and the same tokens (last axis)"
+        )
     if not np.isfinite(attr).all() or not np.isfinite(maps).all():
         raise ValueError("attributions and maps must be finite")
     n, num_tokens = attr.shape
@@ -480,8 +553,18 @@ def attention_agreement(
     for name, ref in _reference_maps(maps, predictors):
         rho = row_spearman(relevance, ref)
         overlap = topk_overlap(relevance, ref, k)
-        rows += [dict(image=int(i), map=name, spearman=float(r), topk_overlap=float(o), k=k,
-                      chance_overlap=k / num_tokens, num_tokens=num_tokens) for i, r, o in zip(index, rho, overlap)]
+        rows += [
+            dict(
+                image=int(i),
+                map=name,
+                spearman=float(r),
+                topk_overlap=float(o),
+                k=k,
+                chance_overlap=k / num_tokens,
+                num_tokens=num_tokens,
+            )
+            for i, r, o in zip(index, rho, overlap)
+        ]
     return frame(rows, context_columns(context))
 
 
@@ -539,8 +622,17 @@ def attribution_vs_attention(
     """
     require_predictors(probe, "attribution_vs_attention")
     index = _as_index(index)
-    attribution = token_attribution(probe, tokens, target=target, baseline=baseline, n_steps=n_steps, batch_size=batch_size,
-                                    index=index, device=device, progress=progress)
+    attribution = token_attribution(
+        probe,
+        tokens,
+        target=target,
+        baseline=baseline,
+        n_steps=n_steps,
+        batch_size=batch_size,
+        index=index,
+        device=device,
+        progress=progress,
+    )
     maps = collect_attention(probe, tokens, batch_size=max(batch_size, 256), index=attribution.index, device=device)
     ctx = context_columns(context, probe, tokens)
     table = attention_agreement(attribution, maps, k=k, predictors=predictors, absolute=absolute, context=ctx)

@@ -41,9 +41,19 @@ from epviz.analysis.localization import DELTAS, localization_from_maps
 from epviz.data import GroundTruthBoxes, ImageDataset
 from epviz.tables import context_columns, frame
 
-__all__ = ["BASELINES", "CENTRE_PRIOR", "MATCHED", "SIGMA_FRACTION", "UNIFORM", "centre_prior_maps",
-           "localization_baselines", "matched_entropy_baselines", "matched_entropy_maps", "temperature_for_entropy",
-           "uniform_maps"]
+__all__ = [
+    "BASELINES",
+    "CENTRE_PRIOR",
+    "MATCHED",
+    "SIGMA_FRACTION",
+    "UNIFORM",
+    "centre_prior_maps",
+    "localization_baselines",
+    "matched_entropy_baselines",
+    "matched_entropy_maps",
+    "temperature_for_entropy",
+    "uniform_maps",
+]
 
 UNIFORM = "uniform"
 CENTRE_PRIOR = "centre prior"
@@ -126,8 +136,7 @@ def temperature_for_entropy(logits: np.ndarray, target: float, tol: float = 1e-4
     raise ValueError(f"the bisection did not reach a normalised entropy of {target} within {tol}")
 
 
-def matched_entropy_maps(n: int, num_tokens: int, target: float, *, seed: int = 0,
-                         tol: float = 1e-4) -> tuple[np.ndarray, float]:
+def matched_entropy_maps(n: int, num_tokens: int, target: float, *, seed: int = 0, tol: float = 1e-4) -> tuple[np.ndarray, float]:
     """(n, N) random maps whose mean normalised entropy is `target`, and their temperature.
 
     Args:
@@ -164,11 +173,13 @@ def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int]
     return (boxes if index is None else [boxes[int(i)] for i in index]), image_size
 
 
-def _score(maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size,
-           convention: str = "epviz") -> pd.DataFrame:
+def _score(
+    maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size, convention: str = "epviz"
+) -> pd.DataFrame:
     stack = np.stack(list(maps.values()), axis=1).astype(np.float32)  # (n, baselines, N): one pass, one "predictor" each
-    summary = localization_from_maps(stack, boxes, grid, image_size, thresholds=thresholds, deltas=deltas,
-                                     batch_size=batch_size, convention=convention)
+    summary = localization_from_maps(
+        stack, boxes, grid, image_size, thresholds=thresholds, deltas=deltas, batch_size=batch_size, convention=convention
+    )
     own = [c for c in summary.columns if c not in context_columns(None)]
     summary = summary[own].drop(columns="predictor")
     entropy = map_entropy(stack).mean(0)  # (baselines,)
@@ -284,8 +295,9 @@ def matched_entropy_baselines(
     for key, target in targets.items():
         key = key if isinstance(key, tuple) else (key,)
         maps[repr(key)], temperature = matched_entropy_maps(n, num_tokens, float(target), seed=seed)
-        params.append({**dict(zip(by, key)), "target_entropy_norm": float(target), "temperature": temperature,
-                       "map_seed": int(seed)})
+        params.append(
+            {**dict(zip(by, key)), "target_entropy_norm": float(target), "temperature": temperature, "map_seed": int(seed)}
+        )
     summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention).assign(baseline=MATCHED)
     keys = pd.DataFrame(params)
     return pd.concat([keys[by], summary, keys.drop(columns=by)], axis=1)

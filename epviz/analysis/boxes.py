@@ -25,8 +25,10 @@ def box_source(dataset) -> Callable[[int], np.ndarray]:
     """
     if isinstance(dataset, ImageDataset):
         if not dataset.has_boxes:
-            raise ValueError(f"localization needs GT boxes, but {dataset!r} has no box annotations (has_boxes is False); "
-                             "use a dataset with boxes (the canvases, ImageNet val with its XML/CSV boxes, CUB, Pets)")
+            raise ValueError(
+                f"localization needs GT boxes, but {dataset!r} has no box annotations (has_boxes is False); "
+                "use a dataset with boxes (the canvases, ImageNet val with its XML/CSV boxes, CUB, Pets)"
+            )
         return dataset.box_list
     if isinstance(dataset, GroundTruthBoxes):
         boxes = dataset.boxes

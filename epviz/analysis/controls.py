@@ -45,11 +45,9 @@ from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenSet
 
-__all__ = ["CONTROL_COLUMNS", "MeanMapAblation", "ShuffledAblation", "ZeroAblation", "derangement",
-           "mean_attention_rows"]
+__all__ = ["CONTROL_COLUMNS", "MeanMapAblation", "ShuffledAblation", "ZeroAblation", "derangement", "mean_attention_rows"]
 
-CONTROL_COLUMNS = {"uniform": "delta_acc", "mean": "delta_acc_mean", "shuffled": "delta_acc_shuffled",
-                   "zero": "delta_acc_zero"}
+CONTROL_COLUMNS = {"uniform": "delta_acc", "mean": "delta_acc_mean", "shuffled": "delta_acc_shuffled", "zero": "delta_acc_zero"}
 """Control -> its Δacc column in the predictor table."""
 
 
@@ -121,13 +119,22 @@ class MeanMapAblation(AblationMeter):
         predictors: Only report these predictors (default: all K).
     """
 
-    columns = {"delta_acc_mean": "Δacc (predictor's mean training map)",
-               "acc_mean": "top-1 accuracy with the predictor's map replaced by its mean training map"}
+    columns = {
+        "delta_acc_mean": "Δacc (predictor's mean training map)",
+        "acc_mean": "top-1 accuracy with the predictor's map replaced by its mean training map",
+    }
     control = "mean"
     order = 30.0
 
-    def __init__(self, mean_maps: torch.Tensor | np.ndarray | None = None, train_tokens: TokenSet | None = None, *,
-                 batch_size: int = 256, method: str = "auto", predictors: Iterable[int] | None = None) -> None:
+    def __init__(
+        self,
+        mean_maps: torch.Tensor | np.ndarray | None = None,
+        train_tokens: TokenSet | None = None,
+        *,
+        batch_size: int = 256,
+        method: str = "auto",
+        predictors: Iterable[int] | None = None,
+    ) -> None:
         super().__init__(method, predictors)
         if mean_maps is not None and train_tokens is not None:
             raise ValueError("pass either mean_maps= or train_tokens=, not both")
@@ -156,8 +163,12 @@ class MeanMapAblation(AblationMeter):
         if self._maps is None:
             assert self.train_tokens is not None  # _unsupported set the reason otherwise
             self._maps = self._shaped(
-                mean_attention_rows(batch.probe, self.train_tokens, batch_size=self.batch_size, device=batch.device,
-                                    precision=batch.precision), batch.probe, batch.patch.shape[1])
+                mean_attention_rows(
+                    batch.probe, self.train_tokens, batch_size=self.batch_size, device=batch.device, precision=batch.precision
+                ),
+                batch.probe,
+                batch.patch.shape[1],
+            )
         replacement = self._maps.to(batch.device).unsqueeze(0)  # (1, K, R, N): the same maps for every image
         return ablated_logits(batch.probe, batch, self.method, "replace", replacement)
 
@@ -172,8 +183,10 @@ class ShuffledAblation(AblationMeter):
         predictors: Only report these predictors (default: all K).
     """
 
-    columns = {"delta_acc_shuffled": "Δacc (another image's map)",
-               "acc_shuffled": "top-1 accuracy with the predictor's map taken from another image"}
+    columns = {
+        "delta_acc_shuffled": "Δacc (another image's map)",
+        "acc_shuffled": "top-1 accuracy with the predictor's map taken from another image",
+    }
     control = "shuffled"
     order = 31.0
 
@@ -205,8 +218,10 @@ class ZeroAblation(AblationMeter):
         predictors: Only report these predictors (default: all K).
     """
 
-    columns = {"delta_acc_zero": "Δacc (predictor's pooled slice zeroed)",
-               "acc_zero": "top-1 accuracy with the predictor's pooled slice zeroed"}
+    columns = {
+        "delta_acc_zero": "Δacc (predictor's pooled slice zeroed)",
+        "acc_zero": "top-1 accuracy with the predictor's pooled slice zeroed",
+    }
     control = "zero"
     order = 32.0
 

@@ -167,20 +167,24 @@ def efficiency(
         flops = probe_flops(probe, n, num_prefix, device=device)
         params = trainable_params(probe)
         total = flops + bb_flops if bb_flops is not None else None
-        rows.append({
-            **context_columns(context),
-            "probe": label,
-            "params": params,
-            "pool_params": params - trainable_params(probe.head),
-            "flops": flops,
-            "backbone_flops": bb_flops,
-            "total_flops": total,
-            "gflops": flops / 1e9,
-            "total_gflops": None if total is None else total / 1e9,
-            "throughput": throughput(probe, n, num_prefix, batch_size, repeats, device=device) if measure_speed else float("nan"),
-            "num_tokens": n,
-            "num_prefix": num_prefix,
-        })
+        rows.append(
+            {
+                **context_columns(context),
+                "probe": label,
+                "params": params,
+                "pool_params": params - trainable_params(probe.head),
+                "flops": flops,
+                "backbone_flops": bb_flops,
+                "total_flops": total,
+                "gflops": flops / 1e9,
+                "total_gflops": None if total is None else total / 1e9,
+                "throughput": throughput(probe, n, num_prefix, batch_size, repeats, device=device)
+                if measure_speed
+                else float("nan"),
+                "num_tokens": n,
+                "num_prefix": num_prefix,
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -73,8 +73,15 @@ class Entropy(Meter):
         std = np.sqrt(np.clip(self.sq / self.n - mean**2, 0, None))
         log_n = math.log(self.n_tokens) if self.n_tokens > 1 else math.nan
         return [
-            dict(predictor=j, entropy=float(mean[j]), entropy_std=float(std[j]), entropy_norm=float(mean[j] / log_n),
-                 entropy_norm_std=float(std[j] / log_n), num_tokens=self.n_tokens, n_images=self.n)
+            dict(
+                predictor=j,
+                entropy=float(mean[j]),
+                entropy_std=float(std[j]),
+                entropy_norm=float(mean[j] / log_n),
+                entropy_norm_std=float(std[j] / log_n),
+                num_tokens=self.n_tokens,
+                n_images=self.n,
+            )
             for j in range(self.k)
         ]
 
@@ -126,5 +133,6 @@ def entropy(
         See :func:`entropy_from_maps`.
     """
     require_predictors(probe, "entropy")
-    return measure(probe, tokens, meters=[Entropy()], index=index, batch_size=batch_size, device=device,
-                   precision=precision, context=context)
+    return measure(
+        probe, tokens, meters=[Entropy()], index=index, batch_size=batch_size, device=device, precision=precision, context=context
+    )

@@ -41,8 +41,18 @@ import pandas as pd
 from epviz.analysis.meters import Meter
 from epviz.analysis.stats import row_spearman, spearman
 
-__all__ = ["Bootstrap", "Interval", "RhoInterval", "bootstrap_mean", "bootstrap_weights", "percentile_interval",
-           "resample_box_accuracy", "resample_maxboxacc", "spearman_intervals", "weighted_mean"]
+__all__ = [
+    "Bootstrap",
+    "Interval",
+    "RhoInterval",
+    "bootstrap_mean",
+    "bootstrap_weights",
+    "percentile_interval",
+    "resample_box_accuracy",
+    "resample_maxboxacc",
+    "spearman_intervals",
+    "weighted_mean",
+]
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -74,8 +84,9 @@ def _check(n_boot: int, level: float) -> None:
         raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level}")
 
 
-def bootstrap_weights(strata: int | Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = 0,
-                      size: int | None = None) -> Iterator[np.ndarray]:
+def bootstrap_weights(
+    strata: int | Sequence[np.ndarray], n_boot: int = N_BOOT, seed: int = 0, size: int | None = None
+) -> Iterator[np.ndarray]:
     """Bootstrap draw counts, a chunk of resamples at a time.
 
     Args:
@@ -151,8 +162,9 @@ def resample_maxboxacc(packed: np.ndarray, shape: Sequence[int], weights: np.nda
     """
     bits = max(1, int(np.prod(shape)))
     rows = max(1, _UNPACK_BUDGET // bits)
-    parts = [resample_box_accuracy(packed, shape, weights[i : i + rows]).max(axis=2).mean(axis=2)
-             for i in range(0, len(weights), rows)]
+    parts = [
+        resample_box_accuracy(packed, shape, weights[i : i + rows]).max(axis=2).mean(axis=2) for i in range(0, len(weights), rows)
+    ]
     return np.concatenate(parts) if parts else np.zeros((0, int(shape[0])))
 
 
@@ -167,8 +179,7 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[np.n
     return lo, hi
 
 
-def bootstrap_mean(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0,
-                   level: float = LEVEL) -> Interval:
+def bootstrap_mean(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Interval:
     """The mean of per-image values (e.g. correctness: the accuracy) and its bootstrap interval over images."""
     values = np.asarray(values, dtype=np.float64).reshape(-1)
     _check(n_boot, level)
@@ -189,8 +200,9 @@ class Bootstrap:
         context: Context columns of the measured probe (backbone, probe, ...), for tables.
     """
 
-    def __init__(self, meters: Sequence[Meter], n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL,
-                 context: Mapping | None = None) -> None:
+    def __init__(
+        self, meters: Sequence[Meter], n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL, context: Mapping | None = None
+    ) -> None:
         _check(n_boot, level)
         self.meters = [m for m in meters if m.positions() is not None]
         self.n_boot, self.seed, self.level = int(n_boot), int(seed), float(level)
@@ -242,8 +254,10 @@ class Bootstrap:
                 for column, values in meter.resample(weights[:, c]).items():
                     if owner.setdefault(column, i) == i:
                         parts.setdefault(column, []).append(np.asarray(values, dtype=np.float64))
-        return {column: pd.DataFrame(np.concatenate(parts[column]), columns=self._predictors(self.meters[i]))
-                for column, i in owner.items()}
+        return {
+            column: pd.DataFrame(np.concatenate(parts[column]), columns=self._predictors(self.meters[i]))
+            for column, i in owner.items()
+        }
 
     def intervals(self, n_boot: int | None = None, seed: int | None = None, level: float | None = None) -> pd.DataFrame:
         """One row per predictor: ``<column>_lo`` and ``<column>_hi`` for every resampled column."""
@@ -255,8 +269,9 @@ class Bootstrap:
             table = table.merge(part, on="predictor", how="left")
         return table
 
-    def spearman(self, x: str, y: str, n_boot: int | None = None, seed: int | None = None,
-                 level: float | None = None) -> RhoInterval:
+    def spearman(
+        self, x: str, y: str, n_boot: int | None = None, seed: int | None = None, level: float | None = None
+    ) -> RhoInterval:
         """Spearman ρ of columns `x` and `y` across predictors, with its bootstrap interval.
 
         Raises:
@@ -276,8 +291,13 @@ class Bootstrap:
         return RhoInterval(float(rho), float(lo), float(hi), undefined)
 
 
-def spearman_intervals(records: Mapping[object, Bootstrap], pairs: Sequence[tuple[str, str]],
-                       n_boot: int | None = None, seed: int | None = None, level: float | None = None) -> pd.DataFrame:
+def spearman_intervals(
+    records: Mapping[object, Bootstrap],
+    pairs: Sequence[tuple[str, str]],
+    n_boot: int | None = None,
+    seed: int | None = None,
+    level: float | None = None,
+) -> pd.DataFrame:
     """Spearman ρ across predictors, with its interval, for several column pairs and many probes.
 
     Args:
@@ -303,8 +323,18 @@ def spearman_intervals(records: Mapping[object, Bootstrap], pairs: Sequence[tupl
                 continue
             found.add((x, y))
             r = bootstrap.spearman(x, y, n_boot, seed, level)
-            rows.append({**bootstrap.context, "x": x, "y": y, "rho": r.rho, "rho_lo": r.lo, "rho_hi": r.hi,
-                         "rho_undefined": r.undefined, "predictors": samples[x].shape[1]})
+            rows.append(
+                {
+                    **bootstrap.context,
+                    "x": x,
+                    "y": y,
+                    "rho": r.rho,
+                    "rho_lo": r.lo,
+                    "rho_hi": r.hi,
+                    "rho_undefined": r.undefined,
+                    "predictors": samples[x].shape[1],
+                }
+            )
     missing = [pair for pair in pairs if tuple(pair) not in found]
     if missing:
         raise KeyError(f"no probe has bootstrap records for both columns of {missing}")

@@ -54,7 +54,7 @@ connected to each other).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from operator import attrgetter
 
@@ -65,16 +65,24 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from epviz.analysis._common import context_columns, frame, require_predictors
-from epviz.analysis.measure import measure
 from epviz.analysis.boxes import box_source
+from epviz.analysis.measure import measure
 from epviz.analysis.meters import Meter, MeterBatch, register_meter
 from epviz.data import GroundTruthBoxes, ImageDataset
 from epviz.probes import Probe
 from epviz.setting import THRESHOLDS
 from epviz.tokens import TokenSet
 
-__all__ = ["CONVENTIONS", "DELTAS", "THRESHOLDS", "Localization", "LocalizationMeter", "box_source", "localization",
-           "localization_from_maps"]
+__all__ = [
+    "CONVENTIONS",
+    "DELTAS",
+    "THRESHOLDS",
+    "Localization",
+    "LocalizationMeter",
+    "box_source",
+    "localization",
+    "localization_from_maps",
+]
 
 DELTAS = (0.3, 0.5, 0.7)
 CONVENTIONS = ("epviz", "wsol")  # MaxBoxAccV2 conventions, see the module docstring
@@ -125,8 +133,10 @@ def check_boxes(boxes, image: int, height: int, width: int) -> np.ndarray:
 
 def _check_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
-        raise ValueError(f"convention must be one of {list(CONVENTIONS)} (epviz: bilinear upsampling, exclusive boxes; "
-                         f"wsol: wsolevaluation's bicubic upsampling, x + w boxes with inclusive IoU), got {convention!r}")
+        raise ValueError(
+            f"convention must be one of {list(CONVENTIONS)} (epviz: bilinear upsampling, exclusive boxes; "
+            f"wsol: wsolevaluation's bicubic upsampling, x + w boxes with inclusive IoU), got {convention!r}"
+        )
     return convention
 
 
@@ -362,8 +372,13 @@ class LocalizationMeter:
             for name, a, tau in zip(self._delta_names(), best_acc[j], best_tau[j]):
                 row[f"maxboxacc_{name}"] = float(a)
                 row[f"best_tau_{name}"] = float(tau)
-            row.update(inbox_mass=float(mean[j]), inbox_mass_std=float(std[j]), chance_mass=self.chance_sum / self.n,
-                       pointing=self.hits[j] / self.n, n_images=self.n)
+            row.update(
+                inbox_mass=float(mean[j]),
+                inbox_mass_std=float(std[j]),
+                chance_mass=self.chance_sum / self.n,
+                pointing=self.hits[j] / self.n,
+                n_images=self.n,
+            )
             rows.append(row)
         return rows
 
@@ -374,15 +389,20 @@ class LocalizationMeter:
         if not self.records:
             raise ValueError("this LocalizationMeter keeps no per-image records: build it with records=True")
         nbytes = -(-self.k * len(self.thresholds) * len(self.deltas) // 8)
-        empty = {"box": np.zeros((0, nbytes), np.uint8), "mass": np.zeros((0, self.k), np.float32),
-                 "pointing": np.zeros((0, self.k), bool)}
+        empty = {
+            "box": np.zeros((0, nbytes), np.uint8),
+            "mass": np.zeros((0, self.k), np.float32),
+            "pointing": np.zeros((0, self.k), bool),
+        }
         return {key: np.concatenate(parts) if parts else empty[key] for key, parts in self._records.items()}
 
     def curves(self, context: Mapping | None = None) -> pd.DataFrame:
         """Box accuracy for every (predictor, delta, tau): the curves MaxBoxAccV2 maximises."""
         acc = self.accuracy()
         j, t, d = np.meshgrid(np.arange(self.k), np.arange(len(self.thresholds)), np.arange(len(self.deltas)), indexing="ij")
-        rows = pd.DataFrame(dict(predictor=j.ravel(), iou=self.deltas[d.ravel()], tau=self.thresholds[t.ravel()], box_acc=acc.ravel()))
+        rows = pd.DataFrame(
+            dict(predictor=j.ravel(), iou=self.deltas[d.ravel()], tau=self.thresholds[t.ravel()], box_acc=acc.ravel())
+        )
         return frame(rows.to_dict("records"), context_columns(context), columns=list(rows.columns))
 
 
@@ -455,10 +475,12 @@ class Localization(Meter):
             ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
     """
 
-    columns = {"maxboxacc_v2": "MaxBoxAccV2 (localization)",
-               "inbox_mass": "attention mass inside the GT box",
-               "chance_mass": "attention mass inside the GT box, uniform map (chance)",
-               "pointing": "pointing game (argmax in box)"}
+    columns = {
+        "maxboxacc_v2": "MaxBoxAccV2 (localization)",
+        "inbox_mass": "attention mass inside the GT box",
+        "chance_mass": "attention mass inside the GT box, uniform map (chance)",
+        "pointing": "pointing game (argmax in box)",
+    }
     table_columns = ("maxboxacc_v2", "inbox_mass", "pointing")
     subset = "localization_index"
     order = 10.0
@@ -488,8 +510,15 @@ class Localization(Meter):
         size = _image_size_of(dataset, self.image_size)
         if len(dataset) != len(tokens):
             raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
-        self.meter = LocalizationMeter(probe.num_predictors, tokens.grid, size, self.thresholds, self.deltas,
-                                       records=self.records, convention=self.convention)
+        self.meter = LocalizationMeter(
+            probe.num_predictors,
+            tokens.grid,
+            size,
+            self.thresholds,
+            self.deltas,
+            records=self.records,
+            convention=self.convention,
+        )
         self._positions = []
 
     def update(self, maps: torch.Tensor, batch: MeterBatch) -> None:
@@ -517,9 +546,11 @@ class Localization(Meter):
 
         meter = self._started()
         rec = meter.image_records()
-        return {"maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
-                "inbox_mass": weighted_mean(weights, rec["mass"]),
-                "pointing": weighted_mean(weights, rec["pointing"])}
+        return {
+            "maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
+            "inbox_mass": weighted_mean(weights, rec["mass"]),
+            "pointing": weighted_mean(weights, rec["pointing"]),
+        }
 
     def _started(self) -> LocalizationMeter:
         if self.meter is None:
@@ -567,6 +598,7 @@ def localization(
     """
     require_predictors(probe, "localization")
     meter = Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention)
-    summary = measure(probe, tokens, dataset, [meter], index=index, batch_size=batch_size, device=device,
-                      precision=precision, context=context)
+    summary = measure(
+        probe, tokens, dataset, [meter], index=index, batch_size=batch_size, device=device, precision=precision, context=context
+    )
     return (summary, meter.curves(context_columns(context, probe, tokens))) if return_curves else summary

@@ -73,8 +73,15 @@ def measure(
         meter.start(probe, tokens, dataset)
     with eval_mode(probe):
         for rows in _batches(len(positions), batch_size):
-            _feed(chosen, probe, tokens.batch(positions[rows], device=device),
-                  {s: m[rows] for s, m in members.items()}, dataset, device, precision)
+            _feed(
+                chosen,
+                probe,
+                tokens.batch(positions[rows], device=device),
+                {s: m[rows] for s, m in members.items()},
+                dataset,
+                device,
+                precision,
+            )
     return _join(chosen, context_columns(context, probe, tokens))
 
 
@@ -136,12 +143,23 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 def _select(tokens: TokenBatch, keep: np.ndarray) -> TokenBatch:
     rows = torch.from_numpy(np.flatnonzero(keep))
     on = rows.to(tokens.patch.device)
-    return TokenBatch(patch=tokens.patch[on], prefix=None if tokens.prefix is None else tokens.prefix[on],
-                      labels=tokens.labels[on], index=tokens.index[rows])
+    return TokenBatch(
+        patch=tokens.patch[on],
+        prefix=None if tokens.prefix is None else tokens.prefix[on],
+        labels=tokens.labels[on],
+        index=tokens.index[rows],
+    )
 
 
-def _feed(meters: list[Meter], probe: Probe, tokens: TokenBatch, members: dict[str, np.ndarray], dataset,
-          device: torch.device, precision: str) -> None:
+def _feed(
+    meters: list[Meter],
+    probe: Probe,
+    tokens: TokenBatch,
+    members: dict[str, np.ndarray],
+    dataset,
+    device: torch.device,
+    precision: str,
+) -> None:
     if any(m.needs_maps and members[m.subset].any() for m in meters):
         with autocast(device, precision):
             maps = probe.attention(tokens.patch, tokens.prefix).float().cpu()
@@ -168,8 +186,10 @@ def _join(meters: list[Meter], context: dict) -> pd.DataFrame:
     for meter in meters:
         part = meter.summary()
         if "predictor" not in part.columns:
-            raise ValueError(f"meter '{_name(meter)}' returned a summary without a `predictor` column: "
-                             "Meter.summary() must give one row per predictor")
+            raise ValueError(
+                f"meter '{_name(meter)}' returned a summary without a `predictor` column: "
+                "Meter.summary() must give one row per predictor"
+            )
         if "n_images" in part.columns and "n_images" in owner:
             if meter.subset == owner["n_images"].subset:
                 part = part.drop(columns="n_images")
@@ -177,8 +197,10 @@ def _join(meters: list[Meter], context: dict) -> pd.DataFrame:
                 part = part.rename(columns={"n_images": f"n_images_{meter.name}"})
         clash = [c for c in part.columns if c != "predictor" and c in owner]
         if clash:
-            raise ValueError(f"meters '{_name(owner[clash[0]])}' and '{_name(meter)}' both report the columns {clash}; "
-                             "rename the columns of one of them")
+            raise ValueError(
+                f"meters '{_name(owner[clash[0]])}' and '{_name(meter)}' both report the columns {clash}; "
+                "rename the columns of one of them"
+            )
         owner.update({c: meter for c in part.columns if c != "predictor"})
         table = part if table is None else table.merge(part, on="predictor")
     for i, (key, value) in enumerate(context.items()):

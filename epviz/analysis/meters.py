@@ -36,8 +36,17 @@ from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
 
-__all__ = ["SUBSETS", "Meter", "MeterBatch", "column_label", "meter_class", "meter_names", "register_meter",
-           "table_columns", "unregister_meter"]
+__all__ = [
+    "SUBSETS",
+    "Meter",
+    "MeterBatch",
+    "column_label",
+    "meter_class",
+    "meter_names",
+    "register_meter",
+    "table_columns",
+    "unregister_meter",
+]
 
 SUBSETS = ("index", "localization_index")
 """The image subsets of a pass: ``index`` (every measure) and ``localization_index`` (the costly ones)."""
@@ -184,14 +193,18 @@ def register_meter(name: str) -> Callable[[M], M]:
         if not (isinstance(cls, type) and issubclass(cls, Meter)):
             raise TypeError(f"register_meter('{name}') decorates Meter subclasses, got {cls!r}")
         if name in _REGISTRY:
-            raise ValueError(f"a meter named '{name}' is already registered ({_REGISTRY[name].__name__}); "
-                             "choose another name or unregister_meter it first")
+            raise ValueError(
+                f"a meter named '{name}' is already registered ({_REGISTRY[name].__name__}); "
+                "choose another name or unregister_meter it first"
+            )
         if cls.subset not in SUBSETS:
             raise ValueError(f"meter '{name}': subset must be one of {SUBSETS}, got {cls.subset!r}")
         missing = [c for c in cls.table_columns if c not in cls.columns]
         if missing:
-            raise ValueError(f"meter '{name}': table_columns {missing} are not in its columns {list(cls.columns)}; "
-                             "give each shown column an axis label in `columns`")
+            raise ValueError(
+                f"meter '{name}': table_columns {missing} are not in its columns {list(cls.columns)}; "
+                "give each shown column an axis label in `columns`"
+            )
         cls.name = name
         _REGISTRY[name] = cls
         return cls

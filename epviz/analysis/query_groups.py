@@ -142,15 +142,23 @@ class QueryGroups:
 def _tables(overlap: np.ndarray, labels: np.ndarray, ctx: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
     k = len(labels)
     i, j = np.triu_indices(k, 1)
-    pairs = [dict(predictor_a=int(a), predictor_b=int(b), overlap=float(overlap[a, b]), same_group=bool(labels[a] == labels[b]))
-             for a, b in zip(i, j)]
+    pairs = [
+        dict(predictor_a=int(a), predictor_b=int(b), overlap=float(overlap[a, b]), same_group=bool(labels[a] == labels[b]))
+        for a, b in zip(i, j)
+    ]
     rows = []
     for q in range(k):
         same = (labels == labels[q]) & (np.arange(k) != q)
         other = labels != labels[q]
-        rows.append(dict(predictor=q, group=int(labels[q]), group_size=int((labels == labels[q]).sum()),
-                         within_overlap=float(overlap[q, same].mean()) if same.any() else float("nan"),
-                         between_overlap=float(overlap[q, other].mean()) if other.any() else float("nan")))
+        rows.append(
+            dict(
+                predictor=q,
+                group=int(labels[q]),
+                group_size=int((labels == labels[q]).sum()),
+                within_overlap=float(overlap[q, same].mean()) if same.any() else float("nan"),
+                between_overlap=float(overlap[q, other].mean()) if other.any() else float("nan"),
+            )
+        )
     columns = ["predictor_a", "predictor_b", "overlap", "same_group"]
     return frame(pairs, ctx, columns), frame(rows, ctx)
 
@@ -201,5 +209,12 @@ def query_groups(
     maps_index = np.arange(min(16, len(tokens))) if maps_index is None else np.asarray(list(maps_index), dtype=np.int64)
     maps = collect_attention(probe, tokens, batch_size, maps_index, device, precision)
     pairs, assignment = _tables(overlap, labels, context_columns(context, probe, tokens))
-    return QueryGroups(overlap=overlap, labels=labels, pairs=pairs, assignment=assignment, index=maps_index,
-                       maps=group_maps(maps, labels), metric=metric)
+    return QueryGroups(
+        overlap=overlap,
+        labels=labels,
+        pairs=pairs,
+        assignment=assignment,
+        index=maps_index,
+        maps=group_maps(maps, labels),
+        metric=metric,
+    )

@@ -30,20 +30,43 @@ __all__ = ["predictor_table", "predictor_tables"]
 
 
 @overload
-def predictor_table(probe: Probe, tokens: TokenSet, dataset, *, context: Mapping | None = ...,
-                    index: Iterable[int] | None = ..., localization_index: Iterable[int] | None = ...,
-                    thresholds: Sequence[float] | None = ..., train_tokens: TokenSet | None = ...,
-                    mean_maps: torch.Tensor | np.ndarray | None = ..., shuffle_seed: int = ..., n_boot: int = ...,
-                    boot_seed: int = ..., level: float = ..., return_records: Literal[False] = ...) -> pd.DataFrame: ...
+def predictor_table(
+    probe: Probe,
+    tokens: TokenSet,
+    dataset,
+    *,
+    context: Mapping | None = ...,
+    index: Iterable[int] | None = ...,
+    localization_index: Iterable[int] | None = ...,
+    thresholds: Sequence[float] | None = ...,
+    train_tokens: TokenSet | None = ...,
+    mean_maps: torch.Tensor | np.ndarray | None = ...,
+    shuffle_seed: int = ...,
+    n_boot: int = ...,
+    boot_seed: int = ...,
+    level: float = ...,
+    return_records: Literal[False] = ...,
+) -> pd.DataFrame: ...
 
 
 @overload
-def predictor_table(probe: Probe, tokens: TokenSet, dataset, *, context: Mapping | None = ...,
-                    index: Iterable[int] | None = ..., localization_index: Iterable[int] | None = ...,
-                    thresholds: Sequence[float] | None = ..., train_tokens: TokenSet | None = ...,
-                    mean_maps: torch.Tensor | np.ndarray | None = ..., shuffle_seed: int = ..., n_boot: int = ...,
-                    boot_seed: int = ..., level: float = ...,
-                    return_records: Literal[True]) -> tuple[pd.DataFrame, Bootstrap | None]: ...
+def predictor_table(
+    probe: Probe,
+    tokens: TokenSet,
+    dataset,
+    *,
+    context: Mapping | None = ...,
+    index: Iterable[int] | None = ...,
+    localization_index: Iterable[int] | None = ...,
+    thresholds: Sequence[float] | None = ...,
+    train_tokens: TokenSet | None = ...,
+    mean_maps: torch.Tensor | np.ndarray | None = ...,
+    shuffle_seed: int = ...,
+    n_boot: int = ...,
+    boot_seed: int = ...,
+    level: float = ...,
+    return_records: Literal[True],
+) -> tuple[pd.DataFrame, Bootstrap | None]: ...
 
 
 def predictor_table(
@@ -94,10 +117,10 @@ def predictor_table(
         (acc_full_lo, acc_full_hi, delta_acc_lo, delta_acc_hi, delta_acc_mean_lo, ..., maxboxacc_v2_lo,
         ..., inbox_mass_lo, ..., pointing_lo, pointing_hi) when `n_boot` > 0.
     """
-    meters: list[Meter] = [_configured(meter_class(name), thresholds, train_tokens, mean_maps, shuffle_seed, n_boot)
-                           for name in meter_names()]
-    table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index,
-                    context=context)
+    meters: list[Meter] = [
+        _configured(meter_class(name), thresholds, train_tokens, mean_maps, shuffle_seed, n_boot) for name in meter_names()
+    ]
+    table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index, context=context)
     table["predictors"] = probe.num_predictors
     if len(table) != probe.num_predictors:
         raise RuntimeError(f"expected {probe.num_predictors} predictor rows, got {len(table)}")
@@ -106,14 +129,21 @@ def predictor_table(
     records = None
     if n_boot:
         context_keys = list(table.columns[: list(table.columns).index("predictor")])
-        records = Bootstrap(meters, n_boot=n_boot, seed=boot_seed, level=level,
-                            context={c: table[c].iloc[0] for c in context_keys})
+        records = Bootstrap(
+            meters, n_boot=n_boot, seed=boot_seed, level=level, context={c: table[c].iloc[0] for c in context_keys}
+        )
         table = table.merge(records.intervals(), on="predictor", how="left")
     return (table, records) if return_records else table
 
 
-def _configured(cls: type[Meter], thresholds: Sequence[float] | None, train_tokens: TokenSet | None,
-                mean_maps: torch.Tensor | np.ndarray | None, shuffle_seed: int, n_boot: int) -> Meter:
+def _configured(
+    cls: type[Meter],
+    thresholds: Sequence[float] | None,
+    train_tokens: TokenSet | None,
+    mean_maps: torch.Tensor | np.ndarray | None,
+    shuffle_seed: int,
+    n_boot: int,
+) -> Meter:
     """A registered meter with the predictor table's options."""
     if cls is Localization:
         return Localization(thresholds=thresholds, records=bool(n_boot))
@@ -125,20 +155,43 @@ def _configured(cls: type[Meter], thresholds: Sequence[float] | None, train_toke
 
 
 @overload
-def predictor_tables(fitted: Mapping[tuple[str, str], Probe], tokens: Mapping[str, Mapping[str, TokenSet]], dataset, *,
-                     split: str = ..., seed: int = ..., index: Iterable[int] | None = ...,
-                     localization_index: Iterable[int] | None = ..., thresholds: Sequence[float] | None = ...,
-                     train_split: str | None = ..., shuffle_seed: int = ..., n_boot: int = ..., boot_seed: int = ...,
-                     level: float = ..., return_records: Literal[False] = ...) -> pd.DataFrame: ...
+def predictor_tables(
+    fitted: Mapping[tuple[str, str], Probe],
+    tokens: Mapping[str, Mapping[str, TokenSet]],
+    dataset,
+    *,
+    split: str = ...,
+    seed: int = ...,
+    index: Iterable[int] | None = ...,
+    localization_index: Iterable[int] | None = ...,
+    thresholds: Sequence[float] | None = ...,
+    train_split: str | None = ...,
+    shuffle_seed: int = ...,
+    n_boot: int = ...,
+    boot_seed: int = ...,
+    level: float = ...,
+    return_records: Literal[False] = ...,
+) -> pd.DataFrame: ...
 
 
 @overload
-def predictor_tables(fitted: Mapping[tuple[str, str], Probe], tokens: Mapping[str, Mapping[str, TokenSet]], dataset, *,
-                     split: str = ..., seed: int = ..., index: Iterable[int] | None = ...,
-                     localization_index: Iterable[int] | None = ..., thresholds: Sequence[float] | None = ...,
-                     train_split: str | None = ..., shuffle_seed: int = ..., n_boot: int = ..., boot_seed: int = ...,
-                     level: float = ..., return_records: Literal[True]
-                     ) -> tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]: ...
+def predictor_tables(
+    fitted: Mapping[tuple[str, str], Probe],
+    tokens: Mapping[str, Mapping[str, TokenSet]],
+    dataset,
+    *,
+    split: str = ...,
+    seed: int = ...,
+    index: Iterable[int] | None = ...,
+    localization_index: Iterable[int] | None = ...,
+    thresholds: Sequence[float] | None = ...,
+    train_split: str | None = ...,
+    shuffle_seed: int = ...,
+    n_boot: int = ...,
+    boot_seed: int = ...,
+    level: float = ...,
+    return_records: Literal[True],
+) -> tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]: ...
 
 
 def predictor_tables(
@@ -185,9 +238,20 @@ def predictor_tables(
         train = None if train_split is None else tokens[backbone].get(train_split)
         context = dict(backbone=backbone, layer=ts.origin.layer, probe=label, seed=seed)
         table, records[backbone, label] = predictor_table(
-            probe, ts, dataset, context=context, index=index, localization_index=localization_index,
-            thresholds=thresholds, train_tokens=train, shuffle_seed=shuffle_seed, n_boot=n_boot, boot_seed=boot_seed,
-            level=level, return_records=True)
+            probe,
+            ts,
+            dataset,
+            context=context,
+            index=index,
+            localization_index=localization_index,
+            thresholds=thresholds,
+            train_tokens=train,
+            shuffle_seed=shuffle_seed,
+            n_boot=n_boot,
+            boot_seed=boot_seed,
+            level=level,
+            return_records=True,
+        )
         parts.append(table)
     if not parts:
         raise ValueError("none of the probes has attention predictors: use attentive probes (e.g. ep, mhca)")

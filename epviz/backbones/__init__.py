@@ -8,8 +8,21 @@
 
 from epviz.backbones import presets, zoo
 from epviz.backbones.loader import (
-    Backbone, BackboneError, HubUnavailable, available_backbones, load_backbone, present_backbones,
+    Backbone,
+    BackboneError,
+    HubUnavailable,
+    available_backbones,
+    load_backbone,
+    present_backbones,
 )
 
-__all__ = ["Backbone", "BackboneError", "HubUnavailable", "available_backbones", "load_backbone", "present_backbones",
-           "presets", "zoo"]
+__all__ = [
+    "Backbone",
+    "BackboneError",
+    "HubUnavailable",
+    "available_backbones",
+    "load_backbone",
+    "present_backbones",
+    "presets",
+    "zoo",
+]

@@ -36,8 +36,14 @@ from epviz.errors import ConfigError, WeightsError
 from epviz.runtime import resolve_device
 
 __all__ = [
-    "Backbone", "load_backbone", "BackboneError", "HubUnavailable", "available_backbones", "present_backbones",
-    "check_finite_weights", "check_weights_fit",
+    "Backbone",
+    "load_backbone",
+    "BackboneError",
+    "HubUnavailable",
+    "available_backbones",
+    "present_backbones",
+    "check_finite_weights",
+    "check_weights_fit",
 ]
 
 HUB_HOST_ENV = "EPVIZ_HUB_HOST"
@@ -98,10 +104,14 @@ class Backbone:
         if isinstance(layers, numbers.Integral) and not isinstance(layers, bool):
             layers = [layers]
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-            raise ConfigError(f"layers must be a block index or a list of them (0 is the first block, -1 the last), got {layers!r}")
+            raise ConfigError(
+                f"layers must be a block index or a list of them (0 is the first block, -1 the last), got {layers!r}"
+            )
         layers = list(layers)
         if not layers:
-            raise ConfigError(f"layers is empty: name at least one block of {self.name} (0..{self.depth - 1}), or None for every block")
+            raise ConfigError(
+                f"layers is empty: name at least one block of {self.name} (0..{self.depth - 1}), or None for every block"
+            )
         out = []
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
@@ -139,8 +149,10 @@ class Backbone:
             raise ValueError(f"images must be tensors shaped (B, 3, H, W); got {getattr(images, 'shape', type(images))}")
         if images.shape[1] != 3:
             kind = {1: "grayscale", 4: "RGBA", 2: "grayscale+alpha"}.get(images.shape[1], f"{images.shape[1]}-channel")
-            raise ValueError(f"the dataset yields {kind} images (shape {tuple(images.shape)}); the backbone needs RGB: "
-                             "convert them (e.g. PIL .convert('RGB')) in the dataset")
+            raise ValueError(
+                f"the dataset yields {kind} images (shape {tuple(images.shape)}); the backbone needs RGB: "
+                "convert them (e.g. PIL .convert('RGB')) in the dataset"
+            )
         images = images.to(device)
         images = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if tuple(images.shape[-2:]) != self.image_size:
@@ -152,9 +164,15 @@ class Backbone:
     def describe(self) -> dict:
         """A JSON-able summary (used in reports and cache keys)."""
         return {
-            "name": self.name, "weights_id": self.weights_id, "num_prefix_tokens": self.num_prefix_tokens,
-            "grid": list(self.grid), "dim": self.dim, "depth": self.depth, "image_size": list(self.image_size),
-            "mean": list(self.mean), "std": list(self.std),
+            "name": self.name,
+            "weights_id": self.weights_id,
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "grid": list(self.grid),
+            "dim": self.dim,
+            "depth": self.depth,
+            "image_size": list(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
         }
 
 
@@ -187,10 +205,17 @@ def _describe_model(model: nn.Module, name: str, weights_id: str, card: dict, me
     blocks = getattr(model, "blocks", None)
     depth = len(blocks) if blocks is not None else len(model.stages)
     return Backbone(
-        model=_freeze(model), name=name, num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
-        grid=(grid[0], grid[1]), dim=int(model.embed_dim), depth=int(depth), image_size=(img[0], img[1]),
-        mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))), std=tuple(std or cfg.get("std", (0.229, 0.224, 0.225))),
-        weights_id=weights_id, card=card,
+        model=_freeze(model),
+        name=name,
+        num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
+        grid=(grid[0], grid[1]),
+        dim=int(model.embed_dim),
+        depth=int(depth),
+        image_size=(img[0], img[1]),
+        mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(std or cfg.get("std", (0.229, 0.224, 0.225))),
+        weights_id=weights_id,
+        card=card,
     )
 
 
@@ -346,7 +371,9 @@ def _vit_facts(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
     pos = state.get("pos_embed")
     if pos is not None and pos.ndim == 3:
         facts["positions"] = int(pos.shape[1])
-        prefix = int("cls_token" in state) + (int(state["reg_token"].shape[1]) if "reg_token" in state and state["reg_token"].ndim == 3 else 0)
+        prefix = int("cls_token" in state) + (
+            int(state["reg_token"].shape[1]) if "reg_token" in state and state["reg_token"].ndim == 3 else 0
+        )
         for extra in dict.fromkeys((prefix, 0, 1)):
             side = math.isqrt(max(facts["positions"] - extra, 0))
             if side and side * side == facts["positions"] - extra:
@@ -356,7 +383,7 @@ def _vit_facts(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
 
 
 def _describe_misfit(found: dict, expected: dict) -> str:
-    """"checkpoint has width 96 and patch 16; the model expects width 192 and patch 8" (the facts that differ)."""
+    """ "checkpoint has width 96 and patch 16; the model expects width 192 and patch 8" (the facts that differ)."""
     names = {"width": "width {}", "patch": "patch {}", "blocks": "{} blocks", "positions": "position embeddings for {} tokens"}
     differ = [k for k in names if k in found and k in expected and found[k] != expected[k]]
     if "width" in differ or "patch" in differ:  # name both, so the two halves compare at a glance; positions follow from them
@@ -370,10 +397,14 @@ def _describe_misfit(found: dict, expected: dict) -> str:
         size = ""
         if "grid" in found and isinstance(found.get("patch"), int):
             size = f" (a {found['grid']}x{found['grid']} patch grid: img_size={found['grid'] * found['patch']})"
-        hint = (f": the file was trained for another input size{size}; pass img_size= to match it, "
-                "epviz does not resample position embeddings")
-    return (f"checkpoint has {' and '.join(names[k].format(found[k]) for k in keys)}; "
-            f"the model expects {' and '.join(names[k].format(expected[k]) for k in keys)}{hint}")
+        hint = (
+            f": the file was trained for another input size{size}; pass img_size= to match it, "
+            "epviz does not resample position embeddings"
+        )
+    return (
+        f"checkpoint has {' and '.join(names[k].format(found[k]) for k in keys)}; "
+        f"the model expects {' and '.join(names[k].format(expected[k]) for k in keys)}{hint}"
+    )
 
 
 def check_weights_fit(
@@ -412,7 +443,9 @@ def check_weights_fit(
         parts = []
         if mismatched:
             k = mismatched[0]
-            parts.append(f"{len(mismatched)} tensors have other shapes, e.g. {k} {_shape(state[k])} in the file, {_shape(expected[k])} expected")
+            parts.append(
+                f"{len(mismatched)} tensors have other shapes, e.g. {k} {_shape(state[k])} in the file, {_shape(expected[k])} expected"
+            )
         if missing:
             parts.append(f"{len(missing)} expected tensors are missing")
         if unexpected:
@@ -464,10 +497,14 @@ def _check_name(name: str) -> None:
     names = list(zoo.ZOO) + timm.list_models()
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise BackboneError(f"unknown backbone {name!r}.{hint} Zoo backbones: {', '.join(zoo.ZOO)}; any timm ViT name works (timm.list_models('vit*')).")
+    raise BackboneError(
+        f"unknown backbone {name!r}.{hint} Zoo backbones: {', '.join(zoo.ZOO)}; any timm ViT name works (timm.list_models('vit*'))."
+    )
 
 
-def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool = True, device: str | torch.device | None = None, **timm_kwargs) -> Backbone:
+def load_backbone(
+    name: str, weights: str | Path | None = None, pretrained: bool = True, device: str | torch.device | None = None, **timm_kwargs
+) -> Backbone:
     """Load a frozen backbone.
 
     Args:
@@ -505,9 +542,17 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         expected = model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in expected}
-        check_weights_fit(state, expected, path, name, error=BackboneError, fix=(
-            "Load the file with the architecture it was trained with (the timm name of that width, patch size and "
-            "depth, and its img_size); epviz does not resample or drop weights."))
+        check_weights_fit(
+            state,
+            expected,
+            path,
+            name,
+            error=BackboneError,
+            fix=(
+                "Load the file with the architecture it was trained with (the timm name of that width, patch size and "
+                "depth, and its img_size); epviz does not resample or drop weights."
+            ),
+        )
         check_finite_weights(state, path, error=BackboneError)
         model.load_state_dict(state, strict=True)
         return _move(_describe_model(model, name, zoo.file_sha256(path), {"weights": str(path)}), dev)
@@ -536,7 +581,15 @@ def load_backbone(name: str, weights: str | Path | None = None, pretrained: bool
     else:
         model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}, **timm_kwargs)
     weights_id = zoo.file_sha256(Path(cached)) if cached else _state_hash(model)
-    return _move(_describe_model(model, name, weights_id, {"pretrained_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, tuple, list))}}), dev)
+    return _move(
+        _describe_model(
+            model,
+            name,
+            weights_id,
+            {"pretrained_cfg": {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, tuple, list))}},
+        ),
+        dev,
+    )
 
 
 def _load_preset(name: str, weights=None, pretrained: bool = True, device=None, **timm_kwargs) -> Backbone:

@@ -33,8 +33,19 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["Preset", "PRESETS", "RANDOM_SUFFIX", "get_preset", "available_presets", "split_random", "default_probe",
-           "default_norm", "preset_architecture", "handles", "resolve"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "RANDOM_SUFFIX",
+    "get_preset",
+    "available_presets",
+    "split_random",
+    "default_probe",
+    "default_norm",
+    "preset_architecture",
+    "handles",
+    "resolve",
+]
 
 RANDOM_SUFFIX = ":random"
 IMG_SIZE = 224
@@ -98,33 +109,88 @@ class Preset:
 
 _224 = {"img_size": IMG_SIZE}
 _MIM = "masked image modelling (no loss on [CLS])"
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("mae-vit-s", "vit_small_patch16_224", f"MAE, {_MIM}", False, weights_required=True,
-           note="timm has no MAE ViT-S checkpoint: pass the MAE ViT-S/16 weights with weights=PATH",
-           cfg_from="vit_base_patch16_224.mae", final_norm=False),
-    Preset("mae-vit-b", "vit_base_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
-    Preset("mae-vit-l", "vit_large_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
-    Preset("mae-vit-h", "vit_huge_patch14_224.mae", f"MAE, {_MIM}", False, final_norm=False),
-    Preset("beitv2-vit-b", "beitv2_base_patch16_224", f"BEiTv2, {_MIM} with VQ-KD targets", False, weights_required=True,
-           note="timm only has fine-tuned BEiTv2 weights (beitv2_base_patch16_224.in1k_ft_in1k); probing them is not the "
-                "paper's setting: pass the self-supervised checkpoint with weights=PATH",
-           cfg_from="vit_base_patch16_224.mae", final_norm=False),
-    Preset("dino-vit-s", "vit_small_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
-    Preset("dino-vit-b", "vit_base_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
-    Preset("dinov2-vit-s", "vit_small_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
-    Preset("dinov2-vit-b", "vit_base_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
-    Preset("dinov2-vit-l", "vit_large_patch14_dinov2.lvd142m", "DINOv2: [CLS] distillation + iBOT MIM", True, _224, final_norm=True),
-    Preset("dinov2-vit-b-reg", "vit_base_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True),
-    Preset("dinov2-vit-l-reg", "vit_large_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True),
-    Preset("clip-vit-b", "vit_base_patch16_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
-    Preset("clip-vit-l", "vit_large_patch14_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
-    Preset("eva02-vit-b", "eva02_base_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
-    Preset("eva02-vit-l", "eva02_large_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
-    Preset("siglip-vit-b", "vit_base_patch16_siglip_224.webli", "SigLIP image-text sigmoid loss; no [CLS] (attention pool)", False,
-           note="no [CLS]: LP on [CLS] and ep_all do not apply; use gap / ep", final_norm=True),
-    Preset("siglip-vit-l", "vit_large_patch16_siglip_256.webli", "SigLIP image-text sigmoid loss; no [CLS] (attention pool)", False, _224,
-           note="run at 224 px instead of timm's 256; no [CLS]", final_norm=True),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "mae-vit-s",
+            "vit_small_patch16_224",
+            f"MAE, {_MIM}",
+            False,
+            weights_required=True,
+            note="timm has no MAE ViT-S checkpoint: pass the MAE ViT-S/16 weights with weights=PATH",
+            cfg_from="vit_base_patch16_224.mae",
+            final_norm=False,
+        ),
+        Preset("mae-vit-b", "vit_base_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
+        Preset("mae-vit-l", "vit_large_patch16_224.mae", f"MAE, {_MIM}", False, final_norm=False),
+        Preset("mae-vit-h", "vit_huge_patch14_224.mae", f"MAE, {_MIM}", False, final_norm=False),
+        Preset(
+            "beitv2-vit-b",
+            "beitv2_base_patch16_224",
+            f"BEiTv2, {_MIM} with VQ-KD targets",
+            False,
+            weights_required=True,
+            note="timm only has fine-tuned BEiTv2 weights (beitv2_base_patch16_224.in1k_ft_in1k); probing them is not the "
+            "paper's setting: pass the self-supervised checkpoint with weights=PATH",
+            cfg_from="vit_base_patch16_224.mae",
+            final_norm=False,
+        ),
+        Preset("dino-vit-s", "vit_small_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
+        Preset("dino-vit-b", "vit_base_patch16_224.dino", "DINO self-distillation on [CLS]", True, final_norm=False),
+        Preset(
+            "dinov2-vit-s",
+            "vit_small_patch14_dinov2.lvd142m",
+            "DINOv2: [CLS] distillation + iBOT MIM",
+            True,
+            _224,
+            final_norm=True,
+        ),
+        Preset(
+            "dinov2-vit-b",
+            "vit_base_patch14_dinov2.lvd142m",
+            "DINOv2: [CLS] distillation + iBOT MIM",
+            True,
+            _224,
+            final_norm=True,
+        ),
+        Preset(
+            "dinov2-vit-l",
+            "vit_large_patch14_dinov2.lvd142m",
+            "DINOv2: [CLS] distillation + iBOT MIM",
+            True,
+            _224,
+            final_norm=True,
+        ),
+        Preset(
+            "dinov2-vit-b-reg", "vit_base_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True
+        ),
+        Preset(
+            "dinov2-vit-l-reg", "vit_large_patch14_reg4_dinov2.lvd142m", "DINOv2 with 4 registers", True, _224, final_norm=True
+        ),
+        Preset("clip-vit-b", "vit_base_patch16_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
+        Preset("clip-vit-l", "vit_large_patch14_clip_224.openai", "CLIP image-text contrastive on [CLS]", True, final_norm=True),
+        Preset("eva02-vit-b", "eva02_base_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
+        Preset("eva02-vit-l", "eva02_large_patch14_224.mim_in22k", f"EVA02, {_MIM} of CLIP features", False, final_norm=True),
+        Preset(
+            "siglip-vit-b",
+            "vit_base_patch16_siglip_224.webli",
+            "SigLIP image-text sigmoid loss; no [CLS] (attention pool)",
+            False,
+            note="no [CLS]: LP on [CLS] and ep_all do not apply; use gap / ep",
+            final_norm=True,
+        ),
+        Preset(
+            "siglip-vit-l",
+            "vit_large_patch16_siglip_256.webli",
+            "SigLIP image-text sigmoid loss; no [CLS] (attention pool)",
+            False,
+            _224,
+            note="run at 224 px instead of timm's 256; no [CLS]",
+            final_norm=True,
+        ),
+    )
+}
 
 
 def available_presets() -> list[str]:
@@ -145,7 +211,7 @@ def get_preset(name: str) -> Preset | None:
 
 
 def default_probe(name: str) -> str:
-    """"ep_all" for presets trained on [CLS], "ep" otherwise (and for non-presets)."""
+    """ "ep_all" for presets trained on [CLS], "ep" otherwise (and for non-presets)."""
     preset = get_preset(name)
     return "ep_all" if preset is not None and preset.ep_all else "ep"
 
@@ -175,16 +241,23 @@ def resolve(name: str, weights, pretrained: bool, timm_kwargs: dict) -> tuple[st
     if random:
         if weights is not None:
             raise ValueError(f"{name!r} asks for random weights, so weights= cannot be used with it; drop one of the two")
-        warnings.warn(f"{name}: the weights are random (seeded initialisation, nothing downloaded); its numbers measure no pretrained model",
-                      stacklevel=3)
+        warnings.warn(
+            f"{name}: the weights are random (seeded initialisation, nothing downloaded); its numbers measure no pretrained model",
+            stacklevel=3,
+        )
         pretrained = False
         card["random_init"] = True
     if preset is None:
         return base, pretrained, dict(timm_kwargs), card
     if preset.weights_required and pretrained and weights is None:
         raise ValueError(f"{preset.name}: {preset.note}")
-    card.update(preset=preset.name, timm_name=preset.timm_name, ep_all=preset.ep_all, objective=preset.objective,
-                final_norm=preset.final_norm)
+    card.update(
+        preset=preset.name,
+        timm_name=preset.timm_name,
+        ep_all=preset.ep_all,
+        objective=preset.objective,
+        final_norm=preset.final_norm,
+    )
     kwargs = {**preset.timm_kwargs, **timm_kwargs}
     if preset.cfg_from:
         kwargs.setdefault("pretrained_cfg_overlay", {"mean": preset.mean, "std": preset.std})
@@ -207,10 +280,15 @@ def preset_architecture(name: str) -> dict:
         model = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **preset.timm_kwargs)
     blocks = getattr(model, "blocks", None)
     return {
-        "timm_name": preset.timm_name, "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
-        "grid": tuple(int(g) for g in model.patch_embed.grid_size), "dim": int(model.embed_dim),
-        "depth": len(blocks), "image_size": tuple(int(s) for s in model.patch_embed.img_size),
-        "mean": preset.mean, "std": preset.std, "forward_intermediates": hasattr(model, "forward_intermediates"),
+        "timm_name": preset.timm_name,
+        "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),
+        "grid": tuple(int(g) for g in model.patch_embed.grid_size),
+        "dim": int(model.embed_dim),
+        "depth": len(blocks),
+        "image_size": tuple(int(s) for s in model.patch_embed.img_size),
+        "mean": preset.mean,
+        "std": preset.std,
+        "forward_intermediates": hasattr(model, "forward_intermediates"),
         "final_norm": preset.final_norm,
     }
 

@@ -43,7 +43,6 @@ __all__ = ["AnnotationError", "Sample", "AnnotatedImages", "BOX_TOLERANCE"]
 BOX_TOLERANCE = 1.0
 
 
-
 @dataclass(frozen=True)
 class Sample:
     """One image and its annotations.
@@ -106,7 +105,9 @@ class AnnotatedImages(torch.utils.data.Dataset):
         self.mask_reader, self.boxes_from_masks = mask_reader, bool(boxes_from_masks)
         self.labels = np.array([s.label for s in self.samples], dtype=np.int64)
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
-            raise AnnotationError(f"{name} {split}: labels range {self.labels.min()}..{self.labels.max()} but there are {len(self.classes)} classes")
+            raise AnnotationError(
+                f"{name} {split}: labels range {self.labels.min()}..{self.labels.max()} but there are {len(self.classes)} classes"
+            )
         self._boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._warned = False
         self.skipped: list = []
@@ -166,8 +167,14 @@ class AnnotatedImages(torch.utils.data.Dataset):
             _, visible = self._transformed_boxes(int(i))
             raw = self._raw_boxes(int(i))[0]
             for k in np.flatnonzero(~visible):
-                rows.append({"index": int(i), "file": str(self.samples[i].path), "box": [float(v) for v in raw[k]],
-                             "boxes_left": int(visible.sum())})
+                rows.append(
+                    {
+                        "index": int(i),
+                        "file": str(self.samples[i].path),
+                        "box": [float(v) for v in raw[k]],
+                        "boxes_left": int(visible.sum()),
+                    }
+                )
         return pd.DataFrame(rows, columns=["index", "file", "box", "boxes_left"])
 
     def mask(self, index: int) -> torch.Tensor:
@@ -192,8 +199,14 @@ class AnnotatedImages(torch.utils.data.Dataset):
             (h, w), (dh, dw) = hw, image.shape[-2:]
             raw = raw * np.array([dw / w, dh / h, dw / w, dh / h])
         out = self.transform(image, raw, mask)
-        return {"image": out.image, "label": int(s.label), "boxes": out.boxes[out.visible], "visible": out.visible,
-                "mask": out.mask, "file": str(s.path)}
+        return {
+            "image": out.image,
+            "label": int(s.label),
+            "boxes": out.boxes[out.visible],
+            "visible": out.visible,
+            "mask": out.mask,
+            "file": str(s.path),
+        }
 
     def check(self, index: int) -> None:
         """Read image `index` and its annotations as every accessor would, and discard them.
@@ -212,7 +225,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
 
     # --- derived datasets ---------------------------------------------------------------
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "AnnotatedImages":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> AnnotatedImages:
         """The same dataset restricted to `indices` (in that order)."""
         other = copy.copy(self)
         other.samples = [self.samples[int(i)] for i in indices]
@@ -220,7 +233,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
         other._boxes, other._warned = {}, False
         return other
 
-    def with_transform(self, transform: Callable | None) -> "AnnotatedImages":
+    def with_transform(self, transform: Callable | None) -> AnnotatedImages:
         """The same images under another transform (None: the default evaluation transform)."""
         other = copy.copy(self)
         other.transform = EvalTransform() if transform is None else transform
@@ -234,8 +247,13 @@ class AnnotatedImages(torch.utils.data.Dataset):
             st = s.path.stat()
             digest.update(f"{s.path}|{s.label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         describe = getattr(self.transform, "describe", None)
-        return {"dataset": f"{self.name}-{self.split}", "root": str(self.root.resolve()), "files": digest.hexdigest()[:20],
-                "size": len(self), "transform": describe() if describe else repr(self.transform)}
+        return {
+            "dataset": f"{self.name}-{self.split}",
+            "root": str(self.root.resolve()),
+            "files": digest.hexdigest()[:20],
+            "size": len(self),
+            "transform": describe() if describe else repr(self.transform),
+        }
 
     def __repr__(self) -> str:
         extra = (", boxes" if self.has_boxes else "") + (", masks" if self.has_masks else "")
@@ -270,7 +288,9 @@ class AnnotatedImages(torch.utils.data.Dataset):
     def _mask(self, sample: Sample, hw) -> np.ndarray:
         mask = np.asarray(self.mask_reader(sample.mask_path), dtype=bool)
         if tuple(mask.shape) != tuple(int(v) for v in hw):
-            raise AnnotationError(f"the mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {sample.path} is {hw[1]}x{hw[0]}")
+            raise AnnotationError(
+                f"the mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {sample.path} is {hw[1]}x{hw[0]}"
+            )
         return mask
 
     def _raw_boxes(self, index: int, image_size: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:

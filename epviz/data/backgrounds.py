@@ -14,10 +14,27 @@ import torch.nn.functional as F
 
 __all__ = ["BACKGROUND_NAMES", "background_bank"]
 
-_SKIMAGE = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
-            "hubble_deep_field", "moon", "page", "rocket", "text", "horse", "immunohistochemistry")
+_SKIMAGE = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "moon",
+    "page",
+    "rocket",
+    "text",
+    "horse",
+    "immunohistochemistry",
+)
 BACKGROUND_NAMES = tuple(f"skimage:{n}" for n in _SKIMAGE) + (
-    "sklearn:china.jpg", "sklearn:flower.jpg", "matplotlib:grace_hopper.jpg",
+    "sklearn:china.jpg",
+    "sklearn:flower.jpg",
+    "matplotlib:grace_hopper.jpg",
 )
 
 

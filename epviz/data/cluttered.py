@@ -37,8 +37,15 @@ from epviz.data.backgrounds import BACKGROUND_NAMES, background_bank
 from epviz.data.fashion_mnist import CLASSES, load_fashion_mnist
 from epviz.data.registry import DatasetSpec, register_dataset
 
-__all__ = ["CanvasRecipe", "Canvases", "CanvasGenerator", "ClutteredFashionMNIST", "GENERATOR_VERSION", "STANDARD_SIZES",
-           "canvases_split"]
+__all__ = [
+    "CanvasRecipe",
+    "Canvases",
+    "CanvasGenerator",
+    "ClutteredFashionMNIST",
+    "GENERATOR_VERSION",
+    "STANDARD_SIZES",
+    "canvases_split",
+]
 
 GENERATOR_VERSION = 1
 _SPLIT_SALT = {"train": 0x5EED0, "test": 0x7E570}
@@ -102,7 +109,9 @@ def _uniform(gen: torch.Generator, n: int, bounds: tuple[float, float]) -> torch
     return lo + (hi - lo) * torch.rand(n, generator=gen)
 
 
-def _place(items: torch.Tensor, size: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, flip: torch.Tensor, canvas: int) -> torch.Tensor:
+def _place(
+    items: torch.Tensor, size: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, flip: torch.Tensor, canvas: int
+) -> torch.Tensor:
     """Resample items (n, 1, 28, 28) onto (n, 1, canvas, canvas) at integer boxes of side `size`."""
     coords = torch.arange(canvas, dtype=torch.float32) + 0.5
     s = size.float()[:, None]
@@ -251,7 +260,13 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
         reps = -(-self.size // gen.num_items)
         order = torch.cat([torch.randperm(gen.num_items, generator=rng) for _ in range(reps)])[: self.size]
         canv = gen.draw(order, rng)
-        self.images, self.labels, self.boxes, self.masks, self.items = canv.images, canv.labels, canv.boxes, canv.masks, canv.items
+        self.images, self.labels, self.boxes, self.masks, self.items = (
+            canv.images,
+            canv.labels,
+            canv.boxes,
+            canv.masks,
+            canv.items,
+        )
 
     def __len__(self) -> int:
         return self.size

@@ -60,13 +60,17 @@ def cub(root: str | Path, split: str = "train", *, transform=None) -> AnnotatedI
     for name, what in REQUIRED_FILES.items():
         path = root / name
         if not path.is_file():
-            raise AnnotationError(f"CUB annotation file {path} ({what}) is missing; unpack the complete CUB_200_2011.tgz into {root}")
+            raise AnnotationError(
+                f"CUB annotation file {path} ({what}) is missing; unpack the complete CUB_200_2011.tgz into {root}"
+            )
         tables[name] = _read_table(path)
     files, labels, is_train, boxes = (tables[n] for n in REQUIRED_FILES)
     for name in ("image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt"):
         missing = [i for i in files if i not in tables[name]]
         if missing:
-            raise AnnotationError(f"{root / name} has no line for image ids {missing[:5]}{'...' if len(missing) > 5 else ''} listed in images.txt")
+            raise AnnotationError(
+                f"{root / name} has no line for image ids {missing[:5]}{'...' if len(missing) > 5 else ''} listed in images.txt"
+            )
     class_ids = sorted({_int(labels[i][0], root / "image_class_labels.txt", i) for i in files})
     names = _class_names(root, files, labels, class_ids)
     samples, absent = [], []
@@ -80,10 +84,13 @@ def cub(root: str | Path, split: str = "train", *, transform=None) -> AnnotatedI
         try:
             x, y, w, h = (float(v) for v in boxes[image_id])
         except ValueError as err:
-            raise AnnotationError(f"{root / 'bounding_boxes.txt'}: image id {image_id} needs 'x y width height', got {boxes[image_id]}") from err
+            raise AnnotationError(
+                f"{root / 'bounding_boxes.txt'}: image id {image_id} needs 'x y width height', got {boxes[image_id]}"
+            ) from err
         label = _int(labels[image_id][0], root / "image_class_labels.txt", image_id) - 1
-        samples.append(Sample(path=path, label=label, boxes=np.array([[x, y, x + w, y + h]]),
-                              source=f"bounding_boxes.txt id {image_id}"))
+        samples.append(
+            Sample(path=path, label=label, boxes=np.array([[x, y, x + w, y + h]]), source=f"bounding_boxes.txt id {image_id}")
+        )
     if absent:
         raise FileNotFoundError(f"{len(absent)} CUB images listed in images.txt are missing, e.g. {absent[0]}")
     if class_ids != list(range(1, len(class_ids) + 1)):

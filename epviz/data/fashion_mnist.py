@@ -17,8 +17,16 @@ import numpy as np
 __all__ = ["CLASSES", "load_fashion_mnist", "search_dirs", "FashionMNISTNotFound"]
 
 CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -118,4 +126,3 @@ def load_fashion_mnist(split: str, download: bool = True) -> tuple[np.ndarray, n
         "  2. copy the four IDX files (from github.com/zalandoresearch/fashion-mnist) into a folder "
         "and set EPVIZ_DATA to it"
     )
-

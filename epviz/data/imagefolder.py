@@ -41,7 +41,9 @@ def image_folder(folder: str | Path, split: str, transform=None, classes_from: s
         classes = sorted(d.name for d in Path(classes_from).iterdir() if d.is_dir())
         unknown = sorted(set(scan.classes) - set(classes))
         if unknown:
-            raise ValueError(f"{folder} has class folders {unknown[:5]} that {classes_from} does not have; both need the same classes")
+            raise ValueError(
+                f"{folder} has class folders {unknown[:5]} that {classes_from} does not have; both need the same classes"
+            )
     index = {c: i for i, c in enumerate(classes)}
     samples = [Sample(path=p, label=index[scan.classes[label]]) for p, label in scan.samples]
     return AnnotatedImages("imagefolder", split, samples, classes, Path(folder), transform)
@@ -60,7 +62,9 @@ def imagefolder_split(spec: DatasetSpec, split: str) -> AnnotatedImages:
     has_val, has_test = (root / "val").is_dir(), (root / "test").is_dir()
     if split == "test":
         if not (has_val or has_test):
-            raise FileNotFoundError(f"{root} has train/ but neither test/ nor val/: add the images to report on as {root / 'test'}")
+            raise FileNotFoundError(
+                f"{root} has train/ but neither test/ nor val/: add the images to report on as {root / 'test'}"
+            )
         return image_folder(root / ("test" if has_test else "val"), "test", spec.transform, classes_from=root / "train")
     if has_val and has_test:
         return image_folder(root / split, split, spec.transform, classes_from=None if split == "train" else root / "train")

@@ -60,8 +60,9 @@ NUM_CLASSES = 1000
 _WNID = re.compile(r"n\d{8}")
 
 
-def imagenet(root: str | Path, split: str = "val", *, boxes: str | Path | None = None, classes: list[str] | None = None,
-             transform=None) -> AnnotatedImages:
+def imagenet(
+    root: str | Path, split: str = "val", *, boxes: str | Path | None = None, classes: list[str] | None = None, transform=None
+) -> AnnotatedImages:
     """The ImageNet-1k images of one official split, with labels and (where present) boxes.
 
     Args:
@@ -187,15 +188,18 @@ def read_solution_csv(path: str | Path) -> dict[str, tuple[np.ndarray, list[str]
     with open(path, newline="", encoding="utf-8-sig") as fh:
         lines = fh.read().splitlines()
     if not lines or [h.strip() for h in lines[0].split(",")] != ["ImageId", "PredictionString"]:
-        raise AnnotationError(f"{path} is not a LOC solution CSV: its header must be 'ImageId,PredictionString', "
-                              f"got {lines[0] if lines else ''!r}")
+        raise AnnotationError(
+            f"{path} is not a LOC solution CSV: its header must be 'ImageId,PredictionString', got {lines[0] if lines else ''!r}"
+        )
     for line, text in enumerate(lines[1:], start=2):
         if not text.strip():
             continue
         where = f"{path}, line {line}"
         if '"' in text:
-            raise AnnotationError(f"{where} holds a quote character, which a LOC solution CSV never has (a quote would merge "
-                                  f"the following rows into this one): {text[:80]!r}; fix the row")
+            raise AnnotationError(
+                f"{where} holds a quote character, which a LOC solution CSV never has (a quote would merge "
+                f"the following rows into this one): {text[:80]!r}; fix the row"
+            )
         row = text.split(",")
         if len(row) != 2:
             raise AnnotationError(f"{where} has {len(row)} fields; a row is 'ImageId,PredictionString' (2 fields): {text[:80]!r}")
@@ -203,26 +207,33 @@ def read_solution_csv(path: str | Path) -> dict[str, tuple[np.ndarray, list[str]
         if not image_id:
             raise AnnotationError(f"{where} has no ImageId: {text[:80]!r}")
         if not parts or len(parts) % 5:
-            raise AnnotationError(f"{where}: PredictionString must be whole groups of 'wnid xmin ymin xmax ymax'; "
-                                  f"its {len(parts)} values are not a multiple of 5: {row[1]!r}")
+            raise AnnotationError(
+                f"{where}: PredictionString must be whole groups of 'wnid xmin ymin xmax ymax'; "
+                f"its {len(parts)} values are not a multiple of 5: {row[1]!r}"
+            )
         boxes, wnids = [], []
         for g in range(0, len(parts), 5):
             wnid, coords = parts[g], parts[g + 1 : g + 5]
             if not _WNID.fullmatch(wnid):
-                raise AnnotationError(f"{where}: group {g // 5 + 1} of the PredictionString starts with {wnid!r}, not a wnid "
-                                      f"(n and 8 digits): {row[1]!r}")
+                raise AnnotationError(
+                    f"{where}: group {g // 5 + 1} of the PredictionString starts with {wnid!r}, not a wnid "
+                    f"(n and 8 digits): {row[1]!r}"
+                )
             try:
                 numbers = [float(v) for v in coords]
             except ValueError:
                 numbers = [float("nan")]
             if not all(math.isfinite(v) for v in numbers):
-                raise AnnotationError(f"{where}: group {g // 5 + 1} ({' '.join(parts[g:g + 5])}) has non-numeric box "
-                                      "coordinates")
+                raise AnnotationError(
+                    f"{where}: group {g // 5 + 1} ({' '.join(parts[g : g + 5])}) has non-numeric box coordinates"
+                )
             boxes.append(numbers)
             wnids.append(wnid)
         if image_id in first_line:
-            raise AnnotationError(f"{path}: ImageId {image_id} appears on line {first_line[image_id]} and again on line {line}; "
-                                  "each image has one row — merge or remove the repeated row")
+            raise AnnotationError(
+                f"{path}: ImageId {image_id} appears on line {first_line[image_id]} and again on line {line}; "
+                "each image has one row — merge or remove the repeated row"
+            )
         first_line[image_id] = line
         b = np.array(boxes, dtype=np.float64)
         b[:, 2:] += 1
@@ -252,7 +263,9 @@ def _split_folder(root: Path, split: str) -> Path:
     for folder in (root / split, root / "ILSVRC" / "Data" / "CLS-LOC" / split, root / "Data" / "CLS-LOC" / split):
         if folder.is_dir():
             return folder
-    raise FileNotFoundError(f"no ImageNet {split} folder under {root}: expected {root / split} or {root}/ILSVRC/Data/CLS-LOC/{split}")
+    raise FileNotFoundError(
+        f"no ImageNet {split} folder under {root}: expected {root / split} or {root}/ILSVRC/Data/CLS-LOC/{split}"
+    )
 
 
 def _has_class_folders(folder: Path) -> bool:
@@ -267,8 +280,11 @@ def _box_source(root: Path, split: str, folder: Path, boxes) -> Path | str | Non
         if path.is_file() and path.suffix.lower() != ".csv":
             raise AnnotationError(f"boxes={path} is neither a folder of XML files nor a LOC_{split}_solution.csv file")
         return path
-    for candidate in (root / "ILSVRC" / "Annotations" / "CLS-LOC" / split, root / "Annotations" / "CLS-LOC" / split,
-                      root / f"LOC_{split}_solution.csv"):
+    for candidate in (
+        root / "ILSVRC" / "Annotations" / "CLS-LOC" / split,
+        root / "Annotations" / "CLS-LOC" / split,
+        root / f"LOC_{split}_solution.csv",
+    ):
         if candidate.exists():
             return candidate
     if next(folder.rglob("*.xml"), None) is not None:
@@ -284,7 +300,9 @@ def _record(path: Path, source, annotations: dict | None, strict: bool):
         entry = annotations.get(path.stem)
         if entry is None:
             if strict:
-                raise AnnotationError(f"{source} has no row for {path.stem}: every val image needs its boxes — use the complete file")
+                raise AnnotationError(
+                    f"{source} has no row for {path.stem}: every val image needs its boxes — use the complete file"
+                )
             return None, None, None, None
         return entry[0], None, f"{source.name} row {path.stem}", entry[1][0]
     xml = path.with_suffix(".xml") if source == "beside" else _xml_in(source, path)

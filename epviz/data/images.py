@@ -48,17 +48,39 @@ from PIL import Image, UnidentifiedImageError
 
 from epviz.errors import DataError
 
-__all__ = ["ALPHA_BACKGROUND", "IMAGE_SUFFIXES", "MAX_PIXELS", "OVERSAMPLE", "ImageFileError", "ImageFolderDataset",
-           "load_image", "read_image", "read_image_size", "to_display"]
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "OVERSAMPLE",
+    "ImageFileError",
+    "ImageFolderDataset",
+    "load_image",
+    "read_image",
+    "read_image_size",
+    "to_display",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 MAX_PIXELS = 12_000 * 12_000
 OVERSAMPLE = 4
 ALPHA_BACKGROUND = (124, 116, 104)
 
-_KINDS = {"L": "grayscale", "LA": "grayscale+alpha", "RGBA": "RGBA", "P": "palette", "PA": "palette+alpha", "1": "1-bit",
-          "CMYK": "CMYK", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale", "I;16L": "16-bit grayscale",
-          "I;16N": "16-bit grayscale", "I": "32-bit integer", "F": "32-bit float"}
+_KINDS = {
+    "L": "grayscale",
+    "LA": "grayscale+alpha",
+    "RGBA": "RGBA",
+    "P": "palette",
+    "PA": "palette+alpha",
+    "1": "1-bit",
+    "CMYK": "CMYK",
+    "I;16": "16-bit grayscale",
+    "I;16B": "16-bit grayscale",
+    "I;16L": "16-bit grayscale",
+    "I;16N": "16-bit grayscale",
+    "I": "32-bit integer",
+    "F": "32-bit float",
+}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -182,8 +204,10 @@ def _open_unchecked(path: Path) -> Image.Image:
 
 def _undecodable(path: Path, err: BaseException) -> ImageFileError:
     if isinstance(err, Image.DecompressionBombError):
-        return ImageFileError(f"{path} is larger than PIL's own limit (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}) "
-                              "lets it decode; raise that limit or downscale the file")
+        return ImageFileError(
+            f"{path} is larger than PIL's own limit (PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS}) "
+            "lets it decode; raise that limit or downscale the file"
+        )
     return ImageFileError(f"{path} cannot be decoded ({err}); the file is corrupt or truncated — replace or remove it")
 
 
@@ -204,8 +228,9 @@ def _to_rgb(img: Image.Image, path: Path, min_side: int | None) -> Image.Image:
     if img.mode in _SIXTEEN_BIT or img.mode == "I":
         img = _sixteen_to_grey(img, path)
     elif img.mode == "F":
-        raise ImageFileError(f"{path} holds 32-bit float samples, for which no intensity range can be assumed; "
-                             "save it as an 8- or 16-bit image")
+        raise ImageFileError(
+            f"{path} holds 32-bit float samples, for which no intensity range can be assumed; save it as an 8- or 16-bit image"
+        )
     transparent = img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info
     if transparent:
         img = img if img.mode == "RGBA" else img.convert("RGBA")
@@ -224,8 +249,10 @@ def _sixteen_to_grey(img: Image.Image, path: Path) -> Image.Image:
     if img.mode == "I":
         low, high = cast("tuple[int, int]", img.getextrema())
         if low < 0 or high > 65535:
-            raise ImageFileError(f"{path} holds 32-bit integer samples from {low} to {high}, outside the 16-bit range "
-                                 "0..65535 that epviz scales to 8 bits; save it as an 8- or 16-bit image")
+            raise ImageFileError(
+                f"{path} holds 32-bit integer samples from {low} to {high}, outside the 16-bit range "
+                "0..65535 that epviz scales to 8 bits; save it as an 8- or 16-bit image"
+            )
     values = np.asarray(img)
     grey = np.empty(values.shape, dtype=np.uint8)
     for start in range(0, len(values), 1024):  # row blocks: no full-size 32-bit temporary
@@ -254,7 +281,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for label, cls in enumerate(self.classes):
             files = sorted(p for p in (self.root / cls).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise ValueError(f"class folder {self.root / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); remove it or add images")
+                raise ValueError(
+                    f"class folder {self.root / cls} holds no images ({', '.join(IMAGE_SUFFIXES)}); remove it or add images"
+                )
             self.samples += [(p, label) for p in files]
         self.labels = np.array([label for _, label in self.samples], dtype=np.int64)
 
@@ -271,7 +300,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         img = load_image(path, convert=self.convert, min_side=self.image_size)
-        img = torch.nn.functional.interpolate(img[None], size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False)[0]
+        img = torch.nn.functional.interpolate(
+            img[None], size=(self.image_size, self.image_size), mode="bicubic", antialias=True, align_corners=False
+        )[0]
         return img.clamp(0, 1), label
 
     def box_list(self, index: int) -> np.ndarray:
@@ -280,8 +311,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         Raises:
             ValueError: Always (``has_boxes`` is False).
         """
-        raise ValueError(f"the image folder {self.root} has no box annotations, so it cannot be used for localization; "
-                         "use a dataset with boxes (ImageNet val with its XML/CSV boxes, CUB, Pets)")
+        raise ValueError(
+            f"the image folder {self.root} has no box annotations, so it cannot be used for localization; "
+            "use a dataset with boxes (ImageNet val with its XML/CSV boxes, CUB, Pets)"
+        )
 
     def display_image(self, index: int) -> np.ndarray:
         """Image `index` as resized for the backbone, uint8 (H, W, 3)."""
@@ -293,5 +326,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         for path, label in self.samples:
             st = path.stat()
             digest.update(f"{path.relative_to(self.root)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        return {"dataset": "imagefolder", "root": str(self.root.resolve()), "files": digest.hexdigest()[:20],
-                "image_size": self.image_size, "convert": self.convert}
+        return {
+            "dataset": "imagefolder",
+            "root": str(self.root.resolve()),
+            "files": digest.hexdigest()[:20],
+            "image_size": self.image_size,
+            "convert": self.convert,
+        }

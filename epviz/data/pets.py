@@ -77,7 +77,9 @@ def read_trimap(path: str | Path) -> np.ndarray:
     except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
         raise AnnotationError(f"cannot read the trimap {path} ({err}); replace it with the file from annotations.tar.gz") from err
     if values.ndim != 2 or not np.isin(values, (1, 2, 3)).all():
-        raise AnnotationError(f"{path} is not a Pets trimap: it must be one channel of values 1 (pet), 2 (background), 3 (border)")
+        raise AnnotationError(
+            f"{path} is not a Pets trimap: it must be one channel of values 1 (pet), 2 (background), 3 (border)"
+        )
     return np.isin(values, _FOREGROUND)
 
 

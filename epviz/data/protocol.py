@@ -114,8 +114,18 @@ class GroundTruthBoxes(Protocol):
     def __len__(self) -> int: ...
 
 
-IMAGE_DATASET_MEMBERS = ("__len__", "__getitem__", "labels", "classes", "num_classes", "image_size", "has_boxes", "box_list",
-                         "display_image", "fingerprint")
+IMAGE_DATASET_MEMBERS = (
+    "__len__",
+    "__getitem__",
+    "labels",
+    "classes",
+    "num_classes",
+    "image_size",
+    "has_boxes",
+    "box_list",
+    "display_image",
+    "fingerprint",
+)
 
 
 def missing_members(dataset: object) -> list[str]:

@@ -56,8 +56,18 @@ from epviz.data.splits import SPLITS, Subsettable, balanced_subset
 from epviz.data.transforms import EvalTransform
 from epviz.data.unreadable import check_on_error, drop_unreadable
 
-__all__ = ["DEFAULT_DATASET", "DatasetKind", "DatasetSpec", "dataset_kind", "dataset_kinds", "load_split", "parse_spec", "unregister_dataset",
-           "register_dataset", "standard_splits"]
+__all__ = [
+    "DEFAULT_DATASET",
+    "DatasetKind",
+    "DatasetSpec",
+    "dataset_kind",
+    "dataset_kinds",
+    "load_split",
+    "parse_spec",
+    "unregister_dataset",
+    "register_dataset",
+    "standard_splits",
+]
 
 DEFAULT_DATASET = "cluttered-fashion-mnist"
 _KIND_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
@@ -201,10 +211,11 @@ def parse_spec(spec: str) -> DatasetSpec:
         raise ValueError(f"a dataset spec is a string such as {DEFAULT_DATASET!r} or 'imagenet:/data/imagenet', got {spec!r}")
     name = spec.split(":", 1)[0].split("?", 1)[0]
     if name not in _KINDS:
-        raise ValueError(f"unknown dataset {spec!r}; known datasets: {_known()} "
-                         f"(<root>: the dataset's folder, e.g. 'imagenet:/data/imagenet')")
+        raise ValueError(
+            f"unknown dataset {spec!r}; known datasets: {_known()} (<root>: the dataset's folder, e.g. 'imagenet:/data/imagenet')"
+        )
     entry = _KINDS[name]
-    rest = spec[len(name):]
+    rest = spec[len(name) :]
     has_root = rest.startswith(":")
     root, query = (rest[1:] if has_root else rest), None
     if "?" in root:
@@ -219,14 +230,22 @@ def parse_spec(spec: str) -> DatasetSpec:
             raise ValueError(f"dataset spec {spec!r} names no folder: write '{name}:/path/to/{name}'")
         path = Path(root).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"the {name} folder {path} of dataset spec {spec!r} does not exist; point the spec at the dataset's root")
+            raise FileNotFoundError(
+                f"the {name} folder {path} of dataset spec {spec!r} does not exist; point the spec at the dataset's root"
+            )
         parsed = DatasetSpec(name, path, options)
     parsed.transform  # noqa: B018 - validates resize/crop now
     return parsed
 
 
-def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", size: int | None = None, seed: int = 0, *,
-               on_error: str = "raise") -> ImageDataset:
+def load_split(
+    spec: str | DatasetSpec = DEFAULT_DATASET,
+    split: str = "train",
+    size: int | None = None,
+    seed: int = 0,
+    *,
+    on_error: str = "raise",
+) -> ImageDataset:
     """One split of a dataset named by a spec: the seam where datasets plug in.
 
     Args:
@@ -267,8 +286,9 @@ def load_split(spec: str | DatasetSpec = DEFAULT_DATASET, split: str = "train", 
     return data
 
 
-def standard_splits(spec: str | DatasetSpec, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS, *,
-                    on_error: str = "raise") -> dict:
+def standard_splits(
+    spec: str | DatasetSpec, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS, *, on_error: str = "raise"
+) -> dict:
     """The standard train / val / test datasets of a spec at the given sizes.
 
     Args:
@@ -298,8 +318,9 @@ def _options(entry: DatasetKind, spec: str, query: str | None) -> dict:
     options = {}
     for key, value in parse_qsl(query or "", keep_blank_values=True, strict_parsing=False):
         if key not in entry.options:
-            raise ValueError(f"unknown option {key!r} in dataset spec {spec!r}; options of {entry.name}: "
-                             f"{', '.join(entry.options) or 'none'}")
+            raise ValueError(
+                f"unknown option {key!r} in dataset spec {spec!r}; options of {entry.name}: {', '.join(entry.options) or 'none'}"
+            )
         convert = entry.options[key]
         try:
             options[key] = convert(value)
@@ -312,8 +333,10 @@ def _checked(entry: DatasetKind, data: Any) -> ImageDataset:
     """`data` when it satisfies :class:`~epviz.data.protocol.ImageDataset`, else a TypeError naming what it lacks."""
     missing = missing_members(data)
     if missing:
-        raise TypeError(f"the {entry.name} dataset kind ({_origin(entry.opener)}) returned a {type(data).__name__}, which lacks "
-                        f"{', '.join(missing)} of epviz.data.ImageDataset; add them (see epviz/data/protocol.py)")
+        raise TypeError(
+            f"the {entry.name} dataset kind ({_origin(entry.opener)}) returned a {type(data).__name__}, which lacks "
+            f"{', '.join(missing)} of epviz.data.ImageDataset; add them (see epviz/data/protocol.py)"
+        )
     return data
 
 
@@ -323,5 +346,7 @@ def _keep(data: ImageDataset, size: int, seed: int, spec: DatasetSpec) -> ImageD
         return data.subset(balanced_subset(data.labels, size, seed))
     if size >= len(data):
         return data
-    raise TypeError(f"the {spec.kind} dataset ({type(data).__name__}) has no subset(indices) method, so size={size} cannot "
-                    f"keep fewer of its {len(data)} images; give it one (see epviz.data.splits.Subsettable) or pass size=None")
+    raise TypeError(
+        f"the {spec.kind} dataset ({type(data).__name__}) has no subset(indices) method, so size={size} cannot "
+        f"keep fewer of its {len(data)} images; give it one (see epviz.data.splits.Subsettable) or pass size=None"
+    )

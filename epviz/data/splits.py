@@ -12,8 +12,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-__all__ = ["HOLDOUT_SEED", "SPLITS", "TEST_FRACTION", "VAL_FRACTION", "Subsettable", "balanced_subset", "held_out",
-           "train_val"]
+__all__ = ["HOLDOUT_SEED", "SPLITS", "TEST_FRACTION", "VAL_FRACTION", "Subsettable", "balanced_subset", "held_out", "train_val"]
 
 SPLITS = ("train", "val", "test")
 VAL_FRACTION = 0.1

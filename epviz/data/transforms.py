@@ -76,7 +76,9 @@ class EvalTransform:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
         if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize}): the crop is taken from the resized image")
+            raise ValueError(
+                f"crop ({self.crop}) must not exceed resize ({self.resize}): the crop is taken from the resized image"
+            )
 
     @property
     def pipeline(self) -> v2.Compose:
@@ -123,10 +125,14 @@ class EvalTransform:
         out = self.pipeline(tv_tensors.BoundingBoxes(torch.from_numpy(b), format="XYXY", canvas_size=(h, w)))
         return _clip(out.as_subclass(torch.Tensor).numpy(), self.crop)
 
-    def __call__(self, image: torch.Tensor, boxes: np.ndarray | None = None, mask: torch.Tensor | np.ndarray | None = None) -> Transformed:
+    def __call__(
+        self, image: torch.Tensor, boxes: np.ndarray | None = None, mask: torch.Tensor | np.ndarray | None = None
+    ) -> Transformed:
         """Transform an image (float (3, H, W) in [0, 1]) with its boxes and mask (H, W)."""
         if not torch.is_tensor(image) or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"the evaluation transform needs an RGB image tensor (3, H, W); got {getattr(image, 'shape', type(image))}")
+            raise ValueError(
+                f"the evaluation transform needs an RGB image tensor (3, H, W); got {getattr(image, 'shape', type(image))}"
+            )
         h, w = image.shape[-2:]
         self.check_size(h, w)
         inputs: list = [tv_tensors.Image(image)]
@@ -179,7 +185,9 @@ def train_transform(crop: int = CROP, scale: tuple[float, float] = (0.08, 1.0)) 
     lo, hi = scale
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
-    return v2.Compose([
-        v2.RandomResizedCrop(int(crop), scale=(float(lo), float(hi)), interpolation=_BICUBIC, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(int(crop), scale=(float(lo), float(hi)), interpolation=_BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+    )

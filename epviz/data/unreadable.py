@@ -55,8 +55,10 @@ def check_on_error(on_error: str) -> str:
         ConfigError: Any other value.
     """
     if on_error not in ON_ERROR:
-        raise ConfigError(f"on_error must be 'raise' (stop at the first unreadable image) or 'skip' (leave unreadable images "
-                          f"out, listed), got {on_error!r}")
+        raise ConfigError(
+            f"on_error must be 'raise' (stop at the first unreadable image) or 'skip' (leave unreadable images "
+            f"out, listed), got {on_error!r}"
+        )
     return on_error
 
 
@@ -93,16 +95,22 @@ def drop_unreadable(dataset: Any, what: str = "the dataset", stream: TextIO | No
     if not keep:
         raise DataError(f"none of the {total} images of {what} can be read, e.g. {skipped[0].file}: {skipped[0].reason}")
     if not isinstance(dataset, Subsettable):
-        raise TypeError(f"{len(skipped)} images of {what} cannot be read (e.g. {skipped[0].file}), and its "
-                        f"{type(dataset).__name__} has no subset(indices) to leave them out; give it one or fix the files")
+        raise TypeError(
+            f"{len(skipped)} images of {what} cannot be read (e.g. {skipped[0].file}), and its "
+            f"{type(dataset).__name__} has no subset(indices) to leave them out; give it one or fix the files"
+        )
     kept: Any = dataset.subset(np.asarray(keep, dtype=np.int64))
     kept.skipped = skipped
     out = sys.stderr if stream is None else stream
     for item in skipped:
         print(f"skipped {item.file}: {item.reason}", file=out)
     count = f"{len(skipped)} file{'s' if len(skipped) != 1 else ''} skipped"
-    print(f"{count} of the {total} images of {what} (left out of the dataset, its tokens and every metric; "
-          "dataset.skipped lists them)", file=out, flush=True)
+    print(
+        f"{count} of the {total} images of {what} (left out of the dataset, its tokens and every metric; "
+        "dataset.skipped lists them)",
+        file=out,
+        flush=True,
+    )
     return kept
 
 

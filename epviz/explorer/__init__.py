@@ -39,6 +39,17 @@ from epviz.explorer.render import render_state, save_state, state_png, table_htm
 from epviz.explorer.widgets import Explorer
 
 __all__ = [
-    "VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "table_columns", "Selection", "ExplorerState", "ExplorerModel",
-    "Explorer", "render_state", "state_png", "save_state", "table_html",
+    "VIEWS",
+    "ORDERS",
+    "ALL_CLASSES",
+    "QUERY_CHOICES",
+    "table_columns",
+    "Selection",
+    "ExplorerState",
+    "ExplorerModel",
+    "Explorer",
+    "render_state",
+    "state_png",
+    "save_state",
+    "table_html",
 ]

@@ -64,7 +64,7 @@ class Selection:
     position: int = 0
     opacity: float = 0.6
 
-    def replace(self, **changes) -> "Selection":
+    def replace(self, **changes) -> Selection:
         """A copy with some fields changed; unknown field names raise a ValueError."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
@@ -130,12 +130,23 @@ class ExplorerState:
         """The scalar facts of the state, for printing."""
         s = self.selection
         return {
-            "backbone": s.backbone, "layer": s.layer, "probe": s.probe, "view": s.view, "query": s.query,
-            "order": s.order, "label filter": s.label, "position": s.position, "image": self.image_index,
-            "images in order": self.image_count, "true": self.true_label, "predicted": self.predicted_label,
+            "backbone": s.backbone,
+            "layer": s.layer,
+            "probe": s.probe,
+            "view": s.view,
+            "query": s.query,
+            "order": s.order,
+            "label filter": s.label,
+            "position": s.position,
+            "image": self.image_index,
+            "images in order": self.image_count,
+            "true": self.true_label,
+            "predicted": self.predicted_label,
             "confidence": None if self.confidence is None else round(self.confidence, 3),
             "probe test top-1": None if self.accuracy is None else round(self.accuracy, 3),
-            "predictors": self.num_predictors, "highlighted": self.highlighted, "error": self.error or None,
+            "predictors": self.num_predictors,
+            "highlighted": self.highlighted,
+            "error": self.error or None,
         }
 
 
@@ -237,8 +248,10 @@ class ExplorerModel:
         """The backbone called `name`, loaded once."""
         if name not in self._backbones:
             if name not in self.backbone_names:
-                raise ValueError(f"backbone {name!r} is not one of this Explorer's backbones ({', '.join(self.backbone_names)}); "
-                                 f"create the Explorer with backbones=[..., {name!r}] to add it")
+                raise ValueError(
+                    f"backbone {name!r} is not one of this Explorer's backbones ({', '.join(self.backbone_names)}); "
+                    f"create the Explorer with backbones=[..., {name!r}] to add it"
+                )
             self._report(0.02, f"loading backbone {name}")
             self._backbones[name] = load_backbone(name)
         return self._backbones[name]
@@ -260,8 +273,11 @@ class ExplorerModel:
     def _extract(self, backbone: str) -> dict:
         bb, sets, caches = self.backbone(backbone), self.sets, {}
         for i, split in enumerate(_SPLITS):
-            self._report(0.05 + 0.6 * i / len(_SPLITS), f"tokens of {backbone}: {split} split, all {bb.depth} blocks, "
-                                                        f"{len(sets[split]):,} images (extracted once, then read from disk)")
+            self._report(
+                0.05 + 0.6 * i / len(_SPLITS),
+                f"tokens of {backbone}: {split} split, all {bb.depth} blocks, "
+                f"{len(sets[split]):,} images (extracted once, then read from disk)",
+            )
             caches[split] = extract_sets([bb], {split: sets[split]}, progress=True)[bb.name][split]
             self.counts["extractions"] += int(not caches[split].hit)
         self._caches[backbone] = caches
@@ -272,8 +288,10 @@ class ExplorerModel:
     def probe_options(self, label: str, queries: int | None = None) -> dict:
         """Build options of probe `label` (with ``name``), the number of queries applied where it is an option."""
         if label not in self.specs:
-            raise ValueError(f"probe {label!r} is not one of this Explorer's probes ({', '.join(self.specs)}); "
-                             f"create the Explorer with probes=[..., {label!r}] to add it")
+            raise ValueError(
+                f"probe {label!r} is not one of this Explorer's probes ({', '.join(self.specs)}); "
+                f"create the Explorer with probes=[..., {label!r}] to add it"
+            )
         options = dict(self.specs[label])
         if queries is not None and _takes_queries(options["name"]):
             options["num_queries"] = int(queries)
@@ -291,10 +309,19 @@ class ExplorerModel:
             tokens = self.tokens(sel.backbone, sel.layer)
             options = self.probe_options(sel.probe, sel.queries)
             name = options.pop("name")
-            self._report(0.7, f"training probe {sel.probe} on {sel.backbone} block {key[1]} ({_options_text(options)}; "
-                              "loaded instead when it was trained before)")
-            result = train_probe(name, tokens["train"], tokens["val"], budget=self.setting.fit_options(**self.fit_options),
-                                 seed=self.seed, **options)
+            self._report(
+                0.7,
+                f"training probe {sel.probe} on {sel.backbone} block {key[1]} ({_options_text(options)}; "
+                "loaded instead when it was trained before)",
+            )
+            result = train_probe(
+                name,
+                tokens["train"],
+                tokens["val"],
+                budget=self.setting.fit_options(**self.fit_options),
+                seed=self.seed,
+                **options,
+            )
             self.counts["trainings"] += 1
             self._report(0.9, "predicting the test images")
             from epviz.evaluate import predict
@@ -311,8 +338,15 @@ class ExplorerModel:
             tokens = self.tokens(sel.backbone, sel.layer)["test"]
             n_loc = min(len(tokens), self.localization_images)
             context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
-            full = predictor_table(data.probe, tokens, self.test, context=context, localization_index=range(n_loc),
-                                   thresholds=self.setting.thresholds, n_boot=0)
+            full = predictor_table(
+                data.probe,
+                tokens,
+                self.test,
+                context=context,
+                localization_index=range(n_loc),
+                thresholds=self.setting.thresholds,
+                n_boot=0,
+            )
             data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
@@ -323,8 +357,9 @@ class ExplorerModel:
 
         k = data.probe.num_predictors
         if not 1 <= sel.groups <= k:
-            raise ValueError(f"{sel.groups} query groups asked for, but probe {sel.probe} has {k} predictors: "
-                             f"choose between 1 and {k} groups")
+            raise ValueError(
+                f"{sel.groups} query groups asked for, but probe {sel.probe} has {k} predictors: choose between 1 and {k} groups"
+            )
         if data.overlap is None:
             tokens = self.tokens(sel.backbone, sel.layer)["test"]
             data.overlap = query_groups(data.probe, tokens, 1, maps_index=[0]).overlap
@@ -360,14 +395,19 @@ class ExplorerModel:
             index = index[np.argsort(-data.probs[index].max(1), kind="stable")]
         elif sel.order == "largest Δacc":
             if data.probe.num_predictors == 0:
-                raise ValueError(f"ordering by Δacc needs attention predictors, and probe {sel.probe} has none: "
-                                 "choose an attentive probe (ep, mhca, ...) or another image order")
+                raise ValueError(
+                    f"ordering by Δacc needs attention predictors, and probe {sel.probe} has none: "
+                    "choose an attentive probe (ep, mhca, ...) or another image order"
+                )
             effect = self.uniform_effect(sel, data, highlighted)
             index = index[np.argsort(-effect[index], kind="stable")]
         if len(index) == 0:
             what = "misclassified" if sel.order == "most confident mistakes" else "in this selection"
-            raise ValueError(f"no test image is {what}" + (f" among class {sel.label}" if sel.label != ALL_CLASSES else "")
-                             + ": choose another class filter or image order")
+            raise ValueError(
+                f"no test image is {what}"
+                + (f" among class {sel.label}" if sel.label != ALL_CLASSES else "")
+                + ": choose another class filter or image order"
+            )
         return index
 
     def image_maps(self, sel: Selection, data: _ProbeData, image: int) -> np.ndarray:
@@ -406,14 +446,18 @@ class ExplorerModel:
         order = self.image_order(sel, data, highlighted)
         out.image_count = len(order)
         if not 0 <= sel.position < len(order):
-            raise ValueError(f"image position {sel.position} is out of range: the ordering holds {len(order)} images "
-                             f"(positions 0..{len(order) - 1})")
+            raise ValueError(
+                f"image position {sel.position} is out of range: the ordering holds {len(order)} images "
+                f"(positions 0..{len(order) - 1})"
+            )
         image = int(order[sel.position])
         self._fill_image(out, data, image)
         if sel.view != "image only" and k == 0:
-            raise ValueError(f"probe {sel.probe} has no attention predictors (num_predictors == 0), so the "
-                             f"{sel.view!r} view has no map to show: choose an attentive probe (ep, mhca, ...) "
-                             "or the 'image only' view")
+            raise ValueError(
+                f"probe {sel.probe} has no attention predictors (num_predictors == 0), so the "
+                f"{sel.view!r} view has no map to show: choose an attentive probe (ep, mhca, ...) "
+                "or the 'image only' view"
+            )
         if k:
             self._fill_maps(sel, out, data, image, groups)
             table = self.table(sel, data).copy()

@@ -9,6 +9,7 @@ from epviz.viz.maps import group_colours
 
 __all__ = ["render_state", "state_png", "save_state", "table_html"]
 
+
 def render_state(state: ExplorerState, width: float = 7.0):
     """The figure of a state: the image with its overlay and GT boxes, and the Δacc bars."""
     from matplotlib.figure import Figure
@@ -35,8 +36,11 @@ def _draw_image(ax, state: ExplorerState) -> None:
     if state.boxes is not None:
         draw_boxes(ax, state.boxes, lw=1.2)
     colour = "tab:green" if state.correct else "tab:red"
-    ax.set_title(f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} "
-                 f"({state.confidence:.0%})", fontsize=8, color=colour)
+    ax.set_title(
+        f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} ({state.confidence:.0%})",
+        fontsize=8,
+        color=colour,
+    )
 
 
 def _draw_bars(ax, state: ExplorerState) -> None:
@@ -86,10 +90,20 @@ def table_html(state: ExplorerState) -> str:
         return ""
     t = state.table.copy()
     shown = t.pop("highlighted")
-    t = t.rename(columns={"delta_acc": "Δacc", "entropy_norm": "entropy/log N", "maxboxacc_v2": "MaxBoxAccV2",
-                          "inbox_mass": "mass in box", "pointing": "pointing"})
-    styled = t.style.format(precision=3).hide(axis="index").apply(
-        lambda row: ["font-weight: bold; background: #fde7c8" if shown.iloc[row.name] else "" for _ in row], axis=1)
+    t = t.rename(
+        columns={
+            "delta_acc": "Δacc",
+            "entropy_norm": "entropy/log N",
+            "maxboxacc_v2": "MaxBoxAccV2",
+            "inbox_mass": "mass in box",
+            "pointing": "pointing",
+        }
+    )
+    styled = (
+        t.style.format(precision=3)
+        .hide(axis="index")
+        .apply(lambda row: ["font-weight: bold; background: #fde7c8" if shown.iloc[row.name] else "" for _ in row], axis=1)
+    )
     return styled.to_html()
 
 

@@ -9,9 +9,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from epviz.backbones import Backbone
 from epviz.data import DEFAULT_DATASET
-from epviz.setting import Setting
 from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection
 from epviz.explorer.render import state_png, table_html
+from epviz.setting import Setting
 
 __all__ = ["Explorer"]
 
@@ -39,8 +39,16 @@ class Explorer:
         selection: Mapping | None = None,
         width: float = 7.0,
     ) -> None:
-        self.model = ExplorerModel(backbones, probes, setting=setting, dataset=dataset, sets=sets, fit_options=fit_options, seed=seed,
-                                   localization_images=localization_images)
+        self.model = ExplorerModel(
+            backbones,
+            probes,
+            setting=setting,
+            dataset=dataset,
+            sets=sets,
+            fit_options=fit_options,
+            seed=seed,
+            localization_images=localization_images,
+        )
         self.width = width
         self.state: ExplorerState | None = None
         self.png = b""
@@ -98,12 +106,16 @@ class Explorer:
         import ipywidgets as w
 
         ws = self.widgets
-        controls = w.HBox([
-            w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
-            w.VBox([ws[n] for n in ("view", "query", "groups", "opacity")]),
-            w.VBox([ws[n] for n in ("order", "label", "position")]),
-        ])
-        box = w.VBox([controls, w.HBox([ws["progress"], ws["status"]]), ws["error"], ws["labels"], ws["figure"], ws["table"], ws["log"]])
+        controls = w.HBox(
+            [
+                w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
+                w.VBox([ws[n] for n in ("view", "query", "groups", "opacity")]),
+                w.VBox([ws[n] for n in ("order", "label", "position")]),
+            ]
+        )
+        box = w.VBox(
+            [controls, w.HBox([ws["progress"], ws["status"]]), ws["error"], ws["labels"], ws["figure"], ws["table"], ws["log"]]
+        )
         box.add_class("epviz-explorer")
         return box
 
@@ -253,6 +265,8 @@ def _labels_html(state: ExplorerState) -> str:
     if state.true_label is None:
         return ""
     colour = "#1b7f1b" if state.correct else "#b00020"
-    return (f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
-            f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
-            f"({state.confidence:.0%}) · probe test top-1 {state.accuracy:.1%}</div>")
+    return (
+        f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
+        f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
+        f"({state.confidence:.0%}) · probe test top-1 {state.accuracy:.1%}</div>"
+    )

@@ -30,8 +30,37 @@ from epviz.probes._registry import (
 
 # Importing the families (one module per family, named after it) fills the registry.
 from epviz.probes import (  # noqa: E402,F401  isort: skip
-    abmilp, aim, cae, cait, cbam, clip, coca, dinovit, dolg, ep, jepa, linear, mhca, siglip, simpool,
+    abmilp,
+    aim,
+    cae,
+    cait,
+    cbam,
+    clip,
+    coca,
+    dinovit,
+    dolg,
+    ep,
+    jepa,
+    linear,
+    mhca,
+    siglip,
+    simpool,
 )
 
-__all__ = ["HookPoint", "Pooled", "Probe", "ProbeEntry", "Routed", "accepted_options", "available", "build", "entry",
-           "probe_class", "probe_specs", "register", "standard_set", "trainable_params", "unregister"]
+__all__ = [
+    "HookPoint",
+    "Pooled",
+    "Probe",
+    "ProbeEntry",
+    "Routed",
+    "accepted_options",
+    "available",
+    "build",
+    "entry",
+    "probe_class",
+    "probe_specs",
+    "register",
+    "standard_set",
+    "trainable_params",
+    "unregister",
+]

@@ -117,8 +117,9 @@ class Intervention(frozenset):
     rows: torch.Tensor | None
     applied: bool
 
-    def __new__(cls, uniform: Iterable[int] = (), replace: Mapping[int, torch.Tensor] | None = None,
-                record: bool = False) -> Intervention:
+    def __new__(
+        cls, uniform: Iterable[int] = (), replace: Mapping[int, torch.Tensor] | None = None, record: bool = False
+    ) -> Intervention:
         self = super().__new__(cls, uniform)
         self.replace = dict(replace or {})
         self.record = bool(record)
@@ -232,8 +233,10 @@ class Probe(nn.Module):
             rows = Intervention(rows, self._replacements(replace, rows, len(patch)))
         out = self._pool(patch, prefix, rows)
         if isinstance(rows, Intervention) and not rows.applied:
-            raise RuntimeError(f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so "
-                               "replace= cannot reach its attention weights")
+            raise RuntimeError(
+                f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so "
+                "replace= cannot reach its attention weights"
+            )
         features = out.features
         if zero is not None:
             cols = self._zero_columns(self._predictor_set(zero, "zero"))
@@ -270,7 +273,9 @@ class Probe(nn.Module):
                 replacement, or ``"zero"`` for a probe that is not sliced.
         """
         if self.num_predictors == 0:
-            raise ValueError(f"probe '{self.name}' has no attention predictors, so there is nothing to ablate; use an attentive probe")
+            raise ValueError(
+                f"probe '{self.name}' has no attention predictors, so there is nothing to ablate; use an attentive probe"
+            )
         replacement = self._check_control(control, replacement)
         k = self.num_predictors
         full = self(patch_tokens, prefix_tokens)
@@ -294,8 +299,10 @@ class Probe(nn.Module):
         if self.num_predictors == 0:
             return f"probe '{self.name}' has no attention predictors"
         if control == "zero" and any(s is None for s in self.predictor_slices()):
-            return (f"probe '{self.name}' is not sliced: its predictors share every pooled column, so no column "
-                    "belongs to one predictor alone (zeroing needs predictor_slices())")
+            return (
+                f"probe '{self.name}' is not sliced: its predictors share every pooled column, so no column "
+                "belongs to one predictor alone (zeroing needs predictor_slices())"
+            )
         return None
 
     def attention_rows(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,8 +318,10 @@ class Probe(nn.Module):
         record = Intervention(record=True)
         self._pool(patch, prefix, record)
         if record.rows is None:
-            raise RuntimeError(f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so its "
-                               "attention rows cannot be recorded")
+            raise RuntimeError(
+                f"probe '{self.name}' does not pass its `uniform` argument to _route_attention, so its "
+                "attention rows cannot be recorded"
+            )
         return record.rows
 
     @property
@@ -389,7 +398,9 @@ class Probe(nn.Module):
             The weights to pool with, the maps the hook returned, and the non-patch mass.
         """
         if num_patch is not None and attn.ndim != 3 and num_patch != attn.shape[-1]:
-            raise ValueError(f"probe '{self.name}': only (B, K, L) weights can have non-patch keys; got shape {tuple(attn.shape)} with num_patch={num_patch}")
+            raise ValueError(
+                f"probe '{self.name}': only (B, K, L) weights can have non-patch keys; got shape {tuple(attn.shape)} with num_patch={num_patch}"
+            )
         edit = uniform if isinstance(uniform, Intervention) else None
         if edit is not None:
             edit.applied = True
@@ -409,7 +420,9 @@ class Probe(nn.Module):
             _record(edit, attn)
             return Routed(attn, self.hook_attn(attn.mean(dim=2)))
         if attn.ndim != 3:
-            raise ValueError(f"probe '{self.name}': attention weights must be (B, K, L), (B, H, N, N) or (B, N); got shape {tuple(attn.shape)}")
+            raise ValueError(
+                f"probe '{self.name}': attention weights must be (B, K, L), (B, H, N, N) or (B, N); got shape {tuple(attn.shape)}"
+            )
         attn = uniform_rows(attn, uniform)
         n_extra = 0 if num_patch is None else attn.shape[-1] - num_patch
         if n_extra == 0:
@@ -552,8 +565,10 @@ class Probe(nn.Module):
         if replacement.ndim == 3:
             replacement = replacement.unsqueeze(2)
         if replacement.ndim != 4 or replacement.shape[1] != self.num_predictors:
-            raise ValueError(f"probe '{self.name}': replacement must be (B or 1, K={self.num_predictors}, R, N), "
-                             f"got shape {tuple(replacement.shape)}")
+            raise ValueError(
+                f"probe '{self.name}': replacement must be (B or 1, K={self.num_predictors}, R, N), "
+                f"got shape {tuple(replacement.shape)}"
+            )
         return replacement
 
     def _zero_columns(self, rows: frozenset[int]) -> torch.Tensor | None:
@@ -579,8 +594,10 @@ def _replace_rows(attn: torch.Tensor, edit: Intervention | None, name: str) -> t
     for j, value in edit.replace.items():
         value = value.to(device=attn.device, dtype=attn.dtype)
         if value.shape[-1] != attn.shape[-1] or value.shape[1] not in (1, rows):
-            raise ValueError(f"probe '{name}': predictor {j} has {rows} row(s) over {attn.shape[-1]} patch tokens, "
-                             f"its replacement has shape {tuple(value.shape)}")
+            raise ValueError(
+                f"probe '{name}': predictor {j} has {rows} row(s) over {attn.shape[-1]} patch tokens, "
+                f"its replacement has shape {tuple(value.shape)}"
+            )
         attn[:, j] = value[:, 0] if attn.ndim == 3 else value
     return attn
 

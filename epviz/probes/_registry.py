@@ -21,8 +21,18 @@ import torch
 
 from epviz.probes._base import Probe
 
-__all__ = ["ProbeEntry", "accepted_options", "available", "build", "entry", "probe_class", "probe_specs", "register", "standard_set",
-           "unregister"]
+__all__ = [
+    "ProbeEntry",
+    "accepted_options",
+    "available",
+    "build",
+    "entry",
+    "probe_class",
+    "probe_specs",
+    "register",
+    "standard_set",
+    "unregister",
+]
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,9 @@ def register(name: str, family: str | type[Probe] | None = None, *, standard: bo
     cls = family if isinstance(family, type) else probe_class(family)
     unknown = sorted(set(options) - _accepted(cls))
     if unknown:
-        raise ValueError(f"variant {name!r}: family {cls.name!r} does not take option(s) {unknown}; it accepts {sorted(_accepted(cls))}")
+        raise ValueError(
+            f"variant {name!r}: family {cls.name!r} does not take option(s) {unknown}; it accepts {sorted(_accepted(cls))}"
+        )
     added = ProbeEntry(name, cls, dict(options), bool(standard))
     _REGISTRY[name] = added
     return added

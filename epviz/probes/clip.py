@@ -47,7 +47,9 @@ class ClipProbe(Probe):
             num_tokens = 196 if grid is None else int(grid[0]) * int(grid[1])
         num_tokens = int(num_tokens)
         if grid is not None and int(grid[0]) * int(grid[1]) != num_tokens:
-            raise ValueError(f"probe 'clip': grid {tuple(grid)} has {int(grid[0]) * int(grid[1])} cells but num_tokens={num_tokens}")
+            raise ValueError(
+                f"probe 'clip': grid {tuple(grid)} has {int(grid[0]) * int(grid[1])} cells but num_tokens={num_tokens}"
+            )
         super().__init__(dim, num_classes, grid=grid, heads=heads, num_tokens=num_tokens)
         self.heads = heads
         self.num_tokens = num_tokens

@@ -44,7 +44,9 @@ class CocaProbe(Probe):
         grid: Sequence[int] | None = None,
     ) -> None:
         if int(heads) < 1 or int(dim_head) < 1 or int(num_queries) < 1:
-            raise ValueError(f"probe 'coca': heads, dim_head and num_queries must be positive, got {heads}, {dim_head}, {num_queries}")
+            raise ValueError(
+                f"probe 'coca': heads, dim_head and num_queries must be positive, got {heads}, {dim_head}, {num_queries}"
+            )
         super().__init__(dim, num_classes, grid=grid, heads=int(heads), dim_head=int(dim_head), num_queries=int(num_queries))
         self.heads, self.dim_head = int(heads), int(dim_head)
         inner = self.heads * self.dim_head

@@ -143,8 +143,9 @@ class EfficientProbe(Probe):
         y_uniform = torch.einsum("bd,mcd->bmc", keys.mean(dim=1), w.to(keys.dtype)).reshape(y.shape)
         return self._swap_slices(y, y_uniform)
 
-    def _ablated_control(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None, control: str,
-                         replacement: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ablated_control(
+        self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None, control: str, replacement: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The shortcut of :meth:`ablated_logits` for the ``"replace"`` and ``"zero"`` controls."""
         replacement = self._check_control(control, replacement)
         patch, prefix = self._validate(patch_tokens, prefix_tokens)
@@ -156,8 +157,10 @@ class EfficientProbe(Probe):
         if control == "zero" or replacement is None:
             return self._swap_slices(y, torch.zeros_like(y))
         if replacement.shape[2] != 1 or replacement.shape[-1] != n:
-            raise ValueError(f"probe '{self.name}': each query has one map over {n} patch tokens; "
-                             f"the replacement has shape {tuple(replacement.shape)}")
+            raise ValueError(
+                f"probe '{self.name}': each query has one map over {n} patch tokens; "
+                f"the replacement has shape {tuple(replacement.shape)}"
+            )
         maps = replacement[:, :, 0].to(device=attn.device, dtype=attn.dtype)  # (B or 1, M, N)
         mass = attn[..., :n].sum(-1, keepdim=True)  # (B, M, 1): 1 for ep, the patch share for ep_all
         replaced = torch.cat([maps * mass, attn[..., n:]], dim=-1)  # every query replaced at once

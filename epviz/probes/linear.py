@@ -26,9 +26,11 @@ PREFIX_CHOICES = ("first", "mean")
 def check_prefix(name: str, prefix: str, choices: Sequence[str]) -> str:
     """Validate a probe's ``prefix`` option (which prefix tokens it reads)."""
     if prefix not in choices:
-        raise ValueError(f"probe '{name}': prefix must be one of {list(choices)} (first: [CLS] only; mean: the mean of "
-                         f"[CLS] and the register tokens{'; all: every prefix token as its own key' if 'all' in choices else ''}), "
-                         f"got {prefix!r}")
+        raise ValueError(
+            f"probe '{name}': prefix must be one of {list(choices)} (first: [CLS] only; mean: the mean of "
+            f"[CLS] and the register tokens{'; all: every prefix token as its own key' if 'all' in choices else ''}), "
+            f"got {prefix!r}"
+        )
     return prefix
 
 

@@ -9,5 +9,15 @@ from epviz.tokens.cache import CACHE_FORMAT, TokenCache, cache_key, default_cach
 from epviz.tokens.sets import extract_sets, layer_tokens
 from epviz.tokens.tokenset import TokenBatch, TokenOrigin, TokenSet
 
-__all__ = ["CACHE_FORMAT", "TokenBatch", "TokenCache", "TokenOrigin", "TokenSet", "cache_key", "default_cache_dir",
-           "extract_sets", "extract_tokens", "layer_tokens"]
+__all__ = [
+    "CACHE_FORMAT",
+    "TokenBatch",
+    "TokenCache",
+    "TokenOrigin",
+    "TokenSet",
+    "cache_key",
+    "default_cache_dir",
+    "extract_sets",
+    "extract_tokens",
+    "layer_tokens",
+]

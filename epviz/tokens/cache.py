@@ -42,7 +42,7 @@ from numpy.lib.format import write_array_header_1_0
 from tqdm.auto import tqdm
 
 from epviz.atomic import atomic_write_text
-from epviz.backbones import Backbone, presets
+from epviz.backbones import Backbone
 from epviz.data.images import ImageFileError
 from epviz.data.protocol import Fingerprinted, ImageBatches, ImageDataset
 from epviz.errors import AnnotationError, ConfigError, DataError
@@ -78,7 +78,7 @@ class TokenCache:
     hit: bool = False
 
     @classmethod
-    def open(cls, path: str | Path, hit: bool = True) -> "TokenCache":
+    def open(cls, path: str | Path, hit: bool = True) -> TokenCache:
         """Open a complete cache folder (raises when it is incomplete)."""
         path = Path(path)
         meta_file = path / "meta.json"
@@ -129,10 +129,18 @@ class TokenCache:
         """The TokenSet of one layer (memory-mapped unless `in_memory`)."""
         layer = self._check(layer)
         ts = TokenSet(
-            patch=self.patch(layer), prefix=self.prefix(layer), labels=self.labels, grid=self.grid,
+            patch=self.patch(layer),
+            prefix=self.prefix(layer),
+            labels=self.labels,
+            grid=self.grid,
             num_classes=self.meta.get("dataset_info", {}).get("num_classes"),
-            origin=TokenOrigin(backbone=self.meta["backbone"]["name"], layer=layer, dataset=self.meta["dataset"],
-                               cache=self.path.name, split=self.split),
+            origin=TokenOrigin(
+                backbone=self.meta["backbone"]["name"],
+                layer=layer,
+                dataset=self.meta["dataset"],
+                cache=self.path.name,
+                split=self.split,
+            ),
         )
         return ts.load() if in_memory else ts
 
@@ -176,7 +184,9 @@ def _dataset_fingerprint(dataset, key: dict | None) -> dict:
     return dataset.fingerprint()
 
 
-def cache_key(backbone: Backbone, dataset_fingerprint: dict, layers: list[int], norm: bool, precision: str, dtype: str, transform: dict) -> tuple[str, dict]:
+def cache_key(
+    backbone: Backbone, dataset_fingerprint: dict, layers: list[int], norm: bool, precision: str, dtype: str, transform: dict
+) -> tuple[str, dict]:
     """The cache key (hex sha256) and the JSON-able components it hashes."""
     parts = {
         "format": CACHE_FORMAT,
@@ -212,7 +222,7 @@ class _NpyStream:
 
     def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
         self.dtype, self.shape, self.rows = np.dtype(dtype), shape, 0
-        self.fh = open(path, "wb")
+        self.fh = open(path, "wb")  # noqa: SIM115 - held open while batches stream in; close() ends it
         write_array_header_1_0(self.fh, {"descr": self.dtype.str, "fortran_order": False, "shape": shape})
 
     def write(self, block: np.ndarray) -> None:
@@ -227,7 +237,7 @@ class _NpyStream:
             raise RuntimeError(f"wrote {self.rows} rows into a file of {self.shape[0]}")
 
 
-def _write_blocks(blocks: list[tuple["_NpyStream", np.ndarray]]) -> None:
+def _write_blocks(blocks: list[tuple[_NpyStream, np.ndarray]]) -> None:
     for stream, block in blocks:
         stream.write(block)
 
@@ -288,7 +298,12 @@ def extract_tokens(
     if n == 0:
         raise ValueError("the dataset is empty: there is nothing to extract")
     dev = resolve_device(device)
-    transform = {"resize_to": list(backbone.image_size), "interpolation": "bicubic-antialias", "mean": list(backbone.mean), "std": list(backbone.std)}
+    transform = {
+        "resize_to": list(backbone.image_size),
+        "interpolation": "bicubic-antialias",
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+    }
     key, parts = cache_key(backbone, _dataset_fingerprint(dataset, dataset_key), layers, norm, precision, dtype, transform)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -307,8 +322,20 @@ def extract_tokens(
     partial = root / f"{name}{_PARTIAL}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        meta = _write(backbone, dataset, layers, partial, n, norm=norm, batch_size=batch_size, precision=precision,
-                      dtype=dtype, device=dev, num_workers=num_workers, progress=progress)
+        meta = _write(
+            backbone,
+            dataset,
+            layers,
+            partial,
+            n,
+            norm=norm,
+            batch_size=batch_size,
+            precision=precision,
+            dtype=dtype,
+            device=dev,
+            num_workers=num_workers,
+            progress=progress,
+        )
         meta.update(parts, key=key, split=split)
         meta["backbone"] = dict(backbone.describe())
         atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1))
@@ -331,17 +358,32 @@ def _refuse_nonfinite(backbone: Backbone, layer: int, patch: torch.Tensor, dtype
             f"{len(rows)} images in its batch) before any storage cast: the backbone's weights or the images hold NaN "
             "or inf; dtype='float32' would store the same NaNs, so check the images (and the weights file)"
         )
-    raise OverflowError(f"block {layer} of {backbone.name} has token values beyond the float16 range; extract with dtype='float32'")
+    raise OverflowError(
+        f"block {layer} of {backbone.name} has token values beyond the float16 range; extract with dtype='float32'"
+    )
 
 
-def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int, *, norm: bool, batch_size: int,
-           precision: str, dtype: str, device: torch.device, num_workers: int, progress: bool) -> dict:
+def _write(
+    backbone: Backbone,
+    dataset,
+    layers: list[int],
+    folder: Path,
+    n: int,
+    *,
+    norm: bool,
+    batch_size: int,
+    precision: str,
+    dtype: str,
+    device: torch.device,
+    num_workers: int,
+    progress: bool,
+) -> dict:
     model = backbone.model.to(device)
     P, N, D = backbone.num_prefix_tokens, backbone.num_patches, backbone.dim
     np_dtype = np.float16 if dtype == "float16" else np.float32
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32
-    patch_maps = {l: _NpyStream(folder / f"L{l:03d}_patch.npy", np_dtype, (n, N, D)) for l in layers}
-    prefix_maps = {l: _NpyStream(folder / f"L{l:03d}_prefix.npy", np_dtype, (n, P, D)) for l in layers} if P else {}
+    patch_maps = {layer: _NpyStream(folder / f"L{layer:03d}_patch.npy", np_dtype, (n, N, D)) for layer in layers}
+    prefix_maps = {layer: _NpyStream(folder / f"L{layer:03d}_prefix.npy", np_dtype, (n, P, D)) for layer in layers} if P else {}
     streams = list(patch_maps.values()) + list(prefix_maps.values())
     labels = np.zeros(n, dtype=np.int64)
     start, done = time.time(), 0
@@ -350,13 +392,22 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
         with torch.inference_mode(), autocast(device, precision):
             for images, batch_labels in _image_batches(dataset, batch_size, num_workers):
                 x = backbone.prepare(images, device)
-                outs = model.forward_intermediates(x, indices=layers, norm=norm, output_fmt="NLC", intermediates_only=True,
-                                                   return_prefix_tokens=True, stop_early=True)
+                outs = model.forward_intermediates(
+                    x,
+                    indices=layers,
+                    norm=norm,
+                    output_fmt="NLC",
+                    intermediates_only=True,
+                    return_prefix_tokens=True,
+                    stop_early=True,
+                )
                 b = x.shape[0]
                 blocks = []
                 for layer, (patch, prefix) in zip(layers, outs):
                     if patch.shape[1:] != (N, D):
-                        raise RuntimeError(f"{backbone.name} block {layer} gave tokens {tuple(patch.shape)}, expected (B, {N}, {D})")
+                        raise RuntimeError(
+                            f"{backbone.name} block {layer} gave tokens {tuple(patch.shape)}, expected (B, {N}, {D})"
+                        )
                     stored = patch.to(torch_dtype).cpu()  # torch's fp16 cast is much faster than numpy's
                     if not bool(torch.isfinite(stored).all()):
                         _refuse_nonfinite(backbone, layer, patch, dtype, done)
@@ -368,8 +419,10 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
                 done += b
                 bar.update(b)
     except (ImageFileError, AnnotationError) as err:  # an unreadable image: fail fast, and say how to leave it out
-        raise type(err)(f"{err}\n(extract_tokens stops at the first unreadable image; to leave unreadable images out, listed "
-                        "and never scored, open the dataset with epviz.data.load_split(..., on_error='skip'))") from err
+        raise type(err)(
+            f"{err}\n(extract_tokens stops at the first unreadable image; to leave unreadable images out, listed "
+            "and never scored, open the dataset with epviz.data.load_split(..., on_error='skip'))"
+        ) from err
     finally:
         bar.close()
         for stream in streams:
@@ -380,6 +433,13 @@ def _write(backbone: Backbone, dataset, layers: list[int], folder: Path, n: int,
         stream.close()
     np.save(folder / "labels.npy", labels)
     num_classes = int(dataset.num_classes) if isinstance(dataset, ImageDataset) else None
-    return {"num_images": n, "layers": layers, "num_patches": N, "num_prefix_tokens": P, "dim": D,
-            "seconds": round(time.time() - start, 2), "dataset_info": {"num_classes": num_classes},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "num_images": n,
+        "layers": layers,
+        "num_patches": N,
+        "num_prefix_tokens": P,
+        "dim": D,
+        "seconds": round(time.time() - start, 2),
+        "dataset_info": {"num_classes": num_classes},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -42,8 +42,10 @@ def extract_sets(
     out: dict[str, dict[str, TokenCache]] = {}
     for backbone in backbones:
         bb = _as_backbone(backbone)
-        out[bb.name] = {split: extract_tokens(bb, dataset, layers=None, batch_size=batch_size, progress=progress)
-                        for split, dataset in sets.items()}
+        out[bb.name] = {
+            split: extract_tokens(bb, dataset, layers=None, batch_size=batch_size, progress=progress)
+            for split, dataset in sets.items()
+        }
     return out
 
 
@@ -63,5 +65,7 @@ def layer_tokens(
     Returns:
         ``{backbone name: {split: TokenSet}}``.
     """
-    return {name: {split: cache.tokens(layer, in_memory=in_memory) for split, cache in per_split.items()}
-            for name, per_split in caches.items()}
+    return {
+        name: {split: cache.tokens(layer, in_memory=in_memory) for split, cache in per_split.items()}
+        for name, per_split in caches.items()
+    }

@@ -45,7 +45,7 @@ class TokenOrigin:
     subset: int | None = None
     split: str | None = None
 
-    def replace(self, **changes) -> "TokenOrigin":
+    def replace(self, **changes) -> TokenOrigin:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -119,16 +119,20 @@ class TokenSet:
             raise DataError(f"{len(labels)} labels for {n_images} token sets; they must match")
         kind = labels.dtype.kind
         if labels.size and (kind not in "iufb" or (kind == "f" and not np.all(np.mod(labels, 1) == 0))):
-            raise DataError(f"labels must be integer class indices, got dtype {labels.dtype}"
-                            + (" with fractional values" if kind == "f" else ""))
+            raise DataError(
+                f"labels must be integer class indices, got dtype {labels.dtype}"
+                + (" with fractional values" if kind == "f" else "")
+            )
         if self.prefix is not None and self.prefix.shape[0] != n_images:
             raise DataError(f"prefix tokens cover {self.prefix.shape[0]} images, patch tokens {n_images}")
         if self.prefix is not None and self.prefix.shape[1] == 0:
             self.prefix = None
         self.grid = _as_grid(self.grid)
         if self.grid[0] * self.grid[1] != n_tokens:
-            raise ConfigError(f"grid {self.grid} has {self.grid[0] * self.grid[1]} cells but there are {n_tokens} patch tokens; "
-                              "pass the backbone's patch grid (rows, cols) with rows * cols == tokens")
+            raise ConfigError(
+                f"grid {self.grid} has {self.grid[0] * self.grid[1]} cells but there are {n_tokens} patch tokens; "
+                "pass the backbone's patch grid (rows, cols) with rows * cols == tokens"
+            )
         self.labels = labels.astype(np.int64, copy=False)
         if self.num_classes is None:
             self.num_classes = int(self.labels.max()) + 1 if n_images else 0
@@ -165,7 +169,7 @@ class TokenSet:
         """Number of prefix tokens P (0 when there are none)."""
         return 0 if self.prefix is None else int(self.prefix.shape[1])
 
-    def subset(self, index: np.ndarray | list[int]) -> "TokenSet":
+    def subset(self, index: np.ndarray | list[int]) -> TokenSet:
         """A TokenSet holding only the given samples (copied into memory).
 
         Raises:
@@ -183,7 +187,7 @@ class TokenSet:
             origin=self.origin.replace(subset=len(index)),
         )
 
-    def load(self) -> "TokenSet":
+    def load(self) -> TokenSet:
         """A copy of this set held in RAM (fast random access; costs N*D*2 bytes per image)."""
         return TokenSet(
             patch=np.ascontiguousarray(self.patch),
@@ -274,7 +278,9 @@ def _as_grid(grid) -> tuple[int, int]:
     """`grid` as (rows, cols) of positive integers, or a ConfigError."""
     try:
         rows, cols = grid
-        ok = all(not isinstance(g, bool) and isinstance(g, numbers.Real) and float(g).is_integer() and g >= 1 for g in (rows, cols))
+        ok = all(
+            not isinstance(g, bool) and isinstance(g, numbers.Real) and float(g).is_integer() and g >= 1 for g in (rows, cols)
+        )
     except (TypeError, ValueError):
         ok = False
     if not ok:

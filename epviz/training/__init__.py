@@ -11,15 +11,40 @@
 from epviz.training.checkpoints import load_probe, save_probe
 from epviz.training.fit import PROTOCOL, FitResult, fit
 from epviz.training.fit_images import PROTOCOL_PER_STEP, fit_images
-from epviz.training.tuning import tune
 from epviz.training.grid import GridResult, fit_grid, select_point
 from epviz.training.optim import LARS, lr_at
 from epviz.training.runs import (
-    aggregate_runs, build_for, layer_sweep, low_shot, probe_zoo, sample_per_class, seed_summary, train_probe,
+    aggregate_runs,
+    build_for,
+    layer_sweep,
+    low_shot,
+    probe_zoo,
+    sample_per_class,
+    seed_summary,
+    train_probe,
 )
+from epviz.training.tuning import tune
 
 __all__ = [
-    "LARS", "PROTOCOL", "PROTOCOL_PER_STEP", "FitResult", "aggregate_runs", "build_for", "fit", "fit_images", "layer_sweep",
-    "load_probe", "low_shot", "lr_at", "probe_zoo", "sample_per_class", "save_probe", "seed_summary", "train_probe",
-    "GridResult", "fit_grid", "select_point", "tune",
+    "LARS",
+    "PROTOCOL",
+    "PROTOCOL_PER_STEP",
+    "FitResult",
+    "aggregate_runs",
+    "build_for",
+    "fit",
+    "fit_images",
+    "layer_sweep",
+    "load_probe",
+    "low_shot",
+    "lr_at",
+    "probe_zoo",
+    "sample_per_class",
+    "save_probe",
+    "seed_summary",
+    "train_probe",
+    "GridResult",
+    "fit_grid",
+    "select_point",
+    "tune",
 ]

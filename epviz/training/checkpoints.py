@@ -91,11 +91,18 @@ def load_probe(path: str | os.PathLike, device: str | torch.device | None = "cpu
     try:
         state = load_file(str(weights_path))
     except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
-        raise WeightsError(f"cannot read probe weights from {weights_path}: {type(err).__name__}: {err}; save the probe again") from None
+        raise WeightsError(
+            f"cannot read probe weights from {weights_path}: {type(err).__name__}: {err}; save the probe again"
+        ) from None
     described = f"the probe its JSON describes ('{name}', dim={dim}, num_classes={num_classes})"
-    check_weights_fit(state, probe.state_dict(), weights_path, described,
-                      fix=f"The two files come from different probes: save the probe again, or pair {weights_path.name} "
-                          "with the JSON written beside it.")
+    check_weights_fit(
+        state,
+        probe.state_dict(),
+        weights_path,
+        described,
+        fix=f"The two files come from different probes: save the probe again, or pair {weights_path.name} "
+        "with the JSON written beside it.",
+    )
     check_finite_weights(state, weights_path)
     probe.load_state_dict(state)
     return probe.to(resolve_device(device)).eval()

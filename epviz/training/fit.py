@@ -18,19 +18,16 @@ its initial weights are seeded too.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
@@ -148,8 +145,18 @@ def fit(
     if not isinstance(probe, Probe):
         raise TypeError(f"fit expects a Probe (see epviz.probes.build), got {type(probe).__name__}")
     warmup_epochs = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
-    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val,
-                      lr=lr, weight_decay=weight_decay)
+    check_fit_options(
+        optimizer,
+        precision,
+        epochs,
+        batch_size,
+        warmup_epochs,
+        label_smoothing,
+        early_stopping,
+        val,
+        lr=lr,
+        weight_decay=weight_decay,
+    )
     _check_tokens(probe, train, "train")
     if val is not None:
         _check_tokens(probe, val, "validation")
@@ -178,7 +185,9 @@ def fit(
         t0 = time.perf_counter()
         probe.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for step, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)):
+        for step, batch in enumerate(
+            train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
+        ):
             current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
             for group in opt.param_groups:
                 group["lr"] = current_lr
@@ -203,8 +212,15 @@ def fit(
         if val is not None:
             val_loss, val_acc = loss_and_accuracy(probe, val, batch_size=max(batch_size, 256), device=device, precision=precision)
         rows.append(
-            dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
-                 lr=current_lr, seconds=time.perf_counter() - t0)
+            dict(
+                epoch=epoch + 1,
+                train_loss=loss_sum / seen,
+                train_acc=correct / seen,
+                val_loss=val_loss,
+                val_acc=val_acc,
+                lr=current_lr,
+                seconds=time.perf_counter() - t0,
+            )
         )
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
 
@@ -224,10 +240,22 @@ def fit(
     probe.eval()
     history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
     config = dict(
-        protocol=PROTOCOL, epochs=epochs, epochs_run=len(rows), batch_size=batch_size, optimizer=optimizer, lr=lr,
-        weight_decay=weight_decay, warmup_epochs=warmup_epochs, label_smoothing=label_smoothing,
-        early_stopping=early_stopping, precision=precision, device=str(device), seed=seed,
-        train_size=len(train), val_size=None if val is None else len(val), train_origin=train.origin.as_dict(),
+        protocol=PROTOCOL,
+        epochs=epochs,
+        epochs_run=len(rows),
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        early_stopping=early_stopping,
+        precision=precision,
+        device=str(device),
+        seed=seed,
+        train_size=len(train),
+        val_size=None if val is None else len(val),
+        train_origin=train.origin.as_dict(),
         probe=dict(probe.config),
     )
     return FitResult(
@@ -300,5 +328,6 @@ def check_classes(train_labels, val_labels=None) -> None:
             warnings.warn(
                 f"the validation set holds {len(unseen)} classes the training set lacks ({shown}): "
                 f"{share:.1%} of its samples cannot be predicted right, so validation accuracy is at most {1 - share:.3f}",
-                UserWarning, stacklevel=3,
+                UserWarning,
+                stacklevel=3,
             )

@@ -113,14 +113,17 @@ def fit_images(
         )
     warmup_epochs = default_warmup(epochs) if warmup_epochs is None else warmup_epochs
     norm = backbone.final_norm if norm is None else bool(norm)
-    check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None,
-                      lr=lr, weight_decay=weight_decay)
+    check_fit_options(
+        optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, None, None, lr=lr, weight_decay=weight_decay
+    )
     _check_scale(scale)
     if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
         raise ConfigError(f"num_workers must be an integer >= 0 (0 decodes in the main process), got {num_workers!r}")
     (layer,) = backbone.resolve_layers([layer])
     if probe.dim != backbone.dim:
-        raise ConfigError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but {backbone.name} gives D={backbone.dim}")
+        raise ConfigError(
+            f"probe '{probe.name}' expects tokens of width D={probe.dim} but {backbone.name} gives D={backbone.dim}"
+        )
     if probe.needs_prefix and backbone.num_prefix_tokens == 0:
         raise ConfigError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but {backbone.name} has none")
     for what, data in (("train", train), ("validation", val)):
@@ -143,15 +146,28 @@ def fit_images(
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(train) > batch_size
     steps = len(train) // batch_size if drop_last else 1
-    loader = torch.utils.data.DataLoader(augmented, batch_size=batch_size, shuffle=True, drop_last=drop_last,
-                                         num_workers=num_workers, generator=generator, pin_memory=device.type == "cuda",
-                                         persistent_workers=num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        augmented,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
 
     def tokens(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad(), autocast(device, precision):
             ((patch, prefix),) = backbone.model.forward_intermediates(
-                backbone.prepare(images, device), indices=[layer], norm=norm, output_fmt="NLC",
-                intermediates_only=True, return_prefix_tokens=True, stop_early=True)
+                backbone.prepare(images, device),
+                indices=[layer],
+                norm=norm,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
+                stop_early=True,
+            )
         return patch, (prefix if backbone.num_prefix_tokens else None)
 
     rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
@@ -177,16 +193,27 @@ def fit_images(
                 opt.step()
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
-                                             f"(lr {current_lr:.3g}); lower lr or use precision='fp32'")
+                    raise FloatingPointError(
+                        f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                        f"(lr {current_lr:.3g}); lower lr or use precision='fp32'"
+                    )
                 loss_sum += value * len(labels)
                 correct += (logits.argmax(dim=1) == labels).sum().item()
                 seen += len(labels)
             val_loss = val_acc = math.nan
             if val is not None:
                 val_loss, val_acc = _evaluate(probe, val, tokens, batch_size, num_workers, device, precision)
-            rows.append(dict(epoch=epoch + 1, train_loss=loss_sum / seen, train_acc=correct / seen, val_loss=val_loss,
-                             val_acc=val_acc, lr=current_lr, seconds=time.perf_counter() - t0))
+            rows.append(
+                dict(
+                    epoch=epoch + 1,
+                    train_loss=loss_sum / seen,
+                    train_acc=correct / seen,
+                    val_loss=val_loss,
+                    val_acc=val_acc,
+                    lr=current_lr,
+                    seconds=time.perf_counter() - t0,
+                )
+            )
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
             if val is None:
                 best_epoch = epoch + 1
@@ -199,13 +226,35 @@ def fit_images(
     probe.eval()
     history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
     config = dict(
-        protocol=PROTOCOL_PER_STEP, backbone=backbone.name, layer=layer, norm=norm, epochs=epochs, epochs_run=len(rows),
-        batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, scale=list(scale), precision=precision, device=str(device), seed=seed,
-        train_size=len(train), val_size=None if val is None else len(val), probe=dict(probe.config),
+        protocol=PROTOCOL_PER_STEP,
+        backbone=backbone.name,
+        layer=layer,
+        norm=norm,
+        epochs=epochs,
+        epochs_run=len(rows),
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        scale=list(scale),
+        precision=precision,
+        device=str(device),
+        seed=seed,
+        train_size=len(train),
+        val_size=None if val is None else len(val),
+        probe=dict(probe.config),
     )
-    return FitResult(probe=probe, history=history, best_epoch=best_epoch, best_acc=best_acc if val is not None else math.nan,
-                     final_acc=float(history["val_acc"].iloc[-1]), seconds=time.perf_counter() - start, config=config)
+    return FitResult(
+        probe=probe,
+        history=history,
+        best_epoch=best_epoch,
+        best_acc=best_acc if val is not None else math.nan,
+        final_acc=float(history["val_acc"].iloc[-1]),
+        seconds=time.perf_counter() - start,
+        config=config,
+    )
 
 
 def _check_scale(scale) -> None:

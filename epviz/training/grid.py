@@ -102,9 +102,7 @@ def select_point(points: pd.DataFrame) -> pd.Series:
     ok = points[points["best_val_acc"].notna()]
     if ok.empty:
         lrs = ", ".join(f"{lr:g}" for lr in sorted(set(points["lr"])))
-        raise FloatingPointError(
-            f"every grid point diverged (lrs {lrs}): lower the learning rates, or use precision='fp32'"
-        )
+        raise FloatingPointError(f"every grid point diverged (lrs {lrs}): lower the learning rates, or use precision='fp32'")
     order = ok.assign(_neg=-ok["best_val_acc"]).sort_values(["_neg", "lr", "weight_decay"], kind="stable")
     return points.loc[order.index[0]]
 
@@ -197,7 +195,9 @@ def fit_grid(
         correct = torch.zeros(k, dtype=torch.long, device=device)
         seen = 0
         broke: dict[int, str] = {}
-        for step, batch in enumerate(train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)):
+        for step, batch in enumerate(
+            train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
+        ):
             if epoch == 0:
                 ensure_finite(batch, "train")
             if not active:
@@ -239,7 +239,9 @@ def fit_grid(
             if i in broke:
                 row = dict(train_loss=math.nan, train_acc=math.nan, val_loss=math.nan, val_acc=math.nan)
             else:
-                row = dict(train_loss=loss_sum[i] / seen, train_acc=hits_total[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i])
+                row = dict(
+                    train_loss=loss_sum[i] / seen, train_acc=hits_total[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i]
+                )
                 if not math.isfinite(row["val_loss"]):
                     broke[i] = f"the validation loss became {row['val_loss']} after epoch {epoch + 1}"
                     row.update(val_loss=math.nan, val_acc=math.nan)
@@ -284,10 +286,23 @@ def fit_grid(
     )
     best = select_point(table)
     config = dict(
-        protocol=PROTOCOL, select_on=SELECT_ON, lrs=lrs, weight_decays=weight_decays,
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer, warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing, early_stopping=early_stopping, precision=precision, device=str(device), seed=seed,
-        train_size=len(train), val_size=len(val), train_origin=train.origin.as_dict(), val_origin=val.origin.as_dict(),
+        protocol=PROTOCOL,
+        select_on=SELECT_ON,
+        lrs=lrs,
+        weight_decays=weight_decays,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        warmup_epochs=warmup_epochs,
+        label_smoothing=label_smoothing,
+        early_stopping=early_stopping,
+        precision=precision,
+        device=str(device),
+        seed=seed,
+        train_size=len(train),
+        val_size=len(val),
+        train_origin=train.origin.as_dict(),
+        val_origin=val.origin.as_dict(),
         probe=dict(template.config),
     )
     return GridResult(
@@ -304,7 +319,9 @@ def fit_grid(
 # --- helpers ---------------------------------------------------------------------------
 
 
-def _grid_points(lrs: Sequence[float], weight_decays: Sequence[float]) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+def _grid_points(
+    lrs: Sequence[float], weight_decays: Sequence[float]
+) -> tuple[list[float], list[float], list[tuple[float, float]]]:
     """The checked grid values as floats, and the grid points (lr, weight decay), lr-major."""
     lrs, weight_decays = _as_floats(lrs, "lrs"), _as_floats(weight_decays, "weight_decays")
     if not lrs:
@@ -331,14 +348,18 @@ def _as_floats(values: Sequence[float] | float, name: str) -> list[float]:
 
 def _template(probe: str | Probe | Callable[[], Probe], train: TokenSet, val: TokenSet, seed: int, options: dict) -> Probe:
     if {"lr", "weight_decay"} & set(options):
-        raise ValueError("fit_grid takes grids, not single values: pass lrs=(...) and weight_decays=(...) instead of lr / weight_decay")
+        raise ValueError(
+            "fit_grid takes grids, not single values: pass lrs=(...) and weight_decays=(...) instead of lr / weight_decay"
+        )
     if isinstance(probe, str):
         if "grid" not in options and "grid" in accepted_options(probe):
             options = {**options, "grid": train.grid}
         num_classes = max(int(s.num_classes or 0) for s in (train, val))
         return build(probe, train.dim, num_classes, seed=seed, **options)
     if options:
-        raise ValueError(f"build options {sorted(options)} apply only when the probe is given by name; build the probe with them instead")
+        raise ValueError(
+            f"build options {sorted(options)} apply only when the probe is given by name; build the probe with them instead"
+        )
     if isinstance(probe, Probe):
         return probe
     if callable(probe):
@@ -384,7 +405,13 @@ def _grid_optimizer(heads: list[Probe], points: list[tuple[float, float]], name:
 
 @torch.no_grad()
 def _validate(
-    heads: list[Probe], active: list[int], val: TokenSet, batch_size: int, device: torch.device, precision: str, check_finite: bool
+    heads: list[Probe],
+    active: list[int],
+    val: TokenSet,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    check_finite: bool,
 ) -> tuple[list[float], list[float]]:
     """Mean cross-entropy and top-1 of every active head on `val`, in one pass (NaN for the others)."""
     k = len(heads)

@@ -133,8 +133,17 @@ def _number(name: str, value, valid: str, ok) -> float:
 
 
 def check_fit_options(
-    optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val,
-    *, lr: float | None = None, weight_decay: float = 0.0,
+    optimizer,
+    precision,
+    epochs,
+    batch_size,
+    warmup_epochs,
+    label_smoothing,
+    early_stopping,
+    val,
+    *,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
 ) -> None:
     """Refuse out-of-range training options before anything runs, naming the option and its valid range.
 

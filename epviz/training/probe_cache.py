@@ -22,9 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from epviz.tokens import default_cache_dir
-from epviz.tokens import TokenSet
 from epviz.probes import Probe
+from epviz.tokens import TokenSet, default_cache_dir
 from epviz.training.checkpoints import load_probe
 from epviz.training.fit import FitResult, fit
 from epviz.training.tuning import tune
@@ -59,8 +58,16 @@ def probe_key(
     train_id, val_id = _identity(train), _identity(val)
     if train_id is None or val_id is None:
         return None
-    doc = {"format": PROBE_CACHE_FORMAT, "probe": name, "options": dict(options), "num_classes": int(num_classes),
-           "train": train_id, "val": val_id, "fit": dict(fit_options), "seed": int(seed)}
+    doc = {
+        "format": PROBE_CACHE_FORMAT,
+        "probe": name,
+        "options": dict(options),
+        "num_classes": int(num_classes),
+        "train": train_id,
+        "val": val_id,
+        "fit": dict(fit_options),
+        "seed": int(seed),
+    }
     text = json.dumps(doc, sort_keys=True, default=str)
     return f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
@@ -93,8 +100,9 @@ def store_fit(key: str, result: FitResult, cache_dir: str | Path | None = None) 
     return result.save(Path(cache_dir or probe_cache_dir()) / key)
 
 
-def fit_or_load(probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, cache: bool = True,
-                device=None, **fit_options) -> FitResult:
+def fit_or_load(
+    probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, cache: bool = True, device=None, **fit_options
+) -> FitResult:
     """:func:`epviz.fit` `probe` (freshly built with `seed`), or load the stored result of the same run.
 
     With ``grid=...`` among the options the probe is tuned instead (:func:`epviz.training.tuning.tune`:
@@ -117,8 +125,9 @@ def fit_or_load(probe: Probe, train: TokenSet, val: TokenSet, *, seed: int = 0, 
         options = dict(fit_options)
         result = tune(probe, train, val, seed=seed, device=device, grid=options.pop("grid"), **options)
     else:
-        result = fit(probe, train, val, seed=seed, device=device, progress=False,
-                     **{k: v for k, v in fit_options.items() if k != "grid"})
+        result = fit(
+            probe, train, val, seed=seed, device=device, progress=False, **{k: v for k, v in fit_options.items() if k != "grid"}
+        )
     if key is not None:
         store_fit(key, result)
     return result

@@ -29,8 +29,17 @@ from epviz.tokens import TokenSet
 from epviz.training.fit import FitResult
 from epviz.training.probe_cache import fit_or_load
 
-__all__ = ["aggregate_runs", "build_for", "layer_sweep", "low_shot", "probe_zoo", "sample_per_class", "seed_summary",
-           "train_probe"]
+__all__ = [
+    "aggregate_runs",
+    "build_for",
+    "layer_sweep",
+    "low_shot",
+    "probe_zoo",
+    "sample_per_class",
+    "seed_summary",
+    "train_probe",
+]
+
 
 def build_for(name: str, tokens: TokenSet, num_classes: int, seed: int, options: Mapping | None = None) -> Probe:
     """Build probe `name` for `tokens` (their width, and their grid where the probe takes one)."""
@@ -117,12 +126,26 @@ def probe_zoo(
                 result = train_probe(name, split["train"], split["val"], budget=budget, seed=run_seed, **options)
                 test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
                 fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
-                rows.append(dict(backbone=backbone, layer=split["train"].origin.layer, probe=label, name=name,
-                                 seed=run_seed, params=trainable_params(result.probe),
-                                 predictors=result.probe.num_predictors, num_classes=int(result.probe.num_classes),
-                                 val_acc=result.best_acc, test_acc=test, best_epoch=result.best_epoch,
-                                 lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"),
-                                 tuned="grid" in result.config, seconds=result.seconds, cached="cached" in result.config))
+                rows.append(
+                    dict(
+                        backbone=backbone,
+                        layer=split["train"].origin.layer,
+                        probe=label,
+                        name=name,
+                        seed=run_seed,
+                        params=trainable_params(result.probe),
+                        predictors=result.probe.num_predictors,
+                        num_classes=int(result.probe.num_classes),
+                        val_acc=result.best_acc,
+                        test_acc=test,
+                        best_epoch=result.best_epoch,
+                        lr=result.config.get("lr"),
+                        weight_decay=result.config.get("weight_decay"),
+                        tuned="grid" in result.config,
+                        seconds=result.seconds,
+                        cached="cached" in result.config,
+                    )
+                )
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
@@ -136,15 +159,31 @@ def _specs_list(probes) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _train_one(label: str, name: str, options: dict, train: TokenSet, val: TokenSet, seed: int,
-               epochs: int, batch_size: int, device, fit_kwargs: dict) -> dict:
+def _train_one(
+    label: str,
+    name: str,
+    options: dict,
+    train: TokenSet,
+    val: TokenSet,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    device,
+    fit_kwargs: dict,
+) -> dict:
     probe = build_for(name, train, _num_classes(train, val), seed, options)
     result = fit_or_load(probe, train, val, seed=seed, device=device, epochs=epochs, batch_size=batch_size, **fit_kwargs)
     return dict(
-        best_acc=result.best_acc, final_acc=result.final_acc, best_epoch=result.best_epoch,
-        epochs_run=int(result.history["epoch"].iloc[-1]), params=trainable_params(result.probe),
-        lr=result.config.get("lr"), weight_decay=result.config.get("weight_decay"), n_train=len(train),
-        num_classes=int(result.probe.num_classes), seconds=result.seconds,
+        best_acc=result.best_acc,
+        final_acc=result.final_acc,
+        best_epoch=result.best_epoch,
+        epochs_run=int(result.history["epoch"].iloc[-1]),
+        params=trainable_params(result.probe),
+        lr=result.config.get("lr"),
+        weight_decay=result.config.get("weight_decay"),
+        n_train=len(train),
+        num_classes=int(result.probe.num_classes),
+        seconds=result.seconds,
     )
 
 
@@ -292,7 +331,9 @@ def low_shot(
             for label, name, options in specs:
                 bar.set_postfix(shots=k, probe=label, seed=seed)
                 ctx = context_columns(dict(context or {}, seed=seed), label, train_tokens)
-                run = _train_one(label, name, options, subset, val_tokens, seed, epochs, min(batch_size, len(subset)), device, fit_kwargs)
+                run = _train_one(
+                    label, name, options, subset, val_tokens, seed, epochs, min(batch_size, len(subset)), device, fit_kwargs
+                )
                 rows.append({**ctx, "shots": k, **run})
                 bar.update()
     bar.close()

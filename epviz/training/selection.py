@@ -33,8 +33,8 @@ def check_selection_split(val: TokenSet | None, caller: str = "fit", stacklevel:
         warnings.warn(
             f"{caller} selects on its val tokens, but they come from a test split ({name or 'unknown dataset'}, "
             f"split {split!r}): the best epoch would be chosen on the test set. Select on held-out training data "
-            "instead: for the canvases ClutteredFashionMNIST(\"train\", size, seed=1) (other canvases of the train "
-            "items), for any dataset epviz.data.load_split(spec, \"val\")",
+            'instead: for the canvases ClutteredFashionMNIST("train", size, seed=1) (other canvases of the train '
+            'items), for any dataset epviz.data.load_split(spec, "val")',
             UserWarning,
             stacklevel=stacklevel,
         )

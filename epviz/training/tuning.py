@@ -46,9 +46,11 @@ def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown grid key(s) {unknown}; a grid takes {', '.join(GRID_KEYS)}")
     if not grid.get("lrs"):
         raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
-    out = {"lrs": tuple(float(v) for v in grid["lrs"]),
-           "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
-           "train_size": None if grid.get("train_size") is None else int(grid["train_size"])}
+    out = {
+        "lrs": tuple(float(v) for v in grid["lrs"]),
+        "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
+        "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
+    }
     if out["train_size"] is not None and out["train_size"] < 2:
         raise ConfigError(f"grid train_size must be at least 2 images (None: the whole training set), got {out['train_size']}")
     return out
@@ -89,13 +91,27 @@ def tune(
     subset = spec["train_size"] is not None and spec["train_size"] < len(train)
     selection = train.subset(balanced_subset(train.labels, spec["train_size"], seed)) if subset else train
     initial = copy.deepcopy(probe)
-    result = fit_grid(probe, selection, val, lrs=spec["lrs"], weight_decays=spec["weight_decays"], seed=seed, device=device,
-                      progress=False, **options)
+    result = fit_grid(
+        probe,
+        selection,
+        val,
+        lrs=spec["lrs"],
+        weight_decays=spec["weight_decays"],
+        seed=seed,
+        device=device,
+        progress=False,
+        **options,
+    )
     chosen = result.best
     lr, wd = float(chosen["lr"]), float(chosen["weight_decay"])
-    record = {**spec, "selected_on": f"val ({len(val)} images), grid trained on {len(selection)} of {len(train)} train images",
-              "points": _records(result.points), "history": _records(result.history),
-              "chosen": {"point": int(chosen["point"]), "lr": lr, "weight_decay": wd}, "seconds": result.seconds}
+    record = {
+        **spec,
+        "selected_on": f"val ({len(val)} images), grid trained on {len(selection)} of {len(train)} train images",
+        "points": _records(result.points),
+        "history": _records(result.history),
+        "chosen": {"point": int(chosen["point"]), "lr": lr, "weight_decay": wd},
+        "seconds": result.seconds,
+    }
     if subset:
         refit = fit(initial, train, val, lr=lr, weight_decay=wd, seed=seed, device=device, progress=False, **options)
         refit.config["grid"] = record
@@ -103,9 +119,15 @@ def tune(
         return refit
     history = result.history[result.history["point"] == chosen["point"]].drop(columns=["point", "lr", "weight_decay"])
     config = {**result.config, **options, "lr": lr, "weight_decay": wd, "seed": seed, "grid": record}
-    return FitResult(probe=result.probe, history=history.reset_index(drop=True), best_epoch=int(chosen["best_epoch"]),
-                     best_acc=float(chosen["best_val_acc"]), final_acc=float(chosen["final_val_acc"]), seconds=result.seconds,
-                     config=config)
+    return FitResult(
+        probe=result.probe,
+        history=history.reset_index(drop=True),
+        best_epoch=int(chosen["best_epoch"]),
+        best_acc=float(chosen["best_val_acc"]),
+        final_acc=float(chosen["final_val_acc"]),
+        seconds=result.seconds,
+        config=config,
+    )
 
 
 def _records(table: pd.DataFrame) -> list[dict]:

@@ -13,14 +13,36 @@ from epviz.viz import attribution
 from epviz.viz.costs import accuracy_vs_cost, accuracy_vs_flops, accuracy_vs_params, zoo_overview
 from epviz.viz.curves import layer_curves, low_shot_curves, training_curves
 from epviz.viz.maps import (
-    GROUP_COLOURS, attention_overlays, canvas_gallery, draw_boxes, query_group_gallery, upsample_maps,
+    GROUP_COLOURS,
+    attention_overlays,
+    canvas_gallery,
+    draw_boxes,
+    query_group_gallery,
+    upsample_maps,
 )
 from epviz.viz.predictors import delta_acc_panels
 from epviz.viz.style import BACKBONE_PALETTE, METRIC_LABELS, axis_label, backbone_colours, register_label, save_figure
 
 __all__ = [
-    "BACKBONE_PALETTE", "GROUP_COLOURS", "METRIC_LABELS", "accuracy_vs_cost", "accuracy_vs_flops", "accuracy_vs_params",
-    "attention_overlays", "attribution", "axis_label", "backbone_colours", "canvas_gallery", "delta_acc_panels",
-    "draw_boxes", "layer_curves", "low_shot_curves", "query_group_gallery", "register_label", "save_figure",
-    "training_curves", "upsample_maps", "zoo_overview",
+    "BACKBONE_PALETTE",
+    "GROUP_COLOURS",
+    "METRIC_LABELS",
+    "accuracy_vs_cost",
+    "accuracy_vs_flops",
+    "accuracy_vs_params",
+    "attention_overlays",
+    "attribution",
+    "axis_label",
+    "backbone_colours",
+    "canvas_gallery",
+    "delta_acc_panels",
+    "draw_boxes",
+    "layer_curves",
+    "low_shot_curves",
+    "query_group_gallery",
+    "register_label",
+    "save_figure",
+    "training_curves",
+    "upsample_maps",
+    "zoo_overview",
 ]

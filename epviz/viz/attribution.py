@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
 from epviz.analysis.stats import spearman
 from epviz.viz.maps import draw_boxes, upsample_maps
@@ -26,8 +26,13 @@ IMPORTANCE_LABELS = {
 }
 
 
-def importance_vs_delta_acc(table: pd.DataFrame, x: str = "delta_acc", y: str = "importance_acc",
-                            out: str | Path | None = None, name: str = "importance_vs_delta_acc") -> plt.Figure:
+def importance_vs_delta_acc(
+    table: pd.DataFrame,
+    x: str = "delta_acc",
+    y: str = "importance_acc",
+    out: str | Path | None = None,
+    name: str = "importance_vs_delta_acc",
+) -> plt.Figure:
     """One panel per backbone, one numbered point per predictor: ablation importance against Δacc.
 
     Args:
@@ -77,9 +82,17 @@ def _topk_mask(values: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid: tuple[int, int], boxes=None,
-                        k: int = 8, title: str = "", out: str | Path | None = None,
-                        name: str = "attribution_gallery") -> plt.Figure:
+def attribution_gallery(
+    images,
+    attributions: np.ndarray,
+    maps: np.ndarray,
+    grid: tuple[int, int],
+    boxes=None,
+    k: int = 8,
+    title: str = "",
+    out: str | Path | None = None,
+    name: str = "attribution_gallery",
+) -> plt.Figure:
     """Per image: the canvas, the mean attention map, the token relevance, and both top-k sets.
 
     The relevance column uses captum's ``visualize_image_attr`` (blended heat map, both signs:
@@ -104,8 +117,10 @@ def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid
     attributions = np.asarray(attributions, dtype=np.float32)
     maps = np.asarray(maps, dtype=np.float32)
     if maps.ndim != 3 or attributions.shape != (maps.shape[0], maps.shape[2]) or len(images) != len(maps):
-        raise ValueError(f"need images (n, 3, H, W), attributions (n, N) and maps (n, K, N) of the same n and N; "
-                         f"got {images.shape}, {attributions.shape}, {maps.shape}")
+        raise ValueError(
+            f"need images (n, 3, H, W), attributions (n, N) and maps (n, K, N) of the same n and N; "
+            f"got {images.shape}, {attributions.shape}, {maps.shape}"
+        )
     n = len(images)
     size = images.shape[-2:]
     agreement = attention_agreement(attributions, maps, k=k)
@@ -120,8 +135,15 @@ def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid
         axes[i, 0].imshow(rgb, interpolation="nearest")
         axes[i, 1].imshow(rgb, interpolation="nearest")
         axes[i, 1].imshow(attention_up[i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-        viz.visualize_image_attr(relevance_up[i][..., None], grey, method="blended_heat_map", sign="all",
-                                 plt_fig_axis=(fig, axes[i, 2]), alpha_overlay=0.6, use_pyplot=False)
+        viz.visualize_image_attr(
+            relevance_up[i][..., None],
+            grey,
+            method="blended_heat_map",
+            sign="all",
+            plt_fig_axis=(fig, axes[i, 2]),
+            alpha_overlay=0.6,
+            use_pyplot=False,
+        )
         top_attention = _topk_mask(mean_maps[i], k)
         top_relevance = _topk_mask(attributions[i], k)
         overlay = np.zeros((*grid, 4))
@@ -131,8 +153,14 @@ def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid
         axes[i, 3].imshow(rgb, interpolation="nearest")
         axes[i, 3].imshow(overlay, interpolation="nearest", extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
         row = agreement.iloc[i]
-        axes[i, 3].text(1, size[0] - 2, f"ρ={row['spearman']:.2f}  ov={row['topk_overlap']:.2f}", color="w", fontsize=5.5,
-                        bbox=dict(facecolor="black", alpha=0.5, pad=0.5, lw=0))
+        axes[i, 3].text(
+            1,
+            size[0] - 2,
+            f"ρ={row['spearman']:.2f}  ov={row['topk_overlap']:.2f}",
+            color="w",
+            fontsize=5.5,
+            bbox=dict(facecolor="black", alpha=0.5, pad=0.5, lw=0),
+        )
         for c, ax in enumerate(axes[i]):
             if boxes is not None:
                 draw_boxes(ax, boxes[i])
@@ -144,8 +172,10 @@ def attribution_gallery(images, attributions: np.ndarray, maps: np.ndarray, grid
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     data = agreement[["image", "spearman", "topk_overlap", "k", "chance_overlap"]].assign(
-        attribution_sum=attributions.astype(np.float64).sum(-1), max_attention_token=mean_maps.argmax(-1),
-        max_relevance_token=attributions.argmax(-1))
+        attribution_sum=attributions.astype(np.float64).sum(-1),
+        max_attention_token=mean_maps.argmax(-1),
+        max_relevance_token=attributions.argmax(-1),
+    )
     save_figure(fig, data, name, out)
     return fig
 
@@ -164,8 +194,10 @@ def agreement_summary(table: pd.DataFrame, out: str | Path | None = None, name: 
     order = backbone_order(data["backbone"])
     colours = backbone_colours(order)
     fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.0))
-    for ax, column, chance, label in ((axes[0], "spearman", 0.0, "Spearman ρ (relevance vs attention), per image"),
-                                      (axes[1], "topk_overlap", float(data["chance_overlap"].iloc[0]), "top-k overlap, per image")):
+    for ax, column, chance, label in (
+        (axes[0], "spearman", 0.0, "Spearman ρ (relevance vs attention), per image"),
+        (axes[1], "topk_overlap", float(data["chance_overlap"].iloc[0]), "top-k overlap, per image"),
+    ):
         values = [data.loc[data["backbone"] == b, column].dropna().to_numpy() for b in order]
         parts = ax.violinplot([v if len(v) else np.array([np.nan]) for v in values], showmeans=True, showextrema=False)
         parts["cmeans"].set_color("k")
@@ -181,6 +213,10 @@ def agreement_summary(table: pd.DataFrame, out: str | Path | None = None, name: 
     axes[1].set_ylim(-0.02, 1.02)
     fig.tight_layout()
     context = [c for c in ("backbone", "layer", "probe", "seed") if c in data.columns]
-    save_figure(fig, data[context + [c for c in ("image", "map", "spearman", "topk_overlap", "k", "chance_overlap") if c in data.columns]],
-                name, out)
+    save_figure(
+        fig,
+        data[context + [c for c in ("image", "map", "spearman", "topk_overlap", "k", "chance_overlap") if c in data.columns]],
+        name,
+        out,
+    )
     return fig

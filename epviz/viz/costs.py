@@ -37,8 +37,16 @@ from epviz.viz.style import (
     save_figure,
 )
 
-__all__ = ["EP_STYLE", "accuracy_vs_cost", "accuracy_vs_flops", "accuracy_vs_params", "error_columns", "is_ep",
-           "pareto_frontier", "zoo_overview"]
+__all__ = [
+    "EP_STYLE",
+    "accuracy_vs_cost",
+    "accuracy_vs_flops",
+    "accuracy_vs_params",
+    "error_columns",
+    "is_ep",
+    "pareto_frontier",
+    "zoo_overview",
+]
 
 EP_STYLE = dict(marker="*", color="#d62728", s=150, edgecolor="k", linewidth=0.5)
 _NO_ATTENTION_STYLE = dict(marker="s", facecolor="white", s=30, edgecolor="k", linewidth=0.9)
@@ -98,8 +106,12 @@ def _yerr(rows: pd.DataFrame, y: str, errors) -> np.ndarray | None:
     if kind == "std":
         e = rows[column].to_numpy(dtype=float)
         return np.vstack([e, e])
-    return np.vstack([rows[y].to_numpy(dtype=float) - rows[f"{column}_lo"].to_numpy(dtype=float),
-                      rows[f"{column}_hi"].to_numpy(dtype=float) - rows[y].to_numpy(dtype=float)])
+    return np.vstack(
+        [
+            rows[y].to_numpy(dtype=float) - rows[f"{column}_lo"].to_numpy(dtype=float),
+            rows[f"{column}_hi"].to_numpy(dtype=float) - rows[y].to_numpy(dtype=float),
+        ]
+    )
 
 
 def _overlap(a, b) -> float:
@@ -124,8 +136,16 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str], bold: list[bool], obstac
         best, best_cost = None, math.inf
         for ring in (1.0, 2.0, 3.2, 4.6):
             gap = 5 * ring * px
-            for dx, dy in ((gap, 0.2 * gap), (gap, -h - 0.2 * gap), (-gap - w, 0.2 * gap), (-gap - w, -h - 0.2 * gap),
-                           (-w / 2, gap), (-w / 2, -h - gap), (gap, -h / 2), (-gap - w, -h / 2)):
+            for dx, dy in (
+                (gap, 0.2 * gap),
+                (gap, -h - 0.2 * gap),
+                (-gap - w, 0.2 * gap),
+                (-gap - w, -h - 0.2 * gap),
+                (-w / 2, gap),
+                (-w / 2, -h - gap),
+                (gap, -h / 2),
+                (-gap - w, -h / 2),
+            ):
                 box = (ax_ + dx, ay + dy, ax_ + dx + w, ay + dy + h)
                 clash = sum(_overlap(box, b) for b in placed) + sum(_overlap(box, b) for b in points)
                 outside = (box[2] - box[0]) * (box[3] - box[1]) - _overlap(box, frame)
@@ -140,9 +160,19 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str], bold: list[bool], obstac
     return out
 
 
-def accuracy_vs_cost(results: pd.DataFrame, x: str = "params", y: str = "test_acc", label: str = "probe",
-                     title: str = "", out: str | Path | None = None, name: str = "accuracy_vs_params", *,
-                     chance: float | None = None, always_label=("cls", "gap", "mhca"), ncols: int = 3) -> plt.Figure:
+def accuracy_vs_cost(
+    results: pd.DataFrame,
+    x: str = "params",
+    y: str = "test_acc",
+    label: str = "probe",
+    title: str = "",
+    out: str | Path | None = None,
+    name: str = "accuracy_vs_params",
+    *,
+    chance: float | None = None,
+    always_label=("cls", "gap", "mhca"),
+    ncols: int = 3,
+) -> plt.Figure:
     """Accuracy against a cost on a log axis, one panel per backbone, with its frontier (Figs. 2, 3).
 
     See the module docstring for what is drawn: the frontier, EP's star, the labels, error bars and chance.
@@ -211,8 +241,9 @@ def accuracy_vs_cost(results: pd.DataFrame, x: str = "params", y: str = "test_ac
             e = _yerr(rows, y, errors)
             ok = np.isfinite(e).all(0)
             if ok.any():
-                ax.errorbar(rows[x][ok], rows[y][ok], yerr=e[:, ok], fmt="none", ecolor="0.25", elinewidth=0.8, capsize=2,
-                            zorder=3)
+                ax.errorbar(
+                    rows[x][ok], rows[y][ok], yerr=e[:, ok], fmt="none", ecolor="0.25", elinewidth=0.8, capsize=2, zorder=3
+                )
         other = rows[~rows["ep"] & ~rows["no_attention"]]
         ax.scatter(other[x], other[y], s=30, color=colour, edgecolor="white", linewidth=0.5, zorder=4)
         plain = rows[rows["no_attention"]]
@@ -234,16 +265,43 @@ def accuracy_vs_cost(results: pd.DataFrame, x: str = "params", y: str = "test_ac
     for k in range(len(order), nrows * ncols):
         axes[k // ncols, k % ncols].set_visible(False)
 
-    handles = [Line2D([], [], ls="", marker=EP_STYLE["marker"], color=EP_STYLE["color"], markeredgecolor="k", ms=11,
-                      label="EP (Efficient Probing)"),
-               Line2D([], [], ls="", marker="o", color="0.45", markeredgecolor="white", ms=6,
-                      label="other attentive probes (backbone colour)"),
-               Line2D([], [], ls="", marker=_NO_ATTENTION_STYLE["marker"], markerfacecolor="white",
-                      markeredgecolor="k", ms=6, label="no attention (LP on [CLS], GAP)"),
-               Line2D([], [], color="0.3", lw=1.1, drawstyle="steps-post", label="frontier (no probe cheaper and better)")]
+    handles = [
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker=EP_STYLE["marker"],
+            color=EP_STYLE["color"],
+            markeredgecolor="k",
+            ms=11,
+            label="EP (Efficient Probing)",
+        ),
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            color="0.45",
+            markeredgecolor="white",
+            ms=6,
+            label="other attentive probes (backbone colour)",
+        ),
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker=_NO_ATTENTION_STYLE["marker"],
+            markerfacecolor="white",
+            markeredgecolor="k",
+            ms=6,
+            label="no attention (LP on [CLS], GAP)",
+        ),
+        Line2D([], [], color="0.3", lw=1.1, drawstyle="steps-post", label="frontier (no probe cheaper and better)"),
+    ]
     if errors is not None:
-        handles.append(Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8,
-                              label="± std" if errors[0] == "std" else "interval"))
+        handles.append(
+            Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8, label="± std" if errors[0] == "std" else "interval")
+        )
     if chance is not None:
         handles.append(Line2D([], [], color="k", lw=0.8, ls=":", label=f"chance (1/classes = {chance:.3g})"))
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 3), fontsize=7, frameon=False)
@@ -255,26 +313,48 @@ def accuracy_vs_cost(results: pd.DataFrame, x: str = "params", y: str = "test_ac
         ax = axes[k // ncols, k % ncols]
         rows = data[data["backbone"] == backbone]
         tagged = rows[rows["labelled"]].sort_values(["ep", x], ascending=[False, True])
-        placements = _place_labels(ax, tagged[[x, y]].to_numpy(dtype=float), tagged[label].astype(str).tolist(),
-                                   tagged["ep"].tolist(), rows[[x, y]].to_numpy(dtype=float), fontsize=6.5)
+        placements = _place_labels(
+            ax,
+            tagged[[x, y]].to_numpy(dtype=float),
+            tagged[label].astype(str).tolist(),
+            tagged["ep"].tolist(),
+            rows[[x, y]].to_numpy(dtype=float),
+            fontsize=6.5,
+        )
         for (_, row), where in zip(tagged.iterrows(), placements):
-            ax.annotate(str(row[label]), (row[x], row[y]), xytext=where["offset"], textcoords="offset points",
-                        fontsize=6.5, ha="left", va="bottom", zorder=6,
-                        color=EP_STYLE["color"] if row["ep"] else "0.1", fontweight="bold" if row["ep"] else "normal",
-                        arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=3) if where["leader"] else None)
+            ax.annotate(
+                str(row[label]),
+                (row[x], row[y]),
+                xytext=where["offset"],
+                textcoords="offset points",
+                fontsize=6.5,
+                ha="left",
+                va="bottom",
+                zorder=6,
+                color=EP_STYLE["color"] if row["ep"] else "0.1",
+                fontweight="bold" if row["ep"] else "normal",
+                arrowprops=dict(arrowstyle="-", lw=0.4, color="0.5", shrinkA=0, shrinkB=3) if where["leader"] else None,
+            )
     table = data.assign(chance=chance) if chance is not None else data
     table = table.sort_values(["backbone", x], key=lambda c: c.map(order.index) if c.name == "backbone" else c, kind="stable")
     save_figure(fig, table.drop(columns=["no_attention"]).reset_index(drop=True), name, out)
     return fig
 
 
-def accuracy_vs_params(results: pd.DataFrame, y: str = "test_acc", out: str | Path | None = None,
-                       name: str = "accuracy_vs_params", **options) -> plt.Figure:
+def accuracy_vs_params(
+    results: pd.DataFrame, y: str = "test_acc", out: str | Path | None = None, name: str = "accuracy_vs_params", **options
+) -> plt.Figure:
     """Paper Fig. 2: accuracy against trainable parameters, one point per probe and backbone (see :func:`accuracy_vs_cost`)."""
     return accuracy_vs_cost(results, x="params", y=y, title="Accuracy vs trainable parameters", out=out, name=name, **options)
 
 
-def accuracy_vs_flops(results: pd.DataFrame, x: str = "gflops", y: str = "test_acc", out: str | Path | None = None,
-                      name: str = "accuracy_vs_gflops", **options) -> plt.Figure:
+def accuracy_vs_flops(
+    results: pd.DataFrame,
+    x: str = "gflops",
+    y: str = "test_acc",
+    out: str | Path | None = None,
+    name: str = "accuracy_vs_gflops",
+    **options,
+) -> plt.Figure:
     """Paper Fig. 3: accuracy against GFLOPs per image (the probe's by default), one point per probe and backbone."""
     return accuracy_vs_cost(results, x=x, y=y, title="Accuracy vs GFLOPs", out=out, name=name, **options)

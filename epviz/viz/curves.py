@@ -30,8 +30,17 @@ def _mean_std(runs: pd.DataFrame, by: list[str], y: str) -> pd.DataFrame:
     return out.rename(columns={"mean": f"{y}_mean", "std": f"{y}_std", "count": "runs"})
 
 
-def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, title: str,
-            out: str | Path | None, name: str, chance: float | None = None) -> plt.Figure:
+def _curves(
+    runs: pd.DataFrame,
+    xcol: str,
+    y: str,
+    xlabel: str,
+    logx: bool,
+    title: str,
+    out: str | Path | None,
+    name: str,
+    chance: float | None = None,
+) -> plt.Figure:
     chance = chance_level(runs, chance)
     summary = _mean_std(runs, ["backbone", "probe", xcol], y)
     backbones = backbone_order(summary["backbone"])
@@ -64,8 +73,13 @@ def _curves(runs: pd.DataFrame, xcol: str, y: str, xlabel: str, logx: bool, titl
     return fig
 
 
-def layer_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
-                 name: str = "layer_curves", chance: float | None = None) -> plt.Figure:
+def layer_curves(
+    runs: pd.DataFrame,
+    y: str = "best_acc",
+    out: str | Path | None = None,
+    name: str = "layer_curves",
+    chance: float | None = None,
+) -> plt.Figure:
     """Accuracy per block: one panel per backbone, one line per probe (mean ± std over seeds).
 
     Args:
@@ -79,8 +93,9 @@ def layer_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None
     return _curves(runs, "layer", y, "block (0 = first)", False, "Probes on the tokens of every block", out, name, chance)
 
 
-def low_shot_curves(runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None,
-                    name: str = "low_shot", chance: float | None = None) -> plt.Figure:
+def low_shot_curves(
+    runs: pd.DataFrame, y: str = "best_acc", out: str | Path | None = None, name: str = "low_shot", chance: float | None = None
+) -> plt.Figure:
     """Accuracy against labelled images per class (log axis), mean ± std over seeds.
 
     Args:

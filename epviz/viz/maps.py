@@ -11,8 +11,19 @@ import pandas as pd
 
 from epviz.viz.style import save_figure
 
-__all__ = ["GROUP_COLOURS", "alpha_cmap", "attention_overlays", "canvas_gallery", "composite_overlay", "draw_boxes",
-           "group_colours", "heat_overlay", "query_colours", "query_group_gallery", "upsample_maps"]
+__all__ = [
+    "GROUP_COLOURS",
+    "alpha_cmap",
+    "attention_overlays",
+    "canvas_gallery",
+    "composite_overlay",
+    "draw_boxes",
+    "group_colours",
+    "heat_overlay",
+    "query_colours",
+    "query_group_gallery",
+    "upsample_maps",
+]
 
 GROUP_COLOURS = ("#e41a1c", "#377eb8", "#ff7f00", "#984ea3", "#f781bf", "#a65628", "#ffd92f", "#17becf", "#999999", "#000000")
 
@@ -60,7 +71,9 @@ def heat_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, 
     return rgba.astype(np.float32)
 
 
-def composite_overlay(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: Sequence, opacity: float) -> np.ndarray:
+def composite_overlay(
+    maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: Sequence, opacity: float
+) -> np.ndarray:
     """(H, W, 4): each pixel in the colour of the strongest of the (M, N) maps, opaque as that map."""
     up = upsample_maps(maps, grid, size)  # (M, H, W), each in [0, 1]
     winner = up.argmax(0)
@@ -77,7 +90,9 @@ def alpha_cmap(colour: str):
     return LinearSegmentedColormap.from_list(f"alpha-{colour}", [(*rgb, 0.0), (*rgb, 1.0)])
 
 
-def canvas_gallery(dataset, count: int = 24, columns: int = 8, out: str | Path | None = None, name: str = "canvas_gallery") -> plt.Figure:
+def canvas_gallery(
+    dataset, count: int = 24, columns: int = 8, out: str | Path | None = None, name: str = "canvas_gallery"
+) -> plt.Figure:
     """A grid of canvases with their ground-truth boxes (green) and mask outlines (red)."""
     count = min(count, len(dataset))
     rows = -(-count // columns)
@@ -94,17 +109,36 @@ def canvas_gallery(dataset, count: int = 24, columns: int = 8, out: str | Path |
         ax.contour(dataset.masks[i].numpy().astype(float), levels=[0.5], colors="red", linewidths=0.5)
         label = dataset.classes[int(dataset.labels[i])]
         ax.set_title(label, fontsize=7)
-        records.append({"index": i, "label": int(dataset.labels[i]), "class": label, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-                        "box_area_fraction": (x1 - x0) * (y1 - y0) / image.shape[0] / image.shape[1],
-                        "mask_pixels": int(dataset.masks[i].sum())})
+        records.append(
+            {
+                "index": i,
+                "label": int(dataset.labels[i]),
+                "class": label,
+                "x0": x0,
+                "y0": y0,
+                "x1": x1,
+                "y1": y1,
+                "box_area_fraction": (x1 - x0) * (y1 - y0) / image.shape[0] / image.shape[1],
+                "mask_pixels": int(dataset.masks[i].sum()),
+            }
+        )
     fig.suptitle("Cluttered Fashion-MNIST: canvases, GT boxes (green) and masks (red)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, pd.DataFrame(records), name, out)
     return fig
 
 
-def attention_overlays(images, maps: np.ndarray, grid: tuple[int, int], boxes=None, queries: list[int] | None = None,
-                       title: str = "", alpha: float = 0.55, out: str | Path | None = None, name: str = "attention_overlays") -> plt.Figure:
+def attention_overlays(
+    images,
+    maps: np.ndarray,
+    grid: tuple[int, int],
+    boxes=None,
+    queries: list[int] | None = None,
+    title: str = "",
+    alpha: float = 0.55,
+    out: str | Path | None = None,
+    name: str = "attention_overlays",
+) -> plt.Figure:
     """Images (rows) with their attention maps overlaid: the mean over predictors, then chosen predictors.
 
     Args:
@@ -139,7 +173,9 @@ def attention_overlays(images, maps: np.ndarray, grid: tuple[int, int], boxes=No
             if i == 0:
                 ax.set_title(columns[c], fontsize=7)
         for q in range(k):
-            records.append({"image": i, "predictor": q, "max_token": int(maps[i, q].argmax()), "max_weight": float(maps[i, q].max())})
+            records.append(
+                {"image": i, "predictor": q, "max_token": int(maps[i, q].argmax()), "max_weight": float(maps[i, q].max())}
+            )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -147,9 +183,18 @@ def attention_overlays(images, maps: np.ndarray, grid: tuple[int, int], boxes=No
     return fig
 
 
-def query_group_gallery(images, maps: np.ndarray, labels, grid: tuple[int, int], boxes=None,
-                        queries: list[int] | None = None, alpha: float = 0.85, title: str = "",
-                        out: str | Path | None = None, name: str = "query_groups") -> plt.Figure:
+def query_group_gallery(
+    images,
+    maps: np.ndarray,
+    labels,
+    grid: tuple[int, int],
+    boxes=None,
+    queries: list[int] | None = None,
+    alpha: float = 0.85,
+    title: str = "",
+    out: str | Path | None = None,
+    name: str = "query_groups",
+) -> plt.Figure:
     """Complementary maps: per image, all groups in one picture (one colour per group), each
     group's map, then single predictors drawn in their group's colour.
 
@@ -192,7 +237,11 @@ def query_group_gallery(images, maps: np.ndarray, labels, grid: tuple[int, int],
     grouped = group_maps(maps, labels)
     up_groups = upsample_maps(grouped, grid, size)  # (n, G, H, W) in [0, 1]
     up_queries = upsample_maps(maps[:, queries], grid, size) if queries else np.zeros((n, 0, *size))
-    columns = ["image", "all groups"] + [f"group {i} ({int((labels == i).sum())})" for i in range(g)] + [f"predictor {q}" for q in queries]
+    columns = (
+        ["image", "all groups"]
+        + [f"group {i} ({int((labels == i).sum())})" for i in range(g)]
+        + [f"predictor {q}" for q in queries]
+    )
     col_colours = ["k", "k"] + colours + [colours[labels[q]] for q in queries]
     fig, axes = plt.subplots(n, len(columns), figsize=(1.35 * len(columns), 1.45 * n), squeeze=False)
     records = []
@@ -220,11 +269,29 @@ def query_group_gallery(images, maps: np.ndarray, labels, grid: tuple[int, int],
             if i == 0:
                 ax.set_title(columns[c], fontsize=6.5, color=col_colours[c])
         for grp in range(g):
-            records.append({"image": i, "kind": "group", "map": grp, "group": grp, "members": int((labels == grp).sum()),
-                            "peak_token": int(grouped[i, grp].argmax()), "peak_weight": float(grouped[i, grp].max())})
+            records.append(
+                {
+                    "image": i,
+                    "kind": "group",
+                    "map": grp,
+                    "group": grp,
+                    "members": int((labels == grp).sum()),
+                    "peak_token": int(grouped[i, grp].argmax()),
+                    "peak_weight": float(grouped[i, grp].max()),
+                }
+            )
         for q in range(k):
-            records.append({"image": i, "kind": "predictor", "map": q, "group": int(labels[q]), "members": 1,
-                            "peak_token": int(maps[i, q].argmax()), "peak_weight": float(maps[i, q].max())})
+            records.append(
+                {
+                    "image": i,
+                    "kind": "predictor",
+                    "map": q,
+                    "group": int(labels[q]),
+                    "members": 1,
+                    "peak_token": int(maps[i, q].argmax()),
+                    "peak_weight": float(maps[i, q].max()),
+                }
+            )
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -21,8 +21,9 @@ BASELINE_STYLES = {  # line style of each trivial map of epviz.analysis.baseline
 }
 
 
-def _baseline_lines(ax, baselines: pd.DataFrame, x: str, backbone: str, members: list[str], hue: dict[str, str],
-                    chance_drawn: bool) -> pd.DataFrame:
+def _baseline_lines(
+    ax, baselines: pd.DataFrame, x: str, backbone: str, members: list[str], hue: dict[str, str], chance_drawn: bool
+) -> pd.DataFrame:
     """Draw the vertical line of every baseline that applies to a panel; return the rows drawn."""
     rows = baselines
     if "backbone" in rows.columns:
@@ -43,9 +44,15 @@ def _baseline_lines(ax, baselines: pd.DataFrame, x: str, backbone: str, members:
     return rows
 
 
-def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "delta_acc",
-                     panels: dict[str, list[str]] | None = None, out: str | Path | None = None,
-                     name: str = "delta_acc_vs_localization", baselines: pd.DataFrame | None = None) -> plt.Figure:
+def delta_acc_panels(
+    table: pd.DataFrame,
+    x: str = "maxboxacc_v2",
+    y: str = "delta_acc",
+    panels: dict[str, list[str]] | None = None,
+    out: str | Path | None = None,
+    name: str = "delta_acc_vs_localization",
+    baselines: pd.DataFrame | None = None,
+) -> plt.Figure:
     """Paper Fig. 4: one point per attention predictor, its accuracy drop against a property of its map.
 
     Rows of panels are backbones, columns the `panels` (e.g. several attentive probes on the
@@ -81,8 +88,9 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
     shown = list(dict.fromkeys(p for members in panels.values() for p in members))
     hue = dict(zip(shown, sns.color_palette("tab10", max(10, len(shown))).as_hex()))
     backbones = backbone_order(table["backbone"])
-    fig, axes = plt.subplots(len(backbones), len(panels), figsize=(3.6 * len(panels), 2.9 * len(backbones)),
-                             squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        len(backbones), len(panels), figsize=(3.6 * len(panels), 2.9 * len(backbones)), squeeze=False, sharex=True, sharey=True
+    )
     parts = []
     for r, backbone in enumerate(backbones):
         for c, (title, members) in enumerate(panels.items()):
@@ -95,8 +103,9 @@ def delta_acc_panels(table: pd.DataFrame, x: str = "maxboxacc_v2", y: str = "del
             ax.axhline(0, color="k", lw=0.6, ls=":")
             chance_drawn = x == "inbox_mass" and "chance_mass" in rows and len(rows) > 0
             if chance_drawn:
-                ax.axvline(float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--",
-                           label="chance (box area = uniform map)")
+                ax.axvline(
+                    float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--", label="chance (box area = uniform map)"
+                )
             if baselines is not None and x in baselines.columns and not x.startswith("entropy"):  # matched by design
                 drawn = _baseline_lines(ax, baselines, x, backbone, members, hue, chance_drawn)
                 keep = [c for c in ("backbone", "probe", "baseline", x) if c in drawn.columns]

@@ -15,8 +15,18 @@ import seaborn as sns
 from epviz.analysis.meters import column_label
 from epviz.atomic import atomic_write
 
-__all__ = ["BACKBONE_PALETTE", "METRIC_LABELS", "axis_label", "backbone_colours", "backbone_order", "chance_level",
-           "draw_chance", "register_label", "require_columns", "save_figure"]
+__all__ = [
+    "BACKBONE_PALETTE",
+    "METRIC_LABELS",
+    "axis_label",
+    "backbone_colours",
+    "backbone_order",
+    "chance_level",
+    "draw_chance",
+    "register_label",
+    "require_columns",
+    "save_figure",
+]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
 METRIC_LABELS = {  # the per-predictor measures' labels come with their meters (epviz.analysis.meters)

@@ -13,7 +13,6 @@ D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
 
 
-
 @pytest.fixture(scope="module")
 def tokens():
     rng = np.random.default_rng(0)
@@ -21,8 +20,13 @@ def tokens():
     centres = rng.normal(size=(C, D))
     patch = rng.normal(size=(160, N, D)) + 0.7 * centres[labels][:, None, :] * (rng.random((160, N, 1)) < 0.4)
     prefix = rng.normal(size=(160, 1, D))
-    return TokenSet(patch=patch.astype(np.float32), prefix=prefix.astype(np.float32), labels=labels, grid=GRID,
-                    origin=TokenOrigin(backbone="toy", layer=5))
+    return TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=prefix.astype(np.float32),
+        labels=labels,
+        grid=GRID,
+        origin=TokenOrigin(backbone="toy", layer=5),
+    )
 
 
 def sharp(name: str, seed: int = 0, tokens: TokenSet | None = None, **options):
@@ -159,4 +163,3 @@ def test_a_batch_of_a_pass_works_like_a_token_batch(tokens):
     assert ablated.shape == (probe.num_predictors, 10, C)
     torch.testing.assert_close(full, ref_full)
     torch.testing.assert_close(ablated, ref)
-

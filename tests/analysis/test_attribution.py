@@ -7,8 +7,15 @@ import torch
 
 import epviz.probes as probes
 from epviz.analysis import (
-    attention_agreement, attribution_vs_attention, importance_vs_ablation, join_importance, predictor_importance,
-    sliced_probe_names, token_attribution, topk_overlap, uniform_ablation,
+    attention_agreement,
+    attribution_vs_attention,
+    importance_vs_ablation,
+    join_importance,
+    predictor_importance,
+    sliced_probe_names,
+    token_attribution,
+    topk_overlap,
+    uniform_ablation,
 )
 from epviz.evaluate import accuracy, collect_attention
 from epviz.tokens import TokenOrigin, TokenSet
@@ -25,8 +32,13 @@ def tokens():
     centres = rng.normal(size=(C, D))
     patch = rng.normal(size=(120, N, D)) + 0.7 * centres[labels][:, None, :] * (rng.random((120, N, 1)) < 0.4)
     prefix = rng.normal(size=(120, 1, D))
-    return TokenSet(patch=patch.astype(np.float32), prefix=prefix.astype(np.float32), labels=labels, grid=GRID,
-                    origin=TokenOrigin(backbone="toy", layer=5))
+    return TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=prefix.astype(np.float32),
+        labels=labels,
+        grid=GRID,
+        origin=TokenOrigin(backbone="toy", layer=5),
+    )
 
 
 def sharp(name: str, tokens: TokenSet, seed: int = 0, **options):
@@ -75,9 +87,11 @@ def test_importance_has_one_row_per_predictor_and_matches_a_manual_ablation(toke
     assert np.allclose(df["acc_full"], accuracy(probe, tokens, topk=(1,))["top1"])
     assert np.allclose(df["logit_full"], full_logit, atol=1e-5)
     for j, cols in enumerate(probe.predictor_slices()):
+
         def ablate(y, cols=cols):
             y[:, cols] = probe.norm.running_mean[cols]
             return y
+
         logit, prob, acc = true_class_scores(probe, tokens, ablate)
         row = df.iloc[j]
         assert row["importance_logit"] == pytest.approx(full_logit - logit, abs=1e-5)

@@ -120,15 +120,23 @@ def test_random_maps_point_at_chance():
     # the argmax of i.i.d. noise is a uniformly random patch: the pointing chance is the share of patch centres in the box
     boxes = random_boxes(400, 5)
     centres = (np.arange(8) + 0.5) * 8
-    inside = [((b[0] <= centres[None, :]) & (centres[None, :] < b[2]) & (b[1] <= centres[:, None]) & (centres[:, None] < b[3])).mean()
-              for b in boxes]
+    inside = [
+        ((b[0] <= centres[None, :]) & (centres[None, :] < b[2]) & (b[1] <= centres[:, None]) & (centres[:, None] < b[3])).mean()
+        for b in boxes
+    ]
     table = localization_baselines(boxes, GRID, SIZE, target_entropy=0.9, thresholds=(0.5,)).set_index("baseline")
     assert abs(table.loc[MATCHED, "pointing"] - np.mean(inside)) < 0.07
 
 
 def test_matched_entropy_baselines_one_row_per_probe_with_its_mean_entropy():
-    table = pd.DataFrame(dict(backbone=["a"] * 4 + ["b"] * 2, probe=["ep"] * 2 + ["mhca"] * 2 + ["ep"] * 2,
-                              predictor=[0, 1, 0, 1, 0, 1], entropy_norm=[0.9, 0.96, 0.5, 0.6, 0.99, 0.97]))
+    table = pd.DataFrame(
+        dict(
+            backbone=["a"] * 4 + ["b"] * 2,
+            probe=["ep"] * 2 + ["mhca"] * 2 + ["ep"] * 2,
+            predictor=[0, 1, 0, 1, 0, 1],
+            entropy_norm=[0.9, 0.96, 0.5, 0.6, 0.99, 0.97],
+        )
+    )
     out = matched_entropy_baselines(table, random_boxes(30, 3), GRID, SIZE, thresholds=STEP)
     assert out[["backbone", "probe"]].values.tolist() == [["a", "ep"], ["a", "mhca"], ["b", "ep"]]
     assert (out["baseline"] == MATCHED).all()
@@ -136,7 +144,9 @@ def test_matched_entropy_baselines_one_row_per_probe_with_its_mean_entropy():
     assert (abs(out["entropy_norm"] - out["target_entropy_norm"]) < 0.01).all()
     assert out["inbox_mass"].between(0, 1).all() and (out["map_seed"] == 0).all()
     # peakier maps at the same noise: a lower temperature
-    assert out.set_index("probe").loc["mhca", "temperature"] < out.set_index(["backbone", "probe"]).loc[("a", "ep"), "temperature"]
+    assert (
+        out.set_index("probe").loc["mhca", "temperature"] < out.set_index(["backbone", "probe"]).loc[("a", "ep"), "temperature"]
+    )
     with pytest.raises(ValueError, match="entropy_norm"):
         matched_entropy_baselines(table.drop(columns="entropy_norm"), random_boxes(3, 0), GRID, SIZE)
 

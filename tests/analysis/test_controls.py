@@ -36,8 +36,14 @@ def fixed_layout_tokens(n: int, seed: int) -> TokenSet:
     patch[:, :, :8] = pattern
     patch[:, : N // 2, 8:] += centres[labels][:, None]
     prefix = rng.normal(size=(n, 1, D))
-    return TokenSet(patch=patch.astype(np.float32), prefix=prefix.astype(np.float32), labels=labels, grid=GRID,
-                    num_classes=C, origin=TokenOrigin(backbone="toy", layer=3))
+    return TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=prefix.astype(np.float32),
+        labels=labels,
+        grid=GRID,
+        num_classes=C,
+        origin=TokenOrigin(backbone="toy", layer=3),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +133,13 @@ def test_derangement_is_fixed_point_free_and_seeded():
 
 def test_shuffled_map_of_identical_images_changes_nothing(train):
     one = fixed_layout_tokens(1, 5)
-    same = TokenSet(patch=np.repeat(one.patch, 20, 0), prefix=np.repeat(one.prefix, 20, 0),
-                    labels=np.repeat(one.labels, 20), grid=GRID, num_classes=C)
+    same = TokenSet(
+        patch=np.repeat(one.patch, 20, 0),
+        prefix=np.repeat(one.prefix, 20, 0),
+        labels=np.repeat(one.labels, 20),
+        grid=GRID,
+        num_classes=C,
+    )
     for name in ("ep", "mhca", "dinovit"):
         table = measure(ready(name, train), same, meters=[ShuffledAblation(seed=3), "uniform_ablation"], batch_size=7)
         np.testing.assert_allclose(table["delta_acc_shuffled"], 0.0, atol=1e-12)
@@ -158,6 +169,7 @@ def test_zero_equals_manual_zeroing_through_hook_pooled(name, train, test):
     table = measure(probe, test, meters=[ZeroAblation(), "uniform_ablation"], batch_size=25)
     slices = probe.predictor_slices()
     for j in range(probe.num_predictors):
+
         def zero(module, inputs, output, cols=slices[j]):
             output = output.clone()
             output[:, cols] = 0
@@ -180,8 +192,7 @@ def test_zero_is_nan_for_probes_that_are_not_sliced(train, test):
 @pytest.mark.parametrize("name", probes.available(attentive=True, variants=False))
 def test_every_attentive_family_gives_every_control_or_declines_it(name, train, test):
     probe = ready(name, train)
-    table = measure(probe, test, meters=["uniform_ablation", MeanMapAblation(train_tokens=train), *CONTROLS[1:]],
-                    batch_size=32)
+    table = measure(probe, test, meters=["uniform_ablation", MeanMapAblation(train_tokens=train), *CONTROLS[1:]], batch_size=32)
     assert len(table) == probe.num_predictors
     for control, column in CONTROL_COLUMNS.items():
         values = table[column].to_numpy()

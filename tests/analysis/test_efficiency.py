@@ -37,8 +37,13 @@ def test_linear_probes_cost_only_the_classifier():
 
 def test_parameter_counts():
     d, c, m = 64, 10, 4
-    df = efficiency([probes.build("ep", d, c, num_queries=m), probes.build("gap", d, c)], num_tokens=16, measure_speed=False,
-                    device="cpu", context={"backbone": "toy"})
+    df = efficiency(
+        [probes.build("ep", d, c, num_queries=m), probes.build("gap", d, c)],
+        num_tokens=16,
+        measure_speed=False,
+        device="cpu",
+        context={"backbone": "toy"},
+    )
     ep, gap = df.iloc[0], df.iloc[1]
     assert ep["params"] == m * d + d * d + d * c + c and ep["pool_params"] == m * d + d * d
     assert gap["params"] == d * c + c and gap["pool_params"] == 0

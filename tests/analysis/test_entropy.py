@@ -43,8 +43,13 @@ def test_unnormalised_maps_are_renormalised():
 
 def test_probe_streaming_matches_precomputed():
     rng = np.random.default_rng(0)
-    tokens = TokenSet(patch=rng.normal(size=(30, 16, 32)).astype(np.float32), prefix=None, labels=rng.integers(0, 3, 30),
-                      grid=(4, 4), origin=TokenOrigin(backbone="toy", layer=2))
+    tokens = TokenSet(
+        patch=rng.normal(size=(30, 16, 32)).astype(np.float32),
+        prefix=None,
+        labels=rng.integers(0, 3, 30),
+        grid=(4, 4),
+        origin=TokenOrigin(backbone="toy", layer=2),
+    )
     probe = probes.build("ep", 32, 3, num_queries=4, seed=0)
     with torch.no_grad():
         probe.queries.mul_(50)
@@ -58,6 +63,8 @@ def test_probe_streaming_matches_precomputed():
 
 @pytest.mark.parametrize("name", ["cls", "gap"])
 def test_probe_without_predictors(name):
-    tokens = TokenSet(patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2))
+    tokens = TokenSet(
+        patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2)
+    )
     with pytest.raises(ValueError, match="no attention predictors"):
         entropy(probes.build(name, 8, 2), tokens)

@@ -100,8 +100,7 @@ def box_maps(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         r, c = rng.integers(0, 3, 2)
         grid[i, r : r + 2, c : c + 2] = rng.uniform(0.3, 1.0, (2, 2))  # the object, uneven
         grid[i, rng.integers(0, 4), rng.integers(0, 4)] += rng.uniform(0, 0.6)  # a distractor
-    boxes = np.array([[4.0 * c, 4.0 * r, 4.0 * c + 8, 4.0 * r + 8] for r, c in
-                      (np.argwhere(g > 0.29).min(0) for g in grid)])
+    boxes = np.array([[4.0 * c, 4.0 * r, 4.0 * c + 8, 4.0 * r + 8] for r, c in (np.argwhere(g > 0.29).min(0) for g in grid)])
     return maps / maps.sum(-1, keepdims=True), boxes
 
 
@@ -154,8 +153,16 @@ def setup():
     return probe.eval(), train, test, Boxes(boxes)
 
 
-COLUMNS = ("acc_full", "delta_acc", "delta_acc_mean", "delta_acc_shuffled", "delta_acc_zero", "maxboxacc_v2",
-           "inbox_mass", "pointing")
+COLUMNS = (
+    "acc_full",
+    "delta_acc",
+    "delta_acc_mean",
+    "delta_acc_shuffled",
+    "delta_acc_zero",
+    "maxboxacc_v2",
+    "inbox_mass",
+    "pointing",
+)
 
 
 def test_table_intervals_contain_the_point_estimates_and_are_seeded(setup):
@@ -192,6 +199,7 @@ def test_subsets_are_resampled_within_themselves(setup):
     measure(probe, test, boxes, [ablation, loc], localization_index=range(10))
     seen = {}
     for meter in (ablation, loc):
+
         def spy(weights, meter=meter, resample=meter.resample):
             seen.setdefault(type(meter).__name__, []).append(weights.sum(1))
             return resample(weights)
@@ -204,8 +212,16 @@ def test_subsets_are_resampled_within_themselves(setup):
 
 def test_spearman_interval_of_two_measures(setup):
     probe, train, test, boxes = setup
-    table, records = predictor_table(probe, test, boxes, thresholds=[0.2, 0.5, 0.8], train_tokens=train, n_boot=300,
-                                     return_records=True, context=dict(backbone="toy", probe="ep4"))
+    table, records = predictor_table(
+        probe,
+        test,
+        boxes,
+        thresholds=[0.2, 0.5, 0.8],
+        train_tokens=train,
+        n_boot=300,
+        return_records=True,
+        context=dict(backbone="toy", probe="ep4"),
+    )
     r = records.spearman("delta_acc", "maxboxacc_v2")
     assert r.rho == pytest.approx(spearman(table["delta_acc"], table["maxboxacc_v2"]).rho, nan_ok=True)
     assert r.lo <= r.hi and 0 <= r.undefined < 1

@@ -117,8 +117,13 @@ def reference_box_accuracy(maps, boxes, grid, size, thresholds, deltas):
     """Straightforward MaxBoxAccV2 curves: skimage label + regionprops per threshold."""
     n, k, _ = maps.shape
     correct = np.zeros((k, len(thresholds), len(deltas)))
-    up = F.interpolate(torch.tensor(maps, dtype=torch.float32).view(n * k, 1, *grid), size=(size, size), mode="bilinear",
-                       align_corners=False).view(n, k, size, size).numpy()
+    up = (
+        F.interpolate(
+            torch.tensor(maps, dtype=torch.float32).view(n * k, 1, *grid), size=(size, size), mode="bilinear", align_corners=False
+        )
+        .view(n, k, size, size)
+        .numpy()
+    )
     for i in range(n):
         for j in range(k):
             s = up[i, j]
@@ -140,8 +145,13 @@ def test_vectorised_boxes_match_a_per_threshold_reference():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(5, 2, N)) * 2
     maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    boxes = [np.array([[8, 8, 40, 56]]), np.array([[0, 0, 64, 30], [30, 30, 60, 60]]), np.array([20, 4, 44, 28]),
-             np.array([1, 1, 63, 63]), np.array([30, 30, 34, 36])]
+    boxes = [
+        np.array([[8, 8, 40, 56]]),
+        np.array([[0, 0, 64, 30], [30, 30, 60, 60]]),
+        np.array([20, 4, 44, 28]),
+        np.array([1, 1, 63, 63]),
+        np.array([30, 30, 34, 36]),
+    ]
     thresholds = np.arange(0, 1, 0.05)
     deltas = (0.1, 0.3, 0.5)
     meter = LocalizationMeter(2, GRID, SIZE, thresholds, deltas)
@@ -172,8 +182,13 @@ class Unboxed:
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
-    tokens = TokenSet(patch=rng.normal(size=(12, N, 16)).astype(np.float32), prefix=None, labels=rng.integers(0, 3, 12),
-                      grid=GRID, origin=TokenOrigin(backbone="toy", layer=1))
+    tokens = TokenSet(
+        patch=rng.normal(size=(12, N, 16)).astype(np.float32),
+        prefix=None,
+        labels=rng.integers(0, 3, 12),
+        grid=GRID,
+        origin=TokenOrigin(backbone="toy", layer=1),
+    )
     probe = probes.build("ep", 16, 3, num_queries=4, seed=0).eval()
     with torch.no_grad():
         probe.queries.mul_(100)
@@ -186,7 +201,7 @@ def test_probe_path_streams_and_matches_precomputed_maps(setup):
     tokens, probe, boxes = setup
     df = localization(probe, tokens, BoxedSet(boxes), batch_size=5, context={"seed": 3})
     maps = collect_attention(probe, tokens)
-    ref = localization_from_maps(maps, [b for b in boxes], GRID, SIZE)
+    ref = localization_from_maps(maps, list(boxes), GRID, SIZE)
     assert len(df) == 4 and df["predictor"].tolist() == [0, 1, 2, 3]
     assert (df["probe"] == "ep").all() and (df["backbone"] == "toy").all() and (df["seed"] == 3).all()
     cols = ["maxboxacc_v2", "inbox_mass", "inbox_mass_std", "chance_mass", "pointing", "n_images"]
@@ -241,8 +256,9 @@ def test_the_meter_upsamples_in_chunks_and_keeps_its_curves(setup):
     tokens, probe, boxes = setup
     meter = Localization(thresholds=np.arange(0, 1, 0.1), chunk_size=3)
     df = measure(probe, tokens, BoxedSet(boxes), [meter], batch_size=8)
-    ref, ref_curves = localization_from_maps(collect_attention(probe, tokens), [b for b in boxes], GRID, SIZE,
-                                             thresholds=np.arange(0, 1, 0.1), return_curves=True)
+    ref, ref_curves = localization_from_maps(
+        collect_attention(probe, tokens), list(boxes), GRID, SIZE, thresholds=np.arange(0, 1, 0.1), return_curves=True
+    )
     assert meter.meter.n == 12
     cols = ["maxboxacc_v2", "maxboxacc_iou50", "best_tau_iou50", "inbox_mass", "chance_mass", "pointing", "n_images"]
     np.testing.assert_allclose(df[cols].to_numpy(float), ref[cols].to_numpy(float), rtol=1e-6)
@@ -272,8 +288,12 @@ def test_constant_maps_never_yield_a_box(side, size, large, convention):
     rng = np.random.default_rng(side * 1000 + size)
     n_tok = side * side
     values = np.r_[1 / n_tok, 1.0, 1 / 3, 0.37, 5.0, 1e-3, rng.uniform(1e-4, 1, 14)]
-    maps = np.concatenate([np.full((1, 1, n_tok), 1 / n_tok, np.float32),  # uniform, float32
-                           np.repeat(values[:, None, None], n_tok, 2)])  # constant maps of many values
+    maps = np.concatenate(
+        [
+            np.full((1, 1, n_tok), 1 / n_tok, np.float32),  # uniform, float32
+            np.repeat(values[:, None, None], n_tok, 2),
+        ]
+    )  # constant maps of many values
     boxes = random_boxes(rng, len(maps), size, large)
     df, curves = localization_from_maps(maps, boxes, (side, side), size, return_curves=True, convention=convention)
     assert df["maxboxacc_v2"].iloc[0] == 0.0
@@ -387,8 +407,14 @@ def test_the_conventions_differ_in_upsampling_and_box_only():
     peak[1, 1] = 1.0  # a known map: bicubic overshoots around the peak, bilinear does not
     logits = rng.normal(size=(5, 4, 4)) * 2
     maps = np.concatenate([peak[None], np.exp(logits)]).reshape(6, 16)
-    boxes = [np.array([0, 0, 9, 9]), np.array([2, 3, 20, 18]), np.array([[0, 0, 31, 12], [10, 10, 30, 30]]),
-             np.array([5, 5, 15, 28]), np.array([1, 1, 31, 31]), np.array([16, 0, 32, 16])]
+    boxes = [
+        np.array([0, 0, 9, 9]),
+        np.array([2, 3, 20, 18]),
+        np.array([[0, 0, 31, 12], [10, 10, 30, 30]]),
+        np.array([5, 5, 15, 28]),
+        np.array([1, 1, 31, 31]),
+        np.array([16, 0, 32, 16]),
+    ]
     thresholds, deltas = np.arange(0, 1, 0.05), (0.3, 0.5, 0.7)
     got = {}
     for convention in ("epviz", "wsol"):
@@ -398,8 +424,10 @@ def test_the_conventions_differ_in_upsampling_and_box_only():
     np.testing.assert_allclose(got["epviz"], reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, "bilinear", False))
     np.testing.assert_allclose(got["wsol"], reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, "bicubic", True))
     # each of the two respects changes the curves on its own
-    mixed = [reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, mode, inclusive)
-             for mode, inclusive in (("bicubic", False), ("bilinear", True))]
+    mixed = [
+        reference_curves(maps, boxes, (4, 4), 32, thresholds, deltas, mode, inclusive)
+        for mode, inclusive in (("bicubic", False), ("bilinear", True))
+    ]
     for curves in mixed:
         assert not np.array_equal(curves, got["epviz"]) and not np.array_equal(curves, got["wsol"])
 
@@ -440,5 +468,7 @@ def test_the_probe_path_and_the_meter_pass_the_convention(setup):
     np.testing.assert_allclose(measured["maxboxacc_v2"], ref["maxboxacc_v2"])
     assert meter.meter.convention == "wsol"
     default = localization_from_maps(maps, list(boxes), GRID, SIZE)
-    assert not np.allclose(default[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
-                           ref[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]])
+    assert not np.allclose(
+        default[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
+        ref[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
+    )

@@ -154,8 +154,9 @@ def test_one_pass_computes_the_maps_once_per_batch_and_feeds_every_meter(setup, 
     monkeypatch.setattr(probe, "attention", counted_attention)
     monkeypatch.setattr(probe, "ablated_logits", counted_ablated)
     a, b = Recorder(), Other()
-    table = measure(probe, tokens, boxes, [UniformAblation(), a, Localization(thresholds=[0.5]), Entropy(), NoMaps(), b],
-                    batch_size=8)
+    table = measure(
+        probe, tokens, boxes, [UniformAblation(), a, Localization(thresholds=[0.5]), Entropy(), NoMaps(), b], batch_size=8
+    )
     assert calls == {"attention": 4, "ablated": 4}  # 30 images in batches of 8: each computed once per batch
     for rec in (a, b):
         assert [len(x) for x in rec.batches] == [8, 8, 8, 6]
@@ -203,10 +204,21 @@ def test_results_equal_the_single_measure_functions(setup):
 def test_predictor_table_is_one_pass_over_every_registered_meter(setup):
     probe, tokens, boxes = setup
     table = predictor_table(probe, tokens, boxes, thresholds=[0.5], n_boot=20)
-    ref = measure(probe, tokens, boxes, ["uniform_ablation", Localization(thresholds=[0.5]), "entropy",
-                                         "mean_map_ablation", "shuffled_ablation", "zero_ablation"])
+    ref = measure(
+        probe,
+        tokens,
+        boxes,
+        [
+            "uniform_ablation",
+            Localization(thresholds=[0.5]),
+            "entropy",
+            "mean_map_ablation",
+            "shuffled_ablation",
+            "zero_ablation",
+        ],
+    )
     intervals = [c for c in table.columns if c.endswith(("_lo", "_hi"))]
-    assert list(table.columns[-len(intervals):]) == intervals and "delta_acc_lo" in intervals
+    assert list(table.columns[-len(intervals) :]) == intervals and "delta_acc_lo" in intervals
     pd.testing.assert_frame_equal(table.drop(columns=["predictors", *intervals]), ref)
     assert (table["predictors"] == 4).all()
     assert table["delta_acc_mean"].isna().all()  # no training tokens given: no mean map
@@ -247,14 +259,17 @@ def test_an_empty_localization_subset_is_reported(setup):
         measure(probe, tokens, boxes, [Localization(thresholds=[0.5])], localization_index=[])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(meters=[]), "got no meters"),
-    (dict(meters=["nope"]), "no meter named 'nope'"),
-    (dict(meters=["entropy"], precision="fp16"), "precision must be one of"),
-    (dict(meters=["entropy"], index=[0, 30]), r"index must lie in \[0, 30\)"),
-    (dict(meters=["entropy"], batch_size=0), "batch_size must be a positive integer"),
-    (dict(meters=["localization"]), "needs GT boxes: pass the images' dataset"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(meters=[]), "got no meters"),
+        (dict(meters=["nope"]), "no meter named 'nope'"),
+        (dict(meters=["entropy"], precision="fp16"), "precision must be one of"),
+        (dict(meters=["entropy"], index=[0, 30]), r"index must lie in \[0, 30\)"),
+        (dict(meters=["entropy"], batch_size=0), "batch_size must be a positive integer"),
+        (dict(meters=["localization"]), "needs GT boxes: pass the images' dataset"),
+    ],
+)
 def test_bad_input(setup, kwargs, message):
     probe, tokens, _ = setup
     with pytest.raises((ValueError, KeyError), match=message):

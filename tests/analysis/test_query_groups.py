@@ -54,8 +54,13 @@ def test_grouping_and_group_maps():
 
 def test_probe_end_to_end():
     rng = np.random.default_rng(0)
-    tokens = TokenSet(patch=rng.normal(size=(20, N, 32)).astype(np.float32), prefix=None, labels=rng.integers(0, 3, 20),
-                      grid=(4, 4), origin=TokenOrigin(backbone="toy", layer=0))
+    tokens = TokenSet(
+        patch=rng.normal(size=(20, N, 32)).astype(np.float32),
+        prefix=None,
+        labels=rng.integers(0, 3, 20),
+        grid=(4, 4),
+        origin=TokenOrigin(backbone="toy", layer=0),
+    )
     probe = probes.build("ep", 32, 3, num_queries=8, seed=0)
     with torch.no_grad():
         probe.queries.mul_(100)
@@ -75,6 +80,8 @@ def test_probe_end_to_end():
 
 @pytest.mark.parametrize("name", ["cls", "gap"])
 def test_probe_without_predictors(name):
-    tokens = TokenSet(patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2))
+    tokens = TokenSet(
+        patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2)
+    )
     with pytest.raises(ValueError, match="no attention predictors"):
         query_groups(probes.build(name, 8, 2), tokens)

@@ -13,8 +13,13 @@ def test_predictor_table_has_every_measure_for_every_predictor():
     train, _ = toy_tokens(150, 0)
     test, boxes = toy_tokens(30, 2)
     probe = train_probe("ep", train, train, budget=Setting.fast().fit_options(epochs=4, batch_size=50), num_queries=4).probe
-    table = predictor_table(probe, test, Boxes(boxes), context=dict(backbone="toy", layer=1, probe="ep4", seed=0),
-                                        thresholds=Setting.fast().thresholds)
+    table = predictor_table(
+        probe,
+        test,
+        Boxes(boxes),
+        context=dict(backbone="toy", layer=1, probe="ep4", seed=0),
+        thresholds=Setting.fast().thresholds,
+    )
     assert list(table["predictor"]) == [0, 1, 2, 3]
     for column in ("delta_acc", "maxboxacc_v2", "inbox_mass", "chance_mass", "pointing", "entropy", "entropy_norm"):
         assert table[column].notna().all(), column
@@ -33,8 +38,11 @@ def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
     train, _ = toy_tokens(90, 0)
     test, boxes = toy_tokens(20, 2)
     tokens = {"toy": {"train": train, "val": train, "test": test}}
-    _, fitted = probe_zoo(tokens, {"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
-                          budget=Setting.fast().fit_options(epochs=1, batch_size=30))
+    _, fitted = probe_zoo(
+        tokens,
+        {"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
+        budget=Setting.fast().fit_options(epochs=1, batch_size=30),
+    )
     table = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6])
     expected = {"ep4": 4, "mhca": fitted["toy", "mhca"].num_predictors}
     assert table.groupby("probe").size().to_dict() == expected
@@ -47,8 +55,11 @@ def test_predictor_tables_take_the_mean_map_from_the_training_split_and_keep_the
     train, _ = toy_tokens(90, 0)
     test, boxes = toy_tokens(20, 2)
     tokens = {"toy": {"train": train, "val": train, "test": test}}
-    _, fitted = probe_zoo(tokens, {"ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
-                          budget=Setting.fast().fit_options(epochs=1, batch_size=30))
+    _, fitted = probe_zoo(
+        tokens,
+        {"ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
+        budget=Setting.fast().fit_options(epochs=1, batch_size=30),
+    )
     table, records = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6], n_boot=40, return_records=True)
     assert set(records) == {("toy", "ep4"), ("toy", "mhca")}
     assert table["delta_acc_mean"].notna().all() and table["delta_acc_shuffled"].notna().all()

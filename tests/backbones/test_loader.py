@@ -6,8 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from epviz.backbones import zoo
-from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader
+from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader, zoo
 from epviz.errors import ConfigError, WeightsError
 
 TRAINED = [n for n in zoo.ZOO if n != "tiny-random"]
@@ -18,7 +17,9 @@ def test_zoo_backbones_load_offline(name):
     bb = load_backbone(name, device="cpu")
     assert (bb.num_prefix_tokens, bb.grid, bb.dim, bb.depth, bb.image_size) == (1, (8, 8), 192, 6, (64, 64))
     assert not any(p.requires_grad for p in bb.model.parameters())
-    out = bb.model.forward_intermediates(torch.zeros(2, 3, 64, 64), indices=[5], intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True)
+    out = bb.model.forward_intermediates(
+        torch.zeros(2, 3, 64, 64), indices=[5], intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True
+    )
     assert out[0][0].shape == (2, 64, 192) and out[0][1].shape == (2, 1, 192)
 
 
@@ -88,7 +89,7 @@ def test_missing_and_truncated_weights_files(tmp_path):
     with pytest.raises(BackboneError, match="does not exist"):
         load_backbone("test_vit", weights=tmp_path / "absent.safetensors")
     bad = tmp_path / "cut.safetensors"
-    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(BackboneError, match="cannot read"):
         load_backbone("test_vit", weights=bad)
 
@@ -213,7 +214,9 @@ def test_width_and_patch_mismatch_is_named_on_the_first_line(tmp_path):
 def test_input_size_mismatch_is_not_resampled(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_state(timm.create_model("test_vit", num_classes=0)), str(path))  # 160 px, 10x10 grid
-    with pytest.raises(BackboneError, match=r"position embeddings for 101 tokens; the model expects position embeddings for 197.*img_size=160"):
+    with pytest.raises(
+        BackboneError, match=r"position embeddings for 101 tokens; the model expects position embeddings for 197.*img_size=160"
+    ):
         load_backbone("test_vit", weights=path, img_size=224)
 
 
@@ -233,7 +236,10 @@ def test_nan_weights_are_refused_at_load_time(tmp_path):
     state["norm.weight"][0] = float("inf")
     path = tmp_path / "diverged.safetensors"
     save_file(state, str(path))
-    with pytest.raises(BackboneError, match=r"diverged.safetensors: tensor 'blocks.2.mlp.fc1.weight' holds 5 NaN or inf values .*2 tensors hold 6"):
+    with pytest.raises(
+        BackboneError,
+        match=r"diverged.safetensors: tensor 'blocks.2.mlp.fc1.weight' holds 5 NaN or inf values .*2 tensors hold 6",
+    ):
         load_backbone("test_vit", weights=path)
 
 

@@ -4,17 +4,28 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, OPENAI_CLIP_MEAN
 
 import epviz
-from epviz.backbones import presets
-from epviz.backbones import BackboneError
+from epviz.backbones import BackboneError, presets
 
 # (prefix tokens, grid, width, depth) of every preset at 224 px
 EXPECTED = {
-    "mae-vit-s": (1, 14, 384, 12), "mae-vit-b": (1, 14, 768, 12), "mae-vit-l": (1, 14, 1024, 24), "mae-vit-h": (1, 16, 1280, 32),
-    "beitv2-vit-b": (1, 14, 768, 12), "dino-vit-s": (1, 14, 384, 12), "dino-vit-b": (1, 14, 768, 12),
-    "dinov2-vit-s": (1, 16, 384, 12), "dinov2-vit-b": (1, 16, 768, 12), "dinov2-vit-l": (1, 16, 1024, 24),
-    "dinov2-vit-b-reg": (5, 16, 768, 12), "dinov2-vit-l-reg": (5, 16, 1024, 24),
-    "clip-vit-b": (1, 14, 768, 12), "clip-vit-l": (1, 16, 1024, 24), "eva02-vit-b": (1, 16, 768, 12),
-    "eva02-vit-l": (1, 16, 1024, 24), "siglip-vit-b": (0, 14, 768, 12), "siglip-vit-l": (0, 14, 1024, 24),
+    "mae-vit-s": (1, 14, 384, 12),
+    "mae-vit-b": (1, 14, 768, 12),
+    "mae-vit-l": (1, 14, 1024, 24),
+    "mae-vit-h": (1, 16, 1280, 32),
+    "beitv2-vit-b": (1, 14, 768, 12),
+    "dino-vit-s": (1, 14, 384, 12),
+    "dino-vit-b": (1, 14, 768, 12),
+    "dinov2-vit-s": (1, 16, 384, 12),
+    "dinov2-vit-b": (1, 16, 768, 12),
+    "dinov2-vit-l": (1, 16, 1024, 24),
+    "dinov2-vit-b-reg": (5, 16, 768, 12),
+    "dinov2-vit-l-reg": (5, 16, 1024, 24),
+    "clip-vit-b": (1, 14, 768, 12),
+    "clip-vit-l": (1, 16, 1024, 24),
+    "eva02-vit-b": (1, 16, 768, 12),
+    "eva02-vit-l": (1, 16, 1024, 24),
+    "siglip-vit-b": (0, 14, 768, 12),
+    "siglip-vit-l": (0, 14, 1024, 24),
 }
 
 

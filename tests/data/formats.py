@@ -33,9 +33,11 @@ def voc_xml(wnid: str, width: int, height: int, boxes: list[tuple[int, int, int,
         f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1 - 1}</xmax><ymax>{y1 - 1}</ymax></bndbox></object>"
         for x0, y0, x1, y1 in boxes
     )
-    return (f"<annotation><folder>val</folder><filename>{stem}</filename><source><database>ILSVRC_2012</database></source>"
-            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size><segmented>0</segmented>"
-            f"{objects}</annotation>")
+    return (
+        f"<annotation><folder>val</folder><filename>{stem}</filename><source><database>ILSVRC_2012</database></source>"
+        f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size><segmented>0</segmented>"
+        f"{objects}</annotation>"
+    )
 
 
 def _box(i: int, width: int, height: int) -> tuple[int, int, int, int]:
@@ -43,8 +45,15 @@ def _box(i: int, width: int, height: int) -> tuple[int, int, int, int]:
     return x0, y0, min(width, x0 + width // 2), min(height, y0 + height // 2)
 
 
-def write_imagenet(root: Path, *, train_per_class: int = 6, val_per_class: int = 2, layout: str = "folders",
-                   boxes: str = "xml", size: tuple[int, int] = (80, 60)) -> dict[str, tuple]:
+def write_imagenet(
+    root: Path,
+    *,
+    train_per_class: int = 6,
+    val_per_class: int = 2,
+    layout: str = "folders",
+    boxes: str = "xml",
+    size: tuple[int, int] = (80, 60),
+) -> dict[str, tuple]:
     """An ImageNet tree: ``train/<wnid>/`` and ``val/`` (class folders or flat), val boxes as XML or CSV.
 
     Args:
@@ -101,15 +110,21 @@ def write_cub(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int,
             lines["split"].append(f"{image_id} {int(is_train)}")
             lines["boxes"].append(f"{image_id} {float(box[0])} {float(box[1])} {float(box[2] - box[0])} {float(box[3] - box[1])}")
             truth[image_id] = (c - 1, box, is_train)
-    names = {"images": "images.txt", "labels": "image_class_labels.txt", "split": "train_test_split.txt",
-             "boxes": "bounding_boxes.txt", "classes": "classes.txt"}
+    names = {
+        "images": "images.txt",
+        "labels": "image_class_labels.txt",
+        "split": "train_test_split.txt",
+        "boxes": "bounding_boxes.txt",
+        "classes": "classes.txt",
+    }
     for key, name in names.items():
         (root / name).write_text("\n".join(lines[key]) + "\n")
     return truth
 
 
-def write_pets(root: Path, breeds: tuple[str, ...] = ("Abyssinian", "american_bulldog"), per_breed: int = 4,
-               size: tuple[int, int] = (72, 64)) -> dict[str, tuple]:
+def write_pets(
+    root: Path, breeds: tuple[str, ...] = ("Abyssinian", "american_bulldog"), per_breed: int = 4, size: tuple[int, int] = (72, 64)
+) -> dict[str, tuple]:
     """An Oxford-IIIT Pets folder. Returns ``{name: (label, pet box incl. border, is_trainval)}``."""
     w, h = size
     ann = root / "annotations"
@@ -155,7 +170,9 @@ def write_grey_png(path: Path, width: int, height: int, bands: tuple[int, ...] =
         for count, repeat in ((block_rows, rows // block_rows), (rows % block_rows, 1)):
             if count and repeat:
                 data = row * count
-                body.append((deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)) * repeat)  # full flush: independent blocks
+                body.append(
+                    (deflate.compress(data) + deflate.flush(zlib.Z_FULL_FLUSH)) * repeat
+                )  # full flush: independent blocks
                 for _ in range(repeat):
                     adler = zlib.adler32(data, adler)
     stream = b"\x78\x9c" + b"".join(body) + deflate.flush() + struct.pack(">I", adler & 0xFFFFFFFF)

@@ -1,11 +1,9 @@
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
-from epviz.data import CanvasGenerator, CanvasRecipe, ClutteredFashionMNIST
-from epviz.data import fashion_mnist
+from epviz.data import CanvasGenerator, CanvasRecipe, ClutteredFashionMNIST, fashion_mnist
 
 
 def test_boxes_are_tight_around_masks(small_canvases):
@@ -31,7 +29,7 @@ def test_item_sizes_and_image_format(small_canvases):
     assert widths.min() >= 4 and heights.min() >= 4
     assert int(ds.labels.min()) >= 0 and int(ds.labels.max()) <= 9
     image, label = ds[0]
-    assert image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1 and isinstance(label, int)
+    assert image.dtype == torch.float32 and image.min() >= 0 and image.max() <= 1 and isinstance(label, int)
 
 
 def test_background_is_never_plain(small_canvases):
@@ -116,7 +114,8 @@ def test_truncated_file_is_reported(fake_fashion_mnist):
     import gzip
 
     path = fake_fashion_mnist / "t10k-images-idx3-ubyte.gz"
-    data = gzip.open(path).read()
+    with gzip.open(path) as fh:
+        data = fh.read()
     with gzip.open(path, "wb") as fh:
         fh.write(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated"):

@@ -11,11 +11,14 @@ from epviz.data.transforms import EvalTransform
 from tests.data.formats import WNIDS, write_image, write_imagenet
 
 
-def expected_boxes(box, width, height, t=EvalTransform()):
+def expected_boxes(box, width, height, t=None):
+    t = EvalTransform() if t is None else t
     return t.boxes(np.array([box]), (height, width))[0]
 
 
-@pytest.mark.parametrize("layout,boxes", [("folders", "xml"), ("flat", "xml"), ("flat", "csv"), ("flat", "beside"), ("folders", "csv")])
+@pytest.mark.parametrize(
+    "layout,boxes", [("folders", "xml"), ("flat", "xml"), ("flat", "csv"), ("flat", "beside"), ("folders", "csv")]
+)
 def test_val_labels_follow_sorted_wnids_and_boxes_follow_the_transform(tmp_path, layout, boxes):
     truth = write_imagenet(tmp_path, layout=layout, boxes=boxes)
     ds = imagenet(tmp_path, "val")
@@ -38,7 +41,7 @@ def test_class_index_order_is_torchvisions_sorted_wnids(tmp_path):
     (tmp_path / "LOC_synset_mapping.txt").write_text("\n".join(f"{w} fish {i}" for i, w in enumerate(reversed(WNIDS))) + "\n")
     train = imagenet(tmp_path, "train")
     assert train.classes == sorted(WNIDS)
-    assert [train.classes[l] for l in train.labels] == [s.path.parent.name for s in train.samples]
+    assert [train.classes[label] for label in train.labels] == [s.path.parent.name for s in train.samples]
     assert not train.has_boxes
     with pytest.raises(AnnotationError, match="no box annotations"):
         train.box_list(0)
@@ -104,10 +107,20 @@ def test_box_cropped_away_is_reported_not_dropped(tmp_path):
     image = next(folder.glob("*.JPEG"))
     write_image(image, 200, 50, (0, 5, 12, 45))  # a wide image: the left edge falls outside the center crop
     xml = image.with_suffix(".xml")
-    xml.write_text(xml.read_text().replace("<width>80</width><height>60</height>", "<width>200</width><height>50</height>")
-                   .replace("</object>", "</object><object><name>x</name><bndbox><xmin>80</xmin><ymin>5</ymin>"
-                            "<xmax>119</xmax><ymax>44</ymax></bndbox></object>", 1)
-                   .replace(xml.read_text().split("<bndbox>")[1].split("</bndbox>")[0], "<xmin>0</xmin><ymin>5</ymin><xmax>11</xmax><ymax>44</ymax>"))
+    xml.write_text(
+        xml.read_text()
+        .replace("<width>80</width><height>60</height>", "<width>200</width><height>50</height>")
+        .replace(
+            "</object>",
+            "</object><object><name>x</name><bndbox><xmin>80</xmin><ymin>5</ymin>"
+            "<xmax>119</xmax><ymax>44</ymax></bndbox></object>",
+            1,
+        )
+        .replace(
+            xml.read_text().split("<bndbox>")[1].split("</bndbox>")[0],
+            "<xmin>0</xmin><ymin>5</ymin><xmax>11</xmax><ymax>44</ymax>",
+        )
+    )
     ds = imagenet(tmp_path, "val")
     index = [s.path for s in ds.samples].index(image)
     with pytest.warns(UserWarning, match="cropped_away"):
@@ -177,9 +190,11 @@ def test_prediction_string_must_be_whole_groups_each_with_a_wnid(tmp_path):
     truth, path, lines = solution_rows(tmp_path)
     stem = sorted(truth)[0]
     wnid = truth[stem][0]
-    for bad, reason in ((f"{wnid} 1 2 30 40 50 60 70 80 90", r"line 2: group 2 of the PredictionString starts with '50', not a wnid"),
-                        (f"{wnid} 1 2 30 40 {wnid} 5 6", r"line 2: .*its 8 values are not a multiple of 5"),
-                        (f"{wnid} 1 2 x 40", r"line 2: group 1 \(.* 1 2 x 40\) has non-numeric")):
+    for bad, reason in (
+        (f"{wnid} 1 2 30 40 50 60 70 80 90", r"line 2: group 2 of the PredictionString starts with '50', not a wnid"),
+        (f"{wnid} 1 2 30 40 {wnid} 5 6", r"line 2: .*its 8 values are not a multiple of 5"),
+        (f"{wnid} 1 2 x 40", r"line 2: group 1 \(.* 1 2 x 40\) has non-numeric"),
+    ):
         path.write_text("\n".join([lines[0], f"{stem},{bad}"] + lines[2:]) + "\n")
         with pytest.raises(AnnotationError, match=reason):
             read_solution_csv(path)
@@ -217,7 +232,9 @@ def test_voc_size_that_disagrees_with_the_image_fails_boxes_and_image_alike(tmp_
     stem = sorted(truth)[0]
     _, _, (w, h) = truth[stem]
     xml = tmp_path / "Annotations" / "CLS-LOC" / "val" / f"{stem}.xml"
-    xml.write_text(xml.read_text().replace(f"<width>{w}</width><height>{h}</height>", f"<width>{2 * w}</width><height>{2 * h}</height>"))
+    xml.write_text(
+        xml.read_text().replace(f"<width>{w}</width><height>{h}</height>", f"<width>{2 * w}</width><height>{2 * h}</height>")
+    )
     ds = imagenet(tmp_path, "val")
     index = [s.path.stem for s in ds.samples].index(stem)
     reason = rf"{stem}.JPEG is {w}x{h} pixels but its annotation .*{stem}.xml\) says {2 * w}x{2 * h}"

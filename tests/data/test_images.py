@@ -16,7 +16,7 @@ def save(path, mode="RGB", size=(20, 12)):
 
 def test_rgb_image_loads_as_float_chw(tmp_path):
     img = load_image(save(tmp_path / "a.png"))
-    assert img.shape == (3, 12, 20) and img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+    assert img.shape == (3, 12, 20) and img.dtype == torch.float32 and img.min() >= 0 and img.max() <= 1
 
 
 @pytest.mark.parametrize("mode,word", [("L", "grayscale"), ("RGBA", "RGBA")])
@@ -157,9 +157,11 @@ def old_path(path):
 
 
 def test_normal_images_give_exactly_the_old_transform_output(tmp_path):
-    files = [write_image(tmp_path / "a.jpg", 500, 375, (40, 30, 300, 200), seed=1),
-             write_image(tmp_path / "b.png", 333, 500, (10, 10, 100, 480), seed=2),
-             write_image(tmp_path / "c.jpg", 2047, 1500, (500, 300, 1600, 1200), seed=3)]
+    files = [
+        write_image(tmp_path / "a.jpg", 500, 375, (40, 30, 300, 200), seed=1),
+        write_image(tmp_path / "b.png", 333, 500, (10, 10, 100, 480), seed=2),
+        write_image(tmp_path / "c.jpg", 2047, 1500, (500, 300, 1600, 1200), seed=3),
+    ]
     _Image.fromarray(np.random.default_rng(4).integers(0, 255, (240, 320), dtype=np.uint8)).save(tmp_path / "d.jpg")
     files.append(tmp_path / "d.jpg")
     opaque = np.random.default_rng(5).integers(0, 255, (200, 260, 4), dtype=np.uint8)
@@ -178,8 +180,9 @@ def test_large_image_is_decoded_at_a_reduced_scale_with_the_same_result(tmp_path
     image, stated = read_image(path, min_side=256)
     assert stated == size and image.shape == (3, reduced[1], reduced[0]), "reduced by 2: shorter side >= 4 x 256"
     assert load_image(path).shape == (3, size[1], size[0]), "without min_side: full scale"
-    ds = AnnotatedImages("x", "test", [Sample(path, 0, boxes=np.array([box], dtype=float), size=size)], ["c"], tmp_path,
-                         has_boxes=True)
+    ds = AnnotatedImages(
+        "x", "test", [Sample(path, 0, boxes=np.array([box], dtype=float), size=size)], ["c"], tmp_path, has_boxes=True
+    )
     assert (ds[0][0] - old_path(path)).abs().max() < 0.01
     assert np.allclose(ds.sample(0)["boxes"], ds.box_list(0), atol=0.5), "boxes follow the reduced image"
 
@@ -196,8 +199,11 @@ def test_10000_pixel_png_is_decoded_small(tmp_path):
 def test_image_above_the_pixel_limit_is_refused_from_its_header(tmp_path):
     path = write_grey_png(tmp_path / "bomb.png", 20000, 20000)
     for read in (load_image, read_image_size):
-        with pytest.raises(ImageFileError, match=rf"bomb.png is 20000x20000 pixels \(400 megapixels\).*limit of "
-                                                 rf"{MAX_PIXELS / 1e6:.0f} megapixels"):
+        with pytest.raises(
+            ImageFileError,
+            match=rf"bomb.png is 20000x20000 pixels \(400 megapixels\).*limit of "
+            rf"{MAX_PIXELS / 1e6:.0f} megapixels",
+        ):
             read(path)
 
 
@@ -212,8 +218,9 @@ def test_epviz_limit_applies_whatever_pils_own_limit(tmp_path, monkeypatch):
 
 def test_extreme_aspect_ratio_is_refused_by_the_evaluation_transform(tmp_path):
     _Image.fromarray(np.zeros((4096, 1, 3), dtype=np.uint8)).save(tmp_path / "thread.png")
-    ds = AnnotatedImages("x", "test", [Sample(tmp_path / "thread.png", 0, boxes=np.array([[0.0, 0, 1, 10]]))], ["c"],
-                         tmp_path, has_boxes=True)
+    ds = AnnotatedImages(
+        "x", "test", [Sample(tmp_path / "thread.png", 0, boxes=np.array([[0.0, 0, 1, 10]]))], ["c"], tmp_path, has_boxes=True
+    )
     for read in (lambda: ds[0], lambda: ds.box_list(0)):
         with pytest.raises(ImageFileError, match=r"thread.png is 1x4096 pixels, an aspect ratio of 4096:1, beyond the 32:1"):
             read()

@@ -124,8 +124,15 @@ def test_standard_splits_are_deterministic_and_distinct():
 def test_canvas_fingerprints_are_unchanged():
     """Fingerprints key the token caches on disk: they must stay byte-identical."""
     fp = load_split(split="test", size=12, seed=3).fingerprint()
-    assert fp == {"dataset": "cluttered-fashion-mnist", "version": 1, "split": "test", "size": 12, "seed": 3,
-                  "recipe": fp["recipe"], "backgrounds": 18}
+    assert fp == {
+        "dataset": "cluttered-fashion-mnist",
+        "version": 1,
+        "split": "test",
+        "size": 12,
+        "seed": 3,
+        "recipe": fp["recipe"],
+        "backgrounds": 18,
+    }
     assert fp == ClutteredFashionMNIST("test", 12, seed=3).fingerprint() and len(fp["recipe"]) == 16
 
 
@@ -191,8 +198,11 @@ def test_a_kind_must_return_an_image_dataset(tmp_path):
     def bare(spec, split):
         return torch.utils.data.TensorDataset(torch.zeros(4, 3, 8, 8))
 
-    with pytest.raises(TypeError, match="bare-tensors dataset kind .* returned a TensorDataset, which lacks labels, classes, "
-                                        "num_classes, image_size, has_boxes, box_list, display_image, fingerprint"):
+    with pytest.raises(
+        TypeError,
+        match="bare-tensors dataset kind .* returned a TensorDataset, which lacks labels, classes, "
+        "num_classes, image_size, has_boxes, box_list, display_image, fingerprint",
+    ):
         load_split(f"bare-tensors:{tmp_path}", "train")
 
 

@@ -20,7 +20,7 @@ def test_image_and_box_stay_aligned_under_bicubic_resize_and_crop():
     image = torch.zeros(3, 300, 400)
     image[:, 60:240, 100:300] = 1.0
     out = EvalTransform()(image, np.array([[100, 60, 300, 240]]))
-    assert out.image.shape == (3, 224, 224) and 0 <= out.image.min() and out.image.max() <= 1
+    assert out.image.shape == (3, 224, 224) and out.image.min() >= 0 and out.image.max() <= 1
     bright = out.image[0] > 0.5
     rows, cols = np.flatnonzero(bright.any(1)), np.flatnonzero(bright.any(0))
     x0, y0, x1, y1 = out.boxes[0]

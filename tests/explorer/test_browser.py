@@ -33,17 +33,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ARTEFACTS = ROOT / "figures" / "explorer"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SERVER_START_TIMEOUT = 120  # s: JupyterLab takes 10-20 s to start on a busy 2-core CPU
 RUN_TIMEOUT = 240_000  # ms: kernel start, imports, token extraction and a probe training
 
-SMALL_SETS = '''from epviz.data import ClutteredFashionMNIST
+SMALL_SETS = """from epviz.data import ClutteredFashionMNIST
 sets = {"train": ClutteredFashionMNIST("train", 200, seed=0), "val": ClutteredFashionMNIST("train", 50, seed=1),
         "test": ClutteredFashionMNIST("test", 60, seed=0)}
-explorer = epviz.Explorer(["tiny-mae"], ["ep", "cls"], setting=epviz.Setting.fast(), sets=sets, fit_options={"epochs": 2}, localization_images=30)'''
-STANDARD_SETS = '''explorer = epviz.Explorer(["tiny-mae", "tiny-random"], ["ep", "cls", "mhca"], setting=epviz.Setting.full(),
-                          selection={"query": 6, "position": 4})'''
+explorer = epviz.Explorer(["tiny-mae"], ["ep", "cls"], setting=epviz.Setting.fast(), sets=sets, fit_options={"epochs": 2}, localization_images=30)"""
+STANDARD_SETS = """explorer = epviz.Explorer(["tiny-mae", "tiny-random"], ["ep", "cls", "mhca"], setting=epviz.Setting.full(),
+                          selection={"query": 6, "position": 4})"""
 
 
 def explorer_notebook(path: Path, setup: str) -> Path:
@@ -68,10 +76,9 @@ def _wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"JupyterLab exited with code {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"JupyterLab did not answer within {SERVER_START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
 
@@ -97,17 +104,35 @@ def jupyter_lab(folder: Path, cache: Path) -> Iterator[tuple[str, str]]:
     """A JupyterLab server on 127.0.0.1 serving `folder`, with a token; yields (base url, token)."""
     port, token = _free_port(), secrets.token_hex(16)
     state = folder / ".jupyter"
-    env = dict(os.environ, EPVIZ_CACHE=str(cache), EPVIZ_DEVICE="cpu", OMP_NUM_THREADS="1",
-               JUPYTER_CONFIG_DIR=str(state / "config"), JUPYTER_RUNTIME_DIR=str(state / "runtime"),
-               JUPYTERLAB_SETTINGS_DIR=str(state / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(state / "workspaces"))
+    env = dict(
+        os.environ,
+        EPVIZ_CACHE=str(cache),
+        EPVIZ_DEVICE="cpu",
+        OMP_NUM_THREADS="1",
+        JUPYTER_CONFIG_DIR=str(state / "config"),
+        JUPYTER_RUNTIME_DIR=str(state / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(state / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(state / "workspaces"),
+    )
     news = state / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True, exist_ok=True)
     news.write_text('{"fetchNews": "false", "checkForUpdates": false}')  # no news pop-up over the page
     log = folder / "jupyterlab.log"
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={folder}", "--ServerApp.port_retries=0",
-           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.extension_manager=readonly",
-           "--ServerApp.terminals_enabled=False"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={folder}",
+        "--ServerApp.port_retries=0",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+        "--ServerApp.terminals_enabled=False",
+    ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     with open(log, "w") as fh:
@@ -164,8 +189,9 @@ def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_erro
             out["page"] = shots / "page.png"
             src = figure.get_attribute("src")
             page.locator(".epviz-explorer-view select").select_option("all queries")
-            page.wait_for_function("old => document.querySelector('img.epviz-explorer-figure').src !== old", arg=src,
-                                   timeout=RUN_TIMEOUT)
+            page.wait_for_function(
+                "old => document.querySelector('img.epviz-explorer-figure').src !== old", arg=src, timeout=RUN_TIMEOUT
+            )
             page.wait_for_timeout(500)
             figure.screenshot(path=shots / "after.png")
             out["after"] = shots / "after.png"

@@ -16,19 +16,38 @@ def explorer(tmp_path_factory, small_canvases, test_vit_backbone):
     """An Explorer over timm's test_vit and tiny-random, small sets, a 2-epoch budget, a private cache."""
     from epviz.data import ClutteredFashionMNIST
 
-    sets = {"train": ClutteredFashionMNIST("train", 96, seed=0), "val": ClutteredFashionMNIST("train", 32, seed=1),
-            "test": small_canvases}
+    sets = {
+        "train": ClutteredFashionMNIST("train", 96, seed=0),
+        "val": ClutteredFashionMNIST("train", 32, seed=1),
+        "test": small_canvases,
+    }
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EPVIZ_CACHE", str(tmp_path_factory.mktemp("explorer-cache")))
-        yield Explorer([test_vit_backbone, "tiny-random"], ["cls", "ep", "mhca"], setting=Setting.fast(), sets=sets,
-                       fit_options={"epochs": 2})
+        yield Explorer(
+            [test_vit_backbone, "tiny-random"],
+            ["cls", "ep", "mhca"],
+            setting=Setting.fast(),
+            sets=sets,
+            fit_options={"epochs": 2},
+        )
 
 
 @pytest.fixture
 def start(explorer):
     """The explorer back at its first settings (its caches kept)."""
-    explorer.set(backbone="test_vit", layer=-1, probe="ep", queries=16, view="one query", query=0, groups=4,
-                 order="index", label=ALL_CLASSES, position=0, opacity=0.6)
+    explorer.set(
+        backbone="test_vit",
+        layer=-1,
+        probe="ep",
+        queries=16,
+        view="one query",
+        query=0,
+        groups=4,
+        order="index",
+        label=ALL_CLASSES,
+        position=0,
+        opacity=0.6,
+    )
     assert explorer.state.error == ""
     return explorer
 

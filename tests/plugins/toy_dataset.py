@@ -80,8 +80,16 @@ class ToyImages(torch.utils.data.Dataset):
     def fingerprint(self) -> dict:
         """Root, split, generation parameters and the chosen images."""
         chosen = zlib.crc32(self.index.astype(np.int64).tobytes())
-        return {"dataset": "toy", "root": str(self.root.resolve()), "split": self.split, "n": self.n, "side": self.side,
-                "classes": self.classes, "images": chosen, "size": len(self)}
+        return {
+            "dataset": "toy",
+            "root": str(self.root.resolve()),
+            "split": self.split,
+            "n": self.n,
+            "side": self.side,
+            "classes": self.classes,
+            "images": chosen,
+            "size": len(self),
+        }
 
 
 @epviz.data.register_dataset("toy", options={"n": int, "side": int})

@@ -55,7 +55,9 @@ def test_self_attention_routing_needs_an_observing_hook():
 
 
 def test_routing_rejects_other_shapes():
-    with pytest.raises(ValueError, match=r"attention weights must be \(B, K, L\), \(B, H, N, N\) or \(B, N\); got shape \(1, 1, 1, 1, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"attention weights must be \(B, K, L\), \(B, H, N, N\) or \(B, N\); got shape \(1, 1, 1, 1, 1\)"
+    ):
         _FiveAxes(8, 3)(torch.randn(2, 6, 8))
 
 

@@ -37,9 +37,13 @@ def vit_tokens():
         model = timm.create_model("test_vit", pretrained=False).eval()
         images = torch.randn(6, 3, 64, 64)
     with torch.no_grad():
-        (patch, prefix), = model.forward_intermediates(
-            images, indices=[len(model.blocks) - 1], norm=False, output_fmt="NLC",
-            intermediates_only=True, return_prefix_tokens=True,
+        ((patch, prefix),) = model.forward_intermediates(
+            images,
+            indices=[len(model.blocks) - 1],
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
         )
     assert patch.shape == (6, N, D) and prefix.shape == (6, 1, D)
     return patch, prefix

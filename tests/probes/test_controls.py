@@ -150,6 +150,7 @@ def test_zero_is_manual_zeroing_through_hook_pooled_or_declined(name, toks):
     with torch.no_grad():
         full, ablated = probe.ablated_logits(*toks, control="zero")
         for j in sorted({0, k - 1}):
+
             def zero(module, inputs, output, cols=slices[j]):
                 output = output.clone()
                 output[:, cols] = 0

@@ -33,10 +33,24 @@ def test_both_1x1_convolutions_start_as_in_the_reference():
     assert abs(probe.conv1.weight.mean().item()) < 1e-3
     for bias in (probe.conv1.bias, probe.conv2.bias):  # PyTorch's default U(-1/sqrt(D), 1/sqrt(D))
         assert bias.abs().max() <= d**-0.5 and bias.abs().max() > 0
-    assert sorted(probe.state_dict()) == sorted([
-        "conv1.weight", "conv1.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
-        "bn.num_batches_tracked", "conv2.weight", "conv2.bias", "norm.running_mean", "norm.running_var",
-        "norm.num_batches_tracked", "head.weight", "head.bias"])
+    assert sorted(probe.state_dict()) == sorted(
+        [
+            "conv1.weight",
+            "conv1.bias",
+            "bn.weight",
+            "bn.bias",
+            "bn.running_mean",
+            "bn.running_var",
+            "bn.num_batches_tracked",
+            "conv2.weight",
+            "conv2.bias",
+            "norm.running_mean",
+            "norm.running_var",
+            "norm.num_batches_tracked",
+            "head.weight",
+            "head.bias",
+        ]
+    )
 
 
 def test_the_map_at_init_is_not_uniform():

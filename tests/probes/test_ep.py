@@ -66,9 +66,13 @@ def test_parameters_and_initialisation():
 
 
 def test_divisibility_is_checked_at_build_with_valid_choices():
-    with pytest.raises(ValueError, match=r"divisible by d_out\*num_queries.*valid num_queries: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64,"):
+    with pytest.raises(
+        ValueError, match=r"divisible by d_out\*num_queries.*valid num_queries: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64,"
+    ):
         probes.build("ep", 768, 10, num_queries=40)
-    with pytest.raises(ValueError, match=r"With d_out=2, valid num_queries: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 384\]"):
+    with pytest.raises(
+        ValueError, match=r"With d_out=2, valid num_queries: \[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 384\]"
+    ):
         probes.build("ep", 768, 10, num_queries=256, d_out=2)
     with pytest.raises(ValueError, match=r"d_out=5 must divide D=768; valid d_out: \[1, 2, 3, 4, 6, 8,"):
         probes.build("ep", 768, 10, d_out=5)

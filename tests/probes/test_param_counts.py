@@ -25,8 +25,26 @@ POOL_PARAMS = {
     "dolg": 592_897,
     "cbam": 73_828,
 }
-HEADS = {"mhca": 12, "aim": 16, "jepa": 16, "siglip": 8, "clip": 4, "cae": 8, "coca": 8, "cait": 4, "dinovit": 8,
-         "simpool": 1, "esimpool": 12, "ep": 32, "ep_all": 32, "abmilp": 1, "dolg": 1, "cbam": 1, "cls": 0, "gap": 0}
+HEADS = {
+    "mhca": 12,
+    "aim": 16,
+    "jepa": 16,
+    "siglip": 8,
+    "clip": 4,
+    "cae": 8,
+    "coca": 8,
+    "cait": 4,
+    "dinovit": 8,
+    "simpool": 1,
+    "esimpool": 12,
+    "ep": 32,
+    "ep_all": 32,
+    "abmilp": 1,
+    "dolg": 1,
+    "cbam": 1,
+    "cls": 0,
+    "gap": 0,
+}
 
 
 def trainable(module) -> int:

@@ -72,8 +72,11 @@ def test_a_taken_name_is_refused():
 
 
 def test_a_variant_with_an_option_its_family_lacks_is_refused():
-    with pytest.raises(ValueError, match=r"variant 'toy_heads': family 'toy_attn' does not take option\(s\) \['heads'\]; "
-                                         r"it accepts \['grid', 'temperature'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"variant 'toy_heads': family 'toy_attn' does not take option\(s\) \['heads'\]; "
+        r"it accepts \['grid', 'temperature'\]",
+    ):
         register("toy_heads", "toy_attn", heads=4)
     assert "toy_heads" not in probes.available()
     with pytest.raises(ValueError, match="unknown probe 'toy_atn'"):

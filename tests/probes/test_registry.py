@@ -6,10 +6,32 @@ import torch
 import epviz.probes as probes
 from epviz.probes import Probe, register
 
-EXPECTED = ["abmilp", "aim", "cae", "cait", "cbam", "clip", "cls", "coca", "dinovit", "dolg", "ep", "ep_all",
-            "esimpool", "gap", "jepa", "mhca", "siglip", "simpool"]
-VARIANTS = {"ep16": ("ep", {"num_queries": 16}), "ep16_d2": ("ep", {"num_queries": 16, "d_out": 2}),
-            "ep16_d4": ("ep", {"num_queries": 16, "d_out": 4}), "ep_all16": ("ep_all", {"num_queries": 16})}
+EXPECTED = [
+    "abmilp",
+    "aim",
+    "cae",
+    "cait",
+    "cbam",
+    "clip",
+    "cls",
+    "coca",
+    "dinovit",
+    "dolg",
+    "ep",
+    "ep_all",
+    "esimpool",
+    "gap",
+    "jepa",
+    "mhca",
+    "siglip",
+    "simpool",
+]
+VARIANTS = {
+    "ep16": ("ep", {"num_queries": 16}),
+    "ep16_d2": ("ep", {"num_queries": 16, "d_out": 2}),
+    "ep16_d4": ("ep", {"num_queries": 16, "d_out": 4}),
+    "ep_all16": ("ep_all", {"num_queries": 16}),
+}
 
 
 def builtin(names):
@@ -45,7 +67,9 @@ def test_standard_set_has_one_name_per_family():
     assert "ep16" in standard and "ep_all16" in standard and "ep" not in standard and "mhca" in standard
 
 
-@pytest.mark.parametrize("typo,suggestion", [("ep_al", "'ep_all'"), ("mhcaa", "'mhca'"), ("simpol", "'simpool'"), ("CLS", "'cls'")])
+@pytest.mark.parametrize(
+    "typo,suggestion", [("ep_al", "'ep_all'"), ("mhcaa", "'mhca'"), ("simpol", "'simpool'"), ("CLS", "'cls'")]
+)
 def test_unknown_name_suggests_close_matches(typo, suggestion):
     with pytest.raises(ValueError, match="unknown probe") as err:
         probes.build(typo, 64, 10)
@@ -59,7 +83,9 @@ def test_unknown_name_without_close_match_lists_names():
 
 
 def test_unknown_option_is_named():
-    with pytest.raises(ValueError, match=r"does not take option\(s\) \['queries'\]; it accepts \['d_out', 'grid', 'num_queries'\]"):
+    with pytest.raises(
+        ValueError, match=r"does not take option\(s\) \['queries'\]; it accepts \['d_out', 'grid', 'num_queries'\]"
+    ):
         probes.build("ep", 64, 10, queries=4)
 
 

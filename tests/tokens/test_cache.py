@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -20,11 +19,15 @@ def direct_tokens(bb, ds, layers, norm=False):
     x = torch.nn.functional.interpolate(x, size=bb.image_size, mode="bicubic", antialias=True, align_corners=False)
     x = (x - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        return bb.model.forward_intermediates(x, indices=layers, norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+        return bb.model.forward_intermediates(
+            x, indices=layers, norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
 
 
 def test_tokens_match_the_backbone_block_by_block(tmp_path, test_vit_backbone, small_canvases):
-    cache = extract_tokens(test_vit_backbone, small_canvases, [0, 3, -1], cache_dir=tmp_path, dtype="float32", batch_size=20, progress=False)
+    cache = extract_tokens(
+        test_vit_backbone, small_canvases, [0, 3, -1], cache_dir=tmp_path, dtype="float32", batch_size=20, progress=False
+    )
     assert cache.layers == [0, 3, 5] and len(cache) == 48
     ref = direct_tokens(test_vit_backbone, small_canvases, [0, 3, 5])
     for layer, (patch, prefix) in zip([0, 3, 5], ref):
@@ -47,7 +50,9 @@ def test_fp16_storage_and_token_set(tmp_path, test_vit_backbone, small_canvases)
 
 def test_final_norm_only_when_asked(tmp_path, test_vit_backbone, small_canvases):
     raw = extract_tokens(test_vit_backbone, small_canvases, [5], cache_dir=tmp_path, dtype="float32", progress=False)
-    normed = extract_tokens(test_vit_backbone, small_canvases, [5], norm=True, cache_dir=tmp_path, dtype="float32", progress=False)
+    normed = extract_tokens(
+        test_vit_backbone, small_canvases, [5], norm=True, cache_dir=tmp_path, dtype="float32", progress=False
+    )
     assert raw.path != normed.path
     with torch.no_grad():
         expected = test_vit_backbone.model.norm(torch.from_numpy(np.array(raw.patch(5))))
@@ -162,9 +167,18 @@ def test_bad_inputs_leave_nothing_behind(tmp_path, test_vit_backbone, small_canv
     with pytest.raises(ValueError, match="out of range"):
         extract_tokens(test_vit_backbone, small_canvases, [6], cache_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="empty"):
-        extract_tokens(test_vit_backbone, torch.utils.data.Subset(small_canvases, []), [5], cache_dir=tmp_path, dataset_key={"d": 1}, progress=False)
+        extract_tokens(
+            test_vit_backbone,
+            torch.utils.data.Subset(small_canvases, []),
+            [5],
+            cache_dir=tmp_path,
+            dataset_key={"d": 1},
+            progress=False,
+        )
     with pytest.raises(TypeError, match="fingerprint"):
-        extract_tokens(test_vit_backbone, torch.utils.data.Subset(small_canvases, [0, 1]), [5], cache_dir=tmp_path, progress=False)
+        extract_tokens(
+            test_vit_backbone, torch.utils.data.Subset(small_canvases, [0, 1]), [5], cache_dir=tmp_path, progress=False
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -186,8 +200,18 @@ def test_corrupt_image_file_stops_extraction_cleanly(tmp_path, test_vit_backbone
     assert list(cache_dir.iterdir()) == [], "nothing half-written"
 
 
-@pytest.mark.parametrize("option, value", [("batch_size", 0), ("batch_size", 2.0), ("num_workers", -1), ("precision", "fp16"),
-                                           ("dtype", "int8"), ("layers", [9]), ("layers", [])])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("batch_size", 0),
+        ("batch_size", 2.0),
+        ("num_workers", -1),
+        ("precision", "fp16"),
+        ("dtype", "int8"),
+        ("layers", [9]),
+        ("layers", []),
+    ],
+)
 def test_extract_arguments_out_of_range(tmp_path, test_vit_backbone, small_canvases, option, value):
     from epviz.errors import ConfigError
 
@@ -233,7 +257,12 @@ def test_the_zoo_default_key_is_unchanged(tmp_path, small_canvases):
 
     bb = load_backbone("tiny-random", device="cpu")
     cache = extract_tokens(bb, small_canvases, [-1], cache_dir=tmp_path, progress=False)
-    transform = {"resize_to": list(bb.image_size), "interpolation": "bicubic-antialias", "mean": list(bb.mean), "std": list(bb.std)}
+    transform = {
+        "resize_to": list(bb.image_size),
+        "interpolation": "bicubic-antialias",
+        "mean": list(bb.mean),
+        "std": list(bb.std),
+    }
     key, parts = cache_key(bb, small_canvases.fingerprint(), cache.layers, False, "fp32", "float16", transform)
     assert cache.meta["key"] == key and parts["norm"] is False
     assert key == "6a2dc06e049e1bcfc586cd2e1dfe179d4ba2491162185096e8429c9f645aa345"  # the key this cache always had

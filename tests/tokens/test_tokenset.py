@@ -16,7 +16,9 @@ def make(n=12, labels=None, grid=(2, 2), num_classes=None, prefix=True):
 
 def test_labels_must_fit_num_classes():
     assert make(num_classes=3).num_classes == 3
-    with pytest.raises(ConfigError, match=r"labels range from 0 to 2 but num_classes=2: labels must lie in \[0, 1\] \(4 of 12 samples"):
+    with pytest.raises(
+        ConfigError, match=r"labels range from 0 to 2 but num_classes=2: labels must lie in \[0, 1\] \(4 of 12 samples"
+    ):
         make(num_classes=2)
     with pytest.raises(ConfigError, match="labels range from -1"):
         make(labels=np.r_[-1, np.arange(11) % 3], num_classes=3)

@@ -1,26 +1,24 @@
 """fit(): schedule, LARS, best-epoch selection, determinism, save/load, input errors."""
 
+import importlib
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-
-import epviz.probes as probes
-import importlib
-
-train_module = importlib.import_module("epviz.training.fit")
 from safetensors.torch import save_file
 
+import epviz.probes as probes
 from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.evaluate import accuracy, predict
 from epviz.tokens import TokenSet
 from epviz.training import LARS, FitResult, fit, load_probe, lr_at, save_probe
 from epviz.training.optim import check_fit_options
 
-D, C = 16, 3
+train_module = importlib.import_module("epviz.training.fit")  # the module; epviz.training.fit is the function
 
+D, C = 16, 3
 
 
 def token_set(n=96, seed=0, num_tokens=4, prefix=True) -> TokenSet:
@@ -236,7 +234,11 @@ class TestRefusedInputs:
         bad = token_set(48, seed=4)
         bad.prefix[[5, 9, 30], 0, 1] = np.inf
         steps = []
-        monkeypatch.setattr(train_module, "make_optimizer", lambda *a, **k: steps.append(1) or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+        monkeypatch.setattr(
+            train_module,
+            "make_optimizer",
+            lambda *a, **k: steps.append(1) or torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+        )
         with pytest.raises(DataError, match=r"validation tokens contain NaN or inf \(prefix tokens of sample 5; 3 of 48 samples"):
             fit(probes.build("gap", D, C), data[0], bad, progress=False, epochs=3, warmup_epochs=0)
         assert not steps, "nothing was set up for training"
@@ -268,31 +270,39 @@ class TestRefusedInputs:
         with pytest.raises(FloatingPointError, match="tokens were checked finite"):
             run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
 
-    @pytest.mark.parametrize("option, value, names", [
-        ("lr", -0.5, "lr must be a finite number > 0"),
-        ("lr", 0.0, "lr must be"),
-        ("lr", float("nan"), "lr must be"),
-        ("lr", float("inf"), "lr must be"),
-        ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
-        ("epochs", 0, "epochs must be an integer >= 1"),
-        ("epochs", 2.5, "epochs must be an integer"),
-        ("batch_size", 0, "batch_size must be an integer >= 1"),
-        ("batch_size", True, "batch_size must be an integer"),
-        ("warmup_epochs", -1, "warmup_epochs must be a finite number >= 0"),
-        ("warmup_epochs", 5, r"warmup_epochs=5 is longer than the run \(epochs=4\)"),
-        ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0, 1\)"),
-        ("early_stopping", 0, "early_stopping"),
-        ("optimizer", "sgd", "optimizer must be one of"),
-        ("precision", "fp16", "precision must be one of"),
-    ])
+    @pytest.mark.parametrize(
+        "option, value, names",
+        [
+            ("lr", -0.5, "lr must be a finite number > 0"),
+            ("lr", 0.0, "lr must be"),
+            ("lr", float("nan"), "lr must be"),
+            ("lr", float("inf"), "lr must be"),
+            ("weight_decay", -1e-4, "weight_decay must be a finite number >= 0"),
+            ("epochs", 0, "epochs must be an integer >= 1"),
+            ("epochs", 2.5, "epochs must be an integer"),
+            ("batch_size", 0, "batch_size must be an integer >= 1"),
+            ("batch_size", True, "batch_size must be an integer"),
+            ("warmup_epochs", -1, "warmup_epochs must be a finite number >= 0"),
+            ("warmup_epochs", 5, r"warmup_epochs=5 is longer than the run \(epochs=4\)"),
+            ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0, 1\)"),
+            ("early_stopping", 0, "early_stopping"),
+            ("optimizer", "sgd", "optimizer must be one of"),
+            ("precision", "fp16", "precision must be one of"),
+        ],
+    )
     def test_options_out_of_range(self, data, option, value, names):
         with pytest.raises(ConfigError, match=names):
             run(data, **{option: value, "optimizer": "lars"} if option != "optimizer" else {option: value})
 
     def test_lars_itself_checks_its_arguments(self):
         w = [torch.nn.Parameter(torch.zeros(2, 2))]
-        for kwargs, names in [({"lr": -0.5}, "lr"), ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum"),
-                              ({"weight_decay": -1.0}, "weight_decay"), ({"trust_coefficient": 0.0}, "trust_coefficient")]:
+        for kwargs, names in [
+            ({"lr": -0.5}, "lr"),
+            ({"momentum": 1.0}, "momentum"),
+            ({"momentum": -0.1}, "momentum"),
+            ({"weight_decay": -1.0}, "weight_decay"),
+            ({"trust_coefficient": 0.0}, "trust_coefficient"),
+        ]:
             with pytest.raises(ConfigError, match=names):
                 LARS(w, **kwargs)
 
@@ -353,7 +363,9 @@ class TestSavedProbeFiles:
         (tmp_path / "p.json").write_text("{not json")
         with pytest.raises(WeightsError, match="p.json is not readable JSON"):
             load_probe(tmp_path / "p")
-        (tmp_path / "p.json").write_text(json.dumps({"format": "epviz-probe/1", "probe": {"name": "no-such-probe", "dim": D, "num_classes": C}}))
+        (tmp_path / "p.json").write_text(
+            json.dumps({"format": "epviz-probe/1", "probe": {"name": "no-such-probe", "dim": D, "num_classes": C}})
+        )
         with pytest.raises(WeightsError, match="describes a probe that cannot be built"):
             load_probe(tmp_path / "p")
 

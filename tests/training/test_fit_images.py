@@ -1,18 +1,14 @@
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.data.formats import write_imagenet
-
 import epviz
 from epviz.data import load_split
 from epviz.errors import ConfigError, DataError
-from epviz.training import PROTOCOL
-from epviz.training import PROTOCOL_PER_STEP, fit_images
+from epviz.training import PROTOCOL, PROTOCOL_PER_STEP, fit_images
+from tests.data.formats import write_imagenet
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +23,9 @@ def test_per_step_protocol_trains_with_lars_schedule_and_best_epoch(test_vit_bac
     train, test = imagenet_sets
     probe = epviz.probes.build("ep", test_vit_backbone.dim, 3, num_queries=4, seed=0)
     before = {k: v.clone() for k, v in probe.state_dict().items()}
-    result = fit_images(probe, test_vit_backbone, train, test, epochs=3, batch_size=4, warmup_epochs=1, precision="fp32",
-                        progress=False, seed=0)
+    result = fit_images(
+        probe, test_vit_backbone, train, test, epochs=3, batch_size=4, warmup_epochs=1, precision="fp32", progress=False, seed=0
+    )
     assert result.config["protocol"] == PROTOCOL_PER_STEP != PROTOCOL
     assert result.config["lr"] == pytest.approx(0.1 * 4 / 256), "LARS default lr = 0.1 * batch / 256"
     h = result.history
@@ -45,8 +42,18 @@ def test_runs_are_seeded_and_the_seed_changes_the_augmentation(test_vit_backbone
     losses = []
     for seed in (0, 0, 1):
         probe = epviz.probes.build("cls", test_vit_backbone.dim, 3, seed=0)
-        r = fit_images(probe, test_vit_backbone, train, epochs=1, batch_size=4, warmup_epochs=0, optimizer="adamw",
-                       precision="fp32", progress=False, seed=seed)
+        r = fit_images(
+            probe,
+            test_vit_backbone,
+            train,
+            epochs=1,
+            batch_size=4,
+            warmup_epochs=0,
+            optimizer="adamw",
+            precision="fp32",
+            progress=False,
+            seed=seed,
+        )
         losses.append(r.history["train_loss"].iloc[0])
         assert math.isnan(r.best_acc) and r.best_epoch == 1
     assert losses[0] == losses[1] and losses[0] != losses[2]
@@ -64,18 +71,21 @@ def test_bad_inputs_are_refused_clearly(test_vit_backbone, imagenet_sets, small_
         fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, train, optimizer="sgd")
 
 
-@pytest.mark.parametrize("option, value, names", [
-    ("lr", -0.5, "lr must be a finite number > 0"),
-    ("weight_decay", -1.0, "weight_decay"),
-    ("epochs", 0, "epochs"),
-    ("batch_size", 0, "batch_size"),
-    ("warmup_epochs", 3, r"warmup_epochs=3 is longer than the run \(epochs=2\)"),
-    ("scale", (0.0, 1.0), "scale must satisfy 0 < low <= high <= 1"),
-    ("scale", (0.9, 0.1), "scale"),
-    ("scale", 0.5, "scale must be"),
-    ("num_workers", -1, "num_workers"),
-    ("layer", 6, r"layer 6 .* out of range"),
-])
+@pytest.mark.parametrize(
+    "option, value, names",
+    [
+        ("lr", -0.5, "lr must be a finite number > 0"),
+        ("weight_decay", -1.0, "weight_decay"),
+        ("epochs", 0, "epochs"),
+        ("batch_size", 0, "batch_size"),
+        ("warmup_epochs", 3, r"warmup_epochs=3 is longer than the run \(epochs=2\)"),
+        ("scale", (0.0, 1.0), "scale must satisfy 0 < low <= high <= 1"),
+        ("scale", (0.9, 0.1), "scale"),
+        ("scale", 0.5, "scale must be"),
+        ("num_workers", -1, "num_workers"),
+        ("layer", 6, r"layer 6 .* out of range"),
+    ],
+)
 def test_options_out_of_range_are_config_errors(test_vit_backbone, imagenet_sets, option, value, names):
     train, _ = imagenet_sets
     options = dict(epochs=2, warmup_epochs=0, progress=False)
@@ -88,7 +98,8 @@ def test_labels_and_classes(test_vit_backbone, imagenet_sets):
     train, test = imagenet_sets
     one = train.subset(np.flatnonzero(np.asarray(train.labels) == 1))
     with pytest.raises(DataError, match=r"single class \(label 1"):
-        fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, one, epochs=1, warmup_epochs=0,
-                   progress=False)
+        fit_images(
+            epviz.probes.build("gap", test_vit_backbone.dim, 3), test_vit_backbone, one, epochs=1, warmup_epochs=0, progress=False
+        )
     with pytest.raises(ConfigError, match=r"labels range from 0 to 2 \(max label 2\) but probe 'gap' has num_classes=2"):
         fit_images(epviz.probes.build("gap", test_vit_backbone.dim, 2), test_vit_backbone, train, test, epochs=1, warmup_epochs=0)

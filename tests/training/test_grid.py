@@ -83,7 +83,16 @@ def test_tables_and_the_selected_head(data):
     result = fit_grid("ep", *data, lrs=(1e-3, 3e-2), weight_decays=(1e-4,), keep_all=True, **OPTIONS, **EP)
     h, p = result.history, result.points
     assert list(h.columns) == ["point", "lr", "weight_decay", "epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
-    assert list(p.columns) == ["point", "lr", "weight_decay", "best_epoch", "best_val_acc", "final_val_acc", "epochs_run", "diverged"]
+    assert list(p.columns) == [
+        "point",
+        "lr",
+        "weight_decay",
+        "best_epoch",
+        "best_val_acc",
+        "final_val_acc",
+        "epochs_run",
+        "diverged",
+    ]
     assert p["lr"].tolist() == [1e-3, 3e-2] and p["epochs_run"].tolist() == [3, 3] and not p["diverged"].any()
     best_per_point = h.groupby("point")["val_acc"].max()
     np.testing.assert_allclose(p["best_val_acc"], best_per_point)
@@ -98,12 +107,14 @@ def test_tables_and_the_selected_head(data):
 
 
 def test_selection_rule_and_tie_break():
-    points = pd.DataFrame(dict(
-        point=range(6),
-        lr=[1e-2, 1e-3, 1e-3, 3e-3, 1e-4, 1e-3],
-        weight_decay=[0.0, 1e-2, 1e-4, 0.0, 0.0, 1e-3],
-        best_val_acc=[0.5, 0.8, 0.8, 0.8, math.nan, 0.7],
-    ))
+    points = pd.DataFrame(
+        dict(
+            point=range(6),
+            lr=[1e-2, 1e-3, 1e-3, 3e-3, 1e-4, 1e-3],
+            weight_decay=[0.0, 1e-2, 1e-4, 0.0, 0.0, 1e-3],
+            best_val_acc=[0.5, 0.8, 0.8, 0.8, math.nan, 0.7],
+        )
+    )
     assert select_point(points)["point"] == 2  # 0.8 thrice: smaller lr (1e-3 twice), then smaller weight decay
     assert select_point(points.drop(index=[1, 2]))["point"] == 3
     # a diverged point (NaN) is never chosen, even when the others are poor

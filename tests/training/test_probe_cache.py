@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from epviz.training import train_probe
-from epviz.training import probe_cache
-from epviz.training.runs import layer_sweep, low_shot
 from epviz.tokens import TokenOrigin, TokenSet
+from epviz.training import probe_cache, train_probe
+from epviz.training.runs import layer_sweep, low_shot
 
 FIT = {"epochs": 2, "warmup_epochs": 0}
 
@@ -57,8 +56,9 @@ def test_every_key_component_changes_the_key(change):
     elif change == "val":
         other["val"] = _tokens(6, 1, "v2")
     elif change == "layer":
-        other["train"] = TokenSet(patch=train.patch, prefix=train.prefix, labels=train.labels, grid=(2, 2),
-                                  origin=train.origin.replace(layer=0))
+        other["train"] = TokenSet(
+            patch=train.patch, prefix=train.prefix, labels=train.labels, grid=(2, 2), origin=train.origin.replace(layer=0)
+        )
     else:
         other["name"] = "mhca"
     assert probe_cache.probe_key(**base) == probe_cache.probe_key(**dict(base))
@@ -95,8 +95,17 @@ def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
         mp.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
         again = layer_sweep(*caches, probes=("gap",), epochs=2, warmup_epochs=0, progress=False, optimizer="adamw")
     assert again["best_acc"].tolist() == pytest.approx(first["best_acc"].tolist())
-    low_shot(caches[0][1], caches[1][1], shots=(2,), seeds=(0,), probes=("gap",), epochs=2, warmup_epochs=0,
-             progress=False, optimizer="adamw")
+    low_shot(
+        caches[0][1],
+        caches[1][1],
+        shots=(2,),
+        seeds=(0,),
+        probes=("gap",),
+        epochs=2,
+        warmup_epochs=0,
+        progress=False,
+        optimizer="adamw",
+    )
     assert sorted(cache_dir.glob("*.json")) == stored
 
 

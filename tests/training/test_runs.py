@@ -7,15 +7,21 @@ import torch
 
 from epviz.probes import probe_specs
 from epviz.setting import Setting
+from epviz.tokens import TokenOrigin, TokenSet
 from epviz.training import (
-    aggregate_runs, layer_sweep, low_shot, probe_cache, probe_zoo, sample_per_class, seed_summary, train_probe,
+    aggregate_runs,
+    layer_sweep,
+    low_shot,
+    probe_cache,
+    probe_zoo,
+    sample_per_class,
+    seed_summary,
+    train_probe,
 )
 from tests.toy_tokens import toy_tokens
-from epviz.tokens import TokenOrigin, TokenSet
 
 D, N, C = 16, 16, 3
 FIT = dict(epochs=3, batch_size=50, optimizer="adamw", lr=1e-2, warmup_epochs=0, device="cpu", progress=False)
-
 
 
 def make_tokens(n: int, signal: float, seed: int, layer: int) -> TokenSet:
@@ -24,8 +30,13 @@ def make_tokens(n: int, signal: float, seed: int, layer: int) -> TokenSet:
     centres = np.random.default_rng(99).normal(size=(C, D)) * signal
     patch = rng.normal(size=(n, N, D)) + centres[labels][:, None]
     prefix = rng.normal(size=(n, 1, D)) + centres[labels][:, None]
-    return TokenSet(patch=patch.astype(np.float32), prefix=prefix.astype(np.float32), labels=labels, grid=(4, 4),
-                    origin=TokenOrigin(backbone="toy", layer=layer))
+    return TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=prefix.astype(np.float32),
+        labels=labels,
+        grid=(4, 4),
+        origin=TokenOrigin(backbone="toy", layer=layer),
+    )
 
 
 class FakeCache:
@@ -65,8 +76,15 @@ def test_layer_sweep_finds_the_informative_block(caches):
 
 def test_layer_sweep_options(caches):
     train, val = caches
-    df = layer_sweep(train, val, probes={"ep_d2": {"name": "ep", "num_queries": 2, "d_out": 2}}, layers=[3],
-                     seeds=(0, 1), context={"backbone": "other"}, **FIT)
+    df = layer_sweep(
+        train,
+        val,
+        probes={"ep_d2": {"name": "ep", "num_queries": 2, "d_out": 2}},
+        layers=[3],
+        seeds=(0, 1),
+        context={"backbone": "other"},
+        **FIT,
+    )
     assert df["probe"].tolist() == ["ep_d2", "ep_d2"] and df["seed"].tolist() == [0, 1] and (df["layer"] == 3).all()
     assert (df["backbone"] == "other").all()
     assert df["params"].iloc[0] == 2 * D + D * (D // 2) + (D // 2) * C + C
@@ -109,8 +127,9 @@ def test_low_shot_checks_every_k_before_training(caches, monkeypatch):
 
 
 def test_aggregate_runs_by_hand():
-    runs = pd.DataFrame(dict(probe=["a", "a", "b"], layer=[1, 1, 1], seed=[0, 1, 0], best_acc=[0.5, 0.7, 0.9],
-                             final_acc=[0.4, 0.6, 0.8]))
+    runs = pd.DataFrame(
+        dict(probe=["a", "a", "b"], layer=[1, 1, 1], seed=[0, 1, 0], best_acc=[0.5, 0.7, 0.9], final_acc=[0.4, 0.6, 0.8])
+    )
     out = aggregate_runs(runs)
     assert out["probe"].tolist() == ["a", "b"]
     assert out["best_acc_mean"].tolist() == pytest.approx([0.6, 0.9])
@@ -122,7 +141,11 @@ def test_aggregate_runs_by_hand():
 def test_probe_specs_resolve_names_variants_and_labels():
     specs = probe_specs(["cls", "ep16"])
     assert specs == {"cls": {"name": "cls"}, "ep16": {"name": "ep16"}}
-    assert probe_specs({"ep_d4": {"name": "ep", "num_queries": 16, "d_out": 4}})["ep_d4"] == {"name": "ep", "num_queries": 16, "d_out": 4}
+    assert probe_specs({"ep_d4": {"name": "ep", "num_queries": 16, "d_out": 4}})["ep_d4"] == {
+        "name": "ep",
+        "num_queries": 16,
+        "d_out": 4,
+    }
     with pytest.raises(ValueError, match="unknown probe"):
         probe_specs(["ep", "epp"])
 
@@ -133,9 +156,11 @@ def test_train_probe_and_probe_zoo_use_the_budget_and_report_every_probe():
     result = train_probe("ep", train, val, budget=Setting.fast().fit_options(epochs=3, batch_size=32), num_queries=4)
     assert result.config["optimizer"] == "adamw" and result.config["epochs"] == 3 and result.config["weight_decay"] == 1e-4
     assert result.probe.num_queries == 4 and result.probe.grid == (4, 4)
-    table, fitted = probe_zoo({"toy": {"train": train, "val": val, "test": val}},
-                              {"gap": None, "ep4": {"name": "ep", "num_queries": 4}},
-                              budget=Setting.fast().fit_options(epochs=3, batch_size=32))
+    table, fitted = probe_zoo(
+        {"toy": {"train": train, "val": val, "test": val}},
+        {"gap": None, "ep4": {"name": "ep", "num_queries": 4}},
+        budget=Setting.fast().fit_options(epochs=3, batch_size=32),
+    )
     assert list(table["probe"]) == ["gap", "ep4"] and list(table["name"]) == ["gap", "ep"]
     assert table["test_acc"].between(0, 1).all() and (table["params"] > 0).all()
     assert set(fitted) == {("toy", "gap"), ("toy", "ep4")}
@@ -171,9 +196,17 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
 
 
 def test_seed_summary_by_hand_keeps_constant_columns():
-    runs = pd.DataFrame(dict(backbone=["a", "a", "a", "b"], probe=["ep", "ep", "cls", "ep"], seed=[0, 1, 0, 0],
-                             params=[5, 5, 2, 5], best_epoch=[3, 4, 2, 1], val_acc=[0.5, 0.7, 0.4, 0.9],
-                             test_acc=[0.4, 0.6, 0.3, 0.8]))
+    runs = pd.DataFrame(
+        dict(
+            backbone=["a", "a", "a", "b"],
+            probe=["ep", "ep", "cls", "ep"],
+            seed=[0, 1, 0, 0],
+            params=[5, 5, 2, 5],
+            best_epoch=[3, 4, 2, 1],
+            val_acc=[0.5, 0.7, 0.4, 0.9],
+            test_acc=[0.4, 0.6, 0.3, 0.8],
+        )
+    )
     out = seed_summary(runs)
     assert out[["backbone", "probe"]].values.tolist() == [["a", "ep"], ["a", "cls"], ["b", "ep"]]
     assert out["test_acc"].tolist() == pytest.approx([0.5, 0.3, 0.8])

@@ -30,7 +30,9 @@ def selection_warnings(record) -> list[str]:
 
 def test_fit_warns_when_it_selects_on_test_tokens():
     with pytest.warns(UserWarning, match=r"from a test split.*ClutteredFashionMNIST\(\"train\", size, seed=1\)"):
-        fit(probes.build("gap", D, C), token_set(seed=0, split="train"), token_set(seed=1, split="test"), epochs=1, progress=False)
+        fit(
+            probes.build("gap", D, C), token_set(seed=0, split="train"), token_set(seed=1, split="test"), epochs=1, progress=False
+        )
 
 
 @pytest.mark.parametrize("split", ["train", "val", None])
@@ -43,8 +45,16 @@ def test_fit_is_quiet_with_train_derived_or_unknown_val(split):
 
 def test_fit_grid_warns_too():
     with pytest.warns(UserWarning, match="from a test split"):
-        fit_grid("gap", token_set(seed=0, split="train"), token_set(seed=1, split="test"), lrs=(1e-3,), weight_decays=(0.0,),
-                 epochs=1, warmup_epochs=0, progress=False)
+        fit_grid(
+            "gap",
+            token_set(seed=0, split="train"),
+            token_set(seed=1, split="test"),
+            lrs=(1e-3,),
+            weight_decays=(0.0,),
+            epochs=1,
+            warmup_epochs=0,
+            progress=False,
+        )
 
 
 def test_subsets_keep_the_split():

@@ -18,8 +18,11 @@ def written(folder, name) -> pd.DataFrame:
 
 
 def test_importance_scatter_has_a_panel_per_backbone_and_a_point_per_predictor(tmp_path):
-    rows = [dict(backbone=b, layer=-1, probe="ep", seed=0, predictor=j, delta_acc=0.01 * j, importance_acc=0.02 * j * s)
-            for b, s in (("tiny-random", 1), ("tiny-mae", -1)) for j in range(5)]
+    rows = [
+        dict(backbone=b, layer=-1, probe="ep", seed=0, predictor=j, delta_acc=0.01 * j, importance_acc=0.02 * j * s)
+        for b, s in (("tiny-random", 1), ("tiny-mae", -1))
+        for j in range(5)
+    ]
     fig = pa.importance_vs_delta_acc(pd.DataFrame(rows), out=tmp_path, name="imp")
     assert [ax.get_title().split()[0] for ax in fig.axes] == ["tiny-mae", "tiny-random"]  # zoo order
     assert "-1.00" in fig.axes[0].get_title() and "1.00" in fig.axes[1].get_title()
@@ -54,8 +57,23 @@ def test_attribution_gallery_writes_one_row_per_image(tmp_path):
 
 
 def test_agreement_summary_keeps_the_mean_map_rows(tmp_path):
-    rows = [dict(backbone=b, layer=-1, probe="ep", seed=0, image=i, map=m, spearman=0.1 * i, topk_overlap=0.25, k=4,
-                 chance_overlap=0.25) for b in ("tiny-mae", "tiny-random") for i in range(4) for m in ("mean", "predictor 0")]
+    rows = [
+        dict(
+            backbone=b,
+            layer=-1,
+            probe="ep",
+            seed=0,
+            image=i,
+            map=m,
+            spearman=0.1 * i,
+            topk_overlap=0.25,
+            k=4,
+            chance_overlap=0.25,
+        )
+        for b in ("tiny-mae", "tiny-random")
+        for i in range(4)
+        for m in ("mean", "predictor 0")
+    ]
     pa.agreement_summary(pd.DataFrame(rows), out=tmp_path, name="agr")
     data = written(tmp_path, "agr")
     assert len(data) == 8 and set(data["map"]) == {"mean"}

@@ -17,11 +17,24 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # the zoo's 18 probes at D = 192, C = 10: trainable parameters and probe GFLOPs per image
 COSTS = {
-    "abmilp": (186827, 0.026792), "aim": (75850, 0.009490), "cae": (151306, 0.009638), "cait": (447754, 0.010376),
-    "cbam": (6638, 0.000035), "clip": (163018, 0.009786), "cls": (1930, 0.000004), "coca": (260938, 0.003674),
-    "dinovit": (446218, 0.059773), "dolg": (39563, 0.004747), "ep16": (41866, 0.000864), "ep_all16": (41866, 0.000876),
-    "esimpool": (2314, 0.000053), "gap": (1930, 0.000004), "jepa": (446986, 0.010227), "mhca": (149578, 0.009638),
-    "siglip": (446218, 0.010227), "simpool": (76042, 0.004845),
+    "abmilp": (186827, 0.026792),
+    "aim": (75850, 0.009490),
+    "cae": (151306, 0.009638),
+    "cait": (447754, 0.010376),
+    "cbam": (6638, 0.000035),
+    "clip": (163018, 0.009786),
+    "cls": (1930, 0.000004),
+    "coca": (260938, 0.003674),
+    "dinovit": (446218, 0.059773),
+    "dolg": (39563, 0.004747),
+    "ep16": (41866, 0.000864),
+    "ep_all16": (41866, 0.000876),
+    "esimpool": (2314, 0.000053),
+    "gap": (1930, 0.000004),
+    "jepa": (446986, 0.010227),
+    "mhca": (149578, 0.009638),
+    "siglip": (446218, 0.010227),
+    "simpool": (76042, 0.004845),
 }
 
 
@@ -32,8 +45,16 @@ def zoo_table(std: bool = False) -> pd.DataFrame:
     for backbone, base in [("tiny-mae", 0.6), ("tiny-sup", 0.72), ("tiny-random", 0.45)]:
         for probe, (params, gflops) in COSTS.items():
             acc = base + 0.04 * np.log10(params / 1930) + rng.normal(0, 0.02)
-            row = dict(backbone=backbone, probe=probe, name=probe, params=params, gflops=gflops, test_acc=min(acc, 0.95),
-                       num_classes=10, predictors=0 if probe in ("cls", "gap") else 1)
+            row = dict(
+                backbone=backbone,
+                probe=probe,
+                name=probe,
+                params=params,
+                gflops=gflops,
+                test_acc=min(acc, 0.95),
+                num_classes=10,
+                predictors=0 if probe in ("cls", "gap") else 1,
+            )
             if std:
                 row["test_acc_std"] = 0.01 if probe in ("cls", "gap", "ep16", "mhca") else np.nan
             rows.append(row)
@@ -64,17 +85,26 @@ def test_is_ep_recognises_every_ep_variant_and_nothing_else():
 
 
 def test_csv_marks_frontier_points_of_a_hand_made_table(tmp_path):
-    table = pd.DataFrame(dict(
-        backbone=["a"] * 5 + ["b"] * 3,
-        probe=["cls", "gap", "ep16", "mhca", "jepa", "cls", "ep16", "mhca"],
-        params=[10, 10, 100, 1000, 5000, 10, 100, 1000],
-        test_acc=[0.30, 0.35, 0.60, 0.55, 0.70, 0.80, 0.70, 0.75],
-    ))
+    table = pd.DataFrame(
+        dict(
+            backbone=["a"] * 5 + ["b"] * 3,
+            probe=["cls", "gap", "ep16", "mhca", "jepa", "cls", "ep16", "mhca"],
+            params=[10, 10, 100, 1000, 5000, 10, 100, 1000],
+            test_acc=[0.30, 0.35, 0.60, 0.55, 0.70, 0.80, 0.70, 0.75],
+        )
+    )
     fig = plots.accuracy_vs_params(table, out=tmp_path, name="front")
     data = written(tmp_path, "front").set_index(["backbone", "probe"])
     assert data["frontier"].to_dict() == {
-        ("a", "cls"): False, ("a", "gap"): True, ("a", "ep16"): True, ("a", "mhca"): False, ("a", "jepa"): True,
-        ("b", "cls"): True, ("b", "ep16"): False, ("b", "mhca"): False}
+        ("a", "cls"): False,
+        ("a", "gap"): True,
+        ("a", "ep16"): True,
+        ("a", "mhca"): False,
+        ("a", "jepa"): True,
+        ("b", "cls"): True,
+        ("b", "ep16"): False,
+        ("b", "mhca"): False,
+    }
     assert data["ep"].to_dict()[("a", "ep16")] and not data["ep"].to_dict()[("a", "mhca")]
     # labelled: the frontier, EP and the always-labelled probes; all of them here
     assert data["labelled"].all()
@@ -93,15 +123,23 @@ def test_ep_has_its_own_marker_and_the_others_do_not(tmp_path):
     star = MarkerStyle("*")
     star_path = star.get_path().transformed(star.get_transform())
     for ax in fig.axes[:3]:
-        starred = [c for c in ax.collections if len(c.get_offsets()) and c.get_paths()[0].vertices.shape == star_path.vertices.shape
-                   and np.allclose(c.get_paths()[0].vertices, star_path.vertices)]
+        starred = [
+            c
+            for c in ax.collections
+            if len(c.get_offsets())
+            and c.get_paths()[0].vertices.shape == star_path.vertices.shape
+            and np.allclose(c.get_paths()[0].vertices, star_path.vertices)
+        ]
         assert len(starred) == 1, "one star collection per panel: EP"
         ep = starred[0]
         assert len(ep.get_offsets()) == 2  # ep16 and ep_all16
         np.testing.assert_allclose(ep.get_offsets()[:, 0], [COSTS["ep16"][0], COSTS["ep_all16"][0]])
         np.testing.assert_allclose(ep.get_facecolor()[0][:3], to_rgb(EP_STYLE["color"]))
-        assert all(not np.allclose(c.get_facecolor()[0][:3], to_rgb(EP_STYLE["color"])) for c in ax.collections
-                   if c is not ep and len(c.get_offsets()) and len(c.get_facecolor()))
+        assert all(
+            not np.allclose(c.get_facecolor()[0][:3], to_rgb(EP_STYLE["color"]))
+            for c in ax.collections
+            if c is not ep and len(c.get_offsets()) and len(c.get_facecolor())
+        )
         # every probe is drawn once
         assert sum(len(o) for o in offsets(ax)) == len(COSTS)
         ep_labels = [t for t in ax.texts if t.get_text() in ("ep16", "ep_all16")]

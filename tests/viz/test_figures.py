@@ -8,10 +8,8 @@ import pytest
 from matplotlib.colors import to_rgb
 
 from epviz import viz as plots
-from epviz.tokens import TokenOrigin, TokenSet
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
 
 
 def written(folder, name) -> pd.DataFrame:
@@ -36,8 +34,18 @@ def predictor_rows() -> pd.DataFrame:
         for probe, k in [("ep_d1", 4), ("mhca", 3), ("ep_d2", 4), ("ep_d4", 4)]:
             for j in range(k):
                 loc = rng.random()
-                rows.append(dict(backbone=backbone, probe=probe, predictor=j, maxboxacc_v2=loc, delta_acc=0.1 * loc,
-                                 inbox_mass=rng.random(), chance_mass=0.3, entropy_norm=rng.random()))
+                rows.append(
+                    dict(
+                        backbone=backbone,
+                        probe=probe,
+                        predictor=j,
+                        maxboxacc_v2=loc,
+                        delta_acc=0.1 * loc,
+                        inbox_mass=rng.random(),
+                        chance_mass=0.3,
+                        entropy_norm=rng.random(),
+                    )
+                )
     return pd.DataFrame(rows)
 
 
@@ -53,8 +61,17 @@ def test_delta_acc_panels_one_point_per_predictor_and_panel(tmp_path):
     data = written(tmp_path, "fig4")
     assert len(data) == sum(counts)
     assert set(data["panel"]) == set(panels)
-    assert (data.groupby(["backbone", "panel"]).size() == pd.Series({("tiny-mae", "EP, D_o"): 12, ("tiny-mae", "attentive probes"): 7,
-                                                                      ("tiny-random", "EP, D_o"): 12, ("tiny-random", "attentive probes"): 7})).all()
+    assert (
+        data.groupby(["backbone", "panel"]).size()
+        == pd.Series(
+            {
+                ("tiny-mae", "EP, D_o"): 12,
+                ("tiny-mae", "attentive probes"): 7,
+                ("tiny-random", "EP, D_o"): 12,
+                ("tiny-random", "attentive probes"): 7,
+            }
+        )
+    ).all()
 
 
 def test_delta_acc_panels_chance_line_and_errors(tmp_path):
@@ -62,7 +79,7 @@ def test_delta_acc_panels_chance_line_and_errors(tmp_path):
     fig = plots.delta_acc_panels(table, x="inbox_mass")
     assert len(fig.axes) == 2  # one default panel per backbone
     assert points(fig.axes[0]) == 15
-    vertical = [l for l in fig.axes[0].lines if np.allclose(l.get_xdata(), 0.3)]
+    vertical = [line for line in fig.axes[0].lines if np.allclose(line.get_xdata(), 0.3)]
     assert vertical, "the chance level of the in-box mass is drawn"
     with pytest.raises(ValueError, match="not in the table"):
         plots.delta_acc_panels(table, panels={"x": ["ep_d8"]})
@@ -72,17 +89,28 @@ def test_delta_acc_panels_chance_line_and_errors(tmp_path):
 
 def test_delta_acc_panels_draws_the_baselines_of_its_panels(tmp_path):
     table = predictor_rows()
-    common = pd.DataFrame(dict(baseline=["uniform", "centre prior"], maxboxacc_v2=[0.0, 0.41], inbox_mass=[0.3, 0.45],
-                               pointing=[0.02, 0.8]))
-    matched = pd.DataFrame(dict(baseline=["random, matched entropy"] * 3, backbone=["tiny-mae", "tiny-mae", "tiny-random"],
-                                probe=["mhca", "ep_d1", "mhca"], maxboxacc_v2=[0.21, 0.23, 0.25], inbox_mass=[0.31, 0.32, 0.33]))
+    common = pd.DataFrame(
+        dict(baseline=["uniform", "centre prior"], maxboxacc_v2=[0.0, 0.41], inbox_mass=[0.3, 0.45], pointing=[0.02, 0.8])
+    )
+    matched = pd.DataFrame(
+        dict(
+            baseline=["random, matched entropy"] * 3,
+            backbone=["tiny-mae", "tiny-mae", "tiny-random"],
+            probe=["mhca", "ep_d1", "mhca"],
+            maxboxacc_v2=[0.21, 0.23, 0.25],
+            inbox_mass=[0.31, 0.32, 0.33],
+        )
+    )
     baselines = pd.concat([common, matched], ignore_index=True)
     panels = {"attentive probes": ["ep_d1", "mhca"], "EP, D_o": ["ep_d2", "ep_d4"]}
     fig = plots.delta_acc_panels(table, x="maxboxacc_v2", panels=panels, baselines=baselines, out=tmp_path, name="loc")
 
     def vertical(ax):
-        return sorted(round(float(line.get_xdata()[0]), 3) for line in ax.lines
-                      if len(set(line.get_xdata())) == 1 and line.get_label().startswith(("uniform", "centre", "random")))
+        return sorted(
+            round(float(line.get_xdata()[0]), 3)
+            for line in ax.lines
+            if len(set(line.get_xdata())) == 1 and line.get_label().startswith(("uniform", "centre", "random"))
+        )
 
     mae_probes, mae_ep, random_probes, random_ep = fig.axes
     assert vertical(mae_probes) == [0.0, 0.21, 0.23, 0.41]  # both matched baselines of the panel's probes
@@ -147,8 +175,13 @@ def test_curves_draw_the_chance_accuracy_when_the_classes_are_known(tmp_path):
 
 
 def test_low_shot_curves_mean_and_std_over_seeds_on_a_log_axis(tmp_path):
-    rows = [dict(backbone=b, probe=p, shots=k, seed=s, best_acc=0.1 * np.log(k + 1) + 0.01 * s)
-            for b in ["tiny-mae", "tiny-random"] for p in ["cls", "ep"] for k in (1, 5, 25) for s in (0, 1, 2)]
+    rows = [
+        dict(backbone=b, probe=p, shots=k, seed=s, best_acc=0.1 * np.log(k + 1) + 0.01 * s)
+        for b in ["tiny-mae", "tiny-random"]
+        for p in ["cls", "ep"]
+        for k in (1, 5, 25)
+        for s in (0, 1, 2)
+    ]
     fig = plots.low_shot_curves(pd.DataFrame(rows), out=tmp_path, name="shots")
     assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)
     assert [len(ax.lines) for ax in fig.axes] == [2, 2]

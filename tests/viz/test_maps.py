@@ -1,6 +1,5 @@
 import numpy as np
 import pandas as pd
-import pytest
 
 from epviz import viz as plots
 
@@ -35,15 +34,23 @@ def test_attention_overlays_shape_and_data(tmp_path, small_canvases):
     rng = np.random.default_rng(0)
     maps = rng.random((3, 5, 64))
     maps /= maps.sum(-1, keepdims=True)
-    fig = plots.attention_overlays(small_canvases.images[:3], maps, (8, 8), boxes=small_canvases.boxes[:3], queries=[0, 4], out=tmp_path)
+    fig = plots.attention_overlays(
+        small_canvases.images[:3], maps, (8, 8), boxes=small_canvases.boxes[:3], queries=[0, 4], out=tmp_path
+    )
     assert len(fig.axes) == 3 * 4
     table = pd.read_csv(tmp_path / "attention_overlays.csv")
     assert len(table) == 3 * 5 and (table["max_weight"] <= 1).all()
 
 
 def test_zoo_overview_draws_one_bar_per_row(tmp_path):
-    table = pd.DataFrame({"backbone": ["tiny-mae", "tiny-random"] * 2, "probe": ["cls", "cls", "ep:16", "ep:16"],
-                          "test_acc": [0.5, 0.3, 0.7, 0.6], "num_classes": 10})
+    table = pd.DataFrame(
+        {
+            "backbone": ["tiny-mae", "tiny-random"] * 2,
+            "probe": ["cls", "cls", "ep:16", "ep:16"],
+            "test_acc": [0.5, 0.3, 0.7, 0.6],
+            "num_classes": 10,
+        }
+    )
     fig = plots.zoo_overview(table, out=tmp_path)
     bars = [p for p in fig.axes[0].patches if p.get_height() > 0]
     assert sorted(round(b.get_height(), 2) for b in bars) == [0.3, 0.5, 0.6, 0.7]

@@ -14,11 +14,23 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["ZOO", "ZOO_DIR", "ARCHITECTURE", "NORMALIZATION", "RANDOM_SEED", "build_zoo_vit", "zoo_card", "zoo_weights", "file_sha256"]
+__all__ = [
+    "ZOO",
+    "ZOO_DIR",
+    "ARCHITECTURE",
+    "NORMALIZATION",
+    "RANDOM_SEED",
+    "build_zoo_vit",
+    "zoo_card",
+    "zoo_weights",
+    "file_sha256",
+]
 
 ZOO_DIR = Path(__file__).resolve().parent
 ZOO = ("tiny-mae", "tiny-sup", "tiny-random")
-ARCHITECTURE = dict(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token")
+ARCHITECTURE = dict(
+    img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token"
+)
 NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 RANDOM_SEED = 0
 
@@ -36,11 +48,18 @@ def zoo_weights(name: str) -> Path:
 def zoo_card(name: str) -> dict:
     """The model card of a zoo backbone (tiny-random has a card made on the fly)."""
     if name == "tiny-random":
-        return {"name": name, "objective": "none (seeded random initialisation)", "seed": RANDOM_SEED,
-                "architecture": ARCHITECTURE, "normalization": NORMALIZATION}
+        return {
+            "name": name,
+            "objective": "none (seeded random initialisation)",
+            "seed": RANDOM_SEED,
+            "architecture": ARCHITECTURE,
+            "normalization": NORMALIZATION,
+        }
     path = ZOO_DIR / f"{name}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"model card {path} is missing; the zoo is incomplete — reinstall epviz or run scripts/train_zoo.py")
+        raise FileNotFoundError(
+            f"model card {path} is missing; the zoo is incomplete — reinstall epviz or run scripts/train_zoo.py"
+        )
     return json.loads(path.read_text())
 
 
