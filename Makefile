@@ -66,6 +66,7 @@ figures: data
 bench: data
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/probes.py
+	$(PY) benchmarks/head_grid.py --threads 1
 
 clean-cache:
 	rm -rf "$${EPVIZ_CACHE:-$$HOME/.cache/epviz/tokens}"

@@ -8,6 +8,8 @@ The public API, re-exported here::
     result = epviz.fit(probe, cache.tokens(-1), val_tokens)
 """
 
+from typing import TYPE_CHECKING
+
 from epviz import analysis, data, probes, viz
 from epviz._version import __version__
 from epviz.backbones import Backbone, load_backbone, presets
@@ -18,8 +20,11 @@ from epviz.study import Study, open_study
 from epviz.tokens import TokenBatch, TokenCache, TokenSet, extract_tokens
 from epviz.training import FitResult, fit, fit_images, load_probe, save_probe
 
+if TYPE_CHECKING:
+    from epviz.explorer import Explorer
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> "type[Explorer]":
     """``epviz.Explorer`` is imported on first use, so ``import epviz`` does not load the widget stack."""
     if name == "Explorer":
         from epviz.explorer import Explorer

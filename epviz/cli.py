@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import json
 import os
@@ -56,7 +57,7 @@ def run_notebooks(notebooks: list[Path], fast: bool, timeout: int = 3600) -> lis
             client.execute()
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
             entry["error"] = _first_line(err)
-        atomic_write(executed_dir / path.name, lambda tmp, nb=nb: nbformat.write(nb, tmp))
+        atomic_write(executed_dir / path.name, functools.partial(nbformat.write, nb))
         entry["seconds"] = round(time.time() - start, 1)
         timings.append(entry)
         status = f"FAILED: {entry['error']}" if "error" in entry else "ok"

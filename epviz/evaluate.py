@@ -99,7 +99,7 @@ def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
     )
 
 
-def _check_topk(topk: Sequence[int]) -> list[int]:
+def _check_topk(topk: Sequence[int] | int) -> list[int]:
     if isinstance(topk, (int, np.integer)) and not isinstance(topk, bool):
         topk = [topk]
     ks = list(topk) if isinstance(topk, Iterable) and not isinstance(topk, (str, bytes)) else None

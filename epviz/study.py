@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from epviz.backbones import present_backbones
-from epviz.data import DEFAULT_DATASET, standard_splits
+from epviz.data import DEFAULT_DATASET, ImageDataset, standard_splits
 from epviz.setting import SPLITS, Setting
 from epviz.tokens import TokenCache, TokenSet, extract_sets, layer_tokens
 
@@ -47,13 +48,13 @@ class Study:
     control: str | None
     dataset: str
     layer: int
-    sets: dict
+    sets: dict[str, ImageDataset]
     caches: dict[str, dict[str, TokenCache]] = field(default_factory=dict)
     tokens: dict[str, dict[str, TokenSet]] = field(default_factory=dict)
     figures: Path = Path("../figures")
 
     @property
-    def budget(self) -> dict:
+    def budget(self) -> dict[str, Any]:
         """The setting's probe budget (:func:`epviz.fit` keyword arguments)."""
         return self.setting.fit_options()
 
@@ -62,7 +63,7 @@ class Study:
         """The backbones other than the control."""
         return [b for b in self.backbones if b != self.control]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """A summary to print at the top of a notebook."""
         return {
             "setting": self.setting.name,

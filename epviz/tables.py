@@ -17,14 +17,14 @@ __all__ = ["CONTEXT_KEYS", "context_columns", "frame"]
 CONTEXT_KEYS = ("backbone", "layer", "probe", "seed")
 
 
-def context_columns(context: Mapping | None, probe: Any = None, tokens: Any = None) -> dict:
+def context_columns(context: Mapping[str, Any] | None, probe: Any = None, tokens: Any = None) -> dict[str, Any]:
     """The context columns of a result row.
 
     ``backbone``, ``layer``, ``probe`` and ``seed`` are always present. Defaults: the probe's
     name, and ``backbone`` / ``layer`` from ``tokens.origin`` (set by token caches); anything
     still unknown is None. Values in `context` win, and extra keys become extra columns.
     """
-    out: dict = dict.fromkeys(CONTEXT_KEYS)
+    out: dict[str, Any] = dict.fromkeys(CONTEXT_KEYS)
     if tokens is not None:
         for key in ("backbone", "layer"):
             if getattr(tokens.origin, key) is not None:
@@ -38,7 +38,7 @@ def context_columns(context: Mapping | None, probe: Any = None, tokens: Any = No
     return out
 
 
-def frame(rows: Sequence[dict], context: dict, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def frame(rows: Sequence[Mapping[str, Any]], context: Mapping[str, Any], columns: Sequence[str] | None = None) -> pd.DataFrame:
     """A tidy DataFrame: the context columns first, then the rows' own columns."""
     records = [{**context, **row} for row in rows]
     order = list(context) + [c for c in (columns or (rows[0] if rows else [])) if c not in context]

@@ -118,7 +118,8 @@ def _layer_mask(probe: Probe, feature_mask: torch.Tensor | np.ndarray | None) ->
 
 
 def _mean_features(probe: Probe, tokens: TokenSet, batch_size: int, index, device, precision: str) -> torch.Tensor:
-    total, seen = None, 0
+    total: torch.Tensor | None = None
+    seen = 0
     with eval_mode(probe):
         for batch in iter_batches(tokens, batch_size, device, index):
             with autocast(device, precision):
@@ -127,6 +128,7 @@ def _mean_features(probe: Probe, tokens: TokenSet, batch_size: int, index, devic
             seen += len(y)
     if seen == 0:
         raise ValueError("predictor_importance got no samples to evaluate (empty index)")
+    assert total is not None  # seen > 0: at least one batch was summed
     return (total / seen)[None]
 
 

@@ -55,7 +55,8 @@ class Entropy(Meter):
         self.k, self.n_tokens, self.n = k, n_tokens, 0
         self.total, self.sq = np.zeros(k), np.zeros(k)
 
-    def update(self, maps: np.ndarray | torch.Tensor, batch: MeterBatch | None = None) -> None:
+    def update(self, maps: np.ndarray | torch.Tensor | None, batch: MeterBatch | None = None) -> None:
+        assert maps is not None  # needs_maps: measure hands this meter the maps
         h = map_entropy(maps)  # (b, K)
         if h.ndim != 2 or h.shape[1] != self.k:
             raise ValueError(f"maps must be (images, {self.k} predictors, tokens), got entropies of shape {h.shape}")

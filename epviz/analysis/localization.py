@@ -57,6 +57,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from operator import attrgetter
+from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -186,7 +187,7 @@ class LocalizationMeter:
         num_predictors: int,
         grid: Sequence[int],
         image_size: int | Sequence[int],
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float] | np.ndarray | None = None,
         deltas: Sequence[float] = DELTAS,
         records: bool = False,
         convention: str = "epviz",
@@ -218,7 +219,7 @@ class LocalizationMeter:
 
     # --- accumulation ------------------------------------------------------------------
 
-    def update(self, maps: np.ndarray | torch.Tensor, boxes: Sequence, indices: Sequence[int] | None = None) -> None:
+    def update(self, maps: np.ndarray | torch.Tensor, boxes: Sequence, indices: Sequence[int] | np.ndarray | None = None) -> None:
         """Add a batch.
 
         Args:
@@ -261,14 +262,14 @@ class LocalizationMeter:
 
     def _mass_and_pointing(self, maps: np.ndarray, gts: list[np.ndarray]) -> None:
         h, w = self.size
-        cover, inside = [], []
+        covers, insides = [], []
         for g in gts:
             pixels = (_axis_cover(g[:, 1], g[:, 3], h)[:, :, None] * _axis_cover(g[:, 0], g[:, 2], w)[:, None, :]).max(0)
-            cover.append((self._wy @ pixels @ self._wx.T).reshape(-1))  # per token: area fraction inside the boxes
+            covers.append((self._wy @ pixels @ self._wx.T).reshape(-1))  # per token: area fraction inside the boxes
             self.chance_sum += pixels.sum() / (h * w)
             cx, cy = self._centres[:, 0:1], self._centres[:, 1:2]
-            inside.append(((g[:, 0] <= cx) & (cx < g[:, 2]) & (g[:, 1] <= cy) & (cy < g[:, 3])).any(1))
-        cover, inside = np.stack(cover), np.stack(inside)  # (b, N)
+            insides.append(((g[:, 0] <= cx) & (cx < g[:, 2]) & (g[:, 1] <= cy) & (cy < g[:, 3])).any(1))
+        cover, inside = np.stack(covers), np.stack(insides)  # (b, N)
         probs = maps / maps.sum(-1, keepdims=True)
         mass = np.einsum("bkn,bn->bk", probs.astype(np.float64), cover)
         self.mass_sum += mass.sum(0)
@@ -389,7 +390,7 @@ class LocalizationMeter:
         if not self.records:
             raise ValueError("this LocalizationMeter keeps no per-image records: build it with records=True")
         nbytes = -(-self.k * len(self.thresholds) * len(self.deltas) // 8)
-        empty = {
+        empty: dict[str, np.ndarray] = {
             "box": np.zeros((0, nbytes), np.uint8),
             "mass": np.zeros((0, self.k), np.float32),
             "pointing": np.zeros((0, self.k), bool),
@@ -406,13 +407,61 @@ class LocalizationMeter:
         return frame(rows.to_dict("records"), context_columns(context), columns=list(rows.columns))
 
 
+@overload
 def localization_from_maps(
     maps: np.ndarray | torch.Tensor,
     boxes: Sequence,
     grid: Sequence[int],
     image_size: int | Sequence[int],
     *,
-    thresholds: Sequence[float] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = ...,
+    deltas: Sequence[float] = ...,
+    context: Mapping | None = ...,
+    batch_size: int = ...,
+    return_curves: Literal[False] = ...,
+    convention: str = ...,
+) -> pd.DataFrame: ...
+
+
+@overload
+def localization_from_maps(
+    maps: np.ndarray | torch.Tensor,
+    boxes: Sequence,
+    grid: Sequence[int],
+    image_size: int | Sequence[int],
+    *,
+    thresholds: Sequence[float] | np.ndarray | None = ...,
+    deltas: Sequence[float] = ...,
+    context: Mapping | None = ...,
+    batch_size: int = ...,
+    return_curves: Literal[True],
+    convention: str = ...,
+) -> tuple[pd.DataFrame, pd.DataFrame]: ...
+
+
+@overload
+def localization_from_maps(
+    maps: np.ndarray | torch.Tensor,
+    boxes: Sequence,
+    grid: Sequence[int],
+    image_size: int | Sequence[int],
+    *,
+    thresholds: Sequence[float] | np.ndarray | None = ...,
+    deltas: Sequence[float] = ...,
+    context: Mapping | None = ...,
+    batch_size: int = ...,
+    return_curves: bool,
+    convention: str = ...,
+) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]: ...
+
+
+def localization_from_maps(
+    maps: np.ndarray | torch.Tensor,
+    boxes: Sequence,
+    grid: Sequence[int],
+    image_size: int | Sequence[int],
+    *,
+    thresholds: Sequence[float] | np.ndarray | None = None,
     deltas: Sequence[float] = DELTAS,
     context: Mapping | None = None,
     batch_size: int = 64,
@@ -489,7 +538,7 @@ class Localization(Meter):
     def __init__(
         self,
         image_size: int | Sequence[int] | None = None,
-        thresholds: Sequence[float] | None = None,
+        thresholds: Sequence[float] | np.ndarray | None = None,
         deltas: Sequence[float] = DELTAS,
         chunk_size: int = 64,
         records: bool = True,
@@ -521,7 +570,8 @@ class Localization(Meter):
         )
         self._positions = []
 
-    def update(self, maps: torch.Tensor, batch: MeterBatch) -> None:
+    def update(self, maps: torch.Tensor | None, batch: MeterBatch) -> None:
+        assert maps is not None  # needs_maps: measure hands this meter the maps
         positions = batch.index
         self._positions.append(np.asarray(positions, dtype=np.int64))
         for start in range(0, len(positions), self.chunk_size):
@@ -565,7 +615,7 @@ def localization(
     *,
     image_size: int | Sequence[int] | None = None,
     context: Mapping | None = None,
-    thresholds: Sequence[float] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = None,
     deltas: Sequence[float] = DELTAS,
     batch_size: int = 64,
     index: Iterable[int] | None = None,

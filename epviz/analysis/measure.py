@@ -125,9 +125,9 @@ def _plan(n: int, index, localization_index) -> tuple[np.ndarray, dict[str, np.n
     in_loc = np.zeros(len(main), dtype=bool)
     extra = []
     for p in loc.tolist():
-        rows = free.get(p)
-        if rows:
-            in_loc[rows.pop()] = True
+        waiting = free.get(p)
+        if waiting:
+            in_loc[waiting.pop()] = True
         else:
             extra.append(p)
     positions = np.concatenate([main, np.asarray(extra, dtype=np.int64)])
@@ -203,6 +203,7 @@ def _join(meters: list[Meter], context: dict) -> pd.DataFrame:
             )
         owner.update({c: meter for c in part.columns if c != "predictor"})
         table = part if table is None else table.merge(part, on="predictor")
+    assert table is not None  # _meters refuses an empty list of meters
     for i, (key, value) in enumerate(context.items()):
         table.insert(i, key, [value] * len(table))
     return table

@@ -93,7 +93,7 @@ def group_queries(overlap: np.ndarray, n_groups: int) -> np.ndarray:
     return np.array([order[g] for g in raw], dtype=np.int64)
 
 
-def group_maps(maps: np.ndarray | torch.Tensor, labels: Sequence[int]) -> np.ndarray:
+def group_maps(maps: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> np.ndarray:
     """Per image, the sum of each group's member maps: (n, G, N) from (n, K, N) maps and (K,) labels."""
     m = _as_maps(maps)
     labels = np.asarray(labels, dtype=np.int64)

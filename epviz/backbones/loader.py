@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -112,7 +113,7 @@ class Backbone:
             raise ConfigError(
                 f"layers is empty: name at least one block of {self.name} (0..{self.depth - 1}), or None for every block"
             )
-        out = []
+        out: list[int] = []
         for layer in layers:
             if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
                 raise ConfigError(f"layer indices must be integers, got {layer!r} in layers={layers}")
@@ -199,17 +200,18 @@ def _freeze(model: nn.Module) -> nn.Module:
 def _describe_model(model: nn.Module, name: str, weights_id: str, card: dict, mean=None, std=None) -> Backbone:
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "patch_embed"):
         raise BackboneError(f"{name} is not a ViT-style timm model with forward_intermediates(); epviz needs patch tokens")
+    vit = cast(Any, model)  # a timm ViT: patch_embed, embed_dim, blocks / stages are not nn.Module's attributes
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    img = tuple(int(s) for s in model.patch_embed.img_size)
+    grid = tuple(int(g) for g in vit.patch_embed.grid_size)
+    img = tuple(int(s) for s in vit.patch_embed.img_size)
     blocks = getattr(model, "blocks", None)
-    depth = len(blocks) if blocks is not None else len(model.stages)
+    depth = len(blocks) if blocks is not None else len(vit.stages)
     return Backbone(
         model=_freeze(model),
         name=name,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
         grid=(grid[0], grid[1]),
-        dim=int(model.embed_dim),
+        dim=int(vit.embed_dim),
         depth=int(depth),
         image_size=(img[0], img[1]),
         mean=tuple(mean or cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -286,6 +288,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
+    state: object
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -370,13 +373,14 @@ def _vit_facts(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
         facts["blocks"] = max(blocks) + 1
     pos = state.get("pos_embed")
     if pos is not None and pos.ndim == 3:
-        facts["positions"] = int(pos.shape[1])
+        positions = int(pos.shape[1])
+        facts["positions"] = positions
         prefix = int("cls_token" in state) + (
             int(state["reg_token"].shape[1]) if "reg_token" in state and state["reg_token"].ndim == 3 else 0
         )
         for extra in dict.fromkeys((prefix, 0, 1)):
-            side = math.isqrt(max(facts["positions"] - extra, 0))
-            if side and side * side == facts["positions"] - extra:
+            side = math.isqrt(max(positions - extra, 0))
+            if side and side * side == positions - extra:
                 facts["grid"] = side
                 break
     return facts

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "Preset",
@@ -277,8 +278,10 @@ def preset_architecture(name: str) -> dict:
     if preset is None:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     with torch.device("meta"):
-        model = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **preset.timm_kwargs)
+        # a timm ViT: patch_embed, embed_dim are not nn.Module's attributes
+        model: Any = timm.create_model(preset.architecture, pretrained=False, num_classes=0, **preset.timm_kwargs)
     blocks = getattr(model, "blocks", None)
+    assert blocks is not None  # every preset is a timm ViT, which has blocks
     return {
         "timm_name": preset.timm_name,
         "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 0)),

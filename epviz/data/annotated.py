@@ -185,7 +185,9 @@ class AnnotatedImages(torch.utils.data.Dataset):
             raise AnnotationError("masks are only aligned with the evaluation transform; use dataset.with_transform(None)")
         sample = self.samples[index]
         image, hw = self._image(sample)
-        return self.transform(image, mask=_fit_mask(self._mask(sample, hw), image)).mask
+        mask = self.transform(image, mask=_fit_mask(self._mask(sample, hw), image)).mask
+        assert mask is not None  # the transform hands back the mask it was given
+        return mask
 
     def sample(self, index: int) -> dict:
         """Everything about image `index` under the evaluation transform: image, label, boxes, visible, mask, file."""
@@ -285,8 +287,13 @@ class AnnotatedImages(torch.utils.data.Dataset):
             except DataError as err:
                 raise ImageFileError(str(err)) from None
 
+    def _read_mask(self, sample: Sample) -> np.ndarray:
+        """The mask file of `sample`, read (called only on a dataset with masks: a reader and a mask file per image)."""
+        assert self.mask_reader is not None and sample.mask_path is not None
+        return np.asarray(self.mask_reader(sample.mask_path), dtype=bool)
+
     def _mask(self, sample: Sample, hw) -> np.ndarray:
-        mask = np.asarray(self.mask_reader(sample.mask_path), dtype=bool)
+        mask = self._read_mask(sample)
         if tuple(mask.shape) != tuple(int(v) for v in hw):
             raise AnnotationError(
                 f"the mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {sample.path} is {hw[1]}x{hw[0]}"
@@ -301,7 +308,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
             )
         sample = self.samples[index]
         if self.boxes_from_masks:
-            mask = np.asarray(self.mask_reader(sample.mask_path), dtype=bool)
+            mask = self._read_mask(sample)
             return _tight_box(mask, sample.mask_path), mask.shape
         h, w = image_size or self._image_hw(sample)
         boxes = np.zeros((0, 4)) if sample.boxes is None else np.asarray(sample.boxes, dtype=np.float64).reshape(-1, 4)

@@ -7,6 +7,7 @@ common square size so that random crops can be drawn in one batched operation.
 from __future__ import annotations
 
 import functools
+from typing import IO, cast
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ def _load(name: str) -> np.ndarray:
         import matplotlib.cbook
         from PIL import Image
 
-        with matplotlib.cbook.get_sample_data(item) as fh:
+        # an image file: get_sample_data hands out an ndarray only for .npy files
+        with cast(IO[bytes], matplotlib.cbook.get_sample_data(item)) as fh:
             img = np.asarray(Image.open(fh).convert("RGB"))
     img = np.asarray(img, dtype=np.float32)
     if img.dtype == bool or img.max() <= 1.0:

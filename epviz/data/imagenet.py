@@ -86,6 +86,7 @@ def imagenet(
     source = _box_source(root, split, folder, boxes)
     annotations = read_solution_csv(source) if isinstance(source, Path) and source.is_file() else None
     wnids = classes or imagenet_classes(root)
+    files: list[tuple[Path, str | None]]
     if class_folders:
         scan = ImageFolderDataset(folder)
         files = [(path, scan.classes[label]) for path, label in scan.samples]

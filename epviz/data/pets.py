@@ -100,7 +100,7 @@ def _read_list(path: Path) -> list[tuple[str, int]]:
 
 def _class_names(list_file: Path, rows: list[tuple[str, int]]) -> list[str]:
     pairs = _read_list(list_file) + rows if list_file.is_file() else rows
-    names = {}
+    names: dict[int, str] = {}
     for name, class_id in pairs:
         names.setdefault(class_id, name.rsplit("_", 1)[0])
     ids = sorted(names)

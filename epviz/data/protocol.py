@@ -29,7 +29,7 @@ __all__ = ["IMAGE_DATASET_MEMBERS", "Fingerprinted", "GroundTruthBoxes", "ImageB
 class Fingerprinted(Protocol):
     """An object that can say what determines its images."""
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self) -> dict[str, Any]:
         """A JSON-able dict of everything that determines the images (token-cache key)."""
         ...
 

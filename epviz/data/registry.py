@@ -48,7 +48,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode
 
 from epviz.data.protocol import ImageDataset, missing_members
@@ -85,7 +85,7 @@ class DatasetSpec:
 
     kind: str
     root: Path | None = None
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def folder(self) -> Path:
@@ -282,13 +282,13 @@ def load_split(
             data = drop_unreadable(data, f"the {split} split of {parsed}")
     if len(data) == 0:
         raise ValueError(f"the {split} split of {parsed} is empty")
-    data.standard_split = split  # which standard split this is (token origins record it: fit warns on a test split)
+    cast(Any, data).standard_split = split  # which standard split this is (token origins record it: fit warns on a test split)
     return data
 
 
 def standard_splits(
     spec: str | DatasetSpec, sizes: Mapping[str, int | None], splits: Sequence[str] = SPLITS, *, on_error: str = "raise"
-) -> dict:
+) -> dict[str, ImageDataset]:
     """The standard train / val / test datasets of a spec at the given sizes.
 
     Args:
@@ -310,12 +310,12 @@ def _known() -> str:
     return ", ".join(_KINDS[k].form for k in dataset_kinds())
 
 
-def _origin(opener: Callable) -> str:
+def _origin(opener: Callable[..., Any]) -> str:
     return f"{getattr(opener, '__module__', '?')}.{getattr(opener, '__qualname__', repr(opener))}"
 
 
-def _options(entry: DatasetKind, spec: str, query: str | None) -> dict:
-    options = {}
+def _options(entry: DatasetKind, spec: str, query: str | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
     for key, value in parse_qsl(query or "", keep_blank_values=True, strict_parsing=False):
         if key not in entry.options:
             raise ValueError(
@@ -337,7 +337,7 @@ def _checked(entry: DatasetKind, data: Any) -> ImageDataset:
             f"the {entry.name} dataset kind ({_origin(entry.opener)}) returned a {type(data).__name__}, which lacks "
             f"{', '.join(missing)} of epviz.data.ImageDataset; add them (see epviz/data/protocol.py)"
         )
-    return data
+    return cast(ImageDataset, data)
 
 
 def _keep(data: ImageDataset, size: int, seed: int, spec: DatasetSpec) -> ImageDataset:

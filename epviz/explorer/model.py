@@ -493,6 +493,7 @@ class ExplorerModel:
             return
         maps = self.image_maps(sel, data, image)
         grid = self.tokens(sel.backbone, sel.layer)["test"].grid
+        assert out.image is not None  # _fill_image ran first
         size = out.image.shape[:2]
         if sel.view == "one query":
             out.maps = maps[[sel.query]]

@@ -49,7 +49,7 @@ def _draw_bars(ax, state: ExplorerState) -> None:
         ax.axis("off")
         return
     t = state.table
-    colours = ["tab:orange" if h else "0.65" for h in t["highlighted"]]
+    colours: list[str | tuple[float, ...]] = ["tab:orange" if h else "0.65" for h in t["highlighted"]]
     if "group" in t:
         palette = group_colours(int(t["group"].max()) + 1)
         colours = [palette[g] if h else (*palette[g], 0.35) for g, h in zip(t["group"], t["highlighted"])]

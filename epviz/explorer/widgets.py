@@ -251,7 +251,7 @@ def _set_range(slider, lo: int, hi: int) -> None:
         slider.min, slider.max = lo, hi
 
 
-def _escape(text: str) -> str:
+def _escape(text: object) -> str:
     import html
 
     return html.escape(str(text))

@@ -331,12 +331,15 @@ class Probe(nn.Module):
 
     def attention(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Attention maps (B, K, N): one distribution over the N patch tokens per predictor."""
-        return self._attention_output(patch_tokens, prefix_tokens).maps
+        maps = self._attention_output(patch_tokens, prefix_tokens).maps
+        assert maps is not None  # K > 0 here, and _pool returns maps whenever K > 0
+        return maps
 
     def nonpatch_mass(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Attention mass (B, K) each predictor puts on keys other than patch tokens (0 when there are none)."""
         out = self._attention_output(patch_tokens, prefix_tokens)
         if out.nonpatch is None:
+            assert out.maps is not None  # K > 0 here, and _pool returns maps whenever K > 0
             return torch.zeros(out.maps.shape[:2], dtype=out.maps.dtype, device=out.maps.device)
         return out.nonpatch
 
@@ -500,7 +503,7 @@ class Probe(nn.Module):
     def _uniform_set(self, uniform: Iterable[int] | int | None) -> frozenset[int]:
         if uniform is None:
             return frozenset()
-        if isinstance(uniform, numbers.Integral) or (isinstance(uniform, torch.Tensor) and uniform.ndim == 0):
+        if isinstance(uniform, (int, numbers.Integral)) or (isinstance(uniform, torch.Tensor) and uniform.ndim == 0):
             uniform = [int(uniform)]
         rows = frozenset(int(j) for j in uniform)
         if rows and self.num_predictors == 0:

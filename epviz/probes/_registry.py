@@ -66,7 +66,9 @@ def register(name: str) -> Callable[[type[Probe]], type[Probe]]: ...
 def register(name: str, family: str | type[Probe], *, standard: bool = False, **options: Any) -> ProbeEntry: ...
 
 
-def register(name: str, family: str | type[Probe] | None = None, *, standard: bool = False, **options: Any):
+def register(
+    name: str, family: str | type[Probe] | None = None, *, standard: bool = False, **options: Any
+) -> Callable[[type[Probe]], type[Probe]] | ProbeEntry:
     """Register a probe family (as a class decorator) or a named variant of one.
 
     Args:
@@ -198,7 +200,7 @@ def build(name: str, dim: int, num_classes: int, *, seed: int | None = None, **o
         return e.family(dim, num_classes, **options)
 
 
-def probe_specs(probes: str | Sequence[str] | Mapping[str, Mapping | None]) -> dict[str, dict]:
+def probe_specs(probes: str | Sequence[str] | Mapping[str, Mapping[str, Any] | None]) -> dict[str, dict[str, Any]]:
     """Probe specs as ``{label: build options}``; the options' ``name`` is the registered name.
 
     Args:
@@ -213,7 +215,7 @@ def probe_specs(probes: str | Sequence[str] | Mapping[str, Mapping | None]) -> d
         probes = [probes]
     if not isinstance(probes, Mapping):
         probes = dict.fromkeys(probes)
-    specs = {}
+    specs: dict[str, dict[str, Any]] = {}
     for label, options in probes.items():
         options = dict(options or {})
         options.setdefault("name", label)

@@ -225,6 +225,7 @@ class EfficientProbeAll(EfficientProbe):
             self.config["prefix"] = self.prefix
 
     def _keys(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+        assert prefix is not None  # needs_prefix: _validate refuses calls without prefix tokens
         if self.prefix == "first":
             prefix = prefix[:, :1]
         elif self.prefix == "mean":

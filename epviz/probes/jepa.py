@@ -56,6 +56,7 @@ class JepaProbe(Probe):
         nn.init.trunc_normal_(self.query, std=0.02)
         for layer in (self.q, self.kv, self.proj, self.mlp.fc1, self.mlp.fc2):
             nn.init.trunc_normal_(layer.weight, std=0.02)
+            assert layer.bias is not None  # every layer here is built with a bias
             nn.init.zeros_(layer.bias)
         with torch.no_grad():
             self.proj.weight.div_(math.sqrt(2.0))

@@ -57,6 +57,7 @@ class ClsProbe(Probe):
         self._finish(self.dim)
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
+        assert prefix is not None  # needs_prefix: _validate refuses calls without prefix tokens
         return Pooled(prefix[:, 0] if self.prefix == "first" else prefix.mean(dim=1))
 
 

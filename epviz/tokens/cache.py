@@ -35,10 +35,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from numpy.lib.format import write_array_header_1_0
+from numpy.typing import DTypeLike
 from tqdm.auto import tqdm
 
 from epviz.atomic import atomic_write_text
@@ -220,7 +222,7 @@ class _NpyStream:
     The result is a normal .npy file, read back with ``np.load(..., mmap_mode="r")``.
     """
 
-    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, path: Path, dtype: DTypeLike, shape: tuple[int, ...]) -> None:
         self.dtype, self.shape, self.rows = np.dtype(dtype), shape, 0
         self.fh = open(path, "wb")  # noqa: SIM115 - held open while batches stream in; close() ends it
         write_array_header_1_0(self.fh, {"descr": self.dtype.str, "fortran_order": False, "shape": shape})
@@ -228,7 +230,7 @@ class _NpyStream:
     def write(self, block: np.ndarray) -> None:
         if block.dtype != self.dtype or block.shape[1:] != self.shape[1:]:
             raise ValueError(f"block {block.dtype}{block.shape} does not fit {self.dtype}{self.shape}")
-        self.fh.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+        self.fh.write(np.ascontiguousarray(block).data.cast("B"))  # .data: the array's memoryview
         self.rows += block.shape[0]
 
     def close(self) -> None:
@@ -378,7 +380,7 @@ def _write(
     num_workers: int,
     progress: bool,
 ) -> dict:
-    model = backbone.model.to(device)
+    model: Any = backbone.model.to(device)  # a timm ViT: forward_intermediates is not nn.Module's
     P, N, D = backbone.num_prefix_tokens, backbone.num_patches, backbone.dim
     np_dtype = np.float16 if dtype == "float16" else np.float32
     torch_dtype = torch.float16 if dtype == "float16" else torch.float32

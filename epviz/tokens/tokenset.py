@@ -11,6 +11,7 @@ import dataclasses
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -149,7 +150,7 @@ class TokenSet:
                         f"[0, {self.num_classes - 1}] ({outside} of {n_images} samples lie outside); pass the dataset's "
                         "class count as num_classes, or fix the labels"
                     )
-        self._finite: NonFinite | None | bool = False  # False: not scanned yet
+        self._finite: NonFinite | None | Literal[False] = False  # False: not scanned yet
 
     def __len__(self) -> int:
         return int(self.patch.shape[0])
@@ -251,8 +252,9 @@ class TokenSet:
         """
         arrays = [("patch", self.patch)] + ([("prefix", self.prefix)] if self.prefix is not None else [])
         frozen = all(not getattr(a, "flags", None) or not a.flags.writeable for _, a in arrays)
-        if frozen and getattr(self, "_finite", False) is not False:
-            return self._finite
+        cached = cast("NonFinite | None | Literal[False]", getattr(self, "_finite", False))
+        if frozen and cached is not False:
+            return cached
         n = len(self)
         bad = np.zeros(n, dtype=bool)
         first_part = np.full(n, "", dtype=object)
@@ -279,7 +281,8 @@ def _as_grid(grid) -> tuple[int, int]:
     try:
         rows, cols = grid
         ok = all(
-            not isinstance(g, bool) and isinstance(g, numbers.Real) and float(g).is_integer() and g >= 1 for g in (rows, cols)
+            not isinstance(g, bool) and isinstance(g, numbers.Real) and float(g).is_integer() and cast(float, g) >= 1
+            for g in (rows, cols)
         )
     except (TypeError, ValueError):
         ok = False

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 
@@ -120,9 +121,10 @@ def _integer(name: str, value, low: int) -> int:
     """`value` as an int >= `low`, or a ConfigError naming `name` (bools and fractional numbers are refused)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    if int(value) < low:
+    integer = int(cast(float, value))  # numbers.Real's stub lacks __int__; every Real converts
+    if integer < low:
         raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
+    return integer
 
 
 def _number(name: str, value, valid: str, ok) -> float:

@@ -16,6 +16,7 @@ The batch size of a low-shot run is ``min(batch_size, k * classes)``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,7 @@ def build_for(name: str, tokens: TokenSet, num_classes: int, seed: int, options:
 
 
 def _num_classes(*sets: TokenSet) -> int:
-    return max(int(s.num_classes) for s in sets)
+    return max(int(cast(int, s.num_classes)) for s in sets)  # TokenSet.__post_init__ always sets num_classes
 
 
 def train_probe(

@@ -28,6 +28,7 @@ def check_selection_split(val: TokenSet | None, caller: str = "fit", stacklevel:
     """
     split = None if val is None else val.origin.split
     if split in TEST_SPLITS:
+        assert val is not None  # split is None when val is
         dataset = val.origin.dataset
         name = dataset.get("dataset") if isinstance(dataset, dict) else dataset
         warnings.warn(

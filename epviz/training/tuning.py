@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
+import torch
 
 from epviz.data.splits import balanced_subset
 from epviz.errors import ConfigError
@@ -46,7 +47,7 @@ def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown grid key(s) {unknown}; a grid takes {', '.join(GRID_KEYS)}")
     if not grid.get("lrs"):
         raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
-    out = {
+    out: dict[str, Any] = {
         "lrs": tuple(float(v) for v in grid["lrs"]),
         "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
         "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
@@ -63,7 +64,7 @@ def tune(
     *,
     grid: Mapping[str, Any],
     seed: int = 0,
-    device=None,
+    device: str | torch.device | None = None,
     **fit_options: Any,
 ) -> FitResult:
     """Train `probe` once per grid point, keep the point with the best val top-1 (refit at full size if selected on a subset).
@@ -130,5 +131,5 @@ def tune(
     )
 
 
-def _records(table: pd.DataFrame) -> list[dict]:
+def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
     return [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in table.to_dict("records")]

@@ -19,11 +19,13 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.container import BarContainer
 from matplotlib.lines import Line2D
 
 from epviz.viz.style import (
@@ -48,8 +50,8 @@ __all__ = [
     "zoo_overview",
 ]
 
-EP_STYLE = dict(marker="*", color="#d62728", s=150, edgecolor="k", linewidth=0.5)
-_NO_ATTENTION_STYLE = dict(marker="s", facecolor="white", s=30, edgecolor="k", linewidth=0.9)
+EP_STYLE: dict[str, Any] = dict(marker="*", color="#d62728", s=150, edgecolor="k", linewidth=0.5)
+_NO_ATTENTION_STYLE: dict[str, Any] = dict(marker="s", facecolor="white", s=30, edgecolor="k", linewidth=0.9)
 _EP_NAME = re.compile(r"^ep(\d|_|$)")
 
 
@@ -65,8 +67,8 @@ def zoo_overview(results: pd.DataFrame, out: str | Path | None = None, name: str
     ax.set_xlabel("probe (last block, cached tokens)")
     ax.legend(fontsize=8, loc="upper left", ncols=2)
     for container in ax.containers:
-        if hasattr(container, "datavalues"):
-            ax.bar_label(container, fmt="%.2f", fontsize=6, padding=1)
+        if hasattr(container, "datavalues"):  # the bars' containers (a BarContainer)
+            ax.bar_label(cast(BarContainer, container), fmt="%.2f", fontsize=6, padding=1)
     fig.tight_layout()
     save_figure(fig, results, name, out)
     return fig
@@ -129,11 +131,13 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str], bold: list[bool], obstac
     frame = (inside.x0, inside.y0, inside.x1, inside.y1)
     anchors = ax.transData.transform(xy)
     points = [(x - 4 * px, y - 4 * px, x + 4 * px, y + 4 * px) for x, y in ax.transData.transform(obstacles)]
-    placed, out = [], []
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[dict] = []
     for (ax_, ay), text, heavy in zip(anchors, texts, bold):
         w = (0.62 if heavy else 0.56) * fontsize * len(text) * px + 2 * px
         h = 1.25 * fontsize * px
-        best, best_cost = None, math.inf
+        best: tuple[float, float, tuple[float, float, float, float], float] | None = None
+        best_cost = math.inf
         for ring in (1.0, 2.0, 3.2, 4.6):
             gap = 5 * ring * px
             for dx, dy in (
@@ -154,6 +158,7 @@ def _place_labels(ax, xy: np.ndarray, texts: list[str], bold: list[bool], obstac
                     best, best_cost = (dx, dy, box, ring), cost
             if best_cost <= 0.01 * (ring - 1) * w * h + 1e-9:
                 break
+        assert best is not None  # every cost is finite, so the first candidate already beats inf
         dx, dy, box, ring = best
         placed.append(box)
         out.append(dict(offset=(dx / px, dy / px), leader=ring > 1.0))
@@ -239,6 +244,7 @@ def accuracy_vs_cost(
             ax.step(fx, fy, where="post", color=colour, lw=1.1, alpha=0.75, zorder=2)
         if errors is not None:
             e = _yerr(rows, y, errors)
+            assert e is not None  # errors is not None
             ok = np.isfinite(e).all(0)
             if ok.any():
                 ax.errorbar(

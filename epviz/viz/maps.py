@@ -165,6 +165,7 @@ def attention_overlays(
             if c == 1:
                 ax.imshow(mean_maps[i], cmap="inferno", alpha=alpha, vmin=0, vmax=1)
             elif c > 1:
+                assert per_query is not None  # columns past the second exist only when queries do
                 ax.imshow(per_query[i, c - 2], cmap="inferno", alpha=alpha, vmin=0, vmax=1)
             if boxes is not None:
                 draw_boxes(ax, boxes[i])

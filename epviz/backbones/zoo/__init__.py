@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -28,7 +29,7 @@ __all__ = [
 
 ZOO_DIR = Path(__file__).resolve().parent
 ZOO = ("tiny-mae", "tiny-sup", "tiny-random")
-ARCHITECTURE = dict(
+ARCHITECTURE: dict[str, Any] = dict(
     img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token"
 )
 NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
