@@ -71,6 +71,8 @@ class Setting:
         grid: The tuning grid of every probe run: ``lrs``, ``weight_decays`` and ``train_size`` (the
             grid is trained on that many training images, then the chosen point is refit on all of
             them; None: on all); None: one run with the budget's own lr and weight decay.
+        tune_low_shot: Whether low-shot runs are tuned with the grid too (without a subset); False runs
+            them at the budget's own lr (the fast setting, whose low-shot runs check the pipeline only).
         probes: The probes "every probe" means; None: :func:`epviz.probes.standard_set` (every
             registered family, so a new family joins without an edit).
     """
@@ -92,6 +94,7 @@ class Setting:
     grid: Mapping[str, Any] | None = field(
         default_factory=lambda: _frozen({"lrs": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decays": (1e-4,), "train_size": 4_000})
     )
+    tune_low_shot: bool = True
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.sizes]
@@ -131,6 +134,7 @@ class Setting:
             threshold_step=4,
             probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
             grid={"lrs": (1e-3, 1e-2), "weight_decays": (1e-4,)},
+            tune_low_shot=False,
         )
 
     @classmethod
@@ -186,7 +190,7 @@ class Setting:
 
     def low_shot_options(self, **overrides: Any) -> dict[str, Any]:
         """The low-shot budget as keyword arguments of the training runs (overrides win); the grid without a subset."""
-        grid = None if self.grid is None else {**self.grid, "train_size": None}
+        grid = None if self.grid is None or not self.tune_low_shot else {**self.grid, "train_size": None}
         return self._options(self.low_shot_budget, grid, overrides)
 
     @staticmethod

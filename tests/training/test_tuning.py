@@ -77,5 +77,6 @@ def test_grid_checks_and_setting_options():
     assert "lr" not in full and "weight_decay" not in full and full["grid"]["lrs"] == [1e-3, 3e-3, 1e-2, 3e-2]
     single = Setting.single_recipe().fit_options()
     assert single["lr"] == 1e-3 and "grid" not in single
-    assert Setting.fast().low_shot_options()["grid"]["train_size"] is None
+    assert Setting.full().low_shot_options()["grid"]["train_size"] is None, "low-shot sets are tuned whole"
+    assert "grid" not in Setting.fast().low_shot_options() and Setting.fast().low_shot_options()["lr"] == 1e-3
     assert Setting.paper().fit_options()["optimizer"] == "lars" and Setting.paper().fit_options()["epochs"] == 90
