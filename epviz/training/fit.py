@@ -40,7 +40,7 @@ from epviz.training.checkpoints import finite_or_none, save_probe
 from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 from epviz.training.selection import check_selection_split
 
-__all__ = ["fit", "FitResult", "PROTOCOL"]
+__all__ = ["fit", "FitResult", "PROTOCOL", "check_classes", "check_training_data"]
 
 PROTOCOL = "cached tokens (one backbone pass, no augmentation)"
 
@@ -157,16 +157,7 @@ def fit(
         lr=lr,
         weight_decay=weight_decay,
     )
-    _check_tokens(probe, train, "train")
-    if val is not None:
-        _check_tokens(probe, val, "validation")
-    check_selection_split(val, "fit")
-    if len(train) < 2:
-        raise DataError("fit needs at least 2 training samples (BatchNorm uses batch statistics)")
-    check_classes(train.labels, None if val is None else val.labels)
-    _check_finite(train, "train")
-    if val is not None:
-        _check_finite(val, "validation")
+    check_training_data(probe, train, val, "fit")
 
     device = resolve_device(device)
     probe.to(device)
@@ -270,6 +261,36 @@ def fit(
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def check_training_data(probe: Probe, train: TokenSet, val: TokenSet | None, caller: str) -> None:
+    """Every check of the data a probe is trained on, once, before any step.
+
+    The tokens fit the probe (width, prefix tokens, label range), validation is not a test split
+    (a warning), training holds at least 2 samples of at least 2 classes, and neither set holds
+    NaN or inf anywhere (the whole sets are scanned, not only the batches an epoch reads).
+
+    Args:
+        probe: The probe to train.
+        train: Training tokens.
+        val: Validation tokens, or None.
+        caller: Name of the training function, for messages.
+
+    Raises:
+        TypeError: Not TokenSets.
+        ConfigError: Tokens that do not fit the probe.
+        DataError: Empty or single-class training data, NaN or inf tokens.
+    """
+    _check_tokens(probe, train, "train")
+    if val is not None:
+        _check_tokens(probe, val, "validation")
+    check_selection_split(val, caller)
+    if len(train) < 2:
+        raise DataError(f"{caller} needs at least 2 training samples (BatchNorm uses batch statistics)")
+    check_classes(train.labels, None if val is None else val.labels)
+    _check_finite(train, "train")
+    if val is not None:
+        _check_finite(val, "validation")
 
 
 def _check_tokens(probe: Probe, tokens: TokenSet, what: str) -> None:

@@ -36,18 +36,16 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from epviz.evaluate import ensure_finite
 from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device
 from epviz.tokens import TokenSet
+from epviz.training.fit import check_training_data
 from epviz.training.optim import check_fit_options, lr_at, make_optimizer
-from epviz.training.selection import check_selection_split
 
 __all__ = ["DIVERGENCE_FACTOR", "GridResult", "fit_grid", "select_point"]
 
@@ -160,11 +158,7 @@ def fit_grid(
     if val is None:
         raise ValueError("fit_grid selects its grid point on held-out tokens: pass val=... (never the test split)")
     template = _template(probe, train, val, seed, build_options)
-    _check_tokens(template, train, "train")
-    _check_tokens(template, val, "validation")
-    check_selection_split(val, "fit_grid")
-    if len(train) < 2:
-        raise ValueError("fit_grid needs at least 2 training samples (BatchNorm uses batch statistics)")
+    check_training_data(template, train, val, "fit_grid")
 
     device = resolve_device(device)
     heads: list[Probe] = [copy.deepcopy(template).to(device) for _ in points]
@@ -198,8 +192,6 @@ def fit_grid(
         for step, batch in enumerate(
             train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
         ):
-            if epoch == 0:
-                ensure_finite(batch, "train")
             if not active:
                 break  # every head diverged in this epoch
             at = epoch + step / steps
@@ -232,7 +224,7 @@ def fit_grid(
             active = [i for i in active if i not in broke]
 
         trained = active + sorted(broke)
-        val_loss, val_acc = _validate(heads, active, val, val_batch, device, precision, check_finite=epoch == 0)
+        val_loss, val_acc = _validate(heads, active, val, val_batch, device, precision)
         hits_total = correct.tolist()
         for i in sorted(trained):
             epochs_run[i] = epoch + 1
@@ -370,24 +362,6 @@ def _template(probe: str | Probe | Callable[[], Probe], train: TokenSet, val: To
     raise TypeError(f"fit_grid expects a probe name, a Probe or a function returning one, got {type(probe).__name__}")
 
 
-def _check_tokens(probe: Probe, tokens: TokenSet, what: str) -> None:
-    if not isinstance(tokens, TokenSet):
-        raise TypeError(f"the {what} tokens must be a TokenSet, got {type(tokens).__name__}")
-    if len(tokens) == 0:
-        raise ValueError(f"the {what} token set is empty")
-    if tokens.dim != probe.dim:
-        raise ValueError(f"probe '{probe.name}' expects tokens of width D={probe.dim} but the {what} tokens have D={tokens.dim}")
-    if probe.needs_prefix and tokens.prefix is None:
-        raise ValueError(f"probe '{probe.name}' reads prefix tokens ([CLS]) but the {what} tokens have none")
-    labels = np.asarray(tokens.labels)
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= probe.num_classes:
-        raise ValueError(
-            f"the {what} labels range from {lo} to {hi} but probe '{probe.name}' has num_classes={probe.num_classes}; "
-            f"labels must lie in [0, {probe.num_classes - 1}]"
-        )
-
-
 def _grid_optimizer(heads: list[Probe], points: list[tuple[float, float]], name: str) -> tuple[torch.optim.Optimizer, list[int]]:
     """One optimiser over every head: the parameter groups :func:`make_optimizer` gives each head, side by side.
 
@@ -411,7 +385,6 @@ def _validate(
     batch_size: int,
     device: torch.device,
     precision: str,
-    check_finite: bool,
 ) -> tuple[list[float], list[float]]:
     """Mean cross-entropy and top-1 of every active head on `val`, in one pass (NaN for the others)."""
     k = len(heads)
@@ -422,8 +395,6 @@ def _validate(
     loss = torch.zeros(len(active), dtype=torch.float64, device=device)
     hits = torch.zeros(len(active), dtype=torch.long, device=device)
     for batch in val.batches(batch_size, device=device):
-        if check_finite:
-            ensure_finite(batch, "validation")
         with autocast(device, precision):
             logits = [heads[i](batch.patch, batch.prefix) for i in active]
         logits = [x.float() for x in logits]
