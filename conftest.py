@@ -9,14 +9,33 @@ os.environ.setdefault("EPVIZ_FAST", "1")
 _MARKED_PATHS = {
     "/notebooks/": ("notebook", "slow"),
     "/tests/explorer/test_browser.py": ("browser", "slow"),
+    "/tests/explorer/test_model.py": ("slow",),
     "/tests/test_scripts.py": ("slow",),
 }
+# single tests that take a second or more (extraction, real images, rendering many panels)
+_SLOW_TESTS = (
+    "test_interrupted_extraction_never_reads_as_complete",
+    "test_epoch_covers_every_training_item_once",
+    "test_large_image_is_decoded_at_a_reduced_scale",
+    "test_a_failing_notebook_does_not_stop_the_others",
+    "test_chance_line_and_legend_entry",
+    "test_query_group_gallery_layout_colours_and_data",
+    "test_each_preset_carries_the_reference_final_norm",
+    "test_every_key_component_invalidates",
+    "test_fast_sizes_are_small_and_full_sizes_are_the_standard_ones",
+    "test_generation_is_deterministic_and_seeded",
+    "test_labels_do_not_overlap_on_a_crowded_zoo",
+    "test_error_bars_appear_with_std_columns_only",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     """Mark whole files by what they run: notebooks (nbval and nbclient), the browser, the zoo scripts."""
     for item in items:
         path = item.path.as_posix()
+        name = item.name
+        if name.startswith(_SLOW_TESTS) or (name.startswith("test_constant_maps_never_yield_a_box[") and "-224-" in name):
+            item.add_marker(pytest.mark.slow)
         for part, marks in _MARKED_PATHS.items():
             if part in path:
                 for mark in marks:
