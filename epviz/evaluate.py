@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from epviz.errors import ConfigError, DataError
-from epviz.probes._base import Probe
+from epviz.probes import Probe
 from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens import TokenBatch, TokenSet
 
