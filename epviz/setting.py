@@ -47,11 +47,39 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FAST_ENV", "SPLITS", "Setting", "THRESHOLDS"]
+from epviz.errors import ConfigError
+
+__all__ = ["FAST_ENV", "GRID_KEYS", "SPLITS", "Setting", "THRESHOLDS", "check_grid"]
 
 FAST_ENV = "EPVIZ_FAST"
 SPLITS = ("train", "val", "test")
 THRESHOLDS = np.round(np.arange(100) * 0.01, 2)  # MaxBoxAccV2 thresholds tau: 0, 0.01, ..., 0.99
+
+
+GRID_KEYS = ("lrs", "weight_decays", "train_size")
+
+
+def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
+    """A grid mapping with its keys checked and its values as tuples (``weight_decays`` default (1e-4,)).
+
+    Raises:
+        ConfigError: Unknown keys, no learning rates, or a ``train_size`` below 2.
+    """
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"grid must be a mapping such as {{'lrs': (1e-3, 1e-2)}}, got {type(grid).__name__}")
+    unknown = sorted(set(grid) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown grid key(s) {unknown}; a grid takes {', '.join(GRID_KEYS)}")
+    if not grid.get("lrs"):
+        raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
+    out: dict[str, Any] = {
+        "lrs": tuple(float(v) for v in grid["lrs"]),
+        "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
+        "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
+    }
+    if out["train_size"] is not None and out["train_size"] < 2:
+        raise ConfigError(f"grid train_size must be at least 2 images (None: the whole training set), got {out['train_size']}")
+    return out
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -108,8 +136,6 @@ class Setting:
         for attr in ("sizes", "budget", "low_shot_budget"):
             object.__setattr__(self, attr, _frozen(getattr(self, attr)))
         if self.grid is not None:
-            from epviz.training.tuning import check_grid
-
             object.__setattr__(self, "grid", _frozen(check_grid(self.grid)))
         if self.probes is not None:
             object.__setattr__(self, "probes", tuple(self.probes))

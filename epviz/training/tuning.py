@@ -25,36 +25,12 @@ import torch
 from epviz.data.splits import balanced_subset
 from epviz.errors import ConfigError
 from epviz.probes import Probe
+from epviz.setting import check_grid
 from epviz.tokens import TokenSet
 from epviz.training.fit import FitResult, fit
 from epviz.training.grid import fit_grid
 
-__all__ = ["GRID_KEYS", "check_grid", "tune"]
-
-GRID_KEYS = ("lrs", "weight_decays", "train_size")
-
-
-def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
-    """A grid mapping with its keys checked and its values as tuples (``weight_decays`` default (1e-4,)).
-
-    Raises:
-        ConfigError: Unknown keys, no learning rates, or a ``train_size`` below 2.
-    """
-    if not isinstance(grid, Mapping):
-        raise ConfigError(f"grid must be a mapping such as {{'lrs': (1e-3, 1e-2)}}, got {type(grid).__name__}")
-    unknown = sorted(set(grid) - set(GRID_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown grid key(s) {unknown}; a grid takes {', '.join(GRID_KEYS)}")
-    if not grid.get("lrs"):
-        raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
-    out: dict[str, Any] = {
-        "lrs": tuple(float(v) for v in grid["lrs"]),
-        "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
-        "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
-    }
-    if out["train_size"] is not None and out["train_size"] < 2:
-        raise ConfigError(f"grid train_size must be at least 2 images (None: the whole training set), got {out['train_size']}")
-    return out
+__all__ = ["tune"]
 
 
 def tune(

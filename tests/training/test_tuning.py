@@ -6,10 +6,10 @@ import torch
 
 import epviz.probes as probes
 from epviz.errors import ConfigError
-from epviz.setting import Setting
+from epviz.setting import Setting, check_grid
 from epviz.tokens import TokenOrigin, TokenSet
 from epviz.training import fit, fit_grid, probe_cache
-from epviz.training.tuning import check_grid, tune
+from epviz.training.tuning import tune
 
 D, C, N = 8, 3, 4
 BUDGET = dict(epochs=3, batch_size=16, warmup_epochs=1, optimizer="adamw")
