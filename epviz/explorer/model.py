@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -173,7 +174,11 @@ class ExplorerModel:
     Args:
         backbones: Backbone names or loaded backbones (default: the zoo backbones present).
         probes: Probe specs (see :func:`epviz.probes.probe_specs`; default: every registered
-            probe, trained when first selected).
+            probe, trained when first selected). In a mapping, a value may also be a trained
+            :class:`~epviz.probes.Probe` (say a head read by :func:`epviz.training.load_reference_head`):
+            it is shown as it is, never trained, on every backbone whose tokens fit it.
+        trained: Trained probes for one backbone each, ``{(backbone, label): probe}``: on that backbone
+            `label` shows the given probe instead of training one (`label` joins the probe choices).
         setting: Sizes and budget (default: :meth:`epviz.Setting.from_env`).
         dataset: Dataset spec of the standard sets (see :func:`epviz.data.load_split`).
         sets: ``{"train", "val", "test": dataset}`` (default: the standard sets of `dataset`); the images
@@ -187,8 +192,9 @@ class ExplorerModel:
     def __init__(
         self,
         backbones: Iterable[str | Backbone] | None = None,
-        probes: str | Sequence[str] | Mapping[str, Mapping | None] | None = None,
+        probes: str | Sequence[str] | Mapping[str, Mapping | Probe | None] | None = None,
         *,
+        trained: Mapping[tuple[str, str], Probe] | None = None,
         setting: Setting | None = None,
         dataset: str = DEFAULT_DATASET,
         sets: Mapping | None = None,
@@ -203,7 +209,21 @@ class ExplorerModel:
             raise ValueError("no backbones given: pass zoo names (tiny-mae, tiny-sup, tiny-random) or timm ViT names")
         self._backbones: dict[str, Backbone] = {b.name: b for b in given if isinstance(b, Backbone)}
         self.backbone_names = [b.name if isinstance(b, Backbone) else str(b) for b in given]
-        self.specs = probe_specs(available() if probes is None else probes)
+        self._given = _given_probes(probes, trained)
+        strangers = sorted({str(b) for b, _ in self._given if b is not None} - set(self.backbone_names))
+        if strangers:
+            raise ValueError(
+                f"trained= names backbone(s) {', '.join(strangers)}, which are not among this Explorer's backbones "
+                f"({', '.join(self.backbone_names)}); add them to backbones="
+            )
+        specs = probes
+        if isinstance(probes, Mapping):
+            specs = {label: options for label, options in probes.items() if not isinstance(options, Probe)}
+        trainable: dict[str, dict[str, Any]] = {}
+        if specs is None or specs or not self._given:  # only given probes: nothing to train
+            trainable = probe_specs(available() if specs is None else cast(Any, specs))
+        self._given_only = {label for _, label in self._given} - set(trainable)
+        self.specs = {**trainable, **{label: {"name": p.name} for (_, label), p in self._given.items() if label not in trainable}}
         self.fit_options = dict(fit_options or {})
         self.seed = int(seed)
         self.localization_images = int(localization_images)
@@ -297,14 +317,39 @@ class ExplorerModel:
             options["num_queries"] = int(queries)
         return options
 
+    def given_probe(self, sel: Selection) -> Probe | None:
+        """The trained probe given for the selection's backbone and probe label (``probes=`` / ``trained=``), else None.
+
+        Raises:
+            ValueError: The label names only probes given for other backbones.
+        """
+        probe = self._given.get((sel.backbone, sel.probe))
+        if probe is None:
+            probe = self._given.get((None, sel.probe))
+        if probe is None and sel.probe in self._given_only:
+            where = sorted(str(b) for b, label in self._given if label == sel.probe)
+            raise ValueError(
+                f"probe {sel.probe!r} was given trained for backbone(s) {', '.join(where)} only: choose one of "
+                "them, or another probe"
+            )
+        return probe
+
     def probe_key(self, sel: Selection) -> tuple:
         """In-memory key of the probe of a selection: (backbone, block, probe label, options)."""
+        block = self.block(sel.backbone, sel.layer)
+        if self.given_probe(sel) is not None:
+            return (sel.backbone, block, sel.probe, "given")
         options = self.probe_options(sel.probe, sel.queries)
-        return (sel.backbone, self.block(sel.backbone, sel.layer), sel.probe, json.dumps(options, sort_keys=True))
+        return (sel.backbone, block, sel.probe, json.dumps(options, sort_keys=True))
 
     def probe_data(self, sel: Selection) -> _ProbeData:
-        """The trained probe of a selection and its test predictions (trained once per key)."""
+        """The trained probe of a selection and its test predictions (trained once per key; a given probe is never trained)."""
         key = self.probe_key(sel)
+        given = self.given_probe(sel)
+        if key not in self._probes and given is not None:
+            self._check_given(sel, given)
+            self._report(0.9, f"predicting the test images with the given probe {sel.probe}")
+            self._probes[key] = self._predicted(given.eval(), self.tokens(sel.backbone, sel.layer)["test"])
         if key not in self._probes:
             tokens = self.tokens(sel.backbone, sel.layer)
             options = self.probe_options(sel.probe, sel.queries)
@@ -324,12 +369,33 @@ class ExplorerModel:
             )
             self.counts["trainings"] += 1
             self._report(0.9, "predicting the test images")
-            from epviz.evaluate import predict
-
-            preds = predict(result.probe, tokens["test"])
-            probs = _softmax(preds.logits)
-            self._probes[key] = _ProbeData(probe=result.probe, probs=probs, labels=preds.labels)
+            self._probes[key] = self._predicted(result.probe, tokens["test"])
         return self._probes[key]
+
+    @staticmethod
+    def _predicted(probe: Probe, test) -> _ProbeData:
+        from epviz.evaluate import predict
+
+        preds = predict(probe, test)
+        return _ProbeData(probe=probe, probs=_softmax(preds.logits), labels=preds.labels)
+
+    def _check_given(self, sel: Selection, probe: Probe) -> None:
+        """Refuse a given probe that cannot read the selection's tokens or name its test classes."""
+        test = self.tokens(sel.backbone, sel.layer)["test"]
+        block = self.block(sel.backbone, sel.layer)
+        if probe.dim != test.dim:
+            raise ValueError(
+                f"probe {sel.probe!r} reads tokens of width {probe.dim}, but {sel.backbone} block {block} has width "
+                f"{test.dim}: choose the backbone it was trained on"
+            )
+        if probe.needs_prefix and not test.num_prefix:
+            raise ValueError(f"probe {sel.probe!r} reads the [CLS] token, and {sel.backbone} has none: choose another backbone")
+        classes = len(self.class_names)
+        if probe.num_classes != classes:
+            raise ValueError(
+                f"probe {sel.probe!r} predicts {probe.num_classes} classes, the test images have {classes}: show it "
+                "with sets= of the dataset it was trained on"
+            )
 
     def table(self, sel: Selection, data: _ProbeData) -> pd.DataFrame:
         """The registered meters' table columns (Δacc, entropy, localization, ...) of the selection's probe, computed once."""
@@ -435,7 +501,7 @@ class ExplorerModel:
         if not 0.0 <= float(sel.opacity) <= 1.0:
             raise ValueError(f"opacity must lie in [0, 1], got {sel.opacity}")
         out.num_layers = self.backbone(sel.backbone).depth
-        out.takes_queries = _takes_queries(self.probe_options(sel.probe)["name"])
+        out.takes_queries = self.given_probe(sel) is None and _takes_queries(self.probe_options(sel.probe)["name"])
         data = self.probe_data(sel)
         k = data.probe.num_predictors
         out.num_predictors = k
@@ -514,6 +580,20 @@ class ExplorerModel:
 
 def _takes_queries(name: str) -> bool:
     return "num_queries" in accepted_options(name)
+
+
+def _given_probes(probes: object, trained: Mapping | None) -> dict[tuple[str | None, str], Probe]:
+    """``{(backbone or None for every backbone, label): probe}`` from the trained probes in `probes` and `trained`."""
+    given: dict[tuple[str | None, str], Probe] = {}
+    if isinstance(probes, Mapping):
+        given.update({(None, str(label)): p for label, p in probes.items() if isinstance(p, Probe)})
+    for key, probe in (trained or {}).items():
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key)):
+            raise ValueError(f"trained= is keyed by (backbone, label) pairs of strings, got the key {key!r}")
+        if not isinstance(probe, Probe):
+            raise TypeError(f"trained[{key!r}] must be a trained Probe (e.g. from epviz.load_probe), got {type(probe).__name__}")
+        given[key] = probe
+    return given
 
 
 def _options_text(options: Mapping) -> str:

@@ -3,16 +3,18 @@
 * :mod:`~epviz.training.fit`: :func:`fit` and :class:`FitResult` (best epoch on val, tidy history).
 * :mod:`~epviz.training.fit_images`: the reference per-step protocol.
 * :mod:`~epviz.training.optim`: LARS, AdamW, warm-up + cosine.
-* :mod:`~epviz.training.checkpoints`: saved probes (safetensors + JSON).
+* :mod:`~epviz.training.checkpoints`: saved probes (safetensors + JSON with a model card).
+* :mod:`~epviz.training.reference`: the reference implementation's EP, ep_all and LP heads, read and written.
 * :mod:`~epviz.training.probe_cache`: trained probes cached on disk, keyed like the token cache.
 * :mod:`~epviz.training.runs`: many trainings in one table (probe zoo, layer sweep, low-shot).
 """
 
-from epviz.training.checkpoints import load_probe, save_probe
+from epviz.training.checkpoints import load_probe, read_model_card, save_probe
 from epviz.training.fit import PROTOCOL, FitResult, fit
 from epviz.training.fit_images import PROTOCOL_PER_STEP, fit_images
 from epviz.training.grid import GridResult, fit_grid, select_point
 from epviz.training.optim import LARS, lr_at
+from epviz.training.reference import load_reference_head, save_reference_head
 from epviz.training.runs import (
     aggregate_runs,
     build_for,
@@ -36,11 +38,14 @@ __all__ = [
     "fit_images",
     "layer_sweep",
     "load_probe",
+    "load_reference_head",
     "low_shot",
     "lr_at",
     "probe_zoo",
+    "read_model_card",
     "sample_per_class",
     "save_probe",
+    "save_reference_head",
     "seed_summary",
     "train_probe",
     "GridResult",

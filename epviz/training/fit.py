@@ -111,6 +111,7 @@ def fit(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    tensorboard: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train `probe` on `train`, selecting the epoch with the best top-1 on `val`.
 
@@ -133,8 +134,13 @@ def fit(
         device: Where to train; None picks CUDA when available.
         seed: Seed for the shuffling order.
         progress: Show a tqdm bar over epochs.
+        tensorboard: A folder to log every epoch's losses, accuracies and learning rate to with
+            ``torch.utils.tensorboard`` (tags ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
+            ``lr``; step = epoch), flushed every epoch; None (default) logs nothing and imports nothing.
+            Needs the optional ``tensorboard`` package.
 
     Raises:
+        ImportError: `tensorboard` is set but the tensorboard package is not installed.
         ConfigError: An option out of range (lr <= 0, negative weight decay, warm-up longer than the
             run, ...; see :func:`~epviz.training.optim.check_fit_options`), labels outside
             [0, probe.num_classes), or tokens the probe cannot read.
@@ -171,6 +177,7 @@ def fit(
     rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
     stale = 0
     start = time.perf_counter()
+    writer = None if tensorboard is None else tensorboard_writer(tensorboard)
     bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -214,6 +221,8 @@ def fit(
             )
         )
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
+        if writer is not None:
+            log_epoch(writer, rows[-1])
 
         if val is None:
             best_epoch = epoch + 1
@@ -225,6 +234,8 @@ def fit(
             if early_stopping is not None and stale >= early_stopping:
                 break
     bar.close()
+    if writer is not None:
+        writer.close()
 
     if best_state is not None:
         probe.load_state_dict(best_state)
@@ -261,6 +272,38 @@ def fit(
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def tensorboard_writer(folder: str | os.PathLike):
+    """A ``torch.utils.tensorboard.SummaryWriter`` logging to `folder`, imported only now.
+
+    Raises:
+        ImportError: The tensorboard package is not installed (it is optional).
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError(
+            f"fit(tensorboard={str(folder)!r}) logs through torch.utils.tensorboard, which needs the tensorboard "
+            f"package ({err}): install it with `pip install tensorboard`, or leave tensorboard=None"
+        ) from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def log_epoch(writer, row: dict) -> None:
+    """Log one history row to TensorBoard (NaN values, e.g. validation without a val set, are left out) and flush."""
+    step = int(row["epoch"])
+    for tag, column in (
+        ("train/loss", "train_loss"),
+        ("train/acc", "train_acc"),
+        ("val/loss", "val_loss"),
+        ("val/acc", "val_acc"),
+        ("lr", "lr"),
+    ):
+        value = float(row[column])
+        if math.isfinite(value):
+            writer.add_scalar(tag, value, step)
+    writer.flush()
 
 
 def check_training_data(probe: Probe, train: TokenSet, val: TokenSet | None, caller: str) -> None:

@@ -11,6 +11,11 @@ number of classes, the fit options and the seed.
 
 Only tokens read whole from a token cache have such an identity (their ``info`` carries
 the cache key); tokens built in memory or subsets are always trained afresh.
+
+Each entry is ``<key>.safetensors`` (weights), ``<key>.json`` (options, fit summary; written last, it
+marks the entry complete) and ``<key>.history.csv``, the run's training log: one row per epoch
+(epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds). Every run trained or loaded here is
+noted in :mod:`epviz.provenance`, so the figures and results made afterwards name their entries.
 """
 
 from __future__ import annotations
@@ -22,13 +27,25 @@ from pathlib import Path
 
 import pandas as pd
 
+from epviz.atomic import atomic_write
+from epviz.errors import ConfigError
 from epviz.probes import Probe
+from epviz.provenance import note_fit
 from epviz.tokens import TokenSet, default_cache_dir
 from epviz.training.checkpoints import load_probe
 from epviz.training.fit import FitResult, fit
 from epviz.training.tuning import tune
 
-__all__ = ["PROBE_CACHE_FORMAT", "probe_cache_dir", "probe_key", "load_cached_fit", "store_fit", "fit_or_load"]
+__all__ = [
+    "PROBE_CACHE_FORMAT",
+    "fit_or_load",
+    "history_path",
+    "load_cached_fit",
+    "probe_cache_dir",
+    "probe_key",
+    "store_fit",
+    "write_history",
+]
 
 PROBE_CACHE_FORMAT = 2  # 2: tuned runs (grid in the key), reference dolg initialisation
 
@@ -95,8 +112,19 @@ def load_cached_fit(key: str, cache_dir: str | Path | None = None) -> FitResult 
     )
 
 
+def history_path(key: str, cache_dir: str | Path | None = None) -> Path:
+    """Where the training log of entry `key` lies: ``<probe cache>/<key>.history.csv``."""
+    return Path(cache_dir or probe_cache_dir()) / f"{key}.history.csv"
+
+
+def write_history(key: str, history: pd.DataFrame, cache_dir: str | Path | None = None) -> Path:
+    """Write a fit's history (one row per epoch) as ``<key>.history.csv`` beside its entry, atomically."""
+    return atomic_write(history_path(key, cache_dir), lambda tmp: history.to_csv(tmp, index=False))
+
+
 def store_fit(key: str, result: FitResult, cache_dir: str | Path | None = None) -> Path:
-    """Store a fit under `key` (weights first, then the JSON that marks it complete)."""
+    """Store a fit under `key`: its history CSV, the weights, then the JSON that marks the entry complete."""
+    write_history(key, result.history, cache_dir)
     return result.save(Path(cache_dir or probe_cache_dir()) / key)
 
 
@@ -115,19 +143,32 @@ def fit_or_load(
         seed: Seed of the build and of the shuffling.
         cache: Read and write the cache (False: always train, store nothing).
         device: Where to train (not part of the key).
-        **fit_options: :func:`epviz.fit` options, or a budget with ``grid`` (part of the key).
+        **fit_options: :func:`epviz.fit` options, or a budget with ``grid`` (part of the key), and
+            ``tensorboard`` (a folder for a single fit's TensorBoard log; not part of the key).
+
+    Raises:
+        ConfigError: ``tensorboard`` with a ``grid`` budget (a tuned run logs no TensorBoard curves).
     """
+    fit_options = dict(fit_options)
+    tensorboard = fit_options.pop("tensorboard", None)
     config = probe.config
     key = probe_key(config["name"], config, config["num_classes"], train, val, fit_options, seed) if cache else None
     if key is not None and (stored := load_cached_fit(key)) is not None:
+        if not history_path(key).is_file():  # entries stored before the history CSV existed
+            write_history(key, stored.history)
+        note_fit(key, stored.probe, train, val, seed)
         return stored
     if fit_options.get("grid") is not None:
+        if tensorboard is not None:
+            raise ConfigError(
+                "tensorboard= logs a single fit; a tuned run (grid=...) trains several heads at once: drop one of the two"
+            )
         options = dict(fit_options)
         result = tune(probe, train, val, seed=seed, device=device, grid=options.pop("grid"), **options)
     else:
-        result = fit(
-            probe, train, val, seed=seed, device=device, progress=False, **{k: v for k, v in fit_options.items() if k != "grid"}
-        )
+        options = {k: v for k, v in fit_options.items() if k != "grid"}
+        result = fit(probe, train, val, seed=seed, device=device, progress=False, tensorboard=tensorboard, **options)
     if key is not None:
         store_fit(key, result)
+    note_fit(key, result.probe, train, val, seed)
     return result

@@ -6,6 +6,7 @@ CSV of the data behind it through :func:`epviz.viz.save_figure` (atomic writes).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -15,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from epviz.analysis.stats import spearman
 from epviz.viz.maps import draw_boxes, upsample_maps
-from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure
+from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure, shown_images
 
 __all__ = ["importance_vs_delta_acc", "attribution_gallery", "agreement_summary", "token_image"]
 
@@ -92,6 +93,7 @@ def attribution_gallery(
     title: str = "",
     out: str | Path | None = None,
     name: str = "attribution_gallery",
+    index: Sequence[int] | None = None,
 ) -> plt.Figure:
     """Per image: the canvas, the mean attention map, the token relevance, and both top-k sets.
 
@@ -106,8 +108,10 @@ def attribution_gallery(
         boxes: Optional (n, 4) GT boxes (x0, y0, x1, y1) in pixels, drawn in green.
         k: Size of the top-k sets (last column: attention only blue, relevance only orange, both white).
         title: Figure title.
-        out: Folder for ``<name>.png`` / ``.csv`` (one row per image: spearman, topk_overlap, ...).
+        out: Folder for ``<name>.png`` / ``.csv`` (one row per image: spearman, topk_overlap, ...) / ``.json``.
         name: File stem.
+        index: Dataset positions of the images, recorded in the provenance sidecar (default: their
+            positions in `images`).
     """
     from captum.attr import visualization as viz
 
@@ -176,7 +180,7 @@ def attribution_gallery(
         max_attention_token=mean_maps.argmax(-1),
         max_relevance_token=attributions.argmax(-1),
     )
-    save_figure(fig, data, name, out)
+    save_figure(fig, data, name, out, provenance=shown_images(range(n), index))
     return fig
 
 

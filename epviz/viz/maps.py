@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from epviz.viz.style import save_figure
+from epviz.viz.style import save_figure, shown_images
 
 __all__ = [
     "GROUP_COLOURS",
@@ -124,7 +124,7 @@ def canvas_gallery(
         )
     fig.suptitle("Cluttered Fashion-MNIST: canvases, GT boxes (green) and masks (red)", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, pd.DataFrame(records), name, out)
+    save_figure(fig, pd.DataFrame(records), name, out, provenance=shown_images(range(count), None, dataset))
     return fig
 
 
@@ -138,6 +138,7 @@ def attention_overlays(
     alpha: float = 0.55,
     out: str | Path | None = None,
     name: str = "attention_overlays",
+    index: Sequence[int] | None = None,
 ) -> plt.Figure:
     """Images (rows) with their attention maps overlaid: the mean over predictors, then chosen predictors.
 
@@ -147,6 +148,10 @@ def attention_overlays(
         grid: Patch grid (rows, cols).
         boxes: Optional (n, 4) GT boxes (x0, y0, x1, y1) in pixels, drawn in green.
         queries: Predictor indices shown one per column (default: the first 4).
+        out: Folder for ``<name>.png`` / ``.csv`` / ``.json``.
+        name: File stem.
+        index: Dataset positions of the images, recorded in the provenance sidecar (default: their
+            positions in `images`).
     """
     images = np.asarray(images)
     maps = np.asarray(maps, dtype=np.float32)
@@ -180,7 +185,7 @@ def attention_overlays(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, pd.DataFrame(records), name, out)
+    save_figure(fig, pd.DataFrame(records), name, out, provenance=shown_images(range(n), index))
     return fig
 
 
@@ -195,6 +200,7 @@ def query_group_gallery(
     title: str = "",
     out: str | Path | None = None,
     name: str = "query_groups",
+    index: Sequence[int] | None = None,
 ) -> plt.Figure:
     """Complementary maps: per image, all groups in one picture (one colour per group), each
     group's map, then single predictors drawn in their group's colour.
@@ -208,8 +214,10 @@ def query_group_gallery(
         queries: Predictors shown one per column (default: up to 8, every group represented, in group order).
         alpha: Opacity of the maps at their peak.
         title: Figure title.
-        out: Folder for ``<name>.png`` / ``.csv`` (one row per image x map: kind, map, group, peak).
+        out: Folder for ``<name>.png`` / ``.csv`` (one row per image x map: kind, map, group, peak) / ``.json``.
         name: File stem.
+        index: Dataset positions of the images, recorded in the provenance sidecar (default: their
+            positions in `images`).
     """
     from matplotlib.colors import to_rgb
 
@@ -296,5 +304,5 @@ def query_group_gallery(
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, pd.DataFrame(records), name, out, dpi=110)
+    save_figure(fig, pd.DataFrame(records), name, out, dpi=110, provenance=shown_images(range(n), index))
     return fig

@@ -1,19 +1,24 @@
 """The look shared by every figure: backbone colours, axis labels, and saving a figure with its data.
 
 Each figure function of :mod:`epviz.viz` returns a matplotlib Figure and, given `out`, saves
-``<out>/<name>.png`` and the CSV of the data behind it, atomically (:func:`save_figure`).
+``<out>/<name>.png``, the CSV of the data behind it and a provenance sidecar ``<name>.json``,
+atomically (:func:`save_figure`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
 from epviz.analysis.meters import column_label
 from epviz.atomic import atomic_write
+from epviz.provenance import sidecar, write_sidecar
 
 __all__ = [
     "BACKBONE_PALETTE",
@@ -26,6 +31,7 @@ __all__ = [
     "register_label",
     "require_columns",
     "save_figure",
+    "shown_images",
 ]
 
 BACKBONE_PALETTE = {"tiny-mae": "#1f77b4", "tiny-sup": "#ff7f0e", "tiny-random": "#7f7f7f"}
@@ -102,8 +108,61 @@ def draw_chance(ax, chance: float | None) -> None:
         ax.axhline(chance, color="k", lw=0.8, ls=":", zorder=1, label=f"chance (1/classes = {chance:.3g})")
 
 
-def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str | Path | None, dpi: int = 150) -> dict[str, Path]:
-    """Save `fig` as ``<out>/<name>.png`` and `data` as ``<out>/<name>.csv``; nothing when `out` is None."""
+def shown_images(positions: Iterable[int], index: Iterable[int] | None = None, dataset: Any = None) -> dict[str, Any]:
+    """The provenance entries of a figure that shows images: which images, of which dataset.
+
+    Args:
+        positions: Positions of the shown images in the arrays the figure was given.
+        index: Their positions in the dataset, when the caller passed them (then they are recorded).
+        dataset: The dataset they come from (its ``fingerprint()`` is recorded), or None.
+
+    Raises:
+        ValueError: `index` does not give one position per shown image.
+    """
+    positions = [int(i) for i in positions]
+    out: dict[str, Any] = {}
+    if index is None:
+        out["images"], out["images_are"] = (
+            positions,
+            "positions in the images passed to the figure (pass index= for dataset positions)",
+        )
+    else:
+        index = [int(i) for i in np.asarray(index).reshape(-1)]
+        if len(index) != len(positions):
+            raise ValueError(f"index gives {len(index)} dataset positions for {len(positions)} images shown: give one per image")
+        out["images"], out["images_are"] = index, "dataset positions"
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if callable(fingerprint):
+        out["dataset"] = fingerprint()
+        out["images_are"] = "dataset positions"
+    return out
+
+
+def save_figure(
+    fig: plt.Figure,
+    data: pd.DataFrame | None,
+    name: str,
+    out: str | Path | None,
+    dpi: int = 150,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Save `fig` as ``<out>/<name>.png``, `data` as ``<out>/<name>.csv`` and their provenance as ``<out>/<name>.json``.
+
+    Nothing is written when `out` is None. Every file is written atomically, the sidecar last.
+
+    Args:
+        fig: The figure.
+        data: The table behind it (None: no CSV).
+        name: File stem.
+        out: Folder.
+        dpi: Resolution of the PNG.
+        provenance: What the caller knows of the figure's origin (``seeds``, ``dataset``,
+            ``token_caches``, ``probe_caches``, ``images``: the exact images shown, ...); the commit,
+            the package versions and what this process noted are added (see :func:`epviz.provenance.sidecar`).
+
+    Returns:
+        The paths written, by kind: ``png``, ``csv`` (with `data`) and ``json``.
+    """
     if out is None:
         return {}
     out = Path(out)
@@ -112,4 +171,6 @@ def save_figure(fig: plt.Figure, data: pd.DataFrame | None, name: str, out: str 
     if data is not None:
         written["csv"] = out / f"{name}.csv"
         atomic_write(written["csv"], lambda tmp: data.to_csv(tmp, index=False))
+    doc = sidecar(name, files=written, data=data, provenance=provenance)
+    written["json"] = write_sidecar(out / f"{name}.json", doc)
     return written

@@ -181,3 +181,149 @@ def write_grey_png(path: Path, width: int, height: int, bands: tuple[int, ...] =
         fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)))
         fh.write(chunk(b"IDAT", stream) + chunk(b"IEND", b""))
     return path
+
+
+# --- the reference implementation's probe heads (github.com/billpsomas/efficient-probing) -------------
+
+
+def reference_head_state(
+    kind: str = "ep", *, dim: int = 16, num_classes: int = 5, num_queries: int = 4, d_out: int = 1, seed: int = 0
+) -> dict:
+    """A head's state dict under the reference's ``nn.Sequential(pooling, BatchNorm1d, Linear)`` keys.
+
+    Random values, with BatchNorm statistics away from (0, 1) so that a wrong mapping shows.
+
+    Args:
+        kind: "ep" (``0.cls_token`` (1, M, D), ``0.v.weight`` (D/d_out, D), ``1.*`` BatchNorm, ``2.*``
+            classifier) or "lp" (``0.*`` BatchNorm, ``1.*`` classifier).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    width = dim // d_out if kind == "ep" else dim
+    bn, fc = ("1", "2") if kind == "ep" else ("0", "1")
+    state = {}
+    if kind == "ep":
+        state["0.cls_token"] = torch.randn(1, num_queries, dim, generator=g)
+        state["0.v.weight"] = torch.randn(width, dim, generator=g) / dim**0.5
+    state[f"{bn}.running_mean"] = torch.randn(width, generator=g) * 0.3
+    state[f"{bn}.running_var"] = torch.rand(width, generator=g) + 0.5
+    state[f"{bn}.num_batches_tracked"] = torch.tensor(1234)
+    state[f"{fc}.weight"] = torch.randn(num_classes, width, generator=g) / width**0.5
+    state[f"{fc}.bias"] = torch.randn(num_classes, generator=g) * 0.1
+    return state
+
+
+def write_reference_checkpoint(
+    path: Path,
+    state: dict,
+    *,
+    cls_features: str = "ep",
+    epoch: int = 41,
+    val_acc1: float = 71.25,
+    saved_module: str = "head",
+    **args,
+) -> Path:
+    """A training checkpoint as the reference's ``misc.save_model`` writes it (``checkpoint-best.pth``).
+
+    It holds the head's state dict under ``model``, a LARS-style optimizer state, the grad scaler's
+    state, ``epoch``, ``test_stats`` and ``args``: the run's ``argparse.Namespace``, with the
+    ``pathlib.Path`` values and absolute paths of a real run. `args` override its entries.
+    """
+    import argparse
+
+    import torch
+
+    num_queries = state["0.cls_token"].shape[1] if "0.cls_token" in state else 32
+    fc = "2" if "0.cls_token" in state else "1"
+    namespace = argparse.Namespace(
+        batch_size=512,
+        epochs=90,
+        accum_iter=1,
+        model="vit_base_patch16",
+        input_size=224,
+        weight_decay=0.0,
+        optimizer="lars",
+        lr=0.2,
+        blr=0.1,
+        min_lr=0.0,
+        warmup_epochs=10,
+        cls_features=cls_features,
+        ep_queries=int(num_queries),
+        d_out=1,
+        num_heads=16,
+        dataset_name="imagenet1k",
+        data_path=Path("/datasets01/imagenet_full_size/061417"),
+        nb_classes=int(state[f"{fc}.weight"].shape[0]),
+        output_dir="/scratch/project/outputs/imagenet/vitb/linprobe_run",
+        log_dir="/scratch/project/outputs/imagenet/vitb/linprobe_run",
+        device="cuda",
+        seed=0,
+        finetune="/scratch/project/checkpoints/mae_pretrain_vit_base.pth",
+        timm=False,
+        openclip=False,
+        amp="float16",
+        distributed=True,
+        rank=0,
+        gpu=0,
+        dist_backend="nccl",
+    )
+    for key, value in args.items():
+        setattr(namespace, key, value)
+    params = [k for k in state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    optimizer = {
+        "state": {i: {"mu": torch.zeros_like(state[k])} for i, k in enumerate(params)},
+        "param_groups": [
+            {"lr": 0.2, "weight_decay": 0.0, "momentum": 0.9, "trust_coefficient": 0.001, "params": list(range(len(params)))}
+        ],
+    }
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 17}
+    stats = {"train_lr": 0.01, "train_loss": 1.5, "test_loss": 1.1, "test_acc1": val_acc1, "test_acc5": 90.5, "epoch": epoch}
+    checkpoint = {
+        "saved_module": saved_module,
+        "model": dict(state) if saved_module == "head" else {f"head.{k}": v for k, v in state.items()},
+        "optimizer": optimizer,
+        "epoch": epoch,
+        "scaler": scaler,
+        "args": namespace,
+        "test_stats": stats,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    return path
+
+
+def write_reference_release(folder: Path, state: dict, **meta) -> Path:
+    """A released head as the reference's ``tools/export_ep_heads.py`` writes it: ``ep_head.pth`` + ``config.json``.
+
+    The meta has the exporter's keys (``method``, ``arch``, ..., ``d_out`` always 1 as it writes it);
+    `meta` overrides them. Returns the ``.pth``.
+    """
+    import json
+
+    import torch
+
+    doc = {
+        "method": "MAE",
+        "arch": "ViT-B/16",
+        "pretrain": "IN-1K",
+        "image_size": 224,
+        "model": "vit_base_patch16",
+        "loader": "",
+        "pretrain_tag": "",
+        "finetune": "vit_base_patch16_224.mae",
+        "extra_flags": "",
+        "cls_features": "ep",
+        "ep_queries": int(state["0.cls_token"].shape[1]) if "0.cls_token" in state else 32,
+        "d_out": 1,
+        "head_epoch": 86,
+        "val_acc1_at_head_epoch": 75.41,
+        "table_best_acc1": 75.46,
+        "note": "best-epoch head: saved at the run's peak, the number the table reports.",
+        "training_log": "logs/mae_base/ep.txt",
+        **meta,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": dict(state), "meta": doc}, folder / "ep_head.pth")
+    (folder / "config.json").write_text(json.dumps(doc, indent=1))
+    return folder / "ep_head.pth"

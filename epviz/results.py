@@ -1,0 +1,655 @@
+"""The results table: one row per (backbone, layer, probe, protocol, seed), every number traceable.
+
+The columns follow the reference benchmark's leaderboard (``family``, ``method``, ``arch``,
+``pretrain``, ``eval``, ``image_size``, ``lp``, ``ep``, ``ep_queries``, ``ep_variant``, ``log``) and
+add what no probing benchmark reports: the mean over the probe's attention predictors of Δacc
+(``mean_delta_acc``), MaxBoxAccV2, the in-box mass and the normalised entropy of its maps, each with
+its interval (``<column>_lo``, ``<column>_hi``), and the provenance of the row (commit, setting,
+notebook, token caches, probe-cache entry).
+
+Definitions (ours):
+
+* ``test_acc`` / ``val_acc``: the row's probe, top-1 as a fraction. ``lp``: the test top-1 of LP on
+  [CLS] (``cls``) with the same backbone, layer, protocol and seed; ``ep``, ``ep_variant`` (its
+  label) and ``ep_queries`` (its predictors): the row's own probe when it is EP, else the EP probe of
+  the same group (``ep16``, else ``ep``, else the first EP label); NaN where the group has none.
+* ``log``: the run's training history, ``probes/<key>.history.csv`` under the token cache folder
+  (``$EPVIZ_CACHE``); ``probe_cache`` is its key. Runs are matched to the probe-cache entries this
+  process trained or loaded (:func:`epviz.provenance.probe_runs`) on backbone, layer, seed, probe
+  family, trainable parameters and predictors; None when there is no entry (low-shot subsets,
+  tokens built in memory) or the run was not made in this process.
+* Map measures: means over the predictors of the predictor table (:func:`epviz.analysis.predictor_tables`)
+  of the same backbone, layer, probe and seed. Their interval is the bootstrap interval of that mean
+  over test images when the table's bootstrap records are given (``maps_interval`` = "bootstrap of
+  the mean"), else the mean of the predictors' own bounds (a wider interval; "mean of the
+  predictors' intervals"); NaN where the table has no interval (the entropy keeps no per-image records).
+
+:func:`append_results` keeps one CSV (``figures/results.csv`` in full mode, ``figures/fast/results.csv``
+in fast mode) that notebooks 01 and 02 extend; :func:`write_readme` and :func:`check_readme` keep the
+generated section of README.md (between :data:`START` and :data:`END`) equal to what the committed
+``docs/results.csv`` gives (``epviz results --write`` / ``--check``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from epviz.atomic import atomic_write, atomic_write_text
+from epviz.provenance import git_commit, git_dirty, probe_runs
+
+__all__ = [
+    "END",
+    "NO_RUN",
+    "RESULT_COLUMNS",
+    "RESULT_KEY",
+    "START",
+    "append_results",
+    "backbone_facts",
+    "check_readme",
+    "publish",
+    "read_results",
+    "readme_section",
+    "render_section",
+    "results_rows",
+    "write_readme",
+]
+
+RESULT_KEY = ("backbone", "layer", "probe", "protocol", "seed")
+MAP_MEASURES = ("mean_delta_acc", "maxboxacc_v2", "inbox_mass", "entropy_norm")
+_MAP_SOURCE = {
+    "mean_delta_acc": "delta_acc",
+    "maxboxacc_v2": "maxboxacc_v2",
+    "inbox_mass": "inbox_mass",
+    "entropy_norm": "entropy_norm",
+}
+RESULT_COLUMNS = (
+    *RESULT_KEY,
+    "family",
+    "method",
+    "arch",
+    "pretrain",
+    "eval",
+    "image_size",
+    "test_acc",
+    "val_acc",
+    "lp",
+    "ep",
+    "ep_queries",
+    "ep_variant",
+    "params",
+    "predictors",
+    "num_classes",
+    "lr",
+    "weight_decay",
+    "tuned",
+    *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi")),
+    "maps_interval",
+    "level",
+    "setting",
+    "notebook",
+    "test_tokens",
+    "train_tokens",
+    "probe_cache",
+    "log",
+    "commit",
+    "dirty",
+    "created",
+)
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+NO_RUN = "No full run of this setting yet"
+_EP_PREFERENCE = ("ep16", "ep", "ep_all16", "ep_all")
+
+# --- backbones ------------------------------------------------------------------------------
+
+_ZOO_FACTS = {
+    "tiny-mae": ("MIM", "MAE", "cluttered Fashion-MNIST"),
+    "tiny-sup": ("SUP", "supervised", "cluttered Fashion-MNIST"),
+    "tiny-random": ("control", "random init", "none"),
+}
+_FAMILY = {"MAE": "MIM", "BEiTv2": "MIM", "EVA02": "MIM", "DINO": "JEA", "DINOv2": "Hybrid", "CLIP": "VLM", "SigLIP": "VLM"}
+_PRETRAIN = {
+    "mae": "IN-1K",
+    "dino": "IN-1K",
+    "lvd142m": "LVD-142M",
+    "openai": "WIT-400M",
+    "webli": "WebLI",
+    "mim_in22k": "IN-22K",
+}
+_SIZES = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g", "gigantic": "G"}
+_ARCH = re.compile(r"^[a-z0-9]+_(tiny|small|base|large|huge|giant|gigantic)_patch(\d+)")
+
+
+def _arch(timm_name: str) -> str:
+    base = timm_name.split(".", 1)[0]
+    match = _ARCH.match(base)
+    return f"ViT-{_SIZES[match.group(1)]}/{match.group(2)}" if match else base
+
+
+def backbone_facts(name: str, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The leaderboard's description of a backbone: family, method, arch, pretrain, image_size.
+
+    Args:
+        name: A zoo name, a preset ("mae-vit-b"), "<name>:random" or a timm name.
+        meta: The ``backbone`` entry of its token cache's ``meta.json`` (its image size wins).
+
+    Returns:
+        ``family`` (MIM, JEA, Hybrid, VLM, SUP, control), ``method``, ``arch`` ("ViT-B/16"),
+        ``pretrain`` (the pre-training data) and ``image_size`` (pixels); None where unknown.
+    """
+    from epviz.backbones import presets, zoo
+
+    size = None
+    if meta and meta.get("image_size"):
+        size = int(list(meta["image_size"])[0])
+    if name in zoo.ZOO:
+        family, method, pretrain = _ZOO_FACTS.get(name, (None, None, None))
+        a = zoo.ARCHITECTURE
+        return {
+            "family": family,
+            "method": method,
+            "arch": f"ViT-tiny/{a['patch_size']} (D={a['embed_dim']}, {a['depth']} blocks)",
+            "pretrain": pretrain,
+            "image_size": size or int(a["img_size"]),
+        }
+    base, random = presets.split_random(name)
+    preset = presets.get_preset(base)
+    timm_name = preset.timm_name if preset is not None else base
+    tag = timm_name.split(".", 1)[1] if "." in timm_name else None
+    method = re.split(r"[\s,:]", preset.objective, maxsplit=1)[0] if preset is not None else None
+    facts = {
+        "family": _FAMILY.get(method or "") if preset is not None else None,
+        "method": method,
+        "arch": _arch(timm_name),
+        "pretrain": _PRETRAIN.get(tag or "", tag),
+        "image_size": size,
+    }
+    if random:
+        facts.update(family="control", method=f"{method or facts['arch']} architecture, random init", pretrain="none")
+    return facts
+
+
+def _cache_meta(name: str | None) -> dict[str, Any]:
+    """The ``backbone`` entry of a token cache's meta.json, or {} when the cache is not on this machine."""
+    if not name:
+        return {}
+    from epviz.tokens import default_cache_dir
+
+    path = default_cache_dir() / name / "meta.json"
+    try:
+        backbone = json.loads(path.read_text()).get("backbone", {})
+    except (OSError, ValueError):
+        return {}
+    return backbone if isinstance(backbone, dict) else {}
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+def _is_ep(name: str) -> bool:
+    from epviz.probes import probe_class
+
+    try:
+        return str(probe_class(str(name)).name) in ("ep", "ep_all")
+    except (KeyError, ValueError):
+        return bool(re.match(r"^ep(\d|_|$)", str(name).lower()))
+
+
+def _family_name(name: str) -> str | None:
+    from epviz.probes import probe_class
+
+    try:
+        return str(probe_class(str(name)).name)
+    except (KeyError, ValueError):
+        return None
+
+
+def _match_run(row: Mapping[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest probe-cache run of this process that is the row's run (see the module docstring)."""
+    family = _family_name(row.get("name", row["probe"]))
+    for run in reversed(runs):
+        if (
+            run["backbone"] == row["backbone"]
+            and run["layer"] == row["layer"]
+            and run["seed"] == int(row["seed"])
+            and (family is None or run["name"] == family)
+            and ("params" not in row or _missing(row["params"]) or run["params"] == int(row["params"]))
+            and ("predictors" not in row or _missing(row["predictors"]) or run["predictors"] == int(row["predictors"]))
+        ):
+            return run
+    return None
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def _map_summary(tables: pd.DataFrame, records: Mapping[Any, Any] | None, level: float) -> pd.DataFrame:
+    """Per (backbone, layer, probe, seed): the map measures' means over predictors and their intervals."""
+    from epviz.analysis.intervals import percentile_interval
+
+    keys = ["backbone", "layer", "probe", "seed"]
+    missing = [c for c in [*keys, "delta_acc"] if c not in tables.columns]
+    if missing:
+        raise ValueError(f"the predictor table needs the columns {missing}; it has {list(tables.columns)}")
+    seeds_per_probe = tables.groupby(["backbone", "probe"])["seed"].nunique()
+    out = []
+    for group, part in tables.groupby(keys, sort=False, dropna=False):
+        row = dict(zip(keys, group))
+        boot = None
+        if records is not None and seeds_per_probe.get((row["backbone"], row["probe"]), 0) == 1:
+            boot = records.get((row["backbone"], row["probe"]))
+        samples = boot.samples() if boot is not None else {}
+        row["maps_interval"] = "bootstrap of the mean" if samples else "mean of the predictors' intervals"
+        for measure, column in _MAP_SOURCE.items():
+            values = part[column] if column in part else pd.Series(dtype=float)
+            row[measure] = float(values.mean()) if values.notna().any() else math.nan
+            if column in samples:
+                lo, hi = percentile_interval(samples[column].to_numpy().mean(axis=1), level)
+                row[f"{measure}_lo"], row[f"{measure}_hi"] = float(lo), float(hi)
+            else:
+                for side in ("lo", "hi"):
+                    bound = part.get(f"{column}_{side}")
+                    row[f"{measure}_{side}"] = float(bound.mean()) if bound is not None and bound.notna().any() else math.nan
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def results_rows(
+    runs: pd.DataFrame,
+    tables: pd.DataFrame | None = None,
+    *,
+    records: Mapping[Any, Any] | None = None,
+    tokens: Mapping[str, Mapping[str, Any]] | None = None,
+    setting: Any = None,
+    dataset: str | None = None,
+    protocol: str = "cached",
+    notebook: str | None = None,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """The results table's rows of some runs, one per (backbone, layer, probe, protocol, seed).
+
+    Args:
+        runs: Rows of :func:`epviz.training.probe_zoo` (backbone, layer, probe, seed, test_acc; name,
+            val_acc, params, predictors, num_classes, lr, weight_decay and tuned where present).
+        tables: Predictor tables of some of the runs (:func:`epviz.analysis.predictor_tables`): their
+            means over predictors fill the map columns.
+        records: The tables' bootstrap records (``return_records=True``), for the intervals of the means.
+        tokens: ``{backbone: {split: TokenSet}}`` (``study.tokens``): token caches and image sizes.
+        setting: The :class:`epviz.Setting` (or its name) of the runs.
+        dataset: The dataset spec the runs were evaluated on (the ``eval`` column).
+        protocol: How the probes were trained: "cached" (on cached tokens) or "per-step".
+        notebook: The notebook that made the runs.
+        level: Level of the bootstrap intervals computed from `records`.
+
+    Returns:
+        A DataFrame with the columns :data:`RESULT_COLUMNS` (see the module docstring).
+
+    Raises:
+        ValueError: `runs` lacks a needed column or is empty, or `tables` lacks its context columns.
+    """
+    needed = ["backbone", "layer", "probe", "seed", "test_acc"]
+    missing = [c for c in needed if c not in runs.columns]
+    if missing:
+        raise ValueError(f"results_rows needs runs with the columns {missing} (as probe_zoo returns); got {list(runs.columns)}")
+    if len(runs) == 0:
+        raise ValueError("results_rows got no runs: there is nothing to record")
+    runs = runs.drop_duplicates(subset=["backbone", "layer", "probe", "seed"], keep="last").reset_index(drop=True)
+    known_runs = probe_runs()
+    setting_name = getattr(setting, "name", setting)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    commit, dirty = git_commit(), git_dirty()
+    rows = []
+    for record in runs.to_dict("records"):
+        split = (tokens or {}).get(record["backbone"], {})
+        test_tokens = getattr(getattr(split.get("test"), "origin", None), "cache", None)
+        train_tokens = getattr(getattr(split.get("train"), "origin", None), "cache", None)
+        facts = backbone_facts(record["backbone"], _cache_meta(test_tokens or train_tokens))
+        fingerprint = getattr(getattr(split.get("test"), "origin", None), "dataset", None)
+        evaluated = dataset or (fingerprint.get("dataset") if isinstance(fingerprint, Mapping) else fingerprint)
+        run = _match_run(record, known_runs)
+        rows.append(
+            {
+                "backbone": record["backbone"],
+                "layer": int(record["layer"]),
+                "probe": str(record["probe"]),
+                "protocol": protocol,
+                "seed": int(record["seed"]),
+                **facts,
+                "eval": evaluated,
+                "test_acc": record["test_acc"],
+                "val_acc": record.get("val_acc", math.nan),
+                "params": record.get("params"),
+                "predictors": record.get("predictors"),
+                "num_classes": record.get("num_classes"),
+                "lr": record.get("lr"),
+                "weight_decay": record.get("weight_decay"),
+                "tuned": record.get("tuned"),
+                "level": level,
+                "setting": setting_name,
+                "notebook": notebook,
+                "test_tokens": test_tokens,
+                "train_tokens": (run or {}).get("train_cache", train_tokens),
+                "probe_cache": None if run is None else run["key"],
+                "log": None if run is None else f"probes/{run['key']}.history.csv",
+                "commit": commit,
+                "dirty": dirty,
+                "created": created,
+                "_ep": _is_ep(record.get("name", record["probe"])),
+            }
+        )
+    table = pd.DataFrame(rows)
+    _reference_columns(table)
+    if tables is not None and len(tables):
+        maps = _map_summary(tables, records, level)
+        table = table.merge(maps, on=["backbone", "layer", "probe", "seed"], how="left", suffixes=("_run", ""))
+    for column in RESULT_COLUMNS:
+        if column not in table:
+            table[column] = math.nan if column in _numeric_columns() else None
+    return table[list(RESULT_COLUMNS)]
+
+
+def _numeric_columns() -> set[str]:
+    return {"level", *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi"))}
+
+
+def _reference_columns(table: pd.DataFrame) -> None:
+    """Fill ``lp``, ``ep``, ``ep_variant`` and ``ep_queries`` in place (see the module docstring)."""
+    table["lp"], table["ep"], table["ep_variant"], table["ep_queries"] = math.nan, math.nan, None, math.nan
+    for _, part in table.groupby(["backbone", "layer", "protocol", "seed"], sort=False):
+        lp = part.loc[part["probe"] == "cls", "test_acc"]
+        eps = part[part["_ep"]]
+        reference = None
+        if len(eps):
+            labels = list(eps["probe"])
+            label = next((p for p in _EP_PREFERENCE if p in labels), sorted(labels)[0])
+            reference = eps[eps["probe"] == label].iloc[0]
+        for index in part.index:
+            table.at[index, "lp"] = float(lp.iloc[0]) if len(lp) else math.nan
+            own = table.loc[index]
+            chosen = own if own["_ep"] else reference
+            if chosen is not None:
+                table.at[index, "ep"] = chosen["test_acc"]
+                table.at[index, "ep_variant"] = chosen["probe"]
+                table.at[index, "ep_queries"] = math.nan if _missing(chosen["predictors"]) else chosen["predictors"]
+    table.drop(columns="_ep", inplace=True)
+
+
+# --- the CSV --------------------------------------------------------------------------------
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """The results table stored at `path` (an empty table with :data:`RESULT_COLUMNS` when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+    table = pd.read_csv(path)
+    missing = [c for c in RESULT_KEY if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} is not a results table (no {missing} columns): delete it, or point to the right file")
+    return table
+
+
+def _key_frame(table: pd.DataFrame) -> pd.Series:
+    parts = [table[c].astype("string").fillna("") for c in RESULT_KEY]
+    keys = parts[0]
+    for part in parts[1:]:
+        keys = keys + "\x1f" + part
+    return keys
+
+
+def _keep_known(rows: pd.DataFrame, keys: pd.Series, stored: pd.DataFrame) -> pd.DataFrame:
+    """`rows` with the values they lack taken from stored rows of the same key and the same probe-cache entry."""
+    if not len(stored) or "probe_cache" not in stored or "probe_cache" not in rows:
+        return rows
+    previous = stored.assign(_key=_key_frame(stored).to_numpy()).drop_duplicates("_key", keep="last").set_index("_key")
+    rows = rows.astype(object)  # a stored value may not fit the dtype of a column the new rows leave empty
+    for i, key in enumerate(keys):
+        if key not in previous.index:
+            continue
+        old = previous.loc[key]
+        entry = rows.at[i, "probe_cache"]
+        if _missing(entry) or _missing(old["probe_cache"]) or str(entry) != str(old["probe_cache"]):
+            continue
+        for column in rows.columns:
+            if column in old.index and _missing(rows.at[i, column]) and not _missing(old[column]):
+                rows.at[i, column] = old[column]
+    return rows.infer_objects()
+
+
+def append_results(rows: pd.DataFrame, path: str | os.PathLike = "figures/results.csv") -> Path:
+    """Add `rows` to the results table at `path`, replacing stored rows with the same key; atomic.
+
+    When a stored row of the same key names the same probe-cache entry (the same trained probe), the
+    values the new row lacks are kept from it: notebook 02 adds the map measures to the rows of
+    notebook 01 without losing their ``lp``.
+
+    Args:
+        rows: From :func:`results_rows`.
+        path: The table (created with its folder when missing).
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: `rows` lacks a key column, or holds a key twice.
+    """
+    missing = [c for c in RESULT_KEY if c not in rows.columns]
+    if missing:
+        raise ValueError(f"the rows lack the key columns {missing}: build them with results_rows")
+    new_keys = _key_frame(rows)
+    if new_keys.duplicated().any():
+        twice = rows.loc[new_keys.duplicated(keep=False).to_numpy(), list(RESULT_KEY)].drop_duplicates()
+        raise ValueError(f"the rows hold the same key more than once:\n{twice.to_string(index=False)}")
+    stored = read_results(path)
+    rows = _keep_known(rows.reset_index(drop=True), new_keys.reset_index(drop=True), stored)
+    kept = stored[~_key_frame(stored).isin(set(new_keys)).to_numpy()] if len(stored) else stored
+    parts = [p for p in (kept, rows) if len(p)]
+    table = pd.concat(parts, ignore_index=True) if parts else rows.iloc[0:0]
+    columns = [*RESULT_COLUMNS, *(c for c in table.columns if c not in RESULT_COLUMNS)]
+    table = table.reindex(columns=columns)
+    return atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
+
+
+# --- the README section ---------------------------------------------------------------------
+
+
+def _pct(x: Any) -> str:
+    return "–" if _missing_number(x) else f"{100 * float(x):.1f}"
+
+
+def _num(x: Any, scale: float = 1.0, digits: int = 2) -> str:
+    return "–" if _missing_number(x) else f"{scale * float(x):.{digits}f}"
+
+
+def _missing_number(x: Any) -> bool:
+    try:
+        return x is None or not math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return True
+
+
+def _with_interval(part: pd.DataFrame, measure: str, scale: float, digits: int) -> str:
+    have = part[part[measure].notna()] if measure in part else part.iloc[0:0]
+    if not len(have):
+        return "–"
+    value = _num(have[measure].mean(), scale, digits)
+    if len(have) > 1:
+        return f"{value} (mean of {len(have)} seeds)"
+    lo, hi = have[f"{measure}_lo"].iloc[0], have[f"{measure}_hi"].iloc[0]
+    if _missing_number(lo) or _missing_number(hi):
+        return value
+    return f"{value} [{_num(lo, scale, digits)}, {_num(hi, scale, digits)}]"
+
+
+def _cell(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x).replace("|", "\\|")
+
+
+def render_section(table: pd.DataFrame | None, source: str = "docs/results.csv") -> str:
+    """The generated README section (markers included) of a results table.
+
+    Args:
+        table: The published results (None: the CSV does not exist).
+        source: How the section names its CSV.
+    """
+    head = [
+        START,
+        f"<!-- generated by `epviz results --write` from {source}; `make test` checks it (`epviz results --check`): "
+        "do not edit by hand -->",
+        "",
+    ]
+    how = (
+        f"`make figures` writes every run of notebooks 01 and 02 to `figures/results.csv`; `epviz results --write` "
+        f"copies it to `{source}` and rebuilds this section."
+    )
+    if table is None:
+        return "\n".join([*head, f"**{NO_RUN}**: `{source}` does not exist. {how}", END])
+    if len(table) == 0:
+        return "\n".join([*head, f"**{NO_RUN}**: `{source}` holds no rows. {how}", END])
+    table = table.copy()
+    for column in RESULT_COLUMNS:
+        if column not in table:
+            table[column] = None
+    commits = sorted({str(c)[:10] for c in table["commit"].dropna()})
+    settings = sorted({str(s) for s in table["setting"].dropna()})
+    evals = sorted({str(s) for s in table["eval"].dropna()})
+    dirty = bool(table["dirty"].astype("string").str.lower().eq("true").any())
+    lines = [
+        *head,
+        f"{len(table)} runs from `{source}` (setting {', '.join(settings) or 'unknown'}; evaluated on "
+        f"{', '.join(evals) or 'unknown'}; commit {', '.join(commits) or 'unknown'}"
+        f"{', with uncommitted changes' if dirty else ''}). Top-1 on the test split in %, mean ± std over seeds; "
+        "LP is LP on [CLS], EP the group's EP probe (variant, queries). The map columns are means over the "
+        "probe's attention predictors with their 95% bootstrap interval over test images (Δacc in points). "
+        f"Every row of `{source}` also names its token caches and its probe-cache entry, whose "
+        "`<token cache>/probes/<key>.history.csv` is its training log.",
+        "",
+        "| Backbone | Family | Method | Arch. | Pre-training | Image size |",
+        "|---|---|---|---|---|---:|",
+    ]
+    for backbone, part in table.groupby("backbone", sort=False):
+        first = part.iloc[0]
+        size = first["image_size"]
+        lines.append(
+            f"| {_cell(backbone)} | {_cell(first['family'])} | {_cell(first['method'])} | {_cell(first['arch'])} | "
+            f"{_cell(first['pretrain'])} | {'–' if _missing_number(size) else int(float(size))} |"
+        )
+    lines += [
+        "",
+        "| Backbone | Layer | Probe | Protocol | Seeds | Top-1 | LP | EP | Δacc | MaxBoxAccV2 | In-box mass | Entropy |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    groups = []
+    for key, part in table.groupby(["backbone", "layer", "probe", "protocol"], sort=False, dropna=False):
+        groups.append((key, part, float(part["test_acc"].mean())))
+    order = {b: i for i, b in enumerate(dict.fromkeys(table["backbone"]))}
+    groups.sort(key=lambda g: (order[g[0][0]], str(g[0][1]), -g[2] if math.isfinite(g[2]) else math.inf))
+    for (backbone, layer, probe, protocol), part, mean in groups:
+        n = len(part)
+        top1 = _pct(mean) + (f" ± {_pct(part['test_acc'].std(ddof=1))}" if n > 1 else "")
+        ep = "–"
+        if part["ep"].notna().any():
+            first = part[part["ep"].notna()].iloc[0]
+            queries = "" if _missing_number(first["ep_queries"]) else f", {int(float(first['ep_queries']))}"
+            ep = f"{_pct(part['ep'].mean())} ({_cell(first['ep_variant'])}{queries})"
+        lines.append(
+            f"| {_cell(backbone)} | {_cell(layer)} | {_cell(probe)} | {_cell(protocol)} | {n} | {top1} | "
+            f"{_pct(part['lp'].mean())} | {ep} | {_with_interval(part, 'mean_delta_acc', 100.0, 1)} | "
+            f"{_with_interval(part, 'maxboxacc_v2', 1.0, 2)} | {_with_interval(part, 'inbox_mass', 1.0, 2)} | "
+            f"{_with_interval(part, 'entropy_norm', 1.0, 2)} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def readme_section(text: str) -> str | None:
+    """The generated section of a README's text (markers included), or None when it has no markers.
+
+    Raises:
+        ValueError: The markers are there but out of order, or more than once.
+    """
+    if START not in text and END not in text:
+        return None
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"the README must hold {START} once, followed by {END} once; fix the markers by hand")
+    return text[text.index(START) : text.index(END) + len(END)]
+
+
+def _published(csv: Path) -> pd.DataFrame | None:
+    return read_results(csv) if csv.is_file() else None
+
+
+def publish(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy a full run's results table to the published CSV, atomically.
+
+    Raises:
+        FileNotFoundError: `source` does not exist.
+        ValueError: It holds fast-mode rows (they check the pipeline, they are not results).
+    """
+    source, target = Path(source), Path(target)
+    table = read_results(source) if source.is_file() else None
+    if table is None:
+        raise FileNotFoundError(f"no results table at {source}: run `make figures` (full mode) first")
+    if "setting" in table and table["setting"].astype("string").eq("fast").any():
+        raise ValueError(
+            f"{source} holds fast-mode rows (setting 'fast'): their numbers check the pipeline and are not results; "
+            "publish the table of a full run (figures/results.csv)"
+        )
+    return atomic_write(target, lambda tmp: table.to_csv(tmp, index=False))
+
+
+def write_readme(readme: str | os.PathLike, csv: str | os.PathLike, source_name: str = "docs/results.csv") -> Path:
+    """Rebuild the README's generated section from `csv` (an empty table is created when `csv` is missing).
+
+    The section goes between the markers; a README without them gets a "Results" section at the end.
+    """
+    readme, csv = Path(readme), Path(csv)
+    if not csv.is_file():
+        atomic_write_text(csv, ",".join(RESULT_COLUMNS) + "\n")
+    section = render_section(_published(csv), source_name)
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    current = readme_section(text)
+    if current is None:
+        text = text.rstrip("\n") + f"\n\n## Results\n\n{section}\n"
+    else:
+        text = text.replace(current, section)
+    return atomic_write_text(readme, text)
+
+
+def check_readme(readme: str | os.PathLike, csv: str | os.PathLike, source_name: str = "docs/results.csv") -> str | None:
+    """None when the README's section is what `csv` gives, else a message with the difference and the fix."""
+    readme, csv = Path(readme), Path(csv)
+    expected = render_section(_published(csv), source_name)
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    found = readme_section(text)
+    fix = f"run `epviz results --write` (it rebuilds the section from {source_name}) and commit both files"
+    if found is None:
+        return f"{readme} has no results section ({START} ... {END}): {fix}"
+    if found == expected:
+        return None
+    diff = "\n".join(
+        list(difflib.unified_diff(found.splitlines(), expected.splitlines(), "README.md", "expected", lineterm=""))[:40]
+    )
+    return f"the results section of {readme} is not what {source_name} gives:\n{diff}\n{fix}"
+
+
+def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two results tables hold the same rows (order and float formatting aside)."""
+    if len(a) != len(b) or set(a.columns) != set(b.columns):
+        return False
+    columns = sorted(a.columns)
+    left = a[columns].astype("string").sort_values(columns).reset_index(drop=True)
+    right = b[columns].astype("string").sort_values(columns).reset_index(drop=True)
+    return bool(np.all(left.fillna("").to_numpy() == right.fillna("").to_numpy()))
