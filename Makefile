@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install data browser lint test test-fast figures bench clean-cache help
+.PHONY: all install data browser lint results-check test test-fast figures bench clean-cache help
 
 all: figures
 
 help:
 	@echo "make figures   reproduce every figure into figures/ (and figures/report.html)"
-	@echo "make test      lint, then the test suite (library tests and notebooks under nbval)"
+	@echo "make test      lint, the README's results check, then the test suite (library tests and notebooks under nbval)"
 	@echo "make test-fast the unit tests alone (no notebooks, no browser, nothing slow): well under a minute"
 	@echo "make lint      ruff (lint and format check) and mypy"
 	@echo "make bench     run the speed benchmarks in benchmarks/"
@@ -54,7 +54,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check epviz tests scripts benchmarks
 	$(VENV)/bin/mypy
 
-test: lint data browser
+# The README's results section must be what docs/results.csv (a full run's published table) gives.
+results-check: $(STAMP)
+	$(PY) -m epviz.cli results --check
+
+test: lint results-check data browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

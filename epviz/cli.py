@@ -16,7 +16,6 @@ import functools
 import hashlib
 import html
 import importlib
-import inspect
 import json
 import os
 import re
@@ -117,14 +116,14 @@ class CellProgress:
         number = self.code.index(index) + 1 if index in self.code else index + 1
         return f"{self.name} cell {number}/{len(self.code)}"
 
-    def _before(self, index: int, source: str) -> float | None:
+    def _before(self, index: int) -> float | None:
         entry = self.previous.get(str(index))
         if not isinstance(entry, dict) or entry.get("seconds") is None:
             return None
         return float(entry["seconds"])
 
     def _estimate(self, index: int, source: str, elapsed: float | None = None) -> str:
-        before = self._before(index, source)
+        before = self._before(index)
         if before is None:
             return "first run: no estimate"
         edited = "" if self.previous[str(index)].get("source") == _source_digest(source) else ", the cell has changed since"
@@ -138,7 +137,7 @@ class CellProgress:
         """nbclient hook: a code cell starts."""
         now = self.clock()
         self._running = (cell_index, now, cell.source)
-        before = self._before(cell_index, cell.source)
+        before = self._before(cell_index)
         hint = ""
         if before is None:
             hint = " (first run)"
@@ -186,7 +185,7 @@ def _read_timings(path: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) and isinstance(doc.get("notebooks"), dict) else {"notebooks": {}}
 
 
-def _pngs(folder: Path) -> dict[str, float]:
+def _pngs(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} if folder.is_dir() else {}
 
 
@@ -269,8 +268,8 @@ def _first_line(err: Exception) -> str:
 
 
 def _notebook_figures(entry: dict, pngs: list[Path]) -> list[Path]:
-    """The figures of a notebook: those its run wrote, else those named after its number ("01_...")."""
-    if entry.get("figures"):
+    """The figures of a notebook: those its run wrote, else (no record of them) those named after its number ("01_...")."""
+    if entry.get("figures") is not None:
         wanted = set(entry["figures"])
         return [p for p in pngs if p.name in wanted]
     prefix = entry["notebook"].split("_", 1)[0] + "_"
@@ -386,8 +385,8 @@ def _reference_loader() -> Callable[..., Any] | None:
     return None
 
 
-def _load_reference(path: Path, dim: int, num_classes: int) -> Any:
-    """A reference head (``.pth``) as a Probe, through the installed ``load_reference_head``."""
+def _load_reference(path: Path) -> Any:
+    """A reference head (``.pth``, or a released head's folder) as a Probe, through ``load_reference_head``."""
     from epviz.probes import Probe
 
     loader = _reference_loader()
@@ -396,12 +395,9 @@ def _load_reference(path: Path, dim: int, num_classes: int) -> Any:
             f"{path} is a reference head (.pth), and this install of epviz has no load_reference_head to read it: "
             "update epviz, or pass a probe saved by epviz (<path>.json + <path>.safetensors)"
         )
-    accepted = inspect.signature(loader).parameters
-    options = {k: v for k, v in {"dim": dim, "num_classes": num_classes, "device": "cpu"}.items() if k in accepted}
-    loaded = loader(path, **options)
-    probe = loaded[0] if isinstance(loaded, tuple) else getattr(loaded, "probe", loaded)
+    probe = loader(path, device="cpu")
     if not isinstance(probe, Probe):
-        raise ValueError(f"load_reference_head({path}) returned {type(loaded).__name__}, not a probe")
+        raise ValueError(f"load_reference_head({path}) returned {type(probe).__name__}, not a probe")
     return probe
 
 
@@ -426,8 +422,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     from epviz.training import load_probe
 
     path = Path(args.probe)
-    reference = path.suffix == ".pth"
-    probe, origin = None, {}
+    reference = path.suffix == ".pth" or path.is_dir()  # a reference checkpoint, or a released head's folder
+    origin: dict[str, Any] = {}
     if not reference:
         probe = load_probe(path, device="cpu")
         origin = _probe_origin(path)
@@ -436,23 +432,21 @@ def _evaluate(args: argparse.Namespace) -> None:
                 f"note: the probe was trained on tokens of {origin['backbone']}; it is evaluated on {args.backbone}",
                 file=sys.stderr,
             )
-    elif not path.is_file():
-        raise FileNotFoundError(f"no reference head at {path}")
+    else:
+        probe = _load_reference(path)
     layer = args.layer if args.layer is not None else int(origin.get("layer", -1))
     backbone = load_backbone(args.backbone, weights=args.weights)
+    if backbone.dim != probe.dim:
+        raise ValueError(
+            f"the probe reads tokens of width {probe.dim} but {args.backbone} gives {backbone.dim}: "
+            "pass the backbone the probe was trained on (--backbone)"
+        )
     dataset = load_split(args.dataset, args.split, args.size, seed=args.seed)
-    if probe is None:
-        probe = _load_reference(path, backbone.dim, int(dataset.num_classes))
     cache = extract_tokens(
         backbone, dataset, [layer], precision=args.precision, batch_size=args.batch_size, cache_dir=args.cache_dir
     )
     tokens = cache.tokens(layer)
     note(dataset=args.dataset, tokens=tokens)
-    if tokens.dim != probe.dim:
-        raise ValueError(
-            f"the probe reads tokens of width {probe.dim} but {args.backbone} gives {tokens.dim}: "
-            "pass the backbone the probe was trained on (--backbone)"
-        )
     scores = accuracy(probe, tokens, topk=(1, 5), batch_size=args.batch_size)
     summary = {
         "probe_file": str(path),
@@ -581,7 +575,9 @@ def main(argv: list[str] | None = None) -> None:
         "Nothing is trained and the probe cache is not touched.",
     )
     ev.add_argument(
-        "--probe", required=True, help="a probe saved by epviz (<path>, .json or .safetensors) or a reference head (.pth)"
+        "--probe",
+        required=True,
+        help="a probe saved by epviz (<path>, .json or .safetensors) or a reference head (.pth, or a released head's folder)",
     )
     ev.add_argument("--backbone", required=True, help="the backbone the probe reads (zoo name, preset or timm name)")
     ev.add_argument("--weights", default=None, help="backbone weights file")

@@ -101,7 +101,7 @@ def git_dirty(root: str | os.PathLike | None = None) -> bool | None:
 
 @functools.lru_cache(maxsize=1)
 def _versions() -> tuple[tuple[str, str | None], ...]:
-    out = []
+    out: list[tuple[str, str | None]] = []
     for name in PACKAGES:
         try:
             out.append((name, importlib.metadata.version(name)))

@@ -110,6 +110,26 @@ START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 NO_RUN = "No full run of this setting yet"
 _EP_PREFERENCE = ("ep16", "ep", "ep_all16", "ep_all")
+_TEXT_COLUMNS = (
+    "backbone",
+    "probe",
+    "protocol",
+    "family",
+    "method",
+    "arch",
+    "pretrain",
+    "eval",
+    "ep_variant",
+    "maps_interval",
+    "setting",
+    "notebook",
+    "test_tokens",
+    "train_tokens",
+    "probe_cache",
+    "log",
+    "commit",
+    "created",
+)
 
 # --- backbones ------------------------------------------------------------------------------
 
@@ -349,8 +369,7 @@ def results_rows(
                 "_ep": _is_ep(record.get("name", record["probe"])),
             }
         )
-    table = pd.DataFrame(rows)
-    _reference_columns(table)
+    table = _reference_columns(pd.DataFrame(rows))
     if tables is not None and len(tables):
         maps = _map_summary(tables, records, level)
         table = table.merge(maps, on=["backbone", "layer", "probe", "seed"], how="left", suffixes=("_run", ""))
@@ -364,8 +383,8 @@ def _numeric_columns() -> set[str]:
     return {"level", *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi"))}
 
 
-def _reference_columns(table: pd.DataFrame) -> None:
-    """Fill ``lp``, ``ep``, ``ep_variant`` and ``ep_queries`` in place (see the module docstring)."""
+def _reference_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with ``lp``, ``ep``, ``ep_variant`` and ``ep_queries`` filled (see the module docstring)."""
     table["lp"], table["ep"], table["ep_variant"], table["ep_queries"] = math.nan, math.nan, None, math.nan
     for _, part in table.groupby(["backbone", "layer", "protocol", "seed"], sort=False):
         lp = part.loc[part["probe"] == "cls", "test_acc"]
@@ -383,7 +402,7 @@ def _reference_columns(table: pd.DataFrame) -> None:
                 table.at[index, "ep"] = chosen["test_acc"]
                 table.at[index, "ep_variant"] = chosen["probe"]
                 table.at[index, "ep_queries"] = math.nan if _missing(chosen["predictors"]) else chosen["predictors"]
-    table.drop(columns="_ep", inplace=True)
+    return table.drop(columns="_ep")
 
 
 # --- the CSV --------------------------------------------------------------------------------
@@ -394,7 +413,8 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
-    table = pd.read_csv(path)
+    header = pd.read_csv(path, nrows=0).columns
+    table = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS if c in header})
     missing = [c for c in RESULT_KEY if c not in table.columns]
     if missing:
         raise ValueError(f"{path} is not a results table (no {missing} columns): delete it, or point to the right file")
@@ -493,6 +513,10 @@ def _with_interval(part: pd.DataFrame, measure: str, scale: float, digits: int) 
     return f"{value} [{_num(lo, scale, digits)}, {_num(hi, scale, digits)}]"
 
 
+def _layer_order(layer: Any) -> tuple[float, str]:
+    return (math.inf, str(layer)) if _missing_number(layer) else (float(layer), "")
+
+
 def _cell(x: Any) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x).replace("|", "\\|")
 
@@ -555,7 +579,7 @@ def render_section(table: pd.DataFrame | None, source: str = "docs/results.csv")
     for key, part in table.groupby(["backbone", "layer", "probe", "protocol"], sort=False, dropna=False):
         groups.append((key, part, float(part["test_acc"].mean())))
     order = {b: i for i, b in enumerate(dict.fromkeys(table["backbone"]))}
-    groups.sort(key=lambda g: (order[g[0][0]], str(g[0][1]), -g[2] if math.isfinite(g[2]) else math.inf))
+    groups.sort(key=lambda g: (order[g[0][0]], _layer_order(g[0][1]), -g[2] if math.isfinite(g[2]) else math.inf))
     for (backbone, layer, probe, protocol), part, mean in groups:
         n = len(part)
         top1 = _pct(mean) + (f" ± {_pct(part['test_acc'].std(ddof=1))}" if n > 1 else "")

@@ -49,3 +49,261 @@ def test_a_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
     report = (tmp_path / "figures" / "fast" / "report.html").read_text()
     assert "ValueError: no such backbone" in report
     assert (tmp_path / "figures" / "fast" / "notebooks" / "01_bad.ipynb").is_file()
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_probe(tmp_path, monkeypatch):
+    """An EP16 probe for tiny-random's tokens (D=192, 10 classes), saved; training and the probe cache made to fail."""
+    import sys
+
+    import epviz.training
+    from epviz.probes import build
+    from epviz.training import save_probe
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("epviz evaluate trained something")
+
+    for module, names in (
+        (epviz.training, ("fit", "fit_grid", "tune", "train_probe")),
+        (sys.modules["epviz.training.fit"], ("fit",)),
+        (sys.modules["epviz.training.probe_cache"], ("fit", "tune", "fit_or_load", "store_fit")),
+        (sys.modules["epviz.training.runs"], ("fit_or_load",)),
+    ):
+        for name in names:
+            monkeypatch.setattr(module, name, no_training)
+    probe = build("ep16", 192, 10, seed=0)
+    return probe, save_probe(probe, tmp_path / "probe", {"fit": {"train_origin": {"backbone": "tiny-random", "layer": 5}}})
+
+
+def _evaluate_args(probe, tmp_path, *extra):
+    return [
+        "evaluate", "--probe", str(probe), "--backbone", "tiny-random", "--dataset", "cluttered-fashion-mnist",
+        "--split", "test", "--size", "12", "--cache-dir", str(tmp_path / "cache"), *extra,
+    ]  # fmt: skip
+
+
+def test_evaluate_scores_a_saved_probe_and_trains_nothing(saved_probe, tmp_path, capsys):
+    import pandas as pd
+
+    from epviz import accuracy, extract_tokens, load_backbone
+    from epviz.data import load_split
+
+    probe, base = saved_probe
+    cli.main(_evaluate_args(base, tmp_path, "--out", str(tmp_path / "scores.csv")))
+    printed = capsys.readouterr().out
+    assert "top1" in printed and "top5" in printed
+    scores = pd.read_csv(tmp_path / "scores.csv")
+    assert len(scores) == 1 and scores.loc[0, "images"] == 12 and scores.loc[0, "layer"] == 5
+    tokens = extract_tokens(load_backbone("tiny-random"), load_split("cluttered-fashion-mnist", "test", 12), [5],
+                            cache_dir=tmp_path / "cache").tokens(5)  # fmt: skip
+    expected = accuracy(probe, tokens, topk=(1, 5))
+    assert (scores.loc[0, "top1"], scores.loc[0, "top5"]) == pytest.approx((expected["top1"], expected["top5"]))
+    assert scores.loc[0, "token_cache"] == tokens.origin.cache
+    assert not (tmp_path / "cache" / "probes").exists(), "the probe cache is not touched"
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [tokens.origin.cache], "only the split's tokens"
+
+
+def test_evaluate_with_maps_writes_the_predictor_table(saved_probe, tmp_path, capsys):
+    import pandas as pd
+
+    _, base = saved_probe
+    cli.main(_evaluate_args(base, tmp_path, "--maps", "--n-boot", "20", "--out", str(tmp_path / "maps.csv")))
+    assert "mean over predictors" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "maps.csv")
+    assert table["predictor"].tolist() == list(range(16))
+    for column in ("delta_acc", "delta_acc_lo", "delta_acc_hi", "entropy_norm", "maxboxacc_v2", "inbox_mass", "top1", "top5"):
+        assert table[column].notna().all(), column
+    assert table["entropy_norm"].between(0, 1 + 1e-6).all() and (table["top5"] >= table["top1"]).all()
+    assert not (tmp_path / "cache" / "probes").exists()
+
+
+def test_evaluate_refuses_a_probe_of_another_width_and_a_missing_file(tmp_path, monkeypatch):
+    from epviz.probes import build
+    from epviz.training import save_probe
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    base = save_probe(build("gap", 64, 10, seed=0), tmp_path / "narrow")
+    with pytest.raises(SystemExit, match="width 64 but tiny-random gives 192"):
+        cli.main(_evaluate_args(base, tmp_path))
+    with pytest.raises(SystemExit, match="no saved probe"):
+        cli.main(_evaluate_args(tmp_path / "absent", tmp_path))
+
+
+def test_evaluate_reads_reference_heads_through_load_reference_head(saved_probe, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from epviz.training import save_reference_head
+
+    probe, base = saved_probe
+    head = save_reference_head(probe, tmp_path / "release" / "my_head")
+    assert head.suffix == ".pth"
+    cli.main(_evaluate_args(base, tmp_path, "--out", str(tmp_path / "saved.csv")))
+    cli.main(_evaluate_args(head, tmp_path, "--layer", "-1", "--out", str(tmp_path / "file.csv")))
+    cli.main(_evaluate_args(head.parent, tmp_path, "--layer", "-1", "--out", str(tmp_path / "folder.csv")))
+    saved, file, folder = (pd.read_csv(tmp_path / f"{n}.csv") for n in ("saved", "file", "folder"))
+    assert file.loc[0, "probe_file"] == str(head) and folder.loc[0, "probe_file"] == str(head.parent)
+    for scores in (file, folder):
+        assert (scores.loc[0, "top1"], scores.loc[0, "top5"]) == pytest.approx((saved.loc[0, "top1"], saved.loc[0, "top5"]))
+    assert not (tmp_path / "cache" / "probes").exists()
+    monkeypatch.setattr(cli, "_reference_loader", lambda: None)
+    with pytest.raises(SystemExit, match="no load_reference_head"):
+        cli.main(_evaluate_args(head, tmp_path))
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def _checkout(tmp_path, monkeypatch):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "README.md").write_text("# x\n\n<!-- results:start -->\n<!-- results:end -->\n")
+    monkeypatch.chdir(tmp_path)
+
+
+def test_results_check_fails_until_write_rebuilds_the_section(tmp_path, monkeypatch, capsys):
+    _checkout(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit, match="epviz results --write"):
+        cli.main(["results", "--check"])
+    cli.main(["results", "--write"])
+    assert (tmp_path / "docs" / "results.csv").is_file() and "No full run" in (tmp_path / "README.md").read_text()
+    cli.main(["results", "--check"])
+    assert "is what docs/results.csv gives" in capsys.readouterr().out
+
+
+def test_results_write_publishes_a_full_runs_table(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    from epviz.results import append_results, read_results, results_rows
+
+    _checkout(tmp_path, monkeypatch)
+    runs = pd.DataFrame({"backbone": "tiny-mae", "layer": 5, "probe": ["cls", "ep16"], "seed": 0, "test_acc": [0.4, 0.6]})
+    append_results(results_rows(runs, setting="full"), tmp_path / "figures" / "results.csv")
+    cli.main(["results", "--write"])
+    assert len(read_results(tmp_path / "docs" / "results.csv")) == 2
+    readme = (tmp_path / "README.md").read_text()
+    assert "| tiny-mae | 5 | ep16 | cached | 1 | 60.0 | 40.0 |" in readme
+    cli.main(["results", "--check"])
+    append_results(results_rows(runs.assign(seed=1), setting="full"), tmp_path / "figures" / "results.csv")
+    cli.main(["results", "--check"])
+    assert "differs from docs/results.csv" in capsys.readouterr().out, "an unpublished run is pointed out"
+    append_results(results_rows(runs.assign(seed=2), setting="fast"), tmp_path / "figures" / "results.csv")
+    with pytest.raises(ValueError, match="fast-mode rows"):
+        cli.main(["results", "--write"])
+
+
+# --- progress and report ------------------------------------------------------------------------
+
+
+class _Cell(dict):
+    def __init__(self, source, cell_type="code"):
+        super().__init__(source=source, cell_type=cell_type)
+        self.source, self.cell_type = source, cell_type
+
+
+def test_cell_progress_prints_cells_and_estimates_from_the_previous_run():
+    import io
+    import types
+
+    clock = [0.0]
+    nb = types.SimpleNamespace(cells=[_Cell("# intro", "markdown"), _Cell("import x"), _Cell("train()  # long"), _Cell("")])
+    out = io.StringIO()
+    first = cli.CellProgress("01_zoo", nb, None, out=out, heartbeat=None, clock=lambda: clock[0])
+    for index, seconds in ((1, 0.5), (2, 90.0)):
+        first.on_cell_execute(cell=nb.cells[index], cell_index=index)
+        clock[0] += seconds
+        first.on_cell_executed(cell=nb.cells[index], cell_index=index, execute_reply={"content": {"status": "ok"}})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[01_zoo cell 1/2] import x - at 0.0 s (first run)"
+    assert lines[1] == "[01_zoo cell 1/2] done in 0.5 s; notebook at 0.5 s"
+    assert lines[2].startswith("[01_zoo cell 2/2] train()  # long - at 0.5 s (first run)")
+    assert lines[3] == "[01_zoo cell 2/2] done in 1 min 30 s; notebook at 1 min 30 s"
+    assert first.cells["2"]["seconds"] == 90.0 and set(first.cells) == {"1", "2"}
+
+    out = io.StringIO()
+    clock[0] = 0.0
+    second = cli.CellProgress("01_zoo", nb, {"cells": first.cells}, out=out, heartbeat=None, clock=lambda: clock[0])
+    second.on_cell_execute(cell=nb.cells[1], cell_index=1)
+    second.on_cell_executed(cell=nb.cells[1], cell_index=1)
+    second.on_cell_execute(cell=nb.cells[2], cell_index=2)
+    clock[0] = 30.0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[01_zoo cell 1/2] import x - at 0.0 s", "a short cell gets no estimate"
+    assert lines[2] == "[01_zoo cell 2/2] train()  # long - at 0.0 s (previous run 1 min 30 s)"
+    assert second._estimate(2, nb.cells[2].source, 30.0) == "about 1 min 00 s left (previous run 1 min 30 s)"
+    assert second._estimate(2, nb.cells[2].source, 100.0) == "past the previous run's 1 min 30 s"
+    assert "the cell has changed since" in second._estimate(2, "train(epochs=9)", 30.0)
+
+
+def test_the_heartbeat_says_a_long_cell_is_still_running():
+    import io
+    import time
+    import types
+
+    nb = types.SimpleNamespace(cells=[_Cell("slow()")])
+    out = io.StringIO()
+    progress = cli.CellProgress("nb", nb, None, out=out, heartbeat=0.05)
+    try:
+        progress.on_cell_execute(cell=nb.cells[0], cell_index=0)
+        time.sleep(0.3)
+        progress.on_cell_executed(cell=nb.cells[0], cell_index=0)
+    finally:
+        progress.close()
+    text = out.getvalue()
+    assert "[nb cell 1/1] still running after" in text and "first run: no estimate" in text
+    assert not progress._thread.is_alive()
+
+
+def test_report_links_every_figures_sidecar_and_lists_notebooks(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from epviz.viz import save_figure
+
+    fig, ax = plt.subplots()
+    save_figure(fig, None, "01_points", tmp_path, provenance={"seeds": [0, 1], "images": [3, 4]})
+    plt.close(fig)
+    (tmp_path / "02_other.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    timings = [
+        {"notebook": "01_zoo.ipynb", "seconds": 125.0, "status": "ok", "figures": ["01_points.png"]},
+        {"notebook": "02_maps.ipynb", "seconds": 3.0, "status": "failed", "error": "ValueError: bad"},
+    ]
+    text = cli.write_report(tmp_path, timings).read_text()
+    assert "provenance: <a href='01_points.json'>01_points.json</a>" in text and "seeds [0, 1]" in text
+    assert "images [3, 4]" in text
+    row = next(line for line in text.split("<tr>") if "01_zoo.ipynb" in line)
+    assert "2 min 05 s" in row and "<a href='#fig-01_points'>01_points</a> (<a href='01_points.json'>provenance</a>)" in row
+    failed = next(line for line in text.split("<tr>") if "02_maps.ipynb" in line)
+    assert "ValueError: bad" in failed and "#fig-02_other" in failed, "figures named after the notebook's number"
+    assert "02_other.json" not in text, "no sidecar, no link"
+
+
+@pytest.mark.slow
+def test_reproduce_prints_cells_keeps_timings_and_reports_figures(tmp_path, monkeypatch, capsys):
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "pyproject.toml").write_text("")
+    source = (
+        "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nfrom epviz.viz import save_figure\n"
+        "fig, ax = plt.subplots()\nsave_figure(fig, None, '01_dot', '../figures/fast', provenance={'images': [7]})"
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# one"), nbformat.v4.new_code_cell(source)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "notebooks" / "01_dot.ipynb")
+    monkeypatch.chdir(tmp_path)
+    cli.main(["reproduce", "--fast"])
+    out = capsys.readouterr().out
+    assert "[1/1] 01_dot.ipynb (first run)" in out and "[01_dot cell 1/1] import matplotlib - at" in out
+    assert "[01_dot cell 1/1] done in" in out
+    timings = json.loads((tmp_path / "figures" / "fast" / "timings.json").read_text())
+    entry = timings["notebooks"]["01_dot.ipynb"]
+    assert entry["status"] == "ok" and set(entry["cells"]) == {"1"}
+    report = (tmp_path / "figures" / "fast" / "report.html").read_text()
+    assert "<a href='#fig-01_dot'>01_dot</a> (<a href='01_dot.json'>provenance</a>)" in report
+    assert json.loads((tmp_path / "figures" / "fast" / "01_dot.json").read_text())["images"] == [7]
+    cli.main(["reproduce", "--fast"])
+    assert "[1/1] 01_dot.ipynb (previous run " in capsys.readouterr().out
