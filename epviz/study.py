@@ -21,6 +21,7 @@ from typing import Any
 
 from epviz.backbones import present_backbones
 from epviz.data import DEFAULT_DATASET, ImageDataset, standard_splits
+from epviz.provenance import note
 from epviz.setting import SPLITS, Setting
 from epviz.tokens import TokenCache, TokenSet, extract_sets, layer_tokens
 
@@ -113,7 +114,9 @@ def open_study(
     sets = standard_splits(dataset, setting.sizes, splits)
     folder = Path(figures) / ("fast" if setting.is_fast else "")
     study = Study(setting=setting, backbones=present, control=control, dataset=dataset, layer=layer, sets=sets, figures=folder)
+    note(dataset=dataset)  # the sidecars of the figures saved afterwards name the dataset and the token caches
     if tokens:
         study.caches = extract_sets(present, sets)
         study.tokens = layer_tokens(study.caches, layer)
+        note(tokens=study.tokens)
     return study
