@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from epviz.atomic import atomic_write, atomic_write_text
+from epviz.safe_load import strip_ansi
 
 __all__ = ["main", "run_notebooks", "write_report", "CellProgress", "format_duration"]
 
@@ -261,7 +262,7 @@ def run_notebooks(
 
 def _first_line(err: Exception) -> str:
     """The most telling line of a notebook error (nbclient puts the exception last)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # tracebacks arrive coloured
+    text = strip_ansi(str(err))  # tracebacks arrive coloured
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
     return (errors or lines or [type(err).__name__])[-1][:300]

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from epviz.backbones import presets, zoo
 from epviz.errors import ConfigError, WeightsError
 from epviz.runtime import resolve_device
+from epviz.safe_load import strip_ansi, unsafe_globals
 
 __all__ = [
     "Backbone",
@@ -241,28 +242,6 @@ def _load_zoo(name: str) -> Backbone:
     return _describe_model(model, name, weights_id, card, mean=norm["mean"], std=norm["std"])
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _plain(text: str) -> str:
-    """`text` without terminal colour codes (torch wraps parts of its messages in them)."""
-    return _ANSI.sub("", text)
-
-
-def _unsafe_globals(path: Path, err: BaseException) -> list[str]:
-    """The globals a pickled checkpoint needs beyond plain tensors, read without unpickling anything."""
-    found: list[str] = []
-    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if scan is not None:
-        try:
-            found = [str(g) for g in scan(str(path))]
-        except Exception:  # noqa: BLE001 - an older container format: fall back on the message
-            found = []
-    if not found:
-        found = re.findall(r"GLOBAL ([\w.]+)", _plain(str(err)))
-    return sorted(dict.fromkeys(found))
-
-
 def _conversion_hint(path: Path, globals_: list[str]) -> str:
     """A snippet that converts a checkpoint with benign pickled objects into safetensors."""
     modules = sorted({g.rsplit(".", 1)[0] for g in globals_ if "." in g})
@@ -297,11 +276,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        globals_ = _unsafe_globals(path, err)
+        globals_ = unsafe_globals(path, err)
         if not globals_:
             raise BackboneError(
                 f"cannot read weights from {path}: it is a pickled checkpoint that does not load with weights_only=True "
-                f"({_plain(str(err)).strip().splitlines()[0][:200]}). epviz reads .safetensors files and torch checkpoints "
+                f"({strip_ansi(str(err)).strip().splitlines()[0][:200]}). epviz reads .safetensors files and torch checkpoints "
                 "of plain tensors only; save the state dict with safetensors.torch.save_file"
             ) from None
         raise BackboneError(
@@ -310,7 +289,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             "does not unpickle objects from weights files. " + _conversion_hint(path, globals_)
         ) from None
     except Exception as err:  # noqa: BLE001 - any decoding failure means the same thing to the user
-        first = (_plain(str(err)).strip().splitlines() or [""])[0][:200]
+        first = (strip_ansi(str(err)).strip().splitlines() or [""])[0][:200]
         raise BackboneError(
             f"cannot read weights from {path}: {type(err).__name__}: {first}. "
             "epviz reads .safetensors files and torch checkpoints of plain tensors (weights_only=True)"

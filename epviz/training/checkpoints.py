@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +23,7 @@ from epviz.atomic import atomic_write
 from epviz.backbones.loader import check_finite_weights, check_weights_fit
 from epviz.errors import WeightsError
 from epviz.probes import Probe, build
+from epviz.provenance import jsonable
 from epviz.runtime import resolve_device
 
 __all__ = ["FORMAT", "RECORD_KEYS", "finite_or_none", "load_probe", "model_card", "read_model_card", "save_probe"]
@@ -80,7 +80,7 @@ def save_probe(
     atomic_write(base.with_name(base.name + ".safetensors"), lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     doc = {"format": FORMAT, "probe": probe.config, **(extra or {})}
     doc["card"] = model_card(probe.config, doc, card)
-    text = json.dumps(_jsonable(doc), indent=2, allow_nan=False)
+    text = json.dumps(jsonable(doc), indent=2, allow_nan=False)
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -199,7 +199,7 @@ def model_card(
         "source": config.get("source"),
     }
     doc.update(card or {})
-    return _jsonable(doc)
+    return jsonable(doc)
 
 
 def read_model_card(path: str | os.PathLike) -> dict[str, Any]:
@@ -240,20 +240,3 @@ def _mapping(value: object) -> Mapping[str, Any]:
 
 def finite_or_none(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
-
-
-def _jsonable(obj):
-    """`obj` with NaN/inf as None, numpy scalars as Python numbers, tuples as lists, other objects as str."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return finite_or_none(float(obj))
-    if obj is None or isinstance(obj, str):
-        return obj
-    return str(obj)

@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,9 @@ from epviz.atomic import atomic_write
 from epviz.backbones.loader import check_finite_weights, check_weights_fit
 from epviz.errors import ConfigError, WeightsError
 from epviz.probes import Probe, build
+from epviz.provenance import jsonable
 from epviz.runtime import resolve_device
+from epviz.safe_load import unsafe_globals
 
 __all__ = ["REFERENCE", "RELEASE_CONFIG", "RELEASE_FILE", "load_reference_head", "save_reference_head"]
 
@@ -175,7 +175,7 @@ def load_reference_head(
     )
     check_finite_weights(weights, file)
     probe.load_state_dict(weights)
-    probe.config["source"] = _jsonable(
+    probe.config["source"] = jsonable(
         {
             "format": REFERENCE,
             "layout": info["layout"],
@@ -243,7 +243,7 @@ def save_reference_head(probe: Probe, path: str | os.PathLike, *, meta: Mapping[
         "num_classes": probe.num_classes,
         "exported_by": f"epviz {__version__}",
     }
-    doc = _jsonable(doc)
+    doc = jsonable(doc)
     target = Path(path)
     pth = target if target.suffix == ".pth" else target / RELEASE_FILE
     state = _to_reference(probe, family)
@@ -281,7 +281,7 @@ def _read(path: Path) -> object:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        needed = [g for g in _globals_in(path, err) if g not in _SAFE_NAMES]
+        needed = [g for g in unsafe_globals(path, err) if g not in _SAFE_NAMES]
         what = f"pickled objects of {', '.join(needed)}" if needed else "pickled objects"
         raise WeightsError(
             f"cannot read {path}: besides tensors and the run arguments (argparse.Namespace, paths) it needs {what}, "
@@ -294,20 +294,6 @@ def _read(path: Path) -> object:
             f"cannot read {path}: {type(err).__name__}: {first}. Expected a torch checkpoint of the reference "
             f"({' / '.join(_CHECKPOINTS)} or {RELEASE_FILE}); the file is damaged or of another format"
         ) from None
-
-
-def _globals_in(path: Path, err: BaseException) -> list[str]:
-    """The globals a pickled file names, read without unpickling it."""
-    found: list[str] = []
-    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if scan is not None:
-        try:
-            found = [str(g) for g in scan(str(path))]
-        except Exception:  # noqa: BLE001 - a legacy container: fall back on the message
-            found = []
-    if not found:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(err))
-    return sorted(dict.fromkeys(found))
 
 
 def _unpack(loaded: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -500,16 +486,3 @@ def _check_plain(value: object, where: str) -> None:
         f"{where} is a {type(value).__name__}; the reference format stores plain values only "
         "(strings, numbers, booleans, None, lists, dicts)"
     )
-
-
-def _jsonable(obj: Any) -> Any:
-    """`obj` with tuples as lists, NaN/inf as None, paths and other objects as strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, bool, int)):
-        return obj
-    return str(obj)

@@ -195,10 +195,6 @@ def test_unpickling_is_never_the_fallback(tmp_path, monkeypatch):
     assert calls and all(flag is True for flag in calls)
 
 
-def test_ansi_codes_are_stripped_from_quoted_errors():
-    assert loader._plain("a \x1b[1mbold\x1b[0m word") == "a bold word"
-
-
 def test_width_and_patch_mismatch_is_named_on_the_first_line(tmp_path):
     path = tmp_path / "w96.safetensors"
     save_file(_state(timm.create_model("test_vit", num_classes=0, embed_dim=96)), str(path))
