@@ -14,6 +14,7 @@ from epviz.training.fit import PROTOCOL, FitResult, fit
 from epviz.training.fit_images import PROTOCOL_PER_STEP, fit_images
 from epviz.training.grid import GridResult, fit_grid, select_point
 from epviz.training.optim import LARS, lr_at
+from epviz.training.probe_cache import grid_points
 from epviz.training.reference import load_reference_head, save_reference_head
 from epviz.training.runs import (
     aggregate_runs,
@@ -36,6 +37,7 @@ __all__ = [
     "build_for",
     "fit",
     "fit_images",
+    "grid_points",
     "layer_sweep",
     "load_probe",
     "load_reference_head",

@@ -39,6 +39,7 @@ from epviz.training.tuning import tune
 __all__ = [
     "PROBE_CACHE_FORMAT",
     "fit_or_load",
+    "grid_points",
     "history_path",
     "load_cached_fit",
     "probe_cache_dir",
@@ -110,6 +111,49 @@ def load_cached_fit(key: str, cache_dir: str | Path | None = None) -> FitResult 
         seconds=float(doc.get("seconds", nan)),
         config=dict(doc.get("fit", {}), cached=key),
     )
+
+
+def grid_points(runs: pd.DataFrame, cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Every grid point of the tuned runs in `runs`, read from their probe-cache entries.
+
+    Args:
+        runs: Rows naming their entry in a ``probe_cache`` column (:func:`epviz.results.results_rows`);
+            their other columns (backbone, probe, seed, ...) are kept. Rows without an entry, or whose
+            entry is a single fit, give no points.
+        cache_dir: The probe cache (default :func:`probe_cache_dir`).
+
+    Returns:
+        One row per run x grid point: the run's columns, then ``lr``, ``weight_decay``, ``best_epoch``,
+        ``best_val_acc``, ``chosen`` (the point selected on val), ``edge`` (its lr is the grid's
+        smallest or largest: the grid may be too narrow for this probe) and ``selected_on``.
+    """
+    if "probe_cache" not in runs:
+        raise ValueError("runs need a probe_cache column (epviz.results.results_rows gives one)")
+    keep = [c for c in ("backbone", "layer", "probe", "seed") if c in runs]
+    tables = []
+    for _, run in runs.iterrows():
+        key = run["probe_cache"]
+        if not isinstance(key, str):
+            continue
+        meta = Path(cache_dir or probe_cache_dir()) / f"{key}.json"
+        try:
+            grid = json.loads(meta.read_text(encoding="utf-8")).get("fit", {}).get("grid")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the probe-cache entry {meta}: {err}") from err
+        if not grid:
+            continue
+        points = pd.DataFrame(grid["points"])
+        lrs = sorted(float(v) for v in grid["lrs"])
+        chosen = grid["chosen"]["point"]
+        points = points.assign(
+            chosen=points["point"] == chosen,
+            edge=points["lr"].isin([lrs[0], lrs[-1]]) if len(lrs) > 1 else False,
+            selected_on=grid.get("selected_on"),
+        )
+        tables.append(points.assign(**{c: run[c] for c in keep})[keep + [c for c in points if c not in keep]])
+    if not tables:
+        return pd.DataFrame(columns=keep + ["lr", "weight_decay", "best_epoch", "best_val_acc", "chosen", "edge"])
+    return pd.concat(tables, ignore_index=True)
 
 
 def history_path(key: str, cache_dir: str | Path | None = None) -> Path:

@@ -91,6 +91,7 @@ def probe_zoo(
     budget: Mapping,
     seed: int = 0,
     seeds: Sequence[int] | None = None,
+    chosen: pd.DataFrame | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, dict[tuple, Probe]]:
     """Train every probe on every backbone's tokens, once per seed; report val and test top-1.
@@ -101,6 +102,10 @@ def probe_zoo(
         budget: :func:`epviz.fit` options, or with ``grid`` a tuning budget (``Setting.fit_options()``).
         seed: Seed of every run when `seeds` is None.
         seeds: One run per seed (initialisation and shuffling); default ``(seed,)``.
+        chosen: Runs of an earlier call (its rows with ``backbone``, ``probe``, ``lr`` and
+            ``weight_decay``): each (backbone, probe) is then trained at the learning rate and weight
+            decay chosen there, without a grid. Repeating the tuned configuration under other seeds
+            measures the spread over initialisation and shuffling at the price of one fit per seed.
         progress: Show a tqdm bar over runs.
 
     Returns:
@@ -122,9 +127,10 @@ def probe_zoo(
         for label, options in specs.items():
             options = dict(options)
             name = options.pop("name")
+            run_budget = budget if chosen is None else _chosen_budget(budget, chosen, backbone, label)
             for run_seed in seeds:
                 bar.set_postfix(backbone=backbone, probe=label, seed=run_seed)
-                result = train_probe(name, split["train"], split["val"], budget=budget, seed=run_seed, **options)
+                result = train_probe(name, split["train"], split["val"], budget=run_budget, seed=run_seed, **options)
                 test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
                 fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
                 rows.append(
@@ -150,6 +156,21 @@ def probe_zoo(
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
+
+
+def _chosen_budget(budget: Mapping, chosen: pd.DataFrame, backbone: str, label: str) -> dict:
+    """`budget` without its grid, at the lr and weight decay chosen for (backbone, label) in `chosen`."""
+    missing = sorted({"backbone", "probe", "lr", "weight_decay"} - set(chosen.columns))
+    if missing:
+        raise ValueError(f"chosen runs need the columns backbone, probe, lr and weight_decay; missing {missing}")
+    match = chosen[(chosen["backbone"] == backbone) & (chosen["probe"] == label)]
+    if match.empty:
+        raise ValueError(f"no chosen configuration for probe {label!r} on {backbone!r}: train it with the grid first")
+    configs = match[["lr", "weight_decay"]].drop_duplicates()
+    if len(configs) > 1:
+        raise ValueError(f"probe {label!r} on {backbone!r} has {len(configs)} chosen configurations; pass one run per probe")
+    lr, weight_decay = (float(v) for v in configs.iloc[0])
+    return {**{k: v for k, v in budget.items() if k != "grid"}, "lr": lr, "weight_decay": weight_decay}
 
 
 def _specs_list(probes) -> list[tuple[str, str, dict]]:

@@ -115,3 +115,24 @@ def test_options_left_at_their_default_give_the_same_key(cache_dir, monkeypatch)
     monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained again")))
     same = train_probe("ep", train, val, budget=FIT, num_queries=2, d_out=1)
     assert same.config["cached"] and same.best_acc == pytest.approx(first.best_acc)
+
+
+def test_grid_points_reads_every_point_of_the_tuned_runs(cache_dir):
+    import pandas as pd
+
+    train, val = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key")
+    tuned = train_probe("ep", train, val, budget={**FIT, "grid": {"lrs": (1e-3, 1e-2, 1e-1)}}, num_queries=2)
+    single = train_probe("gap", train, val, budget=FIT)
+    keys = sorted(p.name[: -len(".json")] for p in cache_dir.glob("*.json"))
+    entries = [next(k for k in keys if k.startswith("ep-")), next(k for k in keys if k.startswith("gap-")), None]
+    runs = pd.DataFrame({"backbone": ["toy"] * 3, "probe": ["ep2", "gap", "lp"], "seed": [0, 0, 0], "probe_cache": entries})
+    points = probe_cache.grid_points(runs)
+    assert points["probe"].tolist() == ["ep2"] * 3, "a single fit and a row without an entry give no points"
+    assert sorted(points["lr"]) == [1e-3, 1e-2, 1e-1]
+    assert points["chosen"].sum() == 1
+    assert points.loc[points["chosen"], "lr"].item() == tuned.config["lr"]
+    assert points.loc[points["chosen"], "best_val_acc"].item() == pytest.approx(points["best_val_acc"].max())
+    assert points.set_index("lr")["edge"].to_dict() == {1e-3: True, 1e-2: False, 1e-1: True}
+    assert single.config.get("grid") is None
+    with pytest.raises(ValueError, match="probe_cache column"):
+        probe_cache.grid_points(runs.drop(columns="probe_cache"))

@@ -195,6 +195,34 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
         probe_zoo(splits, ["gap"], budget=budget, seeds=(0, 0))
 
 
+def test_probe_zoo_reseeds_at_the_chosen_configuration_without_a_grid():
+    train, _ = toy_tokens(120, 0)
+    val, _ = toy_tokens(60, 1)
+    splits = {"toy": {"train": train, "val": val, "test": val}}
+    budget = Setting.fast().fit_options(epochs=2, batch_size=32)
+    assert "grid" in budget
+    specs = {"gap": None, "ep4": {"name": "ep", "num_queries": 4}}
+    tuned, _ = probe_zoo(splits, specs, budget=budget)
+    assert tuned["tuned"].all()
+    chosen = tuned.assign(lr=[3e-3, 2e-2], weight_decay=[1e-4, 5e-2])  # stand-ins for the grid's choices
+    again, fitted = probe_zoo(splits, dict(reversed(specs.items())), budget=budget, seeds=(1, 2), chosen=chosen)
+    assert not again["tuned"].any(), "the chosen configuration is refit, not tuned again"
+    assert again.set_index(["probe", "seed"])["lr"].to_dict() == {
+        ("ep4", 1): 2e-2,
+        ("ep4", 2): 2e-2,
+        ("gap", 1): 3e-3,
+        ("gap", 2): 3e-3,
+    }
+    assert (again.loc[again["probe"] == "ep4", "weight_decay"] == 5e-2).all()
+    assert set(fitted) == {("toy", p, s) for p in ("gap", "ep4") for s in (1, 2)}
+    with pytest.raises(ValueError, match="no chosen configuration for probe 'cls'"):
+        probe_zoo(splits, ["cls"], budget=budget, chosen=chosen)
+    with pytest.raises(ValueError, match="missing"):
+        probe_zoo(splits, ["gap"], budget=budget, chosen=chosen.drop(columns="weight_decay"))
+    with pytest.raises(ValueError, match="2 chosen configurations"):
+        probe_zoo(splits, ["gap"], budget=budget, chosen=pd.concat([chosen, chosen.assign(lr=1.0)]))
+
+
 def test_seed_summary_by_hand_keeps_constant_columns():
     runs = pd.DataFrame(
         dict(
