@@ -363,15 +363,57 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
+    from epviz import distributed
     from epviz.backbones import load_backbone
-    from epviz.data import ClutteredFashionMNIST
+    from epviz.data import load_split
     from epviz.tokens import extract_tokens
 
-    bb = load_backbone(args.backbone, weights=args.weights)
-    ds = ClutteredFashionMNIST(args.split, args.size, seed=args.seed)
-    layers = None if args.layers == ["all"] else [int(x) for x in args.layers]
-    cache = extract_tokens(bb, ds, layers, precision=args.precision, batch_size=args.batch_size, cache_dir=args.cache_dir)
-    print(json.dumps({"path": str(cache.path), "hit": cache.hit, "layers": cache.layers, "images": len(cache)}))
+    joined = distributed.init_from_env()  # under torchrun / srun: one rank of the process group
+    try:
+        size = None if args.size == "all" else int(args.size)
+        dataset = load_split(args.dataset, args.split, size, seed=args.seed, on_error=args.on_error)
+        backbone = load_backbone(args.backbone, weights=args.weights, device="cpu")
+        layers = None if args.layers == ["all"] else [int(x) for x in args.layers]
+        norm = {"auto": None, "on": True, "off": False}[args.norm]
+        cache = extract_tokens(
+            backbone,
+            dataset,
+            layers,
+            norm=norm,
+            precision=args.precision,
+            dtype=args.dtype,
+            views=args.views,
+            view_seed=args.view_seed,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            shard_size=args.shard_size,
+            cache_dir=args.cache_dir,
+            device=args.device,
+        )
+        if distributed.is_main():
+            summary = {"path": str(cache.path), "hit": cache.hit, "layers": cache.layers, "images": len(cache)}
+            print(
+                json.dumps(
+                    {**summary, "views": cache.views, "dtype": cache.meta.get("dtype"), "world_size": distributed.world_size()}
+                )
+            )
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _size(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size takes a number of images or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--size must be at least 1 image (or 'all'), got {value}")
+    return value
 
 
 # --- evaluate ------------------------------------------------------------------------------
@@ -558,16 +600,54 @@ def main(argv: list[str] | None = None) -> None:
         "--heartbeat", type=float, default=60.0, help="seconds between 'still running' lines of a long cell (0: none)"
     )
     rep.set_defaults(func=_reproduce)
-    ext = sub.add_parser("extract", help="extract tokens of cluttered canvases into the cache")
-    ext.add_argument("--backbone", default="tiny-mae")
-    ext.add_argument("--weights", default=None)
-    ext.add_argument("--split", default="test", choices=["train", "test"])
-    ext.add_argument("--size", type=int, default=4000)
-    ext.add_argument("--seed", type=int, default=0)
+    ext = sub.add_parser(
+        "extract",
+        help="extract a split's tokens into the cache (one process, or every rank under torchrun / srun)",
+        description="Extract the tokens of one split into the token cache. Under torchrun (torchrun --nproc_per_node=N "
+        "-m epviz extract ...) or srun with the torchrun variables, the ranks share the split's shards; an interrupted "
+        "run, re-run with the same arguments, extracts only the shards it had not finished.",
+    )
+    ext.add_argument("--backbone", default="tiny-mae", help="zoo name, preset (mae-vit-b, ...) or timm name")
+    ext.add_argument("--weights", default=None, help="backbone weights file (safetensors or a checkpoint)")
+    ext.add_argument(
+        "--dataset",
+        default="cluttered-fashion-mnist",
+        help="dataset spec: imagenet:<root>, cub:<root>, pets:<root>, imagefolder:<root>, the canvases",
+    )
+    ext.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ext.add_argument(
+        "--size",
+        type=_size,
+        default="all",
+        help="number of images, or 'all' (default): the full split (canvases: the standard size)",
+    )
+    ext.add_argument("--seed", type=int, default=0, help="which images a --size keeps (canvases: which canvases)")
+    ext.add_argument(
+        "--on-error",
+        default="raise",
+        choices=["raise", "skip"],
+        help="unreadable images: stop (raise) or leave them out, listed (skip)",
+    )
     ext.add_argument("--layers", nargs="+", default=["-1"], help="block indices (0 = first, -1 = last) or 'all'")
+    ext.add_argument(
+        "--norm", default="auto", choices=["auto", "on", "off"], help="the encoder's final norm (auto: the backbone's convention)"
+    )
     ext.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ext.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float16", "float32", "int8"],
+        help="storage dtype (int8: per-token scale, half of float16)",
+    )
+    ext.add_argument("--views", type=int, default=1, help="augmented views stored per image (RandomResizedCrop + flip); 1: none")
+    ext.add_argument("--view-seed", type=int, default=0)
     ext.add_argument("--batch-size", type=int, default=128)
-    ext.add_argument("--cache-dir", default=None)
+    ext.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per rank")
+    ext.add_argument(
+        "--shard-size", type=int, default=None, help="images per shard (default: at most 10,000, one per rank at least)"
+    )
+    ext.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: this rank's GPU, else the CPU)")
+    ext.add_argument("--cache-dir", default=None, help="token cache folder (default $EPVIZ_CACHE)")
     ext.set_defaults(func=_extract)
     ev = sub.add_parser(
         "evaluate",
@@ -612,11 +692,11 @@ def main(argv: list[str] | None = None) -> None:
     z = sub.add_parser("zoo", help="show the embedded backbones' model cards")
     z.set_defaults(func=_zoo)
     args = parser.parse_args(argv)
-    if args.func is _evaluate:
+    if args.func in (_evaluate, _extract):
         try:
             args.func(args)
-        except (FileNotFoundError, ValueError) as err:
-            sys.exit(f"epviz evaluate: {err}")
+        except (FileNotFoundError, ValueError, OSError) as err:
+            sys.exit(f"epviz {args.command}: {err}")
         return
     args.func(args)
 

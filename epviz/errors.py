@@ -8,13 +8,15 @@ names the file or argument, the reason and the fix:
   fit its image.
 * :class:`WeightsError` (ValueError): a weights file that cannot be read safely, or does not fit
   the model.
+* :class:`StorageError` (OSError): a disk that cannot hold what is to be written (checked before
+  writing, and a full disk while writing).
 * :class:`ConfigError` (ValueError): an argument out of range (learning rate, epochs, sizes, labels,
   layers, grids).
 """
 
 from __future__ import annotations
 
-__all__ = ["AnnotationError", "ConfigError", "DataError", "EpvizError", "WeightsError"]
+__all__ = ["AnnotationError", "ConfigError", "DataError", "EpvizError", "StorageError", "WeightsError"]
 
 
 class EpvizError(Exception):
@@ -35,3 +37,7 @@ class WeightsError(EpvizError, ValueError):
 
 class ConfigError(EpvizError, ValueError):
     """An argument is out of range or inconsistent (the message names the argument and the valid values)."""
+
+
+class StorageError(EpvizError, OSError):
+    """Too little disk for what is to be written; nothing half-written reads as complete."""

@@ -24,6 +24,39 @@ def test_extract_command_reports_a_cache(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hit"]
 
 
+def test_extract_takes_any_dataset_spec_the_full_split_and_the_storage_options(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "images" / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (40, 30), (80 * i, 40, 200)).save(tmp_path / "images" / split / cls / f"{i}.png")
+    args = ["extract", "--backbone", "tiny-random", "--dataset", f"imagefolder:{tmp_path / 'images'}", "--split", "test",
+            "--size", "all", "--dtype", "int8", "--views", "2", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    cli.main(args)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 6 and out["views"] == 2 and out["dtype"] == "int8" and out["world_size"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "0"], "at least 1 image"),
+        (["--size", "many"], "'all'"),
+    ],
+)
+def test_extract_refuses_bad_sizes(args, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["extract", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_extract_errors_are_one_line_not_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match="epviz extract: .*does not exist"):
+        cli.main(["extract", "--dataset", f"imagefolder:{tmp_path / 'nowhere'}", "--cache-dir", str(tmp_path)])
+
+
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])

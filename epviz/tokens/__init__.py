@@ -6,18 +6,30 @@
 """
 
 from epviz.tokens.cache import CACHE_FORMAT, TokenCache, cache_key, default_cache_dir, extract_tokens
+from epviz.tokens.quantized import Int8Tokens, dequantize, quantize
 from epviz.tokens.sets import extract_sets, layer_tokens
-from epviz.tokens.tokenset import TokenBatch, TokenOrigin, TokenSet
+from epviz.tokens.tokenset import TokenArray, TokenBatch, TokenOrigin, TokenSet
+from epviz.tokens.views import VIEW_PROTOCOL, ViewParams, apply_view, augmented_batch, view_generator, view_params
 
 __all__ = [
     "CACHE_FORMAT",
+    "VIEW_PROTOCOL",
+    "Int8Tokens",
+    "TokenArray",
     "TokenBatch",
     "TokenCache",
     "TokenOrigin",
     "TokenSet",
+    "ViewParams",
+    "apply_view",
+    "augmented_batch",
     "cache_key",
     "default_cache_dir",
+    "dequantize",
     "extract_sets",
     "extract_tokens",
     "layer_tokens",
+    "quantize",
+    "view_generator",
+    "view_params",
 ]

@@ -1,12 +1,18 @@
 """TokenSet: patch tokens, prefix tokens and labels of one layer, ready for probes.
 
 A TokenSet is what the probes train and evaluate on. It wraps arrays that are
-usually fp16 memory maps written by :func:`epviz.extract_tokens`, and hands out
-fp32 torch batches without loading the whole set into memory.
+usually fp16 memory maps written by :func:`epviz.extract_tokens` (or int8 tokens with
+per-token scales, :class:`~epviz.tokens.quantized.Int8Tokens`), and hands out fp32 torch
+batches without loading the whole set into memory.
+
+A set may hold K augmented views per image (``views=K``, see
+:data:`epviz.tokens.views.VIEW_PROTOCOL`): it reads view 0 of each image until
+:meth:`TokenSet.for_epoch` picks one view per image for an epoch.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import numbers
 from collections.abc import Iterator
@@ -17,8 +23,12 @@ import numpy as np
 import torch
 
 from epviz.errors import ConfigError, DataError
+from epviz.tokens.quantized import Int8Tokens
 
-__all__ = ["NonFinite", "TokenSet", "TokenBatch", "TokenOrigin"]
+__all__ = ["NonFinite", "TokenArray", "TokenSet", "TokenBatch", "TokenOrigin"]
+
+TokenArray = np.ndarray | Int8Tokens
+"""What TokenSet holds as patch and prefix tokens: a float array (or memory map), or int8 tokens."""
 
 _CHUNK_BYTES = 64 * 2**20  # the finiteness scan reads memory maps this much at a time
 
@@ -93,39 +103,58 @@ class NonFinite:
 class TokenSet:
     """Tokens of one backbone layer for a whole dataset.
 
+    With ``views`` K > 1, ``patch`` and ``prefix`` hold K rows per image, image-major (row
+    ``i * K + v`` is view v of image i), ``labels`` one per image, and ``len()`` counts images.
+
     Attributes:
-        patch: Array (N_images, N, D); any numpy array or memmap (fp16 on disk).
-        prefix: Array (N_images, P, D) or None when the backbone has no prefix tokens.
+        patch: Array (N_images * views, N, D); any numpy array or memmap (fp16 on disk), or
+            :class:`~epviz.tokens.quantized.Int8Tokens`.
+        prefix: Array (N_images * views, P, D) of the same kind, or None when the backbone has no prefix tokens.
         labels: Integer array (N_images,).
         grid: Patch grid (rows, cols) with rows * cols == N.
         num_classes: Number of classes; defaults to max(label) + 1.
         origin: Where the tokens come from (backbone, layer, dataset, cache), carried into results.
+        views: Stored views per image (1: no augmentation).
     """
 
-    patch: np.ndarray
-    prefix: np.ndarray | None
+    patch: TokenArray
+    prefix: TokenArray | None
     labels: np.ndarray
     grid: tuple[int, int]
     num_classes: int | None = None
     origin: TokenOrigin = field(default_factory=TokenOrigin)
+    views: int = 1
 
     def __post_init__(self) -> None:
         if self.patch.ndim != 3:
             raise DataError(f"patch tokens must be (images, tokens, dim); got shape {tuple(self.patch.shape)}")
-        n_images, n_tokens, _ = self.patch.shape
+        if isinstance(self.views, bool) or not isinstance(self.views, numbers.Integral) or self.views < 1:
+            raise ConfigError(f"views must be a positive integer (stored views per image), got {self.views!r}")
+        self.views = int(self.views)
+        n_rows, n_tokens, _ = self.patch.shape
         labels = np.asarray(self.labels)
         if labels.ndim != 1:
-            raise DataError(f"labels must be one class index per image, shape ({n_images},); got shape {labels.shape}")
-        if len(labels) != n_images:
-            raise DataError(f"{len(labels)} labels for {n_images} token sets; they must match")
+            raise DataError(
+                f"labels must be one class index per image, shape ({n_rows // self.views},); got shape {labels.shape}"
+            )
+        n_images = len(labels)
+        if self.views == 1 and n_images != n_rows:
+            raise DataError(f"{n_images} labels for {n_rows} token sets; they must match")
+        if n_rows != n_images * self.views:
+            raise DataError(
+                f"patch tokens hold {n_rows} rows but {n_images} images with views={self.views} need "
+                f"{n_images * self.views} (image-major: row i * {self.views} + v is view v of image i); "
+                "pass the views the cache was extracted with, and one label per image"
+            )
         kind = labels.dtype.kind
         if labels.size and (kind not in "iufb" or (kind == "f" and not np.all(np.mod(labels, 1) == 0))):
             raise DataError(
                 f"labels must be integer class indices, got dtype {labels.dtype}"
                 + (" with fractional values" if kind == "f" else "")
             )
-        if self.prefix is not None and self.prefix.shape[0] != n_images:
-            raise DataError(f"prefix tokens cover {self.prefix.shape[0]} images, patch tokens {n_images}")
+        if self.prefix is not None and self.prefix.shape[0] != n_rows:
+            noun = "images" if self.views == 1 else "rows"
+            raise DataError(f"prefix tokens cover {self.prefix.shape[0]} {noun}, patch tokens {n_rows}")
         if self.prefix is not None and self.prefix.shape[1] == 0:
             self.prefix = None
         self.grid = _as_grid(self.grid)
@@ -151,9 +180,43 @@ class TokenSet:
                         "class count as num_classes, or fix the labels"
                     )
         self._finite: NonFinite | None | Literal[False] = False  # False: not scanned yet
+        self._choice: np.ndarray | None = None  # the view each image reads; None: view 0
 
     def __len__(self) -> int:
-        return int(self.patch.shape[0])
+        return len(self.labels)
+
+    @property
+    def view_choice(self) -> np.ndarray:
+        """The view each image reads, shape (N_images,) (all 0 until :meth:`for_epoch`)."""
+        choice = getattr(self, "_choice", None)
+        return np.zeros(len(self), dtype=np.int64) if choice is None else choice.copy()
+
+    def rows(self, index: np.ndarray | list[int]) -> np.ndarray:
+        """The patch/prefix rows that hold the chosen view of the images at `index`."""
+        index = np.asarray(index, dtype=np.int64)
+        if self.views == 1:
+            return index
+        index = np.where(index < 0, index + len(self), index)  # negative positions count from the end, as in numpy
+        choice = getattr(self, "_choice", None)
+        return index * self.views + (0 if choice is None else choice[index])
+
+    def for_epoch(self, epoch: int, seed: int) -> TokenSet:
+        """A shallow copy that reads one view per image for `epoch` (self when views == 1).
+
+        Image i reads view ``numpy.random.default_rng((seed, epoch)).integers(0, views, size=n)[i]``:
+        uniform over the views, the same for the same (seed, epoch), independent across epochs.
+
+        Raises:
+            ConfigError: A negative or non-integer epoch or seed.
+        """
+        for name, value in (("epoch", epoch), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.views == 1:
+            return self
+        other = copy.copy(self)
+        other._choice = np.random.default_rng((int(seed), int(epoch))).integers(0, self.views, size=len(self))
+        return other
 
     @property
     def dim(self) -> int:
@@ -171,7 +234,9 @@ class TokenSet:
         return 0 if self.prefix is None else int(self.prefix.shape[1])
 
     def subset(self, index: np.ndarray | list[int]) -> TokenSet:
-        """A TokenSet holding only the given samples (copied into memory).
+        """A TokenSet holding only the given samples (copied into memory; int8 tokens stay int8).
+
+        With views, it keeps all the views of those images, and the view each one reads.
 
         Raises:
             ConfigError: An index outside [0, len(self)).
@@ -179,31 +244,42 @@ class TokenSet:
         index = np.sort(np.asarray(index, dtype=np.int64).reshape(-1))
         if len(index) and (index[0] < 0 or index[-1] >= len(self)):
             raise ConfigError(f"index must lie in [0, {len(self)}); got values from {index[0]} to {index[-1]}")
-        return TokenSet(
-            patch=np.asarray(self.patch[index]),
-            prefix=None if self.prefix is None else np.asarray(self.prefix[index]),
+        rows = index if self.views == 1 else (index[:, None] * self.views + np.arange(self.views)).reshape(-1)
+        out = TokenSet(
+            patch=_take(self.patch, rows),
+            prefix=None if self.prefix is None else _take(self.prefix, rows),
             labels=self.labels[index],
             grid=self.grid,
             num_classes=self.num_classes,
             origin=self.origin.replace(subset=len(index)),
+            views=self.views,
         )
+        choice = getattr(self, "_choice", None)
+        out._choice = None if choice is None else choice[index]
+        return out
 
     def load(self) -> TokenSet:
-        """A copy of this set held in RAM (fast random access; costs N*D*2 bytes per image)."""
-        return TokenSet(
-            patch=np.ascontiguousarray(self.patch),
-            prefix=None if self.prefix is None else np.ascontiguousarray(self.prefix),
+        """A copy of this set held in RAM (fast random access; costs N*D*2 bytes per image and view
+        in fp16, a quarter of fp32 for int8 tokens, which stay int8)."""
+        out = TokenSet(
+            patch=_load(self.patch),
+            prefix=None if self.prefix is None else _load(self.prefix),
             labels=self.labels.copy(),
             grid=self.grid,
             num_classes=self.num_classes,
             origin=self.origin,
+            views=self.views,
         )
+        choice = getattr(self, "_choice", None)
+        out._choice = None if choice is None else choice.copy()
+        return out
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> TokenBatch:
-        """Gather the samples at `index` as an fp32 TokenBatch on `device`."""
+        """Gather the samples at `index` as an fp32 TokenBatch on `device` (with views: each image's chosen view)."""
         index = np.ascontiguousarray(index, dtype=np.int64)  # torch rejects negative strides
-        order = np.argsort(index, kind="stable")
-        sorted_index = index[order]  # sorted reads are much faster on memory maps
+        rows = self.rows(index)
+        order = np.argsort(rows, kind="stable")
+        sorted_index = rows[order]  # sorted reads are much faster on memory maps
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         patch = torch.from_numpy(np.asarray(self.patch[sorted_index])[inverse]).to(device=device, dtype=torch.float32)
@@ -243,6 +319,7 @@ class TokenSet:
 
         The answer is remembered when the arrays are read-only (memory-mapped caches), since
         they cannot change; arrays that can be written are scanned again on every call.
+        With views, every stored view is scanned, and a sample is bad when any of its views is.
 
         Args:
             chunk_bytes: About how many bytes of tokens to read at a time.
@@ -255,7 +332,7 @@ class TokenSet:
         cached = cast("NonFinite | None | Literal[False]", getattr(self, "_finite", False))
         if frozen and cached is not False:
             return cached
-        n = len(self)
+        n = int(self.patch.shape[0])  # rows: images * views
         bad = np.zeros(n, dtype=bool)
         first_part = np.full(n, "", dtype=object)
         for part, array in arrays:
@@ -270,10 +347,29 @@ class TokenSet:
         found = None
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
-            found = NonFinite(first=first, part=str(first_part[first]), count=int(bad.sum()), total=n)
+            part, count = str(first_part[first]), int(bad.sum())
+            if self.views > 1:  # rows to images: an image is bad when any of its views is
+                first, n, k = first // self.views, len(self), self.views
+                part = "patch" if bool(np.any(first_part[first * k : (first + 1) * k] == "patch")) else "prefix"
+                count = int(bad.reshape(n, k).any(axis=1).sum())
+            found = NonFinite(first=first, part=part, count=count, total=n)
         if frozen:
             self._finite = found
         return found
+
+
+def _take(array: TokenArray, rows: np.ndarray) -> TokenArray:
+    """The rows of `array` in memory: the array's own ``take`` (int8 tokens stay int8), else numpy's gather."""
+    if isinstance(array, np.ndarray):
+        return np.asarray(array[rows])
+    return array.take(rows)
+
+
+def _load(array: TokenArray) -> TokenArray:
+    """`array` held in RAM: its own ``load`` (int8 tokens stay int8), else a contiguous numpy array."""
+    if isinstance(array, np.ndarray):
+        return np.ascontiguousarray(array)
+    return array.load()
 
 
 def _as_grid(grid) -> tuple[int, int]:

@@ -207,7 +207,8 @@ def test_corrupt_image_file_stops_extraction_cleanly(tmp_path, test_vit_backbone
         ("batch_size", 2.0),
         ("num_workers", -1),
         ("precision", "fp16"),
-        ("dtype", "int8"),
+        ("dtype", "int4"),
+        ("views", 0),
         ("layers", [9]),
         ("layers", []),
     ],
@@ -266,3 +267,48 @@ def test_the_zoo_default_key_is_unchanged(tmp_path, small_canvases):
     key, parts = cache_key(bb, small_canvases.fingerprint(), cache.layers, False, "fp32", "float16", transform)
     assert cache.meta["key"] == key and parts["norm"] is False
     assert key == "6a2dc06e049e1bcfc586cd2e1dfe179d4ba2491162185096e8429c9f645aa345"  # the key this cache always had
+
+
+def test_int8_store_dequantizes_within_the_bound_and_halves_the_disk(tmp_path, test_vit_backbone, small_canvases):
+    exact = extract_tokens(test_vit_backbone, small_canvases, [2, 5], cache_dir=tmp_path, dtype="float32", progress=False)
+    packed = extract_tokens(test_vit_backbone, small_canvases, [2, 5], cache_dir=tmp_path, dtype="int8", progress=False)
+    half = extract_tokens(test_vit_backbone, small_canvases, [2, 5], cache_dir=tmp_path, dtype="float16", progress=False)
+    assert len({exact.path, packed.path, half.path}) == 3, "the storage dtype is part of the key"
+    for layer in (2, 5):
+        ref = np.asarray(exact.patch(layer))
+        got = np.asarray(packed.patch(layer))
+        scale = np.abs(ref).max(-1, keepdims=True) / 127
+        assert (np.abs(got - ref) <= scale * (0.5 + 2**-10) + 1e-7).all(), "within half a step of the token's scale"
+        tokens = packed.tokens(layer)
+        batch = tokens.batch(np.array([3, 0, 7]))
+        torch.testing.assert_close(batch.patch, torch.from_numpy(got[[3, 0, 7]]))
+        assert tokens.load().patch.nbytes < tokens.load().patch.shape[0] * 100 * 64 * 2, "int8 in memory too"
+    size = {c.meta["dtype"]: sum(p.stat().st_size for p in c.path.glob("L*.npy")) for c in (exact, packed, half)}
+    # int8 stores D bytes and one float32 scale per token: (D + 4) / 2D of float16 (0.53 at D = 64, 0.503 at D = 768)
+    assert size["int8"] < (64 + 4) / 128 * size["float16"] + 2000 and size["float16"] < 0.51 * size["float32"]
+
+
+def test_stored_views_are_the_backbone_on_the_seeded_crops(tmp_path, test_vit_backbone, small_canvases):
+    from epviz.tokens.views import augmented_batch
+
+    kwargs = dict(cache_dir=tmp_path, dtype="float32", batch_size=16, progress=False)
+    plain = extract_tokens(test_vit_backbone, small_canvases, [5], **kwargs)
+    viewed = extract_tokens(test_vit_backbone, small_canvases, [5], views=3, view_seed=7, **kwargs)
+    other_seed = extract_tokens(test_vit_backbone, small_canvases, [5], views=3, view_seed=8, **kwargs)
+    assert len({plain.path, viewed.path, other_seed.path}) == 3, "views and their seed are part of the key"
+    assert viewed.views == 3 and len(viewed) == 48 and viewed.patch(5).shape[0] == 48 * 3
+    tokens = viewed.tokens(5)
+    assert len(tokens) == 48 and tokens.views == 3
+    images = small_canvases.image_batch(slice(10, 14))
+    crops = augmented_batch(images, 10, 2, 7, test_vit_backbone.image_size)  # view 2 of images 10-13
+    x = (crops - torch.tensor(test_vit_backbone.mean).view(1, 3, 1, 1)) / torch.tensor(test_vit_backbone.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ((ref, _),) = test_vit_backbone.model.forward_intermediates(
+            x, indices=[5], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+    np.testing.assert_allclose(
+        np.asarray(viewed.patch(5))[[10 * 3 + 2, 11 * 3 + 2, 12 * 3 + 2, 13 * 3 + 2]], ref.numpy(), atol=1e-4
+    )
+    assert not np.allclose(np.asarray(viewed.patch(5))[0::3], np.asarray(plain.patch(5)), atol=1e-2), "views are crops"
+    epoch = tokens.for_epoch(3, seed=0)
+    assert set(np.unique(epoch.view_choice)) <= {0, 1, 2}
