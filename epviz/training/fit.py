@@ -13,6 +13,10 @@ flip of every image at every step; accuracies from the two are not interchangeab
 Runs are deterministic on CPU for a given seed: shuffling uses its own
 ``torch.Generator``; build the probe with ``epviz.probes.build(..., seed=...)`` so
 its initial weights are seeded too.
+
+Under ``torchrun`` (a process group of W > 1 processes, see :mod:`epviz.distributed`) :func:`fit`
+trains data-parallel and gives the result of one process on the same global batch; see
+:mod:`epviz.training.distributed_fit` for how.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +36,21 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from epviz.distributed import check_same, is_distributed, is_main, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels, loss_and_accuracy
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
-from epviz.tokens import TokenSet
+from epviz.tokens import TokenBatch, TokenSet
 from epviz.training.checkpoints import finite_or_none, save_probe
+from epviz.training.distributed_fit import (
+    check_world,
+    distributed_training,
+    global_sums,
+    rank_batches,
+    sharded_loss_and_accuracy,
+    slice_weight,
+)
 from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 from epviz.training.selection import check_selection_split
 
@@ -115,14 +129,26 @@ def fit(
 ) -> FitResult:
     """Train `probe` on `train`, selecting the epoch with the best top-1 on `val`.
 
+    Distributed training: in an initialised process group of W > 1 processes (``torchrun``, then
+    :func:`epviz.distributed.init_from_env`), every rank calls :func:`fit` with the same arguments and
+    gets the same result, that of one process with the same `batch_size` and `seed` (up to float
+    rounding). `batch_size` stays the global batch: every rank draws the same permutation and takes
+    its contiguous 1/W slice of each global batch; gradients are averaged by
+    ``DistributedDataParallel`` with each rank's loss weighted so that the step is that of the mean
+    loss over the global batch; the probe's BatchNorm layers normalise with the global batch's
+    statistics (synced, see :mod:`epviz.training.distributed_fit`) and are plain BatchNorm again in
+    the returned probe; each rank scores a contiguous shard of `val` and the sums are all-reduced, as
+    are the training losses and accuracies, so every rank holds the same history and best epoch.
+    Only rank 0 writes (`tensorboard`) and shows progress.
+
     Args:
         probe: A freshly built probe (trained in place).
         train: Training tokens.
         val: Validation tokens; without them the last epoch is kept. Held-out training data,
             never the test split: a UserWarning says so when ``val.origin.split`` is "test".
         epochs: Maximum number of epochs.
-        batch_size: Samples per step. Incomplete last batches are dropped when the set
-            holds more than one batch.
+        batch_size: Samples per step (the global batch in a distributed run: a multiple of the number
+            of processes). Incomplete last batches are dropped when the set holds more than one batch.
         optimizer: "lars" (reference recipe) or "adamw".
         lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
         weight_decay: Weight decay on parameters with ndim > 1.
@@ -143,7 +169,8 @@ def fit(
         ImportError: `tensorboard` is set but the tensorboard package is not installed.
         ConfigError: An option out of range (lr <= 0, negative weight decay, warm-up longer than the
             run, ...; see :func:`~epviz.training.optim.check_fit_options`), labels outside
-            [0, probe.num_classes), or tokens the probe cannot read.
+            [0, probe.num_classes), tokens the probe cannot read, or (distributed) a `batch_size` that
+            is not a multiple of the number of processes, or ranks given different options or data.
         DataError: An empty or one-sample set, a training set of a single class (see
             :func:`check_classes`; validation classes missing from training only warn), or NaN/inf
             anywhere in the train or val tokens (the whole set is scanned once, before any step).
@@ -164,6 +191,27 @@ def fit(
         weight_decay=weight_decay,
     )
     check_training_data(probe, train, val, "fit")
+    world = world_size() if is_distributed() else 1
+    if world > 1:
+        check_world(batch_size, len(train), 1, "fit")
+        check_same(
+            "the fit options and data sizes",
+            dict(
+                epochs=epochs,
+                batch_size=batch_size,
+                optimizer=optimizer,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs,
+                label_smoothing=label_smoothing,
+                early_stopping=early_stopping,
+                precision=precision,
+                seed=seed,
+                train_size=len(train),
+                val_size=None if val is None else len(val),
+                probe=dict(probe.config),
+            ),
+        )
 
     device = resolve_device(device)
     probe.to(device)
@@ -177,62 +225,79 @@ def fit(
     rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
     stale = 0
     start = time.perf_counter()
-    writer = None if tensorboard is None else tensorboard_writer(tensorboard)
-    bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        probe.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, batch in enumerate(
-            train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
-        ):
-            current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
-            for group in opt.param_groups:
-                group["lr"] = current_lr
-            with autocast(device, precision):
-                logits = probe(batch.patch, batch.prefix).float()
-            loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"training diverged: the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g}); "
-                    "the tokens were checked finite before training, so the optimisation itself blew up: "
-                    "lower lr or use precision='fp32'"
+    writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)
+    bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress or not is_main())
+    example = train.batch(np.arange(2), device=device) if world > 1 else None  # two samples, to find unused parameters
+    with distributed_training(probe, device, () if example is None else (example.patch, example.prefix)) as model:
+        for epoch in bar:
+            t0 = time.perf_counter()
+            probe.train()
+            loss_sum, correct, seen = 0.0, 0, 0
+            batches: Iterator[tuple[TokenBatch, int]]
+            if world == 1:
+                batches = (
+                    (batch, len(batch.labels))
+                    for batch in train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
                 )
-            loss_sum += loss_value * len(batch.labels)
-            correct += (logits.argmax(dim=1) == batch.labels).sum().item()
-            seen += len(batch.labels)
+            else:
+                batches = rank_batches(train, batch_size, generator, device, drop_last)
+            for step, (batch, step_size) in enumerate(batches):
+                current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
+                for group in opt.param_groups:
+                    group["lr"] = current_lr
+                with autocast(device, precision):
+                    logits = model(batch.patch, batch.prefix).float()
+                loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                (loss if world == 1 else loss * slice_weight(len(batch.labels), step_size)).backward()
+                opt.step()
+                loss_value = loss.item()
+                n, hits = len(batch.labels), (logits.argmax(dim=1) == batch.labels).sum().item()
+                if world > 1:  # the global batch's loss and hits, so that every rank decides alike
+                    total, global_hits, global_n = global_sums([loss_value * n, hits, n], device)
+                    n, hits = int(global_n), int(global_hits)
+                    loss_value = total / n
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"training diverged: the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g}); "
+                        "the tokens were checked finite before training, so the optimisation itself blew up: "
+                        "lower lr or use precision='fp32'"
+                    )
+                loss_sum += loss_value * n
+                correct += hits
+                seen += n
 
-        val_loss = val_acc = math.nan
-        if val is not None:
-            val_loss, val_acc = loss_and_accuracy(probe, val, batch_size=max(batch_size, 256), device=device, precision=precision)
-        rows.append(
-            dict(
-                epoch=epoch + 1,
-                train_loss=loss_sum / seen,
-                train_acc=correct / seen,
-                val_loss=val_loss,
-                val_acc=val_acc,
-                lr=current_lr,
-                seconds=time.perf_counter() - t0,
+            val_loss = val_acc = math.nan
+            if val is not None and world == 1:
+                val_loss, val_acc = loss_and_accuracy(
+                    probe, val, batch_size=max(batch_size, 256), device=device, precision=precision
+                )
+            elif val is not None:
+                val_loss, val_acc = sharded_loss_and_accuracy(probe, val, max(batch_size, 256), device, precision)
+            rows.append(
+                dict(
+                    epoch=epoch + 1,
+                    train_loss=loss_sum / seen,
+                    train_acc=correct / seen,
+                    val_loss=val_loss,
+                    val_acc=val_acc,
+                    lr=current_lr,
+                    seconds=time.perf_counter() - t0,
+                )
             )
-        )
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
-        if writer is not None:
-            log_epoch(writer, rows[-1])
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
+            if writer is not None:
+                log_epoch(writer, rows[-1])
 
-        if val is None:
-            best_epoch = epoch + 1
-        elif val_acc > best_acc:
-            best_acc, best_epoch, stale = val_acc, epoch + 1, 0
-            best_state = copy.deepcopy(probe.state_dict())
-        else:
-            stale += 1
-            if early_stopping is not None and stale >= early_stopping:
-                break
+            if val is None:
+                best_epoch = epoch + 1
+            elif val_acc > best_acc:
+                best_acc, best_epoch, stale = val_acc, epoch + 1, 0
+                best_state = copy.deepcopy(probe.state_dict())
+            else:
+                stale += 1
+                if early_stopping is not None and stale >= early_stopping:
+                    break
     bar.close()
     if writer is not None:
         writer.close()
@@ -260,6 +325,8 @@ def fit(
         train_origin=train.origin.as_dict(),
         probe=dict(probe.config),
     )
+    if world > 1:
+        config["world_size"] = world
     return FitResult(
         probe=probe,
         history=history,

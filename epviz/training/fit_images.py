@@ -15,15 +15,22 @@ GPU when numbers must be comparable with the paper; the two protocols' accuracie
 not interchangeable.
 
 The optimiser, schedule and option checks are those of :mod:`epviz.train`.
+
+``accum_steps`` trades memory for time: each optimizer step accumulates the gradients of several
+micro-batches. Under ``torchrun`` the run is data-parallel like :func:`epviz.fit` (see
+:func:`fit_images` for both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
 import time
+from collections.abc import Iterator
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.nn import functional as F
@@ -31,16 +38,20 @@ from tqdm.auto import tqdm
 
 from epviz.backbones import Backbone
 from epviz.data.transforms import train_transform
+from epviz.distributed import check_same, is_distributed, is_main, rank, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
+from epviz.training.distributed_fit import check_world, distributed_training, global_sums, part_bounds, slice_weight
 from epviz.training.fit import FitResult, check_classes
 from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 
 __all__ = ["fit_images", "PROTOCOL_PER_STEP"]
 
 PROTOCOL_PER_STEP = "per-step backbone (RandomResizedCrop 0.08-1 + flip at every step, no token cache)"
+
+_SEED_EVERY_IMAGE = False  # True: seed each image's augmentation on one process too (tests compare world sizes with it)
 
 
 def fit_images(
@@ -64,8 +75,33 @@ def fit_images(
     device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    accum_steps: int = 1,
 ) -> FitResult:
     """Train `probe` on `backbone`'s tokens of augmented images, computed afresh at every step.
+
+    Gradient accumulation: with ``accum_steps = k`` each optimizer step is the step of the global
+    batch of `batch_size` images, cut into k contiguous micro-batches run one after the other (the
+    backbone and the probe see ``batch_size / k`` images at a time, per process ``batch_size / (k W)``);
+    each micro-batch's loss is weighted so that the accumulated gradient is that of the mean loss over
+    the whole batch, and the learning-rate schedule counts optimizer steps. BatchNorm layers in
+    training mode, which every probe's ``norm`` is, normalise each micro-batch with that
+    micro-batch's statistics, so the step equals the single large-batch step exactly only for the
+    layers without batch statistics; the rest differs as BatchNorm on smaller batches does.
+
+    Distributed training: in an initialised process group of W > 1 processes (``torchrun``, then
+    :func:`epviz.distributed.init_from_env`), every rank calls :func:`fit_images` with the same
+    arguments and gets the same result, that of one process with the same `batch_size`,
+    `accum_steps` and `seed` (up to float rounding). Every rank draws the same permutation; each
+    micro-batch of each global batch is cut into W contiguous slices and rank r reads and augments
+    only its slice. Gradients are averaged by ``DistributedDataParallel`` (its ``no_sync()`` skips
+    the all-reduce on all micro-batches but the last of a step); the probe's BatchNorm layers use the
+    statistics of the micro-batch over all ranks and are plain BatchNorm again in the returned probe;
+    each rank scores a contiguous shard of `val` and the sums are all-reduced, as are the training
+    losses and accuracies, so every rank holds the same history and best epoch. Only rank 0 shows
+    progress. The augmentation of a distributed run is drawn per image, from a generator seeded
+    with (`seed`, epoch, the image's index), so that an image is cropped the same way whichever
+    rank reads it; one process draws from one seeded stream in reading order, as it always has, so
+    the crops of a one-process run and of a W-process run differ (both are seeded).
 
     Args:
         probe: A freshly built probe for the backbone's width (trained in place).
@@ -75,8 +111,9 @@ def fit_images(
         val: Validation images under the evaluation transform; without them the last epoch is kept.
         layer: Block whose output the probe reads (0 = first, -1 = last).
         epochs: Number of epochs (reference: 90).
-        batch_size: Images per step (reference: 4096); incomplete last batches are dropped
-            when the set holds more than one batch.
+        batch_size: Images per optimizer step (reference: 4096), the global batch: a multiple of
+            ``accum_steps`` times the number of processes. Incomplete last batches are dropped when
+            the set holds more than one batch.
         optimizer: "lars" (reference) or "adamw".
         lr: Peak learning rate; default 0.1 * batch_size / 256 for LARS, 1e-3 for AdamW.
         weight_decay: Weight decay on parameters with ndim > 1 (reference: 0).
@@ -91,14 +128,17 @@ def fit_images(
         device: Where to run; None picks CUDA when present.
         seed: Seed of the shuffling and the augmentation.
         progress: Show a tqdm bar over epochs.
+        accum_steps: Micro-batches accumulated per optimizer step (1: none).
 
     Returns:
         A :class:`~epviz.train.FitResult` (best epoch's weights, history, config with the protocol).
 
     Raises:
         ConfigError: An option out of range (see :func:`~epviz.training.optim.check_fit_options`; also
-            `layer`, `scale` within (0, 1] with low <= high, `num_workers` >= 0), labels outside
-            [0, probe.num_classes), or a probe that cannot read the backbone's tokens.
+            `layer`, `scale` within (0, 1] with low <= high, `num_workers` >= 0, `accum_steps` a positive
+            integer dividing `batch_size` into equal micro-batches per process), labels outside
+            [0, probe.num_classes), a probe that cannot read the backbone's tokens, or (distributed)
+            ranks given different options or data.
         DataError: An empty or one-image set, or a training set of a single class (validation
             classes missing from training only warn; see :func:`epviz.training.fit.check_classes`).
     """
@@ -119,6 +159,11 @@ def fit_images(
     _check_scale(scale)
     if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
         raise ConfigError(f"num_workers must be an integer >= 0 (0 decodes in the main process), got {num_workers!r}")
+    if isinstance(accum_steps, bool) or not isinstance(accum_steps, numbers.Integral) or accum_steps < 1:
+        raise ConfigError(
+            f"accum_steps must be a positive integer (micro-batches per optimizer step; 1: no accumulation), got {accum_steps!r}"
+        )
+    accum_steps = int(accum_steps)
     (layer,) = backbone.resolve_layers([layer])
     if probe.dim != backbone.dim:
         raise ConfigError(
@@ -135,6 +180,31 @@ def fit_images(
     if len(train) < 2:
         raise DataError("fit_images needs at least 2 training images (BatchNorm uses batch statistics)")
     check_classes(train.labels, None if val is None else val.labels)
+    world = world_size() if is_distributed() else 1
+    check_world(batch_size, len(train), accum_steps, "fit_images")
+    if world > 1:
+        check_same(
+            "the fit_images options and data sizes",
+            dict(
+                layer=layer,
+                norm=norm,
+                epochs=epochs,
+                batch_size=batch_size,
+                accum_steps=accum_steps,
+                optimizer=optimizer,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_epochs=warmup_epochs,
+                label_smoothing=label_smoothing,
+                scale=tuple(scale),
+                precision=precision,
+                seed=seed,
+                train_size=len(train),
+                val_size=None if val is None else len(val),
+                backbone=backbone.name,
+                probe=dict(probe.config),
+            ),
+        )
 
     device = resolve_device(device)
     backbone.model.to(device).eval()
@@ -146,11 +216,17 @@ def fit_images(
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(train) > batch_size
     steps = len(train) // batch_size if drop_last else 1
+    step_size = batch_size if drop_last else len(train)
+    per_image = world > 1 or _SEED_EVERY_IMAGE
+    # the global batches of DataLoader(shuffle=True, generator=generator), each cut into this rank's micro-batches
+    sampler = _MicroBatches(
+        torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(augmented, generator=generator), batch_size, drop_last),
+        accum_steps,
+        keyed=per_image,
+    )
     loader = torch.utils.data.DataLoader(
-        augmented,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=drop_last,
+        _SeededImages(augmented, seed) if per_image else augmented,
+        batch_sampler=sampler,
         num_workers=num_workers,
         generator=generator,
         pin_memory=device.type == "cuda",
@@ -172,37 +248,59 @@ def fit_images(
 
     rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"fit_images {probe.name}", leave=False, disable=not progress)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the augmentation draws from the global generator in the main process
+    bar = tqdm(range(epochs), desc=f"fit_images {probe.name}", leave=False, disable=not progress or not is_main())
+    micro_size = batch_size // (accum_steps * world)  # images per forward pass and process (validation too)
+    example: tuple = ()  # the tokens of two images, to find parameters the probe does not use (distributed runs)
+    if world > 1:
+        two = tokens(torch.stack([_SeededImages(augmented, seed)[(0, i)][0] for i in range(2)]))
+        example = tuple(None if t is None else t.float() for t in two)  # the probe's own dtype, outside autocast
+    with torch.random.fork_rng(devices=[]), distributed_training(probe, device, example) as model:
+        torch.manual_seed(seed)  # one process: the augmentation draws from the global generator in the main process
         for epoch in bar:
             t0 = time.perf_counter()
             probe.train()
+            sampler.epoch = epoch
             loss_sum, correct, seen = 0.0, 0, 0
-            for step, (images, labels) in enumerate(loader):
-                current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
-                for group in opt.param_groups:
-                    group["lr"] = current_lr
+            for micro, (images, labels) in enumerate(loader):
+                step, part = divmod(micro, accum_steps)
+                last = part == accum_steps - 1
+                if part == 0:
+                    current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
+                    for group in opt.param_groups:
+                        group["lr"] = current_lr
+                    opt.zero_grad(set_to_none=True)
+                    step_loss, step_hits, step_seen = 0.0, 0, 0
                 labels = torch.as_tensor(labels).to(device)
                 patch, prefix = tokens(images)
-                with autocast(device, precision):
-                    logits = probe(patch, prefix).float()
-                loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # accumulate locally; DDP all-reduces the summed gradients on the step's last micro-batch
+                syncing = contextlib.nullcontext() if world == 1 or last else model.no_sync()
+                with syncing:
+                    with autocast(device, precision):
+                        logits = model(patch, prefix).float()
+                    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+                    weight = slice_weight(len(labels), step_size)  # exactly 1 on one process without accumulation
+                    (loss if weight == 1 else loss * weight).backward()
+                step_loss += loss.item() * len(labels)
+                step_hits += (logits.argmax(dim=1) == labels).sum().item()
+                step_seen += len(labels)
+                if not last:
+                    continue
                 opt.step()
-                value = loss.item()
+                if world > 1:  # the global batch's loss and hits, so that every rank decides alike
+                    step_loss, hits, n = global_sums([step_loss, step_hits, step_seen], device)
+                    step_hits, step_seen = int(hits), int(n)
+                value = step_loss / step_seen
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr {current_lr:.3g}); lower lr or use precision='fp32'"
                     )
-                loss_sum += value * len(labels)
-                correct += (logits.argmax(dim=1) == labels).sum().item()
-                seen += len(labels)
+                loss_sum += step_loss
+                correct += step_hits
+                seen += step_seen
             val_loss = val_acc = math.nan
             if val is not None:
-                val_loss, val_acc = _evaluate(probe, val, tokens, batch_size, num_workers, device, precision)
+                val_loss, val_acc = _evaluate(probe, val, tokens, micro_size, num_workers, device, precision)
             rows.append(
                 dict(
                     epoch=epoch + 1,
@@ -246,6 +344,10 @@ def fit_images(
         val_size=None if val is None else len(val),
         probe=dict(probe.config),
     )
+    if accum_steps > 1:
+        config["accum_steps"] = accum_steps
+    if world > 1:
+        config["world_size"] = world
     return FitResult(
         probe=probe,
         history=history,
@@ -267,7 +369,58 @@ def _check_scale(scale) -> None:
         raise ConfigError(f"scale must satisfy 0 < low <= high <= 1 (reference: (0.08, 1.0)), got {scale!r}")
 
 
+class _MicroBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of every global batch: each cut into `accum_steps` parts, each part into W slices.
+
+    Part ``a`` of a global batch of n samples is ``[a n / k, (a + 1) n / k)`` (k = `accum_steps`), and
+    rank r reads slice r of it, so the W ranks together run the micro-batch one process would run.
+    With `keyed` the sampler yields ``(epoch, index)`` keys for :class:`_SeededImages` (set
+    :attr:`epoch` before each epoch); else plain indices.
+    """
+
+    def __init__(self, batches: torch.utils.data.BatchSampler, accum_steps: int, keyed: bool) -> None:
+        self.batches, self.accum_steps, self.keyed = batches, accum_steps, keyed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list]:
+        me, world = rank(), world_size()
+        parts = self.accum_steps * world
+        for batch in self.batches:
+            for a in range(self.accum_steps):
+                lo, hi = part_bounds(len(batch), a * world + me, parts)
+                part = batch[lo:hi]
+                yield [(self.epoch, i) for i in part] if self.keyed else part
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.accum_steps
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """Augmented images whose random draws depend only on (seed, epoch, index), not on who reads them when.
+
+    Args:
+        images: The dataset under the random training transform.
+        seed: The run's seed.
+    """
+
+    def __init__(self, images, seed: int) -> None:
+        self.images, self.seed = images, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        entropy = [self.seed % 2**64, int(epoch), int(index)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
+            return self.images[index]
+
+
 def _evaluate(probe: Probe, val, tokens, batch_size: int, num_workers: int, device, precision: str) -> tuple[float, float]:
+    """Mean loss and top-1 on `val`; in a distributed run each rank scores a contiguous shard and the sums are all-reduced."""
+    if is_distributed():
+        val = torch.utils.data.Subset(val, range(*part_bounds(len(val), rank(), world_size())))
     loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     total, correct, count = 0.0, 0, 0
     probe.eval()
@@ -280,4 +433,7 @@ def _evaluate(probe: Probe, val, tokens, batch_size: int, num_workers: int, devi
             total += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(dim=1) == labels).sum().item()
             count += len(labels)
+    if is_distributed():
+        total, hits, n = global_sums([total, correct, count], device)
+        return total / n, hits / n
     return total / count, correct / count

@@ -20,6 +20,16 @@ following its own head's schedule), so one step of it is the step each separate 
 What is shared is the cost of the data: each batch is gathered, converted to fp32 and moved
 to the device once for all heads, and so is each validation batch.
 
+Under ``torchrun`` (a process group of W > 1 processes) the grid trains data-parallel and gives
+the result of one process, as :func:`~epviz.training.fit` does: `batch_size` is the global batch,
+each rank takes its contiguous 1/W slice of every global batch, the heads' BatchNorm layers use the
+global batch's statistics, validation is sharded and all-reduced. The heads are trained one at a
+time (forward then backward, so that only one head's activations are alive), which does not fit
+``DistributedDataParallel``'s one forward, one backward per step; so after the heads' backward passes
+every head's gradients are averaged over the ranks in one all-reduce, the average DDP would take.
+Training losses (and so divergence) are those of the global batch, so every rank stops, marks and
+selects the same heads.
+
 A head diverges when a training loss is not finite or exceeds ``DIVERGENCE_FACTOR * ln(C)``
 (a hundred times the loss of a uniform guess over the C classes), or when its validation loss
 is not finite. It then stops training, its epoch gets NaN losses and accuracies, the point is
@@ -33,17 +43,30 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from epviz.distributed import all_reduce_sum, check_same, is_distributed, is_main, rank, world_size
+from epviz.evaluate import iter_batches
 from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device
-from epviz.tokens import TokenSet
+from epviz.tokens import TokenBatch, TokenSet
+from epviz.training.distributed_fit import (
+    average_gradients,
+    broadcast_module,
+    check_world,
+    global_sums,
+    part_bounds,
+    rank_batches,
+    slice_weight,
+    synced_batchnorm,
+)
 from epviz.training.fit import check_training_data
 from epviz.training.optim import check_fit_options, lr_at, make_optimizer
 
@@ -135,8 +158,9 @@ def fit_grid(
         lrs: Peak learning rates of the grid.
         weight_decays: Weight decays of the grid (on parameters with ndim > 1 only).
         epochs: Maximum number of epochs.
-        batch_size: Samples per step; incomplete last batches are dropped when the set holds
-            more than one batch (as in :func:`~epviz.training.fit`).
+        batch_size: Samples per step (the global batch in a distributed run: a multiple of the number
+            of processes); incomplete last batches are dropped when the set holds more than one batch
+            (as in :func:`~epviz.training.fit`).
         optimizer: "adamw" or "lars".
         warmup_epochs: Epochs of linear warm-up before the cosine decay.
         label_smoothing: Cross-entropy label smoothing.
@@ -150,7 +174,9 @@ def fit_grid(
 
     Raises:
         ValueError: An empty grid, a non-positive or non-finite lr, a negative weight decay,
-            a repeated grid point, bad fit options or tokens that do not fit the probe.
+            a repeated grid point, bad fit options or tokens that do not fit the probe; in a
+            distributed run, a `batch_size` that is not a multiple of the number of processes, or
+            ranks given different options or data (ConfigError).
         FloatingPointError: Every grid point diverged.
     """
     lrs, weight_decays, points = _grid_points(lrs, weight_decays)
@@ -159,14 +185,37 @@ def fit_grid(
         raise ValueError("fit_grid selects its grid point on held-out tokens: pass val=... (never the test split)")
     template = _template(probe, train, val, seed, build_options)
     check_training_data(template, train, val, "fit_grid")
+    world = world_size() if is_distributed() else 1
+    if world > 1:
+        check_world(batch_size, len(train), 1, "fit_grid")
+        check_same(
+            "the grid options and data sizes",
+            dict(
+                points=points,
+                epochs=epochs,
+                batch_size=batch_size,
+                optimizer=optimizer,
+                warmup_epochs=warmup_epochs,
+                label_smoothing=label_smoothing,
+                early_stopping=early_stopping,
+                precision=precision,
+                seed=seed,
+                train_size=len(train),
+                val_size=len(val),
+                probe=dict(template.config),
+            ),
+        )
 
     device = resolve_device(device)
     heads: list[Probe] = [copy.deepcopy(template).to(device) for _ in points]
+    grid = torch.nn.ModuleList(heads)
+    broadcast_module(grid)  # every rank starts from rank 0's weights (a no-op on one process)
     opt, owner = _grid_optimizer(heads, points, optimizer)
     generator = torch.Generator().manual_seed(seed)
     drop_last = len(train) > batch_size
     steps = len(train) // batch_size if drop_last else 1
     val_batch = max(batch_size, 256)
+    val_shard = None if world == 1 else np.arange(*part_bounds(len(val), rank(), world))
     loss_limit = DIVERGENCE_FACTOR * math.log(max(template.num_classes, 2))
 
     k = len(points)
@@ -179,82 +228,103 @@ def fit_grid(
     epochs_run = [0] * k
     rows: list[dict] = []
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"fit_grid {template.name} x{k}", leave=False, disable=not progress)
-    for epoch in bar:
-        if not active:
-            break
-        for i in active:
-            heads[i].train()
-        loss_sum = [0.0] * k
-        correct = torch.zeros(k, dtype=torch.long, device=device)
-        seen = 0
-        broke: dict[int, str] = {}
-        for step, batch in enumerate(
-            train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
-        ):
+    bar = tqdm(range(epochs), desc=f"fit_grid {template.name} x{k}", leave=False, disable=not progress or not is_main())
+    with synced_batchnorm(grid, device):  # nothing is swapped on one process
+        for epoch in bar:
             if not active:
-                break  # every head diverged in this epoch
-            at = epoch + step / steps
-            for group, i in zip(opt.param_groups, owner):
-                group["lr"] = lr_at(at, points[i][0], epochs, warmup_epochs)
-            opt.zero_grad(set_to_none=True)
-            losses, hits = [], []
+                break
             for i in active:
-                # one head at a time, forward then backward: only one head's activations are alive at once;
-                # the heads share no parameter, so this is the gradient of the sum of their losses
-                with autocast(device, precision):
-                    logits = heads[i](batch.patch, batch.prefix).float()
-                loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
-                loss.backward()
-                losses.append(loss.detach())
-                hits.append((logits.argmax(dim=1) == batch.labels).sum())
-            values = torch.stack(losses).tolist()  # one sync for all heads
-            finite = [math.isfinite(v) and v <= loss_limit for v in values]
-            for i, ok in zip(active, finite):
-                if not ok:  # a diverging head takes no step: its weights stay as they were
-                    heads[i].zero_grad(set_to_none=True)
-            opt.step()  # parameters without a gradient are left as they are
-            correct[active] += torch.stack(hits)
-            n = len(batch.labels)
-            for i, v, ok in zip(active, values, finite):
-                loss_sum[i] += v * n
-                if not ok:
-                    broke[i] = f"the training loss became {v:.4g} at epoch {epoch + 1}, step {step + 1} (limit {loss_limit:.4g})"
-            seen += n
-            active = [i for i in active if i not in broke]
-
-        trained = active + sorted(broke)
-        val_loss, val_acc = _validate(heads, active, val, val_batch, device, precision)
-        hits_total = correct.tolist()
-        for i in sorted(trained):
-            epochs_run[i] = epoch + 1
-            if i in broke:
-                row = dict(train_loss=math.nan, train_acc=math.nan, val_loss=math.nan, val_acc=math.nan)
-            else:
-                row = dict(
-                    train_loss=loss_sum[i] / seen, train_acc=hits_total[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i]
+                heads[i].train()
+            loss_sum = [0.0] * k
+            correct = torch.zeros(k, dtype=torch.long, device=device)
+            seen = 0
+            broke: dict[int, str] = {}
+            batches: Iterator[tuple[TokenBatch, int]]
+            if world == 1:
+                batches = (
+                    (batch, len(batch.labels))
+                    for batch in train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
                 )
-                if not math.isfinite(row["val_loss"]):
-                    broke[i] = f"the validation loss became {row['val_loss']} after epoch {epoch + 1}"
-                    row.update(val_loss=math.nan, val_acc=math.nan)
-            rows.append(dict(point=i, lr=points[i][0], weight_decay=points[i][1], epoch=epoch + 1, **row))
-            if i in broke:
-                continue
-            if val_acc[i] > best_acc[i]:
-                best_acc[i], best_epoch[i], stale[i] = val_acc[i], epoch + 1, 0
-                best_state[i] = {name: t.detach().clone() for name, t in heads[i].state_dict().items()}
             else:
-                stale[i] += 1
-        for i, why in sorted(broke.items()):
-            diverged[i] = True
-            warnings.warn(
-                f"grid point {i} (lr {points[i][0]:g}, weight decay {points[i][1]:g}) diverged: {why}; it is marked "
-                f"diverged and never selected (lower its lr{', or use precision=fp32' if precision != 'fp32' else ''})",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        active = [i for i in active if i not in broke and not (early_stopping is not None and stale[i] >= early_stopping)]
-        bar.set_postfix(active=len(active), best_val=f"{max(best_acc):.3f}")
+                batches = rank_batches(train, batch_size, generator, device, drop_last)
+            for step, (batch, step_size) in enumerate(batches):
+                if not active:
+                    break  # every head diverged in this epoch
+                at = epoch + step / steps
+                for group, i in zip(opt.param_groups, owner):
+                    group["lr"] = lr_at(at, points[i][0], epochs, warmup_epochs)
+                opt.zero_grad(set_to_none=True)
+                losses, hits = [], []
+                weight = 1.0 if world == 1 else slice_weight(len(batch.labels), step_size)
+                for i in active:
+                    # one head at a time, forward then backward: only one head's activations are alive at once;
+                    # the heads share no parameter, so this is the gradient of the sum of their losses
+                    with autocast(device, precision):
+                        logits = heads[i](batch.patch, batch.prefix).float()
+                    loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
+                    (loss if world == 1 else loss * weight).backward()
+                    losses.append(loss.detach())
+                    hits.append((logits.argmax(dim=1) == batch.labels).sum())
+                n = len(batch.labels)
+                if world == 1:
+                    values = torch.stack(losses).tolist()  # one sync for all heads
+                    step_hits = torch.stack(hits)
+                else:  # the global batch's losses and hits, so that every rank stops the same heads
+                    m = len(active)
+                    local = [v * n for v in torch.stack(losses).tolist()] + torch.stack(hits).tolist() + [n]
+                    sums = global_sums(local, device)
+                    n = int(sums[-1])
+                    values = [v / n for v in sums[:m]]
+                    step_hits = torch.tensor([round(h) for h in sums[m : 2 * m]], dtype=torch.long, device=device)
+                finite = [math.isfinite(v) and v <= loss_limit for v in values]
+                for i, ok in zip(active, finite):
+                    if not ok:  # a diverging head takes no step: its weights stay as they were
+                        heads[i].zero_grad(set_to_none=True)
+                average_gradients(p for i, ok in zip(active, finite) if ok for p in heads[i].parameters())
+                opt.step()  # parameters without a gradient are left as they are
+                correct[active] += step_hits
+                for i, v, ok in zip(active, values, finite):
+                    loss_sum[i] += v * n
+                    if not ok:
+                        broke[i] = (
+                            f"the training loss became {v:.4g} at epoch {epoch + 1}, step {step + 1} (limit {loss_limit:.4g})"
+                        )
+                seen += n
+                active = [i for i in active if i not in broke]
+
+            trained = active + sorted(broke)
+            val_loss, val_acc = _validate(heads, active, val, val_batch, device, precision, val_shard)
+            hits_total = correct.tolist()
+            for i in sorted(trained):
+                epochs_run[i] = epoch + 1
+                if i in broke:
+                    row = dict(train_loss=math.nan, train_acc=math.nan, val_loss=math.nan, val_acc=math.nan)
+                else:
+                    row = dict(
+                        train_loss=loss_sum[i] / seen, train_acc=hits_total[i] / seen, val_loss=val_loss[i], val_acc=val_acc[i]
+                    )
+                    if not math.isfinite(row["val_loss"]):
+                        broke[i] = f"the validation loss became {row['val_loss']} after epoch {epoch + 1}"
+                        row.update(val_loss=math.nan, val_acc=math.nan)
+                rows.append(dict(point=i, lr=points[i][0], weight_decay=points[i][1], epoch=epoch + 1, **row))
+                if i in broke:
+                    continue
+                if val_acc[i] > best_acc[i]:
+                    best_acc[i], best_epoch[i], stale[i] = val_acc[i], epoch + 1, 0
+                    best_state[i] = {name: t.detach().clone() for name, t in heads[i].state_dict().items()}
+                else:
+                    stale[i] += 1
+            for i, why in sorted(broke.items()):
+                diverged[i] = True
+                if is_main():
+                    warnings.warn(
+                        f"grid point {i} (lr {points[i][0]:g}, weight decay {points[i][1]:g}) diverged: {why}; it is marked "
+                        f"diverged and never selected (lower its lr{', or use precision=fp32' if precision != 'fp32' else ''})",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            active = [i for i in active if i not in broke and not (early_stopping is not None and stale[i] >= early_stopping)]
+            bar.set_postfix(active=len(active), best_val=f"{max(best_acc):.3f}")
     bar.close()
 
     for head, state in zip(heads, best_state):
@@ -297,6 +367,8 @@ def fit_grid(
         val_origin=val.origin.as_dict(),
         probe=dict(template.config),
     )
+    if world > 1:
+        config["world_size"] = world
     return GridResult(
         probe=heads[int(best["point"])],
         best=best,
@@ -385,8 +457,13 @@ def _validate(
     batch_size: int,
     device: torch.device,
     precision: str,
+    shard: np.ndarray | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Mean cross-entropy and top-1 of every active head on `val`, in one pass (NaN for the others)."""
+    """Mean cross-entropy and top-1 of every active head on `val`, in one pass (NaN for the others).
+
+    With a `shard` (a distributed run) this rank scores those samples and the sums are all-reduced,
+    so every rank returns the numbers of the whole set.
+    """
     k = len(heads)
     if not active:
         return [math.nan] * k, [math.nan] * k
@@ -394,12 +471,16 @@ def _validate(
         heads[i].eval()
     loss = torch.zeros(len(active), dtype=torch.float64, device=device)
     hits = torch.zeros(len(active), dtype=torch.long, device=device)
-    for batch in val.batches(batch_size, device=device):
+    batches = val.batches(batch_size, device=device) if shard is None else iter_batches(val, batch_size, device, shard)
+    for batch in batches:
         with autocast(device, precision):
             logits = [heads[i](batch.patch, batch.prefix) for i in active]
         logits = [x.float() for x in logits]
         loss += torch.stack([F.cross_entropy(x, batch.labels, reduction="sum") for x in logits]).double()
         hits += torch.stack([(x.argmax(dim=1) == batch.labels).sum() for x in logits])
+    if shard is not None:
+        all_reduce_sum(loss)
+        all_reduce_sum(hits)
     n = len(val)
     losses, accs = [math.nan] * k, [math.nan] * k
     for i, lsum, h in zip(active, loss.tolist(), hits.tolist()):

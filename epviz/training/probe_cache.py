@@ -16,6 +16,10 @@ Each entry is ``<key>.safetensors`` (weights), ``<key>.json`` (options, fit summ
 marks the entry complete) and ``<key>.history.csv``, the run's training log: one row per epoch
 (epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds). Every run trained or loaded here is
 noted in :mod:`epviz.provenance`, so the figures and results made afterwards name their entries.
+
+In a distributed run (``torchrun``) every rank reads the cache, and trains together with the
+others unless every rank found the entry; only rank 0 writes it, and the others wait until it is
+complete.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from epviz.atomic import atomic_write
+from epviz.distributed import all_gather_object, barrier, is_main
 from epviz.errors import ConfigError
 from epviz.probes import Probe
 from epviz.provenance import note_fit
@@ -162,14 +167,27 @@ def history_path(key: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def write_history(key: str, history: pd.DataFrame, cache_dir: str | Path | None = None) -> Path:
-    """Write a fit's history (one row per epoch) as ``<key>.history.csv`` beside its entry, atomically."""
-    return atomic_write(history_path(key, cache_dir), lambda tmp: history.to_csv(tmp, index=False))
+    """Write a fit's history (one row per epoch) as ``<key>.history.csv`` beside its entry, atomically.
+
+    In a distributed run only rank 0 writes; every rank gets the path.
+    """
+    path = history_path(key, cache_dir)
+    if not is_main():
+        return path
+    return atomic_write(path, lambda tmp: history.to_csv(tmp, index=False))
 
 
 def store_fit(key: str, result: FitResult, cache_dir: str | Path | None = None) -> Path:
-    """Store a fit under `key`: its history CSV, the weights, then the JSON that marks the entry complete."""
+    """Store a fit under `key`: its history CSV, the weights, then the JSON that marks the entry complete.
+
+    In a distributed run only rank 0 writes (every rank holds the same result); every rank gets the
+    entry's path. :func:`fit_or_load` then waits for rank 0 before any rank goes on.
+    """
+    base = Path(cache_dir or probe_cache_dir()) / key
+    if not is_main():
+        return base
     write_history(key, result.history, cache_dir)
-    return result.save(Path(cache_dir or probe_cache_dir()) / key)
+    return result.save(base)
 
 
 def fit_or_load(
@@ -197,7 +215,9 @@ def fit_or_load(
     tensorboard = fit_options.pop("tensorboard", None)
     config = probe.config
     key = probe_key(config["name"], config, config["num_classes"], train, val, fit_options, seed) if cache else None
-    if key is not None and (stored := load_cached_fit(key)) is not None:
+    stored = load_cached_fit(key) if key is not None else None
+    if key is not None and all(all_gather_object(stored is not None)):  # every rank loads, or every rank trains
+        assert stored is not None
         if not history_path(key).is_file():  # entries stored before the history CSV existed
             write_history(key, stored.history)
         note_fit(key, stored.probe, train, val, seed)
@@ -213,6 +233,7 @@ def fit_or_load(
         options = {k: v for k, v in fit_options.items() if k != "grid"}
         result = fit(probe, train, val, seed=seed, device=device, progress=False, tensorboard=tensorboard, **options)
     if key is not None:
-        store_fit(key, result)
+        store_fit(key, result)  # rank 0 writes
+        barrier()  # the others go on once the entry is complete
     note_fit(key, result.probe, train, val, seed)
     return result
