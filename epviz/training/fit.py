@@ -9,6 +9,9 @@ Protocol note: the tokens are extracted once and cached, so every epoch sees the
 same tokens of the same (un-augmented) images. This is much cheaper than the
 reference protocol, which runs the frozen backbone on a fresh RandomResizedCrop and
 flip of every image at every step; accuracies from the two are not interchangeable.
+Between the two lies a third protocol: a cache of K augmented views per image
+(``extract_tokens(..., views=K)``), of which ``fit`` draws one per image per epoch
+(:meth:`TokenSet.for_epoch`); the fit's ``config["protocol"]`` says which was followed.
 
 Runs are deterministic on CPU for a given seed: shuffling uses its own
 ``torch.Generator``; build the probe with ``epviz.probes.build(..., seed=...)`` so
@@ -57,6 +60,12 @@ from epviz.training.selection import check_selection_split
 __all__ = ["fit", "FitResult", "PROTOCOL", "check_classes", "check_training_data"]
 
 PROTOCOL = "cached tokens (one backbone pass, no augmentation)"
+VIEWS_PROTOCOL = "cached tokens of {views} stored augmented views per image (one drawn per image per epoch)"
+
+
+def protocol_of(train: TokenSet) -> str:
+    """The protocol a fit on `train` follows: cached tokens, with or without stored views."""
+    return PROTOCOL if train.views == 1 else VIEWS_PROTOCOL.format(views=train.views)
 
 
 @dataclass
@@ -234,13 +243,14 @@ def fit(
             probe.train()
             loss_sum, correct, seen = 0.0, 0, 0
             batches: Iterator[tuple[TokenBatch, int]]
+            views = train.for_epoch(epoch, seed)  # with stored views: one view per image this epoch
             if world == 1:
                 batches = (
                     (batch, len(batch.labels))
-                    for batch in train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
+                    for batch in views.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
                 )
             else:
-                batches = rank_batches(train, batch_size, generator, device, drop_last)
+                batches = rank_batches(views, batch_size, generator, device, drop_last)
             for step, (batch, step_size) in enumerate(batches):
                 current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
                 for group in opt.param_groups:
@@ -307,7 +317,7 @@ def fit(
     probe.eval()
     history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
     config = dict(
-        protocol=PROTOCOL,
+        protocol=protocol_of(train),
         epochs=epochs,
         epochs_run=len(rows),
         batch_size=batch_size,

@@ -67,7 +67,7 @@ from epviz.training.distributed_fit import (
     slice_weight,
     synced_batchnorm,
 )
-from epviz.training.fit import check_training_data
+from epviz.training.fit import check_training_data, protocol_of
 from epviz.training.optim import check_fit_options, lr_at, make_optimizer
 
 __all__ = ["DIVERGENCE_FACTOR", "GridResult", "fit_grid", "select_point"]
@@ -240,13 +240,14 @@ def fit_grid(
             seen = 0
             broke: dict[int, str] = {}
             batches: Iterator[tuple[TokenBatch, int]]
+            views = train.for_epoch(epoch, seed)  # with stored views: one view per image this epoch
             if world == 1:
                 batches = (
                     (batch, len(batch.labels))
-                    for batch in train.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
+                    for batch in views.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
                 )
             else:
-                batches = rank_batches(train, batch_size, generator, device, drop_last)
+                batches = rank_batches(views, batch_size, generator, device, drop_last)
             for step, (batch, step_size) in enumerate(batches):
                 if not active:
                     break  # every head diverged in this epoch
@@ -348,7 +349,7 @@ def fit_grid(
     )
     best = select_point(table)
     config = dict(
-        protocol=PROTOCOL,
+        protocol=PROTOCOL if train.views == 1 else protocol_of(train) + "; heads trained together on one read per batch",
         select_on=SELECT_ON,
         lrs=lrs,
         weight_decays=weight_decays,

@@ -388,3 +388,37 @@ def test_default_warmup_keeps_the_reference_ratio(data):
     result = run(data, epochs=3, warmup_epochs=None)
     assert result.config["warmup_epochs"] == pytest.approx(1 / 3)
     assert result.history["lr"].iloc[0] < 1e-2, "the first epoch ends after the warm-up, on the way down the cosine"
+
+
+def test_fit_draws_one_stored_view_per_image_per_epoch(monkeypatch):
+    from epviz.tokens import TokenSet
+    from epviz.training import fit
+    from epviz.training.fit import PROTOCOL
+
+    rng = np.random.default_rng(0)
+    n, views = 24, 3
+    labels = np.arange(n) % 2
+    patch = rng.normal(size=(n * views, 4, 8)).astype(np.float32)
+    train = TokenSet(patch=patch, prefix=None, labels=labels, grid=(2, 2), views=views)
+    plain = TokenSet(patch=patch[::views].copy(), prefix=None, labels=labels, grid=(2, 2))
+    read: list[np.ndarray] = []
+    real = TokenSet.for_epoch
+
+    def spy(self, epoch, seed):
+        chosen = real(self, epoch, seed)
+        read.append(chosen.view_choice.copy())
+        return chosen
+
+    monkeypatch.setattr(TokenSet, "for_epoch", spy)
+    result = fit(
+        probes.build("gap", 8, 2, seed=0), train, plain, epochs=4, batch_size=8, lr=1e-2, warmup_epochs=0, progress=False
+    )
+    assert len(read) == 4 and all(len(r) == n for r in read)
+    assert len({r.tobytes() for r in read}) == 4, "a new draw of views every epoch"
+    np.testing.assert_array_equal(read[2], real(train, 2, 0).view_choice)  # the draw of (seed, epoch)
+    assert set(np.concatenate(read)) == {0, 1, 2}
+    assert result.config["protocol"].startswith("cached tokens of 3 stored augmented views")
+    single = fit(
+        probes.build("gap", 8, 2, seed=0), plain, plain, epochs=1, batch_size=8, lr=1e-2, warmup_epochs=0, progress=False
+    )
+    assert single.config["protocol"] == PROTOCOL
