@@ -416,6 +416,82 @@ def _size(text: str) -> int | str:
     return value
 
 
+# --- train ---------------------------------------------------------------------------------
+
+SETTINGS = ("full", "fast", "single-recipe", "paper")
+
+
+def _setting(name: str, sizes: list[str] | None) -> Any:
+    from epviz import Setting
+
+    setting = {"full": Setting.full, "fast": Setting.fast, "single-recipe": Setting.single_recipe, "paper": Setting.paper}[name]()
+    if not sizes:
+        return setting
+    parsed: dict[str, int | None] = {}
+    for item in sizes:
+        split, _, value = item.partition("=")
+        if split not in ("train", "val", "test") or not value:
+            raise ValueError(f"--sizes takes split=count items such as train=all val=10000, got {item!r}")
+        parsed[split] = None if value == "all" else int(value)
+    return setting.replace(sizes=parsed, name=setting.name)
+
+
+def _train(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from epviz import distributed, open_study
+    from epviz.atomic import atomic_write
+    from epviz.evaluate import accuracy
+    from epviz.probes import build, probe_specs
+    from epviz.training import fit_images, probe_zoo
+
+    joined = distributed.init_from_env()  # under torchrun / srun: every fit is data-parallel over the ranks
+    try:
+        setting = _setting(args.setting, args.sizes)
+        layers = None if args.layers == ["all"] else [int(x) for x in args.layers]
+        extract = {"layers": layers, "dtype": args.dtype, "precision": args.precision, "views": args.views}
+        if args.cache_dir:
+            extract["cache_dir"] = args.cache_dir
+        per_step = args.protocol == "per-step"
+        splits = ("val", "test") if per_step else ("train", "val", "test")
+        study = open_study(args.backbone, control=args.control, dataset=args.dataset, layer=args.layer, splits=splits,
+                           setting=setting, figures=".", extract=extract)  # fmt: skip
+        if per_step:
+            from epviz.backbones import load_backbone
+            from epviz.data import load_split
+
+            train = load_split(args.dataset, "train", setting.sizes["train"])
+            options = {k: v for k, v in setting.fit_options().items() if k != "grid"}
+            rows = []
+            for name in study.backbones:
+                backbone = load_backbone(name)
+                classes = int(study.tokens[name]["test"].num_classes or 0)
+                for label, spec in probe_specs(args.probes).items():
+                    spec = dict(spec)
+                    probe = build(spec.pop("name"), backbone.dim, classes, seed=args.seeds[0], **spec)
+                    result = fit_images(probe, backbone, train, study.sets["val"], layer=args.layer, seed=args.seeds[0],
+                                        accum_steps=args.accum_steps, progress=distributed.is_main(), **options)  # fmt: skip
+                    test = accuracy(result.probe, study.tokens[name]["test"], topk=(1,))["top1"]
+                    rows.append({"backbone": name, "probe": label, "protocol": "per-step", "val_acc": result.best_acc,
+                                 "test_acc": test, "best_epoch": result.best_epoch, "seconds": result.seconds})  # fmt: skip
+                    if args.save and distributed.is_main():
+                        result.save(Path(args.save) / f"{name}_{label}")
+            runs = pd.DataFrame(rows)
+        else:
+            runs, _ = probe_zoo(
+                study.tokens, args.probes, budget=setting.fit_options(), seeds=args.seeds, progress=distributed.is_main()
+            )
+        if distributed.is_main():
+            print(runs.to_string(index=False))
+            if args.out:
+                atomic_write(args.out, lambda tmp: runs.to_csv(tmp, index=False))
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 # --- evaluate ------------------------------------------------------------------------------
 
 
@@ -649,6 +725,33 @@ def main(argv: list[str] | None = None) -> None:
     ext.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: this rank's GPU, else the CPU)")
     ext.add_argument("--cache-dir", default=None, help="token cache folder (default $EPVIZ_CACHE)")
     ext.set_defaults(func=_extract)
+    tr = sub.add_parser(
+        "train",
+        help="train probes with the setting's tuning budget (one process, or data-parallel under torchrun / srun)",
+        description="Train probes on a backbone's cached tokens with a setting's tuning budget (every probe tuned on val, "
+        "test evaluated once), or with --protocol per-step on fresh augmented images. Under torchrun every fit is "
+        "data-parallel over the ranks (global batch split, DDP, BatchNorm synced) and rank 0 alone writes. The cached "
+        "runs land in the probe cache under the keys the notebooks compute, so notebooks opened with the same dataset, "
+        "SIZES and EXTRACT draw their figures from them without training again.",
+    )
+    tr.add_argument("--backbone", nargs="+", required=True, help="zoo names, presets (mae-vit-b, ...) or timm names")
+    tr.add_argument("--control", default=None, help="the random-init control, one of --backbone (default: none)")
+    tr.add_argument("--dataset", default="cluttered-fashion-mnist", help="dataset spec (imagenet:<root>, ...)")
+    tr.add_argument("--probes", nargs="+", required=True, help="probe names or variants (cls, gap, ep, ep16, mhca, ...)")
+    tr.add_argument("--setting", default="full", choices=SETTINGS, help="budget and grid (paper: LARS, 90 epochs, batch 4096)")
+    tr.add_argument("--sizes", nargs="*", default=None, help="images per split, e.g. train=all val=10000 test=all")
+    tr.add_argument("--seeds", nargs="+", type=int, default=[0])
+    tr.add_argument("--layer", type=int, default=-1, help="the block the probes read")
+    tr.add_argument("--layers", nargs="+", default=["-1"], help="the blocks the caches hold ('all' for the notebooks' caches)")
+    tr.add_argument("--dtype", default="float16", choices=["float16", "float32", "int8"])
+    tr.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="extraction compute (part of the cache key)")
+    tr.add_argument("--views", type=int, default=1, help="stored augmented views of each training image (1: none)")
+    tr.add_argument("--protocol", default="cached", choices=["cached", "per-step"])
+    tr.add_argument("--accum-steps", type=int, default=1, help="per-step protocol: gradient accumulation steps")
+    tr.add_argument("--cache-dir", default=None, help="token cache folder (default $EPVIZ_CACHE)")
+    tr.add_argument("--save", default=None, help="per-step protocol: folder for the trained probes")
+    tr.add_argument("--out", default=None, help="write the runs table as CSV to this file")
+    tr.set_defaults(func=_train)
     ev = sub.add_parser(
         "evaluate",
         help="score a saved probe on a split: top-1/top-5, and with --maps its predictors' Δacc, entropy and localization",
@@ -692,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     z = sub.add_parser("zoo", help="show the embedded backbones' model cards")
     z.set_defaults(func=_zoo)
     args = parser.parse_args(argv)
-    if args.func in (_evaluate, _extract):
+    if args.func in (_evaluate, _extract, _train):
         try:
             args.func(args)
         except (FileNotFoundError, ValueError, OSError) as err:

@@ -14,7 +14,7 @@ the token cache.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,7 @@ def open_study(
     setting: Setting | None = None,
     figures: str | Path = "../figures",
     tokens: bool = True,
+    extract: Mapping[str, Any] | None = None,
 ) -> Study:
     """Build a notebook's study: present backbones, the standard datasets, their tokens, the figures folder.
 
@@ -99,7 +100,10 @@ def open_study(
         splits: Which standard splits to build.
         setting: Sizes and budgets (default :meth:`Setting.from_env`: full, or fast with ``EPVIZ_FAST=1``).
         figures: Root folder of the figures; fast mode writes under ``<figures>/fast``.
-        tokens: Extract (or read) the tokens of every block now.
+        tokens: Extract (or read) the tokens now.
+        extract: :func:`epviz.extract_tokens` options of the caches (default: every block, float16, fp32
+            compute), e.g. ``{"layers": [-1], "dtype": "int8", "precision": "bf16"}`` to open the caches
+            that ``epviz extract --layers -1 --dtype int8 --precision bf16`` (or a torchrun run of it) wrote.
 
     Raises:
         ValueError: The control is not among the present backbones.
@@ -116,7 +120,7 @@ def open_study(
     study = Study(setting=setting, backbones=present, control=control, dataset=dataset, layer=layer, sets=sets, figures=folder)
     note(dataset=dataset)  # the sidecars of the figures saved afterwards name the dataset and the token caches
     if tokens:
-        study.caches = extract_sets(present, sets)
+        study.caches = extract_sets(present, sets, **dict(extract or {}))
         study.tokens = layer_tokens(study.caches, layer)
         note(tokens=study.tokens)
     return study

@@ -340,3 +340,48 @@ def test_reproduce_prints_cells_keeps_timings_and_reports_figures(tmp_path, monk
     assert json.loads((tmp_path / "figures" / "fast" / "01_dot.json").read_text())["images"] == [7]
     cli.main(["reproduce", "--fast"])
     assert "[1/1] 01_dot.ipynb (previous run " in capsys.readouterr().out
+
+
+TRAIN = ["train", "--backbone", "tiny-random", "--probes", "gap", "ep16", "--setting", "fast",
+         "--sizes", "train=128", "val=64", "test=64"]  # fmt: skip
+
+
+def test_train_tunes_every_probe_and_writes_the_runs(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    cli.main([*TRAIN, "--out", str(tmp_path / "runs.csv")])
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert runs["probe"].tolist() == ["gap", "ep16"] and runs["tuned"].all() and not runs["cached"].any()
+    assert runs["test_acc"].between(0, 1).all()
+    assert "gap" in capsys.readouterr().out
+    cli.main([*TRAIN, "--out", str(tmp_path / "again.csv")])
+    assert pd.read_csv(tmp_path / "again.csv")["cached"].all(), "a second run loads the probes from the probe cache"
+
+
+def test_train_refuses_bad_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match="--sizes takes split=count"):
+        cli.main([*TRAIN[:-3], "train128"])
+
+
+def test_torchrun_train_lands_in_the_probe_cache_one_process_reads(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", EPVIZ_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "epviz", *TRAIN,
+               "--out", str(tmp_path / "ddp.csv")]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = pd.read_csv(tmp_path / "ddp.csv")
+    assert not ddp["cached"].any() and ddp["tuned"].all()
+    single = subprocess.run([sys.executable, "-m", "epviz", *TRAIN, "--out", str(tmp_path / "one.csv")], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = pd.read_csv(tmp_path / "one.csv")
+    assert one["cached"].all(), "the two-rank runs are found under the keys one process computes"
+    assert one["test_acc"].tolist() == ddp["test_acc"].tolist() and one["lr"].tolist() == ddp["lr"].tolist()
