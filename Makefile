@@ -71,6 +71,7 @@ bench: data
 	$(PY) benchmarks/extract.py
 	$(PY) benchmarks/probes.py
 	$(PY) benchmarks/head_grid.py --threads 1
+	$(PY) benchmarks/scale.py
 
 clean-cache:
 	rm -rf "$${EPVIZ_CACHE:-$$HOME/.cache/epviz/tokens}"

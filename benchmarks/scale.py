@@ -9,7 +9,7 @@
 4. Peak RSS of extraction at 10k and 100k synthetic 224 px images through a small timm ViT (one
    block, 32 px patches), each in a fresh process: it must not grow with the dataset.
 
-    python benchmarks/scale.py [--images 8000] [--rss-images 10000 100000] [--skip-rss]
+    python benchmarks/scale.py [--images 8000] [--rss-images 10000 100000] [--parts 1 2 4]
 """
 
 from __future__ import annotations
@@ -177,13 +177,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8000, help="canvases of the extraction and epoch measurements")
     parser.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 4], help="1: extraction, 2: epoch reads (2-3), 4: peak RSS")
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {threads} threads")
-    extraction(args.images, threads)
-    reads(args.images, args.repeats)
-    if not args.skip_rss:
+    if 1 in args.parts:
+        extraction(args.images, threads)
+    if 2 in args.parts:
+        reads(args.images, args.repeats)
+    if 4 in args.parts:
         peak_rss(sorted(args.rss_images), threads)
 
 

@@ -190,8 +190,16 @@ def _pngs(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} if folder.is_dir() else {}
 
 
+CELL_TIMEOUT_FULL = 4 * 3600  # the full probe zoo (18 probes x 3 backbones, tuned) is one cell of ~1.5 h on 2 cores
+CELL_TIMEOUT_FAST = 3600
+
+
 def run_notebooks(
-    notebooks: list[Path], fast: bool, timeout: int = 3600, heartbeat: float | None = 60.0, out: TextIO | None = None
+    notebooks: list[Path],
+    fast: bool,
+    timeout: int | None = None,
+    heartbeat: float | None = 60.0,
+    out: TextIO | None = None,
 ) -> list[dict]:
     """Execute notebooks in place of a temporary copy with nbclient; returns per-notebook timings.
 
@@ -351,7 +359,8 @@ def _reproduce(args: argparse.Namespace) -> None:
         notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in args.only)]
     if not notebooks:
         sys.exit(f"no notebooks found under {root / 'notebooks'}")
-    timings = run_notebooks(notebooks, fast=args.fast, heartbeat=args.heartbeat or None)
+    timeout = args.cell_timeout or (CELL_TIMEOUT_FAST if args.fast else CELL_TIMEOUT_FULL)
+    timings = run_notebooks(notebooks, fast=args.fast, timeout=timeout, heartbeat=args.heartbeat or None)
     report = write_report(root / "figures" / ("fast" if args.fast else ""), timings)
     print(f"report: {report}")
     failed = [t["notebook"] for t in timings if "error" in t]
@@ -674,6 +683,12 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run")
     rep.add_argument(
         "--heartbeat", type=float, default=60.0, help="seconds between 'still running' lines of a long cell (0: none)"
+    )
+    rep.add_argument(
+        "--cell-timeout",
+        type=int,
+        default=None,
+        help=f"seconds a cell may run before it fails (default {CELL_TIMEOUT_FULL} in full mode, {CELL_TIMEOUT_FAST} in fast mode)",
     )
     rep.set_defaults(func=_reproduce)
     ext = sub.add_parser(
