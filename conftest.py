@@ -11,6 +11,8 @@ _MARKED_PATHS = {
     "/tests/explorer/test_browser.py": ("browser", "slow"),
     "/tests/explorer/test_model.py": ("slow",),
     "/tests/test_scripts.py": ("slow",),
+    "/tests/tokens/test_distributed_extraction.py": ("distributed", "slow"),
+    "/tests/training/test_distributed.py": ("distributed", "slow"),
 }
 # single tests that take a second or more (extraction, real images, rendering many panels)
 _SLOW_TESTS = (
@@ -26,6 +28,9 @@ _SLOW_TESTS = (
     "test_generation_is_deterministic_and_seeded",
     "test_labels_do_not_overlap_on_a_crowded_zoo",
     "test_error_bars_appear_with_std_columns_only",
+    "test_torchrun_train_lands_in_the_probe_cache_one_process_reads",
+    "test_train_tunes_every_probe_and_writes_the_runs",
+    "test_stored_views_are_the_backbone_on_the_seeded_crops",
 )
 
 
@@ -34,6 +39,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         path = item.path.as_posix()
         name = item.name
+        if name.startswith("test_torchrun_"):
+            item.add_marker(pytest.mark.distributed)
         if name.startswith(_SLOW_TESTS) or (name.startswith("test_constant_maps_never_yield_a_box[") and "-224-" in name):
             item.add_marker(pytest.mark.slow)
         for part, marks in _MARKED_PATHS.items():

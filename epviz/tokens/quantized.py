@@ -118,7 +118,9 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def _dequantize_numpy(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The numpy twin of :func:`dequantize` (bit-identical: one float32 product per element)."""
-    return values.astype(np.float32) * np.asarray(scales, dtype=np.float32)[..., None]
+    out = values.astype(np.float32)
+    out *= np.asarray(scales, dtype=np.float32)[..., None]  # in place: one float32 array, not two
+    return out
 
 
 def _shape_message(values: tuple[int, ...], scales: tuple[int, ...]) -> str:
