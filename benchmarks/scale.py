@@ -177,7 +177,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=8000, help="canvases of the extraction and epoch measurements")
     parser.add_argument("--rss-images", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 4], help="1: extraction, 2: epoch reads (2-3), 4: peak RSS")
+    parser.add_argument(
+        "--parts", type=int, nargs="+", default=[1, 2, 4], help="1: extraction, 2: epoch reads (2-3), 4: peak RSS"
+    )
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {threads} threads")
