@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.func in (_evaluate, _extract, _train):
         try:
             args.func(args)
-        except (FileNotFoundError, ValueError, OSError) as err:
+        except (FileNotFoundError, ValueError, OSError, TypeError) as err:  # bad input: one line, not a traceback
             sys.exit(f"epviz {args.command}: {err}")
         return
     args.func(args)

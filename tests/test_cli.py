@@ -385,3 +385,9 @@ def test_torchrun_train_lands_in_the_probe_cache_one_process_reads(tmp_path):
     one = pd.read_csv(tmp_path / "one.csv")
     assert one["cached"].all(), "the two-rank runs are found under the keys one process computes"
     assert one["test_acc"].tolist() == ddp["test_acc"].tolist() and one["lr"].tolist() == ddp["lr"].tolist()
+
+
+def test_train_per_step_on_canvases_says_it_needs_image_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match="epviz train: the per-step protocol augments the image files"):
+        cli.main([*TRAIN[:4], "gap", "--protocol", "per-step", "--setting", "fast", "--sizes", "train=16", "val=8", "test=8"])
