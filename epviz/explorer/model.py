@@ -82,6 +82,7 @@ class ExplorerState:
         selection: The selection this state shows.
         error: Why (part of) the selection cannot be shown, with the fix; "" when all is well.
         num_layers: Blocks of the backbone.
+        layers: The blocks its token caches hold (every block unless ``extract`` names some).
         num_predictors: Attention predictors K of the probe (0 for cls, gap).
         takes_queries: Whether the probe takes the number of queries as an option.
         accuracy: Test top-1 of the probe.
@@ -103,6 +104,7 @@ class ExplorerState:
     selection: Selection
     error: str = ""
     num_layers: int | None = None
+    layers: list[int] | None = None
     num_predictors: int | None = None
     takes_queries: bool = False
     accuracy: float | None = None
@@ -184,6 +186,9 @@ class ExplorerModel:
         sets: ``{"train", "val", "test": dataset}`` (default: the standard sets of `dataset`); the images
             shown are those of ``test``, which needs GT boxes.
         fit_options: Overrides of the setting's probe budget.
+        extract: :func:`epviz.extract_tokens` options of the token caches (default: every block, float16),
+            e.g. ``{"layers": [-1], "dtype": "int8", "precision": "bf16"}`` to open the caches that
+            ``epviz extract`` (or a torchrun run of it) wrote; the layer choice is then those blocks.
         seed: Seed of every probe.
         localization_images: Test images of the localization columns of the table (the costly measure).
         progress: Called as ``progress(fraction, message)`` during slow steps (extraction, training).
@@ -199,6 +204,7 @@ class ExplorerModel:
         dataset: str = DEFAULT_DATASET,
         sets: Mapping | None = None,
         fit_options: Mapping | None = None,
+        extract: Mapping[str, Any] | None = None,
         seed: int = 0,
         localization_images: int = 200,
         progress: Progress | None = None,
@@ -225,6 +231,7 @@ class ExplorerModel:
         self._given_only = {label for _, label in self._given} - set(trainable)
         self.specs = {**trainable, **{label: {"name": p.name} for (_, label), p in self._given.items() if label not in trainable}}
         self.fit_options = dict(fit_options or {})
+        self.extract = dict(extract or {})
         self.seed = int(seed)
         self.localization_images = int(localization_images)
         self.progress = progress
@@ -276,6 +283,11 @@ class ExplorerModel:
             self._backbones[name] = load_backbone(name)
         return self._backbones[name]
 
+    def layers(self, backbone: str) -> list[int]:
+        """The blocks the token caches of `backbone` hold: those of ``extract["layers"]``, else every block."""
+        chosen = self.extract.get("layers")
+        return self.backbone(backbone).resolve_layers(chosen)
+
     def block(self, backbone: str, layer: int) -> int:
         """Block index in 0..depth-1 of `layer` (negative counts from the end)."""
         return self.backbone(backbone).resolve_layers(int(layer))[0]
@@ -295,10 +307,10 @@ class ExplorerModel:
         for i, split in enumerate(_SPLITS):
             self._report(
                 0.05 + 0.6 * i / len(_SPLITS),
-                f"tokens of {backbone}: {split} split, all {bb.depth} blocks, "
+                f"tokens of {backbone}: {split} split, blocks {self.layers(backbone)}, "
                 f"{len(sets[split]):,} images (extracted once, then read from disk)",
             )
-            caches[split] = extract_sets([bb], {split: sets[split]}, progress=True)[bb.name][split]
+            caches[split] = extract_sets([bb], {split: sets[split]}, progress=True, **self.extract)[bb.name][split]
             self.counts["extractions"] += int(not caches[split].hit)
         self._caches[backbone] = caches
         return caches
@@ -501,6 +513,12 @@ class ExplorerModel:
         if not 0.0 <= float(sel.opacity) <= 1.0:
             raise ValueError(f"opacity must lie in [0, 1], got {sel.opacity}")
         out.num_layers = self.backbone(sel.backbone).depth
+        out.layers = self.layers(sel.backbone)
+        if self.block(sel.backbone, sel.layer) not in out.layers:
+            raise ValueError(
+                f"block {sel.layer} of {sel.backbone} is not in its token caches (blocks {out.layers}); "
+                "choose one of those, or open the Explorer with extract={'layers': None} to extract every block"
+            )
         out.takes_queries = self.given_probe(sel) is None and _takes_queries(self.probe_options(sel.probe)["name"])
         data = self.probe_data(sel)
         k = data.probe.num_predictors

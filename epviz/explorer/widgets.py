@@ -20,7 +20,8 @@ class Explorer:
     """The ipywidgets Explorer (display it in JupyterLab; drive it from code with :meth:`set`).
 
     Args:
-        backbones, probes, setting, dataset, sets, fit_options, seed, localization_images: See :class:`ExplorerModel`.
+        backbones, probes, setting, dataset, sets, fit_options, extract, seed, localization_images: See
+            :class:`ExplorerModel`.
         selection: Initial settings (fields of :class:`Selection`).
         width: Width of the figure in inches.
     """
@@ -34,6 +35,7 @@ class Explorer:
         dataset: str = DEFAULT_DATASET,
         sets: Mapping | None = None,
         fit_options: Mapping | None = None,
+        extract: Mapping | None = None,
         seed: int = 0,
         localization_images: int = 200,
         selection: Mapping | None = None,
@@ -46,6 +48,7 @@ class Explorer:
             dataset=dataset,
             sets=sets,
             fit_options=fit_options,
+            extract=extract,
             seed=seed,
             localization_images=localization_images,
         )
@@ -192,9 +195,11 @@ class Explorer:
         ws = self.widgets
         with self._quiet():
             if state.num_layers is not None:
-                layers = [("last block", -1)] + [(f"block {i}", i) for i in range(state.num_layers)]
+                blocks = state.layers if state.layers is not None else list(range(state.num_layers))
+                last = [("last block", -1)] if state.num_layers - 1 in blocks else []
+                layers = last + [(f"block {i}", i) for i in blocks]
                 if list(ws["layer"].options) != layers:
-                    value = ws["layer"].value if ws["layer"].value in range(-1, state.num_layers) else -1
+                    value = ws["layer"].value if ws["layer"].value in [v for _, v in layers] else layers[0][1]
                     ws["layer"].options = layers
                     ws["layer"].value = value
             ws["queries"].disabled = not state.takes_queries

@@ -177,3 +177,26 @@ def test_state_renders_to_png(start):
     assert png[:4] == b"\x89PNG" and len(png) > 5_000
     empty = state_png(start.model.state(Selection(backbone="test_vit", probe="ep", opacity=3)))
     assert empty[:4] == b"\x89PNG"
+
+
+def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, small_canvases, test_vit_backbone):
+    from epviz.data import ClutteredFashionMNIST
+    from epviz.tokens import extract_tokens
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path))
+    sets = {
+        "train": ClutteredFashionMNIST("train", 64, seed=0),
+        "val": ClutteredFashionMNIST("train", 32, seed=1),
+        "test": small_canvases,
+    }
+    for data in sets.values():  # the caches `epviz extract --layers 3 -1 --dtype int8` would write
+        extract_tokens(test_vit_backbone, data, [3, -1], dtype="int8", progress=False)
+    explorer = Explorer([test_vit_backbone], ["ep"], setting=Setting.fast(), sets=sets, fit_options={"epochs": 1},
+                        extract={"layers": [3, -1], "dtype": "int8"})  # fmt: skip
+    assert explorer.state.error == "" and explorer.state.layers == [3, 5]
+    assert explorer.model.counts["extractions"] == 0, "the existing int8 caches are read, not extracted again"
+    assert [v for _, v in explorer.widgets["layer"].options] == [-1, 3, 5]
+    chosen = explorer.model.state(Selection(backbone="test_vit", layer=2, probe="ep"))  # from code: not a widget choice
+    assert "not in its token caches (blocks [3, 5])" in chosen.error
+    explorer.set(layer=3)
+    assert explorer.state.error == "" and explorer.state.selection.layer == 3
