@@ -108,10 +108,11 @@ def _epoch_read(tokens, batch_size: int = 256) -> float:
 
 
 def _sequential_read(paths: list[Path]) -> float:
+    buffer = bytearray(16 * 2**20)  # one reused buffer: the cost of moving the bytes, nothing else
     start = time.perf_counter()
     for path in paths:
-        with open(path, "rb") as fh:
-            while fh.read(64 * 2**20):
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buffer):
                 pass
     return time.perf_counter() - start
 

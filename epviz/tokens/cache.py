@@ -574,14 +574,14 @@ def _write_shard(
                     )
                     per_view.append(outs)
                 for i, layer in enumerate(layers):
-                    patch = torch.stack([outs[i][0] for outs in per_view], dim=1)  # (B, K, N, D)
-                    if patch.shape[2:] != (N, D):
+                    patch = _image_major([outs[i][0] for outs in per_view])
+                    if patch.shape[1:] != (N, D):
                         raise RuntimeError(
-                            f"{backbone.name} block {layer} gave tokens {tuple(patch.shape[2:])} per image, expected ({N}, {D})"
+                            f"{backbone.name} block {layer} gave tokens {tuple(patch.shape[1:])} per image, expected ({N}, {D})"
                         )
-                    _store(writers, f"L{layer:03d}_patch", patch.flatten(0, 1), dtype, backbone, layer, done)
+                    _store(writers, f"L{layer:03d}_patch", patch, dtype, backbone, layer, done)
                     if P:
-                        prefix = torch.stack([outs[i][1] for outs in per_view], dim=1).flatten(0, 1)
+                        prefix = _image_major([outs[i][1] for outs in per_view])
                         _store(writers, f"L{layer:03d}_prefix", prefix, dtype, backbone, layer, done)
                 writers["labels.npy"].write(np.asarray(batch_labels, dtype=np.int64))
                 done += b
@@ -600,9 +600,20 @@ def _write_shard(
         raise
     finally:
         for writer in writers.values():
-            writer.close(sync=done == end)
+            writer.close()
     if done != end:
         raise RuntimeError(f"the dataset yielded {done - start} images for positions {start}-{end - 1}, expected {end - start}")
+
+
+def _all_finite(tokens: torch.Tensor) -> bool:
+    """Whether every value is finite: one float32 sum (NaN or inf in, NaN or inf out), and the exact
+    element-wise test only when the sum is not finite (a float32 sum of huge finite values may overflow)."""
+    return bool(torch.isfinite(tokens.sum(dtype=torch.float32))) or bool(torch.isfinite(tokens).all())
+
+
+def _image_major(per_view: list[torch.Tensor]) -> torch.Tensor:
+    """(B * K, ...) rows, image-major (row i * K + v is view v of image i), from K tensors (B, ...)."""
+    return per_view[0] if len(per_view) == 1 else torch.stack(per_view, dim=1).flatten(0, 1)
 
 
 def _as_float(images: torch.Tensor) -> torch.Tensor:
@@ -612,13 +623,13 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 def _store(writers: dict, stem: str, tokens: torch.Tensor, dtype: str, backbone: Backbone, layer: int, offset: int) -> None:
     """Cast (or quantize) one block of tokens and append it to its files."""
     if dtype == "int8":
-        if not bool(torch.isfinite(tokens).all()):
+        if not _all_finite(tokens):
             _refuse_nonfinite(backbone, layer, tokens, dtype, offset)
         values, scales = quantize(tokens.float().cpu(), scale_dtype=torch.float32)
         writers[f"{stem}.npy"].write(values.numpy())
         writers[f"{stem}_scale.npy"].write(scales.float().numpy())
         return
     stored = tokens.to(torch.float16 if dtype == "float16" else torch.float32).cpu()  # torch's fp16 cast beats numpy's
-    if not bool(torch.isfinite(stored).all()):
+    if not _all_finite(stored):
         _refuse_nonfinite(backbone, layer, tokens, dtype, offset)
     writers[f"{stem}.npy"].write(stored.numpy())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -220,11 +219,11 @@ class RowWriter:
         self.fh.write(np.ascontiguousarray(block).data.cast("B"))
         self.row += len(block)
 
-    def close(self, sync: bool = True) -> None:
-        """Flush (and fsync) the rows written, then close."""
-        try:
-            if sync and not self.fh.closed:
-                self.fh.flush()
-                os.fsync(self.fh.fileno())
-        finally:
-            self.fh.close()
+    def close(self) -> None:
+        """Flush the rows written to the operating system, then close.
+
+        Not fsynced: the rows survive the death of the process (``kill -9`` included) as soon as
+        they are written, and the marker that follows them is what makes the shard count; an fsync
+        per shard measured 10% of the extraction throughput.
+        """
+        self.fh.close()
