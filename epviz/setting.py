@@ -120,7 +120,9 @@ class Setting:
     threshold_step: int = 1
     probes: tuple[str, ...] | None = None
     grid: Mapping[str, Any] | None = field(
-        default_factory=lambda: _frozen({"lrs": (1e-3, 3e-3, 1e-2, 3e-2), "weight_decays": (1e-4,), "train_size": 4_000})
+        default_factory=lambda: _frozen(
+            {"lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight_decays": (1e-4,), "train_size": 4_000}
+        )
     )
     tune_low_shot: bool = True
 

@@ -74,7 +74,7 @@ def test_grid_checks_and_setting_options():
     with pytest.raises(ConfigError, match="cannot be given with a grid"):
         tune(ep(), token_set(), token_set(30, 1), grid=GRID, lr=1e-3, **BUDGET)
     full = Setting.full().fit_options()
-    assert "lr" not in full and "weight_decay" not in full and full["grid"]["lrs"] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert "lr" not in full and "weight_decay" not in full and full["grid"]["lrs"] == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
     single = Setting.single_recipe().fit_options()
     assert single["lr"] == 1e-3 and "grid" not in single
     assert Setting.full().low_shot_options()["grid"]["train_size"] is None, "low-shot sets are tuned whole"
