@@ -1,5 +1,6 @@
 """Notebook 01 end to end on an ImageNet-style folder with a random-init timm test_vit (no download)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
         "import epviz",
         "SETTING = epviz.Setting.fast()",
         "FAST = True",
+        'EXTRACT = {"layers": [-1], "dtype": "int8"}',  # the notebook on caches of one block, int8
         'BACKBONES = ("test_vit:random",)',
         "CONTROL = None",
         f'DATASET = "imagenet:{root}"',
@@ -49,3 +51,5 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
     assert results.set_index("probe")["seeds"].to_dict() == {"cls": 2, "gap": 1, "ep16": 2, "mhca": 1, "cbam": 1}
     assert (tmp_path / "sizes.json").read_text() == '{"train": 21, "val": 3, "test": 9}'
     assert any((figures / "fast").glob("01_accuracy_vs_params*.png")), "the figures were written where FIGURES points"
+    caches = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").is_file()]
+    assert caches and all(json.loads((p / "meta.json").read_text())["dtype"] == "int8" for p in caches), "EXTRACT reached the caches"
