@@ -4,7 +4,7 @@ An extraction splits the images into contiguous shards (``shard_size`` images ea
 shorter). Shard ``i`` is extracted by rank ``i % world_size``, so one process and N processes write
 the same rows. Every array of the cache is one ``.npy`` file, preallocated (sparse) before any rank
 writes, and each rank writes its shards' rows in place: read in one process, a distributed cache is
-byte for byte the cache a single process writes, in the same order.
+the cache a single process writes, in the same order (byte for byte with the same shard size).
 
 A shard is complete when its marker ``shards/<i>.json`` exists. The marker is written atomically,
 after the shard's rows are flushed to disk, and names the cache key, so markers of another key in the
