@@ -4,7 +4,7 @@
    sizes: 20,000 train, 2,000 val, 4,000 test canvases; last block): LP, EP16 and MHCA trained with
    the standard setting's tuning budget (a grid of learning rates, selected on val) on the
    notebooks' float16 caches and on int8 caches of the same images.
-2. **views** (tiny-mae and tiny-sup, a smaller training set, ``--views-train`` canvases, because the
+2. **views** (tiny-mae, tiny-sup and the control tiny-random, a smaller training set, ``--views-train`` canvases, because the
    per-step protocol runs the backbone at every step): the same probes on float16 tokens of the
    un-augmented images (``cached``), on ``--views`` stored RandomResizedCrop + flip views per image
    with one drawn per image per epoch (``views4``), and, for LP and EP16 on tiny-mae, under the
@@ -16,7 +16,10 @@ Top-1 on the 4,000 test canvases with a 95% bootstrap interval, and the paired d
 float16 / cached run of the same probe (the same test images) with its interval. Writes
 ``docs/storage_and_views.csv``.
 
-    python scripts/storage_and_views.py [--views 4] [--views-train 5000] [--fast] [--out docs/storage_and_views.csv]
+    python scripts/storage_and_views.py [--views 4] [--views-train 5000] [--parts int8 views] [--lrs ...] [--fast]
+
+The table in docs/storage_and_views.csv was measured with the grid lrs 1e-3 3e-3 1e-2 3e-2 (the standard
+grid then); ``--lrs`` reruns it so, and ``--parts`` replaces only those experiments' rows in ``--out``.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from epviz.training import fit_images, probe_zoo  # noqa: E402
 
 BACKBONES = ("tiny-mae", "tiny-sup", "tiny-random")
 PROBES = ("cls", "ep16", "mhca")
-VIEW_BACKBONES = ("tiny-mae", "tiny-sup")
+VIEW_BACKBONES = ("tiny-mae", "tiny-sup", "tiny-random")
 
 
 def correct(probe, tokens) -> np.ndarray:
@@ -98,10 +101,13 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--views-train", type=int, default=5000, help="training canvases of the views experiment")
     parser.add_argument("--parts", nargs="+", default=["int8", "views"], choices=["int8", "views"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="the grid's learning rates (default: the setting's)")
     parser.add_argument("--fast", action="store_true", help="the fast setting (a check of the script, not a measurement)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "storage_and_views.csv"))
     args = parser.parse_args()
     setting = Setting.fast() if args.fast else Setting.full()
+    if args.lrs:
+        setting = setting.replace(grid={"lrs": tuple(args.lrs)}, name=setting.name)
     budget = setting.fit_options()
     rows: list[dict] = []
     if "int8" in args.parts:
@@ -134,6 +140,9 @@ def main() -> None:
                 )
                 print(f"per-step {probe_name}: {hits.mean():.3f} in {result.seconds:.0f} s", flush=True)
     table = pd.DataFrame(rows)
+    if Path(args.out).is_file():  # the parts run here replace their rows; the other parts' rows are kept
+        kept = pd.read_csv(args.out)
+        table = pd.concat([kept[~kept["experiment"].isin(args.parts)], table], ignore_index=True)
     atomic_write(args.out, lambda tmp: table.to_csv(tmp, index=False))
     print(table.round(4).to_string(index=False))
 
