@@ -53,6 +53,7 @@ __all__ = [
     "broadcast_module",
     "check_world",
     "distributed_training",
+    "epoch_batches",
     "global_sums",
     "part_bounds",
     "rank_batches",
@@ -110,6 +111,23 @@ def check_world(batch_size: int, train_size: int, accum_steps: int, caller: str)
             f"{caller}: the training set holds {train_size} samples, too few for {parts} non-empty parts "
             f"({world} processes x {accum_steps} micro-batches): use fewer processes or accum_steps"
         )
+
+
+def epoch_batches(
+    train: TokenSet, epoch: int, seed: int, batch_size: int, generator: torch.Generator, device: torch.device, drop_last: bool
+) -> Iterator[tuple[TokenBatch, int]]:
+    """One epoch's shuffled batches of this rank, each with the size of its global batch.
+
+    With stored views, each image reads the view drawn for (seed, epoch) (:meth:`TokenSet.for_epoch`).
+    One process reads whole batches; a rank of several its slice of each (:func:`rank_batches`).
+    """
+    views = train.for_epoch(epoch, seed)
+    if world_size() == 1 or not is_distributed():
+        return (
+            (b, len(b.labels))
+            for b in views.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
+        )
+    return rank_batches(views, batch_size, generator, device, drop_last)
 
 
 def rank_batches(

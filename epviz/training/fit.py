@@ -29,7 +29,6 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,13 +43,13 @@ from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels, loss_and_accuracy
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
-from epviz.tokens import TokenBatch, TokenSet
+from epviz.tokens import TokenSet
 from epviz.training.checkpoints import finite_or_none, save_probe
 from epviz.training.distributed_fit import (
     check_world,
     distributed_training,
+    epoch_batches,
     global_sums,
-    rank_batches,
     sharded_loss_and_accuracy,
     slice_weight,
 )
@@ -242,15 +241,7 @@ def fit(
             t0 = time.perf_counter()
             probe.train()
             loss_sum, correct, seen = 0.0, 0, 0
-            batches: Iterator[tuple[TokenBatch, int]]
-            views = train.for_epoch(epoch, seed)  # with stored views: one view per image this epoch
-            if world == 1:
-                batches = (
-                    (batch, len(batch.labels))
-                    for batch in views.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
-                )
-            else:
-                batches = rank_batches(views, batch_size, generator, device, drop_last)
+            batches = epoch_batches(train, epoch, seed, batch_size, generator, device, drop_last)
             for step, (batch, step_size) in enumerate(batches):
                 current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
                 for group in opt.param_groups:

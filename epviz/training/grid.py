@@ -43,7 +43,7 @@ import itertools
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -56,14 +56,14 @@ from epviz.distributed import all_reduce_sum, check_same, is_distributed, is_mai
 from epviz.evaluate import iter_batches
 from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device
-from epviz.tokens import TokenBatch, TokenSet
+from epviz.tokens import TokenSet
 from epviz.training.distributed_fit import (
     average_gradients,
     broadcast_module,
     check_world,
+    epoch_batches,
     global_sums,
     part_bounds,
-    rank_batches,
     slice_weight,
     synced_batchnorm,
 )
@@ -239,15 +239,7 @@ def fit_grid(
             correct = torch.zeros(k, dtype=torch.long, device=device)
             seen = 0
             broke: dict[int, str] = {}
-            batches: Iterator[tuple[TokenBatch, int]]
-            views = train.for_epoch(epoch, seed)  # with stored views: one view per image this epoch
-            if world == 1:
-                batches = (
-                    (batch, len(batch.labels))
-                    for batch in views.batches(batch_size, shuffle=True, generator=generator, device=device, drop_last=drop_last)
-                )
-            else:
-                batches = rank_batches(views, batch_size, generator, device, drop_last)
+            batches = epoch_batches(train, epoch, seed, batch_size, generator, device, drop_last)
             for step, (batch, step_size) in enumerate(batches):
                 if not active:
                     break  # every head diverged in this epoch
