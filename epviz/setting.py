@@ -99,7 +99,8 @@ class Setting:
         grid: The tuning grid of every probe run: ``lrs``, ``weight_decays`` and ``train_size`` (the
             grid is trained on that many training images, then the chosen point is refit on all of
             them; None: on all); None: one run with the budget's own lr and weight decay.
-        tune_low_shot: Whether low-shot runs are tuned with the grid too (without a subset); False runs
+        tune_low_shot: Whether low-shot runs are tuned with the grid too (without a subset; the first seed
+            of every (shots, probe) trains the grid, the others reuse its choice); False runs
             them at the budget's own lr (the fast setting, whose low-shot runs check the pipeline only).
         probes: The probes "every probe" means; None: :func:`epviz.probes.standard_set` (every
             registered family, so a new family joins without an edit).

@@ -318,9 +318,16 @@ def low_shot(
     device: str | torch.device | None = None,
     context: Mapping | None = None,
     progress: bool = True,
+    tune_every_seed: bool = False,
     **fit_kwargs,
 ) -> pd.DataFrame:
     """Train every probe on k images per class, for every k and seed.
+
+    With a tuning grid in `fit_kwargs` (``grid=...``, see :mod:`epviz.training.tuning`), the first
+    seed of every (k, probe) trains the grid and the other seeds train once at the learning rate and
+    weight decay it chose on val (as :func:`probe_zoo`'s ``chosen``): the spread over seeds is then
+    the spread of one configuration over samples, initialisations and shuffles, at a third of the
+    cost of three grids. ``tune_every_seed=True`` trains the grid for every seed instead.
 
     Args:
         train_tokens: The full training tokens to sample from.
@@ -333,11 +340,13 @@ def low_shot(
         device: Where to train; None picks automatically.
         context: Values of the context columns (defaults from ``train_tokens.origin``).
         progress: Show a tqdm bar over runs.
-        **fit_kwargs: Passed to :func:`epviz.fit`.
+        tune_every_seed: With a grid, train it for every seed (default: for the first seed only).
+        **fit_kwargs: Passed to :func:`epviz.fit` (or, with ``grid``, to :func:`~epviz.training.tuning.tune`).
 
     Returns:
         One row per probe x shots x seed: backbone, layer, probe, seed, shots, best_acc, final_acc,
-        best_epoch, epochs_run, params, n_train, seconds. Aggregate with :func:`aggregate_runs`.
+        best_epoch, epochs_run, params, lr, weight_decay, tuned (this run trained the grid), n_train,
+        seconds. Aggregate with :func:`aggregate_runs`.
     """
     specs = _specs_list(probes)
     shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
@@ -346,6 +355,7 @@ def low_shot(
     for k in shots:  # fail before any training
         sample_per_class(train_tokens.labels, k, 0)
     rows = []
+    chosen: dict[tuple[int, str], dict] = {}  # (k, label) -> the first seed's choice, when only it is tuned
     bar = tqdm(total=len(specs) * len(shots) * len(seeds), desc="low-shot", disable=not progress)
     for k in shots:
         for seed in seeds:
@@ -353,10 +363,15 @@ def low_shot(
             for label, name, options in specs:
                 bar.set_postfix(shots=k, probe=label, seed=seed)
                 ctx = context_columns(dict(context or {}, seed=seed), label, train_tokens)
+                kwargs = fit_kwargs
+                if fit_kwargs.get("grid") is not None and not tune_every_seed and (k, label) in chosen:
+                    kwargs = {**{key: v for key, v in fit_kwargs.items() if key != "grid"}, **chosen[k, label]}
                 run = _train_one(
-                    label, name, options, subset, val_tokens, seed, epochs, min(batch_size, len(subset)), device, fit_kwargs
+                    label, name, options, subset, val_tokens, seed, epochs, min(batch_size, len(subset)), device, kwargs
                 )
-                rows.append({**ctx, "shots": k, **run})
+                if fit_kwargs.get("grid") is not None:
+                    chosen.setdefault((k, label), {"lr": run["lr"], "weight_decay": run["weight_decay"]})
+                rows.append({**ctx, "shots": k, **run, "tuned": kwargs.get("grid") is not None})
                 bar.update()
     bar.close()
     return pd.DataFrame(rows)

@@ -119,6 +119,24 @@ def test_low_shot_runs(caches):
     assert summary["best_acc_std"].iloc[1] == pytest.approx(ten.std(ddof=1), nan_ok=True)
 
 
+def test_low_shot_tunes_the_first_seed_and_reuses_its_choice(caches, monkeypatch):
+    from epviz.training import tuning
+
+    train, val = caches
+    grids = []
+    real = tuning.fit_grid
+    monkeypatch.setattr(tuning, "fit_grid", lambda *a, **k: grids.append(k["seed"]) or real(*a, **k))
+    budget = {key: v for key, v in FIT.items() if key != "lr"} | {"grid": {"lrs": (1e-3, 3e-1)}}
+    df = low_shot(train[3], val[3], shots=(1, 10), seeds=(0, 1, 2), probes=("gap",), **budget)
+    assert grids == [0, 0], "one grid per shots value, trained with the first seed"
+    assert df["tuned"].tolist() == [True, False, False] * 2
+    for _, runs in df.groupby("shots"):
+        assert runs["lr"].nunique() == 1 and runs["lr"].iloc[0] in (1e-3, 3e-1), "the other seeds train at the chosen lr"
+    grids.clear()
+    every = low_shot(train[3], val[3], shots=(1,), seeds=(0, 1), probes=("gap",), tune_every_seed=True, **budget)
+    assert grids == [0, 1] and every["tuned"].all()
+
+
 def test_low_shot_checks_every_k_before_training(caches, monkeypatch):
     train, val = caches
     monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: pytest.fail("trained before checking the shots"))
