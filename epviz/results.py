@@ -9,7 +9,8 @@ notebook, token caches, probe-cache entry).
 
 Definitions (ours):
 
-* ``test_acc`` / ``val_acc``: the row's probe, top-1 as a fraction. ``lp``: the test top-1 of LP on
+* ``test_acc`` / ``val_acc``: the row's probe, top-1 as a fraction; ``test_acc_lo`` / ``test_acc_hi``: the
+  95% bootstrap interval of ``test_acc`` over test images (NaN for runs that did not keep one). ``lp``: the test top-1 of LP on
   [CLS] (``cls``) with the same backbone, layer, protocol and seed; ``ep``, ``ep_variant`` (its
   label) and ``ep_queries`` (its predictors): the row's own probe when it is EP, else the EP probe of
   the same group (``ep16``, else ``ep``, else the first EP label); NaN where the group has none.
@@ -82,6 +83,8 @@ RESULT_COLUMNS = (
     "eval",
     "image_size",
     "test_acc",
+    "test_acc_lo",
+    "test_acc_hi",
     "val_acc",
     "lp",
     "ep",
@@ -349,6 +352,8 @@ def results_rows(
                 **facts,
                 "eval": evaluated,
                 "test_acc": record["test_acc"],
+                "test_acc_lo": record.get("test_acc_lo", math.nan),
+                "test_acc_hi": record.get("test_acc_hi", math.nan),
                 "val_acc": record.get("val_acc", math.nan),
                 "params": record.get("params"),
                 "predictors": record.get("predictors"),
@@ -380,7 +385,7 @@ def results_rows(
 
 
 def _numeric_columns() -> set[str]:
-    return {"level", *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi"))}
+    return {"level", "test_acc_lo", "test_acc_hi", *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi"))}
 
 
 def _reference_columns(table: pd.DataFrame) -> pd.DataFrame:
@@ -582,7 +587,7 @@ def render_section(table: pd.DataFrame | None, source: str = "docs/results.csv")
     groups.sort(key=lambda g: (order[g[0][0]], _layer_order(g[0][1]), -g[2] if math.isfinite(g[2]) else math.inf))
     for (backbone, layer, probe, protocol), part, mean in groups:
         n = len(part)
-        top1 = _pct(mean) + (f" ± {_pct(part['test_acc'].std(ddof=1))}" if n > 1 else "")
+        top1 = f"{_pct(mean)} ± {_pct(part['test_acc'].std(ddof=1))}" if n > 1 else _with_interval(part, "test_acc", 100.0, 1)
         ep = "–"
         if part["ep"].notna().any():
             first = part[part["ep"].notna()].iloc[0]

@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from epviz.evaluate import accuracy
+from epviz.analysis.intervals import Interval, bootstrap_mean
+from epviz.evaluate import check_labels, predict
 from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
 from epviz.tables import context_columns
 from epviz.tokens import TokenSet
@@ -110,7 +111,8 @@ def probe_zoo(
 
     Returns:
         A tidy table, one row per backbone x probe x seed (backbone, layer, probe, name, seed, params,
-        predictors, num_classes, val_acc, test_acc, best_epoch, lr and weight_decay of the run (the grid point chosen
+        predictors, num_classes, val_acc, test_acc (with test_acc_lo / test_acc_hi: its 95% bootstrap interval
+        over test images, :func:`test_interval`), best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
         tuned, seconds of training, cached: loaded from the probe cache), and the trained probes keyed
         by (backbone, label) with a single seed, by (backbone, label, seed) with several. The test
@@ -131,7 +133,7 @@ def probe_zoo(
             for run_seed in seeds:
                 bar.set_postfix(backbone=backbone, probe=label, seed=run_seed)
                 result = train_probe(name, split["train"], split["val"], budget=run_budget, seed=run_seed, **options)
-                test = accuracy(result.probe, split["test"], topk=(1,))["top1"]
+                test = test_interval(result.probe, split["test"])
                 fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
                 rows.append(
                     dict(
@@ -144,7 +146,9 @@ def probe_zoo(
                         predictors=result.probe.num_predictors,
                         num_classes=int(result.probe.num_classes),
                         val_acc=result.best_acc,
-                        test_acc=test,
+                        test_acc=test.estimate,
+                        test_acc_lo=test.lo,
+                        test_acc_hi=test.hi,
                         best_epoch=result.best_epoch,
                         lr=result.config.get("lr"),
                         weight_decay=result.config.get("weight_decay"),
@@ -156,6 +160,13 @@ def probe_zoo(
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
+
+
+def test_interval(probe: Probe, test: TokenSet) -> Interval:
+    """Test top-1 of `probe` and its 95% bootstrap interval over the test images (one pass of the probe)."""
+    check_labels(test.labels, probe.num_classes, "the", f"probe '{probe.name}'")
+    out = predict(probe, test)
+    return bootstrap_mean(out.preds == out.labels)
 
 
 def _chosen_budget(budget: Mapping, chosen: pd.DataFrame, backbone: str, label: str) -> dict:
@@ -414,6 +425,8 @@ def seed_summary(
 
     Each `values` column becomes its mean over the group's runs (so a figure drawing ``test_acc``
     draws the mean), beside ``<value>_std`` (NaN for a single run) and ``seeds`` (runs per group).
+    A value's bootstrap interval (``<value>_lo`` / ``<value>_hi``, when the runs have one) is kept
+    for groups of a single run and NaN for the others, whose spread is the std over seeds.
     Columns constant within every group (layer, name, params, num_classes...) are kept; the
     others (seed, best_epoch, seconds...) are dropped. Groups keep their first appearance's order.
 
@@ -433,7 +446,10 @@ def seed_summary(
     for v in values:
         out[f"{v}_std"] = grouped[v].std(ddof=1)
     out["seeds"] = grouped.size()
-    rest = [c for c in runs.columns if c not in by and c not in values and c != "seed"]
+    bounds = [f"{v}{end}" for v in values if {f"{v}_lo", f"{v}_hi"} <= set(runs.columns) for end in ("_lo", "_hi")]
+    for column in bounds:
+        out[column] = grouped[column].first().where(out["seeds"] == 1)
+    rest = [c for c in runs.columns if c not in by and c not in values and c not in bounds and c != "seed"]
     constant = [c for c in rest if (grouped[c].nunique(dropna=False) <= 1).all()]
     out = grouped[constant].first().join(out) if constant else out
-    return out.reset_index()[[*by, *constant, *values, *[f"{v}_std" for v in values], "seeds"]]
+    return out.reset_index()[[*by, *constant, *values, *[f"{v}_std" for v in values], *bounds, "seeds"]]

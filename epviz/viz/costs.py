@@ -10,8 +10,8 @@ the two strictly better (two identical points are both on it); it is drawn as a 
 colour. Only the frontier, EP and ``always_label`` probes are labelled, each label placed at
 the first of a ring of candidate offsets that overlaps no other label or point; the CSV lists
 every probe with its ``frontier``, ``ep`` and ``labelled`` flags. Error bars: ± ``<y>_std``
-when present (e.g. over seeds), else ``<y>_lo`` / ``<y>_hi`` (an interval). The chance line is
-1 / classes.
+where it is given (e.g. over seeds), else ``<y>_lo`` / ``<y>_hi`` (an interval, e.g. the bootstrap
+interval over test images of a single run). The chance line is 1 / classes.
 """
 
 from __future__ import annotations
@@ -105,15 +105,30 @@ def _yerr(rows: pd.DataFrame, y: str, errors) -> np.ndarray | None:
     if errors is None:
         return None
     kind, column = errors
-    if kind == "std":
-        e = rows[column].to_numpy(dtype=float)
-        return np.vstack([e, e])
-    return np.vstack(
-        [
-            rows[y].to_numpy(dtype=float) - rows[f"{column}_lo"].to_numpy(dtype=float),
-            rows[f"{column}_hi"].to_numpy(dtype=float) - rows[y].to_numpy(dtype=float),
-        ]
-    )
+    stem = column[: -len("_std")] if kind == "std" else column
+    if {f"{stem}_lo", f"{stem}_hi"} <= set(rows.columns):
+        interval = np.vstack(
+            [
+                rows[y].to_numpy(dtype=float) - rows[f"{stem}_lo"].to_numpy(dtype=float),
+                rows[f"{stem}_hi"].to_numpy(dtype=float) - rows[y].to_numpy(dtype=float),
+            ]
+        )
+    else:
+        interval = np.full((2, len(rows)), np.nan)
+    if kind == "interval":
+        return interval
+    e = rows[column].to_numpy(dtype=float)
+    return np.where(np.isfinite(e), np.vstack([e, e]), interval)  # a single run: its interval
+
+
+def _error_label(results: pd.DataFrame, errors: tuple[str, str | None]) -> str:
+    """The legend entry of the error bars: std over seeds, the interval of single runs, or both."""
+    kind, column = errors
+    if kind == "interval":
+        return "95% interval"
+    stem = str(column)[: -len("_std")]
+    single = results[column].isna() & results.get(f"{stem}_lo", pd.Series(np.nan, index=results.index)).notna()
+    return "± std over seeds; 95% bootstrap interval for single runs" if single.any() else "± std over seeds"
 
 
 def _overlap(a, b) -> float:
@@ -306,7 +321,7 @@ def accuracy_vs_cost(
     ]
     if errors is not None:
         handles.append(
-            Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8, label="± std" if errors[0] == "std" else "interval")
+            Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8, label=_error_label(data, errors))
         )
     if chance is not None:
         handles.append(Line2D([], [], color="k", lw=0.8, ls=":", label=f"chance (1/classes = {chance:.3g})"))

@@ -209,6 +209,13 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
     np.testing.assert_allclose(summary["test_acc_std"], table.groupby("probe", sort=False)["test_acc"].std(ddof=1))
     assert {"params", "name", "layer", "num_classes", "val_acc_std"} <= set(summary.columns)
     assert "seed" not in summary.columns and "seconds" not in summary.columns
+    # every run has the bootstrap interval of its test top-1 around it; the summary keeps it for single runs only
+    assert (table["test_acc_lo"] <= table["test_acc"]).all() and (table["test_acc"] <= table["test_acc_hi"]).all()
+    width, imperfect = table["test_acc_hi"] - table["test_acc_lo"], table["test_acc"].between(0.01, 0.99)
+    assert imperfect.any() and (width[imperfect] > 0.02).all() and (width <= 0.5).all(), "60 test images: a wide interval"
+    assert summary[["test_acc_lo", "test_acc_hi"]].isna().all().all()
+    one = seed_summary(single)
+    assert one["test_acc_lo"].iloc[0] == single["test_acc_lo"].iloc[0] and one["test_acc_hi"].iloc[0] == single["test_acc_hi"].iloc[0]
     with pytest.raises(ValueError, match="distinct"):
         probe_zoo(splits, ["gap"], budget=budget, seeds=(0, 0))
 

@@ -163,6 +163,13 @@ def test_error_bars_appear_with_std_columns_only():
     segments = bars[0].lines[2][0].get_segments()
     assert len(segments) == len(COSTS)
     np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in segments], 0.04)
+    # std for the repeated probes, the bootstrap interval of single runs for the others
+    mixed = zoo_table(std=True).assign(test_acc_lo=lambda d: d["test_acc"] - 0.01, test_acc_hi=lambda d: d["test_acc"] + 0.03)
+    fig = plots.accuracy_vs_params(mixed)
+    bars = [c for c in fig.axes[0].containers if isinstance(c, ErrorbarContainer)]
+    heights = sorted(round(s[1, 1] - s[0, 1], 6) for s in bars[0].lines[2][0].get_segments())
+    assert heights == [0.02] * 4 + [0.04] * (len(COSTS) - 4)
+    assert any("bootstrap interval for single runs" in t.get_text() for t in fig.legends[0].get_texts())
 
 
 def test_chance_line_and_legend_entry(tmp_path):
