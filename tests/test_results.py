@@ -273,9 +273,13 @@ def test_the_section_aggregates_seeds_and_shows_intervals():
     assert "| tiny-mae | MIM | MAE | ViT-tiny/8 (D=192, 6 blocks) | cluttered Fashion-MNIST | 64 |" in section
     ordered = [x.split("|")[3].strip() for x in section.splitlines() if x.startswith("| tiny-mae | 5 |")]
     assert ordered == ["ep16", "mhca", "cls"], "best top-1 first"
-    single = results.results_rows(_runs().assign(test_acc_lo=lambda d: d["test_acc"] - 0.05, test_acc_hi=lambda d: d["test_acc"] + 0.04))
+    single = results.results_rows(
+        _runs().assign(test_acc_lo=lambda d: d["test_acc"] - 0.05, test_acc_hi=lambda d: d["test_acc"] + 0.04)
+    )
     assert {"test_acc_lo", "test_acc_hi"} <= set(single.columns)
-    line = next(x for x in results.render_section(single.assign(setting="full")).splitlines() if x.startswith("| tiny-mae | 5 | ep16 |"))
+    line = next(
+        x for x in results.render_section(single.assign(setting="full")).splitlines() if x.startswith("| tiny-mae | 5 | ep16 |")
+    )
     assert [c.strip() for c in line.strip("|").split("|")][5] == "60.0 [55.0, 64.0]", "a single run shows its test interval"
 
 

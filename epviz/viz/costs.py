@@ -320,9 +320,7 @@ def accuracy_vs_cost(
         Line2D([], [], color="0.3", lw=1.1, drawstyle="steps-post", label="frontier (no probe cheaper and better)"),
     ]
     if errors is not None:
-        handles.append(
-            Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8, label=_error_label(data, errors))
-        )
+        handles.append(Line2D([], [], color="0.25", lw=0.8, marker="|", ms=8, label=_error_label(data, errors)))
     if chance is not None:
         handles.append(Line2D([], [], color="k", lw=0.8, ls=":", label=f"chance (1/classes = {chance:.3g})"))
     fig.legend(handles=handles, loc="lower center", ncols=min(len(handles), 3), fontsize=7, frameon=False)

@@ -215,7 +215,10 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
     assert imperfect.any() and (width[imperfect] > 0.02).all() and (width <= 0.5).all(), "60 test images: a wide interval"
     assert summary[["test_acc_lo", "test_acc_hi"]].isna().all().all()
     one = seed_summary(single)
-    assert one["test_acc_lo"].iloc[0] == single["test_acc_lo"].iloc[0] and one["test_acc_hi"].iloc[0] == single["test_acc_hi"].iloc[0]
+    assert (
+        one["test_acc_lo"].iloc[0] == single["test_acc_lo"].iloc[0]
+        and one["test_acc_hi"].iloc[0] == single["test_acc_hi"].iloc[0]
+    )
     with pytest.raises(ValueError, match="distinct"):
         probe_zoo(splits, ["gap"], budget=budget, seeds=(0, 0))
 
