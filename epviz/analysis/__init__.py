@@ -80,7 +80,7 @@ from epviz.analysis.meters import (
     table_columns,
     unregister_meter,
 )
-from epviz.analysis.query_groups import QueryGroups, group_maps, group_queries, pairwise_overlap, query_groups
+from epviz.analysis.query_groups import QueryGroups, group_contrast, group_maps, group_queries, pairwise_overlap, query_groups
 from epviz.analysis.report import predictor_table, predictor_tables
 from epviz.analysis.stats import Spearman, row_spearman, spearman
 
@@ -118,6 +118,7 @@ __all__ = [
     "efficiency",
     "entropy",
     "entropy_from_maps",
+    "group_contrast",
     "group_maps",
     "group_queries",
     "importance_vs_ablation",

@@ -420,6 +420,7 @@ def localization_from_maps(
     batch_size: int = ...,
     return_curves: Literal[False] = ...,
     convention: str = ...,
+    intervals: bool = ...,
 ) -> pd.DataFrame: ...
 
 
@@ -436,6 +437,7 @@ def localization_from_maps(
     batch_size: int = ...,
     return_curves: Literal[True],
     convention: str = ...,
+    intervals: bool = ...,
 ) -> tuple[pd.DataFrame, pd.DataFrame]: ...
 
 
@@ -452,6 +454,7 @@ def localization_from_maps(
     batch_size: int = ...,
     return_curves: bool,
     convention: str = ...,
+    intervals: bool = ...,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]: ...
 
 
@@ -467,6 +470,7 @@ def localization_from_maps(
     batch_size: int = 64,
     return_curves: bool = False,
     convention: str = "epviz",
+    intervals: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Localization measures of precomputed maps.
 
@@ -482,6 +486,9 @@ def localization_from_maps(
         return_curves: Also return the per-(predictor, iou, tau) accuracy table.
         convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
             ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
+        intervals: Add the 95% bootstrap intervals over images of MaxBoxAccV2, the in-box mass and
+            the pointing game (``<column>_lo`` / ``<column>_hi``; B = 1000 resamples, seed 0, as in
+            :mod:`epviz.analysis.intervals`).
 
     Returns:
         The per-predictor summary (see :meth:`LocalizationMeter.summary`), and the curves when asked.
@@ -490,12 +497,44 @@ def localization_from_maps(
     k = 1 if maps.ndim == 2 else maps.shape[1]
     if len(boxes) != len(maps):
         raise ValueError(f"got maps of {len(maps)} images but boxes of {len(boxes)}")
-    meter = LocalizationMeter(k, grid, image_size, thresholds, deltas, convention=convention)
+    meter = LocalizationMeter(k, grid, image_size, thresholds, deltas, records=intervals, convention=convention)
     for start in range(0, len(maps), batch_size):
         stop = min(start + batch_size, len(maps))
         meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop))
     summary = meter.summary(context)
+    if intervals:
+        summary = _with_intervals(summary, meter)
     return (summary, meter.curves(context)) if return_curves else summary
+
+
+def _resampled(meter: LocalizationMeter, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """MaxBoxAccV2 (best tau re-chosen per delta inside every resample), in-box mass and pointing, (B, K) each."""
+    from epviz.analysis.intervals import resample_maxboxacc, weighted_mean
+
+    rec = meter.image_records()
+    return {
+        "maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
+        "inbox_mass": weighted_mean(weights, rec["mass"]),
+        "pointing": weighted_mean(weights, rec["pointing"]),
+    }
+
+
+def _with_intervals(summary: pd.DataFrame, meter: LocalizationMeter) -> pd.DataFrame:
+    """`summary` with ``<column>_lo`` / ``<column>_hi`` of every resampled column (bootstrap over images)."""
+    from epviz.analysis.intervals import bootstrap_weights, percentile_interval
+
+    n = len(meter.image_records()["mass"])
+    parts: dict[str, list[np.ndarray]] = {}
+    for weights in bootstrap_weights(n):
+        for column, values in _resampled(meter, weights).items():
+            parts.setdefault(column, []).append(values)
+    out = summary.copy()
+    for column, chunks in parts.items():
+        lo, hi = percentile_interval(np.concatenate(chunks))
+        position = out.columns.get_loc(column) + 1
+        out.insert(position, f"{column}_lo", lo[out["predictor"].to_numpy()])
+        out.insert(position + 1, f"{column}_hi", hi[out["predictor"].to_numpy()])
+    return out
 
 
 def _image_size_of(dataset, image_size) -> tuple[int, int]:
@@ -592,15 +631,7 @@ class Localization(Meter):
 
     def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
         """MaxBoxAccV2 (best tau re-chosen per delta inside every resample), in-box mass and pointing, per resample."""
-        from epviz.analysis.intervals import resample_maxboxacc, weighted_mean
-
-        meter = self._started()
-        rec = meter.image_records()
-        return {
-            "maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
-            "inbox_mass": weighted_mean(weights, rec["mass"]),
-            "pointing": weighted_mean(weights, rec["pointing"]),
-        }
+        return _resampled(self._started(), weights)
 
     def _started(self) -> LocalizationMeter:
         if self.meter is None:

@@ -472,3 +472,26 @@ def test_the_probe_path_and_the_meter_pass_the_convention(setup):
         default[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
         ref[["maxboxacc_iou30", "maxboxacc_iou50", "maxboxacc_iou70"]],
     )
+
+
+def test_intervals_of_precomputed_maps_are_the_bootstrap_over_images():
+    from epviz.analysis.intervals import bootstrap_mean
+
+    rng = np.random.default_rng(0)
+    maps = rng.dirichlet(np.full(16, 0.3), size=(80, 3))  # 80 images, 3 predictors, 4x4 tokens
+    boxes = [np.array([8 * (i % 3), 8, 8 * (i % 3) + 16, 24]) for i in range(80)]
+    plain = localization_from_maps(maps, boxes, (4, 4), 32)
+    table = localization_from_maps(maps, boxes, (4, 4), 32, intervals=True)
+    assert "maxboxacc_v2_lo" not in plain.columns
+    np.testing.assert_allclose(table["inbox_mass"], plain["inbox_mass"])
+    for column in ("maxboxacc_v2", "inbox_mass", "pointing"):
+        lo, hi = table[f"{column}_lo"], table[f"{column}_hi"]
+        assert (lo <= table[column] + 1e-12).all() and (table[column] <= hi + 1e-12).all() and (hi > lo).all(), column
+    meter = LocalizationMeter(3, (4, 4), 32, records=True)
+    meter.update(maps, boxes, range(80))
+    mass = meter.image_records()["mass"]
+    for j in range(3):  # the in-box mass interval is that of the per-image masses, same resamples
+        expected = bootstrap_mean(mass[:, j])
+        assert table.loc[j, "inbox_mass_lo"] == pytest.approx(expected.lo) and table.loc[j, "inbox_mass_hi"] == pytest.approx(
+            expected.hi
+        )

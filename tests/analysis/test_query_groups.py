@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.analysis import group_maps, group_queries, pairwise_overlap, query_groups
+from epviz.analysis import group_contrast, group_maps, group_queries, pairwise_overlap, query_groups
 from epviz.evaluate import collect_attention
 from epviz.tokens import TokenOrigin, TokenSet
 
@@ -85,3 +85,28 @@ def test_probe_without_predictors(name):
     )
     with pytest.raises(ValueError, match="no attention predictors"):
         query_groups(probes.build(name, 8, 2), tokens)
+
+
+def test_group_contrast_by_hand_and_its_intervals():
+    # 4 predictors on 4 tokens: 0 and 1 look at token 0, 2 and 3 at token 3, with noise per image
+    rng = np.random.default_rng(0)
+    base = np.array([[0.9, 0.1, 0.0, 0.0], [0.8, 0.2, 0.0, 0.0], [0.0, 0.0, 0.3, 0.7], [0.0, 0.1, 0.1, 0.8]])
+    maps = np.clip(base[None] + rng.uniform(0, 0.05, size=(200, 4, 4)), 0, None)
+    out = group_contrast(maps, [0, 0, 1, 1], context={"backbone": "toy"})
+    p = maps / maps.sum(-1, keepdims=True)
+    within = (np.minimum(p[:, 0], p[:, 1]).sum(-1) + np.minimum(p[:, 2], p[:, 3]).sum(-1)) / 2
+    between = np.mean([np.minimum(p[:, a], p[:, b]).sum(-1) for a in (0, 1) for b in (2, 3)], axis=0)
+    row = out.iloc[0]
+    assert row["backbone"] == "toy" and row["n_images"] == 200 and row["pairs_within"] == 2 and row["pairs_between"] == 4
+    assert row["within"] == pytest.approx(within.mean()) and row["between"] == pytest.approx(between.mean())
+    assert row["difference"] == pytest.approx(within.mean() - between.mean())
+    for name in ("within", "between", "difference"):
+        assert row[f"{name}_lo"] < row[name] < row[f"{name}_hi"]
+    assert row["difference_lo"] > 0.5, "the two groups barely overlap"
+    # a grouping against the structure: no contrast, and an interval around 0 or below
+    wrong = group_contrast(maps, [0, 1, 0, 1]).iloc[0]
+    assert wrong["difference_hi"] < 0
+    singletons = group_contrast(maps, [0, 1, 2, 3]).iloc[0]
+    assert np.isnan(singletons["within"]) and np.isnan(singletons["difference"]) and singletons["between"] > 0
+    with pytest.raises(ValueError, match="labels must give a group"):
+        group_contrast(maps, [0, 1])
