@@ -13,7 +13,8 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
   ``shuffled_ablation``, ``zero_ablation``; columns ``delta_acc_mean``, ``delta_acc_shuffled``,
   ``delta_acc_zero``).
 * Bootstrap intervals over test images (:mod:`epviz.analysis.intervals`): :class:`Bootstrap`
-  (``<column>_lo`` / ``_hi``, Spearman ρ intervals), :func:`spearman_intervals`, :func:`bootstrap_mean`.
+  (``<column>_lo`` / ``_hi``, Spearman ρ intervals), :func:`spearman_intervals`, :func:`bootstrap_mean`,
+  :func:`group_means` (per-image columns averaged per group).
 * :func:`localization` / :func:`localization_from_maps`: MaxBoxAccV2, attention mass in the
   GT boxes, pointing game (meter ``localization``).
 * :func:`entropy` / :func:`entropy_from_maps`: entropy of the maps, in nats and over log N
@@ -33,9 +34,11 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
 from epviz.analysis.ablation import AblationMeter, UniformAblation, ablated_logits, uniform_ablation, uniform_effect
 from epviz.analysis.attribution import (
     AttributionComparison,
+    ImportanceRank,
     TokenAttribution,
     attention_agreement,
     attribution_vs_attention,
+    importance_rank,
     importance_vs_ablation,
     join_importance,
     predictor_importance,
@@ -60,7 +63,7 @@ from epviz.analysis.controls import (
 )
 from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_costs, probe_flops, throughput
 from epviz.analysis.entropy import Entropy, entropy, entropy_from_maps, map_entropy
-from epviz.analysis.intervals import Bootstrap, RhoInterval, bootstrap_mean, spearman_intervals
+from epviz.analysis.intervals import Bootstrap, RhoInterval, bootstrap_mean, group_means, spearman_intervals
 from epviz.analysis.localization import (
     DELTAS,
     THRESHOLDS,
@@ -93,12 +96,14 @@ __all__ = [
     "ShuffledAblation",
     "ZeroAblation",
     "bootstrap_mean",
+    "group_means",
     "derangement",
     "mean_attention_rows",
     "spearman_intervals",
     "DELTAS",
     "THRESHOLDS",
     "AttributionComparison",
+    "ImportanceRank",
     "Entropy",
     "Localization",
     "LocalizationMeter",
@@ -121,6 +126,7 @@ __all__ = [
     "group_contrast",
     "group_maps",
     "group_queries",
+    "importance_rank",
     "importance_vs_ablation",
     "join_importance",
     "localization",

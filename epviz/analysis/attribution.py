@@ -6,7 +6,8 @@ Two questions, each answered with captum and set against what the probe itself s
   predictor's own columns of the pooled feature (``hook_pooled``, grouped by the probe's
   :meth:`~epviz.probes.Probe.feature_mask`) with captum's ``LayerFeatureAblation``.
   :func:`importance_vs_ablation` compares that ranking with the uniform-ablation Δacc
-  (:func:`~epviz.analysis.uniform_ablation`) by Spearman rank correlation across predictors.
+  (:func:`~epviz.analysis.uniform_ablation`) by Spearman rank correlation across predictors;
+  :func:`importance_rank` runs both and adds the bootstrap interval of ρ over images.
 * **Which tokens drive the decision, and are they the attended ones?** :func:`token_attribution`
   runs captum's ``IntegratedGradients`` on the patch tokens; :func:`attention_agreement`
   compares the per-token relevance with the attention maps image by image (Spearman rank
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -64,6 +66,8 @@ __all__ = [
     "TokenAttribution",
     "attention_agreement",
     "attribution_vs_attention",
+    "ImportanceRank",
+    "importance_rank",
     "importance_vs_ablation",
     "join_importance",
     "predictor_importance",
@@ -206,6 +210,24 @@ def predictor_importance(
         One row per group (predictor): predictor, importance_logit, importance_prob,
         importance_acc, logit_full, prob_full, acc_full, acc_ablated, baseline, n_images.
     """
+    table, _ = _importance_pass(probe, tokens, context, baseline, feature_mask, batch_size, index, device, precision, progress)
+    return table
+
+
+def _importance_pass(
+    probe: Probe,
+    tokens: TokenSet,
+    context: Mapping | None,
+    baseline: str | float | torch.Tensor,
+    feature_mask: torch.Tensor | np.ndarray | None,
+    batch_size: int,
+    index: Iterable[int] | None,
+    device: str | torch.device | None,
+    precision: str,
+    progress: bool,
+) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """:func:`predictor_importance`'s table, and its per-image records: ``positions`` (n,) and, per
+    metric, ``importance_<metric>`` (n, groups): each image's drop of the metric when a group is ablated."""
     from captum.attr import LayerFeatureAblation
 
     require_predictors(probe, "predictor_importance")
@@ -219,6 +241,8 @@ def predictor_importance(
     mask = mask.to(device)
     sums = {m: np.zeros(len(groups)) for m in METRICS}
     full = dict.fromkeys(METRICS, 0.0)
+    per_image: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
+    positions: list[np.ndarray] = []
     seen = 0
     with eval_mode(probe):
         batches = iter_batches(tokens, batch_size, device, index)
@@ -232,8 +256,11 @@ def predictor_importance(
                         additional_forward_args=(batch.prefix, batch.labels),
                         layer_mask=mask,
                     )
-                    sums[metric] += attr[:, first.to(attr.device)].float().sum(0).cpu().numpy()
+                    drops = attr[:, first.to(attr.device)].float().cpu().numpy()
+                    per_image[metric].append(drops)
+                    sums[metric] += drops.sum(0)
                     full[metric] += float(forward(batch.patch, batch.prefix, batch.labels).sum())
+            positions.append(batch.index.cpu().numpy())
             seen += len(batch.labels)
     if seen == 0:
         raise ValueError("predictor_importance got no samples to evaluate (empty index)")
@@ -253,7 +280,8 @@ def predictor_importance(
         )
         for i, g in enumerate(groups)
     ]
-    return frame(rows, context_columns(context, probe, tokens))
+    records = {"positions": np.concatenate(positions), **{f"importance_{m}": np.concatenate(per_image[m]) for m in METRICS}}
+    return frame(rows, context_columns(context, probe, tokens)), records
 
 
 def _context_keys(table: pd.DataFrame) -> list[str]:
@@ -324,6 +352,84 @@ def importance_vs_ablation(importance: pd.DataFrame, ablation: pd.DataFrame, col
             )
         )
     return pd.DataFrame(rows)
+
+
+class ImportanceRank(NamedTuple):
+    """Result of :func:`importance_rank`: the two tables and their rank correlations with intervals."""
+
+    importance: pd.DataFrame
+    ablation: pd.DataFrame
+    rank: pd.DataFrame
+
+
+def importance_rank(
+    probe: Probe,
+    tokens: TokenSet,
+    *,
+    context: Mapping | None = None,
+    baseline: str | float | torch.Tensor = "running_mean",
+    columns: Sequence[str] = ("importance_acc", "importance_prob", "importance_logit"),
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    batch_size: int = 256,
+    index: Iterable[int] | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+) -> ImportanceRank:
+    """Predictor importance, uniform-ablation Δacc and their Spearman ρ across predictors, with bootstrap intervals.
+
+    One pass of each analysis keeps every image's importance and every image's correctness with each
+    predictor made uniform; a resample of the images (B = `n_boot`, as in :mod:`epviz.analysis.intervals`)
+    recomputes both per-predictor means and ρ across the predictors, and the interval is the
+    percentile interval of those ρ (resamples where ρ is undefined are left out and counted).
+
+    Args:
+        probe: A trained sliced attentive probe (its predictors own disjoint pooled columns).
+        tokens: Evaluation tokens with labels.
+        context: Values of the context columns.
+        baseline: The importance's ablation baseline (see :func:`predictor_importance`).
+        columns: The importances ranked against Δacc.
+        n_boot, seed, level: Bootstrap resamples over images, their seed and the interval level.
+        batch_size, index, device, precision: As in :func:`predictor_importance`.
+
+    Returns:
+        :func:`predictor_importance`'s table, :func:`~epviz.analysis.uniform_ablation`'s table, and one
+        row per column of :func:`importance_vs_ablation` with ``rho_lo``, ``rho_hi`` and ``rho_undefined``.
+    """
+    from epviz.analysis.ablation import UniformAblation
+    from epviz.analysis.intervals import bootstrap_weights, percentile_interval, weighted_mean
+    from epviz.analysis.measure import measure
+
+    unknown = [c for c in columns if c not in ("importance_acc", "importance_prob", "importance_logit")]
+    if unknown:
+        raise ValueError(f"columns must be among importance_acc, importance_prob, importance_logit; got {unknown}")
+    importance, records = _importance_pass(probe, tokens, context, baseline, None, batch_size, index, device, precision, False)
+    meter = UniformAblation()
+    ablation = measure(
+        probe, tokens, meters=[meter], index=index, batch_size=batch_size, device=device, precision=precision, context=context
+    )
+    positions = meter.positions()
+    if positions is None or not np.array_equal(positions, records["positions"]):
+        raise RuntimeError("the importance and the ablation pass saw different images")  # both stream the same index in order
+    if list(importance["predictor"]) != list(meter.chosen):
+        raise ValueError(
+            "predictor_importance's groups are not the probe's predictors: importance_rank needs one group per predictor"
+        )
+    full, ablated = meter.image_correct()
+    full, ablated = full.astype(np.float64), ablated.astype(np.float64)
+    rows = []
+    for column in columns:
+        point = importance_vs_ablation(importance, ablation, column=column)
+        rhos = []
+        for weights in bootstrap_weights(len(full), n_boot, seed):
+            drop = weighted_mean(weights, records[column])
+            delta = weighted_mean(weights, full)[:, None] - weighted_mean(weights, ablated)
+            rhos.append(row_spearman(drop, delta))
+        rho = np.concatenate(rhos)
+        lo, hi = percentile_interval(rho, level)
+        rows.append(point.assign(rho_lo=float(lo), rho_hi=float(hi), rho_undefined=float(np.isnan(rho).mean()), level=level))
+    return ImportanceRank(importance, ablation, pd.concat(rows, ignore_index=True))
 
 
 # --- token attribution: IntegratedGradients on the patch tokens -----------------------------------

@@ -47,6 +47,7 @@ __all__ = [
     "RhoInterval",
     "bootstrap_mean",
     "bootstrap_weights",
+    "group_means",
     "percentile_interval",
     "resample_box_accuracy",
     "resample_maxboxacc",
@@ -186,6 +187,43 @@ def bootstrap_mean(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, s
     samples = np.concatenate([weighted_mean(w, values) for w in bootstrap_weights(len(values), n_boot, seed)])
     lo, hi = percentile_interval(samples, level)
     return Interval(float(values.mean()), float(lo), float(hi))
+
+
+def group_means(
+    table: pd.DataFrame,
+    by: Sequence[str],
+    columns: Sequence[str],
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> pd.DataFrame:
+    """Per group, the mean of per-image columns and its bootstrap interval over the group's rows (images).
+
+    Args:
+        table: One row per image (e.g. per-image agreement scores), with the `by` and `columns` columns.
+        by: The group columns.
+        columns: The per-image values averaged; NaN values are left out of their column.
+        n_boot, seed, level: Resamples, their seed and the interval level.
+
+    Returns:
+        One row per group: the `by` columns, then ``<column>``, ``<column>_lo``, ``<column>_hi`` and
+        ``<column>_n`` (values averaged) for every column. Groups keep their first appearance's order.
+    """
+    missing = [c for c in [*by, *columns] if c not in table.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the table (columns: {list(table.columns)})")
+    rows = []
+    for key, part in table.groupby(list(by), sort=False, dropna=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for column in columns:
+            values = part[column].to_numpy(dtype=np.float64)
+            values = values[np.isfinite(values)]
+            interval = bootstrap_mean(values, n_boot, seed, level) if len(values) else Interval(np.nan, np.nan, np.nan)
+            row.update(
+                {column: interval.estimate, f"{column}_lo": interval.lo, f"{column}_hi": interval.hi, f"{column}_n": len(values)}
+            )
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 class Bootstrap:

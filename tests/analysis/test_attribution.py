@@ -9,6 +9,7 @@ import epviz.probes as probes
 from epviz.analysis import (
     attention_agreement,
     attribution_vs_attention,
+    importance_rank,
     importance_vs_ablation,
     join_importance,
     predictor_importance,
@@ -184,6 +185,44 @@ def test_importance_vs_ablation_gives_a_spearman_rho_per_probe(tokens):
     joined = join_importance(imp, abl)
     assert rho == pytest.approx(joined["importance_acc"].corr(joined["delta_acc"], method="spearman"))
     assert summary.loc[0, "mean_delta_acc"] == pytest.approx(abl["delta_acc"].mean())
+
+
+def test_importance_rank_interval_is_the_bootstrap_of_per_image_ablations(tokens):
+    from epviz.analysis.intervals import bootstrap_weights, percentile_interval, weighted_mean
+    from epviz.analysis.stats import row_spearman
+    from epviz.evaluate import predict
+
+    probe = sharp("ep", tokens)
+    out = importance_rank(probe, tokens, context={"seed": 0}, columns=("importance_acc", "importance_logit"), n_boot=200)
+    alone = predictor_importance(probe, tokens, context={"seed": 0})
+    np.testing.assert_allclose(out.importance["importance_acc"], alone["importance_acc"], atol=1e-12)
+    np.testing.assert_allclose(out.ablation["delta_acc"], uniform_ablation(probe, tokens)["delta_acc"], atol=1e-12)
+    assert out.rank["column"].tolist() == ["importance_acc", "importance_logit"]
+    point = importance_vs_ablation(out.importance, out.ablation, column="importance_acc")
+    row = out.rank.iloc[0]
+    assert row["rho"] == pytest.approx(point.loc[0, "rho"]) and row["rho_lo"] <= row["rho_hi"]
+    # the same interval from per-image correctness computed independently: the pooled slice set to its
+    # running mean (the importance) and each query made uniform (Δacc), on the same resamples
+    b = tokens.batch(np.arange(len(tokens)))
+    with torch.no_grad():
+        y = probe.pooled(b.patch, b.prefix)
+        correct = (probe.head(probe.norm(y)).argmax(-1) == b.labels).double().numpy()
+        sliced = []
+        for cols in probe.predictor_slices():
+            edited = y.clone()
+            edited[:, cols] = probe.norm.running_mean[cols]
+            sliced.append((probe.head(probe.norm(edited)).argmax(-1) == b.labels).double().numpy())
+    drops = correct[:, None] - np.stack(sliced, 1)
+    uniform = np.stack([predict(probe, tokens, uniform=[j]).preds == tokens.labels for j in range(K)], 1).astype(float)
+    rhos = []
+    for w in bootstrap_weights(len(tokens), 200, 0):
+        delta = weighted_mean(w, correct)[:, None] - weighted_mean(w, uniform)
+        rhos.append(row_spearman(weighted_mean(w, drops), delta))
+    lo, hi = percentile_interval(np.concatenate(rhos))
+    assert row["rho_lo"] == pytest.approx(lo) and row["rho_hi"] == pytest.approx(hi)
+    assert 0 <= row["rho_undefined"] < 1
+    with pytest.raises(ValueError, match="columns must be among"):
+        importance_rank(probe, tokens, columns=("importance_entropy",))
 
 
 def test_importance_vs_ablation_on_known_rankings():

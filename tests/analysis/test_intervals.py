@@ -256,3 +256,21 @@ def test_spearman_of_a_constant_measure_is_undefined():
     assert np.isnan(r.rho) and np.isnan(r.lo) and r.undefined == 1.0
     lohi = boot.intervals()
     assert (lohi["a_lo"] == 0.1).all() and (lohi["a_hi"] == 0.1).all()  # degenerate for a constant measure
+
+
+def test_group_means_gives_each_groups_mean_and_its_bootstrap_interval():
+    from epviz.analysis.intervals import bootstrap_mean, group_means
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"backbone": ["b"] * 50 + ["a"] * 30, "score": rng.normal(size=80), "hit": rng.random(80) < 0.3})
+    table.loc[3, "score"] = np.nan
+    out = group_means(table, ["backbone"], ["score", "hit"], n_boot=300)
+    assert out["backbone"].tolist() == ["b", "a"], "first appearance order"
+    b = table[table["backbone"] == "b"]["score"].dropna().to_numpy()
+    expected = bootstrap_mean(b, 300)
+    row = out.iloc[0]
+    assert row["score"] == pytest.approx(b.mean()) and row["score_n"] == 49
+    assert (row["score_lo"], row["score_hi"]) == pytest.approx((expected.lo, expected.hi))
+    assert out.loc[1, "hit_lo"] <= out.loc[1, "hit"] <= out.loc[1, "hit_hi"]
+    with pytest.raises(ValueError, match="not in the table"):
+        group_means(table, ["probe"], ["score"])
