@@ -123,8 +123,10 @@ class MeanMapAblation(AblationMeter):
         "delta_acc_mean": "Δacc (predictor's mean training map)",
         "acc_mean": "top-1 accuracy with the predictor's map replaced by its mean training map",
     }
+    table_columns = ("delta_acc_mean",)
     control = "mean"
     order = 30.0
+    table_order = 0.1
 
     def __init__(
         self,
@@ -187,8 +189,10 @@ class ShuffledAblation(AblationMeter):
         "delta_acc_shuffled": "Δacc (another image's map)",
         "acc_shuffled": "top-1 accuracy with the predictor's map taken from another image",
     }
+    table_columns = ("delta_acc_shuffled",)
     control = "shuffled"
     order = 31.0
+    table_order = 0.2
 
     def __init__(self, seed: int = 0, *, method: str = "auto", predictors: Iterable[int] | None = None) -> None:
         super().__init__(method, predictors)
@@ -222,8 +226,10 @@ class ZeroAblation(AblationMeter):
         "delta_acc_zero": "Δacc (predictor's pooled slice zeroed)",
         "acc_zero": "top-1 accuracy with the predictor's pooled slice zeroed",
     }
+    table_columns = ("delta_acc_zero",)
     control = "zero"
     order = 32.0
+    table_order = 0.3
 
     def _unsupported(self, probe: Probe, tokens: TokenSet) -> str | None:
         return probe.control_support("zero")

@@ -12,7 +12,7 @@ Computed once per Explorer and kept in memory: loaded backbones, the token cache
 block per backbone and split (on disk, :func:`epviz.tokens.extract_sets`), trained probes
 keyed by (backbone, block, probe options) (also in the on-disk probe cache of
 :func:`epviz.training.train_probe`), test-set predictions, per-predictor tables
-(:func:`epviz.analysis.predictor_table`: Δacc, entropy, localization), query groups and the
+(:func:`epviz.analysis.predictor_table`: Δacc under uniform attention and its three controls, entropy, localization), query groups and the
 per-image effect of making predictors uniform. Changing the query, the image, the ordering or
 the opacity only reads these caches.
 

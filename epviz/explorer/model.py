@@ -413,7 +413,8 @@ class ExplorerModel:
         """The registered meters' table columns (Δacc, entropy, localization, ...) of the selection's probe, computed once."""
         if data.table is None:
             self._report(0.95, f"measuring the {data.probe.num_predictors} predictors (Δacc, entropy, localization)")
-            tokens = self.tokens(sel.backbone, sel.layer)["test"]
+            splits = self.tokens(sel.backbone, sel.layer)
+            tokens = splits["test"]
             n_loc = min(len(tokens), self.localization_images)
             context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
             full = predictor_table(
@@ -423,7 +424,8 @@ class ExplorerModel:
                 context=context,
                 localization_index=range(n_loc),
                 thresholds=self.setting.thresholds,
-                n_boot=0,
+                train_tokens=splits.get("train"),  # the mean-map control's mean maps
+                n_boot=0,  # interactive: the intervals of the same measures are notebook 02's
             )
             data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1

@@ -93,6 +93,9 @@ def table_html(state: ExplorerState) -> str:
     t = t.rename(
         columns={
             "delta_acc": "Δacc",
+            "delta_acc_mean": "Δacc mean map",
+            "delta_acc_shuffled": "Δacc shuffled",
+            "delta_acc_zero": "Δacc slice zeroed",
             "entropy_norm": "entropy/log N",
             "maxboxacc_v2": "MaxBoxAccV2",
             "inbox_mass": "mass in box",

@@ -94,7 +94,17 @@ BUILT_IN = ["uniform_ablation", "localization", "entropy", "mean_map_ablation", 
 def test_built_in_meters_in_table_order():
     assert meter_names() == BUILT_IN
     assert meter_class("localization") is Localization and meter_class("entropy") is Entropy
-    assert table_columns() == ("predictor", "delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass", "pointing")
+    assert table_columns() == (
+        "predictor",
+        "delta_acc",
+        "delta_acc_mean",
+        "delta_acc_shuffled",
+        "delta_acc_zero",
+        "entropy_norm",
+        "maxboxacc_v2",
+        "inbox_mass",
+        "pointing",
+    )
     assert column_label("maxboxacc_v2") == "MaxBoxAccV2 (localization)" and column_label("nope") is None
 
 
