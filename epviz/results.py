@@ -23,7 +23,7 @@ Definitions (ours):
   of the same backbone, layer, probe and seed. Their interval is the bootstrap interval of that mean
   over test images when the table's bootstrap records are given (``maps_interval`` = "bootstrap of
   the mean"), else the mean of the predictors' own bounds (a wider interval; "mean of the
-  predictors' intervals"); NaN where the table has no interval (the entropy keeps no per-image records).
+  predictors' intervals"); NaN where the table has no interval.
 
 :func:`append_results` keeps one CSV (``figures/results.csv`` in full mode, ``figures/fast/results.csv``
 in fast mode) that notebooks 01 and 02 extend; :func:`write_readme` and :func:`check_readme` keep the

@@ -37,7 +37,11 @@ def map_entropy(maps: np.ndarray | torch.Tensor) -> np.ndarray:
 
 @register_meter("entropy")
 class Entropy(Meter):
-    """Mean and standard deviation over images of each predictor's map entropy, in nats and over log N."""
+    """Mean and standard deviation over images of each predictor's map entropy, in nats and over log N.
+
+    In a pass (:func:`~epviz.analysis.measure`) it keeps every image's entropies ((n, K) float32), so
+    ``entropy`` and ``entropy_norm`` get bootstrap intervals and ρ against them can be resampled.
+    """
 
     columns = {"entropy": "entropy of the map (nats)", "entropy_norm": "entropy / log N (1 = uniform)"}
     table_columns = ("entropy_norm",)
@@ -54,6 +58,7 @@ class Entropy(Meter):
         """Empty the accumulators for `k` predictors over `n_tokens` tokens."""
         self.k, self.n_tokens, self.n = k, n_tokens, 0
         self.total, self.sq = np.zeros(k), np.zeros(k)
+        self._images: dict[str, list[np.ndarray]] = {"entropy": [], "positions": []}
 
     def update(self, maps: np.ndarray | torch.Tensor | None, batch: MeterBatch | None = None) -> None:
         assert maps is not None  # needs_maps: measure hands this meter the maps
@@ -63,6 +68,21 @@ class Entropy(Meter):
         self.total += h.sum(0)
         self.sq += (h**2).sum(0)
         self.n += len(h)
+        if batch is not None:
+            self._images["entropy"].append(h.astype(np.float32))
+            self._images["positions"].append(np.asarray(batch.index))
+
+    def positions(self) -> np.ndarray | None:
+        parts = self._images["positions"]
+        return np.concatenate(parts) if parts else None
+
+    def resample(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """``entropy`` and ``entropy_norm`` per resample and predictor."""
+        from epviz.analysis.intervals import weighted_mean
+
+        h = weighted_mean(weights, np.concatenate(self._images["entropy"]).astype(np.float64))
+        log_n = math.log(self.n_tokens) if self.n_tokens > 1 else math.nan
+        return {"entropy": h, "entropy_norm": h / log_n}
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame(self._rows())

@@ -231,10 +231,17 @@ def test_spearman_interval_of_two_measures(setup):
     assert list(frame.columns[:4]) == ["backbone", "layer", "probe", "seed"]
     assert frame[["x", "y"]].values.tolist() == [["delta_acc", "delta_acc_mean"], ["delta_acc", "inbox_mass"]]
     assert ((frame["rho_lo"] <= frame["rho_hi"]) | frame["rho_lo"].isna()).all()
+    # the entropy keeps per-image records too: its interval and rho against it
+    h = records.spearman("delta_acc", "entropy_norm")
+    assert h.rho == pytest.approx(spearman(table["delta_acc"], table["entropy_norm"]).rho, nan_ok=True) and h.lo <= h.hi
+    assert (table["entropy_norm_lo"] <= table["entropy_norm"] + 1e-9).all() and (
+        table["entropy_norm"] <= table["entropy_norm_hi"] + 1e-9
+    ).all()
+    assert (table["entropy_norm_hi"] > table["entropy_norm_lo"]).all()
     with pytest.raises(KeyError, match="no bootstrap records"):
-        records.spearman("delta_acc", "entropy")
+        records.spearman("delta_acc", "pointing_entropy")
     with pytest.raises(KeyError, match="no probe has bootstrap records"):
-        spearman_intervals({("toy", "ep4"): records}, [("delta_acc", "entropy")])
+        spearman_intervals({("toy", "ep4"): records}, [("delta_acc", "pointing_entropy")])
 
 
 def test_spearman_of_a_constant_measure_is_undefined():

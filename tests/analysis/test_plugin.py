@@ -15,7 +15,17 @@ from epviz.analysis import meter_names, predictor_table, table_columns, unregist
 from epviz.evaluate import collect_attention
 from tests.toy_tokens import Boxes, toy_tokens
 
-BUILT_IN = ("predictor", "delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass", "pointing")
+BUILT_IN = (
+    "predictor",
+    "delta_acc",
+    "delta_acc_mean",
+    "delta_acc_shuffled",
+    "delta_acc_zero",
+    "entropy_norm",
+    "maxboxacc_v2",
+    "inbox_mass",
+    "pointing",
+)
 
 
 @pytest.fixture
