@@ -112,7 +112,7 @@ def probe_zoo(
     Returns:
         A tidy table, one row per backbone x probe x seed (backbone, layer, probe, name, seed, params,
         predictors, num_classes, val_acc, test_acc (with test_acc_lo / test_acc_hi: its 95% bootstrap interval
-        over test images, :func:`test_interval`), best_epoch, lr and weight_decay of the run (the grid point chosen
+        over test images, :func:`top1_with_interval`), best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
         tuned, seconds of training, cached: loaded from the probe cache), and the trained probes keyed
         by (backbone, label) with a single seed, by (backbone, label, seed) with several. The test
@@ -133,7 +133,7 @@ def probe_zoo(
             for run_seed in seeds:
                 bar.set_postfix(backbone=backbone, probe=label, seed=run_seed)
                 result = train_probe(name, split["train"], split["val"], budget=run_budget, seed=run_seed, **options)
-                test = test_interval(result.probe, split["test"])
+                test = top1_with_interval(result.probe, split["test"])
                 fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
                 rows.append(
                     dict(
@@ -162,7 +162,7 @@ def probe_zoo(
     return pd.DataFrame(rows), fitted
 
 
-def test_interval(probe: Probe, test: TokenSet) -> Interval:
+def top1_with_interval(probe: Probe, test: TokenSet) -> Interval:
     """Test top-1 of `probe` and its 95% bootstrap interval over the test images (one pass of the probe)."""
     check_labels(test.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     out = predict(probe, test)
