@@ -190,7 +190,7 @@ def _pngs(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")} if folder.is_dir() else {}
 
 
-CELL_TIMEOUT_FULL = 4 * 3600  # the full probe zoo (18 probes x 3 backbones, tuned) is one cell of ~1.5 h on 2 cores
+CELL_TIMEOUT_FULL = 4 * 3600  # the full probe zoo (18 probes x 3 backbones, tuned) is one cell of ~1 h 45 min on 2 cores
 CELL_TIMEOUT_FAST = 3600
 
 
