@@ -7,16 +7,18 @@
    ``lr_subset`` and ``lr_full`` are the two choices; ``regret`` is the full-size val top-1 of the full
    grid's choice minus that at the subset's choice (0 when both choose the same point). A decision
    changes when the regret exceeds the val noise (``val_se``, the binomial standard error).
-2. **Edges** (``docs/grid_edges.csv``, with ``--edges-from figures/01_grid_points.csv``). A run whose
-   choice is the grid's largest (smallest) learning rate may want a larger (smaller) one. For every
-   such run of a full ``make figures``, the grid is extended by two points beyond that edge (x3 and
-   x10, or /3 and /10) and trained on the same subset with the same seed: ``gain`` is the best val
-   top-1 beyond the edge minus the val top-1 at the edge.
+2. **Edges** (``docs/grid_edges.csv``, with ``--edges-from``). A run whose choice is the grid's
+   largest (smallest) learning rate may want a larger (smaller) one. For every such run of a full
+   ``make figures``, the grid is extended by two points beyond that edge (x3 and x10, or /3 and /10)
+   and trained on the same subset with the same seed: ``gain`` is the best val top-1 beyond the edge
+   minus the val top-1 at the edge. ``--edges-from`` takes the run's ``figures/01_grid_points.csv``
+   (every grid point) or a results table (``docs/results.csv``: its tuned rows, read against the
+   standard grid's ends), so the published run can be checked without running it again.
 
 The test split is never read. Writes the CSVs under ``--out`` (default ``docs/``).
 
     python scripts/grid_check.py [--backbones tiny-mae tiny-random] [--probes cls gap ep16]
-                                 [--edges-from figures/01_grid_points.csv] [--fast]
+                                 [--edges-from figures/01_grid_points.csv | docs/results.csv] [--fast]
 """
 
 from __future__ import annotations
@@ -87,16 +89,31 @@ def subset_check(study, backbones, probes, grid: dict, budget: dict, seed: int) 
     return pd.DataFrame(rows)
 
 
-def edge_check(study, points: pd.DataFrame, grid: dict, budget: dict) -> pd.DataFrame:
-    chosen = points[points["chosen"] & points["edge"]]
+def edge_runs(table: pd.DataFrame, grid: dict) -> pd.DataFrame:
+    """The runs whose chosen learning rate is an end of their grid, with ``upper`` (the largest end).
+
+    Args:
+        table: A grid-points table (``chosen``, ``edge``, one row per point) or a results table
+            (``tuned`` rows, read against ``grid["lrs"]``; their grid val top-1 is not in it: NaN).
+        grid: The standard grid.
+    """
+    if {"chosen", "edge"} <= set(table.columns):
+        keys = ["backbone", "probe", "seed"]
+        ends = table.groupby(keys)["lr"].agg(["min", "max"]).reset_index()
+        runs = table[table["chosen"] & table["edge"]].merge(ends, on=keys)
+        return runs.assign(upper=runs["lr"] == runs["max"])
+    if not {"tuned", "lr", "backbone", "probe", "seed"} <= set(table.columns):
+        raise SystemExit("--edges-from needs a grid-points table (chosen, edge) or a results table (tuned, lr)")
+    runs = table[table["tuned"].astype(bool) & table["lr"].isin([min(grid["lrs"]), max(grid["lrs"])])]
+    return runs.assign(upper=runs["lr"] == max(grid["lrs"]), best_val_acc=np.nan).drop_duplicates(["backbone", "probe", "seed"])
+
+
+def edge_check(study, runs: pd.DataFrame, grid: dict, budget: dict) -> pd.DataFrame:
     rows = []
-    for run in chosen.itertuples():
+    for run in runs.itertuples():
         if run.backbone not in study.tokens:
             continue
-        lrs = sorted(
-            points[(points["backbone"] == run.backbone) & (points["probe"] == run.probe) & (points["seed"] == run.seed)]["lr"]
-        )
-        upper = run.lr == max(lrs)
+        upper = bool(run.upper)
         beyond = (run.lr * 3, run.lr * 10) if upper else (run.lr / 10, run.lr / 3)
         train, val = study.tokens[run.backbone]["train"], study.tokens[run.backbone]["val"]
         subset = train.subset(balanced_subset(train.labels, grid["train_size"], int(run.seed)))
@@ -131,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbones", nargs="+", default=["tiny-mae", "tiny-random"])
     parser.add_argument("--probes", nargs="+", default=["cls", "gap", "ep16"], help="probes of the subset check (none: skip it)")
-    parser.add_argument("--edges-from", type=Path, default=None, help="a full run's 01_grid_points.csv: run the edge check")
+    parser.add_argument(
+        "--edges-from", type=Path, default=None, help="a full run's 01_grid_points.csv or a results.csv: run the edge check"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fast", action="store_true", help="the fast setting's sizes and budget (a smoke run)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
@@ -141,16 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     grid = dict(setting.grid if setting.grid is not None else Setting.full().grid)
     grid["train_size"] = grid.get("train_size") or Setting.full().grid["train_size"]
     budget = dict(setting.budget)
-    points = pd.read_csv(args.edges_from) if args.edges_from is not None else None
-    backbones = list(dict.fromkeys([*args.backbones, *([] if points is None else points["backbone"].unique())]))
+    runs = edge_runs(pd.read_csv(args.edges_from), grid) if args.edges_from is not None else None
+    backbones = list(dict.fromkeys([*args.backbones, *([] if runs is None else runs["backbone"].unique())]))
     study = open_study(backbones, control=None, setting=setting, figures="/tmp/epviz-grid-check")
     if args.probes:
         table = subset_check(study, args.backbones, args.probes, grid, budget, args.seed)
         atomic_write(args.out / "grid_subset.csv", lambda tmp: table.to_csv(tmp, index=False))
         changed = table[table["lr_subset"] != table["lr_full"]]
         print(f"subset: {len(changed)} of {len(table)} choices differ; largest regret {table['regret'].max():.4f}")
-    if points is not None:
-        edges = edge_check(study, points, grid, budget)
+    if runs is not None:
+        edges = edge_check(study, runs, grid, budget)
         atomic_write(args.out / "grid_edges.csv", lambda tmp: edges.to_csv(tmp, index=False))
         if len(edges):
             better = edges[edges["gain"] > edges["val_se"]]

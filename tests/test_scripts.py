@@ -63,3 +63,40 @@ def test_patchify_round_trip():
     patches = train_zoo.patchify(images, 8)
     assert patches.shape == (2, 4, 8 * 8 * 3)
     assert torch.equal(patches[0, 1].reshape(8, 8, 3).permute(2, 0, 1), images[0, :, :8, 8:16])
+
+
+def test_grid_check_finds_edge_runs_in_both_tables():
+    import pandas as pd
+
+    grid_check = load_script("grid_check")
+    grid = {"lrs": (3e-4, 1e-3, 1e-1)}
+    points = pd.DataFrame(
+        {
+            "backbone": ["a"] * 3 + ["b"] * 3,
+            "probe": ["ep16"] * 6,
+            "seed": [0] * 6,
+            "lr": [3e-4, 1e-3, 1e-1] * 2,
+            "weight_decay": [1e-4] * 6,
+            "best_val_acc": [0.1, 0.2, 0.3, 0.4, 0.3, 0.2],
+            "chosen": [False, False, True, True, False, False],
+            "edge": [True, False, True] * 2,
+        }
+    )
+    runs = grid_check.edge_runs(points, grid).set_index("backbone")
+    assert runs["upper"].to_dict() == {"a": True, "b": False}
+    assert runs.loc["b", "best_val_acc"] == 0.4
+
+    results = pd.DataFrame(
+        {
+            "backbone": ["a", "a", "b", "b"],
+            "probe": ["cls", "cls", "gap", "mhca"],
+            "seed": [0, 1, 0, 0],
+            "lr": [1e-1, 1e-1, 3e-4, 1e-3],
+            "tuned": [True, False, True, True],
+        }
+    )
+    runs = grid_check.edge_runs(results, grid)
+    assert list(zip(runs["probe"], runs["upper"])) == [("cls", True), ("gap", False)], "tuned rows at an end only"
+    assert runs["best_val_acc"].isna().all(), "a results table holds no grid val top-1"
+    with pytest.raises(SystemExit, match="grid-points table"):
+        grid_check.edge_runs(pd.DataFrame({"lr": [1e-1]}), grid)
