@@ -131,6 +131,13 @@ def _error_label(results: pd.DataFrame, errors: tuple[str, str | None]) -> str:
     return "± std over seeds; 95% bootstrap interval for single runs" if single.any() else "± std over seeds"
 
 
+def _ylabel_suffix(results: pd.DataFrame, errors: tuple[str, str | None] | None) -> str:
+    """Says "mean ± std" when every bar is a std over seeds; nothing when some are intervals (the legend says which)."""
+    if errors is None or errors[0] != "std":
+        return ""
+    return "" if _error_label(results, errors) != "± std over seeds" else " (mean ± std)"
+
+
 def _overlap(a, b) -> float:
     """Overlap area of two boxes (x0, y0, x1, y1)."""
     w = min(a[2], b[2]) - max(a[0], b[0])
@@ -282,7 +289,7 @@ def accuracy_vs_cost(
             ax.set_xlabel(axis_label(x) + " (log scale)", fontsize=8)
             ax.tick_params(labelbottom=True)
         if k % ncols == 0:
-            ax.set_ylabel(axis_label(y) + (" (mean ± std)" if errors and errors[0] == "std" else ""), fontsize=8)
+            ax.set_ylabel(axis_label(y) + _ylabel_suffix(data, errors), fontsize=8)
     for k in range(len(order), nrows * ncols):
         axes[k // ncols, k % ncols].set_visible(False)
 

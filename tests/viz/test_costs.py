@@ -159,7 +159,9 @@ def test_error_bars_appear_with_std_columns_only():
     assert not any(isinstance(c, ErrorbarContainer) for ax in plain.axes for c in ax.containers)
     # an interval (lo, hi) draws asymmetric bars
     table = zoo_table().assign(test_acc_lo=lambda d: d["test_acc"] - 0.01, test_acc_hi=lambda d: d["test_acc"] + 0.03)
-    bars = [c for c in plots.accuracy_vs_flops(table).axes[0].containers if isinstance(c, ErrorbarContainer)]
+    figure = plots.accuracy_vs_flops(table)
+    assert "std" not in figure.axes[0].get_ylabel(), "single runs' bars are intervals: the label claims no std"
+    bars = [c for c in figure.axes[0].containers if isinstance(c, ErrorbarContainer)]
     segments = bars[0].lines[2][0].get_segments()
     assert len(segments) == len(COSTS)
     np.testing.assert_allclose([s[1, 1] - s[0, 1] for s in segments], 0.04)
@@ -170,6 +172,7 @@ def test_error_bars_appear_with_std_columns_only():
     heights = sorted(round(s[1, 1] - s[0, 1], 6) for s in bars[0].lines[2][0].get_segments())
     assert heights == [0.02] * 4 + [0.04] * (len(COSTS) - 4)
     assert any("bootstrap interval for single runs" in t.get_text() for t in fig.legends[0].get_texts())
+    assert "std" not in fig.axes[0].get_ylabel(), "some bars are intervals: the axis label leaves it to the legend"
 
 
 def test_chance_line_and_legend_entry(tmp_path):
