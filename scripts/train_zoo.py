@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running, count, step = running + float(loss), count + 1, step + 1
+            running, count, step = running + loss.detach().item(), count + 1, step + 1
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{running / count:.4f}")
             if args.max_steps and step >= args.max_steps:
