@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["strip_ansi", "unsafe_globals"]
+__all__ = ["is_torch_checkpoint", "strip_ansi", "unsafe_globals"]
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -20,6 +20,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 def strip_ansi(text: str) -> str:
     """`text` without terminal colour codes (torch and nbclient wrap parts of their messages in them)."""
     return _ANSI.sub("", text)
+
+
+def is_torch_checkpoint(path: str | Path) -> bool:
+    """Whether `path` starts like a file ``torch.save`` writes: a zip archive, or a pickle of the legacy format.
+
+    A text file, an image or a safetensors file renamed ``.pth`` does not; their decoding errors are then
+    reported as "not a torch checkpoint" rather than as pickled objects epviz refuses.
+    """
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def unsafe_globals(path: str | Path, err: BaseException) -> list[str]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from epviz.backbones import presets, zoo
 from epviz.errors import ConfigError, WeightsError
 from epviz.runtime import resolve_device
-from epviz.safe_load import strip_ansi, unsafe_globals
+from epviz.safe_load import is_torch_checkpoint, strip_ansi, unsafe_globals
 
 __all__ = [
     "Backbone",
@@ -276,6 +276,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not is_torch_checkpoint(path):
+            raise BackboneError(
+                f"cannot read weights from {path}: it is neither a safetensors file nor a torch checkpoint (the file is "
+                "damaged or of another format). epviz reads .safetensors files and torch checkpoints of plain tensors"
+            ) from None
         globals_ = unsafe_globals(path, err)
         if not globals_:
             raise BackboneError(

@@ -51,7 +51,7 @@ from epviz.errors import ConfigError, WeightsError
 from epviz.probes import Probe, build
 from epviz.provenance import jsonable
 from epviz.runtime import resolve_device
-from epviz.safe_load import unsafe_globals
+from epviz.safe_load import is_torch_checkpoint, unsafe_globals
 
 __all__ = ["REFERENCE", "RELEASE_CONFIG", "RELEASE_FILE", "load_reference_head", "save_reference_head"]
 
@@ -281,6 +281,12 @@ def _read(path: Path) -> object:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if not is_torch_checkpoint(path):
+            raise WeightsError(
+                f"cannot read {path}: it is not a torch checkpoint (neither a zip archive nor a pickle). Expected a "
+                f"checkpoint of the reference ({' / '.join(_CHECKPOINTS)} or {RELEASE_FILE}); the file is damaged or "
+                "of another format"
+            ) from None
         needed = [g for g in unsafe_globals(path, err) if g not in _SAFE_NAMES]
         what = f"pickled objects of {', '.join(needed)}" if needed else "pickled objects"
         raise WeightsError(

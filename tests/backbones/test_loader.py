@@ -92,6 +92,11 @@ def test_missing_and_truncated_weights_files(tmp_path):
     bad.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
     with pytest.raises(BackboneError, match="cannot read"):
         load_backbone("test_vit", weights=bad)
+    text = tmp_path / "notes.pth"
+    text.write_text("not weights\n")
+    with pytest.raises(BackboneError, match="neither a safetensors file nor a torch checkpoint") as err:
+        load_backbone("test_vit", weights=text)
+    assert "pickled" not in str(err.value)
 
 
 def test_offline_hub_error_is_fast_and_clear(monkeypatch, tmp_path):
