@@ -75,7 +75,7 @@ def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
     Args:
         labels: Class indices (any array-like).
         num_classes: Number of classes C the scores cover.
-        what: Whose labels, for the message ("train", "validation", "the").
+        what: Whose labels, for the message ("train", "validation"; "the" for no qualifier).
         owner: What has C classes, for the message ("probe 'ep'", "the logits").
 
     Raises:
@@ -91,10 +91,11 @@ def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
     fix = (
         "negative labels are not classes: fix the labels"
         if lo < 0
-        else f"build the probe with num_classes={hi + 1} or fix the labels"
+        else f"build the probe with num_classes={hi + 1}, score a trained probe on the classes it was trained on, or fix the labels"
     )
+    whose = "the labels" if what in ("", "the") else f"the {what} labels"
     raise ConfigError(
-        f"the {what} labels range from {lo} to {hi} (max label {hi}) but {owner} has num_classes={num_classes}; "
+        f"{whose} range from {lo} to {hi} (max label {hi}) but {owner} has num_classes={num_classes}; "
         f"labels must lie in [0, {num_classes - 1}] and {outside} of {labels.size} samples lie outside: {fix}"
     )
 

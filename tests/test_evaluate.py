@@ -114,7 +114,7 @@ def test_accuracy_refuses_labels_beyond_the_probe(probe, tokens):
     some = with_labels(tokens, np.where(np.arange(37) % 5 == 0, C + 3, tokens.labels))
     with pytest.raises(
         ConfigError,
-        match=r"labels range from \d+ to 9 \(max label 9\) but probe 'ep' has num_classes=6; labels must lie in \[0, 5\] and 8 of 37",
+        match=r"^the labels range from \d+ to 9 \(max label 9\) but probe 'ep' has num_classes=6; labels must lie in \[0, 5\] and 8 of 37",
     ):
         accuracy(probe, some)
     every = with_labels(tokens, np.full(37, C))
