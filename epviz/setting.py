@@ -39,8 +39,9 @@ two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -49,7 +50,7 @@ import numpy as np
 
 from epviz.errors import ConfigError
 
-__all__ = ["FAST_ENV", "GRID_KEYS", "SPLITS", "Setting", "THRESHOLDS", "check_grid"]
+__all__ = ["FAST_ENV", "GRID_KEYS", "SPLITS", "Setting", "THRESHOLDS", "check_grid", "check_grid_values"]
 
 FAST_ENV = "EPVIZ_FAST"
 SPLITS = ("train", "val", "test")
@@ -70,16 +71,54 @@ def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(grid) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"unknown grid key(s) {unknown}; a grid takes {', '.join(GRID_KEYS)}")
-    if not grid.get("lrs"):
+    if "lrs" not in grid:
         raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
+    lrs, weight_decays = check_grid_values(grid["lrs"], grid.get("weight_decays", (1e-4,)))
     out: dict[str, Any] = {
-        "lrs": tuple(float(v) for v in grid["lrs"]),
-        "weight_decays": tuple(float(v) for v in grid.get("weight_decays", (1e-4,))),
+        "lrs": lrs,
+        "weight_decays": weight_decays,
         "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
     }
     if out["train_size"] is not None and out["train_size"] < 2:
         raise ConfigError(f"grid train_size must be at least 2 images (None: the whole training set), got {out['train_size']}")
     return out
+
+
+def check_grid_values(lrs: Any, weight_decays: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A grid's learning rates and weight decays as tuples of floats, checked.
+
+    Raises:
+        TypeError: A single number where a sequence is expected.
+        ConfigError: An empty list, a value that is not a number, a learning rate <= 0, a negative weight
+            decay, a value that is not finite, or a value listed twice.
+    """
+    out = []
+    for name, values, example in (("lrs", lrs, "(1e-3, 3e-3, 1e-2)"), ("weight_decays", weight_decays, "(1e-4,)")):
+        if isinstance(values, (int, float)):
+            raise TypeError(f"{name} must be a sequence of numbers, e.g. {name}=({values},); got the single number {values}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+            raise ConfigError(f"{name} must be a sequence of numbers, e.g. {name}={example}; got {values!r}")
+        floats = []
+        for value in values:
+            try:
+                floats.append(float(value))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must hold numbers, e.g. {name}={example}; got {value!r}") from None
+        if not floats:
+            what = "learning rate" if name == "lrs" else "weight decay"
+            raise ConfigError(f"the grid is empty: pass at least one {what}, e.g. {name}={example}")
+        out.append(tuple(floats))
+    lr_values, wd_values = out
+    bad = [x for x in lr_values if not (math.isfinite(x) and x > 0)]
+    if bad:
+        raise ConfigError(f"learning rates must be positive and finite; got {bad} in lrs={list(lr_values)}")
+    bad = [x for x in wd_values if not (math.isfinite(x) and x >= 0)]
+    if bad:
+        raise ConfigError(f"weight decays must be >= 0 and finite; got {bad} in weight_decays={list(wd_values)}")
+    for name, values in (("lrs", lr_values), ("weight_decays", wd_values)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{name}={list(values)} repeats a value; list each grid value once")
+    return lr_values, wd_values
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -204,7 +243,7 @@ class Setting:
         for key in ("budget", "low_shot_budget", "sizes"):
             if key in changes:
                 changes[key] = {**getattr(self, key), **changes[key]}
-        if changes.get("grid") is not None and self.grid is not None:
+        if isinstance(changes.get("grid"), Mapping) and self.grid is not None:
             changes["grid"] = {**self.grid, **changes["grid"]}
         changes.setdefault("name", "custom")
         return dataclasses.replace(self, **changes)

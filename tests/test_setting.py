@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from epviz.errors import ConfigError
 from epviz.setting import THRESHOLDS, Setting
 
 
@@ -42,3 +43,22 @@ def test_replace_makes_a_custom_setting_and_checks_its_fields():
         Setting.full().replace(sizes={"train": 0})
     with pytest.raises(TypeError):
         Setting.full().budget["lr"] = 1.0  # read-only
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ([1e-3, 1e-2], "grid must be a mapping"),
+        ({"lrs": ()}, "the grid is empty: pass at least one learning rate"),
+        ({"lrs": ("fast",)}, "lrs must hold numbers.*'fast'"),
+        ({"lrs": "1e-3"}, "lrs must be a sequence of numbers"),
+        ({"lrs": (1e-3, -1e-2)}, r"learning rates must be positive and finite; got \[-0.01\]"),
+        ({"lrs": (1e-3,), "weight_decays": (float("nan"),)}, "weight decays must be >= 0 and finite"),
+        ({"lrs": (1e-3, 1e-3)}, "repeats a value"),
+    ],
+)
+def test_a_bad_grid_is_refused_with_its_fix(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        Setting.full().replace(grid=grid)
+    with pytest.raises(ConfigError, match=message):
+        Setting(grid=grid)

@@ -56,6 +56,7 @@ from epviz.distributed import all_reduce_sum, check_same, is_distributed, is_mai
 from epviz.evaluate import iter_batches
 from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device
+from epviz.setting import check_grid_values
 from epviz.tokens import TokenSet
 from epviz.training.distributed_fit import (
     average_gradients,
@@ -380,27 +381,8 @@ def _grid_points(
     lrs: Sequence[float], weight_decays: Sequence[float]
 ) -> tuple[list[float], list[float], list[tuple[float, float]]]:
     """The checked grid values as floats, and the grid points (lr, weight decay), lr-major."""
-    lrs, weight_decays = _as_floats(lrs, "lrs"), _as_floats(weight_decays, "weight_decays")
-    if not lrs:
-        raise ValueError("the grid is empty: pass at least one learning rate, e.g. lrs=(1e-3, 3e-3, 1e-2)")
-    if not weight_decays:
-        raise ValueError("the grid is empty: pass at least one weight decay, e.g. weight_decays=(1e-4,)")
-    bad = [x for x in lrs if not (math.isfinite(x) and x > 0)]
-    if bad:
-        raise ValueError(f"learning rates must be positive and finite; got {bad} in lrs={lrs}")
-    bad = [x for x in weight_decays if not (math.isfinite(x) and x >= 0)]
-    if bad:
-        raise ValueError(f"weight decays must be >= 0 and finite; got {bad} in weight_decays={weight_decays}")
-    for name, values in (("lrs", lrs), ("weight_decays", weight_decays)):
-        if len(set(values)) != len(values):
-            raise ValueError(f"{name}={values} repeats a value; list each grid value once")
-    return lrs, weight_decays, list(itertools.product(lrs, weight_decays))
-
-
-def _as_floats(values: Sequence[float] | float, name: str) -> list[float]:
-    if isinstance(values, (int, float)):
-        raise TypeError(f"{name} must be a sequence of numbers, e.g. {name}=({values},); got the single number {values}")
-    return [float(x) for x in values]
+    lr_values, wd_values = check_grid_values(lrs, weight_decays)
+    return list(lr_values), list(wd_values), list(itertools.product(lr_values, wd_values))
 
 
 def _template(probe: str | Probe | Callable[[], Probe], train: TokenSet, val: TokenSet, seed: int, options: dict) -> Probe:
