@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from epviz.analysis.ablation import uniform_effect
+from epviz.analysis.baselines import localization_baselines
+from epviz.analysis.intervals import LEVEL, N_BOOT
 from epviz.analysis.meters import table_columns
 from epviz.analysis.report import predictor_table
 from epviz.backbones import Backbone, load_backbone, present_backbones, zoo
@@ -164,6 +166,7 @@ class _ProbeData:
     overlap: np.ndarray | None = None
     groups: dict[int, np.ndarray] = field(default_factory=dict)
     effects: dict[tuple[int, ...], np.ndarray] = field(default_factory=dict)
+    measured: dict[tuple[int, float], tuple[pd.DataFrame, pd.DataFrame]] = field(default_factory=dict)
 
     @property
     def preds(self) -> np.ndarray:
@@ -430,6 +433,65 @@ class ExplorerModel:
             data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
+
+    def measured(self, sel: Selection, *, n_boot: int = N_BOOT, level: float = LEVEL) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The selection's probe measured as in notebook 02: every measure with its interval, beside chance.
+
+        The interactive table (:meth:`table`) leaves the intervals out to stay fast; this computes them once
+        per probe and (`n_boot`, `level`), on the same test and localization images, with the scores of the
+        trivial maps on the same boxes.
+
+        Args:
+            sel: The selection (backbone, block, probe).
+            n_boot: Bootstrap resamples of the test images.
+            level: Coverage of the intervals.
+
+        Returns:
+            ``(table, chance)``: one row per predictor with the context columns, every registered meter's
+            measures and their ``<column>_lo`` / ``<column>_hi`` intervals; and one row per trivial map
+            (uniform, centred Gaussian prior, random maps of the probe's mean normalised entropy).
+
+        Raises:
+            ValueError: The probe has no attention predictors, or `n_boot` is below 1.
+        """
+        if int(n_boot) < 1:
+            raise ValueError(f"n_boot must be at least 1 resample (the default is {N_BOOT}), got {n_boot}")
+        data = self.probe_data(sel)
+        if data.probe.num_predictors == 0:
+            raise ValueError(
+                f"probe {sel.probe} has no attention predictors, so there is nothing to measure: choose an attentive "
+                "probe (ep, mhca, ...)"
+            )
+        key = (int(n_boot), float(level))
+        if key not in data.measured:
+            splits = self.tokens(sel.backbone, sel.layer)
+            tokens = splits["test"]
+            n_loc = min(len(tokens), self.localization_images)
+            context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
+            self._report(0.95, f"measuring the {data.probe.num_predictors} predictors with {n_boot} bootstrap resamples")
+            table = predictor_table(
+                data.probe,
+                tokens,
+                self.test,
+                context=context,
+                localization_index=range(n_loc),
+                thresholds=self.setting.thresholds,
+                train_tokens=splits.get("train"),
+                n_boot=int(n_boot),
+                level=float(level),
+            )
+            chance = localization_baselines(
+                self.test,
+                tokens.grid,
+                target_entropy=float(table["entropy_norm"].mean()),
+                seed=self.seed,
+                index=range(n_loc),
+                thresholds=self.setting.thresholds,
+                context=context,
+            )
+            data.measured[key] = (table, chance)
+            self._report(1.0, "measured")
+        return data.measured[key]
 
     def group_labels(self, sel: Selection, data: _ProbeData) -> np.ndarray:
         """Group of each predictor for ``sel.groups`` groups (the overlap is measured once per probe)."""

@@ -7,6 +7,9 @@ import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+import pandas as pd
+
+from epviz.analysis.intervals import LEVEL, N_BOOT
 from epviz.backbones import Backbone
 from epviz.data import DEFAULT_DATASET
 from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection
@@ -158,6 +161,15 @@ class Explorer:
                     hint = f"; choose one of: {', '.join(str(_option_value(o)) for o in choices)}" if choices else ""
                     return self._fail(f"{value!r} is not a valid {name}{hint}")
         return self.refresh()
+
+    def measured(self, *, n_boot: int = N_BOOT, level: float = LEVEL) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The shown probe's predictor table with bootstrap intervals, and the trivial maps' scores beside it.
+
+        See :meth:`ExplorerModel.measured`; computed once per probe, outside the interactive redraws.
+        """
+        sel = self.state.selection if self.state is not None else self.selection
+        with self.widgets["log"]:
+            return self.model.measured(sel, n_boot=n_boot, level=level)
 
     def refresh(self) -> ExplorerState:
         """Compute the state of the current widget values and show it."""

@@ -200,3 +200,35 @@ def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, s
     assert "not in its token caches (blocks [3, 5])" in chosen.error
     explorer.set(layer=3)
     assert explorer.state.error == "" and explorer.state.selection.layer == 3
+
+
+def test_measured_gives_the_table_with_intervals_beside_chance(start):
+    from epviz.analysis.baselines import CENTRE_PRIOR, MATCHED, UNIFORM
+
+    shown = start.state.table
+    tables = start.model.counts["tables"]
+    table, chance = start.measured(n_boot=50)
+    assert start.model.counts["tables"] == tables  # the interactive table is not recomputed
+    # the point values are the interactive table's; the intervals come beside them
+    for column in table_columns():
+        np.testing.assert_allclose(table[column].to_numpy(float), shown[column].to_numpy(float), equal_nan=True)
+    for column in ("delta_acc", "maxboxacc_v2", "inbox_mass", "entropy_norm", "acc_full"):
+        lo, hi = table[f"{column}_lo"].to_numpy(float), table[f"{column}_hi"].to_numpy(float)
+        assert np.all(lo <= hi), column
+    assert (table["acc_full_hi"] - table["acc_full_lo"]).iloc[0] > 0
+    assert set(table[["backbone", "probe"]].itertuples(index=False, name=None)) == {("test_vit", "ep")}
+    # chance: the trivial maps on the same boxes; the random maps as peaked as the probe's
+    assert set(chance["baseline"]) == {UNIFORM, CENTRE_PRIOR, MATCHED}
+    assert chance.loc[chance["baseline"] == UNIFORM, "maxboxacc_v2"].item() == 0
+    matched = chance.loc[chance["baseline"] == MATCHED, "entropy_norm"].item()
+    assert abs(matched - table["entropy_norm"].mean()) < 1e-3
+    again = start.measured(n_boot=50)
+    assert again[0] is table and again[1] is chance  # computed once per probe
+
+
+def test_measured_refuses_a_probe_without_maps_and_no_resamples(start):
+    with pytest.raises(ValueError, match="at least 1 resample"):
+        start.measured(n_boot=0)
+    start.set(probe="cls", view="image only")
+    with pytest.raises(ValueError, match="no attention predictors"):
+        start.measured(n_boot=10)
