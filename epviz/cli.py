@@ -222,7 +222,6 @@ def _probe_origin(path: Path) -> dict[str, Any]:
 def _evaluate(args: argparse.Namespace) -> None:
     from epviz.backbones import load_backbone
     from epviz.data import load_split
-    from epviz.evaluate import accuracy
     from epviz.provenance import note
     from epviz.tokens import extract_tokens
     from epviz.training import load_probe
@@ -253,7 +252,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     tokens = cache.tokens(layer)
     note(dataset=args.dataset, tokens=tokens)
-    scores = accuracy(probe, tokens, topk=(1, 5), batch_size=args.batch_size)
+    scores = _scores_with_intervals(probe, tokens, args)
     summary = {
         "probe_file": str(path),
         "probe": probe.name,
@@ -262,27 +261,55 @@ def _evaluate(args: argparse.Namespace) -> None:
         "dataset": args.dataset,
         "split": args.split,
         "images": len(tokens),
-        "top1": scores["top1"],
-        "top5": scores["top5"],
+        **scores,
         "token_cache": cache.path.name,
     }
     import pandas as pd
 
     print(pd.DataFrame([summary]).to_string(index=False))
-    table = pd.DataFrame([summary])
+    table, chance = pd.DataFrame([summary]), None
     if args.maps:
-        table = _maps_table(args, probe, tokens, dataset, summary)
+        table, chance = _maps_table(args, probe, tokens, dataset, summary)
     if args.out:
         out = Path(args.out)
         atomic_write(out, lambda tmp: table.to_csv(tmp, index=False))
         print(f"written: {out}")
+        if chance is not None:
+            beside = out.with_name(f"{out.stem}_chance{out.suffix or '.csv'}")
+            atomic_write(beside, lambda tmp: chance.to_csv(tmp, index=False))
+            print(f"written: {beside} (the trivial maps' scores on the same boxes)")
 
 
-def _maps_table(args: argparse.Namespace, probe: Any, tokens: Any, dataset: Any, summary: dict[str, Any]) -> Any:
-    """The predictor table of `probe` on `tokens` (Δacc, entropy, localization), printed; with the summary's columns."""
+def _scores_with_intervals(probe: Any, tokens: Any, args: argparse.Namespace) -> dict[str, float]:
+    """Top-1 and top-5 accuracy, each with its bootstrap interval over the images unless ``--n-boot 0``."""
     import numpy as np
 
-    from epviz.analysis import predictor_table
+    from epviz.analysis.intervals import bootstrap_mean
+    from epviz.evaluate import predict
+
+    predictions = predict(probe, tokens, batch_size=args.batch_size)
+    scores = predictions.accuracy(topk=(1, 5))
+    if args.n_boot:
+        k = min(5, predictions.logits.shape[1])
+        top = np.argsort(-predictions.logits, axis=1)[:, :k]
+        hits = {"top1": top[:, 0] == predictions.labels, "top5": (top == predictions.labels[:, None]).any(1)}
+        for name, correct in hits.items():
+            interval = bootstrap_mean(correct, n_boot=args.n_boot, seed=args.seed)
+            scores[f"{name}_lo"], scores[f"{name}_hi"] = interval.lo, interval.hi
+    return scores
+
+
+def _maps_table(
+    args: argparse.Namespace, probe: Any, tokens: Any, dataset: Any, summary: dict[str, Any]
+) -> tuple[Any, Any | None]:
+    """The predictor table of `probe` on `tokens` (Δacc, entropy, localization), printed; with the summary's columns.
+
+    Returns:
+        The table, and the trivial maps' scores on the same boxes (None when the dataset has no boxes).
+    """
+    import numpy as np
+
+    from epviz.analysis import localization_baselines, predictor_table
 
     if probe.num_predictors == 0:
         raise ValueError(f"probe '{probe.name}' has no attention predictors: --maps needs an attentive probe (ep, mhca, ...)")
@@ -297,9 +324,22 @@ def _maps_table(args: argparse.Namespace, probe: Any, tokens: Any, dataset: Any,
     print(table[shown].round(4).to_string(index=False))
     means = table[[c for c in ("delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass") if c in table]].mean()
     print("mean over predictors: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    for key in ("probe_file", "dataset", "split", "images", "top1", "top5", "token_cache"):
-        table[key] = summary[key]
-    return table
+    chance = None
+    if "maxboxacc_v2" in table:
+        chance = localization_baselines(
+            dataset,
+            tokens.grid,
+            target_entropy=float(table["entropy_norm"].mean()),
+            seed=args.seed,
+            index=None if index is None else index.tolist(),
+            context=context,
+        )
+        print("chance, the trivial maps on the same boxes:")
+        print(chance[["baseline", "maxboxacc_v2", "inbox_mass", "entropy_norm"]].round(4).to_string(index=False))
+    for key, value in summary.items():
+        if key not in context:
+            table[key] = value
+    return table, chance
 
 
 # --- results -------------------------------------------------------------------------------
@@ -465,7 +505,12 @@ def main(argv: list[str] | None = None) -> None:
     ev.add_argument("--layer", type=int, default=None, help="block to read (default: the one the probe was trained on, else -1)")
     ev.add_argument("--maps", action="store_true", help="also the predictor table: Δacc, entropy, MaxBoxAccV2, in-box mass")
     ev.add_argument("--localization-images", type=int, default=None, help="images of the localization measure (default: all)")
-    ev.add_argument("--n-boot", type=int, default=0, help="bootstrap resamples of the --maps intervals (0: none)")
+    ev.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the 95%% intervals over the images (top-1, top-5 and the --maps measures; 0: none)",
+    )
     ev.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ev.add_argument("--batch-size", type=int, default=128)
     ev.add_argument("--cache-dir", default=None, help="token cache folder (default $EPVIZ_CACHE)")

@@ -126,6 +126,9 @@ def test_evaluate_scores_a_saved_probe_and_trains_nothing(saved_probe, tmp_path,
                             cache_dir=tmp_path / "cache").tokens(5)  # fmt: skip
     expected = accuracy(probe, tokens, topk=(1, 5))
     assert (scores.loc[0, "top1"], scores.loc[0, "top5"]) == pytest.approx((expected["top1"], expected["top5"]))
+    for k in ("top1", "top5"):  # the bootstrap interval over the 12 images
+        assert scores.loc[0, f"{k}_lo"] <= scores.loc[0, k] <= scores.loc[0, f"{k}_hi"]
+        assert scores.loc[0, f"{k}_lo"] < scores.loc[0, f"{k}_hi"] or scores.loc[0, k] in (0.0, 1.0)
     assert scores.loc[0, "token_cache"] == tokens.origin.cache
     assert not (tmp_path / "cache" / "probes").exists(), "the probe cache is not touched"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [tokens.origin.cache], "only the split's tokens"
@@ -136,13 +139,21 @@ def test_evaluate_with_maps_writes_the_predictor_table(saved_probe, tmp_path, ca
 
     _, base = saved_probe
     cli.main(_evaluate_args(base, tmp_path, "--maps", "--n-boot", "20", "--out", str(tmp_path / "maps.csv")))
-    assert "mean over predictors" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "mean over predictors" in printed and "chance, the trivial maps on the same boxes" in printed
     table = pd.read_csv(tmp_path / "maps.csv")
     assert table["predictor"].tolist() == list(range(16))
     for column in ("delta_acc", "delta_acc_lo", "delta_acc_hi", "entropy_norm", "maxboxacc_v2", "inbox_mass", "top1", "top5"):
         assert table[column].notna().all(), column
     assert table["entropy_norm"].between(0, 1 + 1e-6).all() and (table["top5"] >= table["top1"]).all()
+    assert {"top1_lo", "top1_hi", "backbone", "layer"} <= set(table.columns)
     assert not (tmp_path / "cache" / "probes").exists()
+    # chance beside the probe's maps: the trivial maps on the same boxes, the random ones as peaked as the probe's
+    chance = pd.read_csv(tmp_path / "maps_chance.csv")
+    assert set(chance["baseline"]) == {"uniform", "centre prior", "random, matched entropy"}
+    assert chance.loc[chance["baseline"] == "uniform", "maxboxacc_v2"].item() == 0
+    matched = chance.loc[chance["baseline"] == "random, matched entropy", "entropy_norm"].item()
+    assert matched == pytest.approx(table["entropy_norm"].mean(), abs=1e-3)
 
 
 def test_evaluate_refuses_a_probe_of_another_width_and_a_missing_file(tmp_path, monkeypatch):
