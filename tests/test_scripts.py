@@ -100,3 +100,21 @@ def test_grid_check_finds_edge_runs_in_both_tables():
     assert runs["best_val_acc"].isna().all(), "a results table holds no grid val top-1"
     with pytest.raises(SystemExit, match="grid-points table"):
         grid_check.edge_runs(pd.DataFrame({"lr": [1e-1]}), grid)
+
+
+def test_untrained_maps_measures_each_seed_and_summarises(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    script = load_script("untrained_maps")
+    out = tmp_path / "untrained.csv"
+    script.main(["--backbones", "tiny-random", "--probes", "ep16", "--seeds", "0", "1", "--images", "12", "--fast",
+                 "--out", str(out)])  # fmt: skip
+    table = pd.read_csv(out)
+    assert table["init_seed"].tolist() == [0, 1] and (table["images"] == 12).all()
+    assert (table["baseline"] == "untrained probe").all() and (table["predictors"] == 16).all()
+    assert table["maxboxacc_v2"].between(table["maxboxacc_v2_min"], table["maxboxacc_v2_max"]).all()
+    summary = script.summary(table)
+    assert len(summary) == 1 and summary.loc[0, "seeds"] == 2
+    assert summary.loc[0, "maxboxacc_v2"] == pytest.approx(table["maxboxacc_v2"].mean())
+    assert "written:" in capsys.readouterr().out

@@ -27,7 +27,8 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
   :func:`attention_agreement`, :func:`attribution_vs_attention`: captum Integrated Gradients on the
   patch tokens, compared with the attention maps.
 * :func:`localization_baselines` / :func:`matched_entropy_baselines`: the localization scores of
-  trivial maps (uniform, a centred prior, random maps of matched entropy), the chance lines.
+  trivial maps (uniform, a centred prior, random maps of matched entropy), the chance lines;
+  :func:`untrained_probe_baselines`: those of freshly initialised probes on the same tokens.
 * :func:`spearman` / :func:`row_spearman`: the rank correlation used throughout.
 """
 
@@ -52,6 +53,7 @@ from epviz.analysis.baselines import (
     matched_entropy_baselines,
     matched_entropy_maps,
     uniform_maps,
+    untrained_probe_baselines,
 )
 from epviz.analysis.controls import (
     CONTROL_COLUMNS,
@@ -157,4 +159,5 @@ __all__ = [
     "uniform_effect",
     "uniform_maps",
     "unregister_meter",
+    "untrained_probe_baselines",
 ]

@@ -21,6 +21,13 @@ measures of :mod:`epviz.analysis.localization` on the same GT boxes (definitions
   reads its argmax, so both barely depend on the temperature: the entropy matters mostly for the
   in-box mass and for reading the maps side by side.
 
+A fourth reference is not a map but a probe: **untrained probe**, the same probe family freshly
+initialised (several seeds), its maps on the same tokens. It says what the tokens alone give a
+probe's maps before any training. Because MaxBoxAccV2 min-max normalises each map, a map that is
+uniform to five decimals still has an order of values, and where that order follows the object the
+untrained map scores well: on the zoo's random-init backbone an untrained EP16 scores as well as the
+trained one (README, findings, "Before training"). :func:`untrained_probe_baselines` measures it.
+
 :func:`localization_baselines` scores the three maps at once (they are three "predictors" of one
 pass of :func:`~epviz.analysis.localization.localization_from_maps`) and returns one row per
 baseline; :func:`matched_entropy_baselines` gives the entropy-matched baseline of every probe of a
@@ -36,10 +43,13 @@ import numpy as np
 import pandas as pd
 
 from epviz.analysis.boxes import box_source
-from epviz.analysis.entropy import map_entropy
-from epviz.analysis.localization import DELTAS, localization_from_maps
+from epviz.analysis.entropy import Entropy, map_entropy
+from epviz.analysis.localization import DELTAS, Localization, localization_from_maps
+from epviz.analysis.measure import measure
 from epviz.data import GroundTruthBoxes, ImageDataset
+from epviz.probes import build
 from epviz.tables import context_columns, frame
+from epviz.tokens import TokenSet
 
 __all__ = [
     "BASELINES",
@@ -47,17 +57,20 @@ __all__ = [
     "MATCHED",
     "SIGMA_FRACTION",
     "UNIFORM",
+    "UNTRAINED",
     "centre_prior_maps",
     "localization_baselines",
     "matched_entropy_baselines",
     "matched_entropy_maps",
     "temperature_for_entropy",
     "uniform_maps",
+    "untrained_probe_baselines",
 ]
 
 UNIFORM = "uniform"
 CENTRE_PRIOR = "centre prior"
 MATCHED = "random, matched entropy"
+UNTRAINED = "untrained probe"
 BASELINES = (UNIFORM, CENTRE_PRIOR, MATCHED)
 SIGMA_FRACTION = 0.25
 _LOG_T_RANGE = (-12.0, 12.0)  # bisection bracket of log T
@@ -301,3 +314,69 @@ def matched_entropy_baselines(
     summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention).assign(baseline=MATCHED)
     keys = pd.DataFrame(params)
     return pd.concat([keys[by], summary, keys.drop(columns=by)], axis=1)
+
+
+def untrained_probe_baselines(
+    probe: str,
+    tokens: TokenSet,
+    dataset,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    image_size: int | Sequence[int] | None = None,
+    index: Sequence[int] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+    convention: str = "epviz",
+    deltas: Sequence[float] = DELTAS,
+    context: Mapping | None = None,
+    batch_size: int = 64,
+    **options,
+) -> pd.DataFrame:
+    """The localization of freshly initialised probes' maps on `tokens`: what a probe shows before training.
+
+    Args:
+        probe: A registered attentive probe name (e.g. ``"ep16"``), built as :func:`epviz.probes.build` does.
+        tokens: The tokens the trained probe is measured on (same backbone, block and images).
+        dataset: Their dataset with GT boxes.
+        seeds: Initialisation seeds, one row each.
+        image_size: Image (height, width) or side; default the dataset's ``image_size``.
+        index: Images to measure (default all), e.g. the trained probe's ``localization_index``.
+        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01): pass the trained probe's own.
+        convention: MaxBoxAccV2 convention, "epviz" or "wsol": the trained probe's own.
+        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        context: Values of the context columns (backbone, layer, probe, seed).
+        batch_size: Images per batch.
+        **options: Build options of the probe (e.g. ``num_queries``).
+
+    Returns:
+        One row per seed: ``baseline`` ("untrained probe"), ``init_seed``, the means over the probe's
+        predictors of ``maxboxacc_v2``, ``inbox_mass``, ``pointing`` and ``entropy_norm``, the lowest and
+        highest predictor's MaxBoxAccV2 (``maxboxacc_v2_min`` / ``_max``), ``chance_mass`` and ``predictors``.
+
+    Raises:
+        ValueError: No seeds, or a probe without attention predictors.
+    """
+    if not len(seeds):
+        raise ValueError("untrained_probe_baselines needs at least one seed, e.g. seeds=(0, 1, 2)")
+    num_classes = int(tokens.num_classes or 1)
+    rows = []
+    for seed in seeds:
+        fresh = build(probe, tokens.dim, max(num_classes, 2), seed=int(seed), **options)
+        if fresh.num_predictors == 0:
+            raise ValueError(f"probe {probe!r} has no attention predictors: there are no maps to measure")
+        meters = [Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention), Entropy()]
+        table = measure(fresh, tokens, dataset, meters, index=index, batch_size=batch_size)
+        rows.append(
+            {
+                "baseline": UNTRAINED,
+                "init_seed": int(seed),
+                "maxboxacc_v2": float(table["maxboxacc_v2"].mean()),
+                "maxboxacc_v2_min": float(table["maxboxacc_v2"].min()),
+                "maxboxacc_v2_max": float(table["maxboxacc_v2"].max()),
+                "inbox_mass": float(table["inbox_mass"].mean()),
+                "chance_mass": float(table["chance_mass"].mean()),
+                "pointing": float(table["pointing"].mean()),
+                "entropy_norm": float(table["entropy_norm"].mean()),
+                "predictors": len(table),
+            }
+        )
+    return frame(rows, context_columns(context), columns=list(rows[0]))

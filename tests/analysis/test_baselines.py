@@ -153,3 +153,32 @@ def test_matched_entropy_baselines_one_row_per_probe_with_its_mean_entropy():
 
 def test_uniform_maps_shape():
     assert np.allclose(uniform_maps(2, 5), 0.2) and uniform_maps(2, 5).shape == (2, 5)
+
+
+def test_an_untrained_probe_localizes_where_the_tokens_set_the_object_apart():
+    """Maps uniform to three decimals still have an order; MaxBoxAccV2 reads only that order."""
+    from epviz.analysis.baselines import UNTRAINED, untrained_probe_baselines
+    from epviz.tokens import TokenSet
+
+    rng = np.random.default_rng(0)
+    n, direction = 24, rng.normal(size=32)
+    patch = 0.05 * rng.normal(size=(n, 16, 32))
+    patch[:, :4] += direction  # the first grid row, the box, stands apart along one direction
+    tokens = TokenSet(
+        patch=patch.astype(np.float32), prefix=patch[:, :1].astype(np.float32), labels=np.arange(n) % 3, grid=(4, 4)
+    )
+    boxes = [np.array([0, 0, 32, 8])] * n
+    table = untrained_probe_baselines("ep16", tokens, boxes, image_size=32, seeds=(0, 1), thresholds=STEP)
+    assert table["baseline"].tolist() == [UNTRAINED] * 2 and table["init_seed"].tolist() == [0, 1]
+    assert (table["predictors"] == 16).all()
+    assert (table["entropy_norm"] > 0.999).all(), "the untrained maps are near uniform"
+    assert np.allclose(table["inbox_mass"], table["chance_mass"], atol=0.01), "and put chance mass in the box"
+    # yet every query whose key faces the object's direction boxes it exactly, the others never do
+    assert (table["maxboxacc_v2_max"] == 1).all() and (table["maxboxacc_v2_min"] == 0).all()
+    assert table["maxboxacc_v2"].between(0.2, 0.8).all()
+    again = untrained_probe_baselines("ep16", tokens, boxes, image_size=32, seeds=(0, 1), thresholds=STEP)
+    pd.testing.assert_frame_equal(table, again)
+    with pytest.raises(ValueError, match="no attention predictors"):
+        untrained_probe_baselines("cls", tokens, boxes, image_size=32, seeds=(0,))
+    with pytest.raises(ValueError, match="at least one seed"):
+        untrained_probe_baselines("ep16", tokens, boxes, image_size=32, seeds=())
