@@ -36,6 +36,7 @@ from epviz.atomic import atomic_write_text
 __all__ = [
     "PACKAGES",
     "SIDECAR_FIELDS",
+    "compute",
     "git_commit",
     "git_dirty",
     "jsonable",
@@ -108,6 +109,18 @@ def _versions() -> tuple[tuple[str, str | None], ...]:
         except importlib.metadata.PackageNotFoundError:
             out.append((name, None))
     return tuple(out)
+
+
+def compute() -> dict[str, Any]:
+    """Where this process computes: the torch device it would pick, torch's CPU threads and the CPU count.
+
+    On CPU the order of floating-point sums follows the thread count, so a rerun with another count can
+    move a probe's accuracy by about the validation noise (README, "Checking the grid's choice").
+    """
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -324,7 +337,7 @@ def sidecar(
             ``images``, any other JSON-able entry); it takes precedence.
 
     Returns:
-        figure, created (UTC), commit, dirty, versions, files, the five :data:`SIDECAR_FIELDS` (None where
+        figure, created (UTC), commit, dirty, versions, compute (see :func:`compute`), files, the five :data:`SIDECAR_FIELDS` (None where
         nothing is known), sources (where each of them came from) and the caller's other entries.
     """
     given = dict(provenance or {})
@@ -335,6 +348,7 @@ def sidecar(
         "commit": git_commit(),
         "dirty": git_dirty(),
         "versions": package_versions(),
+        "compute": compute(),
         "files": {kind: {"name": Path(p).name, "sha256": _sha256(Path(p))} for kind, p in (files or {}).items()},
     }
     sources: dict[str, str | None] = {}

@@ -1,6 +1,7 @@
 """Provenance: the commit and versions, what a process used, figure sidecars, and the training logs."""
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -212,6 +213,11 @@ def test_save_figure_writes_a_sidecar_with_commit_versions_and_files(tmp_path):
         doc["figure"] == "fig" and doc["commit"] == provenance.git_commit() and doc["versions"] == provenance.package_versions()
     )
     assert doc["images"] == [4, 2] and doc["setting"] == "fast"
+    import torch
+
+    assert doc["compute"] == {"device": "cpu", "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()} or (
+        torch.cuda.is_available() and doc["compute"]["device"].startswith("cuda")
+    )
     assert doc["seeds"] == [0, 1] and doc["dataset"] == "toy-set", "read off the table's seed and dataset columns"
     assert doc["token_caches"] == ["cache-a"] and doc["probe_caches"] == ["ep-1"], "what the process noted"
     assert doc["sources"] == {

@@ -45,6 +45,8 @@ _FIT_OPTIONS = (
     "label_smoothing",
     "early_stopping",
     "precision",
+    "device",
+    "torch_threads",
     "seed",
 )
 
@@ -160,7 +162,7 @@ def model_card(
     Returns:
         ``probe``, ``backbone``, ``layer``, ``token_cache`` (the token cache folder the training tokens
         came from), ``dataset``, ``train_size``, ``val_size``, ``protocol``, ``fit`` (epochs, batch size,
-        optimizer, lr, weight decay, warm-up, label smoothing, early stopping, precision, seed),
+        optimizer, lr, weight decay, warm-up, label smoothing, early stopping, precision, device, torch threads, seed),
         ``selected_epoch``, ``val_acc`` (at the selected epoch), ``final_val_acc``, ``test_acc``,
         ``tuned`` (for a run tuned on a grid: the chosen ``lr`` and ``weight_decay``, the grid and what it
         was selected on; else None), ``probe_cache`` (its key when it came from the probe cache) and

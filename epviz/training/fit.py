@@ -320,6 +320,7 @@ def fit(
         early_stopping=early_stopping,
         precision=precision,
         device=str(device),
+        torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
         seed=seed,
         train_size=len(train),
         val_size=None if val is None else len(val),

@@ -354,6 +354,7 @@ def fit_grid(
         early_stopping=early_stopping,
         precision=precision,
         device=str(device),
+        torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
         seed=seed,
         train_size=len(train),
         val_size=len(val),

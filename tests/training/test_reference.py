@@ -289,6 +289,7 @@ def test_model_card_of_a_fit_and_of_a_tuned_run(tmp_path):
     assert card["probe"] == "ep" and card["backbone"] == "tiny-mae" and card["layer"] == 5
     assert card["token_cache"] == "tiny-mae-0123abcd" and card["train_size"] == 64 and card["val_size"] == 32
     assert card["protocol"] == result.config["protocol"] and card["fit"]["lr"] == 1e-2 and card["fit"]["epochs"] == 3
+    assert card["fit"]["torch_threads"] == torch.get_num_threads() and card["fit"]["device"] == result.config["device"]
     assert card["selected_epoch"] == result.best_epoch and card["val_acc"] == pytest.approx(result.best_acc)
     assert card["test_acc"] is None and card["tuned"] is None and card["source"] is None
 
