@@ -282,20 +282,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _scores_with_intervals(probe: Any, tokens: Any, args: argparse.Namespace) -> dict[str, float]:
     """Top-1 and top-5 accuracy, each with its bootstrap interval over the images unless ``--n-boot 0``."""
-    import numpy as np
-
     from epviz.analysis.intervals import bootstrap_mean
     from epviz.evaluate import predict
 
     predictions = predict(probe, tokens, batch_size=args.batch_size)
     scores = predictions.accuracy(topk=(1, 5))
     if args.n_boot:
-        k = min(5, predictions.logits.shape[1])
-        top = np.argsort(-predictions.logits, axis=1)[:, :k]
-        hits = {"top1": top[:, 0] == predictions.labels, "top5": (top == predictions.labels[:, None]).any(1)}
-        for name, correct in hits.items():
-            interval = bootstrap_mean(correct, n_boot=args.n_boot, seed=args.seed)
-            scores[f"{name}_lo"], scores[f"{name}_hi"] = interval.lo, interval.hi
+        for k in (1, 5):
+            interval = bootstrap_mean(predictions.hits(k), n_boot=args.n_boot, seed=args.seed)
+            scores[f"top{k}_lo"], scores[f"top{k}_hi"] = interval.lo, interval.hi
     return scores
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "attention_maps",
     "collect_attention",
     "topk_accuracy",
+    "topk_hits",
     "eval_mode",
     "iter_batches",
     "loss_and_accuracy",
@@ -62,6 +63,10 @@ class Predictions:
             ConfigError: A label outside [0, number of classes), or a k that is not a positive integer.
         """
         return topk_accuracy(torch.from_numpy(self.logits), torch.from_numpy(self.labels), topk)
+
+    def hits(self, k: int = 1) -> np.ndarray:
+        """Per sample, whether its label is among the k best logits (what top-k accuracy averages), shape (n,)."""
+        return topk_hits(torch.from_numpy(self.logits), torch.from_numpy(self.labels), k).numpy()
 
     def to_frame(self) -> pd.DataFrame:
         """One row per sample: index, label, pred, correct."""
@@ -133,11 +138,12 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
             f"logits must be (samples, classes) with one row per label; got {tuple(logits.shape)} for {len(labels)} labels"
         )
     check_labels(labels.cpu().numpy() if torch.is_tensor(labels) else labels, int(logits.shape[1]), "the", "the logits")
-    out = {}
-    for k in ks:
-        hits = (logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
-        out[f"top{k}"] = hits.float().mean().item()
-    return out
+    return {f"top{k}": topk_hits(logits, labels, k).float().mean().item() for k in ks}
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per sample, whether its label is among the k best logits (a k beyond the classes counts every sample)."""
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
 
 
 @contextlib.contextmanager

@@ -357,10 +357,10 @@ def untrained_probe_baselines(
     """
     if not len(seeds):
         raise ValueError("untrained_probe_baselines needs at least one seed, e.g. seeds=(0, 1, 2)")
-    num_classes = int(tokens.num_classes or 1)
+    num_classes = max(int(tokens.num_classes or 0), 2)  # the maps do not depend on the classes
     rows = []
     for seed in seeds:
-        fresh = build(probe, tokens.dim, max(num_classes, 2), seed=int(seed), **options)
+        fresh = build(probe, tokens.dim, num_classes, seed=int(seed), **options)
         if fresh.num_predictors == 0:
             raise ValueError(f"probe {probe!r} has no attention predictors: there are no maps to measure")
         meters = [Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention), Entropy()]

@@ -416,23 +416,33 @@ class ExplorerModel:
         """The registered meters' table columns (Δacc, entropy, localization, ...) of the selection's probe, computed once."""
         if data.table is None:
             self._report(0.95, f"measuring the {data.probe.num_predictors} predictors (Δacc, entropy, localization)")
-            splits = self.tokens(sel.backbone, sel.layer)
-            tokens = splits["test"]
-            n_loc = min(len(tokens), self.localization_images)
-            context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
-            full = predictor_table(
-                data.probe,
-                tokens,
-                self.test,
-                context=context,
-                localization_index=range(n_loc),
-                thresholds=self.setting.thresholds,
-                train_tokens=splits.get("train"),  # the mean-map control's mean maps
-                n_boot=0,  # interactive: the intervals of the same measures are notebook 02's
-            )
+            full = self._predictor_table(sel, data.probe, n_boot=0)  # interactive: measured() adds the intervals
             data.table = full[list(table_columns())].reset_index(drop=True)
             self.counts["tables"] += 1
         return data.table
+
+    def _context(self, sel: Selection) -> dict[str, Any]:
+        """The context columns of the selection's rows."""
+        return dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
+
+    def _localization_index(self, sel: Selection) -> range:
+        """The test images of the localization columns: the first ``localization_images``."""
+        return range(min(len(self.tokens(sel.backbone, sel.layer)["test"]), self.localization_images))
+
+    def _predictor_table(self, sel: Selection, probe: Probe, *, n_boot: int, level: float = LEVEL) -> pd.DataFrame:
+        """:func:`~epviz.analysis.report.predictor_table` of `probe` on the selection's test tokens."""
+        splits = self.tokens(sel.backbone, sel.layer)
+        return predictor_table(
+            probe,
+            splits["test"],
+            self.test,
+            context=self._context(sel),
+            localization_index=self._localization_index(sel),
+            thresholds=self.setting.thresholds,
+            train_tokens=splits.get("train"),  # the mean-map control's mean maps
+            n_boot=n_boot,
+            level=level,
+        )
 
     def measured(self, sel: Selection, *, n_boot: int = N_BOOT, level: float = LEVEL) -> tuple[pd.DataFrame, pd.DataFrame]:
         """The selection's probe measured as in notebook 02: every measure with its interval, beside chance.
@@ -464,30 +474,16 @@ class ExplorerModel:
             )
         key = (int(n_boot), float(level))
         if key not in data.measured:
-            splits = self.tokens(sel.backbone, sel.layer)
-            tokens = splits["test"]
-            n_loc = min(len(tokens), self.localization_images)
-            context = dict(backbone=sel.backbone, layer=self.block(sel.backbone, sel.layer), probe=sel.probe, seed=self.seed)
             self._report(0.95, f"measuring the {data.probe.num_predictors} predictors with {n_boot} bootstrap resamples")
-            table = predictor_table(
-                data.probe,
-                tokens,
-                self.test,
-                context=context,
-                localization_index=range(n_loc),
-                thresholds=self.setting.thresholds,
-                train_tokens=splits.get("train"),
-                n_boot=int(n_boot),
-                level=float(level),
-            )
+            table = self._predictor_table(sel, data.probe, n_boot=int(n_boot), level=float(level))
             chance = localization_baselines(
                 self.test,
-                tokens.grid,
+                self.tokens(sel.backbone, sel.layer)["test"].grid,
                 target_entropy=float(table["entropy_norm"].mean()),
                 seed=self.seed,
-                index=range(n_loc),
+                index=self._localization_index(sel),
                 thresholds=self.setting.thresholds,
-                context=context,
+                context=self._context(sel),
             )
             data.measured[key] = (table, chance)
             self._report(1.0, "measured")
