@@ -1,9 +1,21 @@
-"""The ipywidgets view of the Explorer: one widget per choice, the figure, the table, an error line."""
+"""The ipywidgets view of the Explorer: one widget per choice, the figure, the table, an error line.
+
+The kernel may start a widget callback before the previous one has returned (seen with ipykernel 7
+under load: a second quick choice began computing while the first was still drawing), so two choices
+can compute at once and the older one could draw last. Redraws are therefore serialised and the last
+choice wins: each refresh takes a ticket, computes under a lock, and is dropped unless its ticket is
+still the newest when it is done. The page reports what it shows in the status line's ``data-``
+attributes (a redraw counter, the selection and the error), which tests wait on instead of on time.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
+import itertools
+import json
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -58,7 +70,12 @@ class Explorer:
         self.width = width
         self.state: ExplorerState | None = None
         self.png = b""
-        self._syncing = False
+        self.redraws = 0
+        self._local = threading.local()  # per thread: whether its own widget updates are being made
+        self._redraw = threading.RLock()
+        self._redraw_ticket_lock = threading.Lock()
+        self._tickets = itertools.count(1)
+        self._newest = 0
         probe = "ep" if "ep" in self.model.specs else next(iter(self.model.specs))
         start = Selection(backbone=self.model.backbone_names[0], probe=probe)
         start = start.replace(**dict(selection or {}))
@@ -172,19 +189,37 @@ class Explorer:
             return self.model.measured(sel, n_boot=n_boot, level=level)
 
     def refresh(self) -> ExplorerState:
-        """Compute the state of the current widget values and show it."""
-        start, counts = time.perf_counter(), dict(self.model.counts)
-        with self.widgets["log"]:
-            state = self.model.state(self.selection)
-            for _ in range(3):  # choices adapted to the new state (e.g. fewer predictors) may move a value
-                self._sync(state)
-                if self.selection == state.selection:
-                    break
+        """Compute the state of the current widget values and show it, unless a newer choice came meanwhile.
+
+        A refresh overtaken by a newer one (a quicker second choice) returns its state without showing it:
+        the newer refresh, which reads the widgets after this one is done, draws.
+        """
+        ticket = self._new_ticket()
+        with self._redraw:
+            start, counts = time.perf_counter(), dict(self.model.counts)
+            with self.widgets["log"]:
                 state = self.model.state(self.selection)
-        if _in_kernel():
-            self.widgets["log"].clear_output()  # the finished extraction bars are closed widgets
-        self._show(state, start, "computed" if self.model.counts != counts else "updated")
-        return state
+                for _ in range(3):  # choices adapted to the new state (e.g. fewer predictors) may move a value
+                    self._sync(state)
+                    if self.selection == state.selection:
+                        break
+                    state = self.model.state(self.selection)
+            if ticket != self._newest:
+                return state  # stale: a newer choice is waiting for the lock and will draw
+            if _in_kernel():
+                self.widgets["log"].clear_output()  # the finished extraction bars are closed widgets
+            self._show(state, start, "computed" if self.model.counts != counts else "updated")
+            return state
+
+    def _new_ticket(self) -> int:
+        with self._redraw_ticket_lock:
+            self._newest = next(self._tickets)
+            return self._newest
+
+    @property
+    def _syncing(self) -> bool:
+        """Whether this thread is making its own widget updates (their change events are not choices)."""
+        return getattr(self._local, "syncing", False)
 
     def _changed(self, change) -> None:
         if self._syncing:
@@ -196,11 +231,11 @@ class Explorer:
 
     @contextlib.contextmanager
     def _quiet(self) -> Iterator[None]:
-        was, self._syncing = self._syncing, True
+        was, self._local.syncing = self._syncing, True
         try:
             yield
         finally:
-            self._syncing = was
+            self._local.syncing = was
 
     def _sync(self, state: ExplorerState) -> None:
         """Adapt the choices of the widgets to the state (block count, predictors, images)."""
@@ -243,8 +278,10 @@ class Explorer:
         ws["labels"].value = _labels_html(state)
         ws["progress"].value = 1.0
         ws["progress"].bar_style = "danger" if state.error else "success"
-        ws["status"].value = f"<span style='font-size:12px'>{verb} in {(time.perf_counter() - start) * 1000:.0f} ms</span>"
         ws["error"].value = _error_html(state.error) if state.error else ""
+        self.redraws += 1
+        took = f"{verb} in {(time.perf_counter() - start) * 1000:.0f} ms"
+        ws["status"].value = _status_html(took, self.redraws, state)  # last: it tells the page the redraw is complete
 
 
 def _in_kernel() -> bool:
@@ -269,9 +306,16 @@ def _set_range(slider, lo: int, hi: int) -> None:
 
 
 def _escape(text: object) -> str:
-    import html
-
     return html.escape(str(text))
+
+
+def _status_html(text: str, redraws: int, state: ExplorerState) -> str:
+    """The status line, carrying what is shown as ``data-`` attributes for tests and scripts to wait on."""
+    shown = json.dumps(dataclasses.asdict(state.selection), default=str)
+    return (
+        f"<span class='epviz-explorer-state' data-redraws='{redraws}' data-selection='{html.escape(shown)}' "
+        f"data-error='{html.escape(state.error)}' style='font-size:12px'>{html.escape(text)}</span>"
+    )
 
 
 def _error_html(message: str) -> str:

@@ -3,7 +3,10 @@
 A small notebook that builds an Explorer on tiny-mae (small sets, a 2-epoch budget, a private
 token cache) is opened in JupyterLab and run; then the "view" dropdown is changed in the page
 and the rendered map must change (screenshot comparison), and choosing linear probing on
-[CLS] with a per-query view must show the error line. Screenshots are kept in
+[CLS] right after a per-query view (two quick choices) must show the error line and no table.
+Every step waits on the state the page reports (the status line's ``data-redraws``,
+``data-selection`` and ``data-error``), never on time; ``scripts/explorer_stress.py`` runs this
+test many times beside CPU-burning processes. Screenshots are kept in
 ``figures/explorer/`` as test artefacts.
 
 Skipped where Playwright or Chromium (Debian package ``chromium``, ``make test`` installs it
@@ -151,6 +154,24 @@ def _image_array(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
 
 
+_SHOWN = """([after, want]) => {
+    const el = document.querySelector('.epviz-explorer-state');
+    if (!el || Number(el.dataset.redraws) <= after) return false;
+    const shown = JSON.parse(el.dataset.selection);
+    return Object.entries(want).every(([key, value]) => shown[key] === value);
+}"""
+
+
+def _redraws(page) -> int:
+    """How many redraws the Explorer on the page has completed (0 before the first)."""
+    return int(page.locator(".epviz-explorer-state").get_attribute("data-redraws") or 0)
+
+
+def _wait_shown(page, after: int, **want) -> None:
+    """Wait until a redraw newer than `after` shows a selection with the `want` values."""
+    page.wait_for_function(_SHOWN, arg=[after, want], timeout=RUN_TIMEOUT)
+
+
 def _keep(src: Path, dest: Path) -> Path:
     from epviz.atomic import atomic_write
 
@@ -179,6 +200,7 @@ def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_erro
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
             figure = page.locator("img.epviz-explorer-figure")
+            _wait_shown(page, 0)
             figure.wait_for(state="visible", timeout=RUN_TIMEOUT)
             expect(page.locator(".epviz-explorer-labels")).to_contain_text("predicted", timeout=RUN_TIMEOUT)
             figure.scroll_into_view_if_needed()
@@ -187,8 +209,9 @@ def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_erro
             out["before"] = shots / "before.png"
             page.locator(".epviz-explorer").screenshot(path=shots / "page.png")
             out["page"] = shots / "page.png"
-            src = figure.get_attribute("src")
+            src, drawn = figure.get_attribute("src"), _redraws(page)
             page.locator(".epviz-explorer-view select").select_option("all queries")
+            _wait_shown(page, drawn, view="all queries")
             page.wait_for_function(
                 "old => document.querySelector('img.epviz-explorer-figure').src !== old", arg=src, timeout=RUN_TIMEOUT
             )
@@ -196,13 +219,15 @@ def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_erro
             figure.screenshot(path=shots / "after.png")
             out["after"] = shots / "after.png"
             if check_error:
+                drawn = _redraws(page)
                 page.locator(".epviz-explorer-view select").select_option("one query")
-                src = figure.get_attribute("src")
-                page.locator(".epviz-explorer-probe select").select_option("cls")
+                page.locator(".epviz-explorer-probe select").select_option("cls")  # the second choice, at once
+                _wait_shown(page, drawn, view="one query", probe="cls")
+                state = page.locator(".epviz-explorer-state")
+                assert "no attention predictors" in (state.get_attribute("data-error") or ""), state.get_attribute("data-error")
                 expect(page.locator(".epviz-explorer-error")).to_contain_text("no attention predictors", timeout=RUN_TIMEOUT)
-                expect(page.locator(".epviz-explorer-table")).to_have_text("")
-                page.wait_for_function("old => document.querySelector('img.epviz-explorer-figure').src !== old", arg=src)
-                page.wait_for_timeout(500)
+                expect(page.locator(".epviz-explorer-table")).to_have_text("", timeout=RUN_TIMEOUT)
+                expect(page.locator(".epviz-explorer-labels")).to_contain_text("predicted", timeout=RUN_TIMEOUT)
                 page.locator(".epviz-explorer").screenshot(path=shots / "error.png")
                 out["error"] = shots / "error.png"
         finally:

@@ -232,3 +232,32 @@ def test_measured_refuses_a_probe_without_maps_and_no_resamples(start):
     start.set(probe="cls", view="image only")
     with pytest.raises(ValueError, match="no attention predictors"):
         start.measured(n_boot=10)
+
+
+def test_a_quicker_second_choice_wins_over_a_slow_first(start, monkeypatch):
+    """Two choices computing at once (as the kernel may run them): the later one is what stays shown."""
+    import threading
+
+    state_of, first_computing, second_done = start.model.state, threading.Event(), threading.Event()
+
+    def slow_for_the_first(sel):
+        if sel.probe == "ep" and sel.view == "all queries":
+            first_computing.set()
+            second_done.wait(timeout=2.0)  # the first choice is still computing when the second comes
+        return state_of(sel)
+
+    monkeypatch.setattr(start.model, "state", slow_for_the_first)
+    drawn = start.redraws
+    first = threading.Thread(target=lambda: setattr(start.widgets["view"], "value", "all queries"))
+    first.start()
+    assert first_computing.wait(timeout=30)
+    start.widgets["probe"].value = "cls"
+    second_done.set()
+    first.join(timeout=30)
+    assert not first.is_alive()
+    assert start.state.selection.probe == "cls" and start.state.selection.view == "all queries"
+    assert "no attention predictors" in start.state.error and "no attention predictors" in start.widgets["error"].value
+    assert start.widgets["table"].value == ""
+    assert start.redraws == drawn + 1, "the overtaken first choice must not draw"
+    status = start.widgets["status"].value
+    assert f"data-redraws='{start.redraws}'" in status and "&quot;probe&quot;: &quot;cls&quot;" in status
