@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from epviz.backbones import presets, zoo
 from epviz.errors import ConfigError, WeightsError
 from epviz.runtime import resolve_device
-from epviz.safe_load import is_torch_checkpoint, strip_ansi, unsafe_globals
+from epviz.safe_load import check_archive, check_weights, is_torch_checkpoint, strip_ansi, torch_errors, unsafe_globals
 
 __all__ = [
     "Backbone",
@@ -44,7 +44,6 @@ __all__ = [
     "HubUnavailable",
     "available_backbones",
     "present_backbones",
-    "check_finite_weights",
     "check_weights_fit",
 ]
 
@@ -267,6 +266,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     """
     if not path.is_file():
         raise BackboneError(f"weights file {path} does not exist")
+    if path.suffix != ".safetensors":
+        check_archive(path, error=BackboneError)  # before torch.load inflates what the records declare
     state: object
     try:
         if path.suffix == ".safetensors":
@@ -306,35 +307,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneError(f"{path} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def check_finite_weights(state: Mapping[str, torch.Tensor], path: str | Path, error: type[WeightsError] = WeightsError) -> None:
-    """Refuse weights holding NaN or inf: they would turn every token (and every prediction) into NaN.
-
-    Args:
-        state: The state dict read from `path`.
-        path: The file, for the message.
-        error: The WeightsError subclass to raise.
-
-    Raises:
-        WeightsError: Names the first tensor with NaN or inf values, how many it holds, and the total.
-    """
-    bad: list[tuple[str, int, int]] = []
-    for key, value in state.items():
-        if not (value.is_floating_point() or value.is_complex()) or not value.numel():
-            continue
-        count = int((~torch.isfinite(value)).sum())
-        if count:
-            bad.append((key, count, value.numel()))
-    if bad:
-        key, count, size = bad[0]
-        total = sum(c for _, c, _ in bad)
-        more = f"; {len(bad)} tensors hold {total} such values in all" if len(bad) > 1 else ""
-        raise error(
-            f"{path}: tensor {key!r} holds {count} NaN or inf values (of {size}){more}. Weights like these turn every "
-            "token into NaN (storing tokens as float32 would not help); the file is damaged or comes from a diverged "
-            "training run: download or export it again"
-        )
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -501,8 +473,9 @@ def load_backbone(
             :mod:`epviz.presets` ("mae-vit-b"), or any of these but the zoo's followed by
             ":random" for seeded random weights ("test_vit:random").
         weights: A local .safetensors or torch checkpoint to load instead of hub weights. Its
-            keys and shapes must fit the architecture exactly and its values must be finite;
-            a torch checkpoint may hold tensors only (no pickled objects).
+            keys and shapes must fit the architecture exactly, its tensors must be dense (no
+            stride-0 expansions) and its values finite; a torch checkpoint may hold tensors only (no
+            pickled objects) and its zip records may not be compressed (see :mod:`epviz.safe_load`).
         pretrained: Load pretrained hub weights (ignored with `weights`); False gives a
             randomly initialised timm model (architecture checks, tests).
         device: Where the model lives; None picks CUDA when present, else CPU.
@@ -510,7 +483,8 @@ def load_backbone(
 
     Raises:
         BackboneError: Unknown name (with close matches), missing or unreadable weights file, a
-            checkpoint holding pickled objects, weights that do not fit the architecture or hold NaN/inf.
+            checkpoint holding pickled objects or compressed records, weights that do not fit the
+            architecture, are not dense or hold NaN/inf, or torch failing (out of memory) while loading them.
         HubUnavailable: Hub weights requested, not cached, hub not reachable.
         ConfigError: `name` is not a string.
     """
@@ -527,7 +501,8 @@ def load_backbone(
     if weights is not None:
         path = Path(weights)
         state = _read_weights(path)
-        model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+        with torch_errors(path, f"building {name} for its weights", error=BackboneError):
+            model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
         expected = model.state_dict()
         state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.")) or k in expected}
         check_weights_fit(
@@ -541,9 +516,12 @@ def load_backbone(
                 "depth, and its img_size); epviz does not resample or drop weights."
             ),
         )
-        check_finite_weights(state, path, error=BackboneError)
-        model.load_state_dict(state, strict=True)
-        return _move(_describe_model(model, name, zoo.file_sha256(path), {"weights": str(path)}), dev)
+        check_weights(state, path, error=BackboneError)
+        with torch_errors(path, f"loading its weights into {name}", error=BackboneError):
+            model.load_state_dict(state, strict=True)
+        backbone = _describe_model(model, name, zoo.file_sha256(path), {"weights": str(path)})
+        with torch_errors(path, f"placing {name} on {dev}", error=BackboneError):
+            return _move(backbone, dev)
     if not pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -567,7 +545,10 @@ def load_backbone(
         model = timm.create_model(name, pretrained=True, num_classes=0, **timm_kwargs)
         cached = _cached_hub_file(cfg) or ""
     else:
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}, **timm_kwargs)
+        with torch_errors(cached, f"loading the cached hub weights of {name}", error=BackboneError):
+            model = timm.create_model(
+                name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": cached}, **timm_kwargs
+            )
     weights_id = zoo.file_sha256(Path(cached)) if cached else _state_hash(model)
     return _move(
         _describe_model(

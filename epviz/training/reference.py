@@ -46,12 +46,24 @@ import torch
 
 from epviz._version import __version__
 from epviz.atomic import atomic_write
-from epviz.backbones.loader import check_finite_weights, check_weights_fit
+from epviz.backbones.loader import check_weights_fit
 from epviz.errors import ConfigError, WeightsError
 from epviz.probes import Probe, build
 from epviz.provenance import jsonable
 from epviz.runtime import resolve_device
-from epviz.safe_load import is_torch_checkpoint, unsafe_globals
+from epviz.safe_load import (
+    MAX_PARAMETERS,
+    MAX_SIZE,
+    check_archive,
+    check_nesting,
+    check_weights,
+    config_int,
+    config_number,
+    is_torch_checkpoint,
+    read_json,
+    torch_errors,
+    unsafe_globals,
+)
 
 __all__ = ["REFERENCE", "RELEASE_CONFIG", "RELEASE_FILE", "load_reference_head", "save_reference_head"]
 
@@ -132,27 +144,41 @@ def load_reference_head(
             ``grid`` build options; other entries are recorded in the source meta.
         device: Where to place the probe.
 
+    What the files declare is checked before anything is built (see :mod:`epviz.safe_load`): the
+    checkpoint's zip records, then the head's tensors (dense as stored, at most
+    :data:`~epviz.safe_load.MAX_PARAMETERS` values, finite, BatchNorm running variances not negative),
+    then the numbers of the metadata (JSON integers, in range, equal to what the tensors say).
+
     Raises:
         FileNotFoundError: No such file, or a folder without a head file.
         WeightsError: The file cannot be read, needs pickled objects other than the run arguments (the
-            message names them), holds a head of another pooling, or its shapes, arguments or values
-            do not make an EP or linear head.
+            message names them), holds a head of another pooling, its tensors are expanded views, hold NaN,
+            inf or a negative running variance, its shapes or run arguments do not make an EP or linear
+            head, or torch fails (out of memory) building the probe.
+        ConfigError: ``config.json`` or `config` is not a readable JSON object (at most 10 MiB, 64 deep), states
+            a number as a string, a boolean or out of range, contradicts the tensors (``ep_queries``, ``d_out``,
+            ``num_classes``/``nb_classes``, ``dim``), or ``config.json`` and the checkpoint's meta give one number
+            two values. The message names the file, the field, both values and the fix.
     """
     file = _head_file(Path(path))
     loaded = _read(file)
     state, info = _unpack(loaded, file)
-    meta = dict(info.pop("meta"))
+    docs: list[tuple[str, Mapping[str, Any], bool]] = [(f"{file} (its meta)", info.pop("meta"), True)]
     beside = file.with_name(RELEASE_CONFIG)
     if beside.is_file() and beside != file:
-        meta.update(_read_json(beside))
-    if config is not None:
-        meta.update(_read_json(Path(config)) if isinstance(config, (str, os.PathLike)) else dict(config))
+        docs.append((str(beside), _read_json(beside), True))
+    if isinstance(config, (str, os.PathLike)):
+        docs.append((str(config), _read_json(Path(config)), False))
+    elif config is not None:
+        docs.append(("the config= argument", dict(config), False))
     args = info.get("args") or {}
     state = _head_state(state, info.pop("saved_module", None), file)
+    check_weights(state, file, max_parameters=MAX_PARAMETERS)  # dense, bounded, finite: before any value is read
     kind, shapes = _recognise(state, file)
-    method = meta.get("cls_features", args.get("cls_features"))
-    name = _probe_name(method, kind, file)
     _check_args(args, shapes, file)
+    meta, said_by = _check_meta(docs, shapes, file)
+    method = meta.get("cls_features", args.get("cls_features"))
+    name = _probe_name(method, kind, file, said_by.get("cls_features", f"{file}: its args"))
     options: dict[str, Any] = {}
     if kind == "ep":
         options.update(num_queries=shapes["queries"], d_out=shapes["d_out"])
@@ -161,33 +187,40 @@ def load_reference_head(
         options["prefix"] = meta.get("prefix") or ("mean" if timm else "first")
     if meta.get("grid") is not None:
         options["grid"] = meta["grid"]
+    described = f"an epviz '{name}' probe with D={shapes['dim']}, C={shapes['classes']}"
     try:
-        probe = build(name, shapes["dim"], shapes["classes"], **options)
+        with torch_errors(file, f"building {described}"):
+            probe = build(name, shapes["dim"], shapes["classes"], **options)
     except (TypeError, ValueError) as err:
-        raise WeightsError(f"{file}: its head does not make an epviz '{name}' probe ({err})") from None
-    weights = _to_epviz(state, kind, shapes)
+        given = sorted({said_by[k] for k in ("prefix", "grid", "loader") if k in said_by})
+        origin = f"; the options {options} come from {' and '.join(given)}" if given else ""
+        raise WeightsError(f"{file}: its head does not make an epviz '{name}' probe ({err}){origin}") from None
+    with torch_errors(file, f"converting its head into {described}"):
+        weights = _to_epviz(state, kind, shapes)
     check_weights_fit(
         weights,
         probe.state_dict(),
         file,
-        f"an epviz '{name}' probe with D={shapes['dim']}, C={shapes['classes']}",
+        described,
         fix="The file is damaged or holds another pooling's head: export the head again.",
     )
-    check_finite_weights(weights, file)
-    probe.load_state_dict(weights)
-    probe.config["source"] = jsonable(
-        {
-            "format": REFERENCE,
-            "layout": info["layout"],
-            "file": str(file.resolve()),
-            "cls_features": method if method is not None else {"ep": "ep", "lp": "cls"}[kind],
-            "epoch": info.get("epoch", meta.get("head_epoch")),
-            "val_acc1": info.get("val_acc1", meta.get("val_acc1_at_head_epoch")),
-            "meta": {k: v for k, v in meta.items() if k not in ("prefix", "grid")},
-            "args": {k: args[k] for k in _ARGS_KEPT if k in args},
-        }
-    )
-    return probe.to(resolve_device(device)).eval()
+    with torch_errors(file, f"loading its head into {described}"):
+        probe.load_state_dict(weights)
+    record = {
+        "format": REFERENCE,
+        "layout": info["layout"],
+        "file": str(file.resolve()),
+        "cls_features": method if method is not None else {"ep": "ep", "lp": "cls"}[kind],
+        "epoch": info.get("epoch", meta.get("head_epoch")),
+        "val_acc1": info.get("val_acc1", meta.get("val_acc1_at_head_epoch")),
+        "meta": {k: v for k, v in meta.items() if k not in ("prefix", "grid")},
+        "args": {k: args[k] for k in _ARGS_KEPT if k in args},
+    }
+    check_nesting(record, str(file), "a head's metadata", "The file is damaged: export the head again.", error=WeightsError)
+    probe.config["source"] = jsonable(record)
+    target = resolve_device(device)
+    with torch_errors(file, f"placing the probe on {target}"):
+        return probe.to(target).eval()
 
 
 def save_reference_head(probe: Probe, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None) -> Path:
@@ -277,6 +310,7 @@ def _head_file(path: Path) -> Path:
 
 def _read(path: Path) -> object:
     """The unpickled file, allowing plain containers, tensors and the run arguments only."""
+    check_archive(path)  # before torch.load inflates what the records declare
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -377,7 +411,7 @@ def _recognise(state: Mapping[str, torch.Tensor], path: Path) -> tuple[str, dict
                 f"running_mean {tuple(mean.shape)}, classifier {tuple(w.shape)} + {tuple(b.shape)}); expected (1, M, D), "
                 "(D/d_out, D), (D/d_out,), (C, D/d_out) + (C,). The file is damaged"
             )
-        return "ep", {"dim": int(dim), "classes": int(classes), "queries": int(m), "d_out": int(dim // width)}
+        return "ep", _bounded({"dim": int(dim), "classes": int(classes), "queries": int(m), "d_out": int(dim // width)}, path)
     if keys == _LP_KEYS:
         mean, var, w, b = state["0.running_mean"], state["0.running_var"], state["1.weight"], state["1.bias"]
         if not (w.ndim == 2 and mean.shape == var.shape == (w.shape[1],) and b.shape == (w.shape[0],)):
@@ -385,7 +419,7 @@ def _recognise(state: Mapping[str, torch.Tensor], path: Path) -> tuple[str, dict
                 f"{path}: the linear head's shapes do not fit together (running_mean {tuple(mean.shape)}, classifier "
                 f"{tuple(w.shape)} + {tuple(b.shape)}); expected (D,), (C, D) + (C,). The file is damaged"
             )
-        return "lp", {"dim": int(w.shape[1]), "classes": int(w.shape[0])}
+        return "lp", _bounded({"dim": int(w.shape[1]), "classes": int(w.shape[0])}, path)
     shown = ", ".join(sorted(keys)[:8]) + (", ..." if len(keys) > 8 else "")
     raise WeightsError(
         f"{path} holds a head with keys [{shown}], neither EP (0.cls_token, 0.v.weight, 1.running_*, 2.weight, 2.bias) "
@@ -394,19 +428,31 @@ def _recognise(state: Mapping[str, torch.Tensor], path: Path) -> tuple[str, dict
     )
 
 
-def _probe_name(method: object, kind: str, path: Path) -> str:
+def _bounded(shapes: dict[str, int], path: Path) -> dict[str, int]:
+    """`shapes`, when each is at most :data:`~epviz.safe_load.MAX_SIZE` (a head's width, classes and queries)."""
+    for key, value in shapes.items():
+        if value > MAX_SIZE:
+            raise WeightsError(
+                f"{path}: its head's {key} is {value:,}, beyond the {MAX_SIZE:,} epviz reads for a probe head; "
+                "the file is damaged or is not a probe head"
+            )
+    return shapes
+
+
+def _probe_name(method: object, kind: str, path: Path, said_by: str) -> str:
+    """The epviz probe of the reference's `method` (stated by `said_by`) for a head of `kind`."""
     if method is None:
         return "ep" if kind == "ep" else "cls"
-    name = _METHODS.get(str(method))
+    name = _METHODS.get(method) if isinstance(method, str) else None
     if name is None:
         raise WeightsError(
-            f"{path}: its cls_features is {method!r}; epviz reads the reference's {', '.join(_METHODS)} heads. "
+            f"{said_by}: cls_features is {method!r}; epviz reads the reference's {', '.join(_METHODS)} heads. "
             "Pass config={'cls_features': ...} if the file's metadata is wrong"
         )
     if (name in ("ep", "ep_all")) != (kind == "ep"):
         held = "an EP" if kind == "ep" else "a linear"
         raise WeightsError(
-            f"{path}: its cls_features says {method!r}, but the state dict holds {held} head; "
+            f"{said_by}: cls_features says {method!r}, but the state dict of {path.name} holds {held} head; "
             "pass config={'cls_features': ...} to say what it is"
         )
     return name
@@ -416,11 +462,14 @@ def _check_args(args: Mapping[str, Any], shapes: Mapping[str, int], path: Path) 
     """Refuse a checkpoint whose run arguments describe another head than its tensors."""
     said = {"ep_queries": "queries", "d_out": "d_out"} if "queries" in shapes else {}
     said["nb_classes"] = "classes"
-    wrong = [
-        f"{arg}={args[arg]} (the tensors say {shapes[key]})"
-        for arg, key in said.items()
-        if isinstance(args.get(arg), int) and args[arg] != shapes[key]
-    ]
+    fix = "The file is damaged or was assembled from two runs: export the head again"
+    wrong = []
+    for arg, key in said.items():
+        if args.get(arg) is None:
+            continue
+        value = config_int(args[arg], f"{path}: its args", arg, fix, error=WeightsError)
+        if value != shapes[key]:
+            wrong.append(f"{arg}={value} (the tensors say {shapes[key]})")
     if wrong:
         raise WeightsError(
             f"{path}: its args describe another head than its state dict: {', '.join(wrong)}. "
@@ -446,15 +495,84 @@ def _to_epviz(state: Mapping[str, torch.Tensor], kind: str, shapes: Mapping[str,
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{path} is not readable JSON ({err}); it should hold the head's metadata (config.json)") from None
-    if not isinstance(doc, dict):
-        raise WeightsError(f"{path} holds a JSON {type(doc).__name__}, not the object of a head's config.json")
-    return doc
+    return read_json(
+        path,
+        what="a head's metadata (config.json)",
+        fix="Pass the config.json released with the head, or config={...} with its entries.",
+    )
+
+
+# The metadata's numbers: (lowest, highest) of each integer, and the tensors' fact it states, where it states one.
+_META_INTS = {
+    "dim": (1, MAX_SIZE),
+    "num_classes": (1, MAX_SIZE),
+    "nb_classes": (1, MAX_SIZE),
+    "ep_queries": (1, MAX_SIZE),
+    "d_out": (1, MAX_SIZE),
+    "image_size": (1, MAX_SIZE),
+    "head_epoch": (0, 10**6),
+}
+_META_FACTS = {"dim": "dim", "num_classes": "classes", "nb_classes": "classes", "ep_queries": "queries", "d_out": "d_out"}
+_META_PERCENTS = ("val_acc1_at_head_epoch", "table_best_acc1")
+
+
+def _check_meta(
+    docs: list[tuple[str, Mapping[str, Any], bool]], shapes: Mapping[str, int], file: Path
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The metadata of `docs` merged in order once its numbers are checked, and which document said each entry.
+
+    Each document is (where, entries, written with the file): the checkpoint's own meta and ``config.json``
+    beside it, then a ``config=`` file or mapping. Every number of :data:`_META_INTS` must be a JSON integer
+    in range, the accuracies finite percentages, ``grid`` two integers; a number stating a fact of the
+    tensors (width, classes, queries, d_out) must state the tensors' value; and the files written with the
+    head may not give one number two values. The reference's exporter writes ``d_out: 1`` for every head
+    (tools/export_ep_heads.py), so that value in a release file is the exporter's, not the head's: it is
+    recorded as the tensors' d_out.
+
+    Raises:
+        ConfigError: Naming the file (or the config= argument), the field, both values and the fix.
+    """
+    merged: dict[str, Any] = {}
+    said_by: dict[str, str] = {}
+    stated: dict[str, tuple[str, Any]] = {}
+    for where, doc, released in docs:
+        entries = dict(doc)
+        fix = (
+            "Fix or remove that entry (the tensors say what the head is), or keep the head with its own config.json"
+            if released
+            else "Drop that entry from config=: the tensors say what the head is"
+        )
+        for key, value in doc.items():
+            if value is None:
+                continue
+            if key in _META_INTS:
+                low, high = _META_INTS[key]
+                value = config_int(value, where, key, fix, low=low, high=high)
+                fact = _META_FACTS.get(key, "")
+                if fact in shapes and value != shapes[fact]:
+                    if not (released and key == "d_out" and value == 1):
+                        raise ConfigError(f"{where}: {key} is {value}, but the tensors of {file.name} say {shapes[fact]}. {fix}")
+                    value = shapes[fact]  # the exporter's constant, not the head's
+            elif key in _META_PERCENTS:
+                value = config_number(value, where, key, fix, low=0, high=100)
+            elif key == "grid":
+                if not isinstance(value, (list, tuple)) or len(value) != 2:
+                    raise ConfigError(f"{where}: grid is {value!r}; it must be [rows, cols] of the patch grid. {fix}")
+                value = [config_int(v, where, "grid", fix) for v in value]
+            else:
+                continue
+            if released and key in stated and stated[key][1] != value:
+                first, said = stated[key]
+                raise ConfigError(
+                    f"{where}: {key} is {value}, but {first} says {said}: the two were not written together. Remove the "
+                    "stale one, or export the head again"
+                )
+            if released:
+                stated.setdefault(key, (where, value))
+            entries[key] = value
+        merged.update(entries)
+        said_by.update(dict.fromkeys(map(str, entries), where))
+    return merged, said_by
 
 
 # --- writing -------------------------------------------------------------------------------

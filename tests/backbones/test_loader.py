@@ -251,3 +251,42 @@ def test_layer_and_name_arguments_raise_config_errors(test_vit_backbone):
     assert test_vit_backbone.resolve_layers(np.int64(2)) == [2]
     with pytest.raises(ConfigError, match="name must be a backbone name"):
         load_backbone(None)
+
+
+# --- hostile files: what a file declares is checked before it is trusted --------------------------
+
+
+def test_expanded_tensors_are_refused_before_their_values_are_read(tmp_path):
+    state = _state(timm.create_model("test_vit", num_classes=0))
+    state["blocks.0.mlp.fc1.weight"] = torch.zeros(1, 1).expand(*state["blocks.0.mlp.fc1.weight"].shape)
+    path = tmp_path / "expanded.pth"
+    torch.save(state, path)
+    with pytest.raises(BackboneError, match=r"expanded.pth: tensor 'blocks.0.mlp.fc1.weight' of shape .* is an expansion"):
+        load_backbone("test_vit", weights=path)
+
+
+def test_compressed_checkpoints_are_refused_before_they_are_inflated(tmp_path):
+    import zipfile
+
+    state = {**_state(timm.create_model("test_vit", num_classes=0)), "pad": torch.zeros(10**7)}  # 40 MB that deflate to 40 kB
+    torch.save(state, tmp_path / "plain.pth")
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pth") as src,
+        zipfile.ZipFile(tmp_path / "zipped.pth", "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(BackboneError, match=r"zipped.pth declares [\d,]+ bytes of records in a file of"):
+        load_backbone("test_vit", weights=tmp_path / "zipped.pth")
+
+
+def test_torch_failures_while_loading_become_backbone_errors_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "w.safetensors"
+    save_file(_state(timm.create_model("test_vit", num_classes=0)), str(path))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(loader.timm, "create_model", out_of_memory)
+    with pytest.raises(BackboneError, match=r"w.safetensors: torch failed while building test_vit .*can't allocate memory"):
+        load_backbone("test_vit", weights=path)

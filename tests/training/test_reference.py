@@ -338,3 +338,163 @@ def test_fixture_checkpoint_holds_what_the_reference_writes(tmp_path):
         raw = torch.load(file, map_location="cpu", weights_only=True)
     assert set(raw) == {"saved_module", "model", "optimizer", "epoch", "scaler", "args", "test_stats"}
     assert isinstance(raw["args"].data_path, Path) and raw["optimizer"]["state"][0]["mu"].shape == (1, 4, D)
+
+
+# --- hostile files: sizes, numbers and failures are checked before anything is built --------------
+
+
+def test_an_expanded_head_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """A 4.5 kB file of stride-0 tensors declaring 10**7 classes: refused from its strides, nothing allocated."""
+    import epviz.training.reference as reference
+
+    state = reference_head_state("ep", dim=D, num_classes=C)
+    state["2.weight"] = torch.zeros(1, 1).expand(10**7, D)  # pickles as one float, materialises 640 MB
+    state["2.bias"] = torch.zeros(1).expand(10**7)
+    file = write_reference_release(tmp_path / "huge", state)
+    assert file.stat().st_size < 10_000
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a probe was built for a file that declares what it does not hold")
+
+    monkeypatch.setattr(reference, "build", no_build)
+    with pytest.raises(WeightsError, match=r"huge/ep_head.pth: tensor '2.weight' of shape \(10000000, 16\) is an expansion"):
+        load_reference_head(file)
+
+
+def test_a_negative_batchnorm_variance_is_refused_at_load(tmp_path):
+    state = reference_head_state("ep", dim=D, num_classes=C)
+    state["1.running_var"][3] = -0.25  # loaded, it would make every logit NaN
+    file = write_reference_release(tmp_path / "negative", state)
+    with pytest.raises(
+        WeightsError, match=r"ep_head.pth: tensor '1.running_var' is a BatchNorm running variance with 1 negative"
+    ):
+        load_reference_head(file)
+
+
+def test_metadata_numbers_are_parsed_strictly_and_checked_against_the_tensors(tmp_path):
+    state = reference_head_state("ep", dim=D, num_classes=C, num_queries=4, d_out=2)
+    folder = tmp_path / "release"
+    write_reference_release(folder, state)
+    config = folder / "config.json"
+    meta = json.loads(config.read_text())
+
+    def with_config(**entries):
+        config.write_text(json.dumps({**meta, **entries}))
+
+    with_config(num_classes="5")  # a string skipped the check before
+    with pytest.raises(ConfigError, match=r"release/config.json: num_classes is '5' \(a string\); it must be a JSON integer"):
+        load_reference_head(folder)
+    with_config(ep_queries=True)
+    with pytest.raises(ConfigError, match=r"config.json: ep_queries is True \(a boolean\)"):
+        load_reference_head(folder)
+    with_config(num_classes=7)
+    with pytest.raises(ConfigError, match="config.json: num_classes is 7, but the tensors of ep_head.pth say 5. Fix or remove"):
+        load_reference_head(folder)
+    with_config(head_epoch=12)  # the checkpoint's own meta says 86
+    with pytest.raises(ConfigError, match=r"config.json: head_epoch is 12, but .*ep_head.pth \(its meta\) says 86"):
+        load_reference_head(folder)
+    config.write_text("[" * 50_000 + "]" * 50_000)  # a RecursionError before
+    with pytest.raises(ConfigError, match="config.json nests lists and objects more than 64 deep"):
+        load_reference_head(folder)
+    with_config()
+    with pytest.raises(ConfigError, match="the config= argument: ep_queries is 8, but the tensors of ep_head.pth say 4. Drop"):
+        load_reference_head(folder, config={"ep_queries": 8})
+    with pytest.raises(ConfigError, match="the config= argument: d_out is 1, but the tensors of ep_head.pth say 2"):
+        load_reference_head(folder, config={"d_out": 1})
+    (tmp_path / "given.json").write_text(json.dumps({"nb_classes": 5.5}))
+    with pytest.raises(ConfigError, match=r"given.json: nb_classes is 5.5 \(a number\)"):
+        load_reference_head(folder, config=tmp_path / "given.json")
+    # the exporter writes d_out 1 for every head: that value is the exporter's, recorded as the tensors' d_out
+    probe = load_reference_head(folder, config={"num_classes": 5.0, "head_epoch": 90})
+    assert probe.d_out == 2 and probe.config["source"]["meta"]["d_out"] == 2
+    assert probe.config["source"]["meta"]["num_classes"] == 5 and probe.config["source"]["epoch"] == 90
+
+
+def test_run_arguments_are_parsed_strictly(tmp_path):
+    state = reference_head_state("ep", dim=D, num_classes=C)
+    file = write_reference_checkpoint(tmp_path / "checkpoint.pth", state, nb_classes="5")
+    with pytest.raises(WeightsError, match=r"checkpoint.pth: its args: nb_classes is '5' \(a string\)"):
+        load_reference_head(file)
+
+
+def test_torch_failures_while_loading_become_weights_errors_naming_the_file(tmp_path, monkeypatch):
+    import epviz.training.checkpoints as checkpoints
+    import epviz.training.reference as reference
+
+    file = write_reference_release(tmp_path / "head", reference_head_state("ep", dim=D, num_classes=C))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(reference, "build", out_of_memory)
+    with pytest.raises(WeightsError, match=r"head/ep_head.pth: torch failed while building .*RuntimeError: CUDA out of memory"):
+        load_reference_head(file)
+
+    base = save_probe(random_probe("ep", num_queries=4), tmp_path / "saved")
+    real = checkpoints.build
+
+    def only_on_meta(*args, **kwargs):  # the shape check builds on the meta device; the real build runs out of memory
+        if torch.empty(0).device.type != "meta":
+            raise MemoryError
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "build", only_on_meta)
+    with pytest.raises(WeightsError, match=r"saved.json: torch failed while building .*MemoryError"):
+        load_probe(base)
+
+
+def test_a_saved_probe_declaring_huge_sizes_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    import epviz.training.checkpoints as checkpoints
+
+    real = checkpoints.build
+
+    def only_on_meta(*args, **kwargs):
+        assert torch.empty(0).device.type == "meta", "a probe was allocated from what its JSON declares"
+        return real(*args, **kwargs)
+
+    base = save_probe(probes.build("gap", D, C), tmp_path / "probe")
+    doc = json.loads((tmp_path / "probe.json").read_text())
+    monkeypatch.setattr(checkpoints, "build", only_on_meta)
+
+    def with_probe(**entries):
+        (tmp_path / "probe.json").write_text(json.dumps({**doc, "probe": {**doc["probe"], **entries}}))
+
+    with_probe(num_classes=10**9)
+    with pytest.raises(WeightsError, match=r"probe.json: probe field 'num_classes' is 1000000000, outside 1..100,000"):
+        load_probe(base)
+    with_probe(num_classes=99_999, dim=99_999)  # each in bounds: 10**10 values together
+    with pytest.raises(WeightsError, match=r"probe.json describes a 'gap' probe .* of 10,000,099,999 values, more than"):
+        load_probe(base)
+    with_probe(num_classes=7)  # the stored tensors say 5
+    with pytest.raises(WeightsError, match=r"probe.safetensors does not fit the probe its JSON describes .*num_classes=7"):
+        load_probe(base)
+    with_probe(num_classes="5")
+    with pytest.raises(WeightsError, match=r"probe.json: probe field 'num_classes' is '5' \(a string\)"):
+        load_probe(base)
+    (tmp_path / "probe.json").write_text('{"format": "epviz-probe/1", "probe": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    with pytest.raises(WeightsError, match="probe.json nests lists and objects more than 64 deep"):
+        load_probe(base)
+
+
+def test_a_saved_probe_reads_its_options_as_the_json_states_them(tmp_path):
+    probe = random_probe("ep", num_queries=4)
+    base = save_probe(probe, tmp_path / "ep")
+    doc = json.loads((tmp_path / "ep.json").read_text())
+    for value, read in (("4", "4"), (True, "1"), (4.5, "4")):
+        (tmp_path / "ep.json").write_text(json.dumps({**doc, "probe": {**doc["probe"], "num_queries": value}}))
+        with pytest.raises(WeightsError, match=f"ep.json: probe field 'num_queries' is .*, which the 'ep' probe reads as {read}"):
+            load_probe(base)
+    (tmp_path / "ep.json").write_text(json.dumps({**doc, "probe": {**doc["probe"], "num_queries": 4.0}}))
+    patch, prefix = tokens()
+    torch.testing.assert_close(load_probe(base)(patch, prefix), probe(patch, prefix))
+
+
+def test_a_saved_probe_whose_weights_changed_after_saving_is_refused(tmp_path):
+    probe = random_probe("cls")
+    base = save_probe(probe, tmp_path / "lp")
+    weights = tmp_path / "lp.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x01  # a low bit of a stored float: still finite, silently another weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"lp.safetensors has sha256 .*, but lp.json records .*: the weights were changed"):
+        load_probe(base)
