@@ -388,8 +388,23 @@ def _zoo(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``epviz`` command."""
-    parser = argparse.ArgumentParser(prog="epviz", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Entry point of the ``epviz`` command.
+
+    An error of the input (an epviz error, a missing or unreadable file, a bad value) ends any subcommand with
+    one line on stderr, ``epviz <command>: <message>``, and exit status 1; ``-v`` shows its traceback instead.
+    """
+    exit_status = (
+        "exit status:\n"
+        "  0  the command did its work\n"
+        "  1  it could not: an input error (a file, a value or a configuration epviz refuses), reported as one line\n"
+        "     on stderr, 'epviz <command>: <message>', naming the file, the field and the fix (-v shows the\n"
+        "     traceback instead); a notebook that failed (reproduce); a results section that differs (results --check)\n"
+        "  2  the command line cannot be parsed"
+    )
+    parser = argparse.ArgumentParser(
+        prog="epviz", description=__doc__, epilog=exit_status, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the notebooks and write figures/ plus figures/report.html")
     rep.add_argument("--fast", action="store_true", help="EPVIZ_FAST mode (small sizes, as in CI)")
@@ -528,13 +543,18 @@ def main(argv: list[str] | None = None) -> None:
     z = sub.add_parser("zoo", help="show the embedded backbones' model cards")
     z.set_defaults(func=_zoo)
     args = parser.parse_args(argv)
-    if args.func in (_evaluate, _extract, _train):
-        try:
-            args.func(args)
-        except (FileNotFoundError, ValueError, OSError, TypeError) as err:  # bad input: one line, not a traceback
-            sys.exit(f"epviz {args.command}: {err}")
-        return
-    args.func(args)
+    from epviz.errors import EpvizError
+    from epviz.safe_load import strip_ansi
+
+    try:
+        args.func(args)
+    except (EpvizError, FileNotFoundError, ValueError, OSError, TypeError) as err:  # bad input: one line, not a traceback
+        if args.verbose:
+            raise
+        message = ""
+        for line in filter(None, (line.strip() for line in strip_ansi(str(err)).splitlines())):
+            message += ("" if not message else " " if message[-1] in ".:;!?" else "; ") + line
+        sys.exit(f"epviz {args.command}: {message or type(err).__name__}")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from epviz.atomic import atomic_write, atomic_write_text
+from epviz.errors import DataError
 from epviz.provenance import git_commit, git_dirty, probe_runs
 
 __all__ = [
@@ -414,15 +415,27 @@ def _reference_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_results(path: str | os.PathLike) -> pd.DataFrame:
-    """The results table stored at `path` (an empty table with :data:`RESULT_COLUMNS` when there is none)."""
+    """The results table stored at `path` (an empty table with :data:`RESULT_COLUMNS` when there is none).
+
+    Raises:
+        DataError: The file is empty (not even a header line), is not a readable CSV table (binary, rows of
+            another width), or lacks the columns of :data:`RESULT_KEY`; the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=list(RESULT_COLUMNS))
-    header = pd.read_csv(path, nrows=0).columns
-    table = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS if c in header})
+    fix = "delete it (epviz results --write starts a new one), or point to the right file"
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+        table = pd.read_csv(path, dtype={c: str for c in _TEXT_COLUMNS if c in header})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty, not a results table (it has no header line): {fix}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path} is not a readable CSV table ({type(err).__name__}: {first}): {fix}") from None
     missing = [c for c in RESULT_KEY if c not in table.columns]
     if missing:
-        raise ValueError(f"{path} is not a results table (no {missing} columns): delete it, or point to the right file")
+        raise DataError(f"{path} is not a results table (no {missing} columns): {fix}")
     return table
 
 

@@ -226,8 +226,58 @@ def test_results_write_publishes_a_full_runs_table(tmp_path, monkeypatch, capsys
     cli.main(["results", "--check"])
     assert "differs from docs/results.csv" in capsys.readouterr().out, "an unpublished run is pointed out"
     append_results(results_rows(runs.assign(seed=2), setting="fast"), tmp_path / "figures" / "results.csv")
-    with pytest.raises(ValueError, match="fast-mode rows"):
+    with pytest.raises(SystemExit, match="^epviz results: .*fast-mode rows"):
         cli.main(["results", "--write"])
+
+
+def test_results_of_an_empty_or_malformed_table_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    _checkout(tmp_path, monkeypatch)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(SystemExit, match=r"^epviz results: \S*empty.csv is empty, not a results table"):
+        cli.main(["results", "--csv", str(tmp_path / "empty.csv")])
+    (tmp_path / "ragged.csv").write_text("backbone,layer,probe,protocol,seed\ntiny-mae,5,ep,cached,0\n1,2,3,4,5,6,7\n")
+    with pytest.raises(SystemExit, match=r"^epviz results: \S*ragged.csv is not a readable CSV table \(ParserError"):
+        cli.main(["results", "--csv", str(tmp_path / "ragged.csv")])
+
+
+# --- errors: one line naming the file, the traceback with -v -------------------------------------
+
+
+def test_a_hostile_probe_is_one_line_and_verbose_shows_the_traceback(saved_probe, tmp_path):
+    from epviz.errors import WeightsError
+
+    _, base = saved_probe
+    doc = json.loads((tmp_path / "probe.json").read_text())
+    doc["probe"]["num_classes"] = 10**9  # built as it said, a 3 GB allocation and a 24-line traceback before
+    (tmp_path / "probe.json").write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(_evaluate_args(base, tmp_path))
+    message = str(exit_.value.code)
+    assert message.startswith("epviz evaluate: ") and "probe.json: probe field 'num_classes' is 1000000000" in message
+    assert "\n" not in message and "Traceback" not in message
+    with pytest.raises(WeightsError, match="probe field 'num_classes'"):
+        cli.main(["-v", *_evaluate_args(base, tmp_path)])
+
+
+def test_multi_line_messages_become_one_line(saved_probe, tmp_path):
+    from epviz.probes import build
+    from epviz.training import save_probe
+
+    _, base = saved_probe
+    save_probe(build("gap", 192, 7), tmp_path / "other")
+    (tmp_path / "other.safetensors").replace(tmp_path / "probe.safetensors")  # the fit check's message has several lines
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(_evaluate_args(base, tmp_path))
+    message = str(exit_.value.code)
+    assert message.startswith("epviz evaluate: ") and "probe.safetensors does not fit" in message and "\n" not in message
+    assert "; missing keys: queries" in message
+
+
+def test_the_exit_statuses_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "-v, --verbose" in help_text and "exit status:" in help_text and "'epviz <command>: <message>'" in help_text
 
 
 # --- progress and report ------------------------------------------------------------------------
