@@ -39,18 +39,29 @@ two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
+from epviz.checks import check_int, check_sequence, non_negative, positive
 from epviz.errors import ConfigError
 
-__all__ = ["FAST_ENV", "GRID_KEYS", "SPLITS", "Setting", "THRESHOLDS", "check_grid", "check_grid_values"]
+__all__ = [
+    "BUDGET_KEYS",
+    "FAST_ENV",
+    "GRID_KEYS",
+    "PRESETS",
+    "SPLITS",
+    "Setting",
+    "THRESHOLDS",
+    "check_grid",
+    "check_grid_values",
+]
 
 FAST_ENV = "EPVIZ_FAST"
 SPLITS = ("train", "val", "test")
@@ -58,13 +69,17 @@ THRESHOLDS = np.round(np.arange(100) * 0.01, 2)  # MaxBoxAccV2 thresholds tau: 0
 
 
 GRID_KEYS = ("lrs", "weight_decays", "train_size")
+# the options a budget may set: epviz.fit's keyword arguments other than the run's own (seed, device, progress)
+BUDGET_KEYS = (
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs", "label_smoothing", "early_stopping", "precision"
+)  # fmt: skip
 
 
 def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
     """A grid mapping with its keys checked and its values as tuples (``weight_decays`` default (1e-4,)).
 
     Raises:
-        ConfigError: Unknown keys, no learning rates, or a ``train_size`` below 2.
+        ConfigError: Unknown keys, no learning rates, or a ``train_size`` that is not an integer >= 2.
     """
     if not isinstance(grid, Mapping):
         raise ConfigError(f"grid must be a mapping such as {{'lrs': (1e-3, 1e-2)}}, got {type(grid).__name__}")
@@ -74,55 +89,109 @@ def check_grid(grid: Mapping[str, Any]) -> dict[str, Any]:
     if "lrs" not in grid:
         raise ConfigError("a grid needs learning rates: grid={'lrs': (1e-3, 3e-3, 1e-2), ...}")
     lrs, weight_decays = check_grid_values(grid["lrs"], grid.get("weight_decays", (1e-4,)))
-    out: dict[str, Any] = {
-        "lrs": lrs,
-        "weight_decays": weight_decays,
-        "train_size": None if grid.get("train_size") is None else int(grid["train_size"]),
-    }
-    if out["train_size"] is not None and out["train_size"] < 2:
-        raise ConfigError(f"grid train_size must be at least 2 images (None: the whole training set), got {out['train_size']}")
-    return out
+    size = grid.get("train_size")
+    train_size = None if size is None else check_int("grid train_size (images; None: the whole training set)", size, 2)
+    return {"lrs": lrs, "weight_decays": weight_decays, "train_size": train_size}
 
 
 def check_grid_values(lrs: Any, weight_decays: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """A grid's learning rates and weight decays as tuples of floats, checked.
 
     Raises:
-        TypeError: A single number where a sequence is expected.
-        ConfigError: An empty list, a value that is not a number, a learning rate <= 0, a negative weight
-            decay, a value that is not finite, or a value listed twice.
+        ConfigError: Not a sequence (or a single number), an empty one, a value that is not a number (a bool
+            included), a learning rate <= 0, a negative weight decay, a value that is not finite, or a
+            value listed twice.
     """
-    out = []
-    for name, values, example in (("lrs", lrs, "(1e-3, 3e-3, 1e-2)"), ("weight_decays", weight_decays, "(1e-4,)")):
-        if isinstance(values, (int, float)):
-            raise TypeError(f"{name} must be a sequence of numbers, e.g. {name}=({values},); got the single number {values}")
-        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-            raise ConfigError(f"{name} must be a sequence of numbers, e.g. {name}={example}; got {values!r}")
-        floats = []
-        for value in values:
-            try:
-                floats.append(float(value))
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name} must hold numbers, e.g. {name}={example}; got {value!r}") from None
-        if not floats:
-            what = "learning rate" if name == "lrs" else "weight decay"
-            raise ConfigError(f"the grid is empty: pass at least one {what}, e.g. {name}={example}")
-        out.append(tuple(floats))
-    lr_values, wd_values = out
-    bad = [x for x in lr_values if not (math.isfinite(x) and x > 0)]
-    if bad:
-        raise ConfigError(f"learning rates must be positive and finite; got {bad} in lrs={list(lr_values)}")
-    bad = [x for x in wd_values if not (math.isfinite(x) and x >= 0)]
-    if bad:
-        raise ConfigError(f"weight decays must be >= 0 and finite; got {bad} in weight_decays={list(wd_values)}")
-    for name, values in (("lrs", lr_values), ("weight_decays", wd_values)):
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{name}={list(values)} repeats a value; list each grid value once")
-    return lr_values, wd_values
+    return (
+        check_sequence("lrs", lrs, positive, unique=True, example="(1e-3, 3e-3, 1e-2)"),
+        check_sequence("weight_decays", weight_decays, non_negative, unique=True, example="(1e-4,)"),
+    )
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
+
+
+_FULL: dict[str, Any] = dict(
+    sizes={"train": 20_000, "val": 2_000, "test": 4_000},
+    budget=dict(epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16"),
+    low_shot_budget=dict(
+        epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16"
+    ),
+    threshold_step=1,
+    probes=None,
+    grid={"lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight_decays": (1e-4,), "train_size": 4_000},
+    tune_low_shot=True,
+)
+_PAPER = dict(epochs=90, batch_size=4096, optimizer="lars", lr=None, weight_decay=0.0, warmup_epochs=10, precision="bf16")
+PRESETS: dict[str, dict[str, Any]] = {  # every field of the named settings
+    "full": _FULL,
+    "fast": dict(
+        sizes={"train": 2_000, "val": 500, "test": 500},
+        budget=dict(epochs=5, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=1, precision="fp32"),
+        low_shot_budget=dict(
+            epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=4, precision="fp32"
+        ),
+        threshold_step=4,
+        probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
+        grid={"lrs": (1e-3, 1e-2), "weight_decays": (1e-4,)},
+        tune_low_shot=False,
+    ),
+    "single-recipe": {**_FULL, "grid": None},
+    "paper": {**_FULL, "budget": _PAPER, "low_shot_budget": _PAPER, "grid": None},
+}
+
+
+def _checked(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A setting's fields (all but the name) checked and frozen."""
+    sizes = values["sizes"]
+    unknown, missing = sorted(set(sizes) - set(SPLITS)), [s for s in SPLITS if s not in sizes]
+    if unknown or missing:
+        raise ConfigError(
+            f"sizes takes one size per split ({', '.join(SPLITS)}); "
+            + (f"unknown: {', '.join(map(str, unknown))}" if unknown else f"missing: {', '.join(missing)}")
+        )
+    checked = {
+        s: None if v is None else check_int(f"sizes[{s!r}] (images; None: the whole split)", v, 1) for s, v in sizes.items()
+    }
+    out = dict(values, sizes=_frozen(checked))
+    for key in ("budget", "low_shot_budget"):
+        unknown = sorted(set(values[key]) - set(BUDGET_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown {key} option(s) {unknown}; a budget takes {', '.join(BUDGET_KEYS)}")
+        out[key] = _frozen(values[key])
+    out["threshold_step"] = check_int("threshold_step", values["threshold_step"], 1)
+    out["grid"] = None if values["grid"] is None else _frozen(check_grid(values["grid"]))
+    out["probes"] = None if values["probes"] is None else tuple(values["probes"])
+    return out
+
+
+@cache
+def _preset(name: str) -> dict[str, Any]:
+    return _checked(PRESETS[name])
+
+
+def _truthful_name(name: str | None, values: Mapping[str, Any]) -> str:
+    """`name`, refused when it names a preset whose recipe (or, for fast, small sizes) the values lack;
+    None: the preset the values equal, else "custom"."""
+    if name is None:
+        return next((preset for preset in PRESETS if _preset(preset) == values), "custom")
+    if name not in PRESETS:
+        return name
+    preset = _preset(name)
+    fix = "leave the name out (a changed setting is named 'custom')"
+    for key in ("budget", "low_shot_budget"):
+        if values[key] != preset[key]:
+            raise ConfigError(
+                f"a setting named {name!r} runs the {name} {key} {dict(preset[key])}, got {dict(values[key])}: {fix}"
+            )
+    larger = {s: v for s, v in values["sizes"].items() if v is None or v > preset["sizes"][s]}
+    if name == "fast" and larger:
+        raise ConfigError(
+            f"a setting named 'fast' checks the pipeline on at most {dict(preset['sizes'])} images, got {larger} "
+            f"(None: the whole split): {fix}, or use Setting.full()"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -130,9 +199,11 @@ class Setting:
     """Sizes, budgets, thresholds and probe set shared by every notebook.
 
     Attributes:
-        name: "full", "fast" or "custom" (any setting changed with :meth:`replace`).
+        name: "full", "fast", "single-recipe", "paper" (the presets) or "custom". Left out (None), the
+            name of the preset the setting equals, else "custom"; a preset's name is refused on a setting
+            without that preset's budgets, and "fast" on sizes larger than the fast ones.
         sizes: Images per split (train, val, test); None for a whole split of a dataset on disk.
-        budget: :func:`epviz.fit` keyword arguments of a probe run.
+        budget: :func:`epviz.fit` keyword arguments of a probe run (any of :data:`BUDGET_KEYS`).
         low_shot_budget: The same for low-shot runs.
         threshold_step: MaxBoxAccV2 uses every n-th threshold of 0, 0.01, ..., 0.99.
         grid: The tuning grid of every probe run: ``lrs``, ``weight_decays`` and ``train_size`` (the
@@ -143,67 +214,36 @@ class Setting:
             them at the budget's own lr (the fast setting, whose low-shot runs check the pipeline only).
         probes: The probes "every probe" means; None: :func:`epviz.probes.standard_set` (every
             registered family, so a new family joins without an edit).
+
+    Raises:
+        ConfigError: A split size that is not a whole number >= 1 (or None), an unknown split or budget
+            option, a bad grid or threshold step, or a preset's name the setting contradicts.
     """
 
-    name: str = "full"
-    sizes: Mapping[str, int | None] = field(default_factory=lambda: _frozen({"train": 20_000, "val": 2_000, "test": 4_000}))
-    budget: Mapping[str, Any] = field(
-        default_factory=lambda: _frozen(
-            dict(epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16")
-        )
-    )
-    low_shot_budget: Mapping[str, Any] = field(
-        default_factory=lambda: _frozen(
-            dict(epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16")
-        )
-    )
+    name: str | None = None
+    sizes: Mapping[str, int | None] = field(default_factory=lambda: _FULL["sizes"])
+    budget: Mapping[str, Any] = field(default_factory=lambda: _FULL["budget"])
+    low_shot_budget: Mapping[str, Any] = field(default_factory=lambda: _FULL["low_shot_budget"])
     threshold_step: int = 1
     probes: tuple[str, ...] | None = None
-    grid: Mapping[str, Any] | None = field(
-        default_factory=lambda: _frozen(
-            {"lrs": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "weight_decays": (1e-4,), "train_size": 4_000}
-        )
-    )
+    grid: Mapping[str, Any] | None = field(default_factory=lambda: _FULL["grid"])
     tune_low_shot: bool = True
 
     def __post_init__(self) -> None:
-        missing = [s for s in SPLITS if s not in self.sizes]
-        if missing:
-            raise ValueError(f"a setting needs a size for every split ({', '.join(SPLITS)}); missing: {', '.join(missing)}")
-        bad = {s: v for s, v in self.sizes.items() if v is not None and int(v) < 1}
-        if bad:
-            raise ValueError(f"split sizes must be positive numbers of images (or None: the whole split), got {bad}")
-        if int(self.threshold_step) < 1:
-            raise ValueError(f"threshold_step must be a positive integer, got {self.threshold_step}")
-        for attr in ("sizes", "budget", "low_shot_budget"):
-            object.__setattr__(self, attr, _frozen(getattr(self, attr)))
-        if self.grid is not None:
-            object.__setattr__(self, "grid", _frozen(check_grid(self.grid)))
-        if self.probes is not None:
-            object.__setattr__(self, "probes", tuple(self.probes))
+        values = _checked({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"})
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        object.__setattr__(self, "name", _truthful_name(self.name, values))
 
     @classmethod
     def full(cls) -> Setting:
         """The full standard setting (the numbers the README reports)."""
-        return cls()
+        return cls(name="full", **PRESETS["full"])
 
     @classmethod
     def fast(cls) -> Setting:
         """Small sizes and budgets for checking the pipeline (CI)."""
-        return cls(
-            name="fast",
-            sizes={"train": 2_000, "val": 500, "test": 500},
-            budget=dict(
-                epochs=5, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=1, precision="fp32"
-            ),
-            low_shot_budget=dict(
-                epochs=40, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=4, precision="fp32"
-            ),
-            threshold_step=4,
-            probes=("cls", "gap", "ep16", "mhca", "simpool", "cbam"),
-            grid={"lrs": (1e-3, 1e-2), "weight_decays": (1e-4,)},
-            tune_low_shot=False,
-        )
+        return cls(name="fast", **PRESETS["fast"])
 
     @classmethod
     def single_recipe(cls) -> Setting:
@@ -212,7 +252,7 @@ class Setting:
         One learning rate decides which probe wins (EP learns slowly at 1e-3); kept to reproduce
         earlier numbers, not for comparisons.
         """
-        return cls(name="single-recipe", grid=None)
+        return cls(name="single-recipe", **PRESETS["single-recipe"])
 
     @classmethod
     def paper(cls) -> Setting:
@@ -222,8 +262,7 @@ class Setting:
         The reference runs it with the backbone on augmented images at every step (``epviz.fit_images``);
         on cached tokens it is a different, cheaper protocol.
         """
-        recipe = dict(epochs=90, batch_size=4096, optimizer="lars", lr=None, weight_decay=0.0, warmup_epochs=10, precision="bf16")
-        return cls(name="paper", budget=recipe, low_shot_budget=recipe, grid=None)
+        return cls(name="paper", **PRESETS["paper"])
 
     @classmethod
     def from_env(cls) -> Setting:
@@ -236,16 +275,17 @@ class Setting:
         return self.name == "fast"
 
     def replace(self, **changes: Any) -> Setting:
-        """A "custom" copy with some fields changed (``budget`` and ``low_shot_budget`` entries are merged)."""
+        """A copy with some fields changed (``budget``, ``low_shot_budget``, ``sizes`` and ``grid`` entries are
+        merged), named "custom" unless it still equals a preset or a `name` is given."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown setting field(s) {unknown}; the fields are {[f.name for f in dataclasses.fields(self)]}")
+            raise ConfigError(f"unknown setting field(s) {unknown}; the fields are {[f.name for f in dataclasses.fields(self)]}")
         for key in ("budget", "low_shot_budget", "sizes"):
             if key in changes:
                 changes[key] = {**getattr(self, key), **changes[key]}
         if isinstance(changes.get("grid"), Mapping) and self.grid is not None:
             changes["grid"] = {**self.grid, **changes["grid"]}
-        changes.setdefault("name", "custom")
+        changes.setdefault("name", None)
         return dataclasses.replace(self, **changes)
 
     def fit_options(self, **overrides: Any) -> dict[str, Any]:

@@ -20,6 +20,10 @@ its initial weights are seeded too.
 Under ``torchrun`` (a process group of W > 1 processes, see :mod:`epviz.distributed`) :func:`fit`
 trains data-parallel and gives the result of one process on the same global batch; see
 :mod:`epviz.training.distributed_fit` for how.
+
+A run diverges as a grid point of :func:`~epviz.training.fit_grid` does (:func:`divergence`): it
+then stops, the epoch gets NaN numbers, the result is marked :attr:`FitResult.diverged` (``best_acc``
+NaN) and a RuntimeWarning names the probe, the epoch, the loss and the learning rate.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from epviz.checks import check_int
 from epviz.distributed import check_same, is_distributed, is_main, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels, loss_and_accuracy
@@ -56,10 +61,22 @@ from epviz.training.distributed_fit import (
 from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 from epviz.training.selection import check_selection_split
 
-__all__ = ["fit", "FitResult", "PROTOCOL", "check_classes", "check_training_data"]
+__all__ = ["DIVERGENCE_FACTOR", "fit", "FitResult", "PROTOCOL", "check_classes", "check_training_data", "divergence"]
 
 PROTOCOL = "cached tokens (one backbone pass, no augmentation)"
 VIEWS_PROTOCOL = "cached tokens of {views} stored augmented views per image (one drawn per image per epoch)"
+DIVERGENCE_FACTOR = 100.0  # a training loss above this many times a uniform guess's (ln C) has diverged
+
+
+def divergence(loss: float, num_classes: int) -> str | None:
+    """Why a training loss means the run diverged (not finite, or above ``DIVERGENCE_FACTOR * ln(C)``), else None.
+
+    The one rule of :func:`fit` and :func:`~epviz.training.fit_grid`.
+    """
+    limit = DIVERGENCE_FACTOR * math.log(max(num_classes, 2))
+    if math.isfinite(loss) and loss <= limit:
+        return None
+    return f"the training loss became {loss:.4g} (limit {limit:.4g} = {DIVERGENCE_FACTOR:g} ln {max(num_classes, 2)})"
 
 
 def protocol_of(train: TokenSet) -> str:
@@ -75,9 +92,9 @@ class FitResult:
         probe: The trained probe holding the best epoch's weights, in eval mode.
         history: One row per epoch: epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds.
             train_loss / train_acc are running means over the epoch's steps (train mode).
-        best_epoch: Epoch (1-based) whose weights `probe` holds.
-        best_acc: Validation top-1 at `best_epoch` (NaN without validation).
-        final_acc: Validation top-1 at the last epoch run (NaN without validation).
+        best_epoch: Epoch (1-based) whose weights `probe` holds (0: a run that diverged in its first epoch).
+        best_acc: Validation top-1 at `best_epoch` (NaN without validation, or when the run diverged).
+        final_acc: Validation top-1 at the last epoch run (NaN without validation, or when the run diverged).
         seconds: Wall time of the whole fit.
         config: Fit options, the probe's build options and the data sizes.
     """
@@ -89,6 +106,11 @@ class FitResult:
     final_acc: float
     seconds: float
     config: dict = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether training diverged (see :func:`divergence`); the probe then holds the best epoch before it."""
+        return bool(self.config.get("diverged", False))
 
     @property
     def grid_points(self) -> pd.DataFrame | None:
@@ -166,12 +188,15 @@ def fit(
         early_stopping: Stop after this many epochs without a validation improvement.
         precision: "fp32" or "bf16" (autocast).
         device: Where to train; None picks CUDA when available.
-        seed: Seed for the shuffling order.
+        seed: Seed for the shuffling order (an integer >= 0).
         progress: Show a tqdm bar over epochs.
         tensorboard: A folder to log every epoch's losses, accuracies and learning rate to with
             ``torch.utils.tensorboard`` (tags ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
             ``lr``; step = epoch), flushed every epoch; None (default) logs nothing and imports nothing.
             Needs the optional ``tensorboard`` package.
+
+    Returns:
+        The run; one that diverged is marked :attr:`FitResult.diverged`, with a RuntimeWarning.
 
     Raises:
         ImportError: `tensorboard` is set but the tensorboard package is not installed.
@@ -198,6 +223,7 @@ def fit(
         lr=lr,
         weight_decay=weight_decay,
     )
+    check_int("seed", seed, 0)
     check_training_data(probe, train, val, "fit")
     world = world_size() if is_distributed() else 1
     if world > 1:
@@ -231,7 +257,7 @@ def fit(
     steps = len(train) // batch_size if drop_last else 1
 
     rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
-    stale = 0
+    stale, why = 0, None  # why: how the run diverged
     start = time.perf_counter()
     writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)
     bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress or not is_main())
@@ -251,44 +277,41 @@ def fit(
                 loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 (loss if world == 1 else loss * slice_weight(len(batch.labels), step_size)).backward()
-                opt.step()
                 loss_value = loss.item()
                 n, hits = len(batch.labels), (logits.argmax(dim=1) == batch.labels).sum().item()
                 if world > 1:  # the global batch's loss and hits, so that every rank decides alike
                     total, global_hits, global_n = global_sums([loss_value * n, hits, n], device)
                     n, hits = int(global_n), int(global_hits)
                     loss_value = total / n
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(
-                        f"training diverged: the loss became {loss_value} at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g}); "
-                        "the tokens were checked finite before training, so the optimisation itself blew up: "
-                        "lower lr or use precision='fp32'"
-                    )
+                why = divergence(loss_value, probe.num_classes)
+                if why is not None:  # as a diverging grid point: no step, the weights stay as they were
+                    why += f" at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g})"
+                    break
+                opt.step()
                 loss_sum += loss_value * n
                 correct += hits
                 seen += n
 
             val_loss = val_acc = math.nan
-            if val is not None and world == 1:
-                val_loss, val_acc = loss_and_accuracy(
-                    probe, val, batch_size=max(batch_size, 256), device=device, precision=precision
-                )
-            elif val is not None:
-                val_loss, val_acc = sharded_loss_and_accuracy(probe, val, max(batch_size, 256), device, precision)
-            rows.append(
-                dict(
-                    epoch=epoch + 1,
-                    train_loss=loss_sum / seen,
-                    train_acc=correct / seen,
-                    val_loss=val_loss,
-                    val_acc=val_acc,
-                    lr=current_lr,
-                    seconds=time.perf_counter() - t0,
-                )
-            )
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
+            if val is not None and why is None:
+                if world == 1:
+                    val_loss, val_acc = loss_and_accuracy(
+                        probe, val, batch_size=max(batch_size, 256), device=device, precision=precision
+                    )
+                else:
+                    val_loss, val_acc = sharded_loss_and_accuracy(probe, val, max(batch_size, 256), device, precision)
+                if not math.isfinite(val_loss):
+                    why = f"the validation loss became {val_loss} after epoch {epoch + 1}"
+            train_loss, train_acc = (loss_sum / seen, correct / seen) if why is None else (math.nan, math.nan)
+            if why is not None:
+                val_loss = val_acc = math.nan
+            row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc)
+            rows.append(dict(row, lr=current_lr, seconds=time.perf_counter() - t0))
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
             if writer is not None:
                 log_epoch(writer, rows[-1])
+            if why is not None:
+                break
 
             if val is None:
                 best_epoch = epoch + 1
@@ -302,6 +325,14 @@ def fit(
     bar.close()
     if writer is not None:
         writer.close()
+    if why is not None and is_main():
+        warnings.warn(
+            f"fit: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged (FitResult.diverged, "
+            f"best_acc NaN), as fit_grid marks a diverging grid point: use a smaller learning rate than {lr:g}"
+            f"{' or precision=fp32' if precision != 'fp32' else ''}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     if best_state is not None:
         probe.load_state_dict(best_state)
@@ -329,11 +360,12 @@ def fit(
     )
     if world > 1:
         config["world_size"] = world
+    config["diverged"] = why is not None
     return FitResult(
         probe=probe,
         history=history,
         best_epoch=best_epoch,
-        best_acc=best_acc if val is not None else math.nan,
+        best_acc=best_acc if val is not None and why is None else math.nan,
         final_acc=float(history["val_acc"].iloc[-1]),
         seconds=time.perf_counter() - start,
         config=config,

@@ -32,8 +32,9 @@ selects the same heads.
 
 A head diverges when a training loss is not finite or exceeds ``DIVERGENCE_FACTOR * ln(C)``
 (a hundred times the loss of a uniform guess over the C classes), or when its validation loss
-is not finite. It then stops training, its epoch gets NaN losses and accuracies, the point is
-marked ``diverged`` (with a RuntimeWarning) and is never selected; the other heads go on.
+is not finite, the rule :func:`~epviz.training.fit` applies too (:func:`~epviz.training.fit.divergence`).
+It then stops training, its epoch gets NaN losses and accuracies, the point is marked ``diverged``
+(with a RuntimeWarning) and is never selected; the other heads go on.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import torch
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from epviz.checks import check_int
 from epviz.distributed import all_reduce_sum, check_same, is_distributed, is_main, rank, world_size
 from epviz.evaluate import iter_batches
 from epviz.probes import Probe, accepted_options, build
@@ -68,14 +70,13 @@ from epviz.training.distributed_fit import (
     slice_weight,
     synced_batchnorm,
 )
-from epviz.training.fit import check_training_data, protocol_of
+from epviz.training.fit import DIVERGENCE_FACTOR, check_training_data, divergence, protocol_of
 from epviz.training.optim import check_fit_options, lr_at, make_optimizer
 
 __all__ = ["DIVERGENCE_FACTOR", "GridResult", "fit_grid", "select_point"]
 
 PROTOCOL = "cached tokens (one backbone pass, no augmentation); heads trained together on one read per batch"
 SELECT_ON = "val"
-DIVERGENCE_FACTOR = 100.0
 
 HISTORY_COLUMNS = ["point", "lr", "weight_decay", "epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
 POINT_COLUMNS = ["point", "lr", "weight_decay", "best_epoch", "best_val_acc", "final_val_acc", "epochs_run", "diverged"]
@@ -168,20 +169,21 @@ def fit_grid(
         early_stopping: Stop a head after this many epochs without a validation improvement.
         precision: "fp32" or "bf16" (autocast).
         device: Where to train; None picks CUDA when available.
-        seed: Seed of the shuffling order (and of the initial weights when `probe` is a name).
+        seed: Seed of the shuffling order (and of the initial weights when `probe` is a name), an integer >= 0.
         keep_all: Also return every head (:attr:`GridResult.probes`); costs one probe per point.
         progress: Show a tqdm bar over epochs.
         **build_options: Build options of the probe when `probe` is a name (``num_queries``, ...).
 
     Raises:
-        ValueError: An empty grid, a non-positive or non-finite lr, a negative weight decay,
-            a repeated grid point, bad fit options or tokens that do not fit the probe; in a
-            distributed run, a `batch_size` that is not a multiple of the number of processes, or
-            ranks given different options or data (ConfigError).
+        ValueError: An empty grid, a non-positive or non-finite lr, a negative weight decay, a bool
+            where a number is expected, a repeated grid point, bad fit options or tokens that do not fit
+            the probe; in a distributed run, a `batch_size` that is not a multiple of the number of
+            processes, or ranks given different options or data (ConfigError).
         FloatingPointError: Every grid point diverged.
     """
     lrs, weight_decays, points = _grid_points(lrs, weight_decays)
     check_fit_options(optimizer, precision, epochs, batch_size, warmup_epochs, label_smoothing, early_stopping, val)
+    check_int("seed", seed, 0)
     if val is None:
         raise ValueError("fit_grid selects its grid point on held-out tokens: pass val=... (never the test split)")
     template = _template(probe, train, val, seed, build_options)
@@ -217,7 +219,6 @@ def fit_grid(
     steps = len(train) // batch_size if drop_last else 1
     val_batch = max(batch_size, 256)
     val_shard = None if world == 1 else np.arange(*part_bounds(len(val), rank(), world))
-    loss_limit = DIVERGENCE_FACTOR * math.log(max(template.num_classes, 2))
 
     k = len(points)
     active = list(range(k))  # heads still training
@@ -270,19 +271,16 @@ def fit_grid(
                     n = int(sums[-1])
                     values = [v / n for v in sums[:m]]
                     step_hits = torch.tensor([round(h) for h in sums[m : 2 * m]], dtype=torch.long, device=device)
-                finite = [math.isfinite(v) and v <= loss_limit for v in values]
-                for i, ok in zip(active, finite):
-                    if not ok:  # a diverging head takes no step: its weights stay as they were
+                whys = [divergence(v, template.num_classes) for v in values]
+                for i, why in zip(active, whys):
+                    if why is not None:  # a diverging head takes no step: its weights stay as they were
                         heads[i].zero_grad(set_to_none=True)
-                average_gradients(p for i, ok in zip(active, finite) if ok for p in heads[i].parameters())
+                        broke[i] = f"{why} at epoch {epoch + 1}, step {step + 1}"
+                average_gradients(p for i, why in zip(active, whys) if why is None for p in heads[i].parameters())
                 opt.step()  # parameters without a gradient are left as they are
                 correct[active] += step_hits
-                for i, v, ok in zip(active, values, finite):
+                for i, v in zip(active, values):
                     loss_sum[i] += v * n
-                    if not ok:
-                        broke[i] = (
-                            f"the training loss became {v:.4g} at epoch {epoch + 1}, step {step + 1} (limit {loss_limit:.4g})"
-                        )
                 seen += n
                 active = [i for i in active if i not in broke]
 

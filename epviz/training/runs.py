@@ -16,6 +16,7 @@ The batch size of a low-shot run is ``min(batch_size, k * classes)``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import cast
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from epviz.analysis.intervals import Interval, bootstrap_mean
+from epviz.checks import check_int, check_sequence
 from epviz.evaluate import check_labels, predict
 from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
 from epviz.tables import context_columns
@@ -41,6 +43,9 @@ __all__ = [
     "seed_summary",
     "train_probe",
 ]
+
+
+_SEED = partial(check_int, low=0)
 
 
 def build_for(name: str, tokens: TokenSet, num_classes: int, seed: int, options: Mapping | None = None) -> Probe:
@@ -120,9 +125,7 @@ def probe_zoo(
         mean ± std over the seeds.
     """
     specs = probe_specs(probes)
-    seeds = [int(seed)] if seeds is None else [int(s) for s in seeds]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct and at least one, got {seeds}")
+    seeds = check_sequence("seeds", (seed,) if seeds is None else seeds, _SEED, unique=True)
     rows, fitted = [], {}
     bar = tqdm(total=len(tokens) * len(specs) * len(seeds), desc="probe zoo", disable=not progress)
     for backbone, split in tokens.items():
@@ -278,7 +281,7 @@ def layer_sweep(
     missing_val = [layer for layer in layers if layer not in _cache_layers(cache_val)]
     if missing_val:
         raise ValueError(f"layers {missing_val} are not in the validation cache (it holds {_cache_layers(cache_val)})")
-    seeds = [int(s) for s in seeds]
+    seeds = check_sequence("seeds", seeds, _SEED, unique=True)
     rows = []
     bar = tqdm(total=len(specs) * len(layers) * len(seeds), desc="layer sweep", disable=not progress)
     for layer in layers:
@@ -300,9 +303,7 @@ def sample_per_class(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
         ValueError: `shots` exceeds the size of the smallest class.
     """
     labels = np.asarray(labels)
-    shots = int(shots)
-    if shots < 1:
-        raise ValueError(f"shots must be a positive number of images per class, got {shots}")
+    shots = check_int("shots (images per class)", shots, 1)
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) == 0:
         raise ValueError("there are no training labels to sample from")
@@ -360,9 +361,8 @@ def low_shot(
         seconds. Aggregate with :func:`aggregate_runs`.
     """
     specs = _specs_list(probes)
-    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
-    if not shots or not seeds:
-        raise ValueError("low_shot needs at least one value of shots and one seed")
+    shots = check_sequence("shots", shots, partial(check_int, low=1), unique=True)
+    seeds = check_sequence("seeds", seeds, _SEED, unique=True)
     for k in shots:  # fail before any training
         sample_per_class(train_tokens.labels, k, 0)
     rows = []

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from epviz.checks import check_int
 from epviz.data.splits import balanced_subset
 from epviz.errors import ConfigError
 from epviz.probes import Probe
@@ -61,6 +62,7 @@ def tune(
         :attr:`FitResult.grid_points` and :attr:`FitResult.grid_history`).
     """
     spec = check_grid(grid)
+    check_int("seed", seed, 0)  # before it draws the subset
     clashing = sorted({"lr", "weight_decay"} & set(fit_options))
     if clashing:
         raise ConfigError(f"{clashing} cannot be given with a grid: the grid's lrs / weight_decays replace them")

@@ -13,7 +13,8 @@ import epviz.probes as probes
 from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.evaluate import accuracy, predict
 from epviz.tokens import TokenSet
-from epviz.training import LARS, FitResult, fit, load_probe, lr_at, save_probe
+from epviz.training import LARS, FitResult, fit, fit_grid, load_probe, lr_at, save_probe
+from epviz.training.fit import DIVERGENCE_FACTOR, divergence
 from epviz.training.optim import check_fit_options
 
 train_module = importlib.import_module("epviz.training.fit")  # the module; epviz.training.fit is the function
@@ -216,9 +217,11 @@ class TestErrors:
         with pytest.raises(TypeError, match="fit expects a Probe"):
             fit(torch.nn.Linear(2, 2), data[0])
 
-    def test_divergence_is_reported(self, data):
-        with pytest.raises(FloatingPointError, match="training diverged"):
-            run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
+    def test_a_nan_loss_marks_the_run_diverged(self, data):
+        with pytest.warns(RuntimeWarning, match=r"fit: probe 'mhca' diverged: the training loss became nan .* at epoch 1"):
+            result = run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
+        assert result.diverged and result.config["diverged"] and math.isnan(result.best_acc) and math.isnan(result.final_acc)
+        assert len(result.history) == 1 and result.history[["train_loss", "val_acc"]].isna().all().all()
 
 
 class TestRefusedInputs:
@@ -266,9 +269,39 @@ class TestRefusedInputs:
         with pytest.raises(DataError, match="sample 50"):
             fit(probes.build("gap", D, C), mapped, progress=False, epochs=1, warmup_epochs=0)
 
-    def test_divergence_message_no_longer_blames_the_tokens(self, data):
-        with pytest.raises(FloatingPointError, match="tokens were checked finite"):
-            run(data, epochs=2, lr=1e30, optimizer="adamw", warmup_epochs=0, name="mhca")
+    def test_a_finite_loss_far_above_chance_is_divergence_as_in_fit_grid(self, data):
+        # the loss left 100 ln C but stayed finite: fit returned this run without a word, fit_grid marked it diverged
+        options = dict(epochs=3, batch_size=16, warmup_epochs=1, optimizer="adamw", seed=0, progress=False)
+        with pytest.warns(RuntimeWarning, match=r"grid point 1 \(lr 1e\+06.*diverged: the training loss became"):
+            grid = fit_grid("ep", *data, lrs=(1e-2, 1e6), num_queries=4, **options)
+        with pytest.warns(RuntimeWarning) as caught:
+            result = fit(probes.build("ep", D, C, seed=0, num_queries=4), *data, lr=1e6, **options)
+        message = str(caught[0].message)
+        assert "fit: probe 'ep' diverged: the training loss became" in message and "smaller learning rate than 1e+06" in message
+        assert f"limit {DIVERGENCE_FACTOR * math.log(C):.4g}" in message
+        assert result.diverged and math.isnan(result.best_acc) and math.isnan(result.final_acc)
+        diverged_point = grid.history[grid.history["point"] == 1]
+        assert len(result.history) == len(diverged_point) == grid.points.loc[1, "epochs_run"], "the same epoch, the same rule"
+        assert np.isnan(result.history["train_loss"].iloc[-1]) and grid.points.loc[1, "diverged"]
+        assert all(torch.isfinite(p).all() for p in result.probe.parameters()), "the diverging step was not taken"
+
+    def test_a_healthy_run_is_not_diverged(self, data):
+        result = run(data, epochs=2)
+        assert not result.diverged and result.config["diverged"] is False
+
+    @pytest.mark.parametrize(
+        ("loss", "diverged"),
+        [
+            (0.5, False),
+            (100 * math.log(3), False),
+            (100 * math.log(3) + 1e-6, True),
+            (2e8, True),
+            (math.nan, True),
+            (math.inf, True),
+        ],
+    )
+    def test_the_divergence_rule(self, loss, diverged):
+        assert (divergence(loss, 3) is not None) is diverged
 
     @pytest.mark.parametrize(
         "option, value, names",
@@ -286,6 +319,14 @@ class TestRefusedInputs:
             ("warmup_epochs", 5, r"warmup_epochs=5 is longer than the run \(epochs=4\)"),
             ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0, 1\)"),
             ("early_stopping", 0, "early_stopping"),
+            ("early_stopping", True, "early_stopping"),
+            ("seed", True, "seed must be an integer >= 0, got True"),
+            ("seed", -1, "seed must be an integer >= 0, got -1"),
+            ("seed", 1.5, "seed must be an integer >= 0, got 1.5"),
+            ("lr", True, "lr must be a finite number > 0"),
+            ("weight_decay", True, "weight_decay must be a finite number >= 0"),
+            ("epochs", True, "epochs must be an integer"),
+            ("warmup_epochs", True, "warmup_epochs must be a finite number"),
             ("optimizer", "sgd", "optimizer must be one of"),
             ("precision", "fp16", "precision must be one of"),
         ],

@@ -1,6 +1,7 @@
 """fit_grid(): equivalence with separate fits, selection on val, divergence, input errors, determinism."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import epviz.probes as probes
+from epviz.errors import ConfigError
 from epviz.evaluate import accuracy
 from epviz.tokens import TokenSet
 from epviz.training import GridResult, fit, fit_grid, select_point
@@ -213,24 +215,35 @@ class TestErrors:
         return fit_grid("ep", *data, **options)
 
     def test_empty_grids(self, data):
-        with pytest.raises(ValueError, match="the grid is empty.*learning rate"):
+        with pytest.raises(ConfigError, match="lrs must hold at least one value"):
             self.grid(data, lrs=())
-        with pytest.raises(ValueError, match="the grid is empty.*weight decay"):
+        with pytest.raises(ConfigError, match="weight_decays must hold at least one value"):
             self.grid(data, weight_decays=[])
 
-    @pytest.mark.parametrize("lr", [0.0, -1e-3, math.nan, math.inf])
+    @pytest.mark.parametrize("lr", [0.0, -1e-3, math.nan, math.inf, True, "1e-2", None])
     def test_bad_learning_rates(self, data, lr):
-        with pytest.raises(ValueError, match="learning rates must be positive and finite"):
+        # lrs=(True,) trained at lr 1.0: a bool is not a learning rate
+        with pytest.raises(ConfigError, match=rf"lrs\[1\] must be a finite number > 0, got {re.escape(repr(lr))}"):
             self.grid(data, lrs=(1e-2, lr))
 
-    def test_negative_weight_decay(self, data):
-        with pytest.raises(ValueError, match=r"weight decays must be >= 0.*-0.0001"):
-            self.grid(data, weight_decays=(0.0, -1e-4))
+    @pytest.mark.parametrize("wd", [-1e-4, math.nan, False, True])
+    def test_bad_weight_decays(self, data, wd):
+        with pytest.raises(ConfigError, match=rf"weight_decays\[1\] must be a finite number >= 0, got {re.escape(repr(wd))}"):
+            self.grid(data, weight_decays=(0.0, wd))
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [("epochs", True), ("batch_size", True), ("batch_size", 16.5), ("seed", True), ("seed", -1), ("seed", 0.5),
+         ("warmup_epochs", True), ("early_stopping", True), ("label_smoothing", False)],
+    )  # fmt: skip
+    def test_bools_and_fractions_are_not_counts(self, data, option, value):
+        with pytest.raises(ConfigError, match=f"{option}.* must be"):
+            self.grid(data, **{option: value})
 
     def test_repeated_values_and_single_numbers(self, data):
-        with pytest.raises(ValueError, match="repeats a value"):
+        with pytest.raises(ConfigError, match="repeats a value"):
             self.grid(data, lrs=(1e-2, 1e-2))
-        with pytest.raises(TypeError, match=r"lrs=\(0.01,\)"):
+        with pytest.raises(ConfigError, match=r"lrs=\(0.01,\)"):
             self.grid(data, lrs=0.01)
         with pytest.raises(ValueError, match="pass lrs=.*instead of lr"):
             self.grid(data, lr=1e-2)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
+from epviz.errors import ConfigError
 from epviz.probes import probe_specs
 from epviz.setting import Setting
 from epviz.tokens import TokenOrigin, TokenSet
@@ -142,6 +143,22 @@ def test_low_shot_checks_every_k_before_training(caches, monkeypatch):
     monkeypatch.setattr(probe_cache, "fit", lambda *a, **k: pytest.fail("trained before checking the shots"))
     with pytest.raises(ValueError, match="100 shots per class needs at least 100 training images of every class"):
         low_shot(train[3], val[3], shots=(1, 100), seeds=(0,), probes=("gap",), **FIT)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(shots=(1.5,)), r"shots\[0\] must be an integer >= 1, got 1.5"),  # was truncated to 1
+        (dict(shots=(True,)), r"shots\[0\] must be an integer >= 1, got True"),
+        (dict(seeds=(True,)), r"seeds\[0\] must be an integer >= 0, got True"),
+        (dict(seeds=(0, 0)), "repeats a value"),
+        (dict(seeds=()), "seeds must hold at least one value"),
+    ],
+)
+def test_low_shot_refuses_bools_and_fractions_before_training(caches, arguments, message):
+    train, val = caches
+    with pytest.raises(ConfigError, match=message):
+        low_shot(train[3], val[3], probes=("gap",), **{"shots": (1,), "seeds": (0,), **arguments}, **FIT)
 
 
 def test_aggregate_runs_by_hand():

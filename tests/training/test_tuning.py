@@ -80,3 +80,20 @@ def test_grid_checks_and_setting_options():
     assert Setting.full().low_shot_options()["grid"]["train_size"] is None, "low-shot sets are tuned whole"
     assert "grid" not in Setting.fast().low_shot_options() and Setting.fast().low_shot_options()["lr"] == 1e-3
     assert Setting.paper().fit_options()["optimizer"] == "lars" and Setting.paper().fit_options()["epochs"] == 90
+
+
+@pytest.mark.parametrize(
+    ("grid", "options", "message"),
+    [
+        ({"lrs": (True,)}, {}, r"lrs\[0\] must be a finite number > 0, got True"),  # trained at lr 1.0
+        ({"lrs": (1e-3,), "weight_decays": (True,)}, {}, r"weight_decays\[0\] must be a finite number >= 0, got True"),
+        ({"lrs": (1e-3,), "train_size": 30.5}, {}, "train_size .* must be an integer >= 2, got 30.5"),
+        ({**GRID, "train_size": 30}, {"seed": True}, "seed must be an integer >= 0, got True"),
+        (GRID, {"seed": 1.5}, "seed must be an integer >= 0, got 1.5"),
+        (GRID, {"epochs": True}, "epochs must be an integer"),
+        (GRID, {"batch_size": False}, "batch_size must be an integer"),
+    ],
+)
+def test_bools_and_fractions_are_refused_before_training(grid, options, message):
+    with pytest.raises(ConfigError, match=message):
+        tune(ep(), token_set(60, 0), token_set(30, 1), grid=grid, **{**BUDGET, **options})
