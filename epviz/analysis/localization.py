@@ -54,7 +54,9 @@ connected to each other).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from itertools import chain
 from operator import attrgetter
 from typing import Literal, overload
@@ -69,7 +71,9 @@ from epviz.analysis._common import context_columns, frame, require_predictors
 from epviz.analysis.boxes import box_source
 from epviz.analysis.measure import measure
 from epviz.analysis.meters import Meter, MeterBatch, register_meter
+from epviz.checks import check_array, check_int, check_number, check_sequence
 from epviz.data import GroundTruthBoxes, ImageDataset
+from epviz.errors import ConfigError
 from epviz.probes import Probe
 from epviz.setting import THRESHOLDS
 from epviz.tokens import TokenSet
@@ -92,40 +96,87 @@ _STRUCTURE[1] = True  # 8-connectivity inside a plane, no connection across plan
 _VOXEL_BUDGET = 1 << 20  # thresholded pixels labelled per ndimage.label call
 
 
+_POSITIVE_INT = partial(check_int, low=1)
+
+
 def _as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    h, w = (int(s) for s in image_size)
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    if isinstance(image_size, numbers.Real):
+        side = check_int("image_size", image_size, 1)
+        return side, side
+    h, w = check_sequence("image_size", image_size, _POSITIVE_INT, length=2, example="(224, 224)")
     return h, w
+
+
+def _check_grid(grid: Sequence[int]) -> tuple[int, int]:
+    rows, cols = check_sequence("grid", grid, _POSITIVE_INT, length=2, example="(14, 14)")
+    return rows, cols
+
+
+def _check_thresholds(thresholds: Sequence[float] | np.ndarray | None) -> np.ndarray:
+    """MaxBoxAccV2 thresholds: strictly increasing fractions in [0, 1] (the first best tau is then the smallest)."""
+    if thresholds is None:
+        return THRESHOLDS.astype(np.float64)
+    return np.array(check_sequence("thresholds", thresholds, partial(check_number, low=0, high=1), increasing=True))
+
+
+def _check_deltas(deltas: Sequence[float] | np.ndarray) -> np.ndarray:
+    """IoU thresholds in (0, 1], each listed once."""
+    return np.array(check_sequence("deltas", deltas, partial(check_number, low=0, high=1, open_low=True), unique=True))
+
+
+def _delta_names(deltas: np.ndarray) -> list[str]:
+    """The summary's column names of the deltas (``iou50``), refused where two would share one and a value be lost."""
+    names = [f"iou{round(d * 100):d}" for d in deltas]
+    if len(set(names)) != len(names):
+        raise ConfigError(
+            f"deltas={deltas.tolist()} name the same column twice ({names}): use IoU thresholds a whole percent apart"
+        )
+    return names
+
+
+def _as_maps(maps) -> np.ndarray:
+    """(n, K, N) or (n, N) maps as a float32 array, with finite, non-negative values that fit float32."""
+    array = check_array("maps", maps)
+    if array.ndim not in (2, 3) or 0 in array.shape:
+        raise ConfigError(
+            f"maps must be (images, predictors, tokens), or (images, tokens) for one predictor; got shape {array.shape}"
+        )
+    bad = ~np.isfinite(array) | (array < 0) | (array > np.finfo(np.float32).max)
+    if bad.any():
+        first = tuple(np.argwhere(bad)[0])
+        where = f"image {first[0]}" + (f", predictor {first[1]}" if array.ndim == 3 else "")
+        raise ConfigError(
+            f"the map of {where} holds {float(array[first])}: maps must be finite, non-negative "
+            "and within float32's range (scale them down: every map is normalised anyway)"
+        )
+    return array.astype(np.float32)
 
 
 def check_boxes(boxes, image: int, height: int, width: int) -> np.ndarray:
     """Validate one image's GT boxes and return them as a float64 (k, 4) array.
 
     Raises:
-        ValueError: No box, a malformed array, a box outside the image or with zero area.
+        ConfigError: No box, a malformed array, a box outside the image or with zero area.
     """
-    b = np.asarray(boxes.cpu() if isinstance(boxes, torch.Tensor) else boxes, dtype=np.float64)
+    b = check_array(f"the GT boxes of image {image}", boxes)
     if b.ndim == 1:
         b = b[None]
     if b.ndim != 2 or b.shape[1] != 4:
-        raise ValueError(f"GT boxes of image {image} must be (k, 4) xyxy pixels, got shape {b.shape}")
+        raise ConfigError(f"GT boxes of image {image} must be (k, 4) xyxy pixels, got shape {b.shape}")
     if len(b) == 0:
-        raise ValueError(f"image {image} has no GT box; every image needs at least one")
+        raise ConfigError(f"image {image} has no GT box; every image needs at least one")
     for box in b:
         x0, y0, x1, y1 = box
         shown = [float(v) for v in box]
         if not np.isfinite(box).all():
-            raise ValueError(f"GT box {shown} of image {image} is not finite")
+            raise ConfigError(f"GT box {shown} of image {image} is not finite")
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(
+            raise ConfigError(
                 f"GT box {shown} of image {image} has zero area: boxes are (x0, y0, x1, y1) pixels "
                 "with exclusive x1, y1, so x1 > x0 and y1 > y0"
             )
         if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-            raise ValueError(
+            raise ConfigError(
                 f"GT box {shown} of image {image} lies outside the {width}x{height} (width x height) image; "
                 "boxes are (x0, y0, x1, y1) pixels with exclusive x1, y1"
             )
@@ -134,7 +185,7 @@ def check_boxes(boxes, image: int, height: int, width: int) -> np.ndarray:
 
 def _check_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"convention must be one of {list(CONVENTIONS)} (epviz: bilinear upsampling, exclusive boxes; "
             f"wsol: wsolevaluation's bicubic upsampling, x + w boxes with inclusive IoU), got {convention!r}"
         )
@@ -188,20 +239,16 @@ class LocalizationMeter:
         grid: Sequence[int],
         image_size: int | Sequence[int],
         thresholds: Sequence[float] | np.ndarray | None = None,
-        deltas: Sequence[float] = DELTAS,
+        deltas: Sequence[float] | np.ndarray = DELTAS,
         records: bool = False,
         convention: str = "epviz",
     ) -> None:
         self.convention = _check_convention(convention)
-        self.k = int(num_predictors)
-        self.grid = (int(grid[0]), int(grid[1]))
+        self.k = check_int("num_predictors", num_predictors, 1)
+        self.grid = _check_grid(grid)
         self.size = _as_size(image_size)
-        self.thresholds = np.asarray(THRESHOLDS if thresholds is None else thresholds, dtype=np.float64)
-        self.deltas = np.asarray(deltas, dtype=np.float64)
-        if self.thresholds.ndim != 1 or len(self.thresholds) == 0:
-            raise ValueError("thresholds must be a non-empty 1-D sequence")
-        if len(self.deltas) == 0 or (self.deltas <= 0).any() or (self.deltas > 1).any():
-            raise ValueError(f"deltas must be IoU thresholds in (0, 1], got {list(deltas)}")
+        self.thresholds = _check_thresholds(thresholds)
+        self.deltas = _check_deltas(deltas)
         h, w = self.size
         rows, cols = self.grid
         self._wy, self._wx = _cell_weights(rows, h), _cell_weights(cols, w)
@@ -223,14 +270,19 @@ class LocalizationMeter:
         """Add a batch.
 
         Args:
-            maps: (b, K, N) maps over the patch tokens (or (b, N) when K == 1); non-negative.
+            maps: (b, K, N) maps over the patch tokens (or (b, N) when K == 1); finite, non-negative.
             boxes: Per image, its GT boxes (k, 4) xyxy pixels with exclusive x1, y1.
             indices: Dataset positions of the images, for error messages.
+
+        Raises:
+            ConfigError: Maps of another shape than (b, K, rows * cols), negative, non-finite or all-zero
+                maps, or boxes that are malformed, outside the image or not one set per image.
         """
         maps = self._check_maps(maps, indices)
         b = maps.shape[0]
+        boxes = _box_list(boxes)
         if len(boxes) != b:
-            raise ValueError(f"got {b} images of maps but {len(boxes)} sets of boxes")
+            raise ConfigError(f"got {b} images of maps but {len(boxes)} sets of boxes")
         indices = list(range(self.n, self.n + b)) if indices is None else [int(i) for i in indices]
         h, w = self.size
         gts = [check_boxes(bx, i, h, w) for bx, i in zip(boxes, indices)]
@@ -239,25 +291,20 @@ class LocalizationMeter:
         self.n += b
 
     def _check_maps(self, maps, indices) -> np.ndarray:
-        maps = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, dtype=np.float32)
+        maps = _as_maps(maps)
         n_tok = self.grid[0] * self.grid[1]
         if maps.ndim == 2 and self.k == 1:
             maps = maps[:, None]
         if maps.ndim != 3 or maps.shape[1] != self.k or maps.shape[2] != n_tok:
-            raise ValueError(
+            raise ConfigError(
                 f"maps must be (images, {self.k} predictors, {n_tok} tokens) for a {self.grid[0]}x{self.grid[1]} grid; "
                 f"got shape {maps.shape}"
             )
-        bad = ~np.isfinite(maps) | (maps < 0)
-        if bad.any():
-            i, j, _ = np.argwhere(bad)[0]
-            where = i if indices is None else list(indices)[i]
-            raise ValueError(f"the map of image {where}, predictor {j} has negative or non-finite values")
         zero = maps.sum(-1) <= 0
         if zero.any():
             i, j = np.argwhere(zero)[0]
             where = i if indices is None else list(indices)[i]
-            raise ValueError(f"the map of image {where}, predictor {j} sums to 0: it is not a distribution")
+            raise ConfigError(f"the map of image {where}, predictor {j} sums to 0: it is not a distribution")
         return np.ascontiguousarray(maps)
 
     def _mass_and_pointing(self, maps: np.ndarray, gts: list[np.ndarray]) -> None:
@@ -348,9 +395,6 @@ class LocalizationMeter:
 
     # --- results -----------------------------------------------------------------------
 
-    def _delta_names(self) -> list[str]:
-        return [f"iou{round(d * 100):d}" for d in self.deltas]
-
     def accuracy(self) -> np.ndarray:
         """Box accuracy per (predictor, tau, delta), shape (K, T, len(deltas))."""
         if self.n == 0:
@@ -370,7 +414,7 @@ class LocalizationMeter:
         rows = []
         for j in range(self.k):
             row = dict(predictor=j, maxboxacc_v2=float(best_acc[j].mean()))
-            for name, a, tau in zip(self._delta_names(), best_acc[j], best_tau[j]):
+            for name, a, tau in zip(_delta_names(self.deltas), best_acc[j], best_tau[j]):
                 row[f"maxboxacc_{name}"] = float(a)
                 row[f"best_tau_{name}"] = float(tau)
             row.update(
@@ -479,8 +523,8 @@ def localization_from_maps(
         boxes: Per image, its GT boxes ((k, 4) or (4,), xyxy pixels, exclusive x1, y1).
         grid: Patch grid (rows, cols), rows * cols == N.
         image_size: Image (height, width), or the side of a square image.
-        thresholds: MaxBoxAccV2 thresholds (default 0..0.99 step 0.01).
-        deltas: IoU thresholds (default 0.3, 0.5, 0.7).
+        thresholds: MaxBoxAccV2 thresholds, strictly increasing in [0, 1] (default 0..0.99 step 0.01).
+        deltas: IoU thresholds in (0, 1] (default 0.3, 0.5, 0.7).
         context: Values of the context columns.
         batch_size: Images processed together.
         return_curves: Also return the per-(predictor, iou, tau) accuracy table.
@@ -492,12 +536,24 @@ def localization_from_maps(
 
     Returns:
         The per-predictor summary (see :meth:`LocalizationMeter.summary`), and the curves when asked.
+
+    Raises:
+        ConfigError: Any argument out of range, before any work: maps that are not (n, K, rows * cols)
+            with n, K >= 1, or hold negative, non-finite or all-zero maps; boxes that are not one (k, 4)
+            set per image with x0 < x1, y0 < y1 inside the image; a grid or image size that is not
+            positive integers; thresholds outside [0, 1] or not increasing; deltas outside (0, 1].
     """
-    maps = maps if isinstance(maps, torch.Tensor) else np.asarray(maps)
-    k = 1 if maps.ndim == 2 else maps.shape[1]
-    if len(boxes) != len(maps):
-        raise ValueError(f"got maps of {len(maps)} images but boxes of {len(boxes)}")
+    maps = _as_maps(maps)
+    boxes = _box_list(boxes)
+    batch_size = check_int("batch_size", batch_size, 1)
+    k = maps.shape[1] if maps.ndim == 3 else 1
     meter = LocalizationMeter(k, grid, image_size, thresholds, deltas, records=intervals, convention=convention)
+    _delta_names(meter.deltas)  # the summary's columns, before any work
+    maps = meter._check_maps(maps, None)
+    if len(boxes) != len(maps):
+        raise ConfigError(f"got maps of {len(maps)} images but boxes of {len(boxes)}")
+    for i, bx in enumerate(boxes):
+        check_boxes(bx, i, *meter.size)
     for start in range(0, len(maps), batch_size):
         stop = min(start + batch_size, len(maps))
         meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop))
@@ -505,6 +561,13 @@ def localization_from_maps(
     if intervals:
         summary = _with_intervals(summary, meter)
     return (summary, meter.curves(context)) if return_curves else summary
+
+
+def _box_list(boxes) -> list:
+    """Per image, its boxes: any sized iterable (a list, an (n, k, 4) array) or a one-pass iterable."""
+    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Iterable):
+        raise ConfigError(f"boxes must hold one set of (k, 4) xyxy pixel boxes per image, got {boxes!r:.200}")
+    return list(boxes)
 
 
 def _resampled(meter: LocalizationMeter, weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -583,10 +646,11 @@ class Localization(Meter):
         records: bool = True,
         convention: str = "epviz",
     ) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.chunk_size = check_int("chunk_size", chunk_size, 1)
         self.convention = _check_convention(convention)
-        self.image_size, self.thresholds, self.deltas, self.chunk_size = image_size, thresholds, deltas, int(chunk_size)
+        self.image_size = None if image_size is None else _as_size(image_size)
+        self.thresholds, self.deltas = _check_thresholds(thresholds), _check_deltas(deltas)
+        _delta_names(self.deltas)  # the summary's columns, before any work
         self.records = bool(records)
         self.meter: LocalizationMeter | None = None
         self._positions: list[np.ndarray] = []

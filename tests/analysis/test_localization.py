@@ -4,10 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
 from skimage.measure import label, regionprops
 
 import epviz.probes as probes
 from epviz.analysis import Localization, LocalizationMeter, localization, localization_from_maps, measure
+from epviz.errors import ConfigError
 from epviz.evaluate import collect_attention
 from epviz.tokens import TokenOrigin, TokenSet
 
@@ -239,6 +243,118 @@ def test_wrong_map_shape():
         localization_from_maps(np.full((1, 1, 60), 1 / 60), [BOX], GRID, SIZE)
 
 
+GOOD = dict(maps=np.full((2, 1, N), 1 / N), boxes=[BOX, BOX], grid=GRID, image_size=SIZE)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # maps: shape, type, values (a 1-D map raised an IndexError, complex ones dropped their imaginary part)
+        (dict(maps=np.full(N, 1 / N)), r"maps must be \(images, predictors, tokens\).*got shape \(64,\)"),
+        (dict(maps=np.zeros((0, 1, N)), boxes=[]), r"got shape \(0, 1, 64\)"),
+        (dict(maps=np.full((2, 1, N), 1 / N) + 1j), "maps must be an array of real numbers, got dtype complex128"),
+        (dict(maps=[["x"] * N] * 2), "maps must be an array of real numbers"),
+        (dict(maps=[[1.0] * N, [1.0]]), "maps must be a rectangular array"),
+        (dict(maps=np.full((2, 1, N), -1.0)), "the map of image 0, predictor 0 holds -1.0: maps must be finite, non-negative"),
+        (dict(maps=np.full((2, 1, N), np.inf)), "holds inf"),
+        (dict(maps=np.full((2, 1, N), 1e300)), "float32's range"),
+        (dict(maps=np.zeros((2, 1, N))), "sums to 0"),
+        # boxes: one (k, 4) set per image, x0 < x1, y0 < y1, inside the image (None raised a TypeError)
+        (dict(boxes=None), "boxes must hold one set of"),
+        (dict(boxes=[BOX]), "got maps of 2 images but boxes of 1"),
+        (dict(boxes=[BOX, "abcd"]), "the GT boxes of image 1 must be an array of real numbers"),
+        (dict(boxes=[BOX, [0, 0, 8]]), r"GT boxes of image 1 must be \(k, 4\)"),
+        (dict(boxes=[BOX, [8, 0, 0, 8]]), "has zero area"),
+        (dict(boxes=[BOX, [0, 9, 8, 8]]), "has zero area"),
+        (dict(boxes=[BOX, [0, 0, 65, 8]]), "lies outside the 64x64"),
+        (dict(boxes=[BOX, [-1, 0, 8, 8]]), "lies outside the 64x64"),
+        (dict(boxes=[BOX, [0, 0, np.nan, 8]]), "is not finite"),
+        # grids: two positive integers whose product is the maps' token count (a third value was dropped,
+        # 8.5 truncated, 0 a ZeroDivisionError, a single number a TypeError)
+        (dict(grid=(8, 8, 1)), r"grid must hold exactly 2 values, e\.g\. grid=\(14, 14\); got 3"),
+        (dict(grid=8), "grid must be a sequence, not the single number 8"),
+        (dict(grid=(0, 8)), r"grid\[0\] must be an integer >= 1, got 0"),
+        (dict(grid=(8, 8.5)), r"grid\[1\] must be an integer >= 1, got 8.5"),
+        (dict(grid=(True, 8)), r"grid\[0\] must be an integer >= 1, got True"),
+        (dict(grid=(4, 4)), r"maps must be \(images, 1 predictors, 16 tokens\) for a 4x4 grid; got shape \(2, 1, 64\)"),
+        (dict(image_size=0), "image_size must be an integer >= 1, got 0"),
+        (dict(image_size=64.5), "image_size must be an integer >= 1, got 64.5"),
+        (dict(image_size=(64, 64, 3)), "image_size must hold exactly 2 values"),
+        # thresholds in [0, 1], strictly increasing (outside values passed); deltas in (0, 1], one column each
+        (dict(thresholds=(-0.1, 0.5)), r"thresholds\[0\] must be a finite number in \[0, 1\], got -0.1"),
+        (dict(thresholds=(0.5, 1.5)), r"thresholds\[1\] must be a finite number in \[0, 1\], got 1.5"),
+        (dict(thresholds=(0.5, np.nan)), r"thresholds\[1\] must be a finite number"),
+        (dict(thresholds=(0.5, 0.2)), r"thresholds=\[0.5, 0.2\] must strictly increase"),
+        (dict(thresholds=(0.5, 0.5)), "must strictly increase"),
+        (dict(thresholds=0.5), "thresholds must be a sequence"),
+        (dict(thresholds=()), "thresholds must hold at least one value"),
+        (dict(deltas=(0.0, 0.5)), r"deltas\[0\] must be a finite number in \(0, 1\], got 0.0"),
+        (dict(deltas=(np.nan,)), r"deltas\[0\] must be a finite number"),
+        (dict(deltas=(0.5, 0.502)), "name the same column twice"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(batch_size=True), "batch_size must be an integer >= 1, got True"),
+        (dict(convention="cv2"), "convention must be one of"),
+    ],
+)
+def test_bad_arguments_are_refused_at_the_door(change, message):
+    with pytest.raises(ConfigError, match=message):
+        localization_from_maps(**{**GOOD, **change})
+
+
+def test_the_meter_and_the_measure_check_their_arguments_when_built():
+    for build in (
+        lambda: LocalizationMeter(1, (8, 8, 1), SIZE),
+        lambda: LocalizationMeter(True, GRID, SIZE),
+        lambda: LocalizationMeter(1, GRID, SIZE, thresholds=(0.2, 1.2)),
+        lambda: Localization(thresholds=(0.2, 1.2)),
+        lambda: Localization(deltas=(0.5, 0.5)),
+        lambda: Localization(image_size=(64, 0)),
+    ):
+        with pytest.raises(ConfigError):
+            build()
+
+
+ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
+MALFORMED = {  # per argument, values of any shape and content
+    "maps": arrays(np.float64, array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4), elements=ANY_FLOAT),
+    "boxes": st.none() | st.lists(st.none() | st.lists(st.integers(-2, 8) | ANY_FLOAT, max_size=5), max_size=4),
+    "grid": st.integers(-1, 4) | st.lists(st.integers(-1, 4) | st.floats(0, 4) | st.booleans(), max_size=3),
+    "image_size": st.integers(-1, 6) | st.floats(0, 6) | st.lists(st.integers(-1, 6) | st.floats(0, 6), max_size=3),
+    "thresholds": st.floats(-1, 2) | st.lists(ANY_FLOAT, max_size=3),
+    "deltas": st.lists(ANY_FLOAT, max_size=3),
+    "batch_size": st.integers(-1, 3) | st.floats(0, 3) | st.booleans(),
+}
+
+
+@st.composite
+def arguments(draw):
+    """Valid arguments of localization_from_maps, one of them (or none) replaced by a malformed value."""
+    n, k, rows, cols, h, w = (draw(st.integers(1, 3)) for _ in range(6))
+    maps = draw(arrays(np.float64, (n, k, rows * cols), elements=st.floats(0, 10))) + 0.01
+    boxes = []
+    for _ in range(n):
+        x0, y0 = draw(st.integers(0, w - 1)), draw(st.integers(0, h - 1))
+        boxes.append([x0, y0, draw(st.integers(x0 + 1, w)), draw(st.integers(y0 + 1, h))])
+    args = dict(maps=maps, boxes=boxes, grid=(rows, cols), image_size=(h, w), thresholds=(0.0, 0.5), deltas=(0.5,))
+    bad = draw(st.sampled_from([None, *MALFORMED]))
+    if bad is not None:
+        args[bad] = draw(MALFORMED[bad])
+    return args
+
+
+@settings(max_examples=150, deadline=None)
+@given(arguments())
+def test_malformed_arguments_give_a_config_error_or_a_correct_result(args):
+    try:
+        out = localization_from_maps(**args)
+    except ConfigError:
+        return
+    maps = np.asarray(args["maps"])
+    assert out["predictor"].tolist() == list(range(maps.shape[1] if maps.ndim == 3 else 1))
+    assert (out["n_images"] == len(maps)).all()
+    assert out[["maxboxacc_v2", "inbox_mass", "chance_mass", "pointing"]].stack().between(0, 1 + 1e-6).all()  # float32 maps
+
+
 @pytest.mark.parametrize("name", ["cls", "gap"])
 def test_probe_without_predictors(setup, name):
     tokens, _, boxes = setup
@@ -263,7 +379,7 @@ def test_the_meter_upsamples_in_chunks_and_keeps_its_curves(setup):
     cols = ["maxboxacc_v2", "maxboxacc_iou50", "best_tau_iou50", "inbox_mass", "chance_mass", "pointing", "n_images"]
     np.testing.assert_allclose(df[cols].to_numpy(float), ref[cols].to_numpy(float), rtol=1e-6)
     np.testing.assert_allclose(meter.curves()["box_acc"], ref_curves["box_acc"])
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+    with pytest.raises(ConfigError, match="chunk_size must be an integer >= 1"):
         Localization(chunk_size=0)
     with pytest.raises(ValueError, match="has not started"):
         Localization().summary()
