@@ -2,6 +2,11 @@
 
 Everything here runs the probe in eval mode without gradients and restores the
 probe's previous mode afterwards. Accuracies are fractions in [0, 1].
+
+No number comes from non-finite input: every entry point refuses tokens that hold NaN or inf
+(:func:`ensure_finite`, the check :func:`epviz.fit` makes: the whole set scanned once, the answer
+remembered for read-only sets and in a token cache's manifest), and :func:`predict`,
+:func:`accuracy` and :func:`loss_and_accuracy` refuse non-finite logits, naming the probe.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
-from epviz.errors import ConfigError, DataError
+from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.probes import Probe
 from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens import TokenBatch, TokenSet
@@ -127,7 +132,7 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
     A k larger than the number of classes counts every sample as correct.
 
     Raises:
-        DataError: No samples, or logits and labels of different lengths.
+        DataError: No samples, logits and labels of different lengths, or logits holding NaN or inf.
         ConfigError: A label outside [0, number of classes), or a k that is not a positive integer.
     """
     ks = _check_topk(topk)
@@ -136,6 +141,12 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int
     if logits.ndim != 2 or logits.shape[0] != len(labels):
         raise DataError(
             f"logits must be (samples, classes) with one row per label; got {tuple(logits.shape)} for {len(labels)} labels"
+        )
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        raise DataError(
+            f"the logits hold NaN or inf (row {int(bad.nonzero()[0, 0])} first, {int(bad.sum())} of {len(bad)} rows): "
+            "no accuracy is computed from them; check the probe and the tokens that gave them"
         )
     check_labels(labels.cpu().numpy() if torch.is_tensor(labels) else labels, int(logits.shape[1]), "the", "the logits")
     return {f"top{k}": topk_hits(logits, labels, k).float().mean().item() for k in ks}
@@ -167,13 +178,14 @@ def iter_batches(
     """Batches of `tokens` in stored order, or of the samples at `index` in the order given.
 
     Raises:
-        DataError: The token set is empty.
+        DataError: The token set is empty, or holds NaN or inf anywhere (:func:`ensure_finite`).
         ConfigError: batch_size not a positive integer, or an index outside [0, len(tokens)).
     """
     if len(tokens) == 0:
         raise DataError("the token set is empty: there is nothing to evaluate")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    ensure_finite(tokens, "")
     if index is None:
         yield from tokens.batches(batch_size, device=device)
         return
@@ -224,6 +236,8 @@ def predict(
     Raises:
         ConfigError: batch_size, precision or index out of range. Labels are not checked here (they
             only ride along); :meth:`Predictions.accuracy` checks them.
+        DataError: Tokens holding NaN or inf (:func:`ensure_finite`), or a probe that gives NaN or inf
+            logits on finite tokens (WeightsError when its weights hold NaN or inf).
     """
     _check_run_options(batch_size, precision)
     if index is not None:
@@ -234,7 +248,9 @@ def predict(
         for batch in iter_batches(tokens, batch_size, device, index):
             with autocast(device, precision):
                 out = probe(batch.patch, batch.prefix, uniform=uniform)
-            logits.append(out.float().cpu().numpy())
+            values = out.float().cpu().numpy()
+            _check_logits(probe, values, batch.index, precision)
+            logits.append(values)
             labels.append(batch.labels.cpu().numpy())
             positions.append(batch.index.numpy())
     if not logits:
@@ -257,6 +273,7 @@ def accuracy(
     Raises:
         ConfigError: A label outside [0, probe.num_classes) (checked before any forward pass), a k
             that is not a positive integer, or batch_size / precision out of range.
+        DataError: Tokens holding NaN or inf, or non-finite logits (see :func:`predict`).
     """
     _check_topk(topk)
     _check_run_options(batch_size, precision)
@@ -271,12 +288,12 @@ def loss_and_accuracy(
     batch_size: int = 512,
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    check_finite: bool = False,
 ) -> tuple[float, float]:
     """Mean cross-entropy and top-1 accuracy of `probe` on `tokens`.
 
     Raises:
         ConfigError: A label outside [0, probe.num_classes), or batch_size / precision out of range.
+        DataError: Tokens holding NaN or inf, or non-finite logits (see :func:`predict`).
     """
     _check_run_options(batch_size, precision)
     check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
@@ -284,18 +301,40 @@ def loss_and_accuracy(
     total_loss, correct, count = 0.0, 0, 0
     with eval_mode(probe):
         for batch in iter_batches(tokens, batch_size, device):
-            if check_finite:
-                ensure_finite(batch, "validation")
             with autocast(device, precision):
                 logits = probe(batch.patch, batch.prefix).float()
+            if not bool(torch.isfinite(logits).all()):
+                _check_logits(probe, logits.cpu().numpy(), batch.index, precision)
             total_loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
             correct += (logits.argmax(dim=1) == batch.labels).sum().item()
             count += len(batch.labels)
     return total_loss / count, correct / count
 
 
-def ensure_finite(batch: TokenBatch, what: str) -> None:
-    """Raise a DataError naming the first sample of `batch` whose tokens hold NaN or inf."""
+def ensure_finite(tokens: TokenSet | TokenBatch, what: str = "") -> None:
+    """Raise a DataError when `tokens` hold NaN or inf, naming the first bad sample.
+
+    A TokenSet is checked whole (every sample, every view), the check :func:`epviz.fit` makes: its
+    scan (:meth:`~epviz.tokens.TokenSet.find_nonfinite`) runs once for read-only sets (memory
+    maps, a cache's tokens) and is remembered, for a cache's tokens also in the cache's manifest.
+    A TokenBatch is checked as it is.
+
+    Args:
+        tokens: A TokenSet or a TokenBatch.
+        what: Whose tokens, for the message ("train", "validation"; "" for none).
+    """
+    whose = f"the {what} tokens" if what else "the tokens"
+    if isinstance(tokens, TokenSet):
+        found = tokens.find_nonfinite()
+        if found is None:
+            return
+        cache = f" (token cache {tokens.origin.cache})" if tokens.origin.cache else ""
+        raise DataError(
+            f"{whose}{cache} contain NaN or inf ({found.part} tokens of sample {found.first}; {found.count} of "
+            f"{found.total} samples hold NaN or inf): no number is computed from them; fix or re-extract them (check "
+            "the backbone's weights and the images first; with finite ones, dtype='float32' avoids float16 overflow)"
+        )
+    batch = tokens
     for name, t in (("patch", batch.patch), ("prefix", batch.prefix)):
         if t is None:
             continue
@@ -303,9 +342,40 @@ def ensure_finite(batch: TokenBatch, what: str) -> None:
         if bad.any():
             first = int(batch.index[bad.nonzero()[0, 0].cpu()].item())
             raise DataError(
-                f"the {what} tokens contain NaN or inf ({name} tokens of sample {first}, among "
+                f"{whose} contain NaN or inf ({name} tokens of sample {first}, among "
                 f"{int(bad.sum())} bad samples in its batch); fix or re-extract them before training"
             )
+
+
+def _check_logits(probe: Probe, logits: np.ndarray, index: torch.Tensor, precision: str) -> None:
+    """Refuse a batch's non-finite logits (the tokens were checked finite): the probe made them.
+
+    Raises:
+        WeightsError: The probe's parameters or buffers hold NaN or inf (named).
+        DataError: Its weights are finite: an overflow; the message names the probe and the fix.
+    """
+    bad = ~np.isfinite(logits).all(axis=1)
+    if not bad.any():
+        return
+    first = int(index[int(np.flatnonzero(bad)[0])])
+    broken = [
+        name
+        for name, t in [*probe.named_parameters(), *probe.named_buffers()]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    head = (
+        f"probe '{probe.name}' produced non-finite logits (NaN or inf) for sample {first} ({int(bad.sum())} of the "
+        f"{len(bad)} samples of its batch) from finite tokens"
+    )
+    if broken:
+        raise WeightsError(
+            f"{head}: its weights hold NaN or inf ({', '.join(broken[:4])}{', ...' if len(broken) > 4 else ''}); "
+            "no score is computed from them: retrain the probe or load an undamaged copy of it"
+        )
+    raise DataError(
+        f"{head} although its weights are finite: an overflow (precision={precision!r}); no score is computed from "
+        "them: evaluate with precision='fp32', or check how the probe was trained"
+    )
 
 
 def attention_maps(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.errors import ConfigError, DataError
+from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.evaluate import accuracy, attention_maps, collect_attention, loss_and_accuracy, predict, topk_accuracy
 from epviz.tokens import TokenSet
 
@@ -171,3 +171,84 @@ def test_analyses_check_labels(probe, tokens):
 def test_arguments_out_of_range_are_config_errors(probe, tokens, call):
     with pytest.raises(ConfigError):
         call(probe, tokens)
+
+
+# --- no number from non-finite input -----------------------------------------------------------
+
+
+def with_nan(tokens, sample=11):
+    patch = np.array(tokens.patch)
+    patch[sample, 3, 5] = np.nan
+    return TokenSet(patch, tokens.prefix, tokens.labels, tokens.grid, num_classes=C)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p, t: accuracy(p, t),
+        lambda p, t: predict(p, t, index=[0, 1]),  # a NaN outside the samples asked for too
+        lambda p, t: loss_and_accuracy(p, t),
+        lambda p, t: next(attention_maps(p, t)),
+        lambda p, t: collect_attention(p, t),
+    ],
+)
+def test_nan_tokens_are_refused_as_fit_refuses_them(probe, tokens, call):
+    with pytest.raises(
+        DataError, match=r"the tokens contain NaN or inf \(patch tokens of sample 11; 1 of 37 samples hold NaN or inf\)"
+    ):
+        call(probe, with_nan(tokens))
+
+
+def test_every_meter_refuses_nan_tokens(probe, tokens):
+    from epviz.analysis import measure
+    from epviz.analysis.meters import Meter, meter_class, meter_names
+
+    bad = with_nan(tokens)
+    with pytest.raises(DataError, match="the measured tokens contain NaN or inf"):
+        measure(probe, bad, meters=["entropy"])
+    for name in meter_names():
+        with pytest.raises(DataError, match="the measured tokens contain NaN or inf"):
+            meter_class(name)().start(probe, bad, None)
+
+    class Plain(Meter):  # a meter of a plugin, with a start of its own that checks nothing
+        def start(self, probe, tokens, dataset=None):
+            self.started = True
+
+    with pytest.raises(DataError, match="the measured tokens contain NaN or inf"):
+        Plain().start(probe, bad)
+    Plain().start(probe, tokens)
+
+
+def test_the_scan_of_read_only_tokens_runs_once(probe, tokens, tmp_path, monkeypatch):
+    np.save(tmp_path / "p.npy", np.asarray(tokens.patch))
+    np.save(tmp_path / "c.npy", np.asarray(tokens.prefix))
+    mapped = TokenSet(
+        np.load(tmp_path / "p.npy", mmap_mode="r"), np.load(tmp_path / "c.npy", mmap_mode="r"), tokens.labels, tokens.grid
+    )
+    scans = []
+    real = TokenSet.find_nonfinite
+
+    def counted(self, *args, **kwargs):
+        scans.append(self._finite is False)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenSet, "find_nonfinite", counted)
+    for _ in range(3):
+        accuracy(probe, mapped, batch_size=8)
+    assert scans == [True, False, False], "scanned on the first call only, not per batch or per call"
+
+
+def test_nan_logits_are_refused_naming_the_probe(probe, tokens):
+    import torch
+
+    with torch.no_grad():
+        next(probe.parameters()).view(-1)[0] = float("nan")
+    name = next(n for n, _ in probe.named_parameters())
+    for call in (lambda: predict(probe, tokens), lambda: accuracy(probe, tokens), lambda: loss_and_accuracy(probe, tokens)):
+        with pytest.raises(
+            WeightsError,
+            match=rf"probe 'ep' produced non-finite logits \(NaN or inf\) for sample 0 .*weights hold NaN or inf \({name}",
+        ):
+            call()
+    with pytest.raises(DataError, match=r"the logits hold NaN or inf \(row 1 first"):
+        topk_accuracy(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([1, 0]))

@@ -23,6 +23,7 @@ intervals over the images (``<column>_lo`` / ``<column>_hi`` in the predictor ta
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +33,7 @@ import pandas as pd
 import torch
 
 from epviz.analysis.boxes import box_source
+from epviz.evaluate import ensure_finite
 from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
@@ -111,7 +113,9 @@ class Meter:
 
     Subclasses set the class attributes and implement :meth:`update` and :meth:`summary`;
     :meth:`start` is optional. Every option goes to the constructor, which must work without
-    arguments (``measure`` builds registered meters by name).
+    arguments (``measure`` builds registered meters by name). Every meter's :meth:`start`, its
+    own included, first refuses tokens holding NaN or inf (:func:`epviz.evaluate.ensure_finite`:
+    the whole set, scanned once for read-only sets), so no meter measures non-finite tokens.
 
     Attributes:
         name: The registry name (set by :func:`register_meter`).
@@ -134,14 +138,34 @@ class Meter:
     order: ClassVar[float] = 100.0
     table_order: ClassVar[float] = 100.0
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own :meth:`start` first refuses NaN or inf tokens, as the base class's does."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("start")
+        if own is None or getattr(own, "_refuses_nonfinite", False):
+            return
+
+        @functools.wraps(own)
+        def start(self: Meter, probe: Probe, tokens: TokenSet, dataset: Any = None) -> None:
+            _refuse_nonfinite(tokens)
+            own(self, probe, tokens, dataset)
+
+        setattr(start, "_refuses_nonfinite", True)  # noqa: B010 - an attribute of a function
+        setattr(cls, "start", start)  # noqa: B010 - replaces the subclass's own method
+
     def start(self, probe: Probe, tokens: TokenSet, dataset: Any = None) -> None:
-        """Prepare for a pass over `tokens` (check the inputs, size the accumulators); default: nothing.
+        """Prepare for a pass over `tokens` (check the inputs, size the accumulators); default: nothing
+        but the check every meter makes first, that the tokens hold no NaN or inf.
 
         Args:
             probe: The probe measured.
             tokens: The tokens of the pass.
             dataset: The images' dataset with GT boxes, or None.
+
+        Raises:
+            DataError: The tokens hold NaN or inf.
         """
+        _refuse_nonfinite(tokens)
 
     def update(self, maps: torch.Tensor | None, batch: MeterBatch) -> None:
         """Add a batch.
@@ -175,6 +199,11 @@ class Meter:
             Column -> (b, P) values, P predictors in :meth:`summary` order (default: none).
         """
         return {}
+
+
+def _refuse_nonfinite(tokens: Any) -> None:
+    if isinstance(tokens, TokenSet):
+        ensure_finite(tokens, "measured")
 
 
 M = TypeVar("M", bound=type[Meter])

@@ -17,11 +17,16 @@ relative ``2**-10`` for float16 scales (they are always normal numbers, see belo
 ``2**-23`` for normal float32 scales, so for those the bound is also
 ``|error| <= max|x| / 254 * (1 + 2**-10) * (1 + 2**-15)``. A token that is all zeros has
 scale 0 and values 0, and comes back as exact zeros.
+
+A scale is finite and never negative; a negative, NaN or inf scale (a damaged file or array) is
+refused wherever tokens are dequantized (:func:`dequantize`, :class:`Int8Tokens` indexing,
+TokenSet batches), with a DataError naming the scale and, for a memory map, its file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +34,7 @@ import torch
 
 from epviz.errors import ConfigError, DataError
 
-__all__ = ["Int8Tokens", "dequantize", "quantize"]
+__all__ = ["Int8Tokens", "check_scales", "dequantize", "quantize"]
 
 _FP16_MAX = 65504.0  # largest finite float16
 _FP16_TINY = 2.0**-14  # smallest normal float16: below it a scale loses relative precision
@@ -109,15 +114,47 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         scales: Scales (...,), float16 or float32.
 
     Raises:
-        DataError: The shapes do not fit: scales must be values' shape without its last axis.
+        DataError: The shapes do not fit: scales must be values' shape without its last axis; or a
+            scale is negative, NaN or inf.
     """
     if tuple(values.shape[:-1]) != tuple(scales.shape):
         raise DataError(_shape_message(tuple(values.shape), tuple(scales.shape)))
+    if not bool(((scales >= 0) & torch.isfinite(scales)).all()):
+        check_scales(scales.detach().float().cpu().numpy())  # names the first bad scale
     return values.float() * scales.float().unsqueeze(-1)
 
 
-def _dequantize_numpy(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """The numpy twin of :func:`dequantize` (bit-identical: one float32 product per element)."""
+def check_scales(scales: np.ndarray, source: Any = None) -> None:
+    """Refuse int8 token scales that are negative, NaN or inf (:func:`quantize` never writes them).
+
+    Args:
+        scales: The scales about to be used (any shape).
+        source: The array they were read from: a memory map's file is named in the message.
+
+    Raises:
+        DataError: Names the first bad scale's value, and the file or the fix.
+    """
+    scales = np.asarray(scales)
+    good = (scales >= 0) & (scales < np.inf)  # NaN fails both
+    if bool(good.all()):
+        return
+    value = float(scales.reshape(-1)[np.flatnonzero(~good.reshape(-1))[0]])
+    filename = getattr(source, "filename", None)
+    fix = (
+        f"the file {filename} is damaged: delete {Path(filename).parent} and extract again"
+        if filename
+        else "quantize the float tokens again (Int8Tokens.from_floats)"
+    )
+    raise DataError(
+        f"int8 token scales hold {value} ({int((~good).sum())} of the {good.size} scales read are negative, NaN or inf): "
+        f"a scale is max|x| / 127, finite and never negative; {fix}"
+    )
+
+
+def _dequantize_numpy(values: np.ndarray, scales: np.ndarray, source: Any = None) -> np.ndarray:
+    """The numpy twin of :func:`dequantize` (bit-identical: one float32 product per element); refuses bad
+    scales (:func:`check_scales`, naming `source`'s file)."""
+    check_scales(scales, source)
     out = values.astype(np.float32)
     out *= np.asarray(scales, dtype=np.float32)[..., None]  # in place: one float32 array, not two
     return out
@@ -211,7 +248,7 @@ class Int8Tokens:
                 f"Int8Tokens indexes the first axis only (an int, a slice or an index array), got {index!r}; "
                 "select rows first, then index the float32 result: tokens[rows][..., d]"
             )
-        return _dequantize_numpy(np.asarray(self.values[index]), np.asarray(self.scales[index]))
+        return _dequantize_numpy(np.asarray(self.values[index]), np.asarray(self.scales[index]), self.scales)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         if copy is False:

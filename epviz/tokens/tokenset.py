@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from epviz.errors import ConfigError, DataError
-from epviz.tokens.quantized import Int8Tokens
+from epviz.tokens.quantized import Int8Tokens, check_scales
 
 __all__ = ["NonFinite", "TokenArray", "TokenSet", "TokenBatch", "TokenOrigin"]
 
@@ -106,6 +106,11 @@ class TokenSet:
     With ``views`` K > 1, ``patch`` and ``prefix`` hold K rows per image, image-major (row
     ``i * K + v`` is view v of image i), ``labels`` one per image, and ``len()`` counts images.
 
+    The attributes can be reassigned, but every read (:meth:`batch`, :meth:`batches`,
+    :meth:`subset`, :meth:`load`, :meth:`find_nonfinite`, :meth:`for_epoch`) first checks that the
+    labels, the patch and prefix rows and the grid still agree (a few shape comparisons), and
+    raises a DataError saying what disagrees.
+
     Attributes:
         patch: Array (N_images * views, N, D); any numpy array or memmap (fp16 on disk), or
             :class:`~epviz.tokens.quantized.Int8Tokens`.
@@ -126,44 +131,14 @@ class TokenSet:
     views: int = 1
 
     def __post_init__(self) -> None:
-        if self.patch.ndim != 3:
-            raise DataError(f"patch tokens must be (images, tokens, dim); got shape {tuple(self.patch.shape)}")
         if isinstance(self.views, bool) or not isinstance(self.views, numbers.Integral) or self.views < 1:
             raise ConfigError(f"views must be a positive integer (stored views per image), got {self.views!r}")
         self.views = int(self.views)
-        n_rows, n_tokens, _ = self.patch.shape
-        labels = np.asarray(self.labels)
-        if labels.ndim != 1:
-            raise DataError(
-                f"labels must be one class index per image, shape ({n_rows // self.views},); got shape {labels.shape}"
-            )
-        n_images = len(labels)
-        if self.views == 1 and n_images != n_rows:
-            raise DataError(f"{n_images} labels for {n_rows} token sets; they must match")
-        if n_rows != n_images * self.views:
-            raise DataError(
-                f"patch tokens hold {n_rows} rows but {n_images} images with views={self.views} need "
-                f"{n_images * self.views} (image-major: row i * {self.views} + v is view v of image i); "
-                "pass the views the cache was extracted with, and one label per image"
-            )
-        kind = labels.dtype.kind
-        if labels.size and (kind not in "iufb" or (kind == "f" and not np.all(np.mod(labels, 1) == 0))):
-            raise DataError(
-                f"labels must be integer class indices, got dtype {labels.dtype}"
-                + (" with fractional values" if kind == "f" else "")
-            )
-        if self.prefix is not None and self.prefix.shape[0] != n_rows:
-            noun = "images" if self.views == 1 else "rows"
-            raise DataError(f"prefix tokens cover {self.prefix.shape[0]} {noun}, patch tokens {n_rows}")
+        self._check_shapes(constructing=True)
         if self.prefix is not None and self.prefix.shape[1] == 0:
             self.prefix = None
-        self.grid = _as_grid(self.grid)
-        if self.grid[0] * self.grid[1] != n_tokens:
-            raise ConfigError(
-                f"grid {self.grid} has {self.grid[0] * self.grid[1]} cells but there are {n_tokens} patch tokens; "
-                "pass the backbone's patch grid (rows, cols) with rows * cols == tokens"
-            )
-        self.labels = labels.astype(np.int64, copy=False)
+        self.labels = np.asarray(self.labels).astype(np.int64, copy=False)
+        n_images = len(self.labels)
         if self.num_classes is None:
             self.num_classes = int(self.labels.max()) + 1 if n_images else 0
         else:
@@ -180,7 +155,53 @@ class TokenSet:
                         "class count as num_classes, or fix the labels"
                     )
         self._finite: NonFinite | None | Literal[False] = False  # False: not scanned yet
+        self._on_scan: Callable[[NonFinite | None], None] | None = None  # told each scan's answer (a cache's manifest)
         self._choice: np.ndarray | None = None  # the view each image reads; None: view 0
+
+    def _check_shapes(self, constructing: bool = False) -> None:
+        """Check that labels, patch rows, prefix rows and grid agree (at construction, and before every read).
+
+        Raises:
+            DataError: Labels, patch or prefix tokens of shapes that do not fit each other.
+            ConfigError: A grid that is not (rows, cols) of positive integers covering the patch tokens.
+        """
+        if getattr(self.patch, "ndim", None) != 3:
+            raise DataError(f"patch tokens must be (images, tokens, dim); got shape {tuple(getattr(self.patch, 'shape', ()))}")
+        n_rows, n_tokens, _ = self.patch.shape
+        labels = self.labels if isinstance(self.labels, np.ndarray) else np.asarray(self.labels)
+        if labels.ndim != 1:
+            raise DataError(
+                f"labels must be one class index per image, shape ({n_rows // self.views},); got shape {labels.shape}"
+            )
+        n_images = len(labels)
+        if self.views == 1 and n_images != n_rows:
+            raise DataError(
+                f"{n_images} labels for {n_rows} token sets; they must match"
+                + ("" if constructing else " (the labels or tokens were replaced after the TokenSet was built: build a new one)")
+            )
+        if n_rows != n_images * self.views:
+            raise DataError(
+                f"patch tokens hold {n_rows} rows but {n_images} images with views={self.views} need "
+                f"{n_images * self.views} (image-major: row i * {self.views} + v is view v of image i); "
+                "pass the views the cache was extracted with, and one label per image"
+            )
+        kind = labels.dtype.kind
+        if labels.size and (kind not in "iufb" or (kind == "f" and not np.all(np.mod(labels, 1) == 0))):
+            raise DataError(
+                f"labels must be integer class indices, got dtype {labels.dtype}"
+                + (" with fractional values" if kind == "f" else "")
+            )
+        if self.prefix is not None and (getattr(self.prefix, "ndim", None) != 3 or self.prefix.shape[0] != n_rows):
+            noun = "images" if self.views == 1 else "rows"
+            raise DataError(f"prefix tokens cover {self.prefix.shape[0]} {noun}, patch tokens {n_rows}")
+        grid = _as_grid(self.grid)
+        if constructing:
+            self.grid = grid
+        if grid[0] * grid[1] != n_tokens:
+            raise ConfigError(
+                f"grid {grid} has {grid[0] * grid[1]} cells but there are {n_tokens} patch tokens; "
+                "pass the backbone's patch grid (rows, cols) with rows * cols == tokens"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -212,6 +233,7 @@ class TokenSet:
         for name, value in (("epoch", epoch), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        self._check_shapes()
         if self.views == 1:
             return self
         other = copy.copy(self)
@@ -241,6 +263,7 @@ class TokenSet:
         Raises:
             ConfigError: An index outside [0, len(self)).
         """
+        self._check_shapes()
         index = np.sort(np.asarray(index, dtype=np.int64).reshape(-1))
         if len(index) and (index[0] < 0 or index[-1] >= len(self)):
             raise ConfigError(f"index must lie in [0, {len(self)}); got values from {index[0]} to {index[-1]}")
@@ -261,6 +284,7 @@ class TokenSet:
     def load(self) -> TokenSet:
         """A copy of this set held in RAM (fast random access; costs N*D*2 bytes per image and view
         in fp16, a quarter of fp32 for int8 tokens, which stay int8)."""
+        self._check_shapes()
         out = TokenSet(
             patch=_load(self.patch),
             prefix=None if self.prefix is None else _load(self.prefix),
@@ -275,7 +299,13 @@ class TokenSet:
         return out
 
     def batch(self, index: np.ndarray, device: torch.device | str = "cpu") -> TokenBatch:
-        """Gather the samples at `index` as an fp32 TokenBatch on `device` (with views: each image's chosen view)."""
+        """Gather the samples at `index` as an fp32 TokenBatch on `device` (with views: each image's chosen view).
+
+        Raises:
+            DataError: The labels and tokens no longer agree (replaced after construction), or int8 tokens
+                with a negative or non-finite scale.
+        """
+        self._check_shapes()
         index = np.ascontiguousarray(index, dtype=np.int64)  # torch rejects negative strides
         rows = self.rows(index)
         order = np.argsort(rows, kind="stable")
@@ -306,6 +336,7 @@ class TokenSet:
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self._check_shapes()
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
         stop = n - n % batch_size if drop_last else n
@@ -316,8 +347,10 @@ class TokenSet:
         """Scan every sample once for NaN or inf, a chunk at a time (a memory map is never loaded whole).
 
         The answer is remembered when the arrays are read-only (memory-mapped caches), since
-        they cannot change; arrays that can be written are scanned again on every call.
-        With views, every stored view is scanned, and a sample is bad when any of its views is.
+        they cannot change; arrays that can be written are scanned again on every call. The
+        tokens of a :class:`~epviz.TokenCache` also come with the answer remembered in its
+        manifest, and tell it each new one. With views, every stored view is scanned, and a
+        sample is bad when any of its views is.
 
         Args:
             chunk_bytes: About how many bytes of tokens to read at a time.
@@ -325,6 +358,7 @@ class TokenSet:
         Returns:
             None when every value is finite, else where the first bad sample is and how many there are.
         """
+        self._check_shapes()
         arrays = [("patch", self.patch)] + ([("prefix", self.prefix)] if self.prefix is not None else [])
         frozen = all(not getattr(a, "flags", None) or not a.flags.writeable for _, a in arrays)
         cached = cast("NonFinite | None | Literal[False]", getattr(self, "_finite", False))
@@ -353,6 +387,9 @@ class TokenSet:
             found = NonFinite(first=first, part=part, count=count, total=n)
         if frozen:
             self._finite = found
+            remember = getattr(self, "_on_scan", None)
+            if remember is not None:
+                remember(found)
         return found
 
 
@@ -378,7 +415,9 @@ def _gather(array: TokenArray, sorted_rows: np.ndarray, inverse: np.ndarray, dev
     """
     if isinstance(array, Int8Tokens):
         values = torch.from_numpy(np.asarray(array.values[sorted_rows])[inverse]).to(device)
-        scales = torch.from_numpy(np.asarray(array.scales[sorted_rows], dtype=np.float32)[inverse]).to(device)
+        scales = np.asarray(array.scales[sorted_rows], dtype=np.float32)[inverse]
+        check_scales(scales, array.scales)
+        scales = torch.from_numpy(scales).to(device)
         return values.to(torch.float32).mul_(scales.unsqueeze(-1))
     return torch.from_numpy(np.asarray(array[sorted_rows])[inverse]).to(device=device, dtype=torch.float32)
 

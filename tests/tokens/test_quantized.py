@@ -150,11 +150,22 @@ def test_memory_mapped_int8_tokens_are_read_only(tmp_path):
     assert loaded.patch.flags.writeable
 
 
-def test_find_nonfinite_sees_a_bad_scale():
+@pytest.mark.parametrize("bad", [np.inf, np.nan, -0.5])
+def test_a_negative_or_nonfinite_scale_is_refused_wherever_tokens_are_read(tmp_path, bad):
     tokens = make_tokens()
-    tokens.scales[13, 2] = np.inf
-    found = TokenSet(tokens, None, np.arange(20) % 4, (2, 2)).find_nonfinite(chunk_bytes=100)
-    assert (found.first, found.part, found.count, found.total) == (13, "patch", 1, 20)
+    tokens.scales[13, 2] = bad
+    ts = TokenSet(tokens, None, np.arange(20) % 4, (2, 2))
+    for read in (lambda: ts.find_nonfinite(chunk_bytes=100), lambda: ts.batch(np.array([2, 13])), lambda: tokens[13]):
+        with pytest.raises(DataError, match=f"int8 token scales hold {bad} .*finite and never negative"):
+            read()
+    with pytest.raises(DataError, match="finite and never negative"):
+        dequantize(torch.from_numpy(tokens.values), torch.from_numpy(tokens.scales))
+    assert np.array_equal(tokens[:13], make_tokens()[:13]), "the good rows still read"
+    np.save(tmp_path / "v.npy", tokens.values)
+    np.save(tmp_path / "s.npy", tokens.scales)
+    mapped = Int8Tokens(np.load(tmp_path / "v.npy", mmap_mode="r"), np.load(tmp_path / "s.npy", mmap_mode="r"))
+    with pytest.raises(DataError, match=f"the file {tmp_path / 's.npy'} is damaged: delete {tmp_path} and extract again"):
+        mapped[10:15]
 
 
 def test_bad_shapes_and_dtypes_are_named():

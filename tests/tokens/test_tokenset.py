@@ -81,3 +81,33 @@ def test_find_nonfinite_remembers_read_only_memory_maps(tmp_path):
     mapped.patch = np.zeros_like(patch)  # a read-only map cannot change; the answer is kept
     mapped.patch.flags.writeable = False
     assert mapped.find_nonfinite() is first
+
+
+def test_labels_and_tokens_replaced_after_construction_are_refused_on_every_read():
+    import epviz.probes as probes
+    from epviz.evaluate import accuracy
+
+    ts = make(n=37)
+    ts.labels = ts.labels[:30]  # would be scored over 30 of the 37 samples
+    reads = [
+        lambda: accuracy(probes.build("gap", 8, 3), ts),
+        lambda: next(ts.batches(8)),
+        lambda: ts.batch(np.array([0, 1])),
+        lambda: ts.subset([0]),
+        lambda: ts.load(),
+        lambda: ts.find_nonfinite(),
+        lambda: ts.for_epoch(0, 0),
+    ]
+    for read in reads:
+        with pytest.raises(
+            DataError, match="30 labels for 37 token sets; they must match .*replaced after the TokenSet was built"
+        ):
+            read()
+    ts = make(n=12)
+    ts.prefix = ts.prefix[:10]
+    with pytest.raises(DataError, match="prefix tokens cover 10 images, patch tokens 12"):
+        next(ts.batches(4))
+    ts = make(n=12)
+    ts.patch = ts.patch[:, :2]
+    with pytest.raises(ConfigError, match=r"grid \(2, 2\) has 4 cells but there are 2 patch tokens"):
+        ts.batch(np.array([0]))
