@@ -374,6 +374,35 @@ def _results(args: argparse.Namespace) -> None:
     print(render_section(read_results(csv) if csv.is_file() else None, name))
 
 
+def _cache_verify(args: argparse.Namespace) -> None:
+    """One line per token cache: ok, or what is wrong with it (every checksum is checked: reads each cache once)."""
+    from epviz.errors import ConfigError, EpvizError
+    from epviz.tokens import default_cache_dir
+    from epviz.tokens.cache import verify_cache
+
+    root = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    found = sorted(p for p in root.iterdir() if p.is_dir() and ".partial-" not in p.name) if root.is_dir() else []
+    chosen: list[Path | str] = list(found) if not args.caches else []
+    for item in args.caches:
+        named = [p for p in found if p.name == item or (len(item) >= 6 and p.name.rsplit("__", 1)[-1].startswith(item[:20]))]
+        chosen += [Path(item)] if Path(item).is_dir() else named or [item]
+    if not chosen:
+        print(f"no token caches in {root}")
+        return
+    bad = 0
+    for cache in chosen:
+        try:
+            if isinstance(cache, str):
+                raise ConfigError(f"no token cache folder or key {cache!r} in {root}")
+            opened = verify_cache(cache)
+            print(f"ok   {cache} ({len(opened)} images, layers {opened.layers}, {opened.meta['dtype']})")
+        except (EpvizError, OSError) as err:
+            bad += 1
+            print(f"BAD  {cache}: {err}")
+    if bad:
+        sys.exit(f"epviz cache verify: {bad} of {len(chosen)} token caches failed")
+
+
 def _zoo(args: argparse.Namespace) -> None:
     from epviz.backbones import zoo
 
@@ -540,6 +569,20 @@ def main(argv: list[str] | None = None) -> None:
     res.add_argument("--csv", default=None, help="the published table (default docs/results.csv)")
     res.add_argument("--from", dest="source", default=None, help="a full run's table (default figures/results.csv)")
     res.set_defaults(func=_results)
+    cache = sub.add_parser("cache", help="token cache maintenance: verify the caches' checksums")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    verify = cache_sub.add_parser(
+        "verify",
+        help="check every file of token caches against the checksums written at extraction (one line per cache)",
+        description="Read each token cache once and check its files against the per-shard checksums written at "
+        "extraction (opening a cache checks only its manifest, headers and sizes). Prints 'ok' or what is wrong, one "
+        "line per cache; exits non-zero when any cache fails.",
+    )
+    verify.add_argument("--cache-dir", default=None, help="token cache folder (default $EPVIZ_CACHE)")
+    verify.add_argument(
+        "caches", nargs="*", metavar="KEY_OR_FOLDER", help="cache folders, folder names or keys (default: every cache)"
+    )
+    verify.set_defaults(func=_cache_verify)
     z = sub.add_parser("zoo", help="show the embedded backbones' model cards")
     z.set_defaults(func=_zoo)
     args = parser.parse_args(argv)

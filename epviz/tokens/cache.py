@@ -19,7 +19,17 @@ an interrupted run never leaves a cache that reads as complete, and the next cal
 only the missing shards. Inside a torch.distributed process group (``torchrun``) the ranks
 share the shards and every rank returns the same complete cache; read in one process it is
 the cache a single process writes. A second call with the same key is a cache hit that
-never touches the backbone.
+never touches the backbone. Two processes extracting the same cache at once take turns on a
+lock file in the cache root (``<name>.partial-lock``, ``fcntl.flock``, held by rank 0 of each
+run): the second waits, then finds the first's cache.
+
+The manifest (``meta.json``) records the key and everything it hashes, the backbone's grid and
+shapes, and each file's dtype, shape and per-shard blake2b checksums (computed while writing),
+under a checksum of its own. Every open checks the manifest, the key against the folder's name,
+the grid, every ``.npy`` header's dtype and shape and every file's length (no data read, see
+:meth:`TokenCache.open`); :func:`verify_cache` (``epviz cache verify``) rehashes the data. A
+missing or damaged manifest is an unfinished cache, which :func:`extract_tokens` extracts again;
+any other mismatch is a DataError naming the file.
 
 The cache also records which split the images belong to (:func:`dataset_split`, kept in
 ``meta.json`` and in every TokenSet's ``origin.split``, not part of the key), so that
@@ -31,7 +41,10 @@ implementation instead runs the backbone on augmented images at every training s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import numbers
@@ -39,9 +52,11 @@ import os
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -57,22 +72,38 @@ from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens.quantized import Int8Tokens, quantize
 from epviz.tokens.shards import (
     ArraySpec,
+    IncompleteCache,
     RowWriter,
     ShardPlan,
     check_manifest,
+    checksum_rows,
     complete_shards,
     prepare_files,
+    read_header,
     read_plan,
     write_marker,
 )
 from epviz.tokens.storage import STORAGE_DTYPES, check_free_space, estimate_bytes
-from epviz.tokens.tokenset import TokenOrigin, TokenSet
+from epviz.tokens.tokenset import NonFinite, TokenOrigin, TokenSet
 from epviz.tokens.views import augmented_batch
 
-__all__ = ["TokenCache", "extract_tokens", "default_cache_dir", "dataset_split", "cache_key", "CACHE_FORMAT"]
+__all__ = [
+    "TokenCache",
+    "IncompleteCache",
+    "extract_tokens",
+    "verify_cache",
+    "default_cache_dir",
+    "dataset_split",
+    "cache_key",
+    "CACHE_FORMAT",
+]
 
 CACHE_FORMAT = 1
 _PARTIAL = ".partial-"
+_LOCK = f"{_PARTIAL}lock"  # <cache name>.partial-lock in the cache root: concurrent writers of one cache wait on it
+_KEY_SUFFIX = re.compile(r"__([0-9a-f]{20})$")  # a cache folder's name ends with the first 20 hex digits of its key
+_MUTABLE = ("split", "finite", "manifest_blake2b")  # manifest entries outside its checksum (may change after extraction)
+T = TypeVar("T")
 
 
 def default_cache_dir() -> Path:
@@ -89,7 +120,9 @@ class TokenCache:
 
     Attributes:
         path: Its folder.
-        meta: The key components and shapes (``meta.json``).
+        meta: The manifest (``meta.json``): the key and what it hashes (backbone name and weights
+            hash, dataset, layers, transform, norm, precision, dtype, views), the backbone's grid and
+            shapes, the shards, and each file's dtype, shape and per-shard checksums.
         hit: True when this call found the cache instead of extracting.
     """
 
@@ -98,16 +131,58 @@ class TokenCache:
     hit: bool = False
 
     @classmethod
-    def open(cls, path: str | Path, hit: bool = True) -> TokenCache:
-        """Open a complete cache folder (raises when it is incomplete)."""
+    def open(cls, path: str | Path, hit: bool = True, *, expect: Mapping[str, Any] | None = None) -> TokenCache:
+        """Open a complete cache folder, after cheap checks that read no token data and hash nothing.
+
+        Checked every time: the manifest is whole and unedited (its own checksum), the folder is the one
+        its key names, the grid fits the patch tokens, every shard has its marker, and every file has
+        the dtype, shape (rows included) and length the manifest gives, read from its ``.npy`` header.
+        The data's checksums are checked on demand by :func:`verify_cache` (``epviz cache verify``).
+
+        Args:
+            path: The cache folder.
+            hit: Recorded as :attr:`hit`.
+            expect: Manifest entries the caller needs (``key``, ``grid``, ``num_images``,
+                ``num_patches``, ``num_prefix_tokens``, ``dim``): another value is a DataError.
+
+        Raises:
+            IncompleteCache: (a DataError) No ``meta.json``, a damaged or edited one, or a shard
+                without its marker: the cache was never finished; :func:`extract_tokens` redoes it.
+            DataError: A file or the folder that does not match the manifest, or a manifest that does
+                not match `expect`; the message names the file and the fix.
+        """
         path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{path} is not a complete token cache (no meta.json); delete it and extract again")
-        meta = json.loads(meta_file.read_text())
-        if "shards" in meta:  # written by a (possibly distributed) sharded extraction: check its manifest
-            shape = _Shapes(meta["num_images"], meta.get("views", 1), meta["num_patches"], meta["num_prefix_tokens"], meta["dim"])
-            check_manifest(path, meta, _array_specs(list(meta["layers"]), shape, meta.get("dtype", "float16")))
+        meta = _read_manifest(path)
+        meta_file, fix = path / "meta.json", f"delete {path} and extract again"
+        try:
+            key = str(meta["key"])
+            grid = [int(g) for g in meta["backbone"]["grid"]]
+            shape = _shapes_of(meta)
+            layers = [int(layer) for layer in meta["layers"]]
+            if meta["dtype"] not in STORAGE_DTYPES:
+                raise ValueError(f"dtype {meta['dtype']!r}")
+            specs = _array_specs(layers, shape, meta["dtype"])
+            named = _KEY_SUFFIX.search(path.name)
+            if named and not key.startswith(named.group(1)):
+                raise DataError(
+                    f"{meta_file} belongs to the cache of key {key[:20]}... ({meta['backbone'].get('name')}) but the folder "
+                    f"{path} is named for key {named.group(1)}...: it holds another cache's tokens (copied or renamed); {fix}"
+                )
+            if len(grid) != 2 or min(grid) < 1 or grid[0] * grid[1] != shape.patch:
+                raise DataError(f"{meta_file} gives the grid {grid} for {shape.patch} patch tokens; {fix}")
+            actual = {"key": key, "grid": grid, "num_images": shape.images, "num_patches": shape.patch,
+                      "num_prefix_tokens": shape.prefix, "dim": shape.dim}  # fmt: skip
+            for name, wanted in (expect or {}).items():
+                if actual[name] != wanted:
+                    raise DataError(
+                        f"{meta_file} records {name} {actual[name]} but {wanted} is asked for: the folder holds another "
+                        f"cache's tokens under this cache's name; {fix}"
+                    )
+            check_manifest(path, meta, specs)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise IncompleteCache(f"{meta_file} lacks or garbles an entry ({type(err).__name__}: {err}); {fix}") from err
         return cls(path=path, meta=meta, hit=hit)
 
     @property
@@ -118,12 +193,13 @@ class TokenCache:
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (rows, cols)."""
-        return tuple(self.meta["backbone"]["grid"])
+        rows, cols = self.meta["backbone"]["grid"]
+        return int(rows), int(cols)
 
     @property
     def labels(self) -> np.ndarray:
-        """Class labels (n,)."""
-        return np.load(self.path / "labels.npy")
+        """Class labels (n,), in memory."""
+        return np.array(self._map("labels.npy"))
 
     def _check(self, layer: int) -> int:
         layer = layer % self.meta["backbone"]["depth"] if layer < 0 else layer
@@ -136,10 +212,19 @@ class TokenCache:
         """Stored views per image (1 without augmented views)."""
         return int(self.meta.get("views", 1))
 
+    def _map(self, name: str) -> np.memmap:
+        """One file of the cache as a read-only memory map (its header read again: it was checked at open)."""
+        path = self.path / name
+        dtype, shape, offset = read_header(path)
+        try:
+            return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path} cannot be mapped ({err}); delete {self.path} and extract again") from err
+
     def _array(self, stem: str) -> np.ndarray | Int8Tokens:
-        values = np.load(self.path / f"{stem}.npy", mmap_mode="r")
+        values = self._map(f"{stem}.npy")
         if self.meta.get("dtype") == "int8":
-            return Int8Tokens(values, np.load(self.path / f"{stem}_scale.npy", mmap_mode="r"))
+            return Int8Tokens(values, self._map(f"{stem}_scale.npy"))
         return values
 
     def patch(self, layer: int) -> np.ndarray | Int8Tokens:
@@ -150,7 +235,7 @@ class TokenCache:
     def prefix(self, layer: int) -> np.ndarray | Int8Tokens | None:
         """Prefix tokens of `layer` (n x views, P, D), or None when the backbone has none."""
         stem = f"L{self._check(layer):03d}_prefix"
-        return self._array(stem) if (self.path / f"{stem}.npy").is_file() else None
+        return self._array(stem) if int(self.meta["num_prefix_tokens"]) else None
 
     @property
     def split(self) -> str | None:
@@ -162,7 +247,12 @@ class TokenCache:
         return split if isinstance(split, str) else None
 
     def tokens(self, layer: int, in_memory: bool = False) -> TokenSet:
-        """The TokenSet of one layer (memory-mapped unless `in_memory`)."""
+        """The TokenSet of one layer: read-only, memory-mapped, or held in RAM when `in_memory`.
+
+        Whether the layer's tokens are finite is scanned once per cache and remembered in its manifest
+        (with the files' sizes and modification times, so a file changed since is scanned again);
+        :func:`epviz.evaluate.ensure_finite` and :func:`epviz.fit` read that answer.
+        """
         layer = self._check(layer)
         ts = TokenSet(
             patch=self.patch(layer),
@@ -179,10 +269,110 @@ class TokenCache:
                 split=self.split,
             ),
         )
-        return ts.load() if in_memory else ts
+        if in_memory:
+            ts = ts.load()
+            for array in (ts.patch, ts.prefix):
+                _freeze(array)  # as read-only as the memory map: the finiteness answer stays true
+        ts._finite = self._finite_record(layer)
+        ts._on_scan = functools.partial(self._remember_finite, layer)
+        return ts
+
+    def _finite_record(self, layer: int) -> NonFinite | None | Literal[False]:
+        """The remembered finiteness of `layer` (None: finite), or False when unknown or its files changed since."""
+        try:
+            record = self.meta.get("finite", {})[f"L{layer:03d}"]
+            if record["files"] != _signatures(self.path, _layer_files(self.meta["arrays"], layer)):
+                return False
+            found = record["nonfinite"]
+            return None if found is None else NonFinite(**found)
+        except (KeyError, TypeError, ValueError, OSError):
+            return False
+
+    def _remember_finite(self, layer: int, found: NonFinite | None) -> None:
+        """Record a finiteness scan of `layer` in the manifest (outside its checksum), for the next reader."""
+        try:
+            record = {"nonfinite": None if found is None else dataclasses.asdict(found)}
+            record["files"] = _signatures(self.path, _layer_files(self.meta["arrays"], layer))
+            self.meta.setdefault("finite", {})[f"L{layer:03d}"] = record
+            meta_file = self.path / "meta.json"
+            on_disk = json.loads(meta_file.read_text(encoding="utf-8"))
+            if on_disk.get("manifest_blake2b") == self.meta.get("manifest_blake2b"):  # still this cache, not a newer one
+                on_disk.setdefault("finite", {})[f"L{layer:03d}"] = record
+                atomic_write_text(meta_file, json.dumps(on_disk, indent=1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # a read-only or vanished folder: only the memo is lost, and the next reader scans again
 
     def __len__(self) -> int:
         return int(self.meta["num_images"])
+
+
+def verify_cache(path: str | Path) -> TokenCache:
+    """Open a cache (:meth:`TokenCache.open`'s checks) and check every shard of every file against the
+    checksum written at extraction (reads the whole cache once: ``epviz cache verify``).
+
+    Returns:
+        The cache, when every checksum matches.
+
+    Raises:
+        DataError: The first file whose rows do not match (the message names the file, the rows and the fix),
+            or any failure of :meth:`TokenCache.open`.
+    """
+    cache = TokenCache.open(path)
+    meta, n = cache.meta, len(cache)
+    specs = _array_specs(cache.layers, _shapes_of(meta), meta["dtype"])
+    for spec in specs:
+        per_image = spec.shape[0] // n  # the views of token files; 1 for the labels
+        for (start, end), expected in zip(meta["shards"], meta["arrays"][spec.name]["blake2b"]):
+            if checksum_rows(cache.path / spec.name, spec, start * per_image, end * per_image) != expected:
+                raise DataError(
+                    f"{cache.path / spec.name}: rows {start * per_image}-{end * per_image - 1} (images {start}-{end - 1}) do "
+                    f"not match the checksum written at extraction: the file was changed or damaged; delete {cache.path} "
+                    "and extract again"
+                )
+    return cache
+
+
+def _read_manifest(path: Path) -> dict:
+    """``meta.json`` of `path`, whole and unedited (its checksum), else an :class:`IncompleteCache`."""
+    meta_file, fix = path / "meta.json", f"delete {path} and extract again"
+    if not meta_file.is_file():
+        raise IncompleteCache(f"{path} is not a complete token cache (no meta.json); {fix}")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IncompleteCache(f"{meta_file} is damaged ({type(err).__name__}: {err}): the cache is not complete; {fix}") from err
+    if not isinstance(meta, dict) or "manifest_blake2b" not in meta:
+        raise IncompleteCache(f"{meta_file} has no manifest checksum (an unfinished cache, or one of an older epviz); {fix}")
+    if meta["manifest_blake2b"] != _manifest_digest(meta):
+        raise IncompleteCache(f"{meta_file} does not match its own checksum: the manifest was edited or damaged; {fix}")
+    return meta
+
+
+def _manifest_digest(meta: Mapping[str, Any]) -> str:
+    """blake2b of the manifest's entries, all but those that may change after extraction (:data:`_MUTABLE`)."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k not in _MUTABLE}))  # as read back from disk
+    return hashlib.blake2b(json.dumps(body, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _layer_files(arrays: Mapping[str, Any], layer: int) -> list[str]:
+    """The names of the files of `layer` (patch, prefix, int8 scales) among a manifest's arrays."""
+    return sorted(name for name in arrays if name.startswith(f"L{layer:03d}_"))
+
+
+def _signatures(folder: Path, names: list[str]) -> dict[str, list[int]]:
+    """Size and modification time (ns) of each file: what tells a finiteness record that its files changed."""
+    out = {}
+    for name in names:
+        stat = (folder / name).stat()
+        out[name] = [int(stat.st_size), int(stat.st_mtime_ns)]
+    return out
+
+
+def _freeze(array: np.ndarray | Int8Tokens | None) -> None:
+    """Make an in-memory token array read-only (int8 tokens: their values and scales)."""
+    for part in (array.values, array.scales) if isinstance(array, Int8Tokens) else (array,):
+        if isinstance(part, np.ndarray):
+            part.flags.writeable = False
 
 
 def _slug(text: str) -> str:
@@ -256,7 +446,7 @@ def _image_batches(dataset, batch_size: int, num_workers: int, start: int = 0, e
 def _remove_stale_partials(root: Path, key: str) -> None:
     """Remove the per-process partial folders that earlier versions left (never the resumable shards folder)."""
     for leftover in root.glob(f"*{key[:20]}{_PARTIAL}*"):
-        if leftover.name.endswith(f"{_PARTIAL}shards"):
+        if leftover.name.endswith((f"{_PARTIAL}shards", _LOCK)):
             continue
         pid = leftover.name.rsplit("-", 2)[-2]
         alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
@@ -287,7 +477,8 @@ def extract_tokens(
 
     Inside an initialised torch.distributed process group (``torchrun``), every rank calls this with
     the same arguments and extracts its shards (see :mod:`epviz.tokens.shards`); every rank returns
-    the complete cache. Outside one, the process is a world of one and does everything.
+    the complete cache. Outside one, the process is a world of one and does everything. Another
+    process extracting the same cache meanwhile is waited for (a file lock), then its cache is a hit.
 
     Args:
         backbone: From :func:`epviz.load_backbone`.
@@ -315,6 +506,10 @@ def extract_tokens(
     Raises:
         StorageError: Less free disk than the cache needs (checked before writing), or a full disk.
         ConfigError: Bad arguments, more ranks than images, or ranks that disagree on the key.
+        DataError: The cache's folder holds files that do not match its manifest, or another cache's
+            tokens (a copy under this key's name, another grid or size); the message names the file
+            and the fix. A folder without a manifest, with a damaged or edited one, or with a shard
+            missing its marker is not an error: it is extracted again (with a warning).
     """
     layers = backbone.resolve_layers(layers)
     norm = backbone.final_norm if norm is None else bool(norm)
@@ -345,82 +540,98 @@ def extract_tokens(
     name = f"{_slug(backbone.name)}__{_slug(str(parts['dataset'].get('dataset', 'data')))}__{key[:20]}"
     final = root / name
     split = dataset_split(dataset)
-    if final.exists() and not overwrite:
-        try:
-            cache = TokenCache.open(final, hit=True)
+    shape = _Shapes(n, views, backbone.num_patches, backbone.num_prefix_tokens, backbone.dim)
+    expect = {"key": key, "grid": list(backbone.grid), "num_images": n, "num_patches": shape.patch,
+              "num_prefix_tokens": shape.prefix, "dim": shape.dim}  # fmt: skip
+    with _cache_lock(root / f"{name}{_LOCK}", progress):  # a second writer of this cache waits here, then finds it
+        if _on_main_then_all(lambda: not overwrite and _finished(final, expect)):
+            cache = TokenCache.open(final, hit=True, expect=expect)
             if split is not None:
                 cache.meta["split"] = split  # caches written before the split was recorded
             return cache
-        except FileNotFoundError:
-            distributed.barrier()  # every rank has seen the broken cache before rank 0 removes it
-            if distributed.is_main():
-                shutil.rmtree(final, ignore_errors=True)
-    plan = ShardPlan.for_world(key, n, world, shard_size)
-    partial = root / f"{name}{_PARTIAL}shards"
-    shape = _Shapes(n, views, backbone.num_patches, backbone.num_prefix_tokens, backbone.dim)
-    specs = _array_specs(layers, shape, dtype)
-    if overwrite:
-        _on_main_then_all(lambda: shutil.rmtree(partial, ignore_errors=True))
-    _on_main_then_all(lambda: _prepare(root, key, partial, plan, specs, shape, len(layers), dtype, progress))
-    plan = read_plan(partial)
-    failure: BaseException | None = None
-    try:
-        _extract_shards(
-            backbone,
-            dataset,
-            layers,
-            partial,
-            plan,
-            specs,
-            shape,
-            norm=norm,
-            batch_size=batch_size,
-            precision=precision,
-            dtype=dtype,
-            view_seed=view_seed,
-            device=dev,
-            num_workers=num_workers,
-            progress=progress,
-        )
-    except BaseException as err:  # noqa: BLE001 - every rank learns of the failure below, then it is raised
-        failure = err
-    errors = distributed.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        if world == 1 and not complete_shards(partial, plan):
-            shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming
-        raise failure
-    if any(errors):
-        bad = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
-        raise RuntimeError(f"token extraction failed on another rank ({bad}); run again to extract only the missing shards")
+        plan = ShardPlan.for_world(key, n, world, shard_size)
+        partial = root / f"{name}{_PARTIAL}shards"
+        specs = _array_specs(layers, shape, dtype)
+        if overwrite:
+            _on_main_then_all(lambda: shutil.rmtree(partial, ignore_errors=True))
+        _on_main_then_all(lambda: _prepare(root, key, partial, plan, specs, shape, len(layers), dtype, progress))
+        plan = read_plan(partial)
+        failure: BaseException | None = None
+        try:
+            _extract_shards(
+                backbone,
+                dataset,
+                layers,
+                partial,
+                plan,
+                specs,
+                shape,
+                norm=norm,
+                batch_size=batch_size,
+                precision=precision,
+                dtype=dtype,
+                view_seed=view_seed,
+                device=dev,
+                num_workers=num_workers,
+                progress=progress,
+            )
+        except BaseException as err:  # noqa: BLE001 - every rank learns of the failure below, then it is raised
+            failure = err
+        errors = distributed.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            if world == 1 and not complete_shards(partial, plan):
+                shutil.rmtree(partial, ignore_errors=True)  # nothing worth resuming
+            raise failure
+        if any(errors):
+            bad = "; ".join(f"rank {r}: {e}" for r, e in enumerate(errors) if e)
+            raise RuntimeError(f"token extraction failed on another rank ({bad}); run again to extract only the missing shards")
 
-    def finish() -> None:
-        missing = sorted(set(range(len(plan.shards))) - complete_shards(partial, plan))
-        if missing:
-            raise RuntimeError(f"shards {missing} of {partial} are not complete after every rank finished; run again")
-        labels = np.load(partial / "labels.npy", mmap_mode="r")
-        meta = {
-            "num_images": n,
-            "views": int(views),
-            "layers": layers,
-            "num_patches": shape.patch,
-            "num_prefix_tokens": shape.prefix,
-            "dim": shape.dim,
-            "seconds": round(sum(json.loads(m.read_text())["seconds"] for m in (partial / "shards").glob("*.json")), 2),
-            "dataset_info": {"num_classes": int(dataset.num_classes) if isinstance(dataset, ImageDataset) else None},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "world_size": world,
-            "shards": [list(r) for r in plan.shards],
-            "label_range": [int(labels.min()), int(labels.max())] if n else None,
-        }
-        meta.update(parts, key=key, split=split)
-        meta["backbone"] = dict(backbone.describe())
-        atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(partial, final)
+        def finish() -> None:
+            markers = complete_shards(partial, plan)
+            missing = sorted(set(range(len(plan.shards))) - set(markers))
+            if missing:
+                raise DataError(
+                    f"shards {missing} of {partial} have no completion marker after every rank finished (was the folder "
+                    "changed by another process?); run again to extract them"
+                )
+            labels = np.load(partial / "labels.npy", mmap_mode="r")
+            meta: dict[str, Any] = {
+                "num_images": n,
+                "views": int(views),
+                "layers": layers,
+                "num_patches": shape.patch,
+                "num_prefix_tokens": shape.prefix,
+                "dim": shape.dim,
+                "seconds": round(sum(float(m.get("seconds", 0.0)) for m in markers.values()), 2),
+                "dataset_info": {"num_classes": int(dataset.num_classes) if isinstance(dataset, ImageDataset) else None},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "world_size": world,
+                "shards": [list(r) for r in plan.shards],
+                "label_range": [int(labels.min()), int(labels.max())] if n else None,
+                "arrays": {
+                    spec.name: {
+                        "dtype": spec.dtype,
+                        "shape": list(spec.shape),
+                        "blake2b": [markers[i]["blake2b"][spec.name] for i in range(len(plan.shards))],
+                    }
+                    for spec in specs
+                },
+            }
+            meta.update(parts, key=key, split=split)
+            meta["backbone"] = dict(backbone.describe())
+            # every token was checked finite as it was stored (_store): remembered with the files' sizes and times
+            meta["finite"] = {
+                f"L{layer:03d}": {"nonfinite": None, "files": _signatures(partial, _layer_files(meta["arrays"], layer))}
+                for layer in layers
+            }
+            meta["manifest_blake2b"] = _manifest_digest(meta)
+            atomic_write_text(partial / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(partial, final)
 
-    _on_main_then_all(finish)
-    return TokenCache.open(final, hit=False)
+        _on_main_then_all(finish)
+        return TokenCache.open(final, hit=False, expect=expect)
 
 
 @dataclass(frozen=True)
@@ -430,6 +641,12 @@ class _Shapes:
     patch: int
     prefix: int
     dim: int
+
+
+def _shapes_of(meta: Mapping[str, Any]) -> _Shapes:
+    return _Shapes(
+        int(meta["num_images"]), int(meta["views"]), int(meta["num_patches"]), int(meta["num_prefix_tokens"]), int(meta["dim"])
+    )
 
 
 def _array_specs(layers: list[int], shape: _Shapes, dtype: str) -> list[ArraySpec]:
@@ -444,19 +661,85 @@ def _array_specs(layers: list[int], shape: _Shapes, dtype: str) -> list[ArraySpe
     return specs
 
 
-def _on_main_then_all(action) -> None:
-    """Run `action` on rank 0; every rank raises if it failed (no rank waits forever on a dead one)."""
-    error = None
+def _on_main_then_all(action: Callable[[], T]) -> T:
+    """Run `action` on rank 0 and return its result on every rank; every rank raises if it failed (no rank
+    waits forever on a dead one)."""
+    error, result = None, None
     if distributed.is_main():
         try:
-            action()
+            result = action()
         except Exception as err:  # noqa: BLE001 - re-raised on rank 0, reported to the others
             error = err
-    message = distributed.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    message, result = distributed.broadcast_object((None if error is None else f"{type(error).__name__}: {error}", result))
     if error is not None:
         raise error
     if message is not None:
         raise RuntimeError(f"rank 0 failed: {message}")
+    return result  # type: ignore[return-value]
+
+
+def _finished(final: Path, expect: Mapping[str, Any]) -> bool:
+    """Whether `final` is a complete cache of `expect` (rank 0). An unfinished one (no manifest, a damaged
+    one, a shard without its marker) is removed, to be extracted again; any other mismatch is raised."""
+    if not final.exists():
+        return False
+    try:
+        TokenCache.open(final, expect=expect)
+    except IncompleteCache as err:
+        warnings.warn(f"{err}: extracting it again", stacklevel=5)  # the caller of extract_tokens
+        if final.is_dir() and not final.is_symlink():
+            shutil.rmtree(final)
+        else:
+            final.unlink()
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path, progress: bool) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on `path` while extracting one cache (rank 0 of a run only: the other ranks
+    follow rank 0 through the collectives, so the ranks of one run never wait on each other's lock).
+
+    The lock file is removed on release; a waiter that then holds a lock on the removed file tries again,
+    so two processes never both hold it. Where the file cannot be created (a read-only cache root, no
+    ``fcntl``), nothing can be written there either and no lock is taken.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        fcntl = None  # type: ignore[assignment]
+    if not distributed.is_main() or fcntl is None:
+        yield
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                yield
+                return
+            raise
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    tqdm.write(f"token cache: waiting for another process extracting {path.name.removesuffix(_LOCK)}")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass  # the holder removed the file as it released it: lock the new one
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # releases the lock
 
 
 def _prepare(
@@ -468,7 +751,7 @@ def _prepare(
     if (partial / "plan.json").is_file():
         stored = read_plan(partial)
         if stored.key == plan.key:
-            done = complete_shards(partial, stored)
+            done = complete_shards(partial, stored).keys()
             already = sum(e - s for i, (s, e) in enumerate(stored.shards) if i in done) * needed // max(shape.images, 1)
     estimate = check_free_space(needed, root, already)
     if progress:
@@ -495,7 +778,8 @@ def _extract_shards(
     progress: bool,
 ) -> None:
     world, me = distributed.world_size(), distributed.rank()
-    todo = [i for i in plan.assigned(me, world) if i not in complete_shards(folder, plan)]
+    done = complete_shards(folder, plan)
+    todo = [i for i in plan.assigned(me, world) if i not in done]
     images = sum(plan.shards[i][1] - plan.shards[i][0] for i in todo)
     desc = f"tokens {backbone.name}" + (f" rank {me}/{world}" if world > 1 else "")
     bar = tqdm(
@@ -505,12 +789,13 @@ def _extract_shards(
         for index in todo:
             start, end = plan.shards[index]
             began = time.time()
-            _write_shard(
+            sums = _write_shard(
                 backbone, dataset, layers, folder, specs, shape, start, end,
                 norm=norm, batch_size=batch_size, precision=precision, dtype=dtype, view_seed=view_seed,
                 device=device, num_workers=num_workers, bar=bar,
             )  # fmt: skip
-            write_marker(folder, plan, index, {"rank": me, "world_size": world, "seconds": round(time.time() - began, 2)})
+            info = {"rank": me, "world_size": world, "seconds": round(time.time() - began, 2), "blake2b": sums}
+            write_marker(folder, plan, index, info)
     finally:
         bar.close()
 
@@ -548,8 +833,12 @@ def _write_shard(
     device: torch.device,
     num_workers: int,
     bar,
-) -> None:
-    """Extract images [start, end) and write their rows in place (every view, layer and part)."""
+) -> dict[str, str]:
+    """Extract images [start, end) and write their rows in place (every view, layer and part).
+
+    Returns:
+        The blake2b checksum of the rows written, per file.
+    """
     model: Any = backbone.model.to(device)  # a timm ViT: forward_intermediates is not nn.Module's
     P, N, D, K = shape.prefix, shape.patch, shape.dim, shape.views
     by_name = {spec.name: spec for spec in specs}
@@ -603,6 +892,7 @@ def _write_shard(
             writer.close()
     if done != end:
         raise RuntimeError(f"the dataset yielded {done - start} images for positions {start}-{end - 1}, expected {end - start}")
+    return {name: writer.digest() for name, writer in writers.items()}
 
 
 def _all_finite(tokens: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ import torch
 
 from epviz.backbones import load_backbone
 from epviz.data import ClutteredFashionMNIST
+from epviz.errors import DataError
 from epviz.tokens import TokenCache, extract_tokens
 
 
@@ -135,7 +136,7 @@ def test_interrupted_extraction_never_reads_as_complete(tmp_path, test_vit_backb
     leftovers = list(cache_dir.iterdir())
     assert leftovers and all(".partial-" in p.name for p in leftovers), "a killed run must leave only a partial folder"
     for p in leftovers:
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(DataError, match="not a complete token cache"):
             TokenCache.open(p)
 
     class Same(ClutteredFashionMNIST):
