@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from epviz.errors import EpvizError
 from epviz.probes import build
 from epviz.training import load_probe, load_reference_head, save_probe
 from tests.data.formats import reference_head_state, write_reference_release
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 D, C, M = 8, 3, 2
 SETTINGS = settings(max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
