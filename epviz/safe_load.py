@@ -27,7 +27,6 @@ Each failure is an :mod:`epviz.errors` error naming the file, the field and the 
 from __future__ import annotations
 
 import json
-import math
 import re
 import zipfile
 import zlib
@@ -38,7 +37,8 @@ from typing import Any
 
 import torch
 
-from epviz.errors import ConfigError, WeightsError
+from epviz.checks import check_int, check_number
+from epviz.errors import ConfigError, EpvizError, WeightsError
 
 __all__ = [
     "MAX_JSON_BYTES",
@@ -328,33 +328,13 @@ def config_int(
     high: int = MAX_SIZE,
     error: type[ConfigError] | type[WeightsError] = ConfigError,
 ) -> int:
-    """`value` as an int, when it is a JSON integer (or a float without fraction) in ``[low, high]``.
+    """`value` read from a file as an int in ``[low, high]``: a JSON integer (or a float without fraction).
 
-    A string ("10"), a boolean (true) or a float with a fraction (10.5) is refused rather than converted,
-    so that a file cannot state a number its checks would not see.
-
-    Args:
-        value: The value read.
-        where: The file (or argument) it comes from, for the message.
-        field: Its name, for the message.
-        fix: The last sentence of the message.
-        low: The smallest value accepted.
-        high: The largest value accepted.
-        error: The error to raise.
-
-    Raises:
-        ConfigError: (or `error`) naming `where`, `field`, the value and the valid range.
+    A string ("10"), a boolean (true) or 10.5 is refused rather than converted, so that a file cannot
+    state a number its checks would not see. Raises `error` naming `where`, `field`, the value and the
+    range, followed by `fix`.
     """
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        number = int(value)
-    if number is None:
-        raise error(f"{where}: {field} is {value!r} ({_json_type(value)}); it must be a JSON integer. {fix}")
-    if not low <= number <= high:
-        raise error(f"{where}: {field} is {number}, outside {low}..{high:,}. {fix}")
-    return number
+    return _from_file(check_int, value, where, field, fix, error, low=low, high=high)
 
 
 def config_number(
@@ -363,22 +343,17 @@ def config_number(
     field: str,
     fix: str,
     *,
-    low: float = -math.inf,
-    high: float = math.inf,
+    low: float | None = None,
+    high: float | None = None,
     error: type[ConfigError] | type[WeightsError] = ConfigError,
 ) -> float:
-    """`value` as a float, when it is a finite JSON number (not a string or a boolean) in ``[low, high]``.
-
-    Raises:
-        ConfigError: (or `error`) naming `where`, `field`, the value and the valid range.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise error(f"{where}: {field} is {value!r} ({_json_type(value)}); it must be a finite JSON number. {fix}")
-    if not low <= value <= high:
-        raise error(f"{where}: {field} is {value}, outside {low:g}..{high:g}. {fix}")
-    return float(value)
+    """`value` read from a file as a finite float in ``[low, high]`` (not a string or a boolean); see :func:`config_int`."""
+    return _from_file(check_number, value, where, field, fix, error, low=low, high=high)
 
 
-def _json_type(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    return "null" if value is None else names.get(type(value), f"a {type(value).__name__}")
+def _from_file(check: Any, value: object, where: str, field: str, fix: str, error: type[EpvizError], **bounds: Any) -> Any:
+    """The shared argument check `check` applied to a value a file states, its error naming the file."""
+    try:
+        return check(f"{where}: {field}", value, **bounds)
+    except ConfigError as err:
+        raise error(f"{err}. {fix}") from None

@@ -253,7 +253,10 @@ def test_a_hostile_probe_is_one_line_and_verbose_shows_the_traceback(saved_probe
     with pytest.raises(SystemExit) as exit_:
         cli.main(_evaluate_args(base, tmp_path))
     message = str(exit_.value.code)
-    assert message.startswith("epviz evaluate: ") and "probe.json: probe field 'num_classes' is 1000000000" in message
+    assert (
+        message.startswith("epviz evaluate: ")
+        and "probe.json: probe field 'num_classes' must be an integer in [1, 100000], got 1000000000" in message
+    )
     assert "\n" not in message and "Traceback" not in message
     with pytest.raises(WeightsError, match="probe field 'num_classes'"):
         cli.main(["-v", *_evaluate_args(base, tmp_path)])

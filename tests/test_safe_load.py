@@ -119,27 +119,29 @@ def test_json_is_read_only_when_small_shallow_and_an_object(tmp_path, monkeypatc
     [
         (10, 10),
         (10.0, 10),
-        ("10", "a string"),
-        (True, "a boolean"),
-        (10.5, "a number"),
-        (None, "null"),
-        ([10], "a list"),
-        (0, "outside 1..100,000"),
-        (10**6, "outside"),
+        ("10", "got '10'"),
+        (True, "got True"),
+        (10.5, "got 10.5"),
+        (None, "got None"),
+        ([10], r"got \[10\]"),
+        (0, "got 0"),
+        (10**6, "got 1000000"),
     ],
 )
 def test_config_numbers_are_parsed_strictly(value, expected):
     if isinstance(expected, int):
         assert config_int(value, "config.json", "num_classes", "Fix it.") == expected
         return
-    with pytest.raises(ConfigError, match=f"config.json: num_classes is .*{expected}"):
+    with pytest.raises(
+        ConfigError, match=rf"config.json: num_classes must be an integer in \[1, 100000\], {expected}\. Fix it\."
+    ):
         config_int(value, "config.json", "num_classes", "Fix it.")
 
 
 def test_config_number_refuses_strings_booleans_and_non_finite_values():
     assert config_number(75.5, "c.json", "acc", "Fix.", low=0, high=100) == 75.5
     for bad in ("75.5", True, float("nan"), 101):
-        with pytest.raises(ConfigError, match="c.json: acc is"):
+        with pytest.raises(ConfigError, match=r"c.json: acc must be a finite number in \[0, 100\], got .*Fix\."):
             config_number(bad, "c.json", "acc", "Fix.", low=0, high=100)
 
 
