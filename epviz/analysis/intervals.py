@@ -40,6 +40,7 @@ import pandas as pd
 
 from epviz.analysis.meters import Meter
 from epviz.analysis.stats import row_spearman, spearman
+from epviz.checks import check_int, check_number
 
 __all__ = [
     "Bootstrap",
@@ -79,10 +80,8 @@ class RhoInterval(NamedTuple):
 
 
 def _check(n_boot: int, level: float) -> None:
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be a positive number of resamples, got {n_boot}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie in (0, 1), e.g. 0.95; got {level}")
+    check_int("n_boot", n_boot, 1)
+    check_number("level", level, 0, 1, open_low=True, open_high=True)
 
 
 def bootstrap_weights(

@@ -12,7 +12,6 @@ See :data:`VIEW_PROTOCOL` for how the stored views are used in training.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from epviz.checks import check_int
 from epviz.errors import ConfigError, DataError
 
 __all__ = ["VIEW_PROTOCOL", "ViewParams", "apply_view", "augmented_batch", "view_generator", "view_params"]
@@ -57,12 +57,6 @@ class ViewParams:
     flip: bool
 
 
-def _check_int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
@@ -82,7 +76,7 @@ def view_generator(image_index: int, view: int, seed: int) -> torch.Generator:
     Raises:
         ConfigError: A negative or non-integer argument.
     """
-    words = [_check_int(name, v, 0) for name, v in (("seed", seed), ("image_index", image_index), ("view", view))]
+    words = [check_int(name, v, 0) for name, v in (("seed", seed), ("image_index", image_index), ("view", view))]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
     generator = torch.Generator()
     generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))  # < 2**63
@@ -119,7 +113,7 @@ def view_params(
     Raises:
         ConfigError: A negative index/view/seed, a non-positive size, or a bad range.
     """
-    height, width = _check_int("height", height, 1), _check_int("width", width, 1)
+    height, width = check_int("height", height, 1), check_int("width", width, 1)
     scale_lo, scale_hi = _check_range("scale", scale)
     ratio_lo, ratio_hi = _check_range("ratio", ratio)
     return _draw_view(view_generator(image_index, view, seed), height, width, (scale_lo, scale_hi), (ratio_lo, ratio_hi))
@@ -162,7 +156,7 @@ def _as_size(size: Sequence[int]) -> tuple[int, int]:
         rows, cols = size
     except (TypeError, ValueError):
         raise ConfigError(f"size must be (height, width) of positive integers, got {size!r}") from None
-    return _check_int("size[0] (height)", rows, 1), _check_int("size[1] (width)", cols, 1)
+    return check_int("size[0] (height)", rows, 1), check_int("size[1] (width)", cols, 1)
 
 
 def apply_view(images: torch.Tensor, params: Sequence[ViewParams], size: Sequence[int]) -> torch.Tensor:
@@ -222,7 +216,7 @@ def augmented_batch(
     """
     if not torch.is_tensor(images) or images.ndim != 4:
         raise DataError(f"images must be a tensor (B, C, H, W); got {getattr(images, 'shape', type(images).__name__)}")
-    first_index = _check_int("first_index", first_index, 0)
+    first_index = check_int("first_index", first_index, 0)
     height, width = int(images.shape[-2]), int(images.shape[-1])
     params = [view_params(first_index + b, view, seed, height, width, scale, ratio) for b in range(images.shape[0])]
     return apply_view(images, params, size)

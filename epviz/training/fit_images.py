@@ -44,7 +44,7 @@ from epviz.evaluate import check_labels
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
 from epviz.training.distributed_fit import check_world, distributed_training, global_sums, part_bounds, slice_weight
-from epviz.training.fit import FitResult, check_classes
+from epviz.training.fit import FitResult, check_classes, divergence
 from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
 
 __all__ = ["fit_images", "PROTOCOL_PER_STEP"]
@@ -290,9 +290,10 @@ def fit_images(
                     step_loss, hits, n = global_sums([step_loss, step_hits, step_seen], device)
                     step_hits, step_seen = int(hits), int(n)
                 value = step_loss / step_seen
-                if not math.isfinite(value):
+                why = divergence(value, probe.num_classes)  # the rule of fit and fit_grid
+                if why:
                     raise FloatingPointError(
-                        f"training diverged: the loss became {value} at epoch {epoch + 1}, step {step + 1} "
+                        f"training diverged: {why} at epoch {epoch + 1}, step {step + 1} "
                         f"(lr {current_lr:.3g}); lower lr or use precision='fp32'"
                     )
                 loss_sum += step_loss

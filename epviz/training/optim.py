@@ -7,12 +7,11 @@ together with the check of their common options.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
-from typing import cast
 
 import torch
 
+from epviz.checks import check_int, check_number, non_negative, positive
 from epviz.errors import ConfigError
 from epviz.probes import Probe
 from epviz.runtime import PRECISIONS
@@ -48,10 +47,10 @@ class LARS(torch.optim.Optimizer):
         momentum: float = 0.9,
         trust_coefficient: float = 0.001,
     ) -> None:
-        _number("lr", lr, ">= 0", lambda x: x >= 0)
-        _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
-        _number("momentum", momentum, "in [0, 1)", lambda x: 0 <= x < 1)
-        _number("trust_coefficient", trust_coefficient, "> 0", lambda x: x > 0)
+        non_negative("lr", lr)
+        non_negative("weight_decay", weight_decay)
+        check_number("momentum", momentum, 0, 1, open_high=True)
+        positive("trust_coefficient", trust_coefficient)
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
         super().__init__(params, defaults)
 
@@ -106,8 +105,8 @@ def make_optimizer(probe: Probe, name: str, lr: float, weight_decay: float) -> t
     """
     if name not in OPTIMIZERS:
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
-    _number("lr", lr, "> 0", lambda x: x > 0)
-    _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
+    positive("lr", lr)
+    non_negative("weight_decay", weight_decay)
     params = [p for p in probe.parameters() if p.requires_grad]
     if name == "lars":
         return LARS(params, lr=lr, weight_decay=weight_decay)
@@ -115,23 +114,6 @@ def make_optimizer(probe: Probe, name: str, lr: float, weight_decay: float) -> t
     no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
-
-
-def _integer(name: str, value, low: int) -> int:
-    """`value` as an int >= `low`, or a ConfigError naming `name` (bools and fractional numbers are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer():
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    integer = int(cast(float, value))  # numbers.Real's stub lacks __int__; every Real converts
-    if integer < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    return integer
-
-
-def _number(name: str, value, valid: str, ok) -> float:
-    """`value` as a finite float satisfying `ok`, or a ConfigError naming `name` and the range `valid`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) or not ok(float(value)):
-        raise ConfigError(f"{name} must be a finite number {valid}, got {value!r}")
-    return float(value)
 
 
 def check_fit_options(
@@ -168,19 +150,19 @@ def check_fit_options(
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    epochs = _integer("epochs", epochs, 1)
-    _integer("batch_size", batch_size, 1)
-    warmup = _number("warmup_epochs", warmup_epochs, ">= 0", lambda x: x >= 0)
+    epochs = check_int("epochs", epochs, 1)
+    check_int("batch_size", batch_size, 1)
+    warmup = non_negative("warmup_epochs", warmup_epochs)
     if warmup > epochs:
         raise ConfigError(
             f"warmup_epochs={warmup_epochs} is longer than the run (epochs={epochs}), so the learning rate would never "
             f"reach its peak: pass warmup_epochs between 0 and {epochs} (e.g. warmup_epochs={max(epochs // 10, 0)})"
         )
-    _number("label_smoothing", label_smoothing, "in [0, 1)", lambda x: 0.0 <= x < 1.0)
+    check_number("label_smoothing", label_smoothing, 0, 1, open_high=True)
     if lr is not None:
-        _number("lr", lr, "> 0 (the peak learning rate; None picks the optimiser's default)", lambda x: x > 0)
-    _number("weight_decay", weight_decay, ">= 0", lambda x: x >= 0)
+        positive("lr", lr)
+    non_negative("weight_decay", weight_decay)
     if early_stopping is not None:
         if val is None:
             raise ConfigError("early_stopping needs validation tokens: pass val=...")
-        _integer("early_stopping (a patience in epochs)", early_stopping, 1)
+        check_int("early_stopping (a patience in epochs)", early_stopping, 1)
