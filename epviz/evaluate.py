@@ -12,7 +12,6 @@ remembered for read-only sets and in a token cache's manifest), and :func:`predi
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 from torch.nn import functional as F
 
+from epviz.checks import check_int, check_sequence
 from epviz.errors import ConfigError, DataError, WeightsError
 from epviz.probes import Probe
 from epviz.runtime import PRECISIONS, autocast, resolve_device
@@ -113,15 +113,11 @@ def check_labels(labels, num_classes: int, what: str, owner: str) -> None:
 def _check_topk(topk: Sequence[int] | int) -> list[int]:
     if isinstance(topk, (int, np.integer)) and not isinstance(topk, bool):
         topk = [topk]
-    ks = list(topk) if isinstance(topk, Iterable) and not isinstance(topk, (str, bytes)) else None
-    if not ks or any(isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 for k in ks):
-        raise ConfigError(f"topk must be a list of positive integers such as (1, 5), got {topk!r}")
-    return [int(k) for k in ks]
+    return list(check_sequence("topk", topk, lambda name, k: check_int(name, k, 1), example="(1, 5)"))
 
 
 def _check_run_options(batch_size, precision: str) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
@@ -183,8 +179,7 @@ def iter_batches(
     """
     if len(tokens) == 0:
         raise DataError("the token set is empty: there is nothing to evaluate")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
     ensure_finite(tokens, "")
     if index is None:
         yield from tokens.batches(batch_size, device=device)

@@ -131,7 +131,7 @@ def test_predictions_and_topk_accuracy_check_labels(probe, tokens):
         preds.accuracy()
     with pytest.raises(ConfigError, match="labels range from 0 to 7"):
         topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 7, 1]))
-    with pytest.raises(ConfigError, match="topk must be a list of positive integers"):
+    with pytest.raises(ConfigError, match=r"topk\[0\] must be an integer >= 1, got 0"):
         topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 1, 1]), topk=(0, 5))
     with pytest.raises(DataError, match="one row per label"):
         topk_accuracy(torch.zeros(3, 6), torch.tensor([0, 1]))

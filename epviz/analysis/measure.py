@@ -16,6 +16,7 @@ import torch
 
 from epviz.analysis._common import context_columns, prepare_probe, require_predictors
 from epviz.analysis.meters import Meter, MeterBatch, meter_class, meter_names
+from epviz.checks import check_int
 from epviz.evaluate import check_labels, eval_mode
 from epviz.probes import Probe
 from epviz.runtime import autocast
@@ -66,8 +67,7 @@ def measure(
     chosen = _meters(meters)
     device = prepare_probe(probe, device)
     autocast(device, precision)  # rejects an unknown precision before any work
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     positions, members = _plan(len(tokens), index, localization_index)
     for meter in chosen:
         meter.start(probe, tokens, dataset)

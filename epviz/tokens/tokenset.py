@@ -22,6 +22,7 @@ from typing import Literal, cast
 import numpy as np
 import torch
 
+from epviz.checks import check_int
 from epviz.errors import ConfigError, DataError
 from epviz.tokens.quantized import Int8Tokens, check_scales
 
@@ -334,8 +335,7 @@ class TokenSet:
             device: Where the batches are placed.
             drop_last: Skip a final batch smaller than `batch_size`.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        batch_size = check_int("batch_size", batch_size, 1)
         self._check_shapes()
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)

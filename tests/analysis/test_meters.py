@@ -276,7 +276,7 @@ def test_an_empty_localization_subset_is_reported(setup):
         (dict(meters=["nope"]), "no meter named 'nope'"),
         (dict(meters=["entropy"], precision="fp16"), "precision must be one of"),
         (dict(meters=["entropy"], index=[0, 30]), r"index must lie in \[0, 30\)"),
-        (dict(meters=["entropy"], batch_size=0), "batch_size must be a positive integer"),
+        (dict(meters=["entropy"], batch_size=0), "batch_size must be an integer >= 1"),
         (dict(meters=["localization"]), "needs GT boxes: pass the images' dataset"),
     ],
 )

@@ -51,9 +51,10 @@ def test_grid_must_cover_the_tokens():
 
 def test_batch_size_and_subset_arguments():
     ts = make()
-    for bad in (0, -1, 2.0, True):
-        with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
             next(ts.batches(bad))
+    assert len(next(ts.batches(2.0)).labels) == 2  # a whole float is that integer
     with pytest.raises(ConfigError, match=r"index must lie in \[0, 12\)"):
         ts.subset([3, 12])
 
