@@ -401,9 +401,11 @@ def _take(array: TokenArray, rows: np.ndarray) -> TokenArray:
 
 
 def _load(array: TokenArray) -> TokenArray:
-    """`array` held in RAM: its own ``load`` (int8 tokens stay int8), else a contiguous numpy array."""
+    """`array` held in RAM: its own ``load`` (int8 tokens stay int8), else a contiguous numpy array.
+
+    A memory map is copied (``np.ascontiguousarray`` would return a view of the file)."""
     if isinstance(array, np.ndarray):
-        return np.ascontiguousarray(array)
+        return np.array(array, order="C") if isinstance(array, np.memmap) else np.ascontiguousarray(array)
     return array.load()
 
 

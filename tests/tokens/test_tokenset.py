@@ -112,3 +112,13 @@ def test_labels_and_tokens_replaced_after_construction_are_refused_on_every_read
     ts.patch = ts.patch[:, :2]
     with pytest.raises(ConfigError, match=r"grid \(2, 2\) has 4 cells but there are 2 patch tokens"):
         ts.batch(np.array([0]))
+
+
+def test_load_copies_a_memory_map_into_ram(tmp_path):
+    stored = make()
+    path = tmp_path / "patch.npy"
+    np.save(path, stored.patch)
+    on_disk = TokenSet(np.load(path, mmap_mode="r"), None, stored.labels, stored.grid)
+    loaded = on_disk.load()
+    assert not isinstance(loaded.patch, np.memmap) and loaded.patch.base is None
+    np.testing.assert_array_equal(loaded.patch, stored.patch)
