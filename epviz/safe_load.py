@@ -254,9 +254,7 @@ def torch_errors(path: str | Path, doing: str, error: type[WeightsError] = Weigh
 # --- JSON ----------------------------------------------------------------------------------
 
 
-def read_json(
-    path: str | Path, *, what: str, fix: str, error: type[ConfigError] | type[WeightsError] = ConfigError
-) -> dict[str, Any]:
+def read_json(path: str | Path, *, what: str, fix: str, error: type[EpvizError] = ConfigError) -> dict[str, Any]:
     """The JSON object in `path`, read only when it is at most :data:`MAX_JSON_BYTES` and :data:`MAX_JSON_DEPTH` deep.
 
     Args:
@@ -293,9 +291,7 @@ def read_json(
     return doc
 
 
-def check_nesting(
-    value: object, where: str, what: str, fix: str, *, error: type[ConfigError] | type[WeightsError] = ConfigError
-) -> None:
+def check_nesting(value: object, where: str, what: str, fix: str, *, error: type[EpvizError] = ConfigError) -> None:
     """Refuse metadata (parsed JSON, or the plain containers of an unpickled checkpoint) nested beyond :data:`MAX_JSON_DEPTH`.
 
     The walk is iterative, so a value nested thousands deep is refused instead of ending in a RecursionError

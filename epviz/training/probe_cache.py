@@ -33,9 +33,10 @@ import pandas as pd
 
 from epviz.atomic import atomic_write
 from epviz.distributed import all_gather_object, barrier, is_main
-from epviz.errors import ConfigError
+from epviz.errors import ConfigError, DataError
 from epviz.probes import Probe
 from epviz.provenance import note_fit
+from epviz.safe_load import read_json
 from epviz.tokens import TokenSet, default_cache_dir
 from epviz.training.checkpoints import load_probe
 from epviz.training.fit import FitResult, fit
@@ -101,21 +102,20 @@ def load_cached_fit(key: str, cache_dir: str | Path | None = None) -> FitResult 
     meta = base.with_name(base.name + ".json")
     if not meta.is_file() or not base.with_name(base.name + ".safetensors").is_file():
         return None
-    try:
-        doc = json.loads(meta.read_text(encoding="utf-8"))
-        probe = load_probe(base, device=None)  # where fit would have trained it
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return None  # unreadable or from another version: train again and overwrite
     nan = float("nan")
-    return FitResult(
-        probe=probe,
-        history=pd.DataFrame(doc.get("history", [])),
-        best_epoch=int(doc.get("best_epoch") or 0),
-        best_acc=nan if doc.get("best_acc") is None else float(doc["best_acc"]),
-        final_acc=nan if doc.get("final_acc") is None else float(doc["final_acc"]),
-        seconds=float(doc.get("seconds", nan)),
-        config=dict(doc.get("fit", {}), cached=key),
-    )
+    try:
+        doc = read_json(meta, what="a probe-cache entry", fix="It is trained again.")
+        return FitResult(
+            probe=load_probe(base, device=None),  # where fit would have trained it
+            history=pd.DataFrame(doc.get("history", [])),
+            best_epoch=int(doc.get("best_epoch") or 0),
+            best_acc=nan if doc.get("best_acc") is None else float(doc["best_acc"]),
+            final_acc=nan if doc.get("final_acc") is None else float(doc["final_acc"]),
+            seconds=float(doc.get("seconds", nan)),
+            config=dict(doc.get("fit", {}), cached=key),
+        )
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None  # unreadable, damaged or from another version: train again and overwrite
 
 
 def grid_points(runs: pd.DataFrame, cache_dir: str | Path | None = None) -> pd.DataFrame:
@@ -141,10 +141,8 @@ def grid_points(runs: pd.DataFrame, cache_dir: str | Path | None = None) -> pd.D
         if not isinstance(key, str):
             continue
         meta = Path(cache_dir or probe_cache_dir()) / f"{key}.json"
-        try:
-            grid = json.loads(meta.read_text(encoding="utf-8")).get("fit", {}).get("grid")
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read the probe-cache entry {meta}: {err}") from err
+        entry = read_json(meta, what="a probe-cache entry", fix="Delete it and train that run again.", error=DataError)
+        grid = entry.get("fit", {}).get("grid") if isinstance(entry.get("fit"), dict) else None
         if not grid:
             continue
         points = pd.DataFrame(grid["points"])

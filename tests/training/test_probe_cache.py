@@ -86,6 +86,16 @@ def test_an_unreadable_entry_is_trained_again_and_replaced(cache_dir):
     assert probe_cache.load_cached_fit(meta.name[: -len(".json")]) is not None
 
 
+@pytest.mark.parametrize("damage", ["[" * 100_000 + "]" * 100_000, '{"best_epoch": "x"}', '{"fit": [1]}'])
+def test_a_nested_or_garbled_entry_is_trained_again_never_a_raw_error(cache_dir, damage):
+    train, val = _tokens(30, 0, "t"), _tokens(15, 1, "v")
+    train_probe("gap", train, val, budget=FIT)
+    (meta,) = cache_dir.glob("gap-*.json")
+    meta.write_text(damage)
+    assert probe_cache.load_cached_fit(meta.name[: -len(".json")]) is None
+    assert "cached" not in train_probe("gap", train, val, budget=FIT).config
+
+
 def test_layer_sweep_reuses_runs_and_low_shot_does_not_store(cache_dir):
     caches = ({1: _tokens(30, 0, "t")}, {1: _tokens(15, 1, "v")})
     first = layer_sweep(*caches, probes=("gap",), epochs=2, warmup_epochs=0, progress=False, optimizer="adamw")
