@@ -1,6 +1,6 @@
 """Train-step time of EP (fast and direct forms) against mhca and jepa, side by side.
 
-One train step = forward + backward + LARS step on cached tokens at ViT-B shape
+One train step = forward + backward + SGD step step on cached tokens at ViT-B shape
 (N=196, D=768, M=32, batch 256, C=1000 by default). The probes are timed in
 interleaved rounds (fast, direct, mhca, jepa, fast, ...) so that load changes on a
 shared machine hit all of them alike; the report gives medians and ratios.
@@ -23,7 +23,6 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import epviz.probes as probes  # noqa: E402
 from epviz.probes.ep import EfficientProbe  # noqa: E402
-from epviz.training import LARS  # noqa: E402
 
 
 class DirectEP(nn.Module):
@@ -39,7 +38,7 @@ class DirectEP(nn.Module):
 
 def make_step(model: nn.Module, patch: torch.Tensor, labels: torch.Tensor):
     """A closure running one train step of `model`."""
-    opt = LARS([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     model.train()
 
     def step() -> None:
@@ -79,7 +78,7 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
 
     print(
-        f"train step (forward + backward + LARS) at B={args.batch}, N={args.tokens}, D={args.dim}, "
+        f"train step (forward + backward + SGD step) at B={args.batch}, N={args.tokens}, D={args.dim}, "
         f"M={args.queries}, C={args.classes}; {torch.get_num_threads()} threads, {args.repeats} rounds"
     )
     for round_ in range(args.repeats + 1):  # round 0 warms up

@@ -186,6 +186,20 @@ class Probe(nn.Module):
         """Number K of attention predictors."""
         return 0
 
+    def has_stacked_form(self) -> bool:
+        """Whether :meth:`stacked_logits` computes K stacked heads of this probe in one batched pass."""
+        return False
+
+    def stacked_logits(
+        self, state: Mapping[str, torch.Tensor], patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits (K, B, C) of K heads like this one whose parameters and buffers are stacked in `state` (name -> (K, ...)).
+
+        Families with a hand-stacked form override it (and :meth:`has_stacked_form`); the training
+        engine stacks the others with ``torch.func`` (:class:`~epviz.training.stack.HeadStack`).
+        """
+        raise NotImplementedError(f"probe '{self.name}' has no hand-stacked form")
+
     # --- the public verbs ------------------------------------------------------------
 
     def forward(

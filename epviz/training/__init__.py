@@ -1,8 +1,12 @@
-"""Training probes: on cached tokens (:func:`fit`), or per step through the backbone (:func:`fit_images`).
+"""Training probes: on cached tokens (:func:`fit`, :func:`fit_grid`), or per step through the backbone (:func:`fit_images`).
 
-* :mod:`~epviz.training.fit`: :func:`fit` and :class:`FitResult` (best epoch on val, tidy history).
+* :mod:`~epviz.training.engine`: the one training loop every trainer feeds (K stacked heads, schedule,
+  divergence, best epoch, early stopping, checkpoint and resume, distributed weighting).
+* :mod:`~epviz.training.stack`: K heads of one family as one module (hand-stacked, vmap or loop).
+* :mod:`~epviz.training.fit`: :func:`fit` (a stack of one head) and :class:`FitResult` (best epoch on val, tidy history).
+* :mod:`~epviz.training.grid`: :func:`fit_grid`, a stack of lrs x weight decays (x seeds) selected on val.
 * :mod:`~epviz.training.fit_images`: the reference per-step protocol.
-* :mod:`~epviz.training.optim`: LARS, AdamW, warm-up + cosine.
+* :mod:`~epviz.training.optim`: LARS, AdamW, SGD over stacked heads, warm-up + cosine.
 * :mod:`~epviz.training.checkpoints`: saved probes (safetensors + JSON with a model card).
 * :mod:`~epviz.training.reference`: the reference implementation's EP, ep_all and LP heads, read and written.
 * :mod:`~epviz.training.probe_cache`: trained probes cached on disk, keyed like the token cache.
@@ -26,6 +30,7 @@ from epviz.training.runs import (
     seed_summary,
     train_probe,
 )
+from epviz.training.stack import HeadStack
 from epviz.training.tuning import tune
 
 __all__ = [
@@ -33,6 +38,7 @@ __all__ = [
     "PROTOCOL",
     "PROTOCOL_PER_STEP",
     "FitResult",
+    "HeadStack",
     "aggregate_runs",
     "build_for",
     "fit",

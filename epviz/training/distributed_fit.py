@@ -7,16 +7,16 @@ A distributed run trains exactly what one process would train on the same global
   takes the contiguous part ``[r * n // W, (r + 1) * n // W)`` of each (:func:`part_bounds`; with
   gradient accumulation the batch is first cut into micro-batches, then each micro-batch into
   rank slices).
-* **Loss.** Each rank's loss is scaled so that the gradient DDP averages over the ranks is the
-  gradient of the mean loss over the global batch (:func:`slice_weight`).
+* **Loss.** Each rank's loss is scaled so that the gradient averaged over the ranks (one all-reduce
+  of every gradient, :func:`average_gradients`, what DDP does) is the gradient of the mean loss over
+  the global batch (:func:`slice_weight`).
 * **BatchNorm.** Every BatchNorm layer of the probe normalises with the statistics of the global
   batch, in the forward and the backward pass (:func:`synced_batchnorm`). ``torch.nn.SyncBatchNorm``
   does this on CUDA, but refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU"),
   so gloo runs on CPU use :class:`SyncedBatchNorm`, a BatchNorm whose training-mode statistics go
   through one differentiable all-reduce.
 * **Reductions.** Training losses, accuracies and validation sums are all-reduced, so every rank
-  holds the same history and selects the same epoch (:func:`global_sums`,
-  :func:`sharded_loss_and_accuracy`).
+  holds the same history and selects the same epoch (:func:`global_sums`).
 
 With gradient accumulation (:func:`~epviz.training.fit_images.fit_images`), BatchNorm statistics
 are those of each micro-batch over all ranks, so W processes give what one process gives with the
@@ -32,35 +32,26 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel
 
 from epviz.distributed import all_reduce_sum, is_distributed, rank, world_size
 from epviz.errors import ConfigError
-from epviz.evaluate import eval_mode, iter_batches
-from epviz.probes import Probe
-from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
     "SyncedBatchNorm",
     "average_gradients",
-    "broadcast_module",
+    "broadcast_state",
     "check_world",
-    "distributed_training",
     "epoch_batches",
     "global_sums",
     "part_bounds",
     "rank_batches",
-    "sharded_loss_and_accuracy",
     "slice_weight",
     "synced_batchnorm",
-    "unused_parameters",
 ]
 
 _SYNC_BATCHNORM = True  # False leaves BatchNorm local to each rank (only to show in tests that the sync matters)
@@ -157,28 +148,7 @@ def global_sums(values: Sequence[float], device: torch.device) -> list[float]:
     return all_reduce_sum(total).tolist()
 
 
-@torch.no_grad()
-def sharded_loss_and_accuracy(
-    probe: Probe, tokens: TokenSet, batch_size: int, device: torch.device, precision: str
-) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 of `probe` on `tokens`, each rank scoring a contiguous shard.
-
-    The loss sum, the correct count and the count are all-reduced, so every rank returns the same
-    two numbers: those of the whole set (:func:`epviz.evaluate.loss_and_accuracy` on one process).
-    """
-    lo, hi = part_bounds(len(tokens), rank(), world_size())
-    loss, correct = 0.0, 0
-    with eval_mode(probe):
-        for batch in iter_batches(tokens, batch_size, device, np.arange(lo, hi)):
-            with autocast(device, precision):
-                logits = probe(batch.patch, batch.prefix).float()
-            loss += F.cross_entropy(logits, batch.labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == batch.labels).sum().item())
-    total, hits, count = global_sums([loss, correct, hi - lo], device)
-    return total / count, hits / count
-
-
-def average_gradients(params: Iterable[nn.Parameter]) -> None:
+def average_gradients(params: Iterable[torch.Tensor]) -> None:
     """Replace every gradient of `params` by its mean over the ranks, in one all-reduce per dtype and device.
 
     Parameters without a gradient are left alone; every rank must hold gradients for the same
@@ -202,11 +172,11 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
 
 
 @torch.no_grad()
-def broadcast_module(module: nn.Module) -> None:
-    """Give every rank rank 0's parameters and buffers (a no-op outside a process group)."""
+def broadcast_state(state: dict[str, torch.Tensor]) -> None:
+    """Give every rank rank 0's tensors (in place; a no-op outside a process group)."""
     if not is_distributed():
         return
-    for tensor in module.state_dict().values():
+    for tensor in state.values():
         dist.broadcast(tensor, src=0)
 
 
@@ -317,53 +287,3 @@ def synced_batchnorm(module: nn.Module, device: torch.device) -> Iterator[nn.Mod
         for parent, name, original in reversed(swapped):
             original.train(getattr(parent, name).training)
             setattr(parent, name, original)
-
-
-def unused_parameters(module: nn.Module, example: Sequence[Any]) -> list[str]:
-    """Names of the trainable parameters a forward pass of `module` on `example` does not reach.
-
-    One forward and backward pass in eval mode (no running statistics change, no gradient is
-    stored), on a couple of samples: which parameters a probe uses does not depend on the data.
-    """
-    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if not named:
-        return []
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.enable_grad():
-            out = module(*example)
-            grads = torch.autograd.grad(out.float().sum(), [p for _, p in named], allow_unused=True)
-    finally:
-        module.train(was_training)
-    return [name for (name, _), grad in zip(named, grads) if grad is None]
-
-
-@contextlib.contextmanager
-def distributed_training(module: nn.Module, device: torch.device, example: Sequence[Any]) -> Iterator[nn.Module]:
-    """`module` ready to train in the process group: BatchNorm synced, wrapped in DistributedDataParallel.
-
-    Call the yielded module for the training forward passes (its ``no_sync()`` skips the gradient
-    all-reduce of accumulation micro-batches); optimise and evaluate `module` itself. DDP starts by
-    giving every rank rank 0's weights. Outside a process group `module` itself is yielded.
-
-    Args:
-        module: The probe to train.
-        device: Where it trains.
-        example: Arguments of one small forward pass (two samples), to find parameters the forward pass
-            never uses (a probe may keep one for parity with a reference); DDP is told to look for
-            unused parameters at every step only when there are some.
-    """
-    if not is_distributed():
-        yield module
-        return
-    find_unused = bool(unused_parameters(module, example))
-    with synced_batchnorm(module, device):
-        device_ids = None
-        if device.type == "cuda":
-            device_ids = [device.index if device.index is not None else torch.cuda.current_device()]
-        ddp = DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=find_unused)
-        try:
-            yield ddp
-        finally:
-            del ddp

@@ -2,7 +2,7 @@
 
 :func:`fit` trains a probe on a :class:`~epviz.tokenset.TokenSet` with the reference
 recipe's optimiser and schedule: LARS (momentum 0.9, trust coefficient 0.001,
-lr = 0.1 * batch / 256) or AdamW, linear warm-up then cosine decay per iteration,
+lr = 0.1 * batch / 256), AdamW or SGD, linear warm-up then cosine decay per iteration,
 cross-entropy, and selection of the epoch with the best validation top-1.
 
 Protocol note: the tokens are extracted once and cached, so every epoch sees the
@@ -21,6 +21,9 @@ Under ``torchrun`` (a process group of W > 1 processes, see :mod:`epviz.distribu
 trains data-parallel and gives the result of one process on the same global batch; see
 :mod:`epviz.training.distributed_fit` for how.
 
+:func:`fit` is a stack of one head in the training engine (:mod:`epviz.training.engine`), the loop
+:func:`~epviz.training.fit_grid` and :func:`~epviz.training.fit_images` use too.
+
 A run diverges as a grid point of :func:`~epviz.training.fit_grid` does (:func:`divergence`): it
 then stops, the epoch gets NaN numbers, the result is marked :attr:`FitResult.diverged` (``best_acc``
 NaN) and a RuntimeWarning names the probe, the epoch, the loss and the learning rate.
@@ -28,55 +31,36 @@ NaN) and a RuntimeWarning names the probe, the epoch, the loss and the learning 
 
 from __future__ import annotations
 
-import copy
 import math
 import os
-import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from epviz.checks import check_int
-from epviz.distributed import check_same, is_distributed, is_main, world_size
+from epviz.distributed import check_same, is_distributed, is_main, rank, world_size
 from epviz.errors import ConfigError, DataError
-from epviz.evaluate import check_labels, loss_and_accuracy
+from epviz.evaluate import check_labels
 from epviz.probes import Probe
-from epviz.runtime import autocast, resolve_device
+from epviz.runtime import resolve_device
 from epviz.tokens import TokenSet
+from epviz.training import engine
 from epviz.training.checkpoints import finite_or_none, save_probe
-from epviz.training.distributed_fit import (
-    check_world,
-    distributed_training,
-    epoch_batches,
-    global_sums,
-    sharded_loss_and_accuracy,
-    slice_weight,
-)
-from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
+from epviz.training.distributed_fit import check_world, epoch_batches, part_bounds, slice_weight
+from epviz.training.engine import DIVERGENCE_FACTOR, HISTORY_COLUMNS, Micro, Recipe, divergence
+from epviz.training.optim import check_fit_options, default_warmup
 from epviz.training.selection import check_selection_split
+from epviz.training.stack import HeadStack
 
 __all__ = ["DIVERGENCE_FACTOR", "fit", "FitResult", "PROTOCOL", "check_classes", "check_training_data", "divergence"]
 
 PROTOCOL = "cached tokens (one backbone pass, no augmentation)"
 VIEWS_PROTOCOL = "cached tokens of {views} stored augmented views per image (one drawn per image per epoch)"
-DIVERGENCE_FACTOR = 100.0  # a training loss above this many times a uniform guess's (ln C) has diverged
-
-
-def divergence(loss: float, num_classes: int) -> str | None:
-    """Why a training loss means the run diverged (not finite, or above ``DIVERGENCE_FACTOR * ln(C)``), else None.
-
-    The one rule of :func:`fit` and :func:`~epviz.training.fit_grid`.
-    """
-    limit = DIVERGENCE_FACTOR * math.log(max(num_classes, 2))
-    if math.isfinite(loss) and loss <= limit:
-        return None
-    return f"the training loss became {loss:.4g} (limit {limit:.4g} = {DIVERGENCE_FACTOR:g} ln {max(num_classes, 2)})"
 
 
 def protocol_of(train: TokenSet) -> str:
@@ -156,6 +140,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     tensorboard: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train `probe` on `train`, selecting the epoch with the best top-1 on `val`.
 
@@ -163,8 +148,8 @@ def fit(
     :func:`epviz.distributed.init_from_env`), every rank calls :func:`fit` with the same arguments and
     gets the same result, that of one process with the same `batch_size` and `seed` (up to float
     rounding). `batch_size` stays the global batch: every rank draws the same permutation and takes
-    its contiguous 1/W slice of each global batch; gradients are averaged by
-    ``DistributedDataParallel`` with each rank's loss weighted so that the step is that of the mean
+    its contiguous 1/W slice of each global batch; gradients are averaged over
+    the ranks in one all-reduce (what DDP does) with each rank's loss weighted so that the step is that of the mean
     loss over the global batch; the probe's BatchNorm layers normalise with the global batch's
     statistics (synced, see :mod:`epviz.training.distributed_fit`) and are plain BatchNorm again in
     the returned probe; each rank scores a contiguous shard of `val` and the sums are all-reduced, as
@@ -194,6 +179,8 @@ def fit(
             ``torch.utils.tensorboard`` (tags ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``,
             ``lr``; step = epoch), flushed every epoch; None (default) logs nothing and imports nothing.
             Needs the optional ``tensorboard`` package.
+        checkpoint: A file to write the training state to after every epoch; a fit started again with the
+            same arguments and checkpoint resumes after the last epoch written (one that finished returns at once).
 
     Returns:
         The run; one that diverged is marked :attr:`FitResult.diverged`, with a RuntimeWarning.
@@ -248,83 +235,36 @@ def fit(
         )
 
     device = resolve_device(device)
-    probe.to(device)
-    if lr is None:
-        lr = 0.1 * batch_size / 256 if optimizer == "lars" else 1e-3
-    opt = make_optimizer(probe, optimizer, lr, weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(train) > batch_size
-    steps = len(train) // batch_size if drop_last else 1
-
-    rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
-    stale, why = 0, None  # why: how the run diverged
-    start = time.perf_counter()
+    lr = default_lr(optimizer, batch_size) if lr is None else lr
+    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, early_stopping, precision)
     writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)
-    bar = tqdm(range(epochs), desc=f"fit {probe.name}", leave=False, disable=not progress or not is_main())
-    example = train.batch(np.arange(2), device=device) if world > 1 else None  # two samples, to find unused parameters
-    with distributed_training(probe, device, () if example is None else (example.patch, example.prefix)) as model:
-        for epoch in bar:
-            t0 = time.perf_counter()
-            probe.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            batches = epoch_batches(train, epoch, seed, batch_size, generator, device, drop_last)
-            for step, (batch, step_size) in enumerate(batches):
-                current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
-                for group in opt.param_groups:
-                    group["lr"] = current_lr
-                with autocast(device, precision):
-                    logits = model(batch.patch, batch.prefix).float()
-                loss = F.cross_entropy(logits, batch.labels, label_smoothing=label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                (loss if world == 1 else loss * slice_weight(len(batch.labels), step_size)).backward()
-                loss_value = loss.item()
-                n, hits = len(batch.labels), (logits.argmax(dim=1) == batch.labels).sum().item()
-                if world > 1:  # the global batch's loss and hits, so that every rank decides alike
-                    total, global_hits, global_n = global_sums([loss_value * n, hits, n], device)
-                    n, hits = int(global_n), int(global_hits)
-                    loss_value = total / n
-                why = divergence(loss_value, probe.num_classes)
-                if why is not None:  # as a diverging grid point: no step, the weights stay as they were
-                    why += f" at epoch {epoch + 1}, step {step + 1} (lr {current_lr:.3g})"
-                    break
-                opt.step()
-                loss_sum += loss_value * n
-                correct += hits
-                seen += n
-
-            val_loss = val_acc = math.nan
-            if val is not None and why is None:
-                if world == 1:
-                    val_loss, val_acc = loss_and_accuracy(
-                        probe, val, batch_size=max(batch_size, 256), device=device, precision=precision
-                    )
-                else:
-                    val_loss, val_acc = sharded_loss_and_accuracy(probe, val, max(batch_size, 256), device, precision)
-                if not math.isfinite(val_loss):
-                    why = f"the validation loss became {val_loss} after epoch {epoch + 1}"
-            train_loss, train_acc = (loss_sum / seen, correct / seen) if why is None else (math.nan, math.nan)
-            if why is not None:
-                val_loss = val_acc = math.nan
-            row = dict(epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc)
-            rows.append(dict(row, lr=current_lr, seconds=time.perf_counter() - t0))
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val_acc:.3f}")
-            if writer is not None:
-                log_epoch(writer, rows[-1])
-            if why is not None:
-                break
-
-            if val is None:
-                best_epoch = epoch + 1
-            elif val_acc > best_acc:
-                best_acc, best_epoch, stale = val_acc, epoch + 1, 0
-                best_state = copy.deepcopy(probe.state_dict())
-            else:
-                stale += 1
-                if early_stopping is not None and stale >= early_stopping:
-                    break
-    bar.close()
-    if writer is not None:
-        writer.close()
+    try:
+        trained = engine.train(
+            HeadStack([probe], device),
+            TokenBatches(train, val, batch_size, seed, device),
+            recipe,
+            [lr],
+            [weight_decay],
+            device=device,
+            desc=f"fit {probe.name}",
+            progress=progress,
+            writer=writer,
+            checkpoint=checkpoint,
+            identity=dict(
+                recipe=recipe,
+                lr=lr,
+                weight_decay=weight_decay,
+                seed=seed,
+                batch_size=batch_size,
+                probe=probe.config,
+                train=len(train),
+                val=None if val is None else len(val),
+            ),
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+    why = trained.diverged[0]
     if why is not None and is_main():
         warnings.warn(
             f"fit: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged (FitResult.diverged, "
@@ -333,15 +273,13 @@ def fit(
             RuntimeWarning,
             stacklevel=2,
         )
-
-    if best_state is not None:
-        probe.load_state_dict(best_state)
+    probe.to(device).load_state_dict(trained.heads[0].state_dict())
     probe.eval()
-    history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
+    history = pd.DataFrame(trained.history, columns=HISTORY_COLUMNS).drop(columns="head")
     config = dict(
         protocol=protocol_of(train),
         epochs=epochs,
-        epochs_run=len(rows),
+        epochs_run=trained.epochs_run[0],
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
@@ -364,12 +302,64 @@ def fit(
     return FitResult(
         probe=probe,
         history=history,
-        best_epoch=best_epoch,
-        best_acc=best_acc if val is not None and why is None else math.nan,
+        best_epoch=trained.best_epoch[0],
+        best_acc=trained.best_acc[0] if val is not None else math.nan,
         final_acc=float(history["val_acc"].iloc[-1]),
-        seconds=time.perf_counter() - start,
+        seconds=trained.seconds,
         config=config,
     )
+
+
+def default_lr(optimizer: str, batch_size: int) -> float:
+    """The default peak lr: the reference's 0.1 x batch / 256 for LARS and SGD, 1e-3 for AdamW."""
+    return 1e-3 if optimizer == "adamw" else 0.1 * batch_size / 256
+
+
+class TokenBatches:
+    """The engine's batches from cached tokens: shuffled global batches (this rank's slice of each), validation in order.
+
+    Args:
+        train: Training tokens (with stored views, one view per image per epoch).
+        val: Validation tokens, or None.
+        batch_size: The global batch; an incomplete last batch is dropped when the set holds more than one.
+        seed: Seed of the shuffling.
+        device: Where batches go.
+    """
+
+    def __init__(self, train: TokenSet, val: TokenSet | None, batch_size: int, seed: int, device: torch.device) -> None:
+        self.train, self.val, self.batch_size, self.seed, self.device = train, val, batch_size, seed, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drop_last = len(train) > batch_size
+        self.steps_per_epoch = len(train) // batch_size if self.drop_last else 1
+        world = world_size() if is_distributed() else 1
+        self.val_index = None if val is None or world == 1 else np.arange(*part_bounds(len(val), rank(), world))
+
+    def epoch(self, epoch: int) -> Iterator[Iterator[Micro]]:
+        for batch, step_size in epoch_batches(
+            self.train, epoch, self.seed, self.batch_size, self.generator, self.device, self.drop_last
+        ):
+            yield iter([Micro(batch.patch, batch.prefix, batch.labels, slice_weight(len(batch.labels), step_size))])
+
+    def validation(self) -> Iterator[Micro] | None:
+        if self.val is None:
+            return None
+        size = max(self.batch_size, 256)
+        if self.val_index is None:
+            batches = self.val.batches(size, device=self.device)
+        else:
+            batches = (
+                self.val.batch(self.val_index[i : i + size], device=self.device) for i in range(0, len(self.val_index), size)
+            )
+        return (Micro(b.patch, b.prefix, b.labels) for b in batches)
+
+    def validation_size(self) -> int:
+        return 0 if self.val is None else len(self.val)
+
+    def random_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def set_random_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -389,22 +379,6 @@ def tensorboard_writer(folder: str | os.PathLike):
             f"package ({err}): install it with `pip install tensorboard`, or leave tensorboard=None"
         ) from None
     return SummaryWriter(log_dir=str(folder))
-
-
-def log_epoch(writer, row: dict) -> None:
-    """Log one history row to TensorBoard (NaN values, e.g. validation without a val set, are left out) and flush."""
-    step = int(row["epoch"])
-    for tag, column in (
-        ("train/loss", "train_loss"),
-        ("train/acc", "train_acc"),
-        ("val/loss", "val_loss"),
-        ("val/acc", "val_acc"),
-        ("lr", "lr"),
-    ):
-        value = float(row[column])
-        if math.isfinite(value):
-            writer.add_scalar(tag, value, step)
-    writer.flush()
 
 
 def check_training_data(probe: Probe, train: TokenSet, val: TokenSet | None, caller: str) -> None:

@@ -14,7 +14,8 @@ for MAE ViT-B on ImageNet-1k about 90 backbone passes over 1.28 M images. Use it
 GPU when numbers must be comparable with the paper; the two protocols' accuracies are
 not interchangeable.
 
-The optimiser, schedule and option checks are those of :mod:`epviz.train`.
+The loop, optimiser, schedule and option checks are those of :func:`epviz.fit` (:mod:`epviz.training.engine`):
+:class:`ImageBatches` feeds the engine tokens computed by the backbone at every step.
 
 ``accum_steps`` trades memory for time: each optimizer step accumulates the gradients of several
 micro-batches. Under ``torchrun`` the run is data-parallel like :func:`epviz.fit` (see
@@ -23,18 +24,16 @@ micro-batches. Under ``torchrun`` the run is data-parallel like :func:`epviz.fit
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import numbers
-import time
+import os
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from epviz.backbones import Backbone
 from epviz.data.transforms import train_transform
@@ -43,9 +42,12 @@ from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device
-from epviz.training.distributed_fit import check_world, distributed_training, global_sums, part_bounds, slice_weight
-from epviz.training.fit import FitResult, check_classes, divergence
-from epviz.training.optim import check_fit_options, default_warmup, lr_at, make_optimizer
+from epviz.training import engine
+from epviz.training.distributed_fit import check_world, part_bounds, slice_weight
+from epviz.training.engine import HISTORY_COLUMNS, Micro, Recipe
+from epviz.training.fit import FitResult, check_classes, default_lr
+from epviz.training.optim import check_fit_options, default_warmup
+from epviz.training.stack import HeadStack
 
 __all__ = ["fit_images", "PROTOCOL_PER_STEP"]
 
@@ -76,6 +78,7 @@ def fit_images(
     seed: int = 0,
     progress: bool = True,
     accum_steps: int = 1,
+    checkpoint: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train `probe` on `backbone`'s tokens of augmented images, computed afresh at every step.
 
@@ -93,8 +96,8 @@ def fit_images(
     arguments and gets the same result, that of one process with the same `batch_size`,
     `accum_steps` and `seed` (up to float rounding). Every rank draws the same permutation; each
     micro-batch of each global batch is cut into W contiguous slices and rank r reads and augments
-    only its slice. Gradients are averaged by ``DistributedDataParallel`` (its ``no_sync()`` skips
-    the all-reduce on all micro-batches but the last of a step); the probe's BatchNorm layers use the
+    only its slice. The accumulated gradients are averaged over the ranks once per step (one
+    all-reduce, as DDP does); the probe's BatchNorm layers use the
     statistics of the micro-batch over all ranks and are plain BatchNorm again in the returned probe;
     each rank scores a contiguous shard of `val` and the sums are all-reduced, as are the training
     losses and accuracies, so every rank holds the same history and best epoch. Only rank 0 shows
@@ -129,6 +132,7 @@ def fit_images(
         seed: Seed of the shuffling and the augmentation.
         progress: Show a tqdm bar over epochs.
         accum_steps: Micro-batches accumulated per optimizer step (1: none).
+        checkpoint: A file to write the training state to after every epoch, and to resume from (as in :func:`epviz.fit`).
 
     Returns:
         A :class:`~epviz.train.FitResult` (best epoch's weights, history, config with the protocol).
@@ -208,129 +212,57 @@ def fit_images(
 
     device = resolve_device(device)
     backbone.model.to(device).eval()
-    probe.to(device)
-    if lr is None:
-        lr = 0.1 * batch_size / 256 if optimizer == "lars" else 1e-3
-    opt = make_optimizer(probe, optimizer, lr, weight_decay)
-    augmented = train.with_transform(train_transform(backbone.image_size[0], scale))
-    generator = torch.Generator().manual_seed(seed)
-    drop_last = len(train) > batch_size
-    steps = len(train) // batch_size if drop_last else 1
-    step_size = batch_size if drop_last else len(train)
-    per_image = world > 1 or _SEED_EVERY_IMAGE
-    # the global batches of DataLoader(shuffle=True, generator=generator), each cut into this rank's micro-batches
-    sampler = _MicroBatches(
-        torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(augmented, generator=generator), batch_size, drop_last),
-        accum_steps,
-        keyed=per_image,
+    lr = default_lr(optimizer, batch_size) if lr is None else lr
+    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)
+    batches = ImageBatches(
+        backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
     )
-    loader = torch.utils.data.DataLoader(
-        _SeededImages(augmented, seed) if per_image else augmented,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
-
-    def tokens(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        with torch.no_grad(), autocast(device, precision):
-            ((patch, prefix),) = backbone.model.forward_intermediates(
-                backbone.prepare(images, device),
-                indices=[layer],
-                norm=norm,
-                output_fmt="NLC",
-                intermediates_only=True,
-                return_prefix_tokens=True,
-                stop_early=True,
-            )
-        return patch, (prefix if backbone.num_prefix_tokens else None)
-
-    rows, best_state, best_epoch, best_acc = [], None, 0, -math.inf
-    start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"fit_images {probe.name}", leave=False, disable=not progress or not is_main())
-    micro_size = batch_size // (accum_steps * world)  # images per forward pass and process (validation too)
-    example: tuple = ()  # the tokens of two images, to find parameters the probe does not use (distributed runs)
-    if world > 1:
-        two = tokens(torch.stack([_SeededImages(augmented, seed)[(0, i)][0] for i in range(2)]))
-        example = tuple(None if t is None else t.float() for t in two)  # the probe's own dtype, outside autocast
-    with torch.random.fork_rng(devices=[]), distributed_training(probe, device, example) as model:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # one process: the augmentation draws from the global generator in the main process
-        for epoch in bar:
-            t0 = time.perf_counter()
-            probe.train()
-            sampler.epoch = epoch
-            loss_sum, correct, seen = 0.0, 0, 0
-            for micro, (images, labels) in enumerate(loader):
-                step, part = divmod(micro, accum_steps)
-                last = part == accum_steps - 1
-                if part == 0:
-                    current_lr = lr_at(epoch + step / steps, lr, epochs, warmup_epochs)
-                    for group in opt.param_groups:
-                        group["lr"] = current_lr
-                    opt.zero_grad(set_to_none=True)
-                    step_loss, step_hits, step_seen = 0.0, 0, 0
-                labels = torch.as_tensor(labels).to(device)
-                patch, prefix = tokens(images)
-                # accumulate locally; DDP all-reduces the summed gradients on the step's last micro-batch
-                syncing = contextlib.nullcontext() if world == 1 or last else model.no_sync()
-                with syncing:
-                    with autocast(device, precision):
-                        logits = model(patch, prefix).float()
-                    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
-                    weight = slice_weight(len(labels), step_size)  # exactly 1 on one process without accumulation
-                    (loss if weight == 1 else loss * weight).backward()
-                step_loss += loss.item() * len(labels)
-                step_hits += (logits.argmax(dim=1) == labels).sum().item()
-                step_seen += len(labels)
-                if not last:
-                    continue
-                opt.step()
-                if world > 1:  # the global batch's loss and hits, so that every rank decides alike
-                    step_loss, hits, n = global_sums([step_loss, step_hits, step_seen], device)
-                    step_hits, step_seen = int(hits), int(n)
-                value = step_loss / step_seen
-                why = divergence(value, probe.num_classes)  # the rule of fit and fit_grid
-                if why:
-                    raise FloatingPointError(
-                        f"training diverged: {why} at epoch {epoch + 1}, step {step + 1} "
-                        f"(lr {current_lr:.3g}); lower lr or use precision='fp32'"
-                    )
-                loss_sum += step_loss
-                correct += step_hits
-                seen += step_seen
-            val_loss = val_acc = math.nan
-            if val is not None:
-                val_loss, val_acc = _evaluate(probe, val, tokens, micro_size, num_workers, device, precision)
-            rows.append(
-                dict(
-                    epoch=epoch + 1,
-                    train_loss=loss_sum / seen,
-                    train_acc=correct / seen,
-                    val_loss=val_loss,
-                    val_acc=val_acc,
-                    lr=current_lr,
-                    seconds=time.perf_counter() - t0,
-                )
-            )
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", val_acc=f"{val_acc:.3f}")
-            if val is None:
-                best_epoch = epoch + 1
-            elif val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch + 1
-                best_state = copy.deepcopy(probe.state_dict())
-    bar.close()
-    if best_state is not None:
-        probe.load_state_dict(best_state)
+        trained = engine.train(
+            HeadStack([probe], device),
+            batches,
+            recipe,
+            [lr],
+            [weight_decay],
+            device=device,
+            desc=f"fit_images {probe.name}",
+            progress=progress,
+            checkpoint=checkpoint,
+            identity=dict(
+                recipe=recipe,
+                lr=lr,
+                weight_decay=weight_decay,
+                seed=seed,
+                batch_size=batch_size,
+                accum_steps=accum_steps,
+                layer=layer,
+                norm=norm,
+                scale=list(scale),
+                backbone=backbone.name,
+                probe=probe.config,
+                train=len(train),
+                val=None if val is None else len(val),
+            ),
+        )
+    why = trained.diverged[0]
+    if why is not None and is_main():
+        warnings.warn(
+            f"fit_images: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged "
+            f"(FitResult.diverged): lower lr or use precision='fp32'",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    probe.to(device).load_state_dict(trained.heads[0].state_dict())
     probe.eval()
-    history = pd.DataFrame(rows, columns=["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"])
+    history = pd.DataFrame(trained.history, columns=HISTORY_COLUMNS).drop(columns="head")
     config = dict(
         protocol=PROTOCOL_PER_STEP,
         backbone=backbone.name,
         layer=layer,
         norm=norm,
         epochs=epochs,
-        epochs_run=len(rows),
+        epochs_run=trained.epochs_run[0],
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
@@ -349,15 +281,100 @@ def fit_images(
         config["accum_steps"] = accum_steps
     if world > 1:
         config["world_size"] = world
+    config["diverged"] = why is not None
     return FitResult(
         probe=probe,
         history=history,
-        best_epoch=best_epoch,
-        best_acc=best_acc if val is not None else math.nan,
+        best_epoch=trained.best_epoch[0],
+        best_acc=trained.best_acc[0] if val is not None else math.nan,
         final_acc=float(history["val_acc"].iloc[-1]),
-        seconds=time.perf_counter() - start,
+        seconds=trained.seconds,
         config=config,
     )
+
+
+class ImageBatches:
+    """The engine's batches from images: each step's global batch augmented afresh, cut into micro-batches, tokens by the backbone.
+
+    Every rank draws the same permutation; each micro-batch of each global batch is cut into W contiguous
+    slices and rank r reads and augments only its slice (:class:`_MicroBatches`). Validation images get the
+    evaluation transform and go through the backbone too, each rank scoring a contiguous shard.
+    """
+
+    def __init__(
+        self, backbone: Backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
+    ):
+        self.backbone, self.val, self.layer, self.norm = backbone, val, layer, norm
+        self.precision, self.device, self.num_workers, self.accum_steps = precision, device, num_workers, accum_steps
+        world = world_size() if is_distributed() else 1
+        augmented = train.with_transform(train_transform(backbone.image_size[0], scale))
+        self.generator = torch.Generator().manual_seed(seed)
+        drop_last = len(train) > batch_size
+        self.steps_per_epoch = len(train) // batch_size if drop_last else 1
+        self.step_size = batch_size if drop_last else len(train)
+        per_image = world > 1 or _SEED_EVERY_IMAGE
+        # the global batches of DataLoader(shuffle=True, generator=generator), each cut into this rank's micro-batches
+        self.sampler = _MicroBatches(
+            torch.utils.data.BatchSampler(
+                torch.utils.data.RandomSampler(augmented, generator=self.generator), batch_size, drop_last
+            ),
+            accum_steps,
+            keyed=per_image,
+        )
+        self.loader = torch.utils.data.DataLoader(
+            _SeededImages(augmented, seed) if per_image else augmented,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            generator=self.generator,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+        self.micro_size = batch_size // (accum_steps * world)  # images per forward pass and process (validation too)
+
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chosen block's patch and prefix tokens of `images` (no gradient)."""
+        with torch.no_grad(), autocast(self.device, self.precision):
+            model: Any = self.backbone.model  # a timm VisionTransformer
+            ((patch, prefix),) = model.forward_intermediates(
+                self.backbone.prepare(images, self.device),
+                indices=[self.layer],
+                norm=self.norm,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
+                stop_early=True,
+            )
+        return patch, (prefix if self.backbone.num_prefix_tokens else None)
+
+    def _micro(self, images: torch.Tensor, labels, weight: float | None = None) -> Micro:
+        labels = torch.as_tensor(labels).to(self.device)
+        patch, prefix = self.tokens(images)
+        return Micro(patch, prefix, labels, slice_weight(len(labels), self.step_size) if weight is None else weight)
+
+    def epoch(self, epoch: int) -> Iterator[Iterator[Micro]]:
+        self.sampler.epoch = epoch
+        loader = iter(self.loader)
+        for _ in range(len(self.loader) // self.accum_steps):
+            yield (self._micro(*next(loader)) for _ in range(self.accum_steps))
+
+    def validation(self) -> Iterator[Micro] | None:
+        if self.val is None:
+            return None
+        val = self.val
+        if is_distributed():
+            val = torch.utils.data.Subset(val, range(*part_bounds(len(val), rank(), world_size())))
+        loader = torch.utils.data.DataLoader(val, batch_size=self.micro_size, shuffle=False, num_workers=self.num_workers)
+        return (self._micro(images, labels, 1.0) for images, labels in loader)
+
+    def validation_size(self) -> int:
+        return 0 if self.val is None else len(self.val)
+
+    def random_state(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+
+    def set_random_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
 
 
 def _check_scale(scale) -> None:
@@ -416,25 +433,3 @@ class _SeededImages(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]))
             return self.images[index]
-
-
-def _evaluate(probe: Probe, val, tokens, batch_size: int, num_workers: int, device, precision: str) -> tuple[float, float]:
-    """Mean loss and top-1 on `val`; in a distributed run each rank scores a contiguous shard and the sums are all-reduced."""
-    if is_distributed():
-        val = torch.utils.data.Subset(val, range(*part_bounds(len(val), rank(), world_size())))
-    loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    total, correct, count = 0.0, 0, 0
-    probe.eval()
-    with torch.no_grad():
-        for images, labels in loader:
-            labels = torch.as_tensor(labels).to(device)
-            patch, prefix = tokens(images)
-            with autocast(device, precision):
-                logits = probe(patch, prefix).float()
-            total += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            count += len(labels)
-    if is_distributed():
-        total, hits, n = global_sums([total, correct, count], device)
-        return total / n, hits / n
-    return total / count, correct / count

@@ -254,7 +254,7 @@ class TestErrors:
 
     def test_bad_fit_options(self, data):
         with pytest.raises(ValueError, match="optimizer must be one of"):
-            self.grid(data, optimizer="sgd")
+            self.grid(data, optimizer="rmsprop")
         with pytest.raises(ValueError, match="precision must be one of"):
             self.grid(data, precision="fp8")
 
