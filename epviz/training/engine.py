@@ -233,22 +233,24 @@ def train(
                 step_hits = torch.zeros(n_live, dtype=torch.float64, device=device)
                 step_n = 0
                 for micro in micros:
-                    with autocast(device, recipe.precision):
-                        logits = stack(micro.patch, micro.prefix).float()  # (K, B, C)
                     b = len(micro.labels)
-                    losses = (
-                        F.cross_entropy(
-                            logits.reshape(n_live * b, -1),
-                            micro.labels.repeat(n_live),
-                            label_smoothing=recipe.label_smoothing,
-                            reduction="none",
+                    for part in stack.parts():  # one pass for the whole stack, or one head at a time in loop mode
+                        with autocast(device, recipe.precision):
+                            logits = stack(micro.patch, micro.prefix, part).float()  # (K, B, C)
+                        n = len(logits)
+                        losses = (
+                            F.cross_entropy(
+                                logits.reshape(n * b, -1),
+                                micro.labels.repeat(n),
+                                label_smoothing=recipe.label_smoothing,
+                                reduction="none",
+                            )
+                            .view(n, b)
+                            .mean(dim=1)
                         )
-                        .view(n_live, b)
-                        .mean(dim=1)
-                    )
-                    (losses.sum() if micro.weight == 1 else losses.sum() * micro.weight).backward()
-                    step_loss += losses.detach().double() * b
-                    step_hits += (logits.detach().argmax(dim=2) == micro.labels).sum(dim=1).double()
+                        (losses.sum() if micro.weight == 1 else losses.sum() * micro.weight).backward()
+                        step_loss[part] += losses.detach().double() * b
+                        step_hits[part] += (logits.detach().argmax(dim=2) == micro.labels).sum(dim=1).double()
                     step_n += b
                 sums = global_sums([*step_loss.tolist(), *step_hits.tolist(), step_n], device)  # the global batch's
                 step_n = int(sums[-1])
@@ -369,25 +371,27 @@ def _validate(
     stack: HeadStack, batches: Batches, precision: str, device: torch.device, stepping: torch.Tensor
 ) -> tuple[list[float], list[float]] | None:
     """Mean cross-entropy and top-1 of every head of the stack on the validation set, in one pass (None without one)."""
-    n = len(stepping)
+    k = len(stepping)
     source = batches.validation()
     if source is None:
         return None
     stack.train(False)
-    loss = torch.zeros(n, dtype=torch.float64, device=device)
-    hits = torch.zeros(n, dtype=torch.float64, device=device)
+    loss = torch.zeros(k, dtype=torch.float64, device=device)
+    hits = torch.zeros(k, dtype=torch.float64, device=device)
     if stepping.any():
         for micro in source:
-            with autocast(device, precision):
-                logits = stack(micro.patch, micro.prefix).float()
             b = len(micro.labels)
-            loss += (
-                F.cross_entropy(logits.reshape(n * b, -1), micro.labels.repeat(n), reduction="none")
-                .view(n, b)
-                .double()
-                .sum(dim=1)
-            )
-            hits += (logits.argmax(dim=2) == micro.labels).sum(dim=1).double()
+            for part in stack.parts():
+                with autocast(device, precision):
+                    logits = stack(micro.patch, micro.prefix, part).float()
+                n = len(logits)
+                loss[part] += (
+                    F.cross_entropy(logits.reshape(n * b, -1), micro.labels.repeat(n), reduction="none")
+                    .view(n, b)
+                    .double()
+                    .sum(dim=1)
+                )
+                hits[part] += (logits.argmax(dim=2) == micro.labels).sum(dim=1).double()
     if is_distributed():
         all_reduce_sum(loss)
         all_reduce_sum(hits)

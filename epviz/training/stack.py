@@ -95,23 +95,29 @@ class HeadStack:
         if self._vmapped is not None:
             self._vmapped.train(mode)
 
-    def __call__(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-        """Logits of every head, shape (K, B, C)."""
+    def parts(self) -> list[slice]:
+        """The rows one forward pass covers: all of them, or one head at a time in ``"loop"`` mode, so that only
+        one head's activations are alive between its forward and backward pass."""
+        return [slice(k, k + 1) for k in range(len(self))] if self.mode == "loop" else [slice(0, len(self))]
+
+    def __call__(self, patch: torch.Tensor, prefix: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor:
+        """Logits of the heads `rows` (default all), shape (K, B, C)."""
+        params = {n: p[rows] for n, p in self.params.items()}  # views: gradients and BatchNorm statistics reach the stack
+        buffers = {n: b[rows] for n, b in self.buffers.items()}
         if self.mode == "hand":
-            return self.template.stacked_logits({**self.params, **self.buffers}, patch, prefix)
+            return self.template.stacked_logits({**params, **buffers}, patch, prefix)
         if self.mode == "vmap":
             module = self._vmap_module()
             return vmap(
                 lambda p, b, x, y: functional_call(module, (p, b), (x, y)), in_dims=(0, 0, None, None), randomness="different"
-            )(self.params, self.buffers, patch, prefix)
+            )(params, buffers, patch, prefix)
+        count = next(iter(params.values())).shape[0] if params else 0
         return torch.stack(
             [
                 functional_call(
-                    self.template,
-                    ({n: p[k] for n, p in self.params.items()}, {n: b[k] for n, b in self.buffers.items()}),
-                    (patch, prefix),
+                    self.template, ({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}), (patch, prefix)
                 )
-                for k in range(len(self))
+                for k in range(count)
             ]
         )
 
