@@ -6,7 +6,7 @@ D = 192, C = 10, batch 256): the token reads, forward, backward and optimiser st
 "Separate" is K times the epoch of one head (a fit), so the ratio stacked / separate is what a grid
 of K saves; "x one head" is the stacked epoch over one head's, the GPU target's unit (K = 8: at most 1.5).
 Rows cover K = 1, 8, 16, 64, fp32 and bf16, 1 and 2 threads, for EP16, jepa, MHCA and LP (cls), and CUDA
-when one is present. Medians over --repeats rounds.
+when one is present. Medians over --repeats rounds (2), after one warm-up epoch per probe.
 
     python benchmarks/head_grid.py                          # the full table
     python benchmarks/head_grid.py --probes ep16 --ks 1,8 --threads 2 --precisions fp32
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=192)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=1, help="rounds per cell (medians are reported)")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per cell (medians are reported)")
     args = parser.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -97,6 +97,7 @@ def main() -> None:
                 for precision in args.precisions.split(","):
                     for name in args.probes.split(","):
                         mode = HeadStack([probes.build(name, args.dim, args.classes)], device).mode
+                        epoch_seconds(name, 1, tokens, argparse.Namespace(**{**vars(args), "repeats": 1}), precision, device)  # warm-up
                         one = epoch_seconds(name, 1, tokens, args, precision, device)
                         for k in ks:
                             stacked = one if k == 1 else epoch_seconds(name, k, tokens, args, precision, device)

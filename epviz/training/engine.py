@@ -228,7 +228,7 @@ def train(
             broke: dict[int, str] = {}  # row -> why
             for step, micros in enumerate(batches.epoch(epoch)):
                 factor = lr_at(epoch + step / steps, 1.0, recipe.epochs, recipe.warmup_epochs)
-                opt.zero_grad()
+                stack.zero_grad()
                 step_loss = torch.zeros(n_live, dtype=torch.float64, device=device)
                 step_hits = torch.zeros(n_live, dtype=torch.float64, device=device)
                 step_n = 0
@@ -260,6 +260,7 @@ def train(
                     if reason is not None:  # a diverging head takes no step: its weights stay as they were
                         broke[row] = f"{reason} at epoch {epoch + 1}, step {step + 1} (lr {factor * lrs[live[row]]:.3g})"
                         stepping[row] = False
+                stack.gather_grads()
                 if world > 1:
                     average_gradients(stack.params.values())
                 opt.step(factor, stepping)

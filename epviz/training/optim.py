@@ -65,11 +65,6 @@ class StackedOptimizer:
         if frozen is not None and kept is not None:
             self._restore(frozen, kept)
 
-    def zero_grad(self) -> None:
-        """Drop every gradient."""
-        for p in self.params.values():
-            p.grad = None
-
     def keep(self, params: dict[str, torch.Tensor], index: torch.Tensor) -> None:
         """Follow a stack that kept only the heads `index` (its new parameter tensors are `params`)."""
         self.params = params

@@ -75,6 +75,7 @@ class HeadStack:
         }
         self.mode = self._resolve(mode, device)
         self._vmapped: nn.Module | None = None
+        self._leaves: list[dict[str, torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return next(iter(self.params.values())).shape[0] if self.params else 0
@@ -111,15 +112,42 @@ class HeadStack:
             return vmap(
                 lambda p, b, x, y: functional_call(module, (p, b), (x, y)), in_dims=(0, 0, None, None), randomness="different"
             )(params, buffers, patch, prefix)
-        count = next(iter(params.values())).shape[0] if params else 0
+        leaves = self._head_leaves()[rows]
         return torch.stack(
             [
-                functional_call(
-                    self.template, ({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}), (patch, prefix)
-                )
-                for k in range(count)
+                functional_call(self.template, (p, {n: b[k] for n, b in buffers.items()}), (patch, prefix))
+                for k, p in enumerate(leaves)
             ]
         )
+
+    def _head_leaves(self) -> list[dict[str, torch.Tensor]]:
+        """Loop mode: each head's parameters as leaves of their own that share the stacked storage.
+
+        Backward through a slice of one stacked leaf would write a zero-filled gradient of the whole stack per
+        head (K^2 work a step); separate leaves get their own gradients, gathered once a step (:meth:`gather_grads`).
+        """
+        if self._leaves is None:
+            self._leaves = [
+                {n: p.detach()[k].requires_grad_(p.requires_grad) for n, p in self.params.items()} for k in range(len(self))
+            ]
+        return self._leaves
+
+    def gather_grads(self) -> None:
+        """Loop mode: stack the heads' gradients into the stacked parameters' ``.grad`` (for the optimiser)."""
+        if self._leaves is None:
+            return
+        for name, p in self.params.items():
+            grads = [leaf[name].grad for leaf in self._leaves]
+            if any(g is not None for g in grads):
+                p.grad = torch.stack([torch.zeros_like(p[0]) if g is None else g for g in grads])
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (the stacked ones and, in loop mode, each head's)."""
+        for p in self.params.values():
+            p.grad = None
+        for leaf in self._leaves or []:
+            for t in leaf.values():
+                t.grad = None
 
     def _vmap_module(self) -> nn.Module:
         """The template with its BatchNorm layers computing in fp32 (vmap's BatchNorm rule refuses bf16 input with fp32 statistics)."""
@@ -141,6 +169,7 @@ class HeadStack:
         """Keep only the heads `index` (a smaller stack costs less per step); parameters become new leaves."""
         self.params = {n: p[index].detach().clone().requires_grad_(p.requires_grad) for n, p in self.params.items()}
         self.buffers = {n: b[index].clone() for n, b in self.buffers.items()}
+        self._leaves = None
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> None:
