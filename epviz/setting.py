@@ -20,7 +20,8 @@ test      Fashion-MNIST test,  seed 0      4,000       500
 upper bounds (``None``: the whole split), spread evenly over the classes.
 
 The standard probe budget (cached tokens, no augmentation): AdamW, linear warm-up then cosine
-decay, best epoch on ``val``; 15 epochs (2 of warm-up) in batches of 256 under bf16 autocast, or in
+decay, best epoch on ``val``; 15 epochs (2 of warm-up) in batches of 256, under bf16 autocast where the
+device computes bf16 natively and in fp32 elsewhere (``precision="auto"``), or in
 fast mode 5 epochs (1 of warm-up) in batches of 64 in fp32 (more, smaller steps for the same compute
 on the small training set). Low-shot runs get 100 epochs (10 of warm-up), or 40 (4) in fast mode,
 since a few images make one step per epoch.
@@ -114,9 +115,9 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
 
 _FULL: dict[str, Any] = dict(
     sizes={"train": 20_000, "val": 2_000, "test": 4_000},
-    budget=dict(epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="bf16"),
+    budget=dict(epochs=15, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, precision="auto"),
     low_shot_budget=dict(
-        epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="bf16"
+        epochs=100, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4, warmup_epochs=10, precision="auto"
     ),
     threshold_step=1,
     probes=None,

@@ -12,7 +12,7 @@ def test_full_and_fast_budgets_and_sizes():
     full, fast = Setting.full(), Setting.fast()
     assert dict(full.sizes) == {"train": 20_000, "val": 2_000, "test": 4_000}
     assert all(fast.sizes[s] < full.sizes[s] for s in ("train", "val", "test"))
-    assert full.budget["epochs"] == 15 and full.budget["precision"] == "bf16" and full.budget["batch_size"] == 256
+    assert full.budget["epochs"] == 15 and full.budget["precision"] == "auto" and full.budget["batch_size"] == 256
     assert fast.budget["epochs"] < full.budget["epochs"] and fast.budget["precision"] == "fp32"
     assert full.fit_options(lr=0.5)["lr"] == 0.5 and full.budget["lr"] == 1e-3
     assert full.budget["optimizer"] == "adamw" and full.budget["weight_decay"] == 1e-4

@@ -47,7 +47,7 @@ from epviz.distributed import check_same, is_distributed, is_main, rank, world_s
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
-from epviz.runtime import resolve_device
+from epviz.runtime import resolve_device, resolve_precision
 from epviz.tokens import TokenSet
 from epviz.training import engine
 from epviz.training.checkpoints import finite_or_none, save_probe
@@ -171,7 +171,7 @@ def fit(
             ratio, 10 of 90 epochs: ``min(10, epochs / 9)``.
         label_smoothing: Cross-entropy label smoothing.
         early_stopping: Stop after this many epochs without a validation improvement.
-        precision: "fp32" or "bf16" (autocast).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively, else fp32).
         device: Where to train; None picks CUDA when available.
         seed: Seed for the shuffling order (an integer >= 0).
         progress: Show a tqdm bar over epochs.
@@ -235,6 +235,7 @@ def fit(
         )
 
     device = resolve_device(device)
+    precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     lr = default_lr(optimizer, batch_size) if lr is None else lr
     recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, early_stopping, precision)
     writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)

@@ -41,7 +41,7 @@ from epviz.distributed import check_same, is_distributed, is_main, rank, world_s
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
-from epviz.runtime import autocast, resolve_device
+from epviz.runtime import autocast, resolve_device, resolve_precision
 from epviz.training import engine
 from epviz.training.distributed_fit import check_world, part_bounds, slice_weight
 from epviz.training.engine import HISTORY_COLUMNS, Micro, Recipe
@@ -211,6 +211,7 @@ def fit_images(
         )
 
     device = resolve_device(device)
+    precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     backbone.model.to(device).eval()
     lr = default_lr(optimizer, batch_size) if lr is None else lr
     recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)

@@ -43,7 +43,7 @@ from epviz.checks import check_int
 from epviz.distributed import check_same, is_distributed, is_main, world_size
 from epviz.errors import ConfigError
 from epviz.probes import Probe, accepted_options, build
-from epviz.runtime import autocast, resolve_device
+from epviz.runtime import autocast, resolve_device, resolve_precision
 from epviz.setting import check_grid_values
 from epviz.tokens import TokenSet
 from epviz.tokens.storage import format_bytes
@@ -163,7 +163,7 @@ def fit_grid(
         warmup_epochs: Epochs of linear warm-up before the cosine decay.
         label_smoothing: Cross-entropy label smoothing.
         early_stopping: Stop a head after this many epochs without a validation improvement.
-        precision: "fp32" or "bf16" (autocast).
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 where the device computes it natively, else fp32).
         device: Where to train; None picks CUDA when available.
         seed: Seed of the shuffling order (and of the initial weights when `probe` is a name and
             `seeds` is not given), an integer >= 0.
@@ -226,6 +226,7 @@ def fit_grid(
         )
 
     device = resolve_device(device)
+    precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     k = len(points)
     size = max_heads or _heads_that_fit(template, train, batch_size, device, precision, k, progress)
     recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, early_stopping, precision, halving)

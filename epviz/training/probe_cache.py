@@ -36,6 +36,7 @@ from epviz.distributed import all_gather_object, barrier, is_main
 from epviz.errors import ConfigError, DataError
 from epviz.probes import Probe
 from epviz.provenance import note_fit
+from epviz.runtime import resolve_device, resolve_precision
 from epviz.safe_load import read_json
 from epviz.tokens import TokenSet, default_cache_dir
 from epviz.training.checkpoints import load_probe
@@ -211,6 +212,8 @@ def fit_or_load(
     """
     fit_options = dict(fit_options)
     tensorboard = fit_options.pop("tensorboard", None)
+    if "precision" in fit_options:  # "auto" is keyed as what it trains in on this device
+        fit_options["precision"] = resolve_precision(resolve_device(device), fit_options["precision"])
     config = probe.config
     key = probe_key(config["name"], config, config["num_classes"], train, val, fit_options, seed) if cache else None
     stored = load_cached_fit(key) if key is not None else None
