@@ -118,3 +118,24 @@ def test_untrained_maps_measures_each_seed_and_summarises(tmp_path, monkeypatch,
     assert len(summary) == 1 and summary.loc[0, "seeds"] == 2
     assert summary.loc[0, "maxboxacc_v2"] == pytest.approx(table["maxboxacc_v2"].mean())
     assert "written:" in capsys.readouterr().out
+
+
+def test_halving_check_replays_the_rule_on_a_full_grid():
+    halving_check = load_script("halving_check")
+    curves = {0: [0.5, 0.6, 0.6, 0.6], 1: [0.4, 0.5, 0.7, 0.7], 2: [0.3, 0.4, 0.4, 0.4], 3: [0.1, 0.2, 0.5, 0.9]}
+    history = [dict(point=p, epoch=e + 1, val_acc=a) for p, accs in curves.items() for e, a in enumerate(accs)]
+    points = [
+        dict(point=p, lr=10.0 ** -(4 - p), weight_decay=1e-4, best_val_acc=max(a), epochs_run=4, diverged=False)
+        for p, a in curves.items()
+    ]
+    grid = dict(points=points, history=history, chosen=dict(point=3))
+    # eta 2, 4 heads: rungs at epochs 1 and 2; point 3 (slow start, best at the end) stops at epoch 1 with point 2,
+    # point 1 at epoch 2 (0.5 against point 0's 0.6), so point 0 is picked
+    row = halving_check.replay(grid, epochs=4, eta=2)
+    assert not row["same_pick"] and row["halving_lr"] == points[0]["lr"]
+    assert row["val_given_up"] == pytest.approx(0.9 - 0.6)
+    assert row["head_epochs_full"] == 16 and row["head_epochs_halving"] == 1 + 1 + 2 + 4
+    curves[3] = [0.9, 0.9, 0.9, 0.95]
+    history = [dict(point=p, epoch=e + 1, val_acc=a) for p, accs in curves.items() for e, a in enumerate(accs)]
+    same = halving_check.replay(dict(grid, history=history), epochs=4, eta=2)
+    assert same["same_pick"] and same["val_given_up"] == 0

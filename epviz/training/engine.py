@@ -46,7 +46,7 @@ from epviz.training.distributed_fit import average_gradients, broadcast_state, g
 from epviz.training.optim import lr_at, make_optimizer
 from epviz.training.stack import HeadStack
 
-__all__ = ["DIVERGENCE_FACTOR", "Micro", "Recipe", "Trained", "divergence", "halving_rungs", "train"]
+__all__ = ["DIVERGENCE_FACTOR", "Micro", "Recipe", "Trained", "divergence", "halving_keep", "halving_rungs", "train"]
 
 DIVERGENCE_FACTOR = 100.0  # a training loss above this many times a uniform guess's (ln C) has diverged
 HISTORY_COLUMNS = ["head", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -118,6 +118,13 @@ def halving_rungs(epochs: int, eta: int | None, heads: int) -> list[int]:
     while eta ** (s + 1) <= heads:
         s += 1
     return sorted({max(1, round(epochs / eta**i)) for i in range(1, s + 1)} - {epochs})
+
+
+def halving_keep(scores: dict[int, float], eta: int) -> set[int]:
+    """The heads successive halving keeps at a rung: the best ``ceil(n / eta)`` of `scores` (head -> best val
+    top-1 so far); ties go to the earlier head."""
+    ranked = sorted(scores, key=lambda head: (-scores[head], head))
+    return set(ranked[: math.ceil(len(scores) / eta)])
 
 
 @dataclass
@@ -310,11 +317,12 @@ def train(
                     if recipe.early_stopping is not None and stale[head] >= recipe.early_stopping:
                         ended.append(row)
             if epoch + 1 in rungs and recipe.halving:  # successive halving: the best 1/eta of the heads still training go on
-                going = [row for row in range(len(live)) if row not in ended]
-                ranked = sorted(going, key=lambda row: (-best_acc[live[row]], live[row]))
-                for row in ranked[math.ceil(len(going) / recipe.halving) :]:
-                    halved[live[row]] = epoch + 1
-                    ended.append(row)
+                going = {live[row]: best_acc[live[row]] for row in range(len(live)) if row not in ended}
+                kept = halving_keep(going, recipe.halving)
+                for row in range(len(live)):
+                    if live[row] in going and live[row] not in kept:
+                        halved[live[row]] = epoch + 1
+                        ended.append(row)
             seconds = time.perf_counter() - t0
             for record in rows[-len(live) :]:
                 record["seconds"] = seconds
