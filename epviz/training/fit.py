@@ -238,49 +238,9 @@ def fit(
     precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     lr = default_lr(optimizer, batch_size) if lr is None else lr
     recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, early_stopping, precision)
-    writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)
-    try:
-        trained = engine.train(
-            HeadStack([probe], device),
-            TokenBatches(train, val, batch_size, seed, device),
-            recipe,
-            [lr],
-            [weight_decay],
-            device=device,
-            desc=f"fit {probe.name}",
-            progress=progress,
-            writer=writer,
-            checkpoint=checkpoint,
-            identity=dict(
-                recipe=recipe,
-                lr=lr,
-                weight_decay=weight_decay,
-                seed=seed,
-                batch_size=batch_size,
-                probe=probe.config,
-                train=len(train),
-                val=None if val is None else len(val),
-            ),
-        )
-    finally:
-        if writer is not None:
-            writer.close()
-    why = trained.diverged[0]
-    if why is not None and is_main():
-        warnings.warn(
-            f"fit: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged (FitResult.diverged, "
-            f"best_acc NaN), as fit_grid marks a diverging grid point: use a smaller learning rate than {lr:g}"
-            f"{' or precision=fp32' if precision != 'fp32' else ''}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    probe.to(device).load_state_dict(trained.heads[0].state_dict())
-    probe.eval()
-    history = pd.DataFrame(trained.history, columns=HISTORY_COLUMNS).drop(columns="head")
     config = dict(
         protocol=protocol_of(train),
         epochs=epochs,
-        epochs_run=trained.epochs_run[0],
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
@@ -299,15 +259,74 @@ def fit(
     )
     if world > 1:
         config["world_size"] = world
-    config["diverged"] = why is not None
+    writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)
+    try:
+        return train_one(
+            probe, TokenBatches(train, val, batch_size, seed, device), recipe, config, "fit", progress, checkpoint, writer
+        )
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def train_one(
+    probe: Probe,
+    batches: engine.Batches,
+    recipe: Recipe,
+    config: dict,
+    caller: str,
+    progress: bool,
+    checkpoint: str | os.PathLike | None,
+    writer=None,
+) -> FitResult:
+    """Train one probe in place through the engine (:func:`fit` and :func:`~epviz.training.fit_images.fit_images`).
+
+    Args:
+        probe: The probe, trained in place and left holding its best epoch's weights, in eval mode.
+        batches: Its training and validation batches.
+        recipe: The shared options.
+        config: What the result records (``lr``, ``weight_decay``, ``device`` and the rest of the options,
+            sizes and protocol); it is also the identity a checkpoint must match (device and threads aside).
+        caller: The trainer's name, for the progress bar and the divergence warning.
+        progress: Show a progress bar.
+        checkpoint: A file to write the state to after every epoch and resume from.
+        writer: A TensorBoard writer, or None.
+    """
+    device = torch.device(config["device"])
+    lr = config["lr"]
+    trained = engine.train(
+        HeadStack([probe], device),
+        batches,
+        recipe,
+        [lr],
+        [config["weight_decay"]],
+        device=device,
+        desc=f"{caller} {probe.name}",
+        progress=progress,
+        writer=writer,
+        checkpoint=checkpoint,
+        identity={k: v for k, v in config.items() if k not in ("device", "torch_threads")},
+    )
+    why = trained.diverged[0]
+    if why is not None and is_main():
+        warnings.warn(
+            f"{caller}: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged (FitResult.diverged, "
+            f"best_acc NaN), as fit_grid marks a diverging grid point: use a smaller learning rate than {lr:g}"
+            f"{' or precision=fp32' if recipe.precision != 'fp32' else ''}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    probe.to(device).load_state_dict(trained.heads[0].state_dict())
+    probe.eval()
+    history = pd.DataFrame(trained.history, columns=HISTORY_COLUMNS).drop(columns="head")
     return FitResult(
         probe=probe,
         history=history,
         best_epoch=trained.best_epoch[0],
-        best_acc=trained.best_acc[0] if val is not None else math.nan,
+        best_acc=trained.best_acc[0] if batches.validation_size() else math.nan,
         final_acc=float(history["val_acc"].iloc[-1]),
         seconds=trained.seconds,
-        config=config,
+        config=dict(config, epochs_run=trained.epochs_run[0], diverged=why is not None),
     )
 
 

@@ -24,30 +24,25 @@ micro-batches. Under ``torchrun`` the run is data-parallel like :func:`epviz.fit
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from epviz.backbones import Backbone
 from epviz.data.transforms import train_transform
-from epviz.distributed import check_same, is_distributed, is_main, rank, world_size
+from epviz.distributed import check_same, is_distributed, rank, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
 from epviz.runtime import autocast, resolve_device, resolve_precision
-from epviz.training import engine
 from epviz.training.distributed_fit import check_world, part_bounds, slice_weight
-from epviz.training.engine import HISTORY_COLUMNS, Micro, Recipe
-from epviz.training.fit import FitResult, check_classes, default_lr
+from epviz.training.engine import Micro, Recipe
+from epviz.training.fit import FitResult, check_classes, default_lr, train_one
 from epviz.training.optim import check_fit_options, default_warmup
-from epviz.training.stack import HeadStack
 
 __all__ = ["fit_images", "PROTOCOL_PER_STEP"]
 
@@ -218,52 +213,12 @@ def fit_images(
     batches = ImageBatches(
         backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # one process: the augmentation draws from the global generator in the main process
-        trained = engine.train(
-            HeadStack([probe], device),
-            batches,
-            recipe,
-            [lr],
-            [weight_decay],
-            device=device,
-            desc=f"fit_images {probe.name}",
-            progress=progress,
-            checkpoint=checkpoint,
-            identity=dict(
-                recipe=recipe,
-                lr=lr,
-                weight_decay=weight_decay,
-                seed=seed,
-                batch_size=batch_size,
-                accum_steps=accum_steps,
-                layer=layer,
-                norm=norm,
-                scale=list(scale),
-                backbone=backbone.name,
-                probe=probe.config,
-                train=len(train),
-                val=None if val is None else len(val),
-            ),
-        )
-    why = trained.diverged[0]
-    if why is not None and is_main():
-        warnings.warn(
-            f"fit_images: probe '{probe.name}' diverged: {why}; it stopped there and is marked diverged "
-            f"(FitResult.diverged): lower lr or use precision='fp32'",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    probe.to(device).load_state_dict(trained.heads[0].state_dict())
-    probe.eval()
-    history = pd.DataFrame(trained.history, columns=HISTORY_COLUMNS).drop(columns="head")
     config = dict(
         protocol=PROTOCOL_PER_STEP,
         backbone=backbone.name,
         layer=layer,
         norm=norm,
         epochs=epochs,
-        epochs_run=trained.epochs_run[0],
         batch_size=batch_size,
         optimizer=optimizer,
         lr=lr,
@@ -282,16 +237,9 @@ def fit_images(
         config["accum_steps"] = accum_steps
     if world > 1:
         config["world_size"] = world
-    config["diverged"] = why is not None
-    return FitResult(
-        probe=probe,
-        history=history,
-        best_epoch=trained.best_epoch[0],
-        best_acc=trained.best_acc[0] if val is not None else math.nan,
-        final_acc=float(history["val_acc"].iloc[-1]),
-        seconds=trained.seconds,
-        config=config,
-    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # one process: the augmentation draws from the global generator in the main process
+        return train_one(probe, batches, recipe, config, "fit_images", progress, checkpoint)
 
 
 class ImageBatches:
