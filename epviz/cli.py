@@ -11,10 +11,8 @@ epviz zoo                                          the zoo's model cards and pro
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,29 +180,11 @@ def _train(args: argparse.Namespace) -> None:
 # --- evaluate ------------------------------------------------------------------------------
 
 
-def _reference_loader() -> Callable[..., Any] | None:
-    """``load_reference_head`` of epviz.training or epviz.probes, where this install has one."""
-    for module in ("epviz.training", "epviz.probes"):
-        loader = getattr(importlib.import_module(module), "load_reference_head", None)
-        if callable(loader):
-            return loader
-    return None
-
-
 def _load_reference(path: Path) -> Any:
-    """A reference head (``.pth``, or a released head's folder) as a Probe, through ``load_reference_head``."""
-    from epviz.probes import Probe
+    """A reference head (``.pth``, or a released head's folder) as a Probe."""
+    from epviz.training import load_reference_head
 
-    loader = _reference_loader()
-    if loader is None:
-        raise ValueError(
-            f"{path} is a reference head (.pth), and this install of epviz has no load_reference_head to read it: "
-            "update epviz, or pass a probe saved by epviz (<path>.json + <path>.safetensors)"
-        )
-    probe = loader(path, device="cpu")
-    if not isinstance(probe, Probe):
-        raise ValueError(f"load_reference_head({path}) returned {type(probe).__name__}, not a probe")
-    return probe
+    return load_reference_head(path, device="cpu")
 
 
 def _probe_origin(path: Path) -> dict[str, Any]:
@@ -366,9 +346,9 @@ def _results(args: argparse.Namespace) -> None:
             sys.exit(problem)
         print(f"the results section of {readme.name} is what {name} gives")
         if source.is_file() and csv.is_file():
-            from epviz.results import _same_rows
+            from epviz.results import same_rows
 
-            if not _same_rows(read_results(source), read_results(csv)):
+            if not same_rows(read_results(source), read_results(csv)):
                 print(f"note: {source} differs from {name}; `epviz results --write` publishes it")
         return
     print(render_section(read_results(csv) if csv.is_file() else None, name))

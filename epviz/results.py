@@ -64,6 +64,7 @@ __all__ = [
     "readme_section",
     "render_section",
     "results_rows",
+    "same_rows",
     "write_readme",
 ]
 
@@ -687,7 +688,7 @@ def check_readme(readme: str | os.PathLike, csv: str | os.PathLike, source_name:
     return f"the results section of {readme} is not what {source_name} gives:\n{diff}\n{fix}"
 
 
-def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+def same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     """Whether two results tables hold the same rows (order and float formatting aside)."""
     if len(a) != len(b) or set(a.columns) != set(b.columns):
         return False

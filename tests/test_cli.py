@@ -184,9 +184,6 @@ def test_evaluate_reads_reference_heads_through_load_reference_head(saved_probe,
     for scores in (file, folder):
         assert (scores.loc[0, "top1"], scores.loc[0, "top5"]) == pytest.approx((saved.loc[0, "top1"], saved.loc[0, "top5"]))
     assert not (tmp_path / "cache" / "probes").exists()
-    monkeypatch.setattr(cli, "_reference_loader", lambda: None)
-    with pytest.raises(SystemExit, match="no load_reference_head"):
-        cli.main(_evaluate_args(head, tmp_path))
 
 
 # --- results ------------------------------------------------------------------------------------
