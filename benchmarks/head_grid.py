@@ -97,7 +97,9 @@ def main() -> None:
                 for precision in args.precisions.split(","):
                     for name in args.probes.split(","):
                         mode = HeadStack([probes.build(name, args.dim, args.classes)], device).mode
-                        epoch_seconds(name, 1, tokens, argparse.Namespace(**{**vars(args), "repeats": 1}), precision, device)  # warm-up
+                        epoch_seconds(
+                            name, 1, tokens, argparse.Namespace(**{**vars(args), "repeats": 1}), precision, device
+                        )  # warm-up
                         one = epoch_seconds(name, 1, tokens, args, precision, device)
                         for k in ks:
                             stacked = one if k == 1 else epoch_seconds(name, k, tokens, args, precision, device)
