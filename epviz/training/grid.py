@@ -237,8 +237,9 @@ def fit_grid(
     for first in range(0, k, size):
         chunk = points[first : first + size]
         path = None if checkpoint is None else (checkpoint if size >= k else f"{checkpoint}.{first // size}")
+        stack = HeadStack([templates[s] for _, _, s in chunk], device, stacking)
         trained = engine.train(
-            HeadStack([templates[s] for _, _, s in chunk], device, stacking),
+            stack,
             TokenBatches(train, val, batch_size, seed, device),
             recipe,
             [lr for lr, _, _ in chunk],
@@ -326,7 +327,7 @@ def fit_grid(
         train_origin=train.origin.as_dict(),
         val_origin=val.origin.as_dict(),
         probe=dict(template.config),
-        stacking=HeadStack([template], device, stacking).mode if world == 1 else "loop",
+        stacking=stack.mode,  # the engine runs distributed stacks as a loop
         heads_per_stack=min(size, k),
     )
     if seed_axis:

@@ -103,22 +103,22 @@ class HeadStack:
 
     def __call__(self, patch: torch.Tensor, prefix: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor:
         """Logits of the heads `rows` (default all), shape (K, B, C)."""
-        params = {n: p[rows] for n, p in self.params.items()}  # views: gradients and BatchNorm statistics reach the stack
-        buffers = {n: b[rows] for n, b in self.buffers.items()}
+        buffers = {n: b[rows] for n, b in self.buffers.items()}  # views: BatchNorm statistics reach the stack
+        if self.mode == "loop":
+            leaves = self._head_leaves()[rows]
+            return torch.stack(
+                [
+                    functional_call(self.template, (p, {n: b[k] for n, b in buffers.items()}), (patch, prefix))
+                    for k, p in enumerate(leaves)
+                ]
+            )
+        params = {n: p[rows] for n, p in self.params.items()}  # views: gradients reach the stacked leaves
         if self.mode == "hand":
             return self.template.stacked_logits({**params, **buffers}, patch, prefix)
-        if self.mode == "vmap":
-            module = self._vmap_module()
-            return vmap(
-                lambda p, b, x, y: functional_call(module, (p, b), (x, y)), in_dims=(0, 0, None, None), randomness="different"
-            )(params, buffers, patch, prefix)
-        leaves = self._head_leaves()[rows]
-        return torch.stack(
-            [
-                functional_call(self.template, (p, {n: b[k] for n, b in buffers.items()}), (patch, prefix))
-                for k, p in enumerate(leaves)
-            ]
-        )
+        module = self._vmap_module()  # "vmap"
+        return vmap(
+            lambda p, b, x, y: functional_call(module, (p, b), (x, y)), in_dims=(0, 0, None, None), randomness="different"
+        )(params, buffers, patch, prefix)
 
     def _head_leaves(self) -> list[dict[str, torch.Tensor]]:
         """Loop mode: each head's parameters as leaves of their own that share the stacked storage.
