@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.epviz-installed
 PYTEST_ARGS ?=
 
-.PHONY: all install data browser lint results-check test test-fast figures bench clean-cache help
+.PHONY: all install data browser lint results-check test test-fast figures zoo bench clean-cache help
 
 all: figures
 
@@ -18,6 +18,7 @@ help:
 	@echo "make test-fast the unit tests alone (no notebooks, no browser, nothing slow): well under a minute"
 	@echo "make lint      ruff (lint and format check) and mypy"
 	@echo "make bench     run the speed benchmarks in benchmarks/"
+	@echo "make zoo       pre-train the zoo's pre-training axis (CPU hours; resumable)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +67,13 @@ test-fast: $(STAMP)
 
 figures: data
 	$(PY) -m epviz.cli reproduce
+
+# the pre-training axis (CPU hours; every run resumes from its last finished epoch)
+zoo: $(STAMP)
+	$(PY) scripts/train_zoo.py mae --epochs 20 --save-at 2,7 --dtype fp16 --resume
+	$(PY) scripts/train_zoo.py ssl --epochs 3 --batch-size 128 --dtype fp16 --resume
+	$(PY) scripts/train_zoo.py mae --epochs 7 --seed 1 --dtype fp16 --resume
+	$(PY) scripts/train_zoo.py ssl --epochs 2 --batch-size 128 --seed 1 --dtype fp16 --resume
 
 bench: data
 	$(PY) benchmarks/extract.py

@@ -386,7 +386,10 @@ def _cache_verify(args: argparse.Namespace) -> None:
 def _zoo(args: argparse.Namespace) -> None:
     from epviz.backbones import zoo
 
-    for name in zoo.ZOO:
+    for name, entry in zoo.ENTRIES.items():
+        if entry.file and not zoo.zoo_weights(name).is_file():
+            print(f"{name}: not trained here ({entry.method}, {entry.epochs} epochs, seed {entry.seed}; make zoo trains it)")
+            continue
         card = zoo.zoo_card(name)
         print(f"{name}: {card['objective']}")
         if "final_metrics" in card:

@@ -138,11 +138,6 @@ _TEXT_COLUMNS = (
 
 # --- backbones ------------------------------------------------------------------------------
 
-_ZOO_FACTS = {
-    "tiny-mae": ("MIM", "MAE", "cluttered Fashion-MNIST"),
-    "tiny-sup": ("SUP", "supervised", "cluttered Fashion-MNIST"),
-    "tiny-random": ("control", "random init", "none"),
-}
 _FAMILY = {"MAE": "MIM", "BEiTv2": "MIM", "EVA02": "MIM", "DINO": "JEA", "DINOv2": "Hybrid", "CLIP": "VLM", "SigLIP": "VLM"}
 _PRETRAIN = {
     "mae": "IN-1K",
@@ -179,13 +174,12 @@ def backbone_facts(name: str, meta: Mapping[str, Any] | None = None) -> dict[str
     if meta and meta.get("image_size"):
         size = int(list(meta["image_size"])[0])
     if name in zoo.ZOO:
-        family, method, pretrain = _ZOO_FACTS.get(name, (None, None, None))
-        a = zoo.ARCHITECTURE
+        entry, a = zoo.ENTRIES[name], zoo.ARCHITECTURE
         return {
-            "family": family,
-            "method": method,
+            "family": entry.family,
+            "method": entry.method,
             "arch": f"ViT-tiny/{a['patch_size']} (D={a['embed_dim']}, {a['depth']} blocks)",
-            "pretrain": pretrain,
+            "pretrain": "cluttered Fashion-MNIST" if entry.epochs else "none",
             "image_size": size or int(a["img_size"]),
         }
     base, random = presets.split_random(name)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz import probes  # noqa: E402
 from epviz.atomic import atomic_write, atomic_write_text  # noqa: E402
 from epviz.backbones import load_backbone  # noqa: E402
-from epviz.backbones.zoo import ZOO, ZOO_DIR  # noqa: E402
+from epviz.backbones.zoo import CORE, ZOO_DIR  # noqa: E402
 from epviz.data import ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import accuracy  # noqa: E402
 from epviz.tokens import extract_tokens  # noqa: E402
@@ -38,7 +38,7 @@ def parse_probe(spec: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=list(ZOO))
+    parser.add_argument("--backbones", nargs="+", default=list(CORE))
     parser.add_argument("--probes", nargs="+", default=["cls", "gap", "ep:8", "ep:16", "ep:32", "mhca"])
     parser.add_argument("--train-size", type=int, default=20_000)
     parser.add_argument("--val-size", type=int, default=2_000)

@@ -224,15 +224,17 @@ def _describe_model(model: nn.Module, name: str, weights_id: str, card: dict, me
 def _load_zoo(name: str) -> Backbone:
     from safetensors.torch import load_file
 
+    path = zoo.zoo_weights(name)
+    if zoo.ENTRIES[name].file and not path.is_file():
+        raise BackboneError(f"the weights of {name} ({path}) are missing; reinstall epviz or run scripts/train_zoo.py (make zoo)")
     card = zoo.zoo_card(name)
     model = zoo.build_zoo_vit()
-    if name == "tiny-random":
+    if name in ("tiny-random", "tiny-mae@0"):  # the 20-epoch MAE run starts from tiny-random's weights
         model.load_state_dict(zoo.random_state_dict())
         weights_id = f"tiny-random-seed{zoo.RANDOM_SEED}"
+    elif name == "tiny-pixels":
+        model, weights_id = zoo.PixelPatches(), "tiny-pixels"
     else:
-        path = zoo.zoo_weights(name)
-        if not path.is_file():
-            raise BackboneError(f"the weights of {name} ({path}) are missing; reinstall epviz or run scripts/train_zoo.py")
         weights_id = zoo.file_sha256(path)
         if card.get("sha256") and card["sha256"] != weights_id:
             raise BackboneError(f"{path} does not match the sha256 in its model card; the file is corrupt — reinstall epviz")
@@ -584,7 +586,7 @@ def present_backbones(names: Iterable[str]) -> list[str]:
     """
     out = []
     for name in names:
-        if name in zoo.ZOO and name != "tiny-random":
+        if name in zoo.ZOO and zoo.ENTRIES[name].file:
             files = (zoo.zoo_weights(name), zoo.zoo_weights(name).with_suffix(".json"))
             missing = [str(f) for f in files if not f.is_file()]
             if missing:

@@ -213,7 +213,7 @@ class ExplorerModel:
         progress: Progress | None = None,
     ) -> None:
         self.setting = Setting.from_env() if setting is None else setting
-        given = list(present_backbones(zoo.ZOO) if backbones is None else backbones)
+        given = list(present_backbones(zoo.CORE) if backbones is None else backbones)
         if not given:
             raise ValueError("no backbones given: pass zoo names (tiny-mae, tiny-sup, tiny-random) or timm ViT names")
         self._backbones: dict[str, Backbone] = {b.name: b for b in given if isinstance(b, Backbone)}

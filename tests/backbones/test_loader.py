@@ -9,10 +9,11 @@ from safetensors.torch import save_file
 from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader, zoo
 from epviz.errors import ConfigError, WeightsError
 
-TRAINED = [n for n in zoo.ZOO if n != "tiny-random"]
+PRESENT = [n for n in zoo.ZOO if not zoo.ENTRIES[n].file or zoo.zoo_weights(n).is_file()]
+TRAINED = [n for n in PRESENT if zoo.ENTRIES[n].file]
 
 
-@pytest.mark.parametrize("name", zoo.ZOO)
+@pytest.mark.parametrize("name", PRESENT)
 def test_zoo_backbones_load_offline(name):
     bb = load_backbone(name, device="cpu")
     assert (bb.num_prefix_tokens, bb.grid, bb.dim, bb.depth, bb.image_size) == (1, (8, 8), 192, 6, (64, 64))
@@ -290,3 +291,39 @@ def test_torch_failures_while_loading_become_backbone_errors_naming_the_file(tmp
     monkeypatch.setattr(loader.timm, "create_model", out_of_memory)
     with pytest.raises(BackboneError, match=r"w.safetensors: torch failed while building test_vit .*can't allocate memory"):
         load_backbone("test_vit", weights=path)
+
+
+def test_pixel_control_tokens_are_the_normalised_pixels():
+    bb = load_backbone("tiny-pixels")
+    images = torch.rand(3, 3, 64, 64)
+    x = (images - torch.tensor(bb.mean).view(1, 3, 1, 1)) / torch.tensor(bb.std).view(1, 3, 1, 1)
+    for layer in (0, 5):
+        ((patch, prefix),) = bb.model.forward_intermediates(
+            x, indices=[layer], intermediates_only=True, output_fmt="NLC", return_prefix_tokens=True
+        )
+        pixels = x.reshape(3, 3, 8, 8, 8, 8).permute(0, 2, 4, 3, 5, 1).reshape(3, 64, 192)  # (row, col, channel) per patch
+        torch.testing.assert_close(patch, pixels, rtol=0, atol=1e-6)
+        torch.testing.assert_close(prefix[:, 0], pixels.mean(1), rtol=0, atol=1e-6)
+
+
+def test_first_checkpoint_of_the_mae_run_is_tiny_random():
+    start, rand = load_backbone("tiny-mae@0"), load_backbone("tiny-random")
+    assert start.weights_id == rand.weights_id
+    assert all(torch.equal(v, rand.model.state_dict()[k]) for k, v in start.model.state_dict().items())
+
+
+def test_untrained_axis_entries_are_left_out_with_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(loader.zoo, "zoo_weights", lambda name: tmp_path / f"{name}.safetensors")
+    with pytest.warns(UserWarning, match="tiny-ssl is left out"):
+        assert loader.present_backbones(["tiny-ssl", "tiny-pixels", "tiny-mae@0"]) == ["tiny-pixels", "tiny-mae@0"]
+    with pytest.raises(BackboneError, match="tiny-ssl.*missing.*train_zoo"):
+        load_backbone("tiny-ssl")
+
+
+def test_every_entry_has_facts_for_the_tables():
+    from epviz.results import backbone_facts
+
+    for name, entry in zoo.ENTRIES.items():
+        facts = backbone_facts(name)
+        assert (facts["family"], facts["method"]) == (entry.family, entry.method)
+        assert facts["pretrain"] == ("none" if entry.epochs == 0 else "cluttered Fashion-MNIST")

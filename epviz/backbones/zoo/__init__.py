@@ -1,14 +1,20 @@
 """The embedded tiny backbones: architecture, weights (safetensors) and model cards (JSON).
 
-``tiny-mae`` and ``tiny-sup`` are pre-trained by ``scripts/train_zoo.py`` on cluttered
-Fashion-MNIST canvases; ``tiny-random`` is the same architecture with a seeded random
-initialisation (no file), the control every analysis is compared against.
+Every entry has the same shape (64 px, patch 8, D=192, 6 blocks, [CLS]). ``tiny-mae`` and
+``tiny-sup`` are pre-trained by ``scripts/train_zoo.py`` on cluttered Fashion-MNIST canvases;
+``tiny-random`` is the seeded random initialisation (no file), the control every analysis is
+compared against. The pre-training axis (:data:`ENTRIES`) adds checkpoints along one 20-epoch MAE
+run (``tiny-mae@<epoch>``; ``tiny-mae@0`` is that run's initialisation, which is exactly
+``tiny-random``), a joint-embedding backbone trained through [CLS] (``tiny-ssl``), second
+pre-training seeds (``-seed1``) and the pixel control ``tiny-pixels`` (tokens are the normalised
+pixels of each patch, [CLS] their mean, no file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,9 @@ from timm.models.vision_transformer import VisionTransformer
 __all__ = [
     "ZOO",
     "ZOO_DIR",
+    "ENTRIES",
+    "ZooEntry",
+    "PixelPatches",
     "ARCHITECTURE",
     "NORMALIZATION",
     "RANDOM_SEED",
@@ -28,7 +37,43 @@ __all__ = [
 ]
 
 ZOO_DIR = Path(__file__).resolve().parent
-ZOO = ("tiny-mae", "tiny-sup", "tiny-random")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """What a zoo backbone is, for tables and the pre-training axis.
+
+    Attributes:
+        family: MIM, JEA, SUP or control.
+        method: The pre-training method ("MAE", "SimCLR", "supervised", "random init", "pixels").
+        epochs: Epochs of pre-training over the 60,000 training items (0: none).
+        seed: The pre-training seed (the initialisation and the data order).
+        file: Whether the entry ships a weights file (tiny-random, tiny-mae@0 and tiny-pixels do not).
+    """
+
+    family: str
+    method: str
+    epochs: int
+    seed: int = 0
+    file: bool = True
+
+
+ENTRIES: dict[str, ZooEntry] = {
+    "tiny-mae": ZooEntry("MIM", "MAE", 7),
+    "tiny-sup": ZooEntry("SUP", "supervised", 5),
+    "tiny-random": ZooEntry("control", "random init", 0, file=False),
+    "tiny-mae@0": ZooEntry("MIM", "MAE", 0, file=False),
+    "tiny-mae@2": ZooEntry("MIM", "MAE", 2),
+    "tiny-mae@7": ZooEntry("MIM", "MAE", 7),
+    "tiny-mae@20": ZooEntry("MIM", "MAE", 20),
+    "tiny-mae-seed1": ZooEntry("MIM", "MAE", 7, seed=1),
+    "tiny-ssl": ZooEntry("JEA", "SimCLR", 3),
+    "tiny-ssl-seed1": ZooEntry("JEA", "SimCLR", 2, seed=1),
+    "tiny-pixels": ZooEntry("control", "pixels", 0, file=False),
+}
+ZOO = tuple(ENTRIES)
+CORE = ("tiny-mae", "tiny-sup", "tiny-random")
+"""The three backbones the notebooks and the Explorer open by default."""
 ARCHITECTURE: dict[str, Any] = dict(
     img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0, class_token=True, global_pool="token"
 )
@@ -47,11 +92,16 @@ def zoo_weights(name: str) -> Path:
 
 
 def zoo_card(name: str) -> dict:
-    """The model card of a zoo backbone (tiny-random has a card made on the fly)."""
-    if name == "tiny-random":
+    """The model card of a zoo backbone (the entries without a file have a card made on the fly)."""
+    objective = {
+        "tiny-random": "none (seeded random initialisation)",
+        "tiny-mae@0": "none: the initialisation of the 20-epoch tiny-mae run (seed 0), identical to tiny-random",
+        "tiny-pixels": "none: tokens are the normalised pixels of each 8x8x3 patch, [CLS] is their mean, every block is the identity",
+    }
+    if name in objective:
         return {
             "name": name,
-            "objective": "none (seeded random initialisation)",
+            "objective": objective[name],
             "seed": RANDOM_SEED,
             "architecture": ARCHITECTURE,
             "normalization": NORMALIZATION,
@@ -73,8 +123,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def random_state_dict() -> dict[str, torch.Tensor]:
-    """The seeded random initialisation of tiny-random."""
+def random_state_dict(seed: int = RANDOM_SEED) -> dict[str, torch.Tensor]:
+    """The seeded random initialisation of tiny-random (and of the pre-training run of that seed)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
+        torch.manual_seed(seed)
         return build_zoo_vit().state_dict()
+
+
+class PixelPatches(VisionTransformer):
+    """The pixel control: the zoo architecture made to pass its input through unchanged.
+
+    The patch embedding copies each patch's normalised pixels, in (row, column, channel) order,
+    to the D = 8 * 8 * 3 = 192 channels; there is no position embedding; [CLS] is the mean of the
+    patch tokens; every block's residual branches and the final norm output zero and identity, so
+    every layer's tokens are the pixels.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(num_classes=0, **ARCHITECTURE)
+        patch, dim = int(ARCHITECTURE["patch_size"]), int(ARCHITECTURE["embed_dim"])
+        with torch.no_grad():
+            for param in self.parameters():
+                param.zero_()
+            channel = torch.arange(dim)
+            c, pixel = channel % 3, channel // 3
+            self.patch_embed.proj.weight[channel, c, pixel // patch, pixel % patch] = 1.0
+        self.norm = torch.nn.Identity()
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
