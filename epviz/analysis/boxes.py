@@ -1,4 +1,4 @@
-"""Ground-truth boxes of a dataset, by image: what every localization measure reads."""
+"""Ground-truth boxes and masks of a dataset, by image: what every localization measure reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from epviz.data import GroundTruthBoxes, ImageDataset
 
-__all__ = ["box_source"]
+__all__ = ["box_source", "mask_source"]
 
 
 def box_source(dataset) -> Callable[[int], np.ndarray]:
@@ -40,3 +40,17 @@ def box_source(dataset) -> Callable[[int], np.ndarray]:
             f"with an `image_size`, or a dataset with boxes (epviz.data.ImageDataset); {type(dataset).__name__} is neither"
         )
     return lambda i: boxes[i]
+
+
+def mask_source(dataset) -> Callable[[int], np.ndarray] | None:
+    """A function image index -> that image's object mask, bool (H, W); None when the dataset has no masks.
+
+    Datasets declare masks with ``has_masks`` and give them with ``mask(index)`` (the canvases,
+    Pets, and :class:`~epviz.data.GroundTruthBoxes` stand-ins with a ``masks`` attribute).
+    """
+    if getattr(dataset, "has_masks", False) and callable(getattr(dataset, "mask", None)):
+        return lambda i: np.asarray(dataset.mask(i), dtype=bool)
+    masks = getattr(dataset, "masks", None)
+    if isinstance(dataset, GroundTruthBoxes) and masks is not None:
+        return lambda i: np.asarray(masks[i], dtype=bool)
+    return None

@@ -1,8 +1,22 @@
-"""Localization quality of attention maps against ground-truth boxes (Fig. 4, x axis).
+"""Localization quality of attention maps against ground-truth masks and boxes (Fig. 4, x axis).
 
-Three measures per attention predictor, over a dataset whose images carry GT boxes
-(``(x0, y0, x1, y1)`` pixels, exclusive ``x1, y1``; an image may have several boxes).
-Definitions (ours where the paper's could not be checked):
+Measures per attention predictor, over a dataset whose images carry GT boxes
+(``(x0, y0, x1, y1)`` pixels, exclusive ``x1, y1``; an image may have several boxes) and,
+where it has them, object masks. Definitions (ours where the paper's could not be checked):
+
+* **Lift** (the lead measure; it sees where the map's *mass* is, not only its order). With m
+  the share of the map's mass on the object and c the object's share of the image (the mass
+  of the uniform map), lift = (m - c) / (1 - c), per image, averaged over images: 0 for a map
+  that is uniform or places its mass by chance, 1 for all mass on the object, negative for
+  mass kept off it. ``mask_lift`` uses the object mask on the token grid (token (r, c) counts
+  by the fraction of its pixels on the mask), ``mask_lift_px`` the map upsampled bilinearly to
+  pixels (clamped at 0, renormalised) against the pixel mask, ``box_lift`` the union of the
+  GT boxes on the token grid (``inbox_mass`` against ``chance_mass``; 0 on an image the boxes
+  cover entirely). ``mask_mass`` and
+  ``mask_chance`` are m and c of the mask on the token grid. MaxBoxAccV2 and the pointing
+  game do not change under any monotone transform of a map: an untrained head whose maps are
+  uniform to four decimals can score high on them because the tokens carry the object's
+  brightness; lift reads such maps as 0.
 
 * **MaxBoxAccV2** (Choe et al., CVPR 2020). Each map, a distribution over the N patch
   tokens, is upsampled from the patch grid to the image size (``align_corners=False``) and
@@ -68,7 +82,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from epviz.analysis._common import context_columns, frame, require_predictors
-from epviz.analysis.boxes import box_source
+from epviz.analysis.boxes import box_source, mask_source
 from epviz.analysis.measure import measure
 from epviz.analysis.meters import Meter, MeterBatch, register_meter
 from epviz.checks import check_array, check_int, check_number, check_sequence
@@ -229,8 +243,8 @@ class LocalizationMeter:
             (wsolevaluation's bicubic upsampling and ``x + w`` boxes with inclusive IoU); see
             the module docstring.
         records: Also keep per-image records for bootstrap intervals (:meth:`image_records`):
-            per image K*T*len(deltas) bits of box correctness, K float32 in-box masses, K
-            pointing hits (about 1.2 kB per image for K = 16, T = 100).
+            per image K*T*len(deltas) bits of box correctness, K float32 in-box masses, lifts
+            and K pointing hits (about 1.5 kB per image for K = 16, T = 100).
     """
 
     def __init__(
@@ -261,18 +275,28 @@ class LocalizationMeter:
         self.mass_sq = np.zeros(self.k)
         self.hits = np.zeros(self.k, dtype=np.int64)
         self.chance_sum = 0.0
+        self.lift_sum: dict[str, np.ndarray] = {}  # box_lift, mask_lift, mask_lift_px: sums over images
+        self.mask_mass_sum, self.mask_chance_sum, self.mask_n = np.zeros(self.k), 0.0, 0
         self.records = bool(records)
         self._records: dict[str, list[np.ndarray]] = {"box": [], "mass": [], "pointing": []}
 
     # --- accumulation ------------------------------------------------------------------
 
-    def update(self, maps: np.ndarray | torch.Tensor, boxes: Sequence, indices: Sequence[int] | np.ndarray | None = None) -> None:
+    def update(
+        self,
+        maps: np.ndarray | torch.Tensor,
+        boxes: Sequence,
+        indices: Sequence[int] | np.ndarray | None = None,
+        masks: Sequence | None = None,
+    ) -> None:
         """Add a batch.
 
         Args:
             maps: (b, K, N) maps over the patch tokens (or (b, N) when K == 1); finite, non-negative.
             boxes: Per image, its GT boxes (k, 4) xyxy pixels with exclusive x1, y1.
             indices: Dataset positions of the images, for error messages.
+            masks: Per image, its object mask, bool (H, W); None when the dataset has none (then
+                the mask columns are absent). Every batch of one meter gives masks, or none does.
 
         Raises:
             ConfigError: Maps of another shape than (b, K, rows * cols), negative, non-finite or all-zero
@@ -286,9 +310,46 @@ class LocalizationMeter:
         indices = list(range(self.n, self.n + b)) if indices is None else [int(i) for i in indices]
         h, w = self.size
         gts = [check_boxes(bx, i, h, w) for bx, i in zip(boxes, indices)]
+        if self.n and (masks is not None) != (self.mask_n == self.n):
+            raise ConfigError("every batch of a localization meter must give masks, or none may")
         self._mass_and_pointing(maps, gts)
+        if masks is not None:
+            self._mask_lift(maps, [self._check_mask(m, i) for m, i in zip(masks, indices)])
         self._maxboxacc(maps, gts)
         self.n += b
+
+    def _check_mask(self, mask, index: int) -> np.ndarray:
+        mask = np.asarray(mask)
+        if mask.shape != self.size or mask.dtype != bool:
+            raise ConfigError(f"the mask of image {index} must be bool {self.size}, got {mask.dtype} {mask.shape}")
+        if mask.all() or not mask.any():
+            raise ConfigError(f"the mask of image {index} covers {'all' if mask.any() else 'none'} of the image: lift is undefined")
+        return mask
+
+    def _add_lift(self, column: str, mass: np.ndarray, chance: np.ndarray) -> None:
+        """Accumulate lift (m - c) / (1 - c) of (b, K) masses against (b,) chance levels (0 where c = 1:
+        an object covering the whole image leaves no room above chance)."""
+        room = 1 - chance[:, None]
+        lift = np.where(room > 1e-9, (mass - chance[:, None]) / np.where(room > 1e-9, room, 1.0), 0.0)
+        self.lift_sum[column] = self.lift_sum.get(column, np.zeros(self.k)) + lift.sum(0)
+        if self.records:
+            self._records.setdefault(column, []).append(lift.astype(np.float32))
+
+    def _mask_lift(self, maps: np.ndarray, masks: list[np.ndarray]) -> None:
+        probs = (maps / maps.sum(-1, keepdims=True)).astype(np.float64)  # (b, K, N)
+        pixels = np.stack(masks).astype(np.float64)  # (b, H, W)
+        cover = np.einsum("ry,byx,cx->brc", self._wy, pixels, self._wx).reshape(len(masks), -1)  # per token: share on mask
+        chance = pixels.mean(axis=(1, 2))
+        mass = np.einsum("bkn,bn->bk", probs, cover)
+        self.mask_mass_sum += mass.sum(0)
+        self.mask_chance_sum += chance.sum()
+        self.mask_n += len(masks)
+        self._add_lift("mask_lift", mass, chance)
+        b, k, _ = probs.shape
+        up = F.interpolate(torch.from_numpy(probs).view(b * k, 1, *self.grid), size=self.size, mode="bilinear", align_corners=False)
+        up = up.clamp_min(0).view(b, k, -1)
+        mass_px = (up * torch.from_numpy(pixels).view(b, 1, -1)).sum(-1) / up.sum(-1)
+        self._add_lift("mask_lift_px", mass_px.numpy(), chance)
 
     def _check_maps(self, maps, indices) -> np.ndarray:
         maps = _as_maps(maps)
@@ -319,6 +380,8 @@ class LocalizationMeter:
         cover, inside = np.stack(covers), np.stack(insides)  # (b, N)
         probs = maps / maps.sum(-1, keepdims=True)
         mass = np.einsum("bkn,bn->bk", probs.astype(np.float64), cover)
+        chance = cover.mean(1)  # the uniform map's in-box mass
+        self._add_lift("box_lift", mass, chance)
         self.mass_sum += mass.sum(0)
         self.mass_sq += (mass**2).sum(0)
         top = maps.argmax(-1)  # (b, K)
@@ -413,7 +476,15 @@ class LocalizationMeter:
         std = np.sqrt(np.clip(self.mass_sq / self.n - mean**2, 0, None))
         rows = []
         for j in range(self.k):
-            row = dict(predictor=j, maxboxacc_v2=float(best_acc[j].mean()))
+            row: dict = dict(predictor=j)
+            if self.mask_n:
+                row.update(
+                    mask_lift=self.lift_sum["mask_lift"][j] / self.n,
+                    mask_lift_px=self.lift_sum["mask_lift_px"][j] / self.n,
+                    mask_mass=self.mask_mass_sum[j] / self.n,
+                    mask_chance=self.mask_chance_sum / self.n,
+                )
+            row.update(box_lift=self.lift_sum["box_lift"][j] / self.n, maxboxacc_v2=float(best_acc[j].mean()))
             for name, a, tau in zip(_delta_names(self.deltas), best_acc[j], best_tau[j]):
                 row[f"maxboxacc_{name}"] = float(a)
                 row[f"best_tau_{name}"] = float(tau)
@@ -430,7 +501,8 @@ class LocalizationMeter:
     def image_records(self) -> dict[str, np.ndarray]:
         """Per-image records (``records=True``): ``box`` (n, K*T*len(deltas) bits) packed with
         ``np.packbits`` (unpack to (n, K, T, len(deltas)) box correctness), ``mass`` (n, K) in-box
-        mass, ``pointing`` (n, K) hits."""
+        mass, ``pointing`` (n, K) hits, ``box_lift`` and, with masks, ``mask_lift`` and
+        ``mask_lift_px`` (n, K)."""
         if not self.records:
             raise ValueError("this LocalizationMeter keeps no per-image records: build it with records=True")
         nbytes = -(-self.k * len(self.thresholds) * len(self.deltas) // 8)
@@ -438,6 +510,7 @@ class LocalizationMeter:
             "box": np.zeros((0, nbytes), np.uint8),
             "mass": np.zeros((0, self.k), np.float32),
             "pointing": np.zeros((0, self.k), bool),
+            "box_lift": np.zeros((0, self.k), np.float32),
         }
         return {key: np.concatenate(parts) if parts else empty[key] for key, parts in self._records.items()}
 
@@ -465,6 +538,7 @@ def localization_from_maps(
     return_curves: Literal[False] = ...,
     convention: str = ...,
     intervals: bool = ...,
+    masks: Sequence | None = ...,
 ) -> pd.DataFrame: ...
 
 
@@ -482,6 +556,7 @@ def localization_from_maps(
     return_curves: Literal[True],
     convention: str = ...,
     intervals: bool = ...,
+    masks: Sequence | None = ...,
 ) -> tuple[pd.DataFrame, pd.DataFrame]: ...
 
 
@@ -499,6 +574,7 @@ def localization_from_maps(
     return_curves: bool,
     convention: str = ...,
     intervals: bool = ...,
+    masks: Sequence | None = ...,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]: ...
 
 
@@ -515,6 +591,7 @@ def localization_from_maps(
     return_curves: bool = False,
     convention: str = "epviz",
     intervals: bool = False,
+    masks: Sequence | None = None,
 ) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Localization measures of precomputed maps.
 
@@ -530,8 +607,9 @@ def localization_from_maps(
         return_curves: Also return the per-(predictor, iou, tau) accuracy table.
         convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
             ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
-        intervals: Add the 95% bootstrap intervals over images of MaxBoxAccV2, the in-box mass and
-            the pointing game (``<column>_lo`` / ``<column>_hi``; B = 1000 resamples, seed 0, as in
+        masks: Per image, its object mask, bool (H, W): adds the mask-lift columns.
+        intervals: Add the 95% bootstrap intervals over images of the lifts, MaxBoxAccV2, the in-box
+            mass and the pointing game (``<column>_lo`` / ``<column>_hi``; B = 1000 resamples, seed 0, as in
             :mod:`epviz.analysis.intervals`).
 
     Returns:
@@ -556,7 +634,8 @@ def localization_from_maps(
         check_boxes(bx, i, *meter.size)
     for start in range(0, len(maps), batch_size):
         stop = min(start + batch_size, len(maps))
-        meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop))
+        part = None if masks is None else [masks[i] for i in range(start, stop)]
+        meter.update(maps[start:stop], [boxes[i] for i in range(start, stop)], range(start, stop), part)
     summary = meter.summary(context)
     if intervals:
         summary = _with_intervals(summary, meter)
@@ -575,7 +654,9 @@ def _resampled(meter: LocalizationMeter, weights: np.ndarray) -> dict[str, np.nd
     from epviz.analysis.intervals import resample_maxboxacc, weighted_mean
 
     rec = meter.image_records()
+    lifts = {column: weighted_mean(weights, rec[column]) for column in ("mask_lift", "mask_lift_px", "box_lift") if column in rec}
     return {
+        **lifts,
         "maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),
         "inbox_mass": weighted_mean(weights, rec["mass"]),
         "pointing": weighted_mean(weights, rec["pointing"]),
@@ -610,7 +691,9 @@ def _image_size_of(dataset, image_size) -> tuple[int, int]:
 
 @register_meter("localization")
 class Localization(Meter):
-    """MaxBoxAccV2 (and its per-IoU parts and best taus), in-box mass, chance mass and pointing.
+    """Lift on the object mask and box, MaxBoxAccV2 (and its per-IoU parts and best taus), in-box
+    mass, chance mass and pointing (see the module docstring); the mask columns where the dataset
+    has masks.
 
     The costly measure: it runs on the pass's ``localization_index`` images, and upsamples at
     most `chunk_size` images' maps at a time (a :class:`LocalizationMeter` accumulates them).
@@ -627,12 +710,17 @@ class Localization(Meter):
     """
 
     columns = {
+        "mask_lift": "lift: mass on the object mask above chance",
+        "mask_lift_px": "lift on the object mask, at pixels",
+        "box_lift": "lift: mass in the GT box above chance",
+        "mask_mass": "attention mass on the object mask",
+        "mask_chance": "object's share of the image (chance mass)",
         "maxboxacc_v2": "MaxBoxAccV2 (localization)",
         "inbox_mass": "attention mass inside the GT box",
         "chance_mass": "attention mass inside the GT box, uniform map (chance)",
         "pointing": "pointing game (argmax in box)",
     }
-    table_columns = ("maxboxacc_v2", "inbox_mass", "pointing")
+    table_columns = ("box_lift", "maxboxacc_v2", "inbox_mass", "pointing")
     subset = "localization_index"
     order = 10.0
     table_order = 20.0
@@ -658,7 +746,7 @@ class Localization(Meter):
     def start(self, probe: Probe, tokens: TokenSet, dataset=None) -> None:
         if dataset is None:
             raise ValueError("the localization meter needs GT boxes: pass the images' dataset to measure(probe, tokens, dataset)")
-        self._boxes_of = box_source(dataset)
+        self._boxes_of, self._masks_of = box_source(dataset), mask_source(dataset)
         size = _image_size_of(dataset, self.image_size)
         if len(dataset) != len(tokens):
             raise ValueError(f"the dataset has {len(dataset)} images but the tokens {len(tokens)}: they must be the same images")
@@ -679,7 +767,8 @@ class Localization(Meter):
         self._positions.append(np.asarray(positions, dtype=np.int64))
         for start in range(0, len(positions), self.chunk_size):
             part = positions[start : start + self.chunk_size]
-            self._started().update(maps[start : start + self.chunk_size], [self._boxes_of(int(i)) for i in part], part)
+            masks = None if self._masks_of is None else [self._masks_of(int(i)) for i in part]
+            self._started().update(maps[start : start + self.chunk_size], [self._boxes_of(int(i)) for i in part], part, masks)
 
     def summary(self) -> pd.DataFrame:
         return pd.DataFrame(self._started().rows())

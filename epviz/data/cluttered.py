@@ -247,6 +247,7 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
 
     classes = CLASSES
     has_boxes = True
+    has_masks = True
 
     def __init__(self, split: str = "train", size: int = 10_000, seed: int = 0, recipe: CanvasRecipe | None = None) -> None:
         if split not in _SPLIT_SALT:
@@ -291,6 +292,10 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
     def box_list(self, index: int) -> np.ndarray:
         """The ground-truth boxes of one image, (k, 4) xyxy pixels (k == 1 here)."""
         return self.boxes[index : index + 1].numpy()
+
+    def mask(self, index: int) -> torch.Tensor:
+        """The item's pixel mask on canvas `index`, bool (S, S)."""
+        return self.masks[index]
 
     def display_image(self, index: int) -> np.ndarray:
         """Canvas `index` as uint8 (S, S, 3)."""

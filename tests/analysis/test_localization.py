@@ -611,3 +611,69 @@ def test_intervals_of_precomputed_maps_are_the_bootstrap_over_images():
         assert table.loc[j, "inbox_mass_lo"] == pytest.approx(expected.lo) and table.loc[j, "inbox_mass_hi"] == pytest.approx(
             expected.hi
         )
+
+
+# --- lift: mass on the object above chance ------------------------------------------------
+
+
+def box_mask(box=BOX):
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[box[1] : box[3], box[0] : box[2]] = True
+    return mask
+
+
+def test_lift_is_zero_for_the_uniform_map_and_one_for_all_mass_on_the_object():
+    maps = np.stack([np.full(N, 1 / N), token_map(block(3, 6, 2, 5)), token_map([(0, 0)])])[None]  # (1, 3, N)
+    row = localization_from_maps(maps, [BOX], GRID, SIZE, masks=[box_mask()]).set_index("predictor")
+    np.testing.assert_allclose(row["mask_lift"], [0, 1, -9 / 55], atol=1e-12)  # c = 9/64: (0 - c) / (1 - c)
+    np.testing.assert_allclose(row["box_lift"], row["mask_lift"], atol=1e-12)  # mask == box here
+    np.testing.assert_allclose(row["mask_chance"], 9 / 64)
+    assert abs(row.loc[0, "mask_lift_px"]) < 1e-12  # bilinear keeps a constant map constant
+    assert 0.5 < row.loc[1, "mask_lift_px"] < 1  # at pixels, the upsampled map spills past the object's edge
+
+
+def test_lift_sees_mass_where_maxboxacc_only_sees_order():
+    """A monotone transform keeps MaxBoxAccV2 and pointing, and takes lift to about 0."""
+    sharp = token_map(block(3, 6, 2, 5)) * 0.9 + 0.1 / N
+    flat = np.exp(1e-3 * np.log(sharp))  # same order, nearly uniform
+    masks = [box_mask()]
+    a = localization_from_maps(sharp[None, None], [BOX], GRID, SIZE, masks=masks).iloc[0]
+    b = localization_from_maps((flat / flat.sum())[None, None], [BOX], GRID, SIZE, masks=masks).iloc[0]
+    assert a["maxboxacc_v2"] == b["maxboxacc_v2"] == 1.0 and a["pointing"] == b["pointing"] == 1.0
+    assert a["mask_lift"] > 0.85 and abs(b["mask_lift"]) < 0.01
+
+
+def test_lift_has_bootstrap_intervals_and_the_mask_columns_need_masks():
+    rng = np.random.default_rng(0)
+    maps = rng.random((20, 2, N))
+    boxes = [BOX] * 20
+    with_masks = localization_from_maps(maps, boxes, GRID, SIZE, masks=[box_mask()] * 20, intervals=True)
+    for column in ("mask_lift", "mask_lift_px", "box_lift"):
+        assert (with_masks[f"{column}_lo"] <= with_masks[column]).all() and (with_masks[column] <= with_masks[f"{column}_hi"]).all()
+    without = localization_from_maps(maps, boxes, GRID, SIZE)
+    assert "mask_lift" not in without and "box_lift" in without
+    meter = LocalizationMeter(2, GRID, SIZE)
+    meter.update(maps[:2], boxes[:2], masks=[box_mask()] * 2)
+    with pytest.raises(ConfigError, match="masks, or none"):
+        meter.update(maps[2:4], boxes[2:4])
+    with pytest.raises(ConfigError, match="covers all"):
+        LocalizationMeter(2, GRID, SIZE).update(maps[:1], boxes[:1], masks=[np.ones((SIZE, SIZE), bool)])
+
+
+def test_the_localization_meter_reads_the_canvases_masks():
+    from epviz.data import ClutteredFashionMNIST
+
+    canvases = ClutteredFashionMNIST("test", 6, seed=0)
+    rng = np.random.default_rng(0)
+    tokens = TokenSet(
+        patch=torch.from_numpy(rng.normal(size=(6, N, 16)).astype(np.float32)),
+        prefix=None,
+        labels=canvases.labels,
+        grid=GRID,
+        origin=TokenOrigin("toy", 0, 16),
+    )
+    probe = probes.build("ep", 16, 10, num_queries=2, seed=0, grid=GRID).eval()
+    table = measure(probe, tokens, canvases, [Localization()])
+    maps = collect_attention(probe, tokens)
+    expected = localization_from_maps(maps, canvases.boxes.numpy(), GRID, SIZE, masks=list(canvases.masks.numpy()))
+    np.testing.assert_allclose(table["mask_lift"], expected["mask_lift"], rtol=1e-6)

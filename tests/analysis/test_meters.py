@@ -101,6 +101,7 @@ def test_built_in_meters_in_table_order():
         "delta_acc_shuffled",
         "delta_acc_zero",
         "entropy_norm",
+        "box_lift",
         "maxboxacc_v2",
         "inbox_mass",
         "pointing",

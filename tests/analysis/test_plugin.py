@@ -22,6 +22,7 @@ BUILT_IN = (
     "delta_acc_shuffled",
     "delta_acc_zero",
     "entropy_norm",
+    "box_lift",
     "maxboxacc_v2",
     "inbox_mass",
     "pointing",
