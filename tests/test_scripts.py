@@ -169,6 +169,7 @@ def test_untrained_maps_measures_each_seed_and_summarises(tmp_path, monkeypatch,
     summary = script.summary(table)
     assert len(summary) == 1 and summary.loc[0, "seeds"] == 2
     assert summary.loc[0, "maxboxacc_v2"] == pytest.approx(table["maxboxacc_v2"].mean())
+    assert table["mask_lift"].abs().max() < 0.01, "untrained maps are near uniform: no mass above chance"
     assert "written:" in capsys.readouterr().out
 
 

@@ -21,12 +21,21 @@ measures of :mod:`epviz.analysis.localization` on the same GT boxes (definitions
   reads its argmax, so both barely depend on the temperature: the entropy matters mostly for the
   in-box mass and for reading the maps side by side.
 
+* **pixel salience, matched entropy**: per image, ``softmax(log(b) / T)`` of each patch's mean
+  pixel intensity ``b`` (the image as the dataset gives it, channels averaged), with one
+  temperature for the whole set matched to the probe's mean normalised entropy as above. It
+  keeps the image's spatial order and knows nothing but brightness: on the canvases, where the
+  item is the bright object by design, it is the honest chance line of every localization score.
+
 A fourth reference is not a map but a probe: **untrained probe**, the same probe family freshly
 initialised (several seeds), its maps on the same tokens. It says what the tokens alone give a
 probe's maps before any training. Because MaxBoxAccV2 min-max normalises each map, a map that is
 uniform to five decimals still has an order of values, and where that order follows the object the
 untrained map scores well: on the zoo's random-init backbone an untrained EP16 scores as well as the
-trained one (README, findings, "Before training"). :func:`untrained_probe_baselines` measures it.
+trained one (README, findings, "Before training"). :func:`untrained_probe_baselines` measures it,
+and, given a target entropy, the same maps sharpened to the probe's entropy (``softmax(log(p) / T)``
+of each untrained map p, one T for the set): **untrained probe, matched entropy**, the order of the
+untrained head at the trained head's peakedness.
 
 :func:`localization_baselines` scores the three maps at once (they are three "predictors" of one
 pass of :func:`~epviz.analysis.localization.localization_from_maps`) and returns one row per
@@ -41,12 +50,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
-from epviz.analysis.boxes import box_source
-from epviz.analysis.entropy import Entropy, map_entropy
-from epviz.analysis.localization import DELTAS, Localization, localization_from_maps
-from epviz.analysis.measure import measure
+from epviz.analysis.boxes import box_source, mask_source
+from epviz.analysis.entropy import map_entropy
+from epviz.analysis.localization import DELTAS, localization_from_maps
 from epviz.data import GroundTruthBoxes, ImageDataset
+from epviz.evaluate import collect_attention
 from epviz.probes import build
 from epviz.tables import context_columns, frame
 from epviz.tokens import TokenSet
@@ -55,6 +66,8 @@ __all__ = [
     "BASELINES",
     "CENTRE_PRIOR",
     "MATCHED",
+    "SALIENCE",
+    "UNTRAINED_MATCHED",
     "SIGMA_FRACTION",
     "UNIFORM",
     "UNTRAINED",
@@ -62,6 +75,7 @@ __all__ = [
     "localization_baselines",
     "matched_entropy_baselines",
     "matched_entropy_maps",
+    "patch_brightness",
     "temperature_for_entropy",
     "uniform_maps",
     "untrained_probe_baselines",
@@ -71,7 +85,9 @@ UNIFORM = "uniform"
 CENTRE_PRIOR = "centre prior"
 MATCHED = "random, matched entropy"
 UNTRAINED = "untrained probe"
-BASELINES = (UNIFORM, CENTRE_PRIOR, MATCHED)
+SALIENCE = "pixel salience, matched entropy"
+UNTRAINED_MATCHED = "untrained probe, matched entropy"
+BASELINES = (UNIFORM, CENTRE_PRIOR, MATCHED, SALIENCE)
 SIGMA_FRACTION = 0.25
 _LOG_T_RANGE = (-12.0, 12.0)  # bisection bracket of log T
 
@@ -174,24 +190,61 @@ def matched_entropy_maps(n: int, num_tokens: int, target: float, *, seed: int = 
     return _softmax(logits, temperature), temperature
 
 
-def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int]]:
+def _boxes_and_size(boxes, image_size, index) -> tuple[list, int | Sequence[int], list | None]:
+    """(boxes, image size, masks or None) of the images at `index`."""
     if isinstance(boxes, (ImageDataset, GroundTruthBoxes)):
         size = image_size if image_size is not None else boxes.image_size
-        source = box_source(boxes)
+        source, masks_of = box_source(boxes), mask_source(boxes)
         index = range(len(boxes)) if index is None else index
-        return [source(int(i)) for i in index], size
+        masks = None if masks_of is None else [masks_of(int(i)) for i in index]
+        return [source(int(i)) for i in index], size, masks
     if image_size is None:
         raise ValueError("pass image_size=(height, width): the boxes do not say the size of their images")
     boxes = list(boxes)
-    return (boxes if index is None else [boxes[int(i)] for i in index]), image_size
+    return (boxes if index is None else [boxes[int(i)] for i in index]), image_size, None
+
+
+def patch_brightness(dataset, grid: Sequence[int], index: Sequence[int] | None = None) -> np.ndarray:
+    """(n, N) mean pixel intensity of every patch (channels averaged) of the dataset's images at `index`."""
+    index = range(len(dataset)) if index is None else index
+    rows = []
+    for i in index:
+        image = torch.as_tensor(dataset[int(i)][0], dtype=torch.float64)
+        rows.append(F.adaptive_avg_pool2d(image.mean(0, keepdim=True), tuple(int(g) for g in grid)).reshape(-1))
+    return torch.stack(rows).numpy() if rows else np.zeros((0, _tokens(grid)))
+
+
+def _sharpened(maps: np.ndarray, target: float) -> tuple[np.ndarray, float]:
+    """softmax(log(maps) / T) with one T for the set, matched to mean normalised entropy `target`."""
+    logits = np.log(np.clip(maps, 1e-300, None))
+    if target >= 1:
+        return uniform_maps(len(maps), maps.shape[-1]), math.inf
+    temperature = temperature_for_entropy(logits, target)
+    return _softmax(logits, temperature), temperature
 
 
 def _score(
-    maps: dict[str, np.ndarray], boxes: list, grid, image_size, thresholds, deltas, batch_size, convention: str = "epviz"
+    maps: dict[str, np.ndarray],
+    boxes: list,
+    grid,
+    image_size,
+    thresholds,
+    deltas,
+    batch_size,
+    convention: str = "epviz",
+    masks: list | None = None,
 ) -> pd.DataFrame:
     stack = np.stack(list(maps.values()), axis=1).astype(np.float32)  # (n, baselines, N): one pass, one "predictor" each
     summary = localization_from_maps(
-        stack, boxes, grid, image_size, thresholds=thresholds, deltas=deltas, batch_size=batch_size, convention=convention
+        stack,
+        boxes,
+        grid,
+        image_size,
+        thresholds=thresholds,
+        deltas=deltas,
+        batch_size=batch_size,
+        convention=convention,
+        masks=masks,
     )
     own = [c for c in summary.columns if c not in context_columns(None)]
     summary = summary[own].drop(columns="predictor")
@@ -222,7 +275,8 @@ def localization_baselines(
             with boxes (see :func:`~epviz.analysis.localization.box_source`).
         grid: Patch grid (rows, cols) of the maps they stand in for.
         image_size: Image (height, width) or side; default the dataset's ``image_size``.
-        target_entropy: Mean normalised entropy of the random maps; None leaves that baseline out.
+        target_entropy: Mean normalised entropy of the random and salience maps; None leaves them out
+            (the salience map also needs `boxes` to be the dataset, whose images it reads).
         sigma_fraction: The centre prior's standard deviation, as a fraction of the grid's side.
         seed: Seed of the random maps' noise.
         index: Images of the dataset to use (default all), e.g. the ``localization_index`` of the probes.
@@ -239,7 +293,8 @@ def localization_baselines(
         pointing (NaN for the uniform map), n_images), entropy, entropy_norm, and the parameters: sigma_fraction (centre prior),
         target_entropy_norm, temperature and map_seed (random maps).
     """
-    boxes, image_size = _boxes_and_size(boxes, image_size, index)
+    dataset = boxes if isinstance(boxes, ImageDataset) else None
+    boxes, image_size, masks = _boxes_and_size(boxes, image_size, index)
     n, num_tokens = len(boxes), _tokens(grid)
     if n == 0:
         raise ValueError("there are no boxes to score the baselines on")
@@ -248,7 +303,11 @@ def localization_baselines(
     if target_entropy is not None:
         maps[MATCHED], temperature = matched_entropy_maps(n, num_tokens, float(target_entropy), seed=seed)
         params[MATCHED] = dict(target_entropy_norm=float(target_entropy), temperature=temperature, map_seed=int(seed))
-    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention)
+        if dataset is not None:  # the images are at hand: the salience map
+            brightness = patch_brightness(dataset, grid, index) + 1e-6
+            maps[SALIENCE], temperature = _sharpened(brightness / brightness.sum(-1, keepdims=True), float(target_entropy))
+            params[SALIENCE] = dict(target_entropy_norm=float(target_entropy), temperature=temperature)
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention, masks)
     summary.loc[summary["baseline"] == UNIFORM, "pointing"] = np.nan  # no argmax: every token ties
     rows = [{**row, **params[row["baseline"]]} for row in summary.to_dict("records")]
     columns = list(summary.columns) + ["sigma_fraction", "target_entropy_norm", "temperature", "map_seed"]
@@ -302,7 +361,7 @@ def matched_entropy_baselines(
     targets = table.groupby(by, sort=False, dropna=False)[column].mean()
     if len(targets) == 0:
         raise ValueError("the table is empty: there is no probe to match")
-    boxes, image_size = _boxes_and_size(boxes, image_size, index)
+    boxes, image_size, masks = _boxes_and_size(boxes, image_size, index)
     n, num_tokens = len(boxes), _tokens(grid)
     maps, params = {}, []
     for key, target in targets.items():
@@ -311,7 +370,7 @@ def matched_entropy_baselines(
         params.append(
             {**dict(zip(by, key)), "target_entropy_norm": float(target), "temperature": temperature, "map_seed": int(seed)}
         )
-    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention).assign(baseline=MATCHED)
+    summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention, masks).assign(baseline=MATCHED)
     keys = pd.DataFrame(params)
     return pd.concat([keys[by], summary, keys.drop(columns=by)], axis=1)
 
@@ -329,6 +388,7 @@ def untrained_probe_baselines(
     deltas: Sequence[float] = DELTAS,
     context: Mapping | None = None,
     batch_size: int = 64,
+    target_entropy: float | None = None,
     **options,
 ) -> pd.DataFrame:
     """The localization of freshly initialised probes' maps on `tokens`: what a probe shows before training.
@@ -345,12 +405,17 @@ def untrained_probe_baselines(
         deltas: IoU thresholds (default 0.3, 0.5, 0.7).
         context: Values of the context columns (backbone, layer, probe, seed).
         batch_size: Images per batch.
+        target_entropy: The trained probe's mean normalised entropy: adds, per seed, the untrained maps
+            sharpened to it (``untrained probe, matched entropy``).
         **options: Build options of the probe (e.g. ``num_queries``).
 
     Returns:
-        One row per seed: ``baseline`` ("untrained probe"), ``init_seed``, the means over the probe's
-        predictors of ``maxboxacc_v2``, ``inbox_mass``, ``pointing`` and ``entropy_norm``, the lowest and
-        highest predictor's MaxBoxAccV2 (``maxboxacc_v2_min`` / ``_max``), ``chance_mass`` and ``predictors``.
+        One row per seed (and version): ``baseline`` ("untrained probe", "untrained probe, matched
+        entropy"), ``init_seed``, the means over the probe's predictors of the lifts (``mask_lift``,
+        ``mask_lift_px`` where the dataset has masks, ``box_lift``), ``maxboxacc_v2``, ``inbox_mass``,
+        ``pointing`` and ``entropy_norm``, the lowest and highest predictor's MaxBoxAccV2
+        (``maxboxacc_v2_min`` / ``_max``), ``chance_mass``, ``predictors`` (and ``target_entropy_norm``,
+        ``temperature`` of the matched version).
 
     Raises:
         ValueError: No seeds, or a probe without attention predictors.
@@ -358,25 +423,49 @@ def untrained_probe_baselines(
     if not len(seeds):
         raise ValueError("untrained_probe_baselines needs at least one seed, e.g. seeds=(0, 1, 2)")
     num_classes = max(int(tokens.num_classes or 0), 2)  # the maps do not depend on the classes
+    index = list(range(len(tokens))) if index is None else [int(i) for i in index]
+    boxes, image_size, masks = _boxes_and_size(dataset, image_size, index)
     rows = []
     for seed in seeds:
         fresh = build(probe, tokens.dim, num_classes, seed=int(seed), **options)
         if fresh.num_predictors == 0:
             raise ValueError(f"probe {probe!r} has no attention predictors: there are no maps to measure")
-        meters = [Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention), Entropy()]
-        table = measure(fresh, tokens, dataset, meters, index=index, batch_size=batch_size)
-        rows.append(
-            {
-                "baseline": UNTRAINED,
-                "init_seed": int(seed),
-                "maxboxacc_v2": float(table["maxboxacc_v2"].mean()),
-                "maxboxacc_v2_min": float(table["maxboxacc_v2"].min()),
-                "maxboxacc_v2_max": float(table["maxboxacc_v2"].max()),
-                "inbox_mass": float(table["inbox_mass"].mean()),
-                "chance_mass": float(table["chance_mass"].mean()),
-                "pointing": float(table["pointing"].mean()),
-                "entropy_norm": float(table["entropy_norm"].mean()),
-                "predictors": len(table),
-            }
-        )
-    return frame(rows, context_columns(context), columns=list(rows[0]))
+        maps = collect_attention(fresh, tokens, batch_size, index).astype(np.float64)  # (n, K, N)
+        versions = {UNTRAINED: (maps, {})}
+        if target_entropy is not None:
+            flat, temperature = _sharpened(maps.reshape(-1, maps.shape[-1]), float(target_entropy))
+            versions[UNTRAINED_MATCHED] = (
+                flat.reshape(maps.shape),
+                dict(target_entropy_norm=float(target_entropy), temperature=temperature),
+            )
+        for name, (version, params) in versions.items():
+            table = localization_from_maps(
+                version,
+                boxes,
+                tokens.grid,
+                image_size,
+                thresholds=thresholds,
+                deltas=deltas,
+                batch_size=batch_size,
+                convention=convention,
+                masks=masks,
+            )
+            lifts = {c: float(table[c].mean()) for c in ("mask_lift", "mask_lift_px", "box_lift") if c in table}
+            rows.append(
+                {
+                    "baseline": name,
+                    "init_seed": int(seed),
+                    **lifts,
+                    "maxboxacc_v2": float(table["maxboxacc_v2"].mean()),
+                    "maxboxacc_v2_min": float(table["maxboxacc_v2"].min()),
+                    "maxboxacc_v2_max": float(table["maxboxacc_v2"].max()),
+                    "inbox_mass": float(table["inbox_mass"].mean()),
+                    "chance_mass": float(table["chance_mass"].mean()),
+                    "pointing": float(table["pointing"].mean()),
+                    "entropy_norm": float(map_entropy(version).mean() / math.log(version.shape[-1])),
+                    "predictors": len(table),
+                    **params,
+                }
+            )
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return frame(rows, context_columns(context), columns=columns)

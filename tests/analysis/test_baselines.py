@@ -182,3 +182,39 @@ def test_an_untrained_probe_localizes_where_the_tokens_set_the_object_apart():
         untrained_probe_baselines("cls", tokens, boxes, image_size=32, seeds=(0,))
     with pytest.raises(ValueError, match="at least one seed"):
         untrained_probe_baselines("ep16", tokens, boxes, image_size=32, seeds=())
+
+
+def test_untrained_lift_is_zero_and_its_sharpened_order_is_not():
+    """The untrained head's maps are uniform to four decimals: lift 0. At the trained head's
+    entropy, the same order puts mass on the object: the order-keeping baseline."""
+    from epviz.analysis.baselines import UNTRAINED, UNTRAINED_MATCHED, untrained_probe_baselines
+    from epviz.tokens import TokenSet
+
+    rng = np.random.default_rng(0)
+    n, direction = 24, rng.normal(size=32)
+    patch = 0.05 * rng.normal(size=(n, 16, 32))
+    patch[:, :4] += direction
+    tokens = TokenSet(patch=patch.astype(np.float32), prefix=None, labels=np.arange(n) % 3, grid=(4, 4))
+    boxes = [np.array([0, 0, 32, 8])] * n
+    table = untrained_probe_baselines(
+        "ep16", tokens, boxes, image_size=32, seeds=(0,), thresholds=STEP, target_entropy=0.5
+    ).set_index("baseline")
+    assert abs(table.loc[UNTRAINED, "box_lift"]) < 0.01
+    assert table.loc[UNTRAINED_MATCHED, "entropy_norm"] == pytest.approx(0.5, abs=1e-3)
+    assert table.loc[UNTRAINED_MATCHED, "box_lift"] > 0.05
+    assert table.loc[UNTRAINED_MATCHED, "pointing"] == table.loc[UNTRAINED, "pointing"], "same order, same argmax"
+
+
+def test_pixel_salience_finds_the_bright_item_on_the_canvases():
+    from epviz.analysis.baselines import SALIENCE, patch_brightness
+    from epviz.data import ClutteredFashionMNIST
+
+    canvases = ClutteredFashionMNIST("test", 40, seed=0)
+    brightness = patch_brightness(canvases, GRID, range(3))
+    expected = canvases.images[:3].double().div(255).mean(1).reshape(3, 8, 8, 8, 8).mean((2, 4)).reshape(3, 64)
+    np.testing.assert_allclose(brightness, expected.numpy(), atol=1e-9)
+    table = localization_baselines(canvases, GRID, target_entropy=0.8, thresholds=STEP).set_index("baseline")
+    assert table.loc[SALIENCE, "entropy_norm"] == pytest.approx(0.8, abs=1e-3)
+    assert table.loc[SALIENCE, "mask_lift"] > 0.1, "the item is the bright object by design"
+    assert abs(table.loc[UNIFORM, "mask_lift"]) < 1e-9
+    assert abs(table.loc[MATCHED, "mask_lift"]) < 0.05, "random placement: chance"
