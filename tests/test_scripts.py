@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,3 +193,24 @@ def test_halving_check_replays_the_rule_on_a_full_grid():
     history = [dict(point=p, epoch=e + 1, val_acc=a) for p, accs in curves.items() for e, a in enumerate(accs)]
     same = halving_check.replay(dict(grid, history=history), epochs=4, eta=2)
     assert same["same_pick"] and same["val_given_up"] == 0
+
+
+def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    script = load_script("lift_check")
+    out = tmp_path / "lift"
+    script.main(["--fast", "--backbones", "tiny-random", "tiny-pixels", "--seeds", "0", "1", "--train", "128", "--test", "24",
+                 "--lrs", "1e-2", "--out", str(out)])  # fmt: skip
+    table, pairs = pd.read_csv(tmp_path / "lift.csv"), pd.read_csv(tmp_path / "lift_pairs.csv")
+    assert len(table) == 2 * 4 * 2 and set(table["condition"]) == {
+        "trained", "untrained", "untrained, matched entropy", "pixel salience"
+    }  # fmt: skip
+    untrained = table[table["condition"] == "untrained"]
+    assert untrained["mask_lift"].abs().max() < 0.01, "an untrained head's maps are near uniform"
+    matched = table.set_index(["backbone", "seed", "condition"])["entropy_norm"].unstack()
+    assert np.allclose(matched["untrained, matched entropy"], matched["trained"], atol=2e-3)
+    assert (pairs["lo"] <= pairs["estimate"]).all() and (pairs["estimate"] <= pairs["hi"]).all()
+    covers = (pairs["lo"] <= 0) & (pairs["hi"] >= 0)
+    assert (pairs.loc[covers, "verdict"] == "not resolved").all() and (pairs.loc[~covers, "verdict"] != "not resolved").all()

@@ -14,7 +14,8 @@ Every result row carries the context columns ``backbone``, ``layer``, ``probe`` 
   ``delta_acc_zero``).
 * Bootstrap intervals over test images (:mod:`epviz.analysis.intervals`): :class:`Bootstrap`
   (``<column>_lo`` / ``_hi``, Spearman ρ intervals), :func:`spearman_intervals`, :func:`bootstrap_mean`,
-  :func:`group_means` (per-image columns averaged per group).
+  :func:`group_means` (per-image columns averaged per group), :func:`paired_difference` (two arms on
+  the same test images, resampling seeds and images).
 * :func:`localization` / :func:`localization_from_maps`: MaxBoxAccV2, attention mass in the
   GT boxes, pointing game (meter ``localization``).
 * :func:`entropy` / :func:`entropy_from_maps`: entropy of the maps, in nats and over log N
@@ -65,7 +66,15 @@ from epviz.analysis.controls import (
 )
 from epviz.analysis.efficiency import backbone_flops, count_flops, efficiency, probe_costs, probe_flops, throughput
 from epviz.analysis.entropy import Entropy, entropy, entropy_from_maps, map_entropy
-from epviz.analysis.intervals import Bootstrap, RhoInterval, bootstrap_mean, group_means, spearman_intervals
+from epviz.analysis.intervals import (
+    Bootstrap,
+    PairedDifference,
+    RhoInterval,
+    bootstrap_mean,
+    group_means,
+    paired_difference,
+    spearman_intervals,
+)
 from epviz.analysis.localization import (
     DELTAS,
     THRESHOLDS,
@@ -98,6 +107,8 @@ __all__ = [
     "ShuffledAblation",
     "ZeroAblation",
     "bootstrap_mean",
+    "paired_difference",
+    "PairedDifference",
     "group_means",
     "derangement",
     "mean_attention_rows",

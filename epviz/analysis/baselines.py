@@ -76,6 +76,7 @@ __all__ = [
     "matched_entropy_baselines",
     "matched_entropy_maps",
     "patch_brightness",
+    "sharpen_maps",
     "temperature_for_entropy",
     "uniform_maps",
     "untrained_probe_baselines",
@@ -214,8 +215,11 @@ def patch_brightness(dataset, grid: Sequence[int], index: Sequence[int] | None =
     return torch.stack(rows).numpy() if rows else np.zeros((0, _tokens(grid)))
 
 
-def _sharpened(maps: np.ndarray, target: float) -> tuple[np.ndarray, float]:
-    """softmax(log(maps) / T) with one T for the set, matched to mean normalised entropy `target`."""
+def sharpen_maps(maps: np.ndarray, target: float) -> tuple[np.ndarray, float]:
+    """(n, N) maps as softmax(log(maps) / T), one T for the set, at mean normalised entropy `target`; and T.
+
+    The order of every map is kept; only its peakedness changes.
+    """
     logits = np.log(np.clip(maps, 1e-300, None))
     if target >= 1:
         return uniform_maps(len(maps), maps.shape[-1]), math.inf
@@ -305,7 +309,7 @@ def localization_baselines(
         params[MATCHED] = dict(target_entropy_norm=float(target_entropy), temperature=temperature, map_seed=int(seed))
         if dataset is not None:  # the images are at hand: the salience map
             brightness = patch_brightness(dataset, grid, index) + 1e-6
-            maps[SALIENCE], temperature = _sharpened(brightness / brightness.sum(-1, keepdims=True), float(target_entropy))
+            maps[SALIENCE], temperature = sharpen_maps(brightness / brightness.sum(-1, keepdims=True), float(target_entropy))
             params[SALIENCE] = dict(target_entropy_norm=float(target_entropy), temperature=temperature)
     summary = _score(maps, boxes, grid, image_size, thresholds, deltas, batch_size, convention, masks)
     summary.loc[summary["baseline"] == UNIFORM, "pointing"] = np.nan  # no argmax: every token ties
@@ -433,7 +437,7 @@ def untrained_probe_baselines(
         maps = collect_attention(fresh, tokens, batch_size, index).astype(np.float64)  # (n, K, N)
         versions = {UNTRAINED: (maps, {})}
         if target_entropy is not None:
-            flat, temperature = _sharpened(maps.reshape(-1, maps.shape[-1]), float(target_entropy))
+            flat, temperature = sharpen_maps(maps.reshape(-1, maps.shape[-1]), float(target_entropy))
             versions[UNTRAINED_MATCHED] = (
                 flat.reshape(maps.shape),
                 dict(target_entropy_norm=float(target_entropy), temperature=temperature),

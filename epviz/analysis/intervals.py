@@ -21,6 +21,12 @@ Definitions (ours):
   measure) are left out and counted (``rho_undefined``).
 * **Interval**: the percentile interval, ``level`` = 0.95 by default (2.5th and 97.5th
   percentiles of B = 1000 resamples).
+* **Paired difference** (:func:`paired_difference`): the unit of a claim about probes or
+  backbones is a trained head *and* the test images, so both vary: each resample draws the test
+  images once (with replacement, the same draw for both arms: the comparison is paired on
+  images) and, independently per arm, as many seeds as it has (with replacement), then takes the
+  difference of the two arms' means. With one seed per arm only the images vary, and the
+  interval says so (``seeds`` in the result). An interval covering 0 reads "not resolved".
 
 Memory: draw counts are made for at most ``_WEIGHT_BUDGET`` = 2**22 numbers at a time
 (16 MB as float32; with n images that is 2**22 // n resamples per chunk); MaxBoxAccV2 records
@@ -48,6 +54,8 @@ __all__ = [
     "RhoInterval",
     "bootstrap_mean",
     "bootstrap_weights",
+    "PairedDifference",
+    "paired_difference",
     "group_means",
     "percentile_interval",
     "resample_box_accuracy",
@@ -177,6 +185,58 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> tuple[np.n
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns give NaN
         lo, hi = np.nanpercentile(samples, q, axis=0)
     return lo, hi
+
+
+class PairedDifference(NamedTuple):
+    """Mean of arm a minus mean of arm b, its interval, and what varied in the resamples."""
+
+    estimate: float
+    lo: float
+    hi: float
+    seeds: tuple[int, int]
+    images: int
+
+    @property
+    def verdict(self) -> str:
+        """"a > b", "a < b", or "not resolved" when the interval covers 0."""
+        if self.lo > 0:
+            return "a > b"
+        if self.hi < 0:
+            return "a < b"
+        return "not resolved"
+
+
+def paired_difference(
+    a: Sequence | np.ndarray, b: Sequence | np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL
+) -> PairedDifference:
+    """Difference of two arms measured on the same test images, with an interval over seeds and images.
+
+    Args:
+        a, b: Per-image values of each arm, (seeds, images) (or (images,) for one seed); both arms
+            hold the same images in the same order (e.g. per-image lift or correctness).
+        n_boot, seed, level: Resamples, their seed and the interval level.
+
+    Raises:
+        ValueError: The arms do not hold the same number of images, or hold non-finite values.
+    """
+    _check(n_boot, level)
+    arms = [np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in (a, b)]
+    if arms[0].shape[1] != arms[1].shape[1] or arms[0].shape[1] == 0:
+        raise ValueError(f"both arms must hold the same test images: got {arms[0].shape[1]} and {arms[1].shape[1]} images")
+    if not all(np.isfinite(x).all() for x in arms):
+        raise ValueError("paired_difference got NaN or inf values")
+    n = arms[0].shape[1]
+    rng = np.random.default_rng([seed, 1])  # the seeds' draws: a stream apart from the images'
+    samples = []
+    for weights in bootstrap_weights(n, n_boot, seed):  # (chunk, n) image counts, shared by both arms
+        per_image = []
+        for x in arms:
+            draw = rng.integers(0, len(x), size=(len(weights), len(x)))  # seeds drawn per arm
+            per_image.append(x[draw].mean(1))  # (chunk, n)
+        samples.append(((per_image[0] - per_image[1]) * weights).sum(1) / n)
+    lo, hi = percentile_interval(np.concatenate(samples), level)
+    estimate = float(arms[0].mean() - arms[1].mean())
+    return PairedDifference(estimate, float(lo), float(hi), (len(arms[0]), len(arms[1])), n)
 
 
 def bootstrap_mean(values: Sequence[float] | np.ndarray, n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Interval:

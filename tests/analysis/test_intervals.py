@@ -281,3 +281,33 @@ def test_group_means_gives_each_groups_mean_and_its_bootstrap_interval():
     assert out.loc[1, "hit_lo"] <= out.loc[1, "hit"] <= out.loc[1, "hit_hi"]
     with pytest.raises(ValueError, match="not in the table"):
         group_means(table, ["probe"], ["score"])
+
+
+# --- paired differences: seeds and images both vary ----------------------------------------
+
+
+def test_paired_difference_of_a_constant_shift_is_exact():
+    from epviz.analysis.intervals import paired_difference
+
+    rng = np.random.default_rng(0)
+    b = rng.random((1, 300))
+    result = paired_difference(b + 0.1, b)
+    assert result.estimate == pytest.approx(0.1) and result.lo == pytest.approx(0.1) and result.hi == pytest.approx(0.1)
+    assert result.verdict == "a > b" and result.seeds == (1, 1) and result.images == 300
+
+
+def test_paired_difference_pools_seed_and_image_variance():
+    from epviz.analysis.intervals import paired_difference
+
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=400)
+    a = images + 0.05 + rng.normal(scale=0.01, size=(1, 400))
+    b = images + rng.normal(scale=0.01, size=(1, 400))
+    tight = paired_difference(a, b)
+    assert tight.verdict == "a > b", "pairing on images removes their variance"
+    offsets = np.array([[-0.2], [0.0], [0.25]])  # heads of three seeds differ by much more than 0.05
+    spread = paired_difference(a + offsets, b + offsets[::-1])
+    assert spread.verdict == "not resolved" and spread.hi - spread.lo > 5 * (tight.hi - tight.lo)
+    assert spread.seeds == (3, 3)
+    with pytest.raises(ValueError, match="same test images"):
+        paired_difference(a, b[:, :10])

@@ -1,0 +1,166 @@
+"""Where do trained probes put their attention mass? Lift on the object mask against order-keeping baselines.
+
+For every backbone (last block; ``--train`` train canvases (seed 0), the standard val split, ``--test``
+test canvases (seed 0)), one probe family (default EP16) trains as one
+stack of learning rates x initialisation seeds (``epviz.training.fit_grid``); every seed keeps its own
+learning rate (its best val top-1; nothing is chosen on test). On the test canvases it measures, per
+seed: test top-1, mask lift at tokens and pixels, box lift, MaxBoxAccV2, pointing and entropy of
+
+* ``trained``: the trained head;
+* ``untrained``: the same head at its initialisation (the same seed);
+* ``untrained, matched entropy``: those maps sharpened to the trained head's entropy (same order);
+* ``pixel salience``: patch brightness sharpened to the trained head's entropy.
+
+Paired differences (``epviz.analysis.paired_difference``: the test canvases drawn once for both arms,
+seeds drawn per arm) compare each trained head with its baselines, and the backbones with each other.
+
+    python scripts/lift_check.py [--backbones tiny-mae tiny-sup tiny-random tiny-pixels] [--probe ep16]
+                                 [--seeds 0 1 2] [--train 6000] [--test 1000] [--out docs/lift]
+
+Writes ``<out>.csv`` (one row per backbone x condition x seed) and ``<out>_pairs.csv`` (one row per
+comparison: estimate, interval, verdict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from epviz import Setting, extract_tokens, load_backbone  # noqa: E402
+from epviz.analysis import LocalizationMeter, map_entropy, paired_difference  # noqa: E402
+from epviz.analysis.baselines import patch_brightness, sharpen_maps  # noqa: E402
+from epviz.atomic import atomic_write  # noqa: E402
+from epviz.data import ClutteredFashionMNIST  # noqa: E402
+from epviz.evaluate import collect_attention, predict  # noqa: E402
+from epviz.probes import build  # noqa: E402
+from epviz.training import fit_grid  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+LIFTS = ("mask_lift", "mask_lift_px", "box_lift")
+
+
+def sharpened(maps: np.ndarray, target: float) -> np.ndarray:
+    """(n, K, N) maps sharpened to mean normalised entropy `target`, one temperature for all."""
+    return sharpen_maps(maps.reshape(-1, maps.shape[-1]), target)[0].reshape(maps.shape)
+
+
+def localise(maps: np.ndarray, test: ClutteredFashionMNIST, grid, thresholds) -> tuple[dict, dict]:
+    """Means over predictors and images, and per-image values (means over predictors) of the lifts."""
+    meter = LocalizationMeter(maps.shape[1], grid, test.image_size, thresholds, records=True)
+    for s in range(0, len(maps), 64):
+        part = range(s, min(s + 64, len(maps)))
+        meter.update(maps[s : part.stop], [test.box_list(i) for i in part], part, [test.mask(i).numpy() for i in part])
+    rows, records = pd.DataFrame(meter.rows()), meter.image_records()
+    summary = {c: float(rows[c].mean()) for c in (*LIFTS, "maxboxacc_v2", "pointing", "inbox_mass", "chance_mass")}
+    summary["entropy_norm"] = float(map_entropy(maps).mean() / math.log(maps.shape[-1]))
+    return summary, {c: records[c].mean(1) for c in LIFTS}
+
+
+def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train_set = ClutteredFashionMNIST("train", args.train, seed=0)
+    val_set = ClutteredFashionMNIST("train", int(setting.sizes["val"] or 2_000), seed=1)
+    test = ClutteredFashionMNIST("test", args.test, seed=0)
+    keys = ("epochs", "batch_size", "optimizer", "warmup_epochs", "label_smoothing", "early_stopping", "precision")
+    budget = {k: v for k, v in setting.fit_options().items() if k in keys}
+    rows, per_image, correct = [], {}, {}
+    for name in args.backbones:
+        start = time.perf_counter()
+        backbone = load_backbone(name)
+        tr, va, te = (extract_tokens(backbone, ds, layers=[-1]).tokens(-1) for ds in (train_set, val_set, test))
+        grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget)
+        points = grid.points.dropna(subset=["best_val_acc"])
+        for seed in args.seeds:
+            mine = points[points["seed"] == seed]
+            best = mine.sort_values(["best_val_acc", "lr"], ascending=[False, True]).iloc[0]
+            head = grid.probes[int(best["point"])]
+            fresh = build(args.probe, tr.dim, 10, seed=seed, grid=tr.grid)
+            trained_maps = collect_attention(head, te).astype(np.float64)
+            target = float(map_entropy(trained_maps).mean() / math.log(trained_maps.shape[-1]))
+            untrained_maps = collect_attention(fresh, te).astype(np.float64)
+            bright = patch_brightness(test, te.grid) + 1e-6
+            conditions = {
+                "trained": trained_maps,
+                "untrained": untrained_maps,
+                "untrained, matched entropy": sharpened(untrained_maps, target),
+                "pixel salience": sharpened((bright / bright.sum(-1, keepdims=True))[:, None], target),
+            }
+            out = predict(head, te)
+            hits = out.logits.argmax(1) == out.labels
+            correct[(name, seed)] = hits.astype(np.float64)
+            for condition, maps in conditions.items():
+                summary, images = localise(maps, test, te.grid, setting.thresholds)
+                per_image[(name, condition, seed)] = images
+                rows.append(
+                    {
+                        "backbone": name,
+                        "probe": args.probe,
+                        "condition": condition,
+                        "seed": seed,
+                        "lr": float(best["lr"]),
+                        "val_acc": float(best["best_val_acc"]),
+                        "test_acc": float(hits.mean()),
+                        **summary,
+                    }  # fmt: skip
+                )
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    table = pd.DataFrame(rows)
+    return table, pairs(args, per_image, correct)
+
+
+def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFrame:
+    """Paired differences: trained against each baseline per backbone, and backbone against backbone."""
+
+    def arm(name: str, condition: str, column: str) -> np.ndarray:
+        return np.stack([per_image[(name, condition, s)][column] for s in args.seeds])
+
+    rows = []
+    for name in args.backbones:
+        for baseline in ("untrained", "untrained, matched entropy", "pixel salience"):
+            for column in LIFTS:
+                d = paired_difference(arm(name, "trained", column), arm(name, baseline, column))
+                rows.append(
+                    {"a": f"{name} trained", "b": f"{name} {baseline}", "measure": column, **d._asdict(), "verdict": d.verdict}
+                )
+    for first, second in combinations(args.backbones, 2):
+        for column in LIFTS:
+            d = paired_difference(arm(first, "trained", column), arm(second, "trained", column))
+            rows.append(
+                {"a": f"{first} trained", "b": f"{second} trained", "measure": column, **d._asdict(), "verdict": d.verdict}
+            )
+        accuracy = [np.stack([correct[(n, s)] for s in args.seeds]) for n in (first, second)]
+        d = paired_difference(*accuracy)
+        rows.append(
+            {"a": f"{first} trained", "b": f"{second} trained", "measure": "test_acc", **d._asdict(), "verdict": d.verdict}
+        )
+    return pd.DataFrame(rows).drop(columns=["seeds"]).assign(seeds=len(args.seeds))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["tiny-mae", "tiny-sup", "tiny-random", "tiny-pixels"])
+    parser.add_argument("--probe", default="ep16")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
+    parser.add_argument("--train", type=int, default=6000, help="train canvases")
+    parser.add_argument("--test", type=int, default=1000, help="test canvases measured")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "lift")
+    parser.add_argument("--fast", action="store_true", help="the fast setting's budget and thresholds (a pipeline check)")
+    args = parser.parse_args(argv)
+    table, comparisons = run(args, Setting.fast() if args.fast else Setting.full())
+    atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(args.out.with_name(args.out.name + "_pairs.csv"), lambda tmp: comparisons.to_csv(tmp, index=False))
+    means = table.groupby(["backbone", "condition"], sort=False)[["test_acc", "mask_lift", "maxboxacc_v2", "entropy_norm"]]
+    print(means.agg(["mean", "std"]).round(3).to_string())
+    print(comparisons.round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
