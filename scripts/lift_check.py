@@ -18,12 +18,15 @@ seeds drawn per arm) compare each trained head with its baselines, and the backb
                                  [--seeds 0 1 2] [--train 6000] [--test 1000] [--out docs/lift]
 
 Writes ``<out>.csv`` (one row per backbone x condition x seed) and ``<out>_pairs.csv`` (one row per
-comparison: estimate, interval, verdict).
+comparison: estimate, interval, verdict). Each backbone's measurements are kept in the cache
+(``$EPVIZ_CACHE/lift/``), so a run that adds a backbone trains only that one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import sys
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz import Setting, extract_tokens, load_backbone  # noqa: E402
@@ -41,6 +45,7 @@ from epviz.atomic import atomic_write  # noqa: E402
 from epviz.data import ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import collect_attention, predict  # noqa: E402
 from epviz.probes import build  # noqa: E402
+from epviz.tokens.cache import default_cache_dir  # noqa: E402
 from epviz.training import fit_grid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,55 +69,86 @@ def localise(maps: np.ndarray, test: ClutteredFashionMNIST, grid, thresholds) ->
     return summary, {c: records[c].mean(1) for c in LIFTS}
 
 
-def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
-    train_set = ClutteredFashionMNIST("train", args.train, seed=0)
-    val_set = ClutteredFashionMNIST("train", int(setting.sizes["val"] or 2_000), seed=1)
-    test = ClutteredFashionMNIST("test", args.test, seed=0)
+def measure_backbone(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
+    """Rows, per-image lifts {(condition, seed): {column: (n,)}} and per-image correctness {seed: (n,)} of one backbone."""
+    train_set, val_set, test = sets
     keys = ("epochs", "batch_size", "optimizer", "warmup_epochs", "label_smoothing", "early_stopping", "precision")
     budget = {k: v for k, v in setting.fit_options().items() if k in keys}
+    backbone = load_backbone(name)
+    tr, va, te = (extract_tokens(backbone, ds, layers=[-1]).tokens(-1) for ds in (train_set, val_set, test))
+    grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget)
+    points = grid.points.dropna(subset=["best_val_acc"])
+    rows, per_image, correct = [], {}, {}
+    bright = patch_brightness(test, te.grid) + 1e-6
+    for seed in args.seeds:
+        mine = points[points["seed"] == seed]
+        best = mine.sort_values(["best_val_acc", "lr"], ascending=[False, True]).iloc[0]
+        head = grid.probes[int(best["point"])]
+        fresh = build(args.probe, tr.dim, 10, seed=seed, grid=tr.grid)
+        trained_maps = collect_attention(head, te).astype(np.float64)
+        target = float(map_entropy(trained_maps).mean() / math.log(trained_maps.shape[-1]))
+        untrained_maps = collect_attention(fresh, te).astype(np.float64)
+        conditions = {
+            "trained": trained_maps,
+            "untrained": untrained_maps,
+            "untrained, matched entropy": sharpened(untrained_maps, target),
+            "pixel salience": sharpened((bright / bright.sum(-1, keepdims=True))[:, None], target),
+        }
+        out = predict(head, te)
+        hits = out.logits.argmax(1) == out.labels
+        correct[seed] = hits.astype(np.float64)
+        for condition, maps in conditions.items():
+            summary, images = localise(maps, test, te.grid, setting.thresholds)
+            per_image[(condition, seed)] = images
+            rows.append(
+                {
+                    "backbone": name,
+                    "probe": args.probe,
+                    "condition": condition,
+                    "seed": seed,
+                    "lr": float(best["lr"]),
+                    "val_acc": float(best["best_val_acc"]),
+                    "test_acc": float(hits.mean()),
+                    **summary,
+                }  # fmt: skip
+            )
+    return rows, per_image, correct
+
+
+def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
+    """:func:`measure_backbone`, kept under ``<cache>/lift/`` so that a later run adds backbones without retraining these."""
+    config = [name, args.probe, args.seeds, args.lrs, args.train, args.test, setting.name, load_backbone(name).weights_id]
+    key = hashlib.sha256(json.dumps(config).encode()).hexdigest()[:16]
+    path = default_cache_dir() / "lift" / f"{name}-{key}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        per_image = {(c, int(s)): {k: v.numpy() for k, v in d.items()} for (c, s), d in saved["per_image"]}
+        return saved["rows"], per_image, {int(s): v.numpy() for s, v in saved["correct"]}
+    rows, per_image, correct = measure_backbone(name, args, setting, sets)
+    saved = {
+        "rows": rows,
+        "per_image": [((c, s), {k: torch.from_numpy(v) for k, v in d.items()}) for (c, s), d in per_image.items()],
+        "correct": [(s, torch.from_numpy(v)) for s, v in correct.items()],
+    }
+    atomic_write(path, lambda tmp: torch.save(saved, tmp))
+    return rows, per_image, correct
+
+
+def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
+    sets = (
+        ClutteredFashionMNIST("train", args.train, seed=0),
+        ClutteredFashionMNIST("train", int(setting.sizes["val"] or 2_000), seed=1),
+        ClutteredFashionMNIST("test", args.test, seed=0),
+    )
     rows, per_image, correct = [], {}, {}
     for name in args.backbones:
         start = time.perf_counter()
-        backbone = load_backbone(name)
-        tr, va, te = (extract_tokens(backbone, ds, layers=[-1]).tokens(-1) for ds in (train_set, val_set, test))
-        grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget)
-        points = grid.points.dropna(subset=["best_val_acc"])
-        for seed in args.seeds:
-            mine = points[points["seed"] == seed]
-            best = mine.sort_values(["best_val_acc", "lr"], ascending=[False, True]).iloc[0]
-            head = grid.probes[int(best["point"])]
-            fresh = build(args.probe, tr.dim, 10, seed=seed, grid=tr.grid)
-            trained_maps = collect_attention(head, te).astype(np.float64)
-            target = float(map_entropy(trained_maps).mean() / math.log(trained_maps.shape[-1]))
-            untrained_maps = collect_attention(fresh, te).astype(np.float64)
-            bright = patch_brightness(test, te.grid) + 1e-6
-            conditions = {
-                "trained": trained_maps,
-                "untrained": untrained_maps,
-                "untrained, matched entropy": sharpened(untrained_maps, target),
-                "pixel salience": sharpened((bright / bright.sum(-1, keepdims=True))[:, None], target),
-            }
-            out = predict(head, te)
-            hits = out.logits.argmax(1) == out.labels
-            correct[(name, seed)] = hits.astype(np.float64)
-            for condition, maps in conditions.items():
-                summary, images = localise(maps, test, te.grid, setting.thresholds)
-                per_image[(name, condition, seed)] = images
-                rows.append(
-                    {
-                        "backbone": name,
-                        "probe": args.probe,
-                        "condition": condition,
-                        "seed": seed,
-                        "lr": float(best["lr"]),
-                        "val_acc": float(best["best_val_acc"]),
-                        "test_acc": float(hits.mean()),
-                        **summary,
-                    }  # fmt: skip
-                )
+        mine, images, hits = stored(name, args, setting, sets)
+        rows += mine
+        per_image.update({(name, c, s): v for (c, s), v in images.items()})
+        correct.update({(name, s): v for s, v in hits.items()})
         print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-    table = pd.DataFrame(rows)
-    return table, pairs(args, per_image, correct)
+    return pd.DataFrame(rows), pairs(args, per_image, correct)
 
 
 def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFrame:

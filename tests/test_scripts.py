@@ -214,3 +214,7 @@ def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_p
     assert (pairs["lo"] <= pairs["estimate"]).all() and (pairs["estimate"] <= pairs["hi"]).all()
     covers = (pairs["lo"] <= 0) & (pairs["hi"] >= 0)
     assert (pairs.loc[covers, "verdict"] == "not resolved").all() and (pairs.loc[~covers, "verdict"] != "not resolved").all()
+    monkeypatch.setattr(script, "measure_backbone", lambda *a: pytest.fail("a stored backbone is not measured again"))
+    script.main(["--fast", "--backbones", "tiny-random", "tiny-pixels", "--seeds", "0", "1", "--train", "128", "--test", "24",
+                 "--lrs", "1e-2", "--out", str(tmp_path / "again")])  # fmt: skip
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again_pairs.csv"), pairs)
