@@ -211,7 +211,8 @@ def patch_brightness(dataset, grid: Sequence[int], index: Sequence[int] | None =
     rows = []
     for i in index:
         image = torch.as_tensor(dataset[int(i)][0], dtype=torch.float64)
-        rows.append(F.adaptive_avg_pool2d(image.mean(0, keepdim=True), tuple(int(g) for g in grid)).reshape(-1))
+        rows_, cols_ = (int(g) for g in grid)
+        rows.append(F.adaptive_avg_pool2d(image.mean(0, keepdim=True), (rows_, cols_)).reshape(-1))
     return torch.stack(rows).numpy() if rows else np.zeros((0, _tokens(grid)))
 
 
@@ -435,7 +436,7 @@ def untrained_probe_baselines(
         if fresh.num_predictors == 0:
             raise ValueError(f"probe {probe!r} has no attention predictors: there are no maps to measure")
         maps = collect_attention(fresh, tokens, batch_size, index).astype(np.float64)  # (n, K, N)
-        versions = {UNTRAINED: (maps, {})}
+        versions: dict[str, tuple[np.ndarray, dict]] = {UNTRAINED: (maps, {})}
         if target_entropy is not None:
             flat, temperature = sharpen_maps(maps.reshape(-1, maps.shape[-1]), float(target_entropy))
             versions[UNTRAINED_MATCHED] = (

@@ -198,7 +198,7 @@ class PairedDifference(NamedTuple):
 
     @property
     def verdict(self) -> str:
-        """"a > b", "a < b", or "not resolved" when the interval covers 0."""
+        """ "a > b", "a < b", or "not resolved" when the interval covers 0."""
         if self.lo > 0:
             return "a > b"
         if self.hi < 0:

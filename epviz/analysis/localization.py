@@ -323,7 +323,9 @@ class LocalizationMeter:
         if mask.shape != self.size or mask.dtype != bool:
             raise ConfigError(f"the mask of image {index} must be bool {self.size}, got {mask.dtype} {mask.shape}")
         if mask.all() or not mask.any():
-            raise ConfigError(f"the mask of image {index} covers {'all' if mask.any() else 'none'} of the image: lift is undefined")
+            raise ConfigError(
+                f"the mask of image {index} covers {'all' if mask.any() else 'none'} of the image: lift is undefined"
+            )
         return mask
 
     def _add_lift(self, column: str, mass: np.ndarray, chance: np.ndarray) -> None:
@@ -346,7 +348,9 @@ class LocalizationMeter:
         self.mask_n += len(masks)
         self._add_lift("mask_lift", mass, chance)
         b, k, _ = probs.shape
-        up = F.interpolate(torch.from_numpy(probs).view(b * k, 1, *self.grid), size=self.size, mode="bilinear", align_corners=False)
+        up = F.interpolate(
+            torch.from_numpy(probs).view(b * k, 1, *self.grid), size=self.size, mode="bilinear", align_corners=False
+        )
         up = up.clamp_min(0).view(b, k, -1)
         mass_px = (up * torch.from_numpy(pixels).view(b, 1, -1)).sum(-1) / up.sum(-1)
         self._add_lift("mask_lift_px", mass_px.numpy(), chance)
@@ -654,7 +658,9 @@ def _resampled(meter: LocalizationMeter, weights: np.ndarray) -> dict[str, np.nd
     from epviz.analysis.intervals import resample_maxboxacc, weighted_mean
 
     rec = meter.image_records()
-    lifts = {column: weighted_mean(weights, rec[column]) for column in ("mask_lift", "mask_lift_px", "box_lift") if column in rec}
+    lifts: dict[str, np.ndarray] = {
+        c: weighted_mean(weights, rec[c]) for c in ("mask_lift", "mask_lift_px", "box_lift") if c in rec
+    }
     return {
         **lifts,
         "maxboxacc_v2": resample_maxboxacc(rec["box"], (meter.k, len(meter.thresholds), len(meter.deltas)), weights),

@@ -7,6 +7,7 @@ Per batch the tokens are moved to the device once and the attention maps are com
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from epviz.probes import Probe
 from epviz.runtime import autocast
 from epviz.tokens import TokenBatch, TokenSet
 
-__all__ = ["measure"]
+__all__ = ["build_meters", "measure"]
 
 
 def measure(
@@ -37,6 +38,7 @@ def measure(
     device: str | torch.device | None = None,
     precision: str = "fp32",
     context: Mapping | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Run every meter over `tokens` in one pass and join their summaries, one row per predictor.
 
@@ -52,6 +54,8 @@ def measure(
         device: Where to run the probe; None picks automatically.
         precision: "fp32" or "bf16".
         context: Values of the context columns (defaults: probe name, ``tokens.origin``).
+        options: Options of the meters given by name: each is built with those its constructor
+            accepts (e.g. ``{"thresholds": ..., "records": True, "train_tokens": ..., "seed": 3}``).
 
     Returns:
         The context columns, ``predictor``, then each meter's columns in the given order. When
@@ -64,7 +68,7 @@ def measure(
     """
     require_predictors(probe, "measure")
     check_labels(tokens.labels, probe.num_classes, "the", f"probe '{probe.name}'")
-    chosen = _meters(meters)
+    chosen = build_meters(meters, options or {})
     device = prepare_probe(probe, device)
     autocast(device, precision)  # rejects an unknown precision before any work
     batch_size = check_int("batch_size", batch_size, 1)
@@ -85,11 +89,19 @@ def measure(
     return _join(chosen, context_columns(context, probe, tokens))
 
 
-def _meters(meters: Sequence[str | Meter] | None) -> list[Meter]:
+def _built(name: str, options: Mapping[str, Any]) -> Meter:
+    """The registered meter `name`, built with the `options` its constructor accepts."""
+    cls = meter_class(name)
+    accepted = inspect.signature(cls.__init__).parameters
+    return cls(**{key: value for key, value in options.items() if key in accepted})
+
+
+def build_meters(meters: Sequence[str | Meter] | None, options: Mapping[str, Any]) -> list[Meter]:
+    """Meter instances: instances as given, names built with the `options` their constructors accept (None: every registered meter)."""
     names = meter_names() if meters is None else meters
     if isinstance(names, (str, Meter)):
         names = [names]
-    chosen = [m if isinstance(m, Meter) else meter_class(m)() for m in names]
+    chosen = [m if isinstance(m, Meter) else _built(m, options) for m in names]
     if not chosen:
         raise ValueError(f"measure got no meters; pass meter names (registered: {meter_names()}) or Meter instances")
     return chosen

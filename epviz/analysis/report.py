@@ -18,11 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from epviz.analysis.controls import MeanMapAblation, ShuffledAblation
 from epviz.analysis.intervals import LEVEL, N_BOOT, Bootstrap
-from epviz.analysis.localization import Localization
-from epviz.analysis.measure import measure
-from epviz.analysis.meters import Meter, meter_class, meter_names
+from epviz.analysis.measure import build_meters, measure
 from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
@@ -117,9 +114,8 @@ def predictor_table(
         (acc_full_lo, acc_full_hi, delta_acc_lo, delta_acc_hi, delta_acc_mean_lo, ..., maxboxacc_v2_lo,
         ..., inbox_mass_lo, ..., pointing_lo, pointing_hi) when `n_boot` > 0.
     """
-    meters: list[Meter] = [
-        _configured(meter_class(name), thresholds, train_tokens, mean_maps, shuffle_seed, n_boot) for name in meter_names()
-    ]
+    options = dict(thresholds=thresholds, records=bool(n_boot), mean_maps=mean_maps, train_tokens=train_tokens, seed=shuffle_seed)
+    meters = build_meters(None, options)
     table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index, context=context)
     table["predictors"] = probe.num_predictors
     if len(table) != probe.num_predictors:
@@ -134,24 +130,6 @@ def predictor_table(
         )
         table = table.merge(records.intervals(), on="predictor", how="left")
     return (table, records) if return_records else table
-
-
-def _configured(
-    cls: type[Meter],
-    thresholds: Sequence[float] | np.ndarray | None,
-    train_tokens: TokenSet | None,
-    mean_maps: torch.Tensor | np.ndarray | None,
-    shuffle_seed: int,
-    n_boot: int,
-) -> Meter:
-    """A registered meter with the predictor table's options."""
-    if cls is Localization:
-        return Localization(thresholds=thresholds, records=bool(n_boot))
-    if cls is MeanMapAblation:
-        return MeanMapAblation(mean_maps=mean_maps, train_tokens=train_tokens)
-    if cls is ShuffledAblation:
-        return ShuffledAblation(seed=shuffle_seed)
-    return cls()
 
 
 @overload
