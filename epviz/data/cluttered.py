@@ -76,6 +76,24 @@ class CanvasRecipe:
         if not 4 <= lo <= hi <= self.image_size:
             raise ValueError(f"item_size {self.item_size} must satisfy 4 <= min <= max <= image_size ({self.image_size})")
 
+    @classmethod
+    def salience(cls, level: int) -> CanvasRecipe:
+        """The standard recipe (level 0) or one where brightness says less about where the item is.
+
+        Level 1: the background's range reaches into the item's (background up to 0.55, items from
+        0.45) and every canvas has a distractor as bright as an item. Level 2: the ranges overlap
+        fully (background up to 0.75, items from 0.35) and the distractors are larger (10-20 px).
+        """
+        if level == 0:
+            return cls()
+        if level == 1:
+            return cls(background_low=(0.05, 0.25), background_span=(0.2, 0.3), item_gain=(0.55, 1.0), item_floor=0.45,
+                       distractor_probability=1.0, distractor_gain=(0.55, 1.0))  # fmt: skip
+        if level == 2:
+            return cls(background_low=(0.1, 0.35), background_span=(0.25, 0.4), item_gain=(0.45, 0.9), item_floor=0.4,
+                       distractor_probability=1.0, distractor_size=(10, 20), distractor_gain=(0.45, 0.9))  # fmt: skip
+        raise ValueError(f"salience level must be 0, 1 or 2, got {level}")
+
 
 @dataclass
 class Canvases:
@@ -315,15 +333,17 @@ class ClutteredFashionMNIST(torch.utils.data.Dataset):
         }
 
 
-@register_dataset("cluttered-fashion-mnist", needs_root=False, draws=True)
+@register_dataset("cluttered-fashion-mnist", needs_root=False, draws=True, options={"salience": int})
 def canvases_split(spec: DatasetSpec, split: str, *, size: int | None = None, seed: int = 0) -> ClutteredFashionMNIST:
     """One standard split of the canvases (see the module docstring).
 
     Args:
-        spec: The parsed spec (the canvases take no options).
+        spec: The parsed spec; option ``salience`` (0, 1 or 2, :meth:`CanvasRecipe.salience`) makes
+            brightness a weaker cue to where the item is (``cluttered-fashion-mnist?salience=2``).
         split: "train", "val" or "test".
         size: Number of canvases (None: :data:`STANDARD_SIZES`).
         seed: Seed of the train and test canvases; val uses ``seed + 1``.
     """
     source, offset = _SOURCES[split]
-    return ClutteredFashionMNIST(source, STANDARD_SIZES[split] if size is None else int(size), seed=seed + offset)
+    recipe = CanvasRecipe.salience(int(spec.options.get("salience", 0)))
+    return ClutteredFashionMNIST(source, STANDARD_SIZES[split] if size is None else int(size), seed=seed + offset, recipe=recipe)

@@ -649,7 +649,9 @@ def test_lift_has_bootstrap_intervals_and_the_mask_columns_need_masks():
     boxes = [BOX] * 20
     with_masks = localization_from_maps(maps, boxes, GRID, SIZE, masks=[box_mask()] * 20, intervals=True)
     for column in ("mask_lift", "mask_lift_px", "box_lift"):
-        assert (with_masks[f"{column}_lo"] <= with_masks[column]).all() and (with_masks[column] <= with_masks[f"{column}_hi"]).all()
+        assert (with_masks[f"{column}_lo"] <= with_masks[column]).all() and (
+            with_masks[column] <= with_masks[f"{column}_hi"]
+        ).all()
     without = localization_from_maps(maps, boxes, GRID, SIZE)
     assert "mask_lift" not in without and "box_lift" in without
     meter = LocalizationMeter(2, GRID, SIZE)

@@ -126,3 +126,25 @@ def test_recipe_is_part_of_the_fingerprint():
     a = ClutteredFashionMNIST("test", 8, seed=0)
     b = ClutteredFashionMNIST("test", 8, seed=0, recipe=dataclasses.replace(CanvasRecipe(), item_floor=0.5))
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_salience_levels_make_brightness_a_weaker_cue():
+    import torch.nn.functional as F
+
+    from epviz.data import load_split
+
+    contrast, brightest_on_item, fingerprints = [], [], set()
+    for level in (0, 1, 2):
+        spec = "cluttered-fashion-mnist" + (f"?salience={level}" if level else "")
+        canvases = load_split(spec, "test", size=200)
+        grey, masks = canvases.images.float().mean(1) / 255, canvases.masks
+        contrast.append(float(grey[masks].mean() - grey[~masks].mean()))
+        patches = F.avg_pool2d(grey[:, None], 8).flatten(1)
+        on_item = F.avg_pool2d(masks[:, None].float(), 8).flatten(1).gather(1, patches.argmax(1, keepdim=True)) > 0.5
+        brightest_on_item.append(float(on_item.float().mean()))
+        fingerprints.add(canvases.fingerprint()["recipe"])
+    assert contrast[0] > contrast[1] > contrast[2] > 0
+    assert brightest_on_item[0] > 0.95 and brightest_on_item[2] < 0.7
+    assert len(fingerprints) == 3, "the level is part of the token caches' key"
+    with pytest.raises(ValueError, match="salience level"):
+        load_split("cluttered-fashion-mnist?salience=3", "test", size=10)

@@ -69,7 +69,7 @@ def test_parse_spec_errors_name_the_problem_and_the_fix(tmp_path):
         parse_spec(f"cluttered-fashion-mnist:{tmp_path}")
     with pytest.raises(ValueError, match="unknown option 'boxes'.*options of cub: resize, crop"):
         parse_spec(f"cub:{tmp_path}?boxes=x.csv")
-    with pytest.raises(ValueError, match="unknown option 'crop'.*options of cluttered-fashion-mnist: none"):
+    with pytest.raises(ValueError, match="unknown option 'crop'.*options of cluttered-fashion-mnist: salience"):
         parse_spec("cluttered-fashion-mnist?crop=3")
     with pytest.raises(ValueError, match="crop='big'.*must be int"):
         parse_spec(f"imagefolder:{tmp_path}?crop=big")
@@ -149,9 +149,10 @@ def test_fast_sizes_are_small_and_full_sizes_are_the_standard_ones():
 def test_canvases_default_to_the_full_standard_size(monkeypatch):
     made = []
 
-    def record(self, split, size, seed=0):
+    def record(self, split, size, seed=0, recipe=None):
         made.append((split, size, seed))
-        self.labels, self.recipe = torch.zeros(1, dtype=torch.int64), CanvasRecipe()
+        assert recipe == CanvasRecipe(), "the default spec draws the standard canvases"
+        self.labels, self.recipe = torch.zeros(1, dtype=torch.int64), recipe
 
     monkeypatch.setattr(ClutteredFashionMNIST, "__init__", record)
     monkeypatch.setattr(ClutteredFashionMNIST, "__len__", lambda self: 1)
