@@ -327,3 +327,50 @@ def test_publish_refuses_fast_rows(tmp_path):
 def test_the_committed_readme_section_is_what_the_committed_csv_gives():
     root = Path(__file__).resolve().parents[1]
     assert results.check_readme(root / "README.md", root / "docs" / "results.csv") is None
+
+
+def lift_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = [
+        {"backbone": b, "probe": "ep16", "condition": c, "seed": s, "test_acc": 0.7 + 0.01 * s, "mask_lift": lift + 0.01 * s,
+         "maxboxacc_v2": 0.4}
+        for b in ("tiny-mae", "tiny-random")
+        for c, lift in (("trained", 0.4), ("untrained", 0.0), ("untrained, matched entropy", 0.1), ("pixel salience", 0.3))
+        for s in (0, 1)
+    ]  # fmt: skip
+    pairs = pd.DataFrame(
+        [
+            {
+                "a": "tiny-mae trained",
+                "b": "tiny-random trained",
+                "measure": "mask_lift",
+                "estimate": 0.05,
+                "lo": -0.01,
+                "hi": 0.11,
+                "images": 10,
+                "verdict": "not resolved",
+                "seeds": 2,
+            }
+        ]  # fmt: skip
+    )
+    return pd.DataFrame(rows), pairs
+
+
+def test_the_localization_section_is_checked_against_its_csvs(tmp_path):
+    table, pairs = lift_tables()
+    csv = tmp_path / "results.csv"
+    csv.write_text(",".join(results.RESULT_COLUMNS) + "\n")
+    table.to_csv(tmp_path / "lift.csv", index=False)
+    pairs.to_csv(tmp_path / "lift_pairs.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{results.LIFT_START}\nold\n{results.LIFT_END}\n\n{results.START}\n{results.END}\n")
+    results.write_readme(readme, csv)
+    assert results.check_readme(readme, csv) is None
+    text = readme.read_text()
+    assert "| tiny-mae | 70.5 ± 0.7 | 0.405 ± 0.007 | 0.005 ± 0.007 |" in text
+    assert "| tiny-mae trained | tiny-random trained | mask_lift | +0.050 | [-0.010, +0.110] | not resolved |" in text
+    table.loc[0, "mask_lift"] = 0.9  # a changed number fails the check
+    table.to_csv(tmp_path / "lift.csv", index=False)
+    assert "not what lift.csv" in results.check_readme(readme, csv)
+    readme.write_text(f"{results.START}\n{results.END}\n")
+    results.write_readme(readme, csv)
+    assert "no localization section" in results.check_readme(readme, csv)
