@@ -53,9 +53,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from epviz.probes._layers import uniform_rows
+from epviz.probes._layers import resolve_heads, uniform_rows
 
-__all__ = ["CONTROLS", "HookPoint", "Intervention", "Pooled", "Probe", "Routed", "trainable_params"]
+__all__ = ["CONTROLS", "HookPoint", "Intervention", "MultiHeadProbe", "Pooled", "Probe", "Routed", "trainable_params"]
 
 CONTROLS = ("uniform", "replace", "zero")
 """What :meth:`Probe.ablated_logits` can do to one predictor at a time."""
@@ -632,3 +632,30 @@ def _as_grid(grid: Sequence[int], name: str) -> tuple[int, int]:
     if rows < 1 or cols < 1:
         raise ValueError(f"probe '{name}': grid must be positive, got {grid!r}")
     return rows, cols
+
+
+class MultiHeadProbe(Probe):
+    """A probe whose K attention predictors are its H heads (the ``heads`` build option).
+
+    Subclasses set :attr:`preferred_heads`, the reference implementation's count: the default
+    when it divides ``dim``, else the largest divisor of ``dim`` below it
+    (:func:`~epviz.probes._layers.resolve_heads`); an explicit ``heads`` must divide ``dim``.
+    """
+
+    preferred_heads: ClassVar[int] = 8
+
+    def __init__(
+        self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None, **options
+    ) -> None:
+        heads = resolve_heads(int(dim), heads, self.default_heads(int(dim)), self.name)
+        super().__init__(dim, num_classes, grid=grid, heads=heads, **options)
+        self.heads = heads
+
+    @classmethod
+    def default_heads(cls, dim: int) -> int:
+        """The head count asked for when none is given (before it is fitted to ``dim``)."""
+        return cls.preferred_heads
+
+    @property
+    def num_predictors(self) -> int:
+        return self.heads

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import head_slices, merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import head_slices, merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["AimProbe"]
 
 
 @register("aim")
-class AimProbe(Probe):
+class AimProbe(MultiHeadProbe):
     """AIM's attention-pooling classifier.
 
     Tokens pass a non-affine BatchNorm; one learned query (no W_Q) attends with W_K,
@@ -29,19 +29,15 @@ class AimProbe(Probe):
     attentive = True
     sliced = True
 
+    preferred_heads = 16
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 16, "aim")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
         self.token_norm = nn.BatchNorm1d(self.dim, affine=False, eps=1e-6)
         self.query = nn.Parameter(torch.randn(1, self.dim) * 0.02)
         self.k = nn.Linear(self.dim, self.dim, bias=False)
         self.v = nn.Linear(self.dim, self.dim, bias=False)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def predictor_slices(self) -> list[slice | None]:
         return head_slices(self.width, self.heads)

@@ -7,15 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["CaeProbe"]
 
 
 @register("cae")
-class CaeProbe(Probe):
+class CaeProbe(MultiHeadProbe):
     """CAE's attentive block: a learned query cross-attends with LayerNorm on the q, k, v inputs.
 
     W_Q, W_K, W_V have no bias; W_O has one. The reference module also holds a fourth
@@ -29,10 +29,10 @@ class CaeProbe(Probe):
 
     attentive = True
 
+    preferred_heads = 8
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 8, "cae")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
         self.query = nn.Parameter(torch.randn(1, self.dim) * 0.02)
         self.norm_q = nn.LayerNorm(self.dim)
         self.norm_k = nn.LayerNorm(self.dim)
@@ -43,10 +43,6 @@ class CaeProbe(Probe):
         self.v = nn.Linear(self.dim, self.dim, bias=False)
         self.proj = nn.Linear(self.dim, self.dim)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         q = split_heads(self.q(self.norm_q(self.query))[None], self.heads)

@@ -8,15 +8,15 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["CaitProbe"]
 
 
 @register("cait")
-class CaitProbe(Probe):
+class CaitProbe(MultiHeadProbe):
     """One CaiT class-attention block, then a LayerNorm.
 
     u = LN(concat(c, x)); c' = c + g1 * W_O CA(c, u); c'' = c' + g2 * MLP(LN(c'));
@@ -31,6 +31,8 @@ class CaitProbe(Probe):
 
     attentive = True
 
+    preferred_heads = 4
+
     def __init__(
         self,
         dim: int,
@@ -39,9 +41,7 @@ class CaitProbe(Probe):
         init_scale: float = 1e-5,
         grid: Sequence[int] | None = None,
     ) -> None:
-        heads = resolve_heads(int(dim), heads, 4, "cait")
-        super().__init__(dim, num_classes, grid=grid, heads=heads, init_scale=float(init_scale))
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid, init_scale=float(init_scale))
         self.query = nn.Parameter(torch.zeros(1, 1, self.dim))
         nn.init.trunc_normal_(self.query, std=0.02)
         self.norm1 = nn.LayerNorm(self.dim, eps=1e-6)
@@ -55,10 +55,6 @@ class CaitProbe(Probe):
         self.gamma2 = nn.Parameter(torch.full((self.dim,), float(init_scale)))
         self.final_norm = nn.LayerNorm(self.dim)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         c = self.query.expand(len(patch), -1, -1)

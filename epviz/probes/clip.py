@@ -7,15 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["ClipProbe"]
 
 
 @register("clip")
-class ClipProbe(Probe):
+class ClipProbe(MultiHeadProbe):
     """CLIP's AttentionPool2d over ViT tokens.
 
     x = LN(tokens); prepend their mean (the GAP token); add a learned positional
@@ -34,6 +34,8 @@ class ClipProbe(Probe):
 
     attentive = True
 
+    preferred_heads = 4
+
     def __init__(
         self,
         dim: int,
@@ -42,7 +44,6 @@ class ClipProbe(Probe):
         num_tokens: int | None = None,
         grid: Sequence[int] | None = None,
     ) -> None:
-        heads = resolve_heads(int(dim), heads, 4, "clip")
         if num_tokens is None:
             num_tokens = 196 if grid is None else int(grid[0]) * int(grid[1])
         num_tokens = int(num_tokens)
@@ -50,8 +51,7 @@ class ClipProbe(Probe):
             raise ValueError(
                 f"probe 'clip': grid {tuple(grid)} has {int(grid[0]) * int(grid[1])} cells but num_tokens={num_tokens}"
             )
-        super().__init__(dim, num_classes, grid=grid, heads=heads, num_tokens=num_tokens)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid, num_tokens=num_tokens)
         self.num_tokens = num_tokens
         self.token_norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.pos_embed = nn.Parameter(torch.zeros(num_tokens + 1, self.dim))
@@ -61,10 +61,6 @@ class ClipProbe(Probe):
         nn.init.trunc_normal_(self.qkv.weight, std=self.dim**-0.5)
         nn.init.zeros_(self.qkv.bias)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         b, n, _ = patch.shape

@@ -8,15 +8,14 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import resolve_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
 from epviz.probes._registry import register
 
 __all__ = ["DinoVitProbe"]
 
 
 @register("dinovit")
-class DinoVitProbe(Probe):
+class DinoVitProbe(MultiHeadProbe):
     """One full pre-norm ViT block (DINOv2 style) over the tokens, then the mean token.
 
     Self-attention with W_QKV (no bias) and W_O, MLP ratio 4, no LayerScale. Head h's
@@ -32,20 +31,16 @@ class DinoVitProbe(Probe):
 
     attn_hook_in_path = False
 
+    preferred_heads = 8
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 8, "dinovit")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
         self.norm1 = nn.LayerNorm(self.dim)
         self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=False)
         self.proj = nn.Linear(self.dim, self.dim)
         self.norm2 = nn.LayerNorm(self.dim)
         self.mlp = Mlp(self.dim, 4 * self.dim)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         b, n, _ = patch.shape

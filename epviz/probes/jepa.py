@@ -13,15 +13,15 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["JepaProbe"]
 
 
 @register("jepa")
-class JepaProbe(Probe):
+class JepaProbe(MultiHeadProbe):
     """V-JEPA's attentive pooler (depth 1).
 
     h = q + W_O MHCA(q, LN(x)); pooled = h + MLP(LN(h)); W_Q and W_KV with biases,
@@ -35,6 +35,8 @@ class JepaProbe(Probe):
 
     attentive = True
 
+    preferred_heads = 16
+
     def __init__(
         self,
         dim: int,
@@ -43,9 +45,7 @@ class JepaProbe(Probe):
         mlp_ratio: float = 4.0,
         grid: Sequence[int] | None = None,
     ) -> None:
-        heads = resolve_heads(int(dim), heads, 16, "jepa")
-        super().__init__(dim, num_classes, grid=grid, heads=heads, mlp_ratio=float(mlp_ratio))
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid, mlp_ratio=float(mlp_ratio))
         self.query = nn.Parameter(torch.zeros(1, self.dim))
         self.norm1 = nn.LayerNorm(self.dim)
         self.q = nn.Linear(self.dim, self.dim)
@@ -62,10 +62,6 @@ class JepaProbe(Probe):
             self.proj.weight.div_(math.sqrt(2.0))
             self.mlp.fc2.weight.div_(math.sqrt(2.0))
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         k, v = self.kv(self.norm1(patch)).chunk(2, dim=-1)

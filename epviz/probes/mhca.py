@@ -10,15 +10,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["MultiHeadCrossAttentionProbe"]
 
 
 @register("mhca")
-class MultiHeadCrossAttentionProbe(Probe):
+class MultiHeadCrossAttentionProbe(MultiHeadProbe):
     """Multi-head cross-attention of one learned query over the tokens.
 
     y = W_O concat_h softmax((q W_Q^h)(X W_K^h)^T / sqrt(d)) X W_V^h, which equals
@@ -33,6 +33,10 @@ class MultiHeadCrossAttentionProbe(Probe):
 
     attentive = True
 
+    @classmethod
+    def default_heads(cls, dim: int) -> int:
+        return max(1, dim // 64)  # the reference: heads of width 64
+
     def __init__(
         self,
         dim: int,
@@ -41,19 +45,13 @@ class MultiHeadCrossAttentionProbe(Probe):
         bias: bool = False,
         grid: Sequence[int] | None = None,
     ) -> None:
-        heads = resolve_heads(int(dim), heads, max(1, int(dim) // 64), "mhca")
-        super().__init__(dim, num_classes, grid=grid, heads=heads, bias=bool(bias))
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid, bias=bool(bias))
         self.query = nn.Parameter(torch.randn(1, self.dim) * 0.02)
         self.q_proj = nn.Linear(self.dim, self.dim, bias=bias)
         self.k_proj = nn.Linear(self.dim, self.dim, bias=bias)
         self.v_proj = nn.Linear(self.dim, self.dim, bias=bias)
         self.out_proj = nn.Linear(self.dim, self.dim, bias=bias)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         q = split_heads(self.q_proj(self.query)[None], self.heads)  # (1, H, 1, d)

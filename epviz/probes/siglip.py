@@ -12,15 +12,15 @@ from collections.abc import Sequence
 import torch
 from timm.layers import AttentionPoolLatent
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import merge_heads, query_weights, resolve_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import merge_heads, query_weights
 from epviz.probes._registry import register
 
 __all__ = ["SiglipProbe"]
 
 
 @register("siglip")
-class SiglipProbe(Probe):
+class SiglipProbe(MultiHeadProbe):
     """SigLIP's attention-pooling head: timm's ``AttentionPoolLatent`` (one latent query).
 
     latent -> W_Q; tokens -> W_KV; heads -> W_O; then y + MLP(y). The module is timm's
@@ -33,16 +33,12 @@ class SiglipProbe(Probe):
 
     attentive = True
 
-    def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 8, "siglip")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
-        self.attn_pool = AttentionPoolLatent(self.dim, num_heads=heads)
-        self._finish(self.dim)
+    preferred_heads = 8
 
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
+    def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
+        self.attn_pool = AttentionPoolLatent(self.dim, num_heads=self.heads)
+        self._finish(self.dim)
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         pool = self.attn_pool

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from epviz.probes._base import Pooled, Probe
-from epviz.probes._layers import head_slices, merge_heads, query_weights, resolve_heads, split_heads
+from epviz.probes._base import MultiHeadProbe, Pooled
+from epviz.probes._layers import head_slices, merge_heads, query_weights, split_heads
 from epviz.probes._registry import register
 
 __all__ = ["SimPoolProbe", "EfficientSimPoolProbe"]
 
 
 @register("simpool")
-class SimPoolProbe(Probe):
+class SimPoolProbe(MultiHeadProbe):
     """SimPool: one GAP query, W_Q and W_K without biases, a shared LayerNorm.
 
     Args:
@@ -31,18 +31,14 @@ class SimPoolProbe(Probe):
     attentive = True
     sliced = True
 
+    preferred_heads = 1
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 1, "simpool")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
         self.token_norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.wq = nn.Linear(self.dim, self.dim, bias=False)
         self.wk = nn.Linear(self.dim, self.dim, bias=False)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def predictor_slices(self) -> list[slice | None]:
         return head_slices(self.width, self.heads)
@@ -55,7 +51,7 @@ class SimPoolProbe(Probe):
 
 
 @register("esimpool")
-class EfficientSimPoolProbe(Probe):
+class EfficientSimPoolProbe(MultiHeadProbe):
     """SimPool without linear layers: query LN(GAP), keys LN(x), values x.
 
     Args:
@@ -65,16 +61,12 @@ class EfficientSimPoolProbe(Probe):
     attentive = True
     sliced = True
 
+    preferred_heads = 12
+
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:
-        heads = resolve_heads(int(dim), heads, 12, "esimpool")
-        super().__init__(dim, num_classes, grid=grid, heads=heads)
-        self.heads = heads
+        super().__init__(dim, num_classes, heads=heads, grid=grid)
         self.token_norm = nn.LayerNorm(self.dim, eps=1e-6)
         self._finish(self.dim)
-
-    @property
-    def num_predictors(self) -> int:
-        return self.heads
 
     def predictor_slices(self) -> list[slice | None]:
         return head_slices(self.width, self.heads)
