@@ -58,14 +58,15 @@ def delta_acc_panels(
     Rows of panels are backbones, columns the `panels` (e.g. several attentive probes on the
     left, EP with several D_o on the right); colours are probes, consistent across panels.
     Each panel shows the Spearman rank correlation of its points. A localization measure is drawn
-    with its chance lines: the box-area chance of ``inbox_mass`` (from ``chance_mass``), and the
+    with its chance lines: 0 for a lift, the box-area chance of ``inbox_mass`` (from ``chance_mass``), and the
     scores of the trivial maps in `baselines` as vertical lines (the matched-entropy baseline of
     a probe in that probe's colour).
 
     Args:
         table: One row per predictor with columns ``backbone``, ``probe``, `x`, `y`
             (see :func:`epviz.analysis.predictor_table`).
-        x: The map property: ``maxboxacc_v2``, ``inbox_mass``, ``pointing``, ``entropy``, ``entropy_norm``...
+        x: The map property: ``mask_lift`` (the lead), ``box_lift``, ``maxboxacc_v2``, ``inbox_mass``, ``pointing``,
+            ``entropy_norm``...
         y: The accuracy drop column.
         panels: Panel title -> probe labels it shows (default: one panel with every probe).
         out: Folder for ``<name>.png`` / ``.csv``; None saves nothing.
@@ -101,11 +102,10 @@ def delta_acc_panels(
                 if len(pts):
                     ax.scatter(pts[x], pts[y], s=16, color=hue[probe], label=probe, alpha=0.85, edgecolor="none")
             ax.axhline(0, color="k", lw=0.6, ls=":")
-            chance_drawn = x == "inbox_mass" and "chance_mass" in rows and len(rows) > 0
+            chance_drawn = (x == "inbox_mass" and "chance_mass" in rows and len(rows) > 0) or x.endswith("lift")
             if chance_drawn:
-                ax.axvline(
-                    float(rows["chance_mass"].mean()), color="0.4", lw=0.8, ls="--", label="chance (box area = uniform map)"
-                )
+                at = 0.0 if x.endswith("lift") else float(rows["chance_mass"].mean())
+                ax.axvline(at, color="0.4", lw=0.8, ls="--", label="chance (uniform map)")
             if baselines is not None and x in baselines.columns and not x.startswith("entropy"):  # matched by design
                 drawn = _baseline_lines(ax, baselines, x, backbone, members, hue, chance_drawn)
                 keep = [c for c in ("backbone", "probe", "baseline", x) if c in drawn.columns]
