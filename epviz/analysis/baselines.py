@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -430,6 +431,9 @@ def untrained_probe_baselines(
     num_classes = max(int(tokens.num_classes or 0), 2)  # the maps do not depend on the classes
     index = list(range(len(tokens))) if index is None else [int(i) for i in index]
     boxes, image_size, masks = _boxes_and_size(dataset, image_size, index)
+    scoring: dict[str, Any] = dict(
+        thresholds=thresholds, deltas=deltas, batch_size=batch_size, convention=convention, masks=masks
+    )
     rows = []
     for seed in seeds:
         fresh = build(probe, tokens.dim, num_classes, seed=int(seed), **options)
@@ -444,17 +448,7 @@ def untrained_probe_baselines(
                 dict(target_entropy_norm=float(target_entropy), temperature=temperature),
             )
         for name, (version, params) in versions.items():
-            table = localization_from_maps(
-                version,
-                boxes,
-                tokens.grid,
-                image_size,
-                thresholds=thresholds,
-                deltas=deltas,
-                batch_size=batch_size,
-                convention=convention,
-                masks=masks,
-            )
+            table = localization_from_maps(version, boxes, tokens.grid, image_size, **scoring)
             lifts = {c: float(table[c].mean()) for c in ("mask_lift", "mask_lift_px", "box_lift") if c in table}
             rows.append(
                 {
