@@ -293,11 +293,20 @@ def _maps_table(
     table = predictor_table(probe, tokens, dataset, context=context, localization_index=index, n_boot=args.n_boot)
     shown = [
         c
-        for c in ("predictor", "delta_acc", "delta_acc_lo", "delta_acc_hi", "entropy_norm", "maxboxacc_v2", "inbox_mass")
+        for c in (
+            "predictor",
+            "delta_acc",
+            "delta_acc_lo",
+            "delta_acc_hi",
+            "entropy_norm",
+            "mask_lift",
+            "box_lift",
+            "maxboxacc_v2",
+        )
         if c in table
     ]
     print(table[shown].round(4).to_string(index=False))
-    means = table[[c for c in ("delta_acc", "entropy_norm", "maxboxacc_v2", "inbox_mass") if c in table]].mean()
+    means = table[[c for c in ("delta_acc", "entropy_norm", "mask_lift", "box_lift", "maxboxacc_v2") if c in table]].mean()
     print("mean over predictors: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
     chance = None
     if "maxboxacc_v2" in table:
@@ -310,7 +319,8 @@ def _maps_table(
             context=context,
         )
         print("chance, the trivial maps on the same boxes:")
-        print(chance[["baseline", "maxboxacc_v2", "inbox_mass", "entropy_norm"]].round(4).to_string(index=False))
+        columns = [c for c in ("baseline", "mask_lift", "box_lift", "maxboxacc_v2", "entropy_norm") if c in chance]
+        print(chance[columns].round(4).to_string(index=False))
     for key, value in summary.items():
         if key not in context:
             table[key] = value

@@ -676,7 +676,8 @@ def render_lift_section(
     seeds = table["seed"].nunique()
     lines += [
         "",
-        f"Test canvases of `{source}`; mean ± std over {seeds} seeds, each with its own lr chosen on val. Lift: the map's "
+        f"{int(pairs['images'].max()):,} test canvases (`{source}`); mean ± std over {seeds} seeds, each with its own lr "
+        "chosen on val. Lift: the map's "
         "mass on the item's mask above chance (0: uniform). *Sharpened*: the untrained maps at the trained head's entropy; "
         "*pixel salience*: patch brightness at that entropy. Differences are paired on test canvases, 95% intervals over "
         "seeds and canvases; n.r.: not resolved (the interval covers 0).",

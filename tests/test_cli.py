@@ -150,7 +150,7 @@ def test_evaluate_with_maps_writes_the_predictor_table(saved_probe, tmp_path, ca
     assert not (tmp_path / "cache" / "probes").exists()
     # chance beside the probe's maps: the trivial maps on the same boxes, the random ones as peaked as the probe's
     chance = pd.read_csv(tmp_path / "maps_chance.csv")
-    assert set(chance["baseline"]) == {"uniform", "centre prior", "random, matched entropy"}
+    assert set(chance["baseline"]) == {"uniform", "centre prior", "random, matched entropy", "pixel salience, matched entropy"}
     assert chance.loc[chance["baseline"] == "uniform", "maxboxacc_v2"].item() == 0
     matched = chance.loc[chance["baseline"] == "random, matched entropy", "entropy_norm"].item()
     assert matched == pytest.approx(table["entropy_norm"].mean(), abs=1e-3)

@@ -97,6 +97,7 @@ def table_html(state: ExplorerState) -> str:
             "delta_acc_shuffled": "Δacc shuffled",
             "delta_acc_zero": "Δacc slice zeroed",
             "entropy_norm": "entropy/log N",
+            "box_lift": "lift (box)",
             "maxboxacc_v2": "MaxBoxAccV2",
             "inbox_mass": "mass in box",
             "pointing": "pointing",

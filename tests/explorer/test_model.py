@@ -203,7 +203,7 @@ def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, s
 
 
 def test_measured_gives_the_table_with_intervals_beside_chance(start):
-    from epviz.analysis.baselines import CENTRE_PRIOR, MATCHED, UNIFORM
+    from epviz.analysis.baselines import CENTRE_PRIOR, MATCHED, SALIENCE, UNIFORM
 
     shown = start.state.table
     tables = start.model.counts["tables"]
@@ -218,7 +218,7 @@ def test_measured_gives_the_table_with_intervals_beside_chance(start):
     assert (table["acc_full_hi"] - table["acc_full_lo"]).iloc[0] > 0
     assert set(table[["backbone", "probe"]].itertuples(index=False, name=None)) == {("test_vit", "ep")}
     # chance: the trivial maps on the same boxes; the random maps as peaked as the probe's
-    assert set(chance["baseline"]) == {UNIFORM, CENTRE_PRIOR, MATCHED}
+    assert set(chance["baseline"]) == {UNIFORM, CENTRE_PRIOR, MATCHED, SALIENCE}
     assert chance.loc[chance["baseline"] == UNIFORM, "maxboxacc_v2"].item() == 0
     matched = chance.loc[chance["baseline"] == MATCHED, "entropy_norm"].item()
     assert abs(matched - table["entropy_norm"].mean()) < 1e-3
