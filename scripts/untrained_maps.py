@@ -52,7 +52,17 @@ def measure(backbones: list[str], probes: list[str], seeds: list[int], images: i
 
 def summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over the seeds, per backbone and probe."""
-    measures = ["mask_lift", "mask_lift_px", "box_lift", "maxboxacc_v2", "maxboxacc_v2_min", "maxboxacc_v2_max", "inbox_mass", "chance_mass", "entropy_norm"]
+    measures = [
+        "mask_lift",
+        "mask_lift_px",
+        "box_lift",
+        "maxboxacc_v2",
+        "maxboxacc_v2_min",
+        "maxboxacc_v2_max",
+        "inbox_mass",
+        "chance_mass",
+        "entropy_norm",
+    ]
     grouped = table.groupby(["backbone", "probe"], sort=False)
     out = grouped[measures].mean()
     out["mask_lift_std"] = grouped["mask_lift"].std(ddof=1)  # NaN with one seed
