@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from epviz.backbones import BackboneError, HubUnavailable, load_backbone, loader, zoo
 from epviz.errors import ConfigError, WeightsError
 
-PRESENT = [n for n in zoo.ZOO if not zoo.ENTRIES[n].file or zoo.zoo_weights(n).is_file()]
+PRESENT = list(zoo.available())
 TRAINED = [n for n in PRESENT if zoo.ENTRIES[n].file]
 
 

@@ -24,6 +24,7 @@ from timm.models.vision_transformer import VisionTransformer
 __all__ = [
     "ZOO",
     "ZOO_DIR",
+    "available",
     "ENTRIES",
     "ZooEntry",
     "PixelPatches",
@@ -79,6 +80,15 @@ ARCHITECTURE: dict[str, Any] = dict(
 )
 NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 RANDOM_SEED = 0
+
+
+def available() -> tuple[str, ...]:
+    """The entries that load on this install: those without a file, and those whose weights and card are here."""
+    return tuple(
+        n
+        for n, e in ENTRIES.items()
+        if not e.file or (zoo_weights(n).is_file() and zoo_weights(n).with_suffix(".json").is_file())
+    )
 
 
 def build_zoo_vit(num_classes: int = 0) -> VisionTransformer:
