@@ -396,8 +396,9 @@ def _cache_verify(args: argparse.Namespace) -> None:
 def _zoo(args: argparse.Namespace) -> None:
     from epviz.backbones import zoo
 
+    loadable = zoo.available()
     for name, entry in zoo.ENTRIES.items():
-        if entry.file and not zoo.zoo_weights(name).is_file():
+        if name not in loadable:
             print(f"{name}: not trained here ({entry.method}, {entry.epochs} epochs, seed {entry.seed}; make zoo trains it)")
             continue
         card = zoo.zoo_card(name)

@@ -75,12 +75,12 @@ def localise(maps: np.ndarray, test: ClutteredFashionMNIST, grid, thresholds) ->
     return summary, {c: records[c].mean(1) for c in LIFTS}
 
 
-def measure_backbone(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
+def measure_backbone(backbone, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
     """Rows, per-image lifts {(condition, seed): {column: (n,)}} and per-image correctness {seed: (n,)} of one backbone."""
     train_set, val_set, test = sets
     keys = ("epochs", "batch_size", "optimizer", "warmup_epochs", "label_smoothing", "early_stopping", "precision")
     budget = {k: v for k, v in setting.fit_options().items() if k in keys}
-    backbone = load_backbone(name)
+    name = backbone.name
     tr, va, te = (extract_tokens(backbone, ds, layers=[-1]).tokens(-1) for ds in (train_set, val_set, test))
     start = time.perf_counter()
     grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget)
@@ -130,14 +130,15 @@ def measure_backbone(name: str, args: argparse.Namespace, setting: Setting, sets
 def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
     """:func:`measure_backbone`, kept under ``<cache>/lift/`` so that a later run adds backbones without retraining these."""
     config = [name, args.probe, args.seeds, args.lrs, args.train, args.test, args.threshold_step, setting.name]
-    config.append(load_backbone(name).weights_id)
+    backbone = load_backbone(name)
+    config.append(backbone.weights_id)
     key = hashlib.sha256(json.dumps(config).encode()).hexdigest()[:16]
     path = default_cache_dir() / "lift" / f"{name}-{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         per_image = {(c, int(s)): {k: v.numpy() for k, v in d.items()} for (c, s), d in saved["per_image"]}
         return saved["rows"], per_image, {int(s): v.numpy() for s, v in saved["correct"]}
-    rows, per_image, correct = measure_backbone(name, args, setting, sets)
+    rows, per_image, correct = measure_backbone(backbone, args, setting, sets)
     saved = {
         "rows": rows,
         "per_image": [((c, s), {k: torch.from_numpy(v) for k, v in d.items()}) for (c, s), d in per_image.items()],

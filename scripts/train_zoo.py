@@ -249,11 +249,10 @@ def main(argv: list[str] | None = None) -> None:
 
     history: list[dict] = []
     step, first_epoch, spent = 0, 0, 0.0
+    run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "threads")} | {"out": str(args.out)}
     if args.resume and state_path.is_file():
         saved = torch.load(state_path, map_location="cpu", weights_only=True)
-        if saved["command_args"] != {k: v for k, v in vars(args).items() if k not in ("resume", "threads")} | {
-            "out": str(args.out)
-        }:
+        if saved["command_args"] != run_args:
             raise SystemExit(f"{state_path} was written by another command ({saved['command_args']}); remove it or match it")
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             "epoch": epoch,
             "seconds": time.time() - start,
             "history": history,
-            "command_args": {k: v for k, v in vars(args).items() if k not in ("resume", "threads")} | {"out": str(args.out)},
+            "command_args": run_args,
         }
         atomic_write(state_path, lambda tmp, saved=saved: torch.save(saved, tmp))
     bar.close()

@@ -584,14 +584,14 @@ def present_backbones(names: Iterable[str]) -> list[str]:
 
     A zoo backbone without weights is left out with a warning.
     """
-    out = []
+    out, loadable = [], zoo.available()
     for name in names:
-        if name in zoo.ZOO and zoo.ENTRIES[name].file:
-            files = (zoo.zoo_weights(name), zoo.zoo_weights(name).with_suffix(".json"))
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                warnings.warn(f"{name} is left out: {', '.join(missing)} missing (scripts/train_zoo.py makes them)", stacklevel=2)
-                continue
+        if name in zoo.ZOO and name not in loadable:
+            where = zoo.zoo_weights(name).with_suffix(".*")
+            warnings.warn(
+                f"{name} is left out: its weights or model card ({where}) are missing (make zoo makes them)", stacklevel=2
+            )
+            continue
         out.append(name)
     return out
 
