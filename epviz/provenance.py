@@ -43,7 +43,6 @@ __all__ = [
     "note",
     "note_fit",
     "package_versions",
-    "probe_runs",
     "read_sidecar",
     "recorded",
     "reset",
@@ -136,7 +135,7 @@ _SESSION: dict[str, Any] = {}
 def reset() -> None:
     """Forget everything noted so far (a new session starts)."""
     _SESSION.clear()
-    _SESSION.update(datasets={}, token_caches={}, probe_caches={}, seeds={}, runs=[])
+    _SESSION.update(datasets={}, token_caches={}, probe_caches={}, seeds={})
 
 
 reset()
@@ -199,15 +198,10 @@ def note(
         _SESSION["seeds"][int(seed)] = None
 
 
-def note_fit(key: str | None, probe: Any, train: Any, val: Any, seed: int) -> None:
-    """Note one training run (called by the probe cache for every run it trains or loads).
+def note_fit(key: str | None, train: Any, val: Any, seed: int) -> None:
+    """Note one training run's data, tokens, probe-cache key and seed (the probe cache calls it for every run).
 
-    Args:
-        key: The probe-cache key (None: a run with no cache identity; only its tokens and seed are noted).
-        probe: The trained probe (its ``config``, parameters and predictors identify the run).
-        train: Training tokens.
-        val: Validation tokens.
-        seed: Seed of the run.
+    The run's identity itself travels with its result (``FitResult.config["probe_cache"]``) and rows.
     """
     origin = getattr(train, "origin", None)
     dataset = getattr(origin, "dataset", None)
@@ -217,30 +211,6 @@ def note_fit(key: str | None, probe: Any, train: Any, val: Any, seed: int) -> No
         probe_caches=[key] if key else [],
         seeds=[seed],
     )
-    if key is None:
-        return
-    from epviz.probes import trainable_params
-
-    _SESSION["runs"].append(
-        {
-            "key": key,
-            "backbone": getattr(origin, "backbone", None),
-            "layer": getattr(origin, "layer", None),
-            "name": dict(probe.config).get("name"),
-            "config": jsonable(dict(probe.config)),
-            "params": int(trainable_params(probe)),
-            "predictors": int(getattr(probe, "num_predictors", 0)),
-            "seed": int(seed),
-            "train_cache": getattr(origin, "cache", None),
-            "val_cache": getattr(getattr(val, "origin", None), "cache", None),
-        }
-    )
-
-
-def probe_runs() -> list[dict[str, Any]]:
-    """The runs :func:`note_fit` noted, oldest first: key, backbone, layer, name, config, params,
-    predictors, seed, train_cache, val_cache."""
-    return [dict(run) for run in _SESSION["runs"]]
 
 
 def recorded() -> dict[str, Any]:

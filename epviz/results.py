@@ -15,10 +15,9 @@ Definitions (ours):
   label) and ``ep_queries`` (its predictors): the row's own probe when it is EP, else the EP probe of
   the same group (``ep16``, else ``ep``, else the first EP label); NaN where the group has none.
 * ``log``: the run's training history, ``probes/<key>.history.csv`` under the token cache folder
-  (``$EPVIZ_CACHE``); ``probe_cache`` is its key. Runs are matched to the probe-cache entries this
-  process trained or loaded (:func:`epviz.provenance.probe_runs`) on backbone, layer, seed, probe
-  family, trainable parameters and predictors; None when there is no entry (low-shot subsets,
-  tokens built in memory) or the run was not made in this process.
+  (``$EPVIZ_CACHE``); ``probe_cache`` is its key, handed forward by the run itself
+  (:func:`epviz.training.probe_zoo`'s ``probe_cache`` column); None when there is no entry (low-shot
+  subsets, tokens built in memory).
 * Map measures: means over the predictors of the predictor table (:func:`epviz.analysis.predictor_tables`)
   of the same backbone, layer, probe and seed. Their interval is the bootstrap interval of that mean
   over test images when the table's bootstrap records are given (``maps_interval`` = "bootstrap of
@@ -48,7 +47,7 @@ import pandas as pd
 
 from epviz.atomic import atomic_write, atomic_write_text
 from epviz.errors import DataError
-from epviz.provenance import git_commit, git_dirty, probe_runs
+from epviz.provenance import git_commit, git_dirty
 
 __all__ = [
     "END",
@@ -227,31 +226,6 @@ def _is_ep(name: str) -> bool:
         return bool(re.match(r"^ep(\d|_|$)", str(name).lower()))
 
 
-def _family_name(name: str) -> str | None:
-    from epviz.probes import probe_class
-
-    try:
-        return str(probe_class(str(name)).name)
-    except (KeyError, ValueError):
-        return None
-
-
-def _match_run(row: Mapping[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The latest probe-cache run of this process that is the row's run (see the module docstring)."""
-    family = _family_name(row.get("name", row["probe"]))
-    for run in reversed(runs):
-        if (
-            run["backbone"] == row["backbone"]
-            and run["layer"] == row["layer"]
-            and run["seed"] == int(row["seed"])
-            and (family is None or run["name"] == family)
-            and ("params" not in row or _missing(row["params"]) or run["params"] == int(row["params"]))
-            and ("predictors" not in row or _missing(row["predictors"]) or run["predictors"] == int(row["predictors"]))
-        ):
-            return run
-    return None
-
-
 def _missing(value: Any) -> bool:
     return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
 
@@ -327,7 +301,6 @@ def results_rows(
     if len(runs) == 0:
         raise ValueError("results_rows got no runs: there is nothing to record")
     runs = runs.drop_duplicates(subset=["backbone", "layer", "probe", "seed"], keep="last").reset_index(drop=True)
-    known_runs = probe_runs()
     setting_name = getattr(setting, "name", setting)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     commit, dirty = git_commit(), git_dirty()
@@ -339,7 +312,8 @@ def results_rows(
         facts = backbone_facts(record["backbone"], _cache_meta(test_tokens or train_tokens))
         fingerprint = getattr(getattr(split.get("test"), "origin", None), "dataset", None)
         evaluated = dataset or (fingerprint.get("dataset") if isinstance(fingerprint, Mapping) else fingerprint)
-        run = _match_run(record, known_runs)
+        key = record.get("probe_cache")
+        key = None if _missing(key) else str(key)
         rows.append(
             {
                 "backbone": record["backbone"],
@@ -363,9 +337,9 @@ def results_rows(
                 "setting": setting_name,
                 "notebook": notebook,
                 "test_tokens": test_tokens,
-                "train_tokens": (run or {}).get("train_cache", train_tokens),
-                "probe_cache": None if run is None else run["key"],
-                "log": None if run is None else f"probes/{run['key']}.history.csv",
+                "train_tokens": record.get("train_tokens") or train_tokens,
+                "probe_cache": key,
+                "log": None if key is None else f"probes/{key}.history.csv",
                 "commit": commit,
                 "dirty": dirty,
                 "created": created,

@@ -90,31 +90,19 @@ def test_note_collects_caches_datasets_and_seeds_without_repeats():
     assert provenance.recorded() == {"datasets": [], "token_caches": [], "probe_caches": [], "seeds": []}
 
 
-def test_the_probe_cache_notes_every_run_it_trains_or_loads(cache_dir):
+def test_the_probe_cache_hands_every_run_its_key_and_notes_it(cache_dir):
     train, val = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key")
     result = train_probe("ep", train, val, budget=FIT, seed=3, num_queries=2)
-    runs = provenance.probe_runs()
-    assert len(runs) == 1
-    key = runs[0]["key"]
+    key = result.config["probe_cache"]
     assert (cache_dir / f"{key}.safetensors").is_file()
-    assert runs[0] | {"key": None, "config": None} == {
-        "key": None,
-        "backbone": "toy",
-        "layer": 1,
-        "name": "ep",
-        "config": None,
-        "params": sum(p.numel() for p in result.probe.parameters() if p.requires_grad),
-        "predictors": 2,
-        "seed": 3,
-        "train_cache": "train-key",
-        "val_cache": "val-key",
-    }
+    assert provenance.recorded()["probe_caches"] == [key] and provenance.recorded()["seeds"] == [3]
     provenance.reset()
     again = train_probe("ep", train, val, budget=FIT, seed=3, num_queries=2)
-    assert again.config["cached"] == key, "loaded from the cache"
-    assert [r["key"] for r in provenance.probe_runs()] == [key]
+    assert again.config["cached"] == key and again.config["probe_cache"] == key, "loaded from the cache"
     assert provenance.recorded()["probe_caches"] == [key]
     assert provenance.recorded()["token_caches"] == ["train-key", "val-key"] and provenance.recorded()["datasets"] == ["toy-set"]
+    other = train_probe("ep", train, val, budget=FIT, seed=4, num_queries=2)
+    assert other.config["probe_cache"] != key, "another seed is another run"
 
 
 # --- training logs ------------------------------------------------------------------------------
@@ -123,7 +111,7 @@ def test_the_probe_cache_notes_every_run_it_trains_or_loads(cache_dir):
 def test_every_probe_cache_entry_keeps_its_history_as_csv(cache_dir):
     train, val = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key")
     result = train_probe("gap", train, val, budget=FIT)
-    key = provenance.probe_runs()[-1]["key"]
+    key = result.config["probe_cache"]
     log = probe_cache.history_path(key)
     assert log == cache_dir / f"{key}.history.csv"
     history = pd.read_csv(log)
@@ -137,9 +125,9 @@ def test_every_probe_cache_entry_keeps_its_history_as_csv(cache_dir):
 
 
 def test_runs_without_a_cache_identity_write_no_log(cache_dir):
-    train_probe("gap", _tokens(30, 0, None), _tokens(15, 1, "v"), budget=FIT)
-    assert not cache_dir.exists()
-    assert provenance.probe_runs() == [] and provenance.recorded()["seeds"] == [0]
+    result = train_probe("gap", _tokens(30, 0, None), _tokens(15, 1, "v"), budget=FIT)
+    assert not cache_dir.exists() and "probe_cache" not in result.config
+    assert provenance.recorded()["probe_caches"] == [] and provenance.recorded()["seeds"] == [0]
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(monkeypatch, tmp_path):

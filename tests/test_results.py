@@ -9,7 +9,7 @@ import pytest
 from epviz import provenance, results
 from epviz.analysis.intervals import percentile_interval
 from epviz.tokens import TokenOrigin, TokenSet
-from epviz.training import train_probe
+from epviz.training import probe_zoo
 
 
 @pytest.fixture(autouse=True)
@@ -159,21 +159,21 @@ def _tokens(n, seed, cache):
     return TokenSet(patch=patch, prefix=patch[:, :1].copy(), labels=labels, grid=(2, 2), origin=origin)
 
 
-def test_a_run_of_this_process_names_its_probe_cache_entry_and_log(tmp_path, monkeypatch):
+def test_every_row_carries_the_probe_cache_key_of_the_run_that_made_it(tmp_path, monkeypatch):
     monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path))
     train, val, test = _tokens(60, 0, "train-key"), _tokens(30, 1, "val-key"), _tokens(30, 2, "test-key")
+    tokens = {"toy": {"train": train, "val": val, "test": test}}
     budget = {"epochs": 2, "warmup_epochs": 0}
-    two = train_probe("ep", train, val, budget=budget, seed=0, num_queries=2)
-    train_probe("ep", train, val, budget=budget, seed=0, num_queries=4)  # same family, other parameters
-    key = provenance.probe_runs()[0]["key"]
-    run = dict(backbone="toy", layer=1, probe="ep2", name="ep", seed=0, test_acc=0.5, predictors=2)
-    run["params"] = sum(p.numel() for p in two.probe.parameters() if p.requires_grad)
-    rows = results.results_rows(pd.DataFrame([run]), tokens={"toy": {"train": train, "val": val, "test": test}})
-    assert rows.loc[0, "probe_cache"] == key and rows.loc[0, "log"] == f"probes/{key}.history.csv"
-    assert (tmp_path / rows.loc[0, "log"]).is_file(), "the log is the entry's history CSV"
-    assert rows.loc[0, "test_tokens"] == "test-key" and rows.loc[0, "train_tokens"] == "train-key"
-    other = results.results_rows(pd.DataFrame([{**run, "seed": 1}]))
-    assert other.loc[0, "probe_cache"] is None or pd.isna(other.loc[0, "probe_cache"]), "no run of seed 1 here"
+    runs, _ = probe_zoo(tokens, {"ep2": {"name": "ep", "num_queries": 2}, "ep4": {"name": "ep", "num_queries": 4}}, budget=budget)
+    rows = results.results_rows(runs, tokens=tokens).set_index("probe")
+    keys = rows["probe_cache"]
+    assert keys["ep2"] != keys["ep4"], "same family, other parameters: another run"
+    for probe in ("ep2", "ep4"):
+        assert rows.loc[probe, "log"] == f"probes/{keys[probe]}.history.csv"
+        assert (tmp_path / rows.loc[probe, "log"]).is_file(), "the log is the entry's history CSV"
+    assert rows.loc["ep2", "test_tokens"] == "test-key" and rows.loc["ep2", "train_tokens"] == "train-key"
+    unkeyed = results.results_rows(runs.drop(columns="probe_cache"))
+    assert unkeyed["probe_cache"].isna().all(), "a row without its run's key names no entry"
 
 
 def test_backbone_facts_of_presets_random_controls_and_timm_names():

@@ -221,7 +221,8 @@ def fit_or_load(
         assert stored is not None
         if not history_path(key).is_file():  # entries stored before the history CSV existed
             write_history(key, stored.history)
-        note_fit(key, stored.probe, train, val, seed)
+        note_fit(key, train, val, seed)
+        stored.config["probe_cache"] = key
         return stored
     if fit_options.get("grid") is not None:
         if tensorboard is not None:
@@ -236,5 +237,7 @@ def fit_or_load(
     if key is not None:
         store_fit(key, result)  # rank 0 writes
         barrier()  # the others go on once the entry is complete
-    note_fit(key, result.probe, train, val, seed)
+    note_fit(key, train, val, seed)
+    if key is not None:
+        result.config["probe_cache"] = key  # the run's identity travels with its rows (probe_zoo, results_rows)
     return result

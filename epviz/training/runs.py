@@ -119,7 +119,8 @@ def probe_zoo(
         predictors, num_classes, val_acc, test_acc (with test_acc_lo / test_acc_hi: its 95% bootstrap interval
         over test images, :func:`top1_with_interval`), best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
-        tuned, seconds of training, cached: loaded from the probe cache), and the trained probes keyed
+        tuned, seconds of training, cached: loaded from the probe cache, probe_cache: the run's key in the probe
+        cache, train_tokens: its token cache), and the trained probes keyed
         by (backbone, label) with a single seed, by (backbone, label, seed) with several. The test
         split is evaluated once per run, for the chosen grid point only. :func:`seed_summary` gives
         mean ± std over the seeds.
@@ -158,6 +159,8 @@ def probe_zoo(
                         tuned="grid" in result.config,
                         seconds=result.seconds,
                         cached="cached" in result.config,
+                        probe_cache=result.config.get("probe_cache"),
+                        train_tokens=split["train"].origin.cache,
                     )
                 )
                 bar.update()
