@@ -111,6 +111,7 @@ class AnnotatedImages(torch.utils.data.Dataset):
         self._boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._warned = False
         self.skipped: list = []
+        self.standard_split: str | None = None  # which standard split (train / val / test) these images are, when known
 
     # --- the dataset protocol ---------------------------------------------------------
 

@@ -119,7 +119,9 @@ def imagenet(
         if wnid not in index:
             raise AnnotationError(f"{path.name} is of class {wnid!r}, which is not among the {len(wnids)} ImageNet classes found")
         samples.append(Sample(path=path, label=index[wnid], boxes=box, size=size, source=src))
-    return AnnotatedImages("imagenet", split, samples, wnids, root, transform, has_boxes=source is not None)
+    images = AnnotatedImages("imagenet", split, samples, wnids, root, transform, has_boxes=source is not None)
+    images.standard_split = "test" if split == "val" else "train"  # the official val images are the probes' test set
+    return images
 
 
 @register_dataset("imagenet", options={"resize": int, "crop": int, "boxes": str})

@@ -382,10 +382,9 @@ def _slug(text: str) -> str:
 def dataset_split(dataset) -> str | None:
     """The split `dataset`'s images belong to, where known (recorded as ``TokenOrigin.split``).
 
-    Ours: a ``standard_split`` attribute (a string) when the dataset declares one; else its
-    ``split`` attribute, with ImageNet's official ``"val"`` images read as ``"test"`` (they are
-    its test split, the usual test set of probes; epviz's ImageNet ``val`` is held out from the
-    official train images, split ``"train"``). The canvases' ``split`` is the Fashion-MNIST item
+    Ours: a ``standard_split`` attribute (a string) when the dataset declares one (ImageNet's
+    official ``"val"`` images declare ``"test"``: epviz's ImageNet ``val`` is held out from the official
+    train images); else its ``split`` attribute. The canvases' ``split`` is the Fashion-MNIST item
     split: ``"test"`` for the test canvases, ``"train"`` for the standard train *and* val canvases
     (other canvases of the train items). None when the dataset says nothing.
     """
@@ -393,11 +392,7 @@ def dataset_split(dataset) -> str | None:
     if isinstance(declared, str):
         return declared
     split = getattr(dataset, "split", None)
-    if not isinstance(split, str):
-        return None
-    if getattr(dataset, "name", None) == "imagenet" and split == "val":
-        return "test"
-    return split
+    return split if isinstance(split, str) else None
 
 
 def _dataset_fingerprint(dataset, key: dict | None) -> dict:

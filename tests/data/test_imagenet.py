@@ -23,6 +23,7 @@ def test_val_labels_follow_sorted_wnids_and_boxes_follow_the_transform(tmp_path,
     truth = write_imagenet(tmp_path, layout=layout, boxes=boxes)
     ds = imagenet(tmp_path, "val")
     assert ds.classes == sorted(WNIDS) and len(ds) == len(truth)
+    assert ds.standard_split == "test", "the official val images are the probes' test set; the dataset says so itself"
     for i, sample in enumerate(ds.samples):
         wnid, box, (w, h) = truth[sample.path.stem]
         assert ds.labels[i] == sorted(WNIDS).index(wnid)
