@@ -36,7 +36,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     if not notebooks:
         sys.exit(f"no notebooks found under {root / 'notebooks'}")
     timeout = args.cell_timeout or (CELL_TIMEOUT_FAST if args.fast else CELL_TIMEOUT_FULL)
-    timings = run_notebooks(notebooks, fast=args.fast, timeout=timeout, heartbeat=args.heartbeat or None)
+    timings = run_notebooks(notebooks, fast=args.fast, timeout=timeout)
     report = write_report(root / "figures" / ("fast" if args.fast else ""), timings)
     print(f"report: {report}")
     failed = [t["notebook"] for t in timings if "error" in t]
@@ -432,9 +432,6 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("reproduce", help="run the notebooks and write figures/ plus figures/report.html")
     rep.add_argument("--fast", action="store_true", help="EPVIZ_FAST mode (small sizes, as in CI)")
     rep.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run")
-    rep.add_argument(
-        "--heartbeat", type=float, default=60.0, help="seconds between 'still running' lines of a long cell (0: none)"
-    )
     rep.add_argument(
         "--cell-timeout",
         type=int,

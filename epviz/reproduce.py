@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,17 +75,16 @@ def _cell_label(source: str, width: int = 70) -> str:
 class CellProgress:
     """nbclient hooks that print which cell of a notebook runs, for how long, and how long it took last time.
 
-    Pass :meth:`on_cell_execute` and :meth:`on_cell_executed` to ``NotebookClient``; a background
-    thread prints a line every `heartbeat` seconds while a cell runs (with an estimate of the time
-    left from the previous run's timing of the same cell, else "first run"). :attr:`cells` holds the
-    seconds of every executed code cell, keyed by its index in the notebook.
+    Pass :meth:`on_cell_execute` and :meth:`on_cell_executed` to ``NotebookClient``: a line when a
+    code cell starts (with the previous run's time of the same cell, when it was long, else "first
+    run") and one when it ends. :attr:`cells` holds the seconds of every executed code cell, keyed by
+    its index in the notebook.
 
     Args:
         name: The notebook's name, printed on every line.
         nb: The notebook.
         previous: Its entry of the previous run's ``timings.json`` (``cells``: index -> seconds, source digest).
         out: Where to print (default stdout).
-        heartbeat: Seconds between "still running" lines (None: none).
         clock: The time source (``time.monotonic``).
     """
 
@@ -96,28 +94,19 @@ class CellProgress:
         nb: Any,
         previous: dict[str, Any] | None = None,
         out: TextIO | None = None,
-        heartbeat: float | None = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.code = [i for i, cell in enumerate(nb.cells) if cell.cell_type == "code" and cell.source.strip()]
         self.previous = dict((previous or {}).get("cells", {}))
         self.out = out
-        self.heartbeat = heartbeat
         self.clock = clock
         self.start = clock()
         self.cells: dict[str, dict[str, Any]] = {}
-        self._running: tuple[int, float, str] | None = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if heartbeat:
-            self._thread = threading.Thread(target=self._beat, name=f"progress {name}", daemon=True)
-            self._thread.start()
+        self._running: tuple[int, float] | None = None
 
     def _print(self, text: str) -> None:
-        with self._lock:
-            print(text, file=self.out or sys.stdout, flush=True)
+        print(text, file=self.out or sys.stdout, flush=True)
 
     def _position(self, index: int) -> str:
         number = self.code.index(index) + 1 if index in self.code else index + 1
@@ -129,21 +118,17 @@ class CellProgress:
             return None
         return float(entry["seconds"])
 
-    def _estimate(self, index: int, source: str, elapsed: float | None = None) -> str:
+    def _estimate(self, index: int, source: str) -> str:
         before = self._before(index)
         if before is None:
             return "first run: no estimate"
         edited = "" if self.previous[str(index)].get("source") == _source_digest(source) else ", the cell has changed since"
-        if elapsed is None:
-            return f"previous run {format_duration(before)}{edited}"
-        if elapsed >= before:
-            return f"past the previous run's {format_duration(before)}{edited}"
-        return f"about {format_duration(before - elapsed)} left (previous run {format_duration(before)}{edited})"
+        return f"previous run {format_duration(before)}{edited}"
 
     def on_cell_execute(self, cell: Any, cell_index: int, **_: Any) -> None:
         """nbclient hook: a code cell starts."""
         now = self.clock()
-        self._running = (cell_index, now, cell.source)
+        self._running = (cell_index, now)
         before = self._before(cell_index)
         hint = ""
         if before is None:
@@ -162,26 +147,6 @@ class CellProgress:
             f"[{self._position(cell_index)}] {'done' if status == 'ok' else status} in {format_duration(seconds)}; "
             f"notebook at {format_duration(self.clock() - self.start)}"
         )
-
-    def _beat(self) -> None:
-        assert self.heartbeat is not None
-        while not self._stop.wait(self.heartbeat):
-            running = self._running
-            if running is None:
-                continue
-            index, started, source = running
-            elapsed = self.clock() - started
-            if elapsed >= self.heartbeat:
-                self._print(
-                    f"[{self._position(index)}] still running after {format_duration(elapsed)}: "
-                    f"{self._estimate(index, source, elapsed)}"
-                )
-
-    def close(self) -> None:
-        """Stop the heartbeat thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
 
 
 def _read_timings(path: Path) -> dict[str, Any]:
@@ -204,7 +169,6 @@ def run_notebooks(
     notebooks: list[Path],
     fast: bool,
     timeout: int | None = None,
-    heartbeat: float | None = 60.0,
     out: TextIO | None = None,
 ) -> list[dict]:
     """Execute notebooks in place of a temporary copy with nbclient; returns per-notebook timings.
@@ -240,7 +204,7 @@ def run_notebooks(
         print(f"[{number}/{len(notebooks)}] {path.name} ({before})", file=stream, flush=True)
         pngs = _pngs(figures)
         start = time.time()
-        progress = CellProgress(path.stem, nb, previous, out=stream, heartbeat=heartbeat)
+        progress = CellProgress(path.stem, nb, previous, out=stream)
         client = NotebookClient(
             nb,
             timeout=timeout,
@@ -254,8 +218,6 @@ def run_notebooks(
             client.execute()
         except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
             entry["error"] = _first_line(err)
-        finally:
-            progress.close()
         atomic_write(executed_dir / path.name, functools.partial(nbformat.write, nb))
         entry["seconds"] = round(time.time() - start, 1)
         entry["status"] = "failed" if "error" in entry else "ok"

@@ -26,7 +26,7 @@ def test_cell_progress_prints_cells_and_estimates_from_the_previous_run():
     clock = [0.0]
     nb = types.SimpleNamespace(cells=[_Cell("# intro", "markdown"), _Cell("import x"), _Cell("train()  # long"), _Cell("")])
     out = io.StringIO()
-    first = reproduce.CellProgress("01_zoo", nb, None, out=out, heartbeat=None, clock=lambda: clock[0])
+    first = reproduce.CellProgress("01_zoo", nb, None, out=out, clock=lambda: clock[0])
     for index, seconds in ((1, 0.5), (2, 90.0)):
         first.on_cell_execute(cell=nb.cells[index], cell_index=index)
         clock[0] += seconds
@@ -40,7 +40,7 @@ def test_cell_progress_prints_cells_and_estimates_from_the_previous_run():
 
     out = io.StringIO()
     clock[0] = 0.0
-    second = reproduce.CellProgress("01_zoo", nb, {"cells": first.cells}, out=out, heartbeat=None, clock=lambda: clock[0])
+    second = reproduce.CellProgress("01_zoo", nb, {"cells": first.cells}, out=out, clock=lambda: clock[0])
     second.on_cell_execute(cell=nb.cells[1], cell_index=1)
     second.on_cell_executed(cell=nb.cells[1], cell_index=1)
     second.on_cell_execute(cell=nb.cells[2], cell_index=2)
@@ -48,28 +48,7 @@ def test_cell_progress_prints_cells_and_estimates_from_the_previous_run():
     lines = out.getvalue().splitlines()
     assert lines[0] == "[01_zoo cell 1/2] import x - at 0.0 s", "a short cell gets no estimate"
     assert lines[2] == "[01_zoo cell 2/2] train()  # long - at 0.0 s (previous run 1 min 30 s)"
-    assert second._estimate(2, nb.cells[2].source, 30.0) == "about 1 min 00 s left (previous run 1 min 30 s)"
-    assert second._estimate(2, nb.cells[2].source, 100.0) == "past the previous run's 1 min 30 s"
-    assert "the cell has changed since" in second._estimate(2, "train(epochs=9)", 30.0)
-
-
-def test_the_heartbeat_says_a_long_cell_is_still_running():
-    import io
-    import time
-    import types
-
-    nb = types.SimpleNamespace(cells=[_Cell("slow()")])
-    out = io.StringIO()
-    progress = reproduce.CellProgress("nb", nb, None, out=out, heartbeat=0.05)
-    try:
-        progress.on_cell_execute(cell=nb.cells[0], cell_index=0)
-        time.sleep(0.3)
-        progress.on_cell_executed(cell=nb.cells[0], cell_index=0)
-    finally:
-        progress.close()
-    text = out.getvalue()
-    assert "[nb cell 1/1] still running after" in text and "first run: no estimate" in text
-    assert not progress._thread.is_alive()
+    assert "the cell has changed since" in second._estimate(2, "train(epochs=9)")
 
 
 def test_report_links_every_figures_sidecar_and_lists_notebooks(tmp_path):
