@@ -29,7 +29,7 @@ Outside a process group of more than one process every helper here acts as for a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from epviz.distributed import all_reduce_sum, is_distributed, rank, world_size
+from epviz.distributed import all_reduce_sum, check_same, is_distributed, rank, world_size
 from epviz.errors import ConfigError
 from epviz.tokens import TokenBatch, TokenSet
 
@@ -54,6 +54,7 @@ __all__ = [
     "synced_batchnorm",
 ]
 
+LOCAL_OPTIONS = ("device", "torch_threads")  # a run's options that may differ between ranks
 _SYNC_BATCHNORM = True  # False leaves BatchNorm local to each rank (only to show in tests that the sync matters)
 
 
@@ -73,7 +74,7 @@ def slice_weight(slice_size: int, step_size: int) -> float:
     return slice_size * world_size() / step_size
 
 
-def check_world(batch_size: int, train_size: int, accum_steps: int, caller: str) -> None:
+def check_world(batch_size: int, train_size: int, accum_steps: int, caller: str, config: Mapping | None = None) -> int:
     """Refuse a global batch that does not cut into ``accum_steps * W`` equal, non-empty parts.
 
     Args:
@@ -81,10 +82,15 @@ def check_world(batch_size: int, train_size: int, accum_steps: int, caller: str)
         train_size: Number of training samples (a set smaller than one batch is one step of all of them).
         accum_steps: Micro-batches per optimizer step.
         caller: The training function, for messages.
+        config: The run's options and data sizes: every rank must hold the same (its ``device`` and
+            ``torch_threads`` aside).
+
+    Returns:
+        W, the number of processes (1 outside a process group).
 
     Raises:
-        ConfigError: `batch_size` is not a multiple of ``accum_steps * W``, or the training set is too
-            small to give every rank a sample in every micro-batch.
+        ConfigError: `batch_size` is not a multiple of ``accum_steps * W``, the training set is too
+            small to give every rank a sample in every micro-batch, or the ranks were given different `config`.
     """
     world = world_size()
     parts = accum_steps * world
@@ -102,6 +108,9 @@ def check_world(batch_size: int, train_size: int, accum_steps: int, caller: str)
             f"{caller}: the training set holds {train_size} samples, too few for {parts} non-empty parts "
             f"({world} processes x {accum_steps} micro-batches): use fewer processes or accum_steps"
         )
+    if config is not None and world > 1:
+        check_same(f"the {caller} options and data sizes", {k: v for k, v in config.items() if k not in LOCAL_OPTIONS})
+    return world
 
 
 def epoch_batches(

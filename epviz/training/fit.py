@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from epviz.checks import check_int
-from epviz.distributed import check_same, is_distributed, is_main, rank, world_size
+from epviz.distributed import is_distributed, is_main, rank, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
@@ -212,28 +212,6 @@ def fit(
     )
     check_int("seed", seed, 0)
     check_training_data(probe, train, val, "fit")
-    world = world_size() if is_distributed() else 1
-    if world > 1:
-        check_world(batch_size, len(train), 1, "fit")
-        check_same(
-            "the fit options and data sizes",
-            dict(
-                epochs=epochs,
-                batch_size=batch_size,
-                optimizer=optimizer,
-                lr=lr,
-                weight_decay=weight_decay,
-                warmup_epochs=warmup_epochs,
-                label_smoothing=label_smoothing,
-                early_stopping=early_stopping,
-                precision=precision,
-                seed=seed,
-                train_size=len(train),
-                val_size=None if val is None else len(val),
-                probe=dict(probe.config),
-            ),
-        )
-
     device = resolve_device(device)
     precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     lr = default_lr(optimizer, batch_size) if lr is None else lr
@@ -257,6 +235,7 @@ def fit(
         train_origin=train.origin.as_dict(),
         probe=dict(probe.config),
     )
+    world = check_world(batch_size, len(train), 1, "fit", config)
     if world > 1:
         config["world_size"] = world
     writer = None if tensorboard is None or not is_main() else tensorboard_writer(tensorboard)

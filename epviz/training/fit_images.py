@@ -34,7 +34,7 @@ import torch
 
 from epviz.backbones import Backbone
 from epviz.data.transforms import train_transform
-from epviz.distributed import check_same, is_distributed, rank, world_size
+from epviz.distributed import is_distributed, rank, world_size
 from epviz.errors import ConfigError, DataError
 from epviz.evaluate import check_labels
 from epviz.probes import Probe
@@ -179,40 +179,9 @@ def fit_images(
     if len(train) < 2:
         raise DataError("fit_images needs at least 2 training images (BatchNorm uses batch statistics)")
     check_classes(train.labels, None if val is None else val.labels)
-    world = world_size() if is_distributed() else 1
-    check_world(batch_size, len(train), accum_steps, "fit_images")
-    if world > 1:
-        check_same(
-            "the fit_images options and data sizes",
-            dict(
-                layer=layer,
-                norm=norm,
-                epochs=epochs,
-                batch_size=batch_size,
-                accum_steps=accum_steps,
-                optimizer=optimizer,
-                lr=lr,
-                weight_decay=weight_decay,
-                warmup_epochs=warmup_epochs,
-                label_smoothing=label_smoothing,
-                scale=tuple(scale),
-                precision=precision,
-                seed=seed,
-                train_size=len(train),
-                val_size=None if val is None else len(val),
-                backbone=backbone.name,
-                probe=dict(probe.config),
-            ),
-        )
-
     device = resolve_device(device)
     precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
-    backbone.model.to(device).eval()
     lr = default_lr(optimizer, batch_size) if lr is None else lr
-    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)
-    batches = ImageBatches(
-        backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
-    )
     config = dict(
         protocol=PROTOCOL_PER_STEP,
         backbone=backbone.name,
@@ -235,8 +204,14 @@ def fit_images(
     )
     if accum_steps > 1:
         config["accum_steps"] = accum_steps
+    world = check_world(batch_size, len(train), accum_steps, "fit_images", config)
     if world > 1:
         config["world_size"] = world
+    backbone.model.to(device).eval()
+    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)
+    batches = ImageBatches(
+        backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # one process: the augmentation draws from the global generator in the main process
         return train_one(probe, batches, recipe, config, "fit_images", progress, checkpoint)

@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from epviz.checks import check_int
-from epviz.distributed import check_same, is_distributed, is_main, world_size
+from epviz.distributed import is_main
 from epviz.errors import ConfigError
 from epviz.probes import Probe, accepted_options, build
 from epviz.runtime import autocast, resolve_device, resolve_precision
@@ -204,26 +204,18 @@ def fit_grid(
     templates = {s: _template(probe, train, val, s, build_options) for s in seeds}
     template = templates[seeds[0]]
     check_training_data(template, train, val, "fit_grid")
-    world = world_size() if is_distributed() else 1
-    if world > 1:
-        check_world(batch_size, len(train), 1, "fit_grid")
-        check_same(
-            "the grid options and data sizes",
-            dict(
-                points=points,
-                epochs=epochs,
-                batch_size=batch_size,
-                optimizer=optimizer,
-                warmup_epochs=warmup_epochs,
-                label_smoothing=label_smoothing,
-                early_stopping=early_stopping,
-                precision=precision,
-                seed=seed,
-                train_size=len(train),
-                val_size=len(val),
-                probe=dict(template.config),
-            ),
-        )
+    world = check_world(
+        batch_size,
+        len(train),
+        1,
+        "fit_grid",
+        dict(
+            points=points,
+            recipe=(epochs, batch_size, optimizer, warmup_epochs, label_smoothing, early_stopping, precision, seed),
+            sizes=(len(train), len(val)),
+            probe=dict(template.config),
+        ),
+    )
 
     device = resolve_device(device)
     precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively

@@ -105,6 +105,21 @@ def fit_odd_batch() -> str:
     return "no error"
 
 
+def ranks_disagree() -> list[str]:
+    """Rank 1 is given another lr: fit and fit_grid refuse it on every rank, before any step."""
+    messages = []
+    for run in (
+        lambda lr: fit(build("ep"), *tokens(), **{**FIT, "lr": lr}),
+        lambda lr: fit_grid("ep", *tokens(), lrs=(lr,), epochs=1, warmup_epochs=0, batch_size=16, progress=False, num_queries=4),
+    ):
+        try:
+            run(0.5 if rank() == 0 else 0.25)
+            messages.append("no error")
+        except ConfigError as err:
+            messages.append(str(err))
+    return messages
+
+
 def grid() -> dict:
     options = dict(lrs=(1e-3, 1e-2), weight_decays=(1e-4,), epochs=3, batch_size=16, warmup_epochs=1, progress=False)
     return grid_summary(fit_grid("ep", *tokens(), keep_all=True, num_queries=4, **options))
@@ -189,6 +204,7 @@ SCENARIOS: dict[str, Callable[..., Any]] = {
     "fit_cae": fit_cae,
     "fit_dolg_unsynced": fit_dolg_unsynced,
     "fit_odd_batch": fit_odd_batch,
+    "ranks_disagree": ranks_disagree,
     "grid": grid,
     "probe_cache": probe_cache,
     "images_plain": images_plain,

@@ -131,6 +131,13 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(two_ra
         assert "batch_size=15" in message and "multiple of 2" in message and "batch_size=14 or 16" in message
 
 
+def test_ranks_given_different_options_are_refused_on_every_rank(two_ranks):
+    for rank in two_ranks:
+        fit_message, grid_message = rank["ranks_disagree"]
+        assert "the ranks disagree on the fit options and data sizes" in fit_message and "0.25" in fit_message
+        assert "the ranks disagree on the fit_grid options and data sizes" in grid_message
+
+
 def test_fit_grid_on_two_processes_equals_one_process(two_ranks):
     one = worker.grid()
     for rank in two_ranks:

@@ -65,8 +65,7 @@ def test_dataset_split_of_each_kind():
     assert dataset_split(ClutteredFashionMNIST("test", 4, seed=3)) == "test"
     assert dataset_split(ClutteredFashionMNIST("train", 4, seed=1)) == "train"  # the standard val canvases: train items
     assert dataset_split(SimpleNamespace(name="cub", split="test")) == "test"
-    assert dataset_split(SimpleNamespace(name="imagenet", split="val")) == "test"  # ImageNet's official val is its test split
-    assert dataset_split(SimpleNamespace(name="imagenet", split="train")) == "train"
+    assert dataset_split(SimpleNamespace(name="imagenet", split="val", standard_split="test")) == "test"  # declared by imagenet()
     assert dataset_split(SimpleNamespace(split="all", standard_split="test")) == "test"  # a declared standard split wins
     assert dataset_split(object()) is None
 
