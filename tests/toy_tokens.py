@@ -26,6 +26,23 @@ def toy_tokens(n: int, seed: int, layer: int = 1) -> tuple[TokenSet, np.ndarray]
     return ts, boxes
 
 
+def scattered_tokens(n: int, classes: int = 4, dim: int = 32, grid: tuple[int, int] = (4, 4), seed: int = 0) -> TokenSet:
+    """Tokens whose class shows as a shifted direction on a random 40% of the patches (a [CLS] of noise)."""
+    rng = np.random.default_rng(seed)
+    tokens = grid[0] * grid[1]
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dim))
+    patch = rng.normal(size=(n, tokens, dim)) + 0.7 * centres[labels][:, None, :] * (rng.random((n, tokens, 1)) < 0.4)
+    prefix = rng.normal(size=(n, 1, dim))
+    return TokenSet(
+        patch=patch.astype(np.float32),
+        prefix=prefix.astype(np.float32),
+        labels=labels,
+        grid=grid,
+        origin=TokenOrigin(backbone="toy", layer=5),
+    )
+
+
 class Boxes:
     def __init__(self, boxes):
         self.boxes, self.image_size = boxes, 32

@@ -7,7 +7,8 @@ import torch
 import epviz.probes as probes
 from epviz.analysis import ablated_logits, uniform_ablation
 from epviz.evaluate import accuracy
-from epviz.tokens import TokenOrigin, TokenSet
+from epviz.tokens import TokenSet
+from tests.toy_tokens import scattered_tokens
 
 D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
@@ -15,18 +16,7 @@ N = GRID[0] * GRID[1]
 
 @pytest.fixture(scope="module")
 def tokens():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, C, 160)
-    centres = rng.normal(size=(C, D))
-    patch = rng.normal(size=(160, N, D)) + 0.7 * centres[labels][:, None, :] * (rng.random((160, N, 1)) < 0.4)
-    prefix = rng.normal(size=(160, 1, D))
-    return TokenSet(
-        patch=patch.astype(np.float32),
-        prefix=prefix.astype(np.float32),
-        labels=labels,
-        grid=GRID,
-        origin=TokenOrigin(backbone="toy", layer=5),
-    )
+    return scattered_tokens(160, C, D, GRID)
 
 
 def sharp(name: str, seed: int = 0, tokens: TokenSet | None = None, **options):

@@ -19,7 +19,8 @@ from epviz.analysis import (
     uniform_ablation,
 )
 from epviz.evaluate import accuracy, collect_attention
-from epviz.tokens import TokenOrigin, TokenSet
+from epviz.tokens import TokenSet
+from tests.toy_tokens import scattered_tokens
 
 D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
@@ -28,18 +29,7 @@ K = 8
 
 @pytest.fixture(scope="module")
 def tokens():
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, C, 120)
-    centres = rng.normal(size=(C, D))
-    patch = rng.normal(size=(120, N, D)) + 0.7 * centres[labels][:, None, :] * (rng.random((120, N, 1)) < 0.4)
-    prefix = rng.normal(size=(120, 1, D))
-    return TokenSet(
-        patch=patch.astype(np.float32),
-        prefix=prefix.astype(np.float32),
-        labels=labels,
-        grid=GRID,
-        origin=TokenOrigin(backbone="toy", layer=5),
-    )
+    return scattered_tokens(120, C, D, GRID)
 
 
 def sharp(name: str, tokens: TokenSet, seed: int = 0, **options):

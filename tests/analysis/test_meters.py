@@ -91,21 +91,24 @@ class NoMaps(Recorder):
 BUILT_IN = ["uniform_ablation", "localization", "entropy", "mean_map_ablation", "shuffled_ablation", "zero_ablation"]
 
 
+TABLE_COLUMNS = (
+    "predictor",
+    "delta_acc",
+    "delta_acc_mean",
+    "delta_acc_shuffled",
+    "delta_acc_zero",
+    "entropy_norm",
+    "box_lift",
+    "maxboxacc_v2",
+    "inbox_mass",
+    "pointing",
+)
+
+
 def test_built_in_meters_in_table_order():
     assert meter_names() == BUILT_IN
     assert meter_class("localization") is Localization and meter_class("entropy") is Entropy
-    assert table_columns() == (
-        "predictor",
-        "delta_acc",
-        "delta_acc_mean",
-        "delta_acc_shuffled",
-        "delta_acc_zero",
-        "entropy_norm",
-        "box_lift",
-        "maxboxacc_v2",
-        "inbox_mass",
-        "pointing",
-    )
+    assert table_columns() == TABLE_COLUMNS
     assert column_label("maxboxacc_v2") == "MaxBoxAccV2 (localization)" and column_label("nope") is None
 
 

@@ -13,20 +13,8 @@ import epviz.probes as probes
 from epviz import viz
 from epviz.analysis import meter_names, predictor_table, table_columns, unregister_meter
 from epviz.evaluate import collect_attention
+from tests.analysis.test_meters import TABLE_COLUMNS as BUILT_IN
 from tests.toy_tokens import Boxes, toy_tokens
-
-BUILT_IN = (
-    "predictor",
-    "delta_acc",
-    "delta_acc_mean",
-    "delta_acc_shuffled",
-    "delta_acc_zero",
-    "entropy_norm",
-    "box_lift",
-    "maxboxacc_v2",
-    "inbox_mass",
-    "pointing",
-)
 
 
 @pytest.fixture

@@ -22,15 +22,10 @@ def reference_head(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, small_canvases, test_vit_backbone, reference_head):
-    from epviz.data import ClutteredFashionMNIST
+def model(tmp_path_factory, canvas_sets, test_vit_backbone, reference_head):
     from epviz.explorer import ExplorerModel
 
-    sets = {
-        "train": ClutteredFashionMNIST("train", 8, seed=0),
-        "val": ClutteredFashionMNIST("train", 8, seed=1),
-        "test": small_canvases,
-    }
+    sets = canvas_sets(8, 8)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EPVIZ_CACHE", str(tmp_path_factory.mktemp("explorer-cache")))
         yield ExplorerModel(

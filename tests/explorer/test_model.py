@@ -12,15 +12,10 @@ pytest.importorskip("ipywidgets")
 
 
 @pytest.fixture(scope="module")
-def explorer(tmp_path_factory, small_canvases, test_vit_backbone):
+def explorer(tmp_path_factory, canvas_sets, test_vit_backbone):
     """An Explorer over timm's test_vit and tiny-random, small sets, a 2-epoch budget, a private cache."""
-    from epviz.data import ClutteredFashionMNIST
 
-    sets = {
-        "train": ClutteredFashionMNIST("train", 96, seed=0),
-        "val": ClutteredFashionMNIST("train", 32, seed=1),
-        "test": small_canvases,
-    }
+    sets = canvas_sets(96, 32)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EPVIZ_CACHE", str(tmp_path_factory.mktemp("explorer-cache")))
         yield Explorer(
@@ -179,16 +174,11 @@ def test_state_renders_to_png(start):
     assert empty[:4] == b"\x89PNG"
 
 
-def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, small_canvases, test_vit_backbone):
-    from epviz.data import ClutteredFashionMNIST
+def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, canvas_sets, test_vit_backbone):
     from epviz.tokens import extract_tokens
 
     monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path))
-    sets = {
-        "train": ClutteredFashionMNIST("train", 64, seed=0),
-        "val": ClutteredFashionMNIST("train", 32, seed=1),
-        "test": small_canvases,
-    }
+    sets = canvas_sets(64, 32)
     for data in sets.values():  # the caches `epviz extract --layers 3 -1 --dtype int8` would write
         extract_tokens(test_vit_backbone, data, [3, -1], dtype="int8", progress=False)
     explorer = Explorer([test_vit_backbone], ["ep"], setting=Setting.fast(), sets=sets, fit_options={"epochs": 1},
