@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from epviz.tokens import TokenOrigin, TokenSet
 
@@ -41,6 +42,27 @@ def scattered_tokens(n: int, classes: int = 4, dim: int = 32, grid: tuple[int, i
         grid=grid,
         origin=TokenOrigin(backbone="toy", layer=5),
     )
+
+
+def sharp_probe(name: str, tokens: TokenSet | None, num_classes: int, seed: int = 0, **options):
+    """A probe with peaked maps (large queries / weights) and, given tokens, BatchNorm statistics of one train-mode pass."""
+    import epviz.probes as probes
+
+    if name.startswith("ep"):
+        options.setdefault("num_queries", 8)
+    probe = probes.build(name, options.pop("dim", 32), num_classes, seed=seed, grid=options.pop("grid", (4, 4)), **options)
+    with torch.no_grad():
+        if name.startswith("ep"):
+            probe.queries.mul_(150)
+        else:
+            for p in probe.parameters():
+                if p.ndim > 1:
+                    p.mul_(4)
+        if tokens is not None:
+            b = tokens.batch(np.arange(64))
+            probe.train()
+            probe(b.patch, b.prefix)
+    return probe.eval()
 
 
 class Boxes:

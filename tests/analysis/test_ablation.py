@@ -8,7 +8,7 @@ import epviz.probes as probes
 from epviz.analysis import ablated_logits, uniform_ablation
 from epviz.evaluate import accuracy
 from epviz.tokens import TokenSet
-from tests.toy_tokens import scattered_tokens
+from tests.toy_tokens import scattered_tokens, sharp_probe
 
 D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
@@ -21,22 +21,7 @@ def tokens():
 
 def sharp(name: str, seed: int = 0, tokens: TokenSet | None = None, **options):
     """A probe with peaked maps (large queries / weights) and non-trivial BatchNorm statistics."""
-    if name.startswith("ep"):
-        options.setdefault("num_queries", 8)
-    probe = probes.build(name, D, C, seed=seed, grid=GRID, **options)
-    with torch.no_grad():
-        if name.startswith("ep"):
-            probe.queries.mul_(150)
-        else:
-            for p in probe.parameters():
-                if p.ndim > 1:
-                    p.mul_(4)
-    if tokens is not None:  # one train-mode pass sets the BatchNorm running statistics
-        b = tokens.batch(np.arange(64))
-        probe.train()
-        with torch.no_grad():
-            probe(b.patch, b.prefix)
-    return probe.eval()
+    return sharp_probe(name, tokens, C, seed, dim=D, grid=GRID, **options)
 
 
 @pytest.mark.parametrize("name", ["ep", "ep_all"])

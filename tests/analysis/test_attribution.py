@@ -20,7 +20,7 @@ from epviz.analysis import (
 )
 from epviz.evaluate import accuracy, collect_attention
 from epviz.tokens import TokenSet
-from tests.toy_tokens import scattered_tokens
+from tests.toy_tokens import scattered_tokens, sharp_probe
 
 D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
@@ -34,20 +34,9 @@ def tokens():
 
 def sharp(name: str, tokens: TokenSet, seed: int = 0, **options):
     """A probe with peaked maps and BatchNorm statistics set by one train-mode pass."""
-    if name.startswith("ep"):
-        options.setdefault("num_queries", K)
-    probe = probes.build(name, D, C, seed=seed, grid=GRID, **options)
-    with torch.no_grad():
-        if name.startswith("ep"):
-            probe.queries.mul_(150)
-        else:
-            for p in probe.parameters():
-                if p.ndim > 1:
-                    p.mul_(4)
-        b = tokens.batch(np.arange(64))
-        probe.train()
-        probe(b.patch, b.prefix)
-    return probe.eval()
+    return sharp_probe(
+        name, tokens, C, seed, dim=D, grid=GRID, **{"num_queries": K, **options} if name.startswith("ep") else options
+    )
 
 
 def true_class_scores(probe, tokens, pooled_edit=None):
