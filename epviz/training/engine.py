@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -101,6 +101,13 @@ class Recipe:
     early_stopping: int | None = None
     precision: str = "fp32"
     halving: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The recipe as a run's config records it (``halving`` only when set)."""
+        options = asdict(self)
+        if self.halving is None:
+            del options["halving"]
+        return options
 
 
 def halving_rungs(epochs: int, eta: int | None, heads: int) -> list[int]:

@@ -218,15 +218,10 @@ def fit(
     recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, early_stopping, precision)
     config = dict(
         protocol=protocol_of(train),
-        epochs=epochs,
+        **recipe.options(),
         batch_size=batch_size,
-        optimizer=optimizer,
         lr=lr,
         weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        early_stopping=early_stopping,
-        precision=precision,
         device=str(device),
         torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
         seed=seed,

@@ -182,20 +182,17 @@ def fit_images(
     device = resolve_device(device)
     precision = resolve_precision(device, precision)  # "auto": bf16 only where the device computes it natively
     lr = default_lr(optimizer, batch_size) if lr is None else lr
+    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)
     config = dict(
         protocol=PROTOCOL_PER_STEP,
         backbone=backbone.name,
         layer=layer,
         norm=norm,
-        epochs=epochs,
+        **recipe.options(),
         batch_size=batch_size,
-        optimizer=optimizer,
         lr=lr,
         weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
         scale=list(scale),
-        precision=precision,
         device=str(device),
         seed=seed,
         train_size=len(train),
@@ -208,7 +205,6 @@ def fit_images(
     if world > 1:
         config["world_size"] = world
     backbone.model.to(device).eval()
-    recipe = Recipe(epochs, optimizer, warmup_epochs, label_smoothing, None, precision)
     batches = ImageBatches(
         backbone, train, val, layer, norm, scale, batch_size, accum_steps, num_workers, precision, seed, device
     )

@@ -304,13 +304,8 @@ def fit_grid(
         select_on=SELECT_ON,
         lrs=lrs,
         weight_decays=weight_decays,
-        epochs=epochs,
+        **recipe.options(),
         batch_size=batch_size,
-        optimizer=optimizer,
-        warmup_epochs=warmup_epochs,
-        label_smoothing=label_smoothing,
-        early_stopping=early_stopping,
-        precision=precision,
         device=str(device),
         torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
         seed=seed,
@@ -324,8 +319,6 @@ def fit_grid(
     )
     if seed_axis:
         config["seeds"] = list(seeds)
-    if halving:
-        config["halving"] = halving
     if world > 1:
         config["world_size"] = world
     return GridResult(
