@@ -22,6 +22,12 @@ heads only, to be read as trained − untrained.
 Writes ``<out>.csv`` (one row per backbone x condition x seed) and ``<out>_pairs.csv`` (one row per
 comparison: estimate, interval, verdict). Each backbone's measurements are kept in the cache
 (``$EPVIZ_CACHE/lift/``), so a run that adds a backbone trains only that one.
+
+``--salience 0 1 2`` measures every backbone on the canvases of each salience level
+(``CanvasRecipe.salience``: brightness says less and less about where the item is; train, val and test
+canvases all of that level) and adds, per level > 0, how much each backbone falls from level 0 and the
+difference of those falls between backbones (paired over test canvases: canvas i shows the same item at
+every level).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from epviz import Setting, extract_tokens, load_backbone  # noqa: E402
 from epviz.analysis import LocalizationMeter, map_entropy, paired_difference  # noqa: E402
 from epviz.analysis.baselines import patch_brightness, sharpen_maps  # noqa: E402
 from epviz.atomic import atomic_write  # noqa: E402
-from epviz.data import ClutteredFashionMNIST  # noqa: E402
+from epviz.data import CanvasRecipe, ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import collect_attention, predict  # noqa: E402
 from epviz.probes import build  # noqa: E402
 from epviz.tokens.cache import default_cache_dir  # noqa: E402
@@ -127,11 +133,12 @@ def measure_backbone(backbone, args: argparse.Namespace, setting: Setting, sets:
     return rows, per_image, correct
 
 
-def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
+def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple, level: int = 0) -> tuple[list[dict], dict, dict]:
     """:func:`measure_backbone`, kept under ``<cache>/lift/`` so that a later run adds backbones without retraining these."""
     config = [name, args.probe, args.seeds, args.lrs, args.train, args.test, args.threshold_step, setting.name]
     backbone = load_backbone(name)
     config.append(backbone.weights_id)
+    config += [f"salience={level}"] if level else []
     key = hashlib.sha256(json.dumps(config).encode()).hexdigest()[:16]
     path = default_cache_dir() / "lift" / f"{name}-{key}.pt"
     if path.is_file():
@@ -149,47 +156,67 @@ def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple) -
 
 
 def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
-    sets = (
-        ClutteredFashionMNIST("train", args.train, seed=0),
-        ClutteredFashionMNIST("train", int(setting.sizes["val"] or 2_000), seed=1),
-        ClutteredFashionMNIST("test", args.test, seed=0),
-    )
     rows, per_image, correct = [], {}, {}
-    for name in args.backbones:
-        start = time.perf_counter()
-        mine, images, hits = stored(name, args, setting, sets)
-        rows += mine
-        per_image.update({(name, c, s): v for (c, s), v in images.items()})
-        correct.update({(name, s): v for s, v in hits.items()})
-        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+    for level in args.salience:
+        recipe = CanvasRecipe.salience(level)
+        sets = (
+            ClutteredFashionMNIST("train", args.train, seed=0, recipe=recipe),
+            ClutteredFashionMNIST("train", int(setting.sizes["val"] or 2_000), seed=1, recipe=recipe),
+            ClutteredFashionMNIST("test", args.test, seed=0, recipe=recipe),
+        )
+        for name in args.backbones:
+            start = time.perf_counter()
+            mine, images, hits = stored(name, args, setting, sets, level)
+            rows += [dict(row, salience=level) for row in mine]
+            per_image.update({(name, c, s, level): v for (c, s), v in images.items()})
+            correct.update({(name, s, level): v for s, v in hits.items()})
+            print(f"{name} (salience {level}): {time.perf_counter() - start:.0f} s", flush=True)
     return pd.DataFrame(rows), pairs(args, per_image, correct)
 
 
 def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFrame:
-    """Paired differences: trained against each baseline per backbone, and backbone against backbone."""
+    """Paired differences: trained against each baseline per backbone, backbone against backbone, and (with
+    several salience levels) each backbone's fall from level 0 and the difference of the falls."""
 
-    def arm(name: str, condition: str, column: str) -> np.ndarray:
-        return np.stack([per_image[(name, condition, s)][column] for s in args.seeds])
+    def arm(name: str, condition: str, column: str, level: int) -> np.ndarray:
+        return np.stack([per_image[(name, condition, s, level)][column] for s in args.seeds])
+
+    def hits(name: str, level: int) -> np.ndarray:
+        return np.stack([correct[(name, s, level)] for s in args.seeds])
+
+    def row(a: str, b: str, measure: str, level, d) -> dict:
+        return {"salience": level, "a": a, "b": b, "measure": measure, **d._asdict(), "verdict": d.verdict}
 
     rows = []
-    for name in args.backbones:
-        for baseline in ("untrained", "untrained, matched entropy", "pixel salience"):
+    for level in args.salience:
+        for name in args.backbones:
+            for baseline in ("untrained", "untrained, matched entropy", "pixel salience"):
+                for column in LIFTS:
+                    d = paired_difference(arm(name, "trained", column, level), arm(name, baseline, column, level))
+                    rows.append(row(f"{name} trained", f"{name} {baseline}", column, level, d))
+        for first, second in combinations(args.backbones, 2):
             for column in LIFTS:
-                d = paired_difference(arm(name, "trained", column), arm(name, baseline, column))
-                rows.append(
-                    {"a": f"{name} trained", "b": f"{name} {baseline}", "measure": column, **d._asdict(), "verdict": d.verdict}
-                )
-    for first, second in combinations(args.backbones, 2):
-        for column in LIFTS:
-            d = paired_difference(arm(first, "trained", column), arm(second, "trained", column))
-            rows.append(
-                {"a": f"{first} trained", "b": f"{second} trained", "measure": column, **d._asdict(), "verdict": d.verdict}
-            )
-        accuracy = [np.stack([correct[(n, s)] for s in args.seeds]) for n in (first, second)]
-        d = paired_difference(*accuracy)
-        rows.append(
-            {"a": f"{first} trained", "b": f"{second} trained", "measure": "test_acc", **d._asdict(), "verdict": d.verdict}
-        )
+                d = paired_difference(arm(first, "trained", column, level), arm(second, "trained", column, level))
+                rows.append(row(f"{first} trained", f"{second} trained", column, level, d))
+            d = paired_difference(hits(first, level), hits(second, level))
+            rows.append(row(f"{first} trained", f"{second} trained", "test_acc", level, d))
+    for level in [lv for lv in args.salience if lv]:
+        # a fall: level-0 minus level-L values of the same canvas, seed s of one level against seed s of the other
+        falls = {
+            name: {
+                "test_acc": hits(name, 0) - hits(name, level),
+                "mask_lift": arm(name, "trained", "mask_lift", 0) - arm(name, "trained", "mask_lift", level),
+            }
+            for name in args.backbones
+        }
+        for name in args.backbones:
+            for measure, fall in falls[name].items():
+                d = paired_difference(fall, np.zeros_like(fall))
+                rows.append(row(f"{name} fall 0->{level}", "no fall", measure, level, d))
+        for first, second in combinations(args.backbones, 2):
+            for measure in ("test_acc", "mask_lift"):
+                d = paired_difference(falls[first][measure], falls[second][measure])
+                rows.append(row(f"{first} fall 0->{level}", f"{second} fall 0->{level}", measure, level, d))
     return pd.DataFrame(rows).drop(columns=["seeds"]).assign(seeds=len(args.seeds))
 
 
@@ -202,13 +229,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=6000, help="train canvases")
     parser.add_argument("--test", type=int, default=1000, help="test canvases measured")
     parser.add_argument("--threshold-step", type=float, default=0.05, help="MaxBoxAccV2 thresholds 0, step, ... < 1")
+    parser.add_argument("--salience", nargs="+", type=int, default=[0], help="canvas salience levels (0: the standard canvases)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "lift")
     parser.add_argument("--fast", action="store_true", help="the fast setting's budget and thresholds (a pipeline check)")
     args = parser.parse_args(argv)
     table, comparisons = run(args, Setting.fast() if args.fast else Setting.full())
     atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(args.out.with_name(args.out.name + "_pairs.csv"), lambda tmp: comparisons.to_csv(tmp, index=False))
-    means = table.groupby(["backbone", "condition"], sort=False)[["test_acc", "mask_lift", "maxboxacc_v2", "entropy_norm"]]
+    means = table.groupby(["salience", "backbone", "condition"], sort=False)[
+        ["test_acc", "mask_lift", "maxboxacc_v2", "entropy_norm"]
+    ]
     print(means.agg(["mean", "std"]).round(3).to_string())
     print(comparisons.round(3).to_string(index=False))
 

@@ -218,3 +218,15 @@ def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_p
     script.main(["--fast", "--backbones", "tiny-random", "tiny-pixels", "--seeds", "0", "1", "--train", "128", "--test", "24",
                  "--lrs", "1e-2", "--out", str(tmp_path / "again")])  # fmt: skip
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again_pairs.csv"), pairs)
+    monkeypatch.undo()
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    script.main(["--fast", "--backbones", "tiny-random", "tiny-pixels", "--seeds", "0", "1", "--train", "128", "--test", "24",
+                 "--lrs", "1e-2", "--salience", "0", "2", "--out", str(tmp_path / "salience")])  # fmt: skip
+    table, pairs = pd.read_csv(tmp_path / "salience.csv"), pd.read_csv(tmp_path / "salience_pairs.csv")
+    assert sorted(set(table["salience"])) == [0, 2] and len(table) == 2 * 2 * 4 * 2
+    falls = pairs[pairs["a"].str.contains("fall 0->2")]
+    assert set(falls["measure"]) == {"test_acc", "mask_lift"} and len(falls) == 2 * 2 + 2
+    level0, level2 = (table[(table["salience"] == lv) & (table["condition"] == "trained")] for lv in (0, 2))
+    fall = level0.set_index(["backbone", "seed"])["test_acc"] - level2.set_index(["backbone", "seed"])["test_acc"]
+    own = falls[(falls["b"] == "no fall") & (falls["measure"] == "test_acc")].set_index("a")["estimate"]
+    assert own["tiny-random fall 0->2"] == pytest.approx(fall["tiny-random"].mean()), "a fall is level 0 minus level 2"
