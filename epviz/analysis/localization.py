@@ -73,7 +73,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from itertools import chain
 from operator import attrgetter
-from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -528,60 +527,6 @@ class LocalizationMeter:
         return frame(rows.to_dict("records"), context_columns(context), columns=list(rows.columns))
 
 
-@overload
-def localization_from_maps(
-    maps: np.ndarray | torch.Tensor,
-    boxes: Sequence,
-    grid: Sequence[int],
-    image_size: int | Sequence[int],
-    *,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    deltas: Sequence[float] = ...,
-    context: Mapping | None = ...,
-    batch_size: int = ...,
-    return_curves: Literal[False] = ...,
-    convention: str = ...,
-    intervals: bool = ...,
-    masks: Sequence | None = ...,
-) -> pd.DataFrame: ...
-
-
-@overload
-def localization_from_maps(
-    maps: np.ndarray | torch.Tensor,
-    boxes: Sequence,
-    grid: Sequence[int],
-    image_size: int | Sequence[int],
-    *,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    deltas: Sequence[float] = ...,
-    context: Mapping | None = ...,
-    batch_size: int = ...,
-    return_curves: Literal[True],
-    convention: str = ...,
-    intervals: bool = ...,
-    masks: Sequence | None = ...,
-) -> tuple[pd.DataFrame, pd.DataFrame]: ...
-
-
-@overload
-def localization_from_maps(
-    maps: np.ndarray | torch.Tensor,
-    boxes: Sequence,
-    grid: Sequence[int],
-    image_size: int | Sequence[int],
-    *,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    deltas: Sequence[float] = ...,
-    context: Mapping | None = ...,
-    batch_size: int = ...,
-    return_curves: bool,
-    convention: str = ...,
-    intervals: bool = ...,
-    masks: Sequence | None = ...,
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]: ...
-
-
 def localization_from_maps(
     maps: np.ndarray | torch.Tensor,
     boxes: Sequence,
@@ -592,11 +537,10 @@ def localization_from_maps(
     deltas: Sequence[float] = DELTAS,
     context: Mapping | None = None,
     batch_size: int = 64,
-    return_curves: bool = False,
     convention: str = "epviz",
     intervals: bool = False,
     masks: Sequence | None = None,
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+) -> pd.DataFrame:
     """Localization measures of precomputed maps.
 
     Args:
@@ -608,7 +552,6 @@ def localization_from_maps(
         deltas: IoU thresholds in (0, 1] (default 0.3, 0.5, 0.7).
         context: Values of the context columns.
         batch_size: Images processed together.
-        return_curves: Also return the per-(predictor, iou, tau) accuracy table.
         convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
             ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
         masks: Per image, its object mask, bool (H, W): adds the mask-lift columns.
@@ -617,7 +560,8 @@ def localization_from_maps(
             :mod:`epviz.analysis.intervals`).
 
     Returns:
-        The per-predictor summary (see :meth:`LocalizationMeter.summary`), and the curves when asked.
+        The per-predictor summary (see :meth:`LocalizationMeter.summary`); a :class:`LocalizationMeter` fed
+        the same maps gives the per-(predictor, iou, tau) accuracy curves (:meth:`LocalizationMeter.curves`).
 
     Raises:
         ConfigError: Any argument out of range, before any work: maps that are not (n, K, rows * cols)
@@ -643,7 +587,7 @@ def localization_from_maps(
     summary = meter.summary(context)
     if intervals:
         summary = _with_intervals(summary, meter)
-    return (summary, meter.curves(context)) if return_curves else summary
+    return summary
 
 
 def _box_list(boxes) -> list:
@@ -811,9 +755,8 @@ def localization(
     index: Iterable[int] | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
-    return_curves: bool = False,
     convention: str = "epviz",
-) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+) -> pd.DataFrame:
     """Localization quality of every attention predictor of `probe` over a dataset with GT boxes.
 
     Args:
@@ -828,17 +771,16 @@ def localization(
         index: Optional subset of sample positions.
         device: Where to run the probe; None picks automatically.
         precision: "fp32" or "bf16".
-        return_curves: Also return the per-(predictor, iou, tau) accuracy table.
         convention: MaxBoxAccV2 conventions, ``"epviz"`` (default: bilinear, exclusive boxes) or
             ``"wsol"`` (wsolevaluation's bicubic upsampling, ``x + w`` boxes, inclusive IoU).
 
     Returns:
         One row per predictor: maxboxacc_v2, maxboxacc_iouXX, best_tau_iouXX, inbox_mass,
-        inbox_mass_std, chance_mass, pointing, n_images (and the curves when asked).
+        inbox_mass_std, chance_mass, pointing, n_images. The curves MaxBoxAccV2 maximises: run a
+        :class:`Localization` meter through :func:`~epviz.analysis.measure` and read its :meth:`Localization.curves`.
     """
     require_predictors(probe, "localization")
     meter = Localization(image_size, thresholds, deltas, chunk_size=batch_size, convention=convention)
-    summary = measure(
+    return measure(
         probe, tokens, dataset, [meter], index=index, batch_size=batch_size, device=device, precision=precision, context=context
     )
-    return (summary, meter.curves(context_columns(context, probe, tokens))) if return_curves else summary

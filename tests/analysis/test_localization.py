@@ -19,6 +19,14 @@ GRID, SIZE = (8, 8), 64  # 8x8 patches of 8x8 pixels
 N = 64
 
 
+def summary_and_curves(maps, boxes, grid, size, **options):
+    """The summary of localization_from_maps and the curves of a LocalizationMeter fed the same maps."""
+    meter = LocalizationMeter(maps.shape[1], grid, size, **options)
+    meter.update(maps, list(boxes), range(len(maps)))
+    summary = localization_from_maps(maps, boxes, grid, size, **options)
+    return summary, meter.curves()
+
+
 def token_map(cells):
     """A map over the 8x8 grid, uniform over the given (row, col) cells."""
     m = np.zeros(GRID)
@@ -101,7 +109,7 @@ def test_best_threshold_is_chosen_for_the_dataset_not_per_image():
     b[0:2, 0:2] = 1.0  # its peak: IoU 4/36 -> correct only for tau < 0.25
     maps = np.stack([a, b]).reshape(2, 1, 64)
     boxes = [np.array([0, 0, 4, 4]), np.array([0, 0, 6, 6])]
-    df, curves = localization_from_maps(maps, boxes, (8, 8), 8, return_curves=True)
+    df, curves = summary_and_curves(maps, boxes, (8, 8), 8)
     per_image = [localization_from_maps(maps[i : i + 1], boxes[i : i + 1], (8, 8), 8)["maxboxacc_v2"].iloc[0] for i in range(2)]
     assert per_image == [1.0, 1.0]  # best tau chosen per image would score 1
     assert df["maxboxacc_v2"].iloc[0] == pytest.approx(0.5)
@@ -372,8 +380,8 @@ def test_the_meter_upsamples_in_chunks_and_keeps_its_curves(setup):
     tokens, probe, boxes = setup
     meter = Localization(thresholds=np.arange(0, 1, 0.1), chunk_size=3)
     df = measure(probe, tokens, BoxedSet(boxes), [meter], batch_size=8)
-    ref, ref_curves = localization_from_maps(
-        collect_attention(probe, tokens), list(boxes), GRID, SIZE, thresholds=np.arange(0, 1, 0.1), return_curves=True
+    ref, ref_curves = summary_and_curves(
+        collect_attention(probe, tokens), list(boxes), GRID, SIZE, thresholds=np.arange(0, 1, 0.1)
     )
     assert meter.meter.n == 12
     cols = ["maxboxacc_v2", "maxboxacc_iou50", "best_tau_iou50", "inbox_mass", "chance_mass", "pointing", "n_images"]
@@ -411,7 +419,7 @@ def test_constant_maps_never_yield_a_box(side, size, large, convention):
         ]
     )  # constant maps of many values
     boxes = random_boxes(rng, len(maps), size, large)
-    df, curves = localization_from_maps(maps, boxes, (side, side), size, return_curves=True, convention=convention)
+    df, curves = summary_and_curves(maps, boxes, (side, side), size, convention=convention)
     assert df["maxboxacc_v2"].iloc[0] == 0.0
     assert (curves["box_acc"] == 0).all()  # no box at any threshold
 
