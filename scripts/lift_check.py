@@ -23,7 +23,8 @@ Writes ``<out>.csv`` (one row per backbone x condition x seed) and ``<out>_pairs
 comparison: estimate, interval, verdict). Each backbone's measurements are kept in the cache
 (``$EPVIZ_CACHE/lift/``), so a run that adds a backbone trains only that one.
 
-``--salience 0 1 2`` measures every backbone on the canvases of each salience level
+``--queries 1 2 4 8 16 32 64`` sweeps EP's number of queries M (the paper's M sweep): every M trains its own
+stack and is compared with M = 16 on the same canvases. ``--salience 0 1 2`` measures every backbone on the canvases of each salience level
 (``CanvasRecipe.salience``: brightness says less and less about where the item is; train, val and test
 canvases all of that level) and adds, per level > 0, how much each backbone falls from level 0 and the
 difference of those falls between backbones (paired over test canvases: canvas i shows the same item at
@@ -81,15 +82,20 @@ def localise(maps: np.ndarray, test: ClutteredFashionMNIST, grid, thresholds) ->
     return summary, {c: records[c].mean(1) for c in LIFTS}
 
 
-def measure_backbone(backbone, args: argparse.Namespace, setting: Setting, sets: tuple) -> tuple[list[dict], dict, dict]:
-    """Rows, per-image lifts {(condition, seed): {column: (n,)}} and per-image correctness {seed: (n,)} of one backbone."""
+def measure_backbone(
+    backbone, args: argparse.Namespace, setting: Setting, sets: tuple, options: dict
+) -> tuple[list[dict], dict, dict]:
+    """Rows, per-image lifts {(condition, seed): {column: (n,)}} and per-image correctness {seed: (n,)} of one backbone.
+
+    `options`: build options of the probe (``num_queries``), the same for the trained and the untrained heads.
+    """
     train_set, val_set, test = sets
     keys = ("epochs", "batch_size", "optimizer", "warmup_epochs", "label_smoothing", "early_stopping", "precision")
     budget = {k: v for k, v in setting.fit_options().items() if k in keys}
     name = backbone.name
     tr, va, te = (extract_tokens(backbone, ds, layers=[-1]).tokens(-1) for ds in (train_set, val_set, test))
     start = time.perf_counter()
-    grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget)
+    grid = fit_grid(args.probe, tr, va, lrs=args.lrs, seeds=args.seeds, keep_all=True, progress=False, **budget, **options)
     print(f"{name}: {len(grid.points)} heads trained as one stack in {time.perf_counter() - start:.0f} s", flush=True)
     points = grid.points.dropna(subset=["best_val_acc"])
     rows, per_image, correct = [], {}, {}
@@ -99,7 +105,7 @@ def measure_backbone(backbone, args: argparse.Namespace, setting: Setting, sets:
         mine = points[points["seed"] == seed]
         best = mine.sort_values(["best_val_acc", "lr"], ascending=[False, True]).iloc[0]
         head = grid.probes[int(best["point"])]
-        fresh = build(args.probe, tr.dim, 10, seed=seed, grid=tr.grid)
+        fresh = build(args.probe, tr.dim, 10, seed=seed, grid=tr.grid, **options)
         trained_maps = collect_attention(head, te).astype(np.float64)
         target = float(map_entropy(trained_maps).mean() / math.log(trained_maps.shape[-1]))
         untrained_maps = collect_attention(fresh, te).astype(np.float64)
@@ -133,19 +139,22 @@ def measure_backbone(backbone, args: argparse.Namespace, setting: Setting, sets:
     return rows, per_image, correct
 
 
-def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple, level: int = 0) -> tuple[list[dict], dict, dict]:
+def stored(
+    name: str, args: argparse.Namespace, setting: Setting, sets: tuple, level: int = 0, options: dict | None = None
+) -> tuple[list[dict], dict, dict]:
     """:func:`measure_backbone`, kept under ``<cache>/lift/`` so that a later run adds backbones without retraining these."""
     config = [name, args.probe, args.seeds, args.lrs, args.train, args.test, args.threshold_step, setting.name]
     backbone = load_backbone(name)
     config.append(backbone.weights_id)
     config += [f"salience={level}"] if level else []
+    config += [options] if options else []
     key = hashlib.sha256(json.dumps(config).encode()).hexdigest()[:16]
     path = default_cache_dir() / "lift" / f"{name}-{key}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         per_image = {(c, int(s)): {k: v.numpy() for k, v in d.items()} for (c, s), d in saved["per_image"]}
         return saved["rows"], per_image, {int(s): v.numpy() for s, v in saved["correct"]}
-    rows, per_image, correct = measure_backbone(backbone, args, setting, sets)
+    rows, per_image, correct = measure_backbone(backbone, args, setting, sets, options or {})
     saved = {
         "rows": rows,
         "per_image": [((c, s), {k: torch.from_numpy(v) for k, v in d.items()}) for (c, s), d in per_image.items()],
@@ -156,6 +165,7 @@ def stored(name: str, args: argparse.Namespace, setting: Setting, sets: tuple, l
 
 
 def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every arm (salience level x backbone x number of queries): its rows, then the paired comparisons."""
     rows, per_image, correct = [], {}, {}
     for level in args.salience:
         recipe = CanvasRecipe.salience(level)
@@ -165,41 +175,56 @@ def run(args: argparse.Namespace, setting: Setting) -> tuple[pd.DataFrame, pd.Da
             ClutteredFashionMNIST("test", args.test, seed=0, recipe=recipe),
         )
         for name in args.backbones:
-            start = time.perf_counter()
-            mine, images, hits = stored(name, args, setting, sets, level)
-            rows += [dict(row, salience=level) for row in mine]
-            per_image.update({(name, c, s, level): v for (c, s), v in images.items()})
-            correct.update({(name, s, level): v for s, v in hits.items()})
-            print(f"{name} (salience {level}): {time.perf_counter() - start:.0f} s", flush=True)
+            for m in args.queries or [None]:
+                start = time.perf_counter()
+                options = {} if m is None else {"num_queries": m}
+                mine, images, hits = stored(name, args, setting, sets, level, options)
+                rows += [dict(row, salience=level, queries=m) for row in mine]
+                per_image.update({(name, c, s, level, m): v for (c, s), v in images.items()})
+                correct.update({(name, s, level, m): v for s, v in hits.items()})
+                print(f"{name} (salience {level}, queries {m or 'default'}): {time.perf_counter() - start:.0f} s", flush=True)
     return pd.DataFrame(rows), pairs(args, per_image, correct)
 
 
 def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFrame:
-    """Paired differences: trained against each baseline per backbone, backbone against backbone, and (with
-    several salience levels) each backbone's fall from level 0 and the difference of the falls."""
+    """Paired differences: trained against each baseline in every arm, backbone against backbone, (with several
+    salience levels) each backbone's fall from level 0 and the difference of the falls, and (with ``--queries``)
+    every number of queries against the reference one (16, else the largest)."""
+    queries = args.queries or [None]
 
-    def arm(name: str, condition: str, column: str, level: int) -> np.ndarray:
-        return np.stack([per_image[(name, condition, s, level)][column] for s in args.seeds])
+    def arm(name: str, condition: str, column: str, level: int, m=None) -> np.ndarray:
+        return np.stack([per_image[(name, condition, s, level, m)][column] for s in args.seeds])
 
-    def hits(name: str, level: int) -> np.ndarray:
-        return np.stack([correct[(name, s, level)] for s in args.seeds])
+    def hits(name: str, level: int, m=None) -> np.ndarray:
+        return np.stack([correct[(name, s, level, m)] for s in args.seeds])
 
-    def row(a: str, b: str, measure: str, level, d) -> dict:
-        return {"salience": level, "a": a, "b": b, "measure": measure, **d._asdict(), "verdict": d.verdict}
+    def row(a: str, b: str, measure: str, level, d, m=None) -> dict:
+        return {"salience": level, "queries": m, "a": a, "b": b, "measure": measure, **d._asdict(), "verdict": d.verdict}
 
     rows = []
     for level in args.salience:
-        for name in args.backbones:
-            for baseline in ("untrained", "untrained, matched entropy", "pixel salience"):
+        for m in queries:
+            for name in args.backbones:
+                for baseline in ("untrained", "untrained, matched entropy", "pixel salience"):
+                    for column in LIFTS:
+                        d = paired_difference(arm(name, "trained", column, level, m), arm(name, baseline, column, level, m))
+                        rows.append(row(f"{name} trained", f"{name} {baseline}", column, level, d, m))
+            for first, second in combinations(args.backbones, 2):
                 for column in LIFTS:
-                    d = paired_difference(arm(name, "trained", column, level), arm(name, baseline, column, level))
-                    rows.append(row(f"{name} trained", f"{name} {baseline}", column, level, d))
-        for first, second in combinations(args.backbones, 2):
-            for column in LIFTS:
-                d = paired_difference(arm(first, "trained", column, level), arm(second, "trained", column, level))
-                rows.append(row(f"{first} trained", f"{second} trained", column, level, d))
-            d = paired_difference(hits(first, level), hits(second, level))
-            rows.append(row(f"{first} trained", f"{second} trained", "test_acc", level, d))
+                    d = paired_difference(arm(first, "trained", column, level, m), arm(second, "trained", column, level, m))
+                    rows.append(row(f"{first} trained", f"{second} trained", column, level, d, m))
+                d = paired_difference(hits(first, level, m), hits(second, level, m))
+                rows.append(row(f"{first} trained", f"{second} trained", "test_acc", level, d, m))
+        if args.queries:
+            reference = 16 if 16 in args.queries else max(args.queries)
+            for name in args.backbones:
+                for m in [q for q in args.queries if q != reference]:
+                    d = paired_difference(hits(name, level, m), hits(name, level, reference))
+                    rows.append(row(f"{name} M={m}", f"{name} M={reference}", "test_acc", level, d, m))
+                    d = paired_difference(
+                        arm(name, "trained", "mask_lift", level, m), arm(name, "trained", "mask_lift", level, reference)
+                    )
+                    rows.append(row(f"{name} M={m}", f"{name} M={reference}", "mask_lift", level, d, m))
     for level in [lv for lv in args.salience if lv]:
         # a fall: level-0 minus level-L values of the same canvas, seed s of one level against seed s of the other
         falls = {
@@ -229,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=6000, help="train canvases")
     parser.add_argument("--test", type=int, default=1000, help="test canvases measured")
     parser.add_argument("--threshold-step", type=float, default=0.05, help="MaxBoxAccV2 thresholds 0, step, ... < 1")
+    parser.add_argument("--queries", nargs="+", type=int, default=None, help="numbers of queries M to sweep (EP's num_queries)")
     parser.add_argument("--salience", nargs="+", type=int, default=[0], help="canvas salience levels (0: the standard canvases)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "lift")
     parser.add_argument("--fast", action="store_true", help="the fast setting's budget and thresholds (a pipeline check)")
@@ -236,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     table, comparisons = run(args, Setting.fast() if args.fast else Setting.full())
     atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(args.out.with_name(args.out.name + "_pairs.csv"), lambda tmp: comparisons.to_csv(tmp, index=False))
-    means = table.groupby(["salience", "backbone", "condition"], sort=False)[
+    means = table.groupby(["salience", "backbone", "queries", "condition"], sort=False, dropna=False)[
         ["test_acc", "mask_lift", "maxboxacc_v2", "entropy_norm"]
     ]
     print(means.agg(["mean", "std"]).round(3).to_string())

@@ -230,3 +230,10 @@ def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_p
     fall = level0.set_index(["backbone", "seed"])["test_acc"] - level2.set_index(["backbone", "seed"])["test_acc"]
     own = falls[(falls["b"] == "no fall") & (falls["measure"] == "test_acc")].set_index("a")["estimate"]
     assert own["tiny-random fall 0->2"] == pytest.approx(fall["tiny-random"].mean()), "a fall is level 0 minus level 2"
+    script.main(["--fast", "--backbones", "tiny-pixels", "--probe", "ep", "--queries", "2", "4", "--seeds", "0", "1",
+                 "--train", "128", "--test", "24", "--lrs", "1e-2", "--out", str(tmp_path / "queries")])  # fmt: skip
+    table, pairs = pd.read_csv(tmp_path / "queries.csv"), pd.read_csv(tmp_path / "queries_pairs.csv")
+    assert sorted(set(table["queries"])) == [2, 4] and len(table) == 2 * 4 * 2
+    assert set(table.loc[table["queries"] == 2, "entropy_norm"]) != set(table.loc[table["queries"] == 4, "entropy_norm"])
+    sweep = pairs[pairs["a"] == "tiny-pixels M=2"]
+    assert list(sweep["b"]) == ["tiny-pixels M=4"] * 2 and set(sweep["measure"]) == {"test_acc", "mask_lift"}
