@@ -42,6 +42,14 @@ with R = 1 query row (N for self-attention); ``attention()`` is its mean over ro
 
 Zeroing (``forward(..., zero=[j])``, sliced probes only) sets predictor j's columns of
 the pooled feature to 0 before ``hook_pooled`` and ``norm``.
+
+Evidence (:meth:`Probe.evidence`, eval mode). A probe that is linear after its softmax pools
+``pooled = sum_k sum_l a_kl v_kl`` with each predictor's weights a_k summing to 1 over its keys; the
+eval-mode BatchNorm is affine and the head linear, so every logit is exactly a sum over predictors and
+keys: ``logit_c = sum_k sum_l a_kl w_c . (v_kl - s_k mu) / sigma + b_c``, where s_k is predictor k's share
+of the running mean (its own columns for a sliced probe, 1/K of every column otherwise). Families
+give their (a, v) through ``_token_values``; the others (a normalisation or an MLP after the pooling)
+have no exact form and say so.
 """
 
 from __future__ import annotations
@@ -55,7 +63,17 @@ from torch import nn
 
 from epviz.probes._layers import resolve_heads, uniform_rows
 
-__all__ = ["CONTROLS", "HookPoint", "Intervention", "MultiHeadProbe", "Pooled", "Probe", "Routed", "trainable_params"]
+__all__ = [
+    "CONTROLS",
+    "Evidence",
+    "HookPoint",
+    "Intervention",
+    "MultiHeadProbe",
+    "Pooled",
+    "Probe",
+    "Routed",
+    "trainable_params",
+]
 
 CONTROLS = ("uniform", "replace", "zero")
 """What :meth:`Probe.ablated_logits` can do to one predictor at a time."""
@@ -81,6 +99,24 @@ class Pooled(NamedTuple):
     features: torch.Tensor
     maps: torch.Tensor | None = None
     nonpatch: torch.Tensor | None = None
+
+
+class Evidence(NamedTuple):
+    """Exact contributions to the logits (:meth:`Probe.evidence`): ``logits = patch.sum((-2, -1)) + other.sum(-1) + bias``.
+
+    Attributes:
+        patch: (B, C, K, N): what each patch token, through each predictor, adds to each class logit.
+        other: (B, C, K): what the keys that are not patch tokens ([CLS], registers) add, through each predictor.
+        bias: (C,): the head's bias.
+    """
+
+    patch: torch.Tensor
+    other: torch.Tensor
+    bias: torch.Tensor
+
+    def logits(self) -> torch.Tensor:
+        """The logits the contributions sum to, (B, C)."""
+        return self.patch.sum((-2, -1)) + self.other.sum(-1) + self.bias
 
 
 class Routed(NamedTuple):
@@ -257,6 +293,44 @@ class Probe(nn.Module):
             if cols is not None:
                 features = features.masked_fill(cols.to(features.device), 0.0)
         return self.hook_pooled(features)
+
+    def _token_values(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For a family linear after its softmax: weights a (B, K, L) and values v (B, K, L, width) with
+        ``pooled = sum_k sum_l a_kl v_kl`` and ``sum_l a_kl = 1``, the first N keys the patch tokens. None: no exact form."""
+        return None
+
+    def evidence(self, patch_tokens: torch.Tensor, prefix_tokens: torch.Tensor | None = None) -> Evidence:
+        """Every token's exact contribution to every class logit, per predictor (eval mode; see the module docstring).
+
+        Meant for a few images at a time: the values hold (B, K, L, width) numbers.
+
+        Raises:
+            NotImplementedError: The family has no exact form (a normalisation or MLP after its pooling).
+            RuntimeError: The probe is in training mode (BatchNorm is affine only with its running statistics).
+        """
+        patch, prefix = self._validate(patch_tokens, prefix_tokens)
+        parts = self._token_values(patch, prefix)
+        if parts is None:
+            raise NotImplementedError(
+                f"probe '{self.name}' has no exact per-token evidence: what follows its attention is not linear "
+                "(a normalisation or an MLP after the pooling); use an attribution method (captum) for it"
+            )
+        if self.training:
+            raise RuntimeError(f"probe '{self.name}': evidence is exact in eval mode only (call probe.eval() first)")
+        weights, values = parts
+        k = weights.shape[1]
+        share = torch.full((k, self.width), 1.0 / k, dtype=values.dtype, device=values.device)
+        slices = self.predictor_slices() if self.sliced else []
+        if slices and all(cols is not None for cols in slices):
+            share.zero_()
+            for j, cols in enumerate(slices):
+                share[j, cols] = 1.0
+        mean, var = self.norm.running_mean, self.norm.running_var
+        assert mean is not None and var is not None  # every probe's BatchNorm tracks running statistics
+        normed = (values - share[None, :, None] * mean.to(values.dtype)) * (var + self.norm.eps).rsqrt().to(values.dtype)
+        contributions = weights[:, None] * torch.einsum("bklw,cw->bckl", normed, self.head.weight.to(values.dtype))
+        n = patch.shape[1]
+        return Evidence(contributions[..., :n], contributions[..., n:].sum(-1), self.head.bias.detach())
 
     def ablated_logits(
         self,

@@ -101,6 +101,17 @@ class EfficientProbe(Probe):
         y = torch.einsum("bmd,mcd->bmc", pooled, w.to(pooled.dtype))
         return Pooled(y.reshape(len(patch), self.width), maps, nonpatch)
 
+    def _token_values(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query m's weights over the keys, and each key's value W_V^(m) x_l in query m's slice (zeros elsewhere)."""
+        keys = self._keys(patch, prefix)
+        weights = self._weights(keys, patch.shape[1], frozenset()).weights  # (B, M, L)
+        w = self.value.weight.view(self.num_queries, self.slice_width, self.dim)
+        sliced = torch.einsum("bld,mcd->bmlc", keys, w.to(keys.dtype))  # (B, M, L, c)
+        values = sliced.new_zeros(*sliced.shape[:3], self.num_queries, self.slice_width)
+        index = torch.arange(self.num_queries, device=keys.device)
+        values[:, index, :, index] = sliced.permute(1, 0, 2, 3)  # query m's value lands in its own slice
+        return weights, values.flatten(-2)
+
     def has_stacked_form(self) -> bool:
         """EP's pooling stacks by hand unless a subclass changes it, its norm or head is swapped, or a hook watches it."""
         cls = type(self)

@@ -60,6 +60,16 @@ class ClsProbe(Probe):
         assert prefix is not None  # needs_prefix: _validate refuses calls without prefix tokens
         return Pooled(prefix[:, 0] if self.prefix == "first" else prefix.mean(dim=1))
 
+    def _token_values(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All the weight on the prefix tokens it reads (no patch token contributes)."""
+        assert prefix is not None
+        weights = patch.new_zeros(len(patch), 1, patch.shape[1] + prefix.shape[1])
+        if self.prefix == "first":
+            weights[:, 0, patch.shape[1]] = 1.0
+        else:
+            weights[:, 0, patch.shape[1] :] = 1.0 / prefix.shape[1]
+        return weights, torch.cat([patch, prefix], dim=1)[:, None]
+
 
 @register("gap")
 class GapProbe(Probe):
@@ -71,3 +81,7 @@ class GapProbe(Probe):
 
     def _pool(self, patch: torch.Tensor, prefix: torch.Tensor | None, uniform: frozenset[int]) -> Pooled:
         return Pooled(patch.mean(dim=1))
+
+    def _token_values(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One uniform predictor over the patch tokens."""
+        return patch.new_full((len(patch), 1, patch.shape[1]), 1.0 / patch.shape[1]), patch[:, None]

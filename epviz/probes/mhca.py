@@ -59,3 +59,14 @@ class MultiHeadCrossAttentionProbe(MultiHeadProbe):
         v = split_heads(self.v_proj(patch), self.heads)
         attn, maps, _ = self._route_attention(query_weights(q, k), uniform)  # (B, H, N)
         return Pooled(self.out_proj(merge_heads(attn, v)), maps)
+
+    def _token_values(self, patch: torch.Tensor, prefix: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head h's weights, and each token's value through head h's block of W_O (W_O's bias shared 1/H per head)."""
+        q = split_heads(self.q_proj(self.query)[None], self.heads)
+        weights = self._route_attention(query_weights(q, split_heads(self.k_proj(patch), self.heads)), frozenset()).weights
+        v = split_heads(self.v_proj(patch), self.heads)  # (B, H, N, d)
+        w_out = self.out_proj.weight.view(self.dim, self.heads, -1)  # (D, H, d)
+        values = torch.einsum("bhnd,ehd->bhne", v, w_out)
+        if self.out_proj.bias is not None:
+            values = values + self.out_proj.bias / self.heads
+        return weights, values

@@ -233,3 +233,31 @@ def test_random_tokens_and_other_batch_sizes(name):
         assert probe(patch, prefix).shape == (b, C)
         if probe.num_predictors:
             assert probe.attention(patch, prefix).shape == (b, probe.num_predictors, N)
+
+
+# Families whose head is linear after the softmax: their evidence is exact; the others say they have none.
+EVIDENCE_FAMILIES = {"ep", "ep_all", "gap", "cls", "mhca"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_evidence_sums_exactly_to_the_logits_or_is_refused(name, vit_tokens):
+    patch, prefix = vit_tokens
+    probe = make(name)
+    with torch.no_grad():
+        probe.train()(patch * 2 + 1, prefix)  # running statistics away from (0, 1), so the mean's share matters
+    probe.eval()
+    if family(name) not in EVIDENCE_FAMILIES:
+        with pytest.raises(NotImplementedError, match="no exact per-token evidence"):
+            probe.evidence(patch, prefix)
+        return
+    with torch.no_grad():
+        evidence, logits = probe.evidence(patch, prefix), probe(patch, prefix)
+    k = max(probe.num_predictors, 1)
+    assert evidence.patch.shape == (6, C, k, N) and evidence.other.shape == (6, C, k)
+    torch.testing.assert_close(evidence.logits(), logits, atol=1e-5, rtol=0)
+    if family(name) in ("gap", "ep"):
+        assert evidence.other.abs().max() == 0, "a patch-only probe has nothing on other keys"
+    if family(name) == "cls":
+        assert evidence.patch.abs().max() == 0, "LP on [CLS] reads no patch token"
+    with pytest.raises(RuntimeError, match="eval mode"):
+        probe.train().evidence(patch, prefix)
