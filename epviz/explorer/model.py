@@ -23,11 +23,22 @@ from epviz.probes import Probe, accepted_options, available, probe_specs
 from epviz.setting import Setting
 from epviz.tokens import extract_sets
 from epviz.training import train_probe
-from epviz.viz.maps import composite_overlay, group_colours, heat_overlay, query_colours
+from epviz.viz.maps import composite_overlay, group_colours, heat_overlay, query_colours, signed_overlay
 
-__all__ = ["VIEWS", "ORDERS", "ALL_CLASSES", "QUERY_CHOICES", "Selection", "ExplorerState", "ExplorerModel", "table_columns"]
+__all__ = [
+    "VIEWS",
+    "ORDERS",
+    "ALL_CLASSES",
+    "EVIDENCE_FOR",
+    "QUERY_CHOICES",
+    "Selection",
+    "ExplorerState",
+    "ExplorerModel",
+    "table_columns",
+]
 
-VIEWS = ("image only", "one query", "all queries", "query groups")
+VIEWS = ("image only", "one query", "all queries", "query groups", "evidence")
+EVIDENCE_FOR = ("predicted", "true", "predicted − true")
 ORDERS = ("index", "most confident mistakes", "largest Δacc")
 ALL_CLASSES = "all classes"
 QUERY_CHOICES = (4, 8, 16, 32)
@@ -53,6 +64,8 @@ class Selection:
         label: :data:`ALL_CLASSES` or the class name the images are filtered by (true label).
         position: Position of the image in the filtered, ordered list.
         opacity: Opacity of the overlay at its peak, in [0, 1].
+        evidence: In the ``"evidence"`` view, the logit whose per-token contributions are shown: one of
+            :data:`EVIDENCE_FOR` (the predicted class, the true class, or their difference).
     """
 
     backbone: str = "tiny-mae"
@@ -66,6 +79,7 @@ class Selection:
     label: str = ALL_CLASSES
     position: int = 0
     opacity: float = 0.6
+    evidence: str = "predicted"
 
     def replace(self, **changes) -> Selection:
         """A copy with some fields changed; unknown field names raise a ValueError."""
@@ -95,7 +109,10 @@ class ExplorerState:
         true_label / predicted_label: Class names.
         confidence: Softmax probability of the predicted class.
         highlighted: Predictors highlighted (the query, its group, or all).
-        maps: (M, N) token maps shown: one row per query (one query / all queries) or group.
+        maps: (M, N) token maps shown: one row per query (one query / all queries) or group; in the
+            ``"evidence"`` view one signed row per predictor, each token's exact contribution to the chosen
+            logit through that predictor (:meth:`epviz.probes.Probe.evidence`), the overlay their sum.
+        evidence: In the ``"evidence"`` view, the chosen logit (or logit difference) the contributions sum to.
         groups: Group of each predictor in the ``"query groups"`` view, (K,).
         overlay: (H, W, 4) RGBA overlay drawn over the image.
         table: One row per predictor: the columns of :func:`table_columns`, plus ``group`` and
@@ -121,6 +138,7 @@ class ExplorerState:
     maps: np.ndarray | None = None
     groups: np.ndarray | None = None
     overlay: np.ndarray | None = None
+    evidence: float | None = None
     table: pd.DataFrame | None = None
     seconds: float = 0.0
 
@@ -151,6 +169,7 @@ class ExplorerState:
             "probe test top-1": None if self.accuracy is None else round(self.accuracy, 3),
             "predictors": self.num_predictors,
             "highlighted": self.highlighted,
+            "evidence": None if self.evidence is None else round(self.evidence, 3),
             "error": self.error or None,
         }
 
@@ -596,7 +615,9 @@ class ExplorerModel:
             )
         image = int(order[sel.position])
         self._fill_image(out, data, image)
-        if sel.view != "image only" and k == 0:
+        if sel.view == "evidence":
+            self._fill_evidence(sel, out, data, image)
+        elif sel.view != "image only" and k == 0:
             raise ValueError(
                 f"probe {sel.probe} has no attention predictors (num_predictors == 0), so the "
                 f"{sel.view!r} view has no map to show: choose an attentive probe (ep, mhca, ...) "
@@ -615,7 +636,7 @@ class ExplorerModel:
             return []
         if not 0 <= sel.query < k:
             raise ValueError(f"query {sel.query} is out of range: probe {sel.probe} has {k} predictors (0..{k - 1})")
-        if sel.view == "all queries":
+        if sel.view in ("all queries", "evidence"):
             return list(range(k))
         if groups is not None:
             return np.flatnonzero(groups == groups[sel.query]).tolist()
@@ -630,10 +651,36 @@ class ExplorerModel:
         out.predicted_label = names[int(data.preds[image])]
         out.confidence = float(data.probs[image].max())
 
+    def _fill_evidence(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int) -> None:
+        """The signed per-token contributions to the chosen logit (exact, :meth:`~epviz.probes.Probe.evidence`)."""
+        import torch
+
+        if sel.evidence not in EVIDENCE_FOR:
+            raise ValueError(f"unknown evidence {sel.evidence!r}; choose one of: {', '.join(EVIDENCE_FOR)}")
+        tokens = self.tokens(sel.backbone, sel.layer)["test"]
+        batch = tokens.batch(np.array([image]))
+        probe = data.probe.eval()
+        try:
+            with torch.no_grad():
+                evidence = probe.evidence(batch.patch.to(probe.head.weight.device), _to(batch.prefix, probe))
+        except NotImplementedError as err:
+            raise ValueError(f"{err}: choose ep, ep_all, mhca, gap or cls for the evidence view") from None
+        predicted, true = int(data.preds[image]), int(data.labels[image])
+        classes = {"predicted": [predicted], "true": [true], "predicted − true": [predicted, true]}[sel.evidence]
+        sign = torch.tensor([1.0, -1.0][: len(classes)])
+        per_class = evidence.patch[0, classes].cpu() * sign[:, None, None]  # (classes, K, N)
+        out.maps = per_class.sum(0).numpy()
+        other = (evidence.other[0, classes].cpu() * sign[:, None]).sum()
+        bias = (evidence.bias[classes].cpu() * sign).sum()
+        out.evidence = float(per_class.sum() + other + bias)
+        grid = tokens.grid
+        assert out.image is not None  # _fill_image ran first
+        out.overlay = signed_overlay(out.maps.sum(0), grid, out.image.shape[:2], sel.opacity)
+
     def _fill_maps(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int, groups: np.ndarray | None) -> None:
         from epviz.analysis.query_groups import group_maps
 
-        if sel.view == "image only":
+        if sel.view in ("image only", "evidence"):
             return
         maps = self.image_maps(sel, data, image)
         grid = self.tokens(sel.backbone, sel.layer)["test"].grid
@@ -654,6 +701,10 @@ class ExplorerModel:
 
 
 # --- small pure functions ----------------------------------------------------------------
+
+
+def _to(tensor, probe: Probe):
+    return None if tensor is None else tensor.to(probe.head.weight.device)
 
 
 def _takes_queries(name: str) -> bool:

@@ -36,11 +36,10 @@ def _draw_image(ax, state: ExplorerState) -> None:
     if state.boxes is not None:
         draw_boxes(ax, state.boxes, lw=1.2)
     colour = "tab:green" if state.correct else "tab:red"
-    ax.set_title(
-        f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} ({state.confidence:.0%})",
-        fontsize=8,
-        color=colour,
-    )
+    title = f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} ({state.confidence:.0%})"
+    if state.evidence is not None:
+        title += f"\nevidence for {state.selection.evidence} (red for, blue against): logit {state.evidence:+.2f}"
+    ax.set_title(title, fontsize=8, color=colour)
 
 
 def _draw_bars(ax, state: ExplorerState) -> None:

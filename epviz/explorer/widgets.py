@@ -24,7 +24,16 @@ import pandas as pd
 from epviz.analysis.intervals import LEVEL, N_BOOT
 from epviz.backbones import Backbone
 from epviz.data import DEFAULT_DATASET
-from epviz.explorer.model import ALL_CLASSES, ORDERS, QUERY_CHOICES, VIEWS, ExplorerModel, ExplorerState, Selection
+from epviz.explorer.model import (
+    ALL_CLASSES,
+    EVIDENCE_FOR,
+    ORDERS,
+    QUERY_CHOICES,
+    VIEWS,
+    ExplorerModel,
+    ExplorerState,
+    Selection,
+)
 from epviz.explorer.render import state_png, table_html
 from epviz.setting import Setting
 
@@ -103,6 +112,7 @@ class Explorer:
             "label": w.Dropdown(options=classes, value=sel.label, description="class"),
             "position": w.IntSlider(value=sel.position, min=0, max=max(sel.position, 0), description="image"),
             "opacity": w.FloatSlider(value=sel.opacity, min=0.0, max=1.0, step=0.05, description="opacity"),
+            "evidence": w.Dropdown(options=list(EVIDENCE_FOR), value=sel.evidence, description="evidence"),
         }
         if sel.layer != -1:
             ws["layer"].options = [("last block", -1), (f"block {sel.layer}", sel.layer)]
@@ -132,7 +142,7 @@ class Explorer:
         controls = w.HBox(
             [
                 w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
-                w.VBox([ws[n] for n in ("view", "query", "groups", "opacity")]),
+                w.VBox([ws[n] for n in ("view", "query", "groups", "evidence", "opacity")]),
                 w.VBox([ws[n] for n in ("order", "label", "position")]),
             ]
         )

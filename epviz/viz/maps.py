@@ -71,6 +71,20 @@ def heat_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, 
     return rgba.astype(np.float32)
 
 
+def signed_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, int], opacity: float) -> np.ndarray:
+    """(H, W, 4) overlay of one signed (N,) map: red for evidence for, blue against, opaque as |value| / max |value|."""
+    import torch
+    import torch.nn.functional as F
+    from matplotlib import colormaps
+
+    scale = float(np.abs(token_map).max()) or 1.0
+    flat = torch.as_tensor(np.asarray(token_map, dtype=np.float32) / scale).reshape(1, 1, *grid)
+    up = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    rgba = colormaps["RdBu_r"]((up + 1) / 2)
+    rgba[..., 3] = opacity * np.abs(up)
+    return rgba.astype(np.float32)
+
+
 def composite_overlay(
     maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], colours: Sequence, opacity: float
 ) -> np.ndarray:

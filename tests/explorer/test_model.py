@@ -42,6 +42,7 @@ def start(explorer):
         label=ALL_CLASSES,
         position=0,
         opacity=0.6,
+        evidence="predicted",
     )
     assert explorer.state.error == ""
     return explorer
@@ -115,6 +116,27 @@ def test_probe_without_attention_shows_the_error_and_the_image(start):
     state = start.set(view="image only")
     assert state.error == "" and start.widgets["error"].value == ""
     assert state.overlay is None and state.table is None and state.accuracy is not None
+
+
+def test_evidence_view_shows_each_tokens_exact_share_of_the_chosen_logit(start):
+    import torch
+
+    state = start.set(view="evidence", position=2)
+    assert state.error == "" and state.maps.shape == (16, 100) and state.overlay.shape == (*state.image.shape[:2], 4)
+    probe = start.model.probe_data(state.selection).probe
+    batch = start.model.tokens("test_vit", -1)["test"].batch(np.array([state.image_index]))
+    with torch.no_grad():
+        logits = probe.eval()(batch.patch, batch.prefix)[0]
+    names = start.model.class_names
+    predicted, true = names.index(state.predicted_label), names.index(state.true_label)
+    assert state.evidence == pytest.approx(float(logits[predicted]), abs=1e-4), "the contributions sum to the logit"
+    assert state.highlighted == list(range(16)), "the overlay sums every predictor"
+    difference = start.set(evidence="predicted − true")
+    assert difference.evidence == pytest.approx(float(logits[predicted] - logits[true]), abs=1e-4)
+    assert (difference.evidence == 0) == (predicted == true)
+    lp = start.set(probe="cls", evidence="predicted")
+    assert lp.error == "" and np.abs(lp.maps).max() == 0, "LP on [CLS] takes nothing from the patch tokens"
+    assert start.set(evidence="nope").error != ""
 
 
 def test_reselecting_a_probe_never_retrains(start):
