@@ -73,6 +73,35 @@ class Predictions:
         """Per sample, whether its label is among the k best logits (what top-k accuracy averages), shape (n,)."""
         return topk_hits(torch.from_numpy(self.logits), torch.from_numpy(self.labels), k).numpy()
 
+    def confidence(self) -> np.ndarray:
+        """Softmax probability of the predicted class, shape (n,)."""
+        return torch.from_numpy(self.logits).double().softmax(dim=1).max(dim=1).values.numpy()
+
+    def calibration_gaps(self, bins: int = 15) -> np.ndarray:
+        """(n, bins): each sample's (correct - confidence) in the column of its confidence bin (equal width over
+        [0, 1]), 0 elsewhere. The expected calibration error is ``abs(gaps.mean(0)).sum()``."""
+        bins = check_int("bins", bins, 1)
+        confidence = self.confidence()
+        column = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+        gaps = np.zeros((len(confidence), bins))
+        gaps[np.arange(len(confidence)), column] = (self.preds == self.labels) - confidence
+        return gaps
+
+    def reliability(self, bins: int = 15) -> pd.DataFrame:
+        """The reliability diagram's table: per confidence bin its range, count, mean confidence and accuracy
+        (NaN in empty bins), and ``gap`` = its share of the expected calibration error."""
+        bins = check_int("bins", bins, 1)
+        confidence, correct = self.confidence(), self.preds == self.labels
+        column = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+        table = pd.DataFrame({"bin": column, "confidence": confidence, "accuracy": correct.astype(float)})
+        per_bin = table.groupby("bin").agg(
+            count=("confidence", "size"), confidence=("confidence", "mean"), accuracy=("accuracy", "mean")
+        )
+        per_bin = per_bin.reindex(range(bins)).assign(lo=np.arange(bins) / bins, hi=np.arange(1, bins + 1) / bins)
+        per_bin["count"] = per_bin["count"].fillna(0).astype(int)
+        per_bin["gap"] = (per_bin["count"] / max(len(confidence), 1)) * (per_bin["accuracy"] - per_bin["confidence"]).abs()
+        return per_bin.reset_index()[["bin", "lo", "hi", "count", "confidence", "accuracy", "gap"]]
+
     def to_frame(self) -> pd.DataFrame:
         """One row per sample: index, label, pred, correct."""
         preds = self.preds

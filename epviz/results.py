@@ -10,7 +10,9 @@ notebook, token caches, probe-cache entry).
 Definitions (ours):
 
 * ``test_acc`` / ``val_acc``: the row's probe, top-1 as a fraction; ``test_acc_lo`` / ``test_acc_hi``: the
-  95% bootstrap interval of ``test_acc`` over test images (NaN for runs that did not keep one). ``lp``: the test top-1 of LP on
+  95% bootstrap interval of ``test_acc`` over test images (NaN for runs that did not keep one); ``ece``
+  (``_lo``, ``_hi``): the expected calibration error of the same predictions (15 equal-width confidence
+  bins; :meth:`epviz.evaluate.Predictions.reliability` gives the diagram's table), with its interval. ``lp``: the test top-1 of LP on
   [CLS] (``cls``) with the same backbone, layer, protocol and seed; ``ep``, ``ep_variant`` (its
   label) and ``ep_queries`` (its predictors): the row's own probe when it is EP, else the EP probe of
   the same group (``ep16``, else ``ep``, else the first EP label); NaN where the group has none.
@@ -88,6 +90,9 @@ RESULT_COLUMNS = (
     "test_acc",
     "test_acc_lo",
     "test_acc_hi",
+    "ece",
+    "ece_lo",
+    "ece_hi",
     "val_acc",
     "lp",
     "ep",
@@ -326,6 +331,7 @@ def results_rows(
                 "test_acc": record["test_acc"],
                 "test_acc_lo": record.get("test_acc_lo", math.nan),
                 "test_acc_hi": record.get("test_acc_hi", math.nan),
+                **{c: record.get(c, math.nan) for c in ("ece", "ece_lo", "ece_hi")},
                 "val_acc": record.get("val_acc", math.nan),
                 "params": record.get("params"),
                 "predictors": record.get("predictors"),
@@ -357,7 +363,15 @@ def results_rows(
 
 
 def _numeric_columns() -> set[str]:
-    return {"level", "test_acc_lo", "test_acc_hi", *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi"))}
+    return {
+        "level",
+        "test_acc_lo",
+        "test_acc_hi",
+        "ece",
+        "ece_lo",
+        "ece_hi",
+        *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi")),
+    }
 
 
 def _reference_columns(table: pd.DataFrame) -> pd.DataFrame:

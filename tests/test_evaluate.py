@@ -6,7 +6,7 @@ import torch
 
 import epviz.probes as probes
 from epviz.errors import ConfigError, DataError, WeightsError
-from epviz.evaluate import accuracy, attention_maps, collect_attention, loss_and_accuracy, predict, topk_accuracy
+from epviz.evaluate import Predictions, accuracy, attention_maps, collect_attention, loss_and_accuracy, predict, topk_accuracy
 from epviz.tokens import TokenSet
 
 D, C, N = 16, 6, 9
@@ -252,3 +252,19 @@ def test_nan_logits_are_refused_naming_the_probe(probe, tokens):
             call()
     with pytest.raises(DataError, match=r"the logits hold NaN or inf \(row 1 first"):
         topk_accuracy(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([1, 0]))
+
+
+def test_reliability_and_calibration_error_by_hand():
+    # confidences 0.9, 0.9 (one right) and 0.6 (right): bins of width 0.5 -> [0.5, 1) holds all three
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
+    out = Predictions(np.log(probs).astype(np.float32), np.array([0, 1, 1]), np.arange(3))
+    np.testing.assert_allclose(out.confidence(), [0.9, 0.9, 0.6], atol=1e-6)
+    table = out.reliability(bins=2)
+    assert list(table["count"]) == [0, 3] and np.isnan(table.loc[0, "accuracy"])
+    assert table.loc[1, "confidence"] == pytest.approx(0.8) and table.loc[1, "accuracy"] == pytest.approx(2 / 3)
+    ece = np.abs(out.calibration_gaps(bins=2).mean(axis=0)).sum()
+    assert ece == pytest.approx(abs(2 / 3 - 0.8)) == pytest.approx(table["gap"].sum())
+    # ten bins separate them: |0.5 - 0.9| * 2/3 + |1 - 0.6| * 1/3
+    assert np.abs(out.calibration_gaps(bins=10).mean(axis=0)).sum() == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+    with pytest.raises(ConfigError, match="bins"):
+        out.reliability(bins=0)

@@ -108,6 +108,9 @@ class ExplorerState:
         boxes: (k, 4) GT boxes (x0, y0, x1, y1) in pixels.
         true_label / predicted_label: Class names.
         confidence: Softmax probability of the predicted class.
+        calibration_error: The probe's expected calibration error on the test split (15 confidence bins).
+        bin_accuracy: Test top-1 of the images whose confidence falls in the shown image's bin: what its
+            confidence means for this probe.
         highlighted: Predictors highlighted (the query, its group, or all).
         maps: (M, N) token maps shown: one row per query (one query / all queries) or group; in the
             ``"evidence"`` view one signed row per predictor, each token's exact contribution to the chosen
@@ -134,6 +137,8 @@ class ExplorerState:
     true_label: str | None = None
     predicted_label: str | None = None
     confidence: float | None = None
+    calibration_error: float | None = None
+    bin_accuracy: float | None = None
     highlighted: list[int] = field(default_factory=list)
     maps: np.ndarray | None = None
     groups: np.ndarray | None = None
@@ -166,6 +171,7 @@ class ExplorerState:
             "true": self.true_label,
             "predicted": self.predicted_label,
             "confidence": None if self.confidence is None else round(self.confidence, 3),
+            "calibration error": None if self.calibration_error is None else round(self.calibration_error, 3),
             "probe test top-1": None if self.accuracy is None else round(self.accuracy, 3),
             "predictors": self.num_predictors,
             "highlighted": self.highlighted,
@@ -181,6 +187,7 @@ class _ProbeData:
     probe: Probe
     probs: np.ndarray  # (n, C) softmax on the test images
     labels: np.ndarray  # (n,)
+    reliability: pd.DataFrame  # the test split's reliability table (Predictions.reliability)
     table: pd.DataFrame | None = None
     overlap: np.ndarray | None = None
     groups: dict[int, np.ndarray] = field(default_factory=dict)
@@ -411,7 +418,7 @@ class ExplorerModel:
         from epviz.evaluate import predict
 
         preds = predict(probe, test)
-        return _ProbeData(probe=probe, probs=_softmax(preds.logits), labels=preds.labels)
+        return _ProbeData(probe=probe, probs=_softmax(preds.logits), labels=preds.labels, reliability=preds.reliability())
 
     def _check_given(self, sel: Selection, probe: Probe) -> None:
         """Refuse a given probe that cannot read the selection's tokens or name its test classes."""
@@ -650,6 +657,9 @@ class ExplorerModel:
         out.true_label = names[int(data.labels[image])]
         out.predicted_label = names[int(data.preds[image])]
         out.confidence = float(data.probs[image].max())
+        bins = data.reliability
+        out.calibration_error = float(bins["gap"].sum())
+        out.bin_accuracy = float(bins["accuracy"].iloc[min(int(out.confidence * len(bins)), len(bins) - 1)])
 
     def _fill_evidence(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int) -> None:
         """The signed per-token contributions to the chosen logit (exact, :meth:`~epviz.probes.Probe.evidence`)."""

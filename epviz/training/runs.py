@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from epviz.analysis.intervals import Interval, bootstrap_mean
+from epviz.analysis.intervals import bootstrap_weights, percentile_interval, weighted_mean
 from epviz.checks import check_int, check_sequence
 from epviz.evaluate import check_labels, predict
 from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
@@ -117,7 +117,7 @@ def probe_zoo(
     Returns:
         A tidy table, one row per backbone x probe x seed (backbone, layer, probe, name, seed, params,
         predictors, num_classes, val_acc, test_acc (with test_acc_lo / test_acc_hi: its 95% bootstrap interval
-        over test images, :func:`top1_with_interval`), best_epoch, lr and weight_decay of the run (the grid point chosen
+        over test images, :func:`held_out_scores`; ece, ece_lo, ece_hi: its expected calibration error), best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
         tuned, seconds of training, cached: loaded from the probe cache, probe_cache: the run's key in the probe
         cache, train_tokens: its token cache), and the trained probes keyed
@@ -137,7 +137,7 @@ def probe_zoo(
             for run_seed in seeds:
                 bar.set_postfix(backbone=backbone, probe=label, seed=run_seed)
                 result = train_probe(name, split["train"], split["val"], budget=run_budget, seed=run_seed, **options)
-                test = top1_with_interval(result.probe, split["test"])
+                test = held_out_scores(result.probe, split["test"])
                 fitted[(backbone, label) if len(seeds) == 1 else (backbone, label, run_seed)] = result.probe
                 rows.append(
                     dict(
@@ -150,9 +150,7 @@ def probe_zoo(
                         predictors=result.probe.num_predictors,
                         num_classes=int(result.probe.num_classes),
                         val_acc=result.best_acc,
-                        test_acc=test.estimate,
-                        test_acc_lo=test.lo,
-                        test_acc_hi=test.hi,
+                        **test,
                         best_epoch=result.best_epoch,
                         lr=result.config.get("lr"),
                         weight_decay=result.config.get("weight_decay"),
@@ -168,11 +166,25 @@ def probe_zoo(
     return pd.DataFrame(rows), fitted
 
 
-def top1_with_interval(probe: Probe, test: TokenSet) -> Interval:
-    """Test top-1 of `probe` and its 95% bootstrap interval over the test images (one pass of the probe)."""
+def held_out_scores(probe: Probe, test: TokenSet, bins: int = 15) -> dict[str, float]:
+    """Test top-1 and expected calibration error (`bins` equal-width confidence bins) of `probe`, each with its 95%
+    bootstrap interval over the test images (one pass of the probe, the same resamples for both)."""
     check_labels(test.labels, probe.num_classes, "the", f"probe '{probe.name}'")
     out = predict(probe, test)
-    return bootstrap_mean(out.preds == out.labels)
+    correct, gaps = (out.preds == out.labels).astype(np.float64), out.calibration_gaps(bins)
+    top1, ece = [], []
+    for weights in bootstrap_weights(len(correct)):
+        top1.append(weighted_mean(weights, correct))
+        ece.append(np.abs(weighted_mean(weights, gaps)).sum(axis=1))
+    (top1_lo, top1_hi), (ece_lo, ece_hi) = (percentile_interval(np.concatenate(s)) for s in (top1, ece))
+    return dict(
+        test_acc=float(correct.mean()),
+        test_acc_lo=float(top1_lo),
+        test_acc_hi=float(top1_hi),
+        ece=float(np.abs(gaps.mean(axis=0)).sum()),
+        ece_lo=float(ece_lo),
+        ece_hi=float(ece_hi),
+    )
 
 
 def _chosen_budget(budget: Mapping, chosen: pd.DataFrame, backbone: str, label: str) -> dict:
@@ -422,7 +434,7 @@ def aggregate_runs(
 def seed_summary(
     runs: pd.DataFrame,
     by: Sequence[str] = ("backbone", "probe"),
-    values: Sequence[str] = ("val_acc", "test_acc"),
+    values: Sequence[str] = ("val_acc", "test_acc", "ece"),
 ) -> pd.DataFrame:
     """Mean ± sample standard deviation over seeds, in the shape of a one-seed table.
 
@@ -436,9 +448,9 @@ def seed_summary(
     Args:
         runs: Rows of :func:`probe_zoo` (or any table with the `by` and `values` columns).
         by: The columns of a group.
-        values: The columns to average.
+        values: The columns to average (``ece`` only where the runs have it).
     """
-    by, values = list(by), list(values)
+    by, values = list(by), [v for v in values if v != "ece" or v in runs.columns]
     missing = [c for c in [*by, *values] if c not in runs.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the runs (columns: {list(runs.columns)})")

@@ -118,6 +118,16 @@ def test_probe_without_attention_shows_the_error_and_the_image(start):
     assert state.overlay is None and state.table is None and state.accuracy is not None
 
 
+def test_the_probe_panel_says_what_a_confidence_means(start):
+    state = start.set(position=3)
+    probs = start.model.probe_data(state.selection).probs
+    data = start.model.probe_data(state.selection)
+    confident = probs.max(1)
+    same_bin = np.minimum((confident * 15).astype(int), 14) == min(int(state.confidence * 15), 14)
+    assert state.bin_accuracy == pytest.approx((probs.argmax(1) == data.labels)[same_bin].mean())
+    assert 0 <= state.calibration_error <= 1 and "calibration error (ECE)" in start.widgets["labels"].value
+
+
 def test_evidence_view_shows_each_tokens_exact_share_of_the_chosen_logit(start):
     import torch
 

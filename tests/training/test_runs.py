@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from epviz.errors import ConfigError
+from epviz.evaluate import predict
 from epviz.probes import probe_specs
 from epviz.setting import Setting
 from epviz.tokens import TokenOrigin, TokenSet
@@ -19,6 +20,7 @@ from epviz.training import (
     seed_summary,
     train_probe,
 )
+from epviz.training.runs import held_out_scores
 from tests.toy_tokens import toy_tokens
 
 D, N, C = 16, 16, 3
@@ -231,6 +233,13 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
     width, imperfect = table["test_acc_hi"] - table["test_acc_lo"], table["test_acc"].between(0.01, 0.99)
     assert imperfect.any() and (width[imperfect] > 0.02).all() and (width <= 0.5).all(), "60 test images: a wide interval"
     assert summary[["test_acc_lo", "test_acc_hi"]].isna().all().all()
+    # the expected calibration error of the same predictions, with its interval from the same resamples
+    assert table["ece"].between(0, 1).all() and (table["ece_lo"] <= table["ece_hi"]).all()
+    assert (table["ece_hi"] > table["ece_lo"]).any() and "ece_std" in summary.columns
+    out = predict(fitted["toy", "gap", 0], val)
+    scores = held_out_scores(fitted["toy", "gap", 0], val)
+    assert scores["ece"] == pytest.approx(out.reliability()["gap"].sum())
+    assert scores["test_acc"] == table.loc[(table["probe"] == "gap") & (table["seed"] == 0), "test_acc"].iloc[0]
     one = seed_summary(single)
     assert (
         one["test_acc_lo"].iloc[0] == single["test_acc_lo"].iloc[0]
