@@ -27,7 +27,9 @@ from epviz.runtime import PRECISIONS, autocast, resolve_device
 from epviz.tokens import TokenBatch, TokenSet
 
 __all__ = [
+    "KNN_FEATURES",
     "Predictions",
+    "knn_predict",
     "predict",
     "accuracy",
     "attention_maps",
@@ -281,6 +283,65 @@ def predict(
         c = probe.num_classes
         return Predictions(np.zeros((0, c), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
     return Predictions(np.concatenate(logits), np.concatenate(labels), np.concatenate(positions))
+
+
+KNN_FEATURES = ("cls", "gap")
+
+
+def _knn_features(tokens: TokenSet, feature: str, index: np.ndarray) -> torch.Tensor:
+    batch = tokens.batch(index)
+    if feature == "cls":
+        if batch.prefix is None:
+            raise ConfigError("k-NN on [CLS] needs prefix tokens, and these tokens have none: use feature='gap'")
+        x = batch.prefix[:, 0]
+    else:
+        x = batch.patch.mean(dim=1)
+    return F.normalize(x.float(), dim=1)
+
+
+def knn_predict(
+    train: TokenSet,
+    test: TokenSet,
+    *,
+    feature: str = "cls",
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 1024,
+) -> Predictions:
+    """A non-parametric reader of the same tokens: cosine k-NN on [CLS] (``"cls"``) or on the mean patch token (``"gap"``).
+
+    Each test image's k nearest training images vote with weight exp(cosine / temperature) (DINO's
+    weighted k-NN); the returned logits are the log vote shares, so :meth:`Predictions.accuracy`,
+    :meth:`Predictions.confidence` and :meth:`Predictions.reliability` read them as a probe's.
+
+    Raises:
+        ConfigError: An unknown feature, k outside [1, len(train)], a non-positive temperature, [CLS]
+            asked of tokens without prefix tokens, or tokens of different widths.
+    """
+    if feature not in KNN_FEATURES:
+        raise ConfigError(f"k-NN feature must be one of {KNN_FEATURES} ([CLS], or the mean patch token), got {feature!r}")
+    k = check_int("k", k, 1)
+    if k > len(train):
+        raise ConfigError(f"k={k} neighbours asked of a training set of {len(train)} images: use k <= {len(train)}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature!r}")
+    if train.dim != test.dim:
+        raise ConfigError(f"train tokens have width {train.dim} and test tokens {test.dim}: k-NN compares tokens of one backbone")
+    ensure_finite(train, "the k-NN training tokens")
+    ensure_finite(test, "the k-NN test tokens")
+    bank = torch.cat(
+        [_knn_features(train, feature, np.arange(i, min(i + batch_size, len(train)))) for i in range(0, len(train), batch_size)]
+    )
+    bank_labels = torch.as_tensor(np.asarray(train.labels), dtype=torch.int64)
+    classes = int(max(train.num_classes or 0, test.num_classes or 0, int(bank_labels.max()) + 1))
+    logits = []
+    for start in range(0, len(test), batch_size):
+        query = _knn_features(test, feature, np.arange(start, min(start + batch_size, len(test))))
+        sims, nearest = (query @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), classes, dtype=torch.float64)
+        votes.scatter_add_(1, bank_labels[nearest], (sims.double() / temperature).exp())
+        logits.append((votes / votes.sum(1, keepdim=True)).clamp_min(1e-12).log().float())
+    return Predictions(torch.cat(logits).numpy(), np.asarray(test.labels), np.arange(len(test)))
 
 
 def accuracy(

@@ -12,7 +12,9 @@ Definitions (ours):
 * ``test_acc`` / ``val_acc``: the row's probe, top-1 as a fraction; ``test_acc_lo`` / ``test_acc_hi``: the
   95% bootstrap interval of ``test_acc`` over test images (NaN for runs that did not keep one); ``ece``
   (``_lo``, ``_hi``): the expected calibration error of the same predictions (15 equal-width confidence
-  bins; :meth:`epviz.evaluate.Predictions.reliability` gives the diagram's table), with its interval. ``lp``: the test top-1 of LP on
+  bins; :meth:`epviz.evaluate.Predictions.reliability` gives the diagram's table), with its interval.
+  ``knn_cls`` / ``knn_gap``: test top-1 of cosine k-NN (k = 20) on the same backbone's [CLS] / mean patch
+  token, a reader with nothing trained (:func:`epviz.evaluate.knn_predict`). ``lp``: the test top-1 of LP on
   [CLS] (``cls``) with the same backbone, layer, protocol and seed; ``ep``, ``ep_variant`` (its
   label) and ``ep_queries`` (its predictors): the row's own probe when it is EP, else the EP probe of
   the same group (``ep16``, else ``ep``, else the first EP label); NaN where the group has none.
@@ -93,6 +95,8 @@ RESULT_COLUMNS = (
     "ece",
     "ece_lo",
     "ece_hi",
+    "knn_cls",
+    "knn_gap",
     "val_acc",
     "lp",
     "ep",
@@ -331,7 +335,7 @@ def results_rows(
                 "test_acc": record["test_acc"],
                 "test_acc_lo": record.get("test_acc_lo", math.nan),
                 "test_acc_hi": record.get("test_acc_hi", math.nan),
-                **{c: record.get(c, math.nan) for c in ("ece", "ece_lo", "ece_hi")},
+                **{c: record.get(c, math.nan) for c in ("ece", "ece_lo", "ece_hi", "knn_cls", "knn_gap")},
                 "val_acc": record.get("val_acc", math.nan),
                 "params": record.get("params"),
                 "predictors": record.get("predictors"),

@@ -6,7 +6,16 @@ import torch
 
 import epviz.probes as probes
 from epviz.errors import ConfigError, DataError, WeightsError
-from epviz.evaluate import Predictions, accuracy, attention_maps, collect_attention, loss_and_accuracy, predict, topk_accuracy
+from epviz.evaluate import (
+    Predictions,
+    accuracy,
+    attention_maps,
+    collect_attention,
+    knn_predict,
+    loss_and_accuracy,
+    predict,
+    topk_accuracy,
+)
 from epviz.tokens import TokenSet
 
 D, C, N = 16, 6, 9
@@ -268,3 +277,26 @@ def test_reliability_and_calibration_error_by_hand():
     assert np.abs(out.calibration_gaps(bins=10).mean(axis=0)).sum() == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
     with pytest.raises(ConfigError, match="bins"):
         out.reliability(bins=0)
+
+
+def test_knn_votes_by_cosine_and_refuses_what_it_cannot_read():
+    # train: class 0 along +x, class 1 along +y (the [CLS]), the patch means the other way round
+    prefix = np.array([[[1.0, 0.0]], [[0.9, 0.1]], [[0.0, 1.0]], [[0.1, 0.9]]], np.float32)
+    patch = prefix[:, :, ::-1].repeat(4, axis=1).copy()
+    train = TokenSet(patch=patch, prefix=prefix, labels=np.array([0, 0, 1, 1]), grid=(2, 2))
+    test = TokenSet(patch=patch[[0, 2]] * 3, prefix=prefix[[0, 2]] * 3, labels=np.array([0, 1]), grid=(2, 2))
+    on_cls = knn_predict(train, test, feature="cls", k=2)
+    assert on_cls.preds.tolist() == [0, 1] and on_cls.hits().mean() == 1.0, "cosine ignores the scale"
+    np.testing.assert_allclose(np.exp(on_cls.logits).sum(1), 1.0, atol=1e-5)  # log vote shares
+    assert knn_predict(train, test, feature="gap", k=2).preds.tolist() == [0, 1]
+    three = knn_predict(train, test, feature="cls", k=3, temperature=1.0)
+    own = np.exp(np.array([1.0, 0.9 / np.hypot(0.9, 0.1)]))  # test 0's two class-0 neighbours, then the nearest class-1 one
+    other = np.exp(0.1 / np.hypot(0.9, 0.1))
+    assert np.exp(three.logits[0, 1]) == pytest.approx(other / (own.sum() + other), rel=1e-5)
+    with pytest.raises(ConfigError, match="k=5"):
+        knn_predict(train, test, k=5)
+    with pytest.raises(ConfigError, match="feature"):
+        knn_predict(train, test, feature="mean")
+    no_prefix = TokenSet(patch=patch, prefix=None, labels=np.array([0, 0, 1, 1]), grid=(2, 2))
+    with pytest.raises(ConfigError, match="feature='gap'"):
+        knn_predict(no_prefix, no_prefix, feature="cls", k=1)

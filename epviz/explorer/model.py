@@ -111,6 +111,8 @@ class ExplorerState:
         calibration_error: The probe's expected calibration error on the test split (15 confidence bins).
         bin_accuracy: Test top-1 of the images whose confidence falls in the shown image's bin: what its
             confidence means for this probe.
+        knn_labels: What cosine k-NN (k = 20) on the train split's tokens predicts for the image, by feature
+            (``"cls"``, ``"gap"``; :func:`epviz.evaluate.knn_predict`): a reader with nothing trained.
         highlighted: Predictors highlighted (the query, its group, or all).
         maps: (M, N) token maps shown: one row per query (one query / all queries) or group; in the
             ``"evidence"`` view one signed row per predictor, each token's exact contribution to the chosen
@@ -139,6 +141,7 @@ class ExplorerState:
     confidence: float | None = None
     calibration_error: float | None = None
     bin_accuracy: float | None = None
+    knn_labels: dict[str, str] = field(default_factory=dict)
     highlighted: list[int] = field(default_factory=list)
     maps: np.ndarray | None = None
     groups: np.ndarray | None = None
@@ -269,6 +272,7 @@ class ExplorerModel:
         self._caches: dict[str, dict] = {}
         self._tokens: dict[tuple[str, int], dict] = {}
         self._probes: dict[tuple, _ProbeData] = {}
+        self._knn: dict[tuple[str, int], dict[str, np.ndarray]] = {}
         self.counts = {"extractions": 0, "trainings": 0, "tables": 0}
 
     # --- data ----------------------------------------------------------------------------
@@ -574,6 +578,18 @@ class ExplorerModel:
             )
         return index
 
+    def knn(self, backbone: str, layer: int) -> dict[str, np.ndarray]:
+        """Cosine k-NN predictions (k = 20) for every test image, on [CLS] (where there is one) and on GAP, computed once."""
+        from epviz.evaluate import KNN_FEATURES, knn_predict
+
+        key = (backbone, self.block(backbone, layer))
+        if key not in self._knn:
+            sets = self.tokens(backbone, layer)
+            features = [f for f in KNN_FEATURES if f == "gap" or sets["train"].prefix is not None]
+            k = min(20, len(sets["train"]))
+            self._knn[key] = {f: knn_predict(sets["train"], sets["test"], feature=f, k=k).preds for f in features}
+        return self._knn[key]
+
     def image_maps(self, sel: Selection, data: _ProbeData, image: int) -> np.ndarray:
         """(K, N) attention maps of one test image."""
         from epviz.evaluate import collect_attention
@@ -622,6 +638,8 @@ class ExplorerModel:
             )
         image = int(order[sel.position])
         self._fill_image(out, data, image)
+        names = self.class_names
+        out.knn_labels = {feature: names[int(preds[image])] for feature, preds in self.knn(sel.backbone, sel.layer).items()}
         if sel.view == "evidence":
             self._fill_evidence(sel, out, data, image)
         elif sel.view != "image only" and k == 0:

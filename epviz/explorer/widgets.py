@@ -340,5 +340,7 @@ def _labels_html(state: ExplorerState) -> str:
         f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
         f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
         f"({state.confidence:.0%}; test images this confident are right {state.bin_accuracy:.0%} of the time) · "
-        f"probe test top-1 {state.accuracy:.1%}, calibration error (ECE) {state.calibration_error:.1%}</div>"
+        f"probe test top-1 {state.accuracy:.1%}, calibration error (ECE) {state.calibration_error:.1%}"
+        + "".join(f" · k-NN on {'[CLS]' if f == 'cls' else 'GAP'}: {_escape(label)}" for f, label in state.knn_labels.items())
+        + "</div>"
     )

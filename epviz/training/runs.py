@@ -15,6 +15,7 @@ The batch size of a low-shot run is ``min(batch_size, k * classes)``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import cast
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from epviz.analysis.intervals import bootstrap_weights, percentile_interval, weighted_mean
 from epviz.checks import check_int, check_sequence
-from epviz.evaluate import check_labels, predict
+from epviz.evaluate import KNN_FEATURES, check_labels, knn_predict, predict
 from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
 from epviz.tables import context_columns
 from epviz.tokens import TokenSet
@@ -117,7 +118,8 @@ def probe_zoo(
     Returns:
         A tidy table, one row per backbone x probe x seed (backbone, layer, probe, name, seed, params,
         predictors, num_classes, val_acc, test_acc (with test_acc_lo / test_acc_hi: its 95% bootstrap interval
-        over test images, :func:`held_out_scores`; ece, ece_lo, ece_hi: its expected calibration error), best_epoch, lr and weight_decay of the run (the grid point chosen
+        over test images, :func:`held_out_scores`; ece, ece_lo, ece_hi: its expected calibration error; knn_cls, knn_gap: the backbone's k-NN top-1, :func:`knn_scores`),
+        best_epoch, lr and weight_decay of the run (the grid point chosen
         on val when the budget holds a grid; every point's val curve is in the run's ``grid_history``),
         tuned, seconds of training, cached: loaded from the probe cache, probe_cache: the run's key in the probe
         cache, train_tokens: its token cache), and the trained probes keyed
@@ -130,6 +132,7 @@ def probe_zoo(
     rows, fitted = [], {}
     bar = tqdm(total=len(tokens) * len(specs) * len(seeds), desc="probe zoo", disable=not progress)
     for backbone, split in tokens.items():
+        knn = knn_scores(split["train"], split["test"])
         for label, options in specs.items():
             options = dict(options)
             name = options.pop("name")
@@ -151,6 +154,7 @@ def probe_zoo(
                         num_classes=int(result.probe.num_classes),
                         val_acc=result.best_acc,
                         **test,
+                        **knn,
                         best_epoch=result.best_epoch,
                         lr=result.config.get("lr"),
                         weight_decay=result.config.get("weight_decay"),
@@ -164,6 +168,20 @@ def probe_zoo(
                 bar.update()
     bar.close()
     return pd.DataFrame(rows), fitted
+
+
+def knn_scores(train: TokenSet, test: TokenSet, k: int = 20) -> dict[str, float]:
+    """Test top-1 of cosine k-NN (:func:`epviz.evaluate.knn_predict`, k = 20) on [CLS] (``knn_cls``; NaN
+    without prefix tokens) and on the mean patch token (``knn_gap``): a non-parametric reader of the same tokens."""
+    k = min(k, len(train))
+    return {
+        f"knn_{feature}": (
+            float(knn_predict(train, test, feature=feature, k=k).hits().mean())
+            if feature == "gap" or train.prefix is not None
+            else math.nan
+        )
+        for feature in KNN_FEATURES
+    }
 
 
 def held_out_scores(probe: Probe, test: TokenSet, bins: int = 15) -> dict[str, float]:

@@ -126,6 +126,12 @@ def test_the_probe_panel_says_what_a_confidence_means(start):
     same_bin = np.minimum((confident * 15).astype(int), 14) == min(int(state.confidence * 15), 14)
     assert state.bin_accuracy == pytest.approx((probs.argmax(1) == data.labels)[same_bin].mean())
     assert 0 <= state.calibration_error <= 1 and "calibration error (ECE)" in start.widgets["labels"].value
+    from epviz.evaluate import knn_predict
+
+    sets = start.model.tokens("test_vit", -1)
+    expected = knn_predict(sets["train"], sets["test"], feature="gap").preds[state.image_index]
+    assert state.knn_labels["gap"] == start.model.class_names[expected] and set(state.knn_labels) == {"cls", "gap"}
+    assert "k-NN on GAP" in start.widgets["labels"].value
 
 
 def test_evidence_view_shows_each_tokens_exact_share_of_the_chosen_logit(start):

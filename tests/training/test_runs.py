@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epviz.errors import ConfigError
-from epviz.evaluate import predict
+from epviz.evaluate import knn_predict, predict
 from epviz.probes import probe_specs
 from epviz.setting import Setting
 from epviz.tokens import TokenOrigin, TokenSet
@@ -236,6 +236,9 @@ def test_probe_zoo_one_run_per_seed_and_seed_summary():
     # the expected calibration error of the same predictions, with its interval from the same resamples
     assert table["ece"].between(0, 1).all() and (table["ece_lo"] <= table["ece_hi"]).all()
     assert (table["ece_hi"] > table["ece_lo"]).any() and "ece_std" in summary.columns
+    # k-NN reads the backbone's tokens with nothing trained: one value per backbone, in every row
+    assert table["knn_cls"].nunique() == 1 and table["knn_gap"].between(0, 1).all()
+    assert table["knn_gap"].iloc[0] == knn_predict(train, val, feature="gap").hits().mean()
     out = predict(fitted["toy", "gap", 0], val)
     scores = held_out_scores(fitted["toy", "gap", 0], val)
     assert scores["ece"] == pytest.approx(out.reliability()["gap"].sum())
