@@ -162,6 +162,26 @@ class Backbone:
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return (images - mean) / std
 
+    def block_tokens(
+        self, images: torch.Tensor, layers: Iterable[int], norm: bool | None, device: torch.device
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per block of `layers` (resolved indices), the patch (B, N, D) and prefix (B, P, D) tokens of `images`.
+
+        One forward pass up to the deepest block (timm ``forward_intermediates``); `norm` applies the
+        encoder's final norm to each block output (None: :attr:`final_norm`). Gradients and autocast are
+        the caller's.
+        """
+        model: Any = self.model  # a timm VisionTransformer: forward_intermediates is not nn.Module's
+        return model.forward_intermediates(
+            self.prepare(images, device),
+            indices=list(layers),
+            norm=self.final_norm if norm is None else norm,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+            stop_early=True,
+        )
+
     def describe(self) -> dict:
         """A JSON-able summary (used in reports and cache keys)."""
         return {

@@ -834,7 +834,7 @@ def _write_shard(
     Returns:
         The blake2b checksum of the rows written, per file.
     """
-    model: Any = backbone.model.to(device)  # a timm ViT: forward_intermediates is not nn.Module's
+    backbone.model.to(device)
     P, N, D, K = shape.prefix, shape.patch, shape.dim, shape.views
     by_name = {spec.name: spec for spec in specs}
     writers = {name: RowWriter(folder, spec, start if name == "labels.npy" else start * K) for name, spec in by_name.items()}
@@ -846,17 +846,7 @@ def _write_shard(
                 per_view = []
                 for view in range(K):
                     shown = images if K == 1 else augmented_batch(_as_float(images), done, view, view_seed, backbone.image_size)
-                    x = backbone.prepare(shown, device)
-                    outs = model.forward_intermediates(
-                        x,
-                        indices=layers,
-                        norm=norm,
-                        output_fmt="NLC",
-                        intermediates_only=True,
-                        return_prefix_tokens=True,
-                        stop_early=True,
-                    )
-                    per_view.append(outs)
+                    per_view.append(backbone.block_tokens(shown, layers, norm, device))
                 for i, layer in enumerate(layers):
                     patch = _image_major([outs[i][0] for outs in per_view])
                     if patch.shape[1:] != (N, D):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -254,16 +253,7 @@ class ImageBatches:
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The chosen block's patch and prefix tokens of `images` (no gradient)."""
         with torch.no_grad(), autocast(self.device, self.precision):
-            model: Any = self.backbone.model  # a timm VisionTransformer
-            ((patch, prefix),) = model.forward_intermediates(
-                self.backbone.prepare(images, self.device),
-                indices=[self.layer],
-                norm=self.norm,
-                output_fmt="NLC",
-                intermediates_only=True,
-                return_prefix_tokens=True,
-                stop_early=True,
-            )
+            ((patch, prefix),) = self.backbone.block_tokens(images, [self.layer], self.norm, self.device)
         return patch, (prefix if self.backbone.num_prefix_tokens else None)
 
     def _micro(self, images: torch.Tensor, labels, weight: float | None = None) -> Micro:
