@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import torch
 
 from epviz.analysis.ablation import uniform_effect
 from epviz.analysis.baselines import localization_baselines
@@ -66,6 +67,8 @@ class Selection:
         opacity: Opacity of the overlay at its peak, in [0, 1].
         evidence: In the ``"evidence"`` view, the logit whose per-token contributions are shown: one of
             :data:`EVIDENCE_FOR` (the predicted class, the true class, or their difference).
+        image: The name of an image added with :meth:`ExplorerModel.add_image` to show instead of the test
+            split's ("": the test split's images, in `order`).
     """
 
     backbone: str = "tiny-mae"
@@ -80,6 +83,7 @@ class Selection:
     position: int = 0
     opacity: float = 0.6
     evidence: str = "predicted"
+    image: str = ""
 
     def replace(self, **changes) -> Selection:
         """A copy with some fields changed; unknown field names raise a ValueError."""
@@ -273,6 +277,9 @@ class ExplorerModel:
         self._tokens: dict[tuple[str, int], dict] = {}
         self._probes: dict[tuple, _ProbeData] = {}
         self._knn: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self._images: dict[str, torch.Tensor] = {}  # added images, (3, S, S) uint8
+        self._own: dict[tuple[str, str, int], Any] = {}  # their tokens, per backbone and block
+        self._uploads: Any = None  # the folder uploads are written to
         self.counts = {"extractions": 0, "trainings": 0, "tables": 0}
 
     # --- data ----------------------------------------------------------------------------
@@ -590,6 +597,91 @@ class ExplorerModel:
             self._knn[key] = {f: knn_predict(sets["train"], sets["test"], feature=f, k=k).preds for f in features}
         return self._knn[key]
 
+    def add_image(self, image: Any, name: str | None = None) -> str:
+        """Add your own image to show (``Selection(image=name)``); returns its name.
+
+        `image` is a file path, a PIL image, or the bytes of an image file (an upload). Every form is read
+        by :func:`epviz.data.images.load_image`, with its checks (not an image, a decompression bomb, 16-bit or
+        CMYK samples converted, an extreme aspect ratio), then resized (shorter side) and centre-cropped to
+        the test images' size.
+        """
+        import tempfile
+        from pathlib import Path
+
+        from epviz.data.images import load_image
+        from epviz.data.transforms import EvalTransform
+
+        if self._uploads is None:
+            self._uploads = Path(tempfile.mkdtemp(prefix="epviz-explorer-"))
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            path = self._uploads / f"{len(self._images)}-{Path(name or 'upload').name}"
+            path.write_bytes(bytes(image))
+        elif hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image: stored losslessly (any mode), read as a file
+            path = self._uploads / f"{len(self._images)}-{Path(name or 'image').stem}.tiff"
+            image.save(path, format="TIFF")
+        else:
+            path = Path(image)
+        pixels = load_image(path, convert=True)
+        side = int(self.image_side)
+        transform = EvalTransform(resize=side, crop=side)
+        transform.check_size(int(pixels.shape[-2]), int(pixels.shape[-1]), what=str(name or path))
+        key = name or Path(path).name
+        self._images[key] = (transform.pipeline(pixels).clamp(0, 1) * 255).round().to(torch.uint8)
+        self._own.clear()
+        return key
+
+    @property
+    def image_side(self) -> int:
+        """The side of the test images (what an added image is cropped to)."""
+        return int(_image(self.test, 0).shape[0])
+
+    def _own_tokens(self, sel: Selection):
+        """A one-image TokenSet of the added image `sel.image` at the selection's block (computed once)."""
+        from epviz.runtime import resolve_device
+        from epviz.tokens import TokenOrigin, TokenSet
+
+        if sel.image not in self._images:
+            added = ", ".join(self._images) or "none yet"
+            raise ValueError(f"no added image named {sel.image!r} (added: {added}); add it with add_image(path)")
+        block = self.block(sel.backbone, sel.layer)
+        key = (sel.image, sel.backbone, block)
+        if key not in self._own:
+            backbone, meta = self.backbone(sel.backbone), self._caches[sel.backbone]["test"].meta
+            device = resolve_device(None)
+            with torch.no_grad():
+                ((patch, prefix),) = backbone.block_tokens(self._images[sel.image][None], [block], bool(meta["norm"]), device)
+            test = self.tokens(sel.backbone, sel.layer)["test"]
+            self._own[key] = TokenSet(
+                patch=patch.float().cpu().numpy(),
+                prefix=prefix.float().cpu().numpy() if test.prefix is not None else None,
+                labels=np.zeros(1, np.int64),
+                grid=test.grid,
+                num_classes=test.num_classes,
+                origin=TokenOrigin(backbone=sel.backbone, layer=block),
+            )
+        return self._own[key]
+
+    def _fill_own_image(self, sel: Selection, out: ExplorerState, data: _ProbeData, tokens) -> None:
+        """The added image: the probe's prediction and confidence, k-NN's answers; no true class, no boxes."""
+        from epviz.evaluate import KNN_FEATURES, knn_predict, predict
+
+        names = self.class_names
+        probs = _softmax(predict(data.probe, tokens).logits)[0]
+        out.image_count, out.image_index = 1, None
+        out.image = self._images[sel.image].permute(1, 2, 0).numpy()
+        out.boxes = np.zeros((0, 4), np.float32)
+        out.predicted_label, out.confidence = names[int(probs.argmax())], float(probs.max())
+        bins = data.reliability
+        out.calibration_error = float(bins["gap"].sum())
+        out.bin_accuracy = float(bins["accuracy"].iloc[min(int(out.confidence * len(bins)), len(bins) - 1)])
+        train = self.tokens(sel.backbone, sel.layer)["train"]
+        k = min(20, len(train))
+        out.knn_labels = {
+            f: names[int(knn_predict(train, tokens, feature=f, k=k).preds[0])]
+            for f in KNN_FEATURES
+            if f == "gap" or train.prefix is not None
+        }
+
     def image_maps(self, sel: Selection, data: _ProbeData, image: int) -> np.ndarray:
         """(K, N) attention maps of one test image."""
         from epviz.evaluate import collect_attention
@@ -629,19 +721,24 @@ class ExplorerModel:
         groups = self.group_labels(sel, data) if sel.view == "query groups" and k else None
         highlighted = self._highlighted(sel, k, groups)
         out.highlighted = highlighted
-        order = self.image_order(sel, data, highlighted)
-        out.image_count = len(order)
-        if not 0 <= sel.position < len(order):
-            raise ValueError(
-                f"image position {sel.position} is out of range: the ordering holds {len(order)} images "
-                f"(positions 0..{len(order) - 1})"
-            )
-        image = int(order[sel.position])
-        self._fill_image(out, data, image)
-        names = self.class_names
-        out.knn_labels = {feature: names[int(preds[image])] for feature, preds in self.knn(sel.backbone, sel.layer).items()}
+        if sel.image:
+            shown, image = self._own_tokens(sel), 0
+            self._fill_own_image(sel, out, data, shown)
+        else:
+            order = self.image_order(sel, data, highlighted)
+            out.image_count = len(order)
+            if not 0 <= sel.position < len(order):
+                raise ValueError(
+                    f"image position {sel.position} is out of range: the ordering holds {len(order)} images "
+                    f"(positions 0..{len(order) - 1})"
+                )
+            image = int(order[sel.position])
+            shown = self.tokens(sel.backbone, sel.layer)["test"]
+            self._fill_image(out, data, image)
+            names = self.class_names
+            out.knn_labels = {f: names[int(preds[image])] for f, preds in self.knn(sel.backbone, sel.layer).items()}
         if sel.view == "evidence":
-            self._fill_evidence(sel, out, data, image)
+            self._fill_evidence(sel, out, data, shown, image)
         elif sel.view != "image only" and k == 0:
             raise ValueError(
                 f"probe {sel.probe} has no attention predictors (num_predictors == 0), so the "
@@ -649,7 +746,7 @@ class ExplorerModel:
                 "or the 'image only' view"
             )
         if k:
-            self._fill_maps(sel, out, data, image, groups)
+            self._fill_maps(sel, out, data, shown, image, groups)
             table = self.table(sel, data).copy()
             if groups is not None:
                 table["group"] = groups[table["predictor"].to_numpy()]
@@ -679,13 +776,12 @@ class ExplorerModel:
         out.calibration_error = float(bins["gap"].sum())
         out.bin_accuracy = float(bins["accuracy"].iloc[min(int(out.confidence * len(bins)), len(bins) - 1)])
 
-    def _fill_evidence(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int) -> None:
+    def _fill_evidence(self, sel: Selection, out: ExplorerState, data: _ProbeData, tokens, image: int) -> None:
         """The signed per-token contributions to the chosen logit (exact, :meth:`~epviz.probes.Probe.evidence`)."""
         import torch
 
         if sel.evidence not in EVIDENCE_FOR:
             raise ValueError(f"unknown evidence {sel.evidence!r}; choose one of: {', '.join(EVIDENCE_FOR)}")
-        tokens = self.tokens(sel.backbone, sel.layer)["test"]
         batch = tokens.batch(np.array([image]))
         probe = data.probe.eval()
         try:
@@ -693,7 +789,10 @@ class ExplorerModel:
                 evidence = probe.evidence(batch.patch.to(probe.head.weight.device), _to(batch.prefix, probe))
         except NotImplementedError as err:
             raise ValueError(f"{err}: choose ep, ep_all, mhca, gap or cls for the evidence view") from None
-        predicted, true = int(data.preds[image]), int(data.labels[image])
+        predicted = int(evidence.logits()[0].argmax())
+        if sel.evidence != "predicted" and out.true_label is None:
+            raise ValueError(f"your own image has no true class: choose evidence 'predicted' (not {sel.evidence!r})")
+        true = self.class_names.index(out.true_label) if out.true_label is not None else predicted
         classes = {"predicted": [predicted], "true": [true], "predicted − true": [predicted, true]}[sel.evidence]
         sign = torch.tensor([1.0, -1.0][: len(classes)])
         per_class = evidence.patch[0, classes].cpu() * sign[:, None, None]  # (classes, K, N)
@@ -705,13 +804,17 @@ class ExplorerModel:
         assert out.image is not None  # _fill_image ran first
         out.overlay = signed_overlay(out.maps.sum(0), grid, out.image.shape[:2], sel.opacity)
 
-    def _fill_maps(self, sel: Selection, out: ExplorerState, data: _ProbeData, image: int, groups: np.ndarray | None) -> None:
+    def _fill_maps(
+        self, sel: Selection, out: ExplorerState, data: _ProbeData, tokens, image: int, groups: np.ndarray | None
+    ) -> None:
         from epviz.analysis.query_groups import group_maps
 
         if sel.view in ("image only", "evidence"):
             return
-        maps = self.image_maps(sel, data, image)
-        grid = self.tokens(sel.backbone, sel.layer)["test"].grid
+        from epviz.evaluate import collect_attention
+
+        maps = collect_attention(data.probe, tokens, index=[image])[0]
+        grid = tokens.grid
         assert out.image is not None  # _fill_image ran first
         size = out.image.shape[:2]
         if sel.view == "one query":

@@ -35,8 +35,11 @@ def _draw_image(ax, state: ExplorerState) -> None:
         ax.imshow(state.overlay, interpolation="nearest")
     if state.boxes is not None:
         draw_boxes(ax, state.boxes, lw=1.2)
-    colour = "tab:green" if state.correct else "tab:red"
-    title = f"image {state.image_index}: true {state.true_label}\npredicted {state.predicted_label} ({state.confidence:.0%})"
+    colour = {True: "tab:green", False: "tab:red", None: "0.2"}[state.correct]
+    shown = (
+        f"your image {state.selection.image}" if state.selection.image else f"image {state.image_index}: true {state.true_label}"
+    )
+    title = f"{shown}\npredicted {state.predicted_label} ({state.confidence:.0%})"
     if state.evidence is not None:
         title += f"\nevidence for {state.selection.evidence} (red for, blue against): logit {state.evidence:+.2f}"
     ax.set_title(title, fontsize=8, color=colour)

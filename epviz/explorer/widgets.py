@@ -113,6 +113,7 @@ class Explorer:
             "position": w.IntSlider(value=sel.position, min=0, max=max(sel.position, 0), description="image"),
             "opacity": w.FloatSlider(value=sel.opacity, min=0.0, max=1.0, step=0.05, description="opacity"),
             "evidence": w.Dropdown(options=list(EVIDENCE_FOR), value=sel.evidence, description="evidence"),
+            "image": w.Dropdown(options=[("test split", "")], value="", description="shown"),
         }
         if sel.layer != -1:
             ws["layer"].options = [("last block", -1), (f"block {sel.layer}", sel.layer)]
@@ -124,6 +125,9 @@ class Explorer:
                 widget.continuous_update = False  # sliders update on release, not on every step
             widget.add_class(f"epviz-explorer-{name}")
             widget.observe(self._changed, names="value")
+        ws["upload"] = w.FileUpload(accept="image/*", multiple=False, description="your image")
+        ws["upload"].add_class("epviz-explorer-upload")
+        ws["upload"].observe(self._uploaded, names="value")
         ws["progress"] = w.FloatProgress(value=0.0, min=0.0, max=1.0, description="", layout=w.Layout(width="220px"))
         ws["status"] = w.HTML(value="")
         ws["error"] = w.HTML(value="")
@@ -143,7 +147,7 @@ class Explorer:
             [
                 w.VBox([ws[n] for n in ("backbone", "layer", "probe", "queries")]),
                 w.VBox([ws[n] for n in ("view", "query", "groups", "evidence", "opacity")]),
-                w.VBox([ws[n] for n in ("order", "label", "position")]),
+                w.VBox([ws[n] for n in ("order", "label", "position", "image", "upload")]),
             ]
         )
         box = w.VBox(
@@ -230,6 +234,25 @@ class Explorer:
     def _syncing(self) -> bool:
         """Whether this thread is making its own widget updates (their change events are not choices)."""
         return getattr(self._local, "syncing", False)
+
+    def add_image(self, image, name: str | None = None) -> ExplorerState:
+        """Show your own image (a path, a PIL image or an image file's bytes; see :meth:`ExplorerModel.add_image`).
+
+        A file that cannot be used leaves the widgets as they were and shows why.
+        """
+        try:
+            with self.widgets["log"]:
+                key = self.model.add_image(image, name)
+        except (ValueError, OSError, TypeError) as err:
+            return self._fail(str(err))
+        widget = self.widgets["image"]
+        with self._quiet():
+            widget.options = [*[o for o in widget.options if o[1] != key], (f"yours: {key}", key)]
+        return self.set(image=key)
+
+    def _uploaded(self, change) -> None:
+        for item in change["new"]:
+            self.add_image(bytes(item["content"]), name=item["name"])
 
     def _changed(self, change) -> None:
         if self._syncing:
@@ -333,12 +356,17 @@ def _error_html(message: str) -> str:
 
 
 def _labels_html(state: ExplorerState) -> str:
-    if state.true_label is None:
+    if state.predicted_label is None:
         return ""
-    colour = "#1b7f1b" if state.correct else "#b00020"
+    colour = {True: "#1b7f1b", False: "#b00020", None: "#333333"}[state.correct]
+    shown = (
+        f"your image {_escape(state.selection.image)}"
+        if state.selection.image
+        else f"image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
+        f"true <b>{_escape(str(state.true_label))}</b>"
+    )
     return (
-        f"<div style='font-size:13px'>image {state.image_index} ({state.selection.position + 1} of {state.image_count}) · "
-        f"true <b>{_escape(state.true_label)}</b> · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
+        f"<div style='font-size:13px'>{shown} · predicted <b style='color:{colour}'>{_escape(state.predicted_label)}</b> "
         f"({state.confidence:.0%}; test images this confident are right {state.bin_accuracy:.0%} of the time) · "
         f"probe test top-1 {state.accuracy:.1%}, calibration error (ECE) {state.calibration_error:.1%}"
         + "".join(f" · k-NN on {'[CLS]' if f == 'cls' else 'GAP'}: {_escape(label)}" for f, label in state.knn_labels.items())

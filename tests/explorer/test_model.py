@@ -43,6 +43,7 @@ def start(explorer):
         position=0,
         opacity=0.6,
         evidence="predicted",
+        image="",
     )
     assert explorer.state.error == ""
     return explorer
@@ -153,6 +154,34 @@ def test_evidence_view_shows_each_tokens_exact_share_of_the_chosen_logit(start):
     lp = start.set(probe="cls", evidence="predicted")
     assert lp.error == "" and np.abs(lp.maps).max() == 0, "LP on [CLS] takes nothing from the patch tokens"
     assert start.set(evidence="nope").error != ""
+
+
+def test_your_own_image_is_read_checked_and_shown_like_a_test_image(start, tmp_path):
+    import datetime
+
+    from PIL import Image
+
+    test_image = start.set(view="all queries", position=5)
+    Image.fromarray(test_image.image).save(tmp_path / "mine.png")
+    mine = start.add_image(tmp_path / "mine.png")
+    assert mine.error == "" and mine.true_label is None and mine.boxes.shape == (0, 4)
+    assert mine.predicted_label == test_image.predicted_label and set(mine.knn_labels) == {"cls", "gap"}
+    np.testing.assert_allclose(mine.maps, test_image.maps, atol=2e-3)  # the same pixels give the same maps
+    assert "your image mine.png" in start.widgets["labels"].value
+    assert start.set(view="evidence").error == ""
+    assert "no true class" in start.set(evidence="true").error
+    start.set(evidence="predicted")
+    cmyk = start.add_image(Image.fromarray(test_image.image).convert("CMYK"), name="cmyk")
+    assert cmyk.error == "" and cmyk.selection.image == "cmyk", "a CMYK image is converted, as the loaders do"
+    content = (tmp_path / "mine.png").read_bytes()
+    upload = {"name": "upload.png", "type": "image/png", "size": len(content), "content": memoryview(content)}
+    upload["last_modified"] = datetime.datetime.now(datetime.timezone.utc)
+    start.widgets["upload"].value = (upload,)  # the upload widget's own event
+    assert start.state.selection.image == "upload.png" and start.state.predicted_label == test_image.predicted_label
+    failed = start.add_image(b"plain text, not pixels", name="not-an-image.png")
+    assert "not-an-image.png" in failed.error and start.state.selection.image == "upload.png"
+    assert "not a valid image" in start.set(image="nope").error, "the widget offers the added images only"
+    assert "no added image named 'nope'" in start.model.state(start.state.selection.replace(image="nope")).error
 
 
 def test_reselecting_a_probe_never_retrains(start):
