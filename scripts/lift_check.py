@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbones", nargs="+", default=["tiny-mae", "tiny-sup", "tiny-random", "tiny-pixels"])
     parser.add_argument("--probe", default="ep16")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2, 3e-2])
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-2, 3e-2, 1e-1])
     parser.add_argument("--train", type=int, default=6000, help="train canvases")
     parser.add_argument("--test", type=int, default=1000, help="test canvases measured")
     parser.add_argument("--threshold-step", type=float, default=0.05, help="MaxBoxAccV2 thresholds 0, step, ... < 1")
