@@ -686,6 +686,100 @@ def lift_section(docs: str | os.PathLike) -> str | None:
     return render_lift_section(pd.read_csv(table), pd.read_csv(pairs))
 
 
+SALIENCE_START, SALIENCE_END = "<!-- salience:start -->", "<!-- salience:end -->"
+QUERIES_START, QUERIES_END = "<!-- queries:start -->", "<!-- queries:end -->"
+
+
+def _paired_text(pairs: pd.DataFrame, a: str, b: str, measure: str, scale: float = 1.0, digits: int = 3, **where) -> str:
+    """One paired difference of ``scripts/lift_check.py``'s pairs CSV as ``+x [lo, hi]`` (`` n.r.`` when it covers 0)."""
+    rows = pairs[(pairs["a"] == a) & (pairs["b"] == b) & (pairs["measure"] == measure)]
+    for column, value in where.items():
+        rows = rows[rows[column] == value]
+    if len(rows) != 1:
+        raise ValueError(f"the pairs CSV holds {len(rows)} rows of {a} - {b} ({measure}, {where}); expected one")
+    r = rows.iloc[0]
+    covers = "" if r["lo"] > 0 or r["hi"] < 0 else " n.r."
+    return f"{scale * r['estimate']:+.{digits}f} [{scale * r['lo']:+.{digits}f}, {scale * r['hi']:+.{digits}f}]{covers}"
+
+
+def render_salience_section(
+    table: pd.DataFrame, pairs: pd.DataFrame, first: str = "tiny-mae", second: str = "tiny-random"
+) -> str:
+    """The README's salience finding (markers included), every number from ``lift_check.py --salience``'s CSVs."""
+    levels = sorted(int(v) for v in table["salience"].unique() if v)
+    trained = table[table["condition"] == "trained"].groupby(["salience", "backbone"])[["test_acc", "mask_lift"]].mean()
+
+    def fall(name: str, measure: str, scale: float, digits: int) -> str:
+        return " / ".join(
+            _paired_text(pairs, f"{name} fall 0->{lv}", "no fall", measure, scale, digits, salience=lv) for lv in levels
+        )
+
+    def gap(measure: str, scale: float, digits: int) -> str:
+        return " / ".join(
+            _paired_text(pairs, f"{first} fall 0->{lv}", f"{second} fall 0->{lv}", measure, scale, digits, salience=lv)
+            for lv in levels
+        )
+
+    top, worst = levels[-1], trained.loc[levels[-1]]
+    seeds, images = table["seed"].nunique(), int(pairs["images"].max())
+    return "\n".join(
+        [
+            SALIENCE_START,
+            f"- *Salience (`scripts/lift_check.py --salience`, `docs/salience.csv`; EP16, {seeds} seeds, {images:,} test",
+            f"  canvases per level).* As brightness says less about where the item is (levels {' / '.join(map(str, levels))}),",
+            f"  top-1 falls by {fall(first, 'test_acc', 100, 1)} points on {first} and {fall(second, 'test_acc', 100, 1)}",
+            f"  on {second}; the difference of the falls is {gap('test_acc', 100, 1)} points. Lift falls by",
+            f"  {fall(first, 'mask_lift', 1, 3)} on {first}, {fall(second, 'mask_lift', 1, 3)} on {second} (difference",
+            f"  {gap('mask_lift', 1, 3)}). At level {top}, top-1 {100 * worst.loc[first, 'test_acc']:.1f} against",
+            f"  {100 * worst.loc[second, 'test_acc']:.1f}, lift {worst.loc[first, 'mask_lift']:.3f} against "
+            f"{worst.loc[second, 'mask_lift']:.3f} ({first} − {second}:",
+            f"  {_paired_text(pairs, f'{first} trained', f'{second} trained', 'mask_lift', salience=top)}).",
+            SALIENCE_END,
+        ]
+    )
+
+
+def render_queries_section(table: pd.DataFrame, pairs: pd.DataFrame) -> str:
+    """The README's number-of-queries finding (markers included), every number from ``lift_check.py --queries``'s CSVs."""
+    trained = table[table["condition"] == "trained"]
+    backbone, probe = str(trained["backbone"].iloc[0]), str(trained["probe"].iloc[0])
+    means = trained.groupby("queries")[["test_acc", "mask_lift"]].mean()
+    ms = [int(m) for m in means.index]
+    reference = 16 if 16 in ms else max(ms)
+    by_m = ", ".join(f"{m}: {100 * means.loc[m, 'test_acc']:.1f} / {means.loc[m, 'mask_lift']:.3f}" for m in ms)
+    versus = "; ".join(
+        f"M = {m}: {_paired_text(pairs, f'{backbone} M={m}', f'{backbone} M={reference}', 'test_acc', 100, 1)}"
+        for m in ms
+        if m != reference
+    )
+    seeds = trained["seed"].nunique()
+    return "\n".join(
+        [
+            QUERIES_START,
+            f"- *Number of queries M (`lift_check.py --queries`, `docs/queries.csv`; {probe} on {backbone}, {seeds} seeds).*",
+            f"  Top-1 / lift by M: {by_m}.",
+            f"  Top-1 against M = {reference}: {versus} points.",
+            QUERIES_END,
+        ]
+    )
+
+
+def _generated_sections(docs: Path) -> list[tuple[str, str, str, str, str]]:
+    """The README sections the CSVs under `docs` give: (name, start marker, end marker, text, sources)."""
+    out = []
+    lift = lift_section(docs)
+    if lift is not None:
+        out.append(("localization", LIFT_START, LIFT_END, lift, "lift.csv and lift_pairs.csv beside it"))
+    for name, start, end, render in (
+        ("salience", SALIENCE_START, SALIENCE_END, render_salience_section),
+        ("queries", QUERIES_START, QUERIES_END, render_queries_section),
+    ):
+        table, pairs = docs / f"{name}.csv", docs / f"{name}_pairs.csv"
+        if table.is_file() and pairs.is_file():
+            out.append((name, start, end, render(pd.read_csv(table), pd.read_csv(pairs)), f"{name}.csv and {name}_pairs.csv"))
+    return out
+
+
 def _published(csv: Path) -> pd.DataFrame | None:
     return read_results(csv) if csv.is_file() else None
 
@@ -724,9 +818,10 @@ def write_readme(readme: str | os.PathLike, csv: str | os.PathLike, source_name:
         text = text.rstrip("\n") + f"\n\n## Results\n\n{section}\n"
     else:
         text = text.replace(current, section)
-    lift, current = lift_section(csv.parent), readme_section(text, LIFT_START, LIFT_END)
-    if lift is not None and current is not None:
-        text = text.replace(current, lift)
+    for _, start, end, generated, _ in _generated_sections(csv.parent):
+        current = readme_section(text, start, end)
+        if current is not None:
+            text = text.replace(current, generated)
     return atomic_write_text(readme, text)
 
 
@@ -737,9 +832,7 @@ def check_readme(readme: str | os.PathLike, csv: str | os.PathLike, source_name:
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     fix = f"run `epviz results --write` (it rebuilds the sections from {source_name} and the CSVs beside it) and commit"
     sections = [("results", START, END, render_section(_published(csv), source_name), source_name)]
-    lift = lift_section(csv.parent)
-    if lift is not None:
-        sections.append(("localization", LIFT_START, LIFT_END, lift, "lift.csv and lift_pairs.csv beside it"))
+    sections += _generated_sections(csv.parent)
     for name, start, end, expected, source in sections:
         found = readme_section(text, start, end)
         if found is None:

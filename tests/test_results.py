@@ -373,3 +373,46 @@ def test_the_localization_section_is_checked_against_its_csvs(tmp_path):
     readme.write_text(f"{results.START}\n{results.END}\n")
     results.write_readme(readme, csv)
     assert "no localization section" in results.check_readme(readme, csv)
+
+
+def salience_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows = [
+        {"salience": lv, "backbone": b, "condition": "trained", "seed": s, "test_acc": acc - 0.2 * lv, "mask_lift": 0.4 - 0.1 * lv}
+        for lv in (0, 2)
+        for b, acc in (("tiny-mae", 0.7), ("tiny-random", 0.6))
+        for s in (0, 1)
+    ]  # fmt: skip
+
+    def pair(a, b, measure, estimate, lo, hi):
+        return {"salience": 2, "a": a, "b": b, "measure": measure, "estimate": estimate, "lo": lo, "hi": hi, "images": 10}
+
+    pairs = [
+        pair(f"{name} fall 0->2", "no fall", measure, 0.4, 0.3, 0.5)
+        for name in ("tiny-mae", "tiny-random")
+        for measure in ("test_acc", "mask_lift")
+    ]
+    pairs += [
+        pair("tiny-mae fall 0->2", "tiny-random fall 0->2", "test_acc", -0.02, -0.05, 0.01),
+        pair("tiny-mae fall 0->2", "tiny-random fall 0->2", "mask_lift", 0.0, -0.01, 0.01),
+        pair("tiny-mae trained", "tiny-random trained", "mask_lift", 0.08, 0.06, 0.1),
+    ]
+    return pd.DataFrame(rows), pd.DataFrame(pairs)
+
+
+def test_the_salience_finding_is_generated_from_its_csvs_and_checked(tmp_path):
+    table, pairs = salience_tables()
+    csv = tmp_path / "results.csv"
+    csv.write_text(",".join(results.RESULT_COLUMNS) + "\n")
+    table.to_csv(tmp_path / "salience.csv", index=False)
+    pairs.to_csv(tmp_path / "salience_pairs.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.SALIENCE_START}\nold\n{results.SALIENCE_END}\n\n{results.START}\n{results.END}\n")
+    results.write_readme(readme, csv)
+    assert results.check_readme(readme, csv) is None
+    text = readme.read_text()
+    assert "top-1 falls by +40.0 [+30.0, +50.0] points on tiny-mae" in text
+    assert "the difference of the falls is -2.0 [-5.0, +1.0] n.r. points" in text, "an interval covering 0 reads n.r."
+    assert "At level 2, top-1 30.0 against" in text and "(tiny-mae − tiny-random:\n  +0.080 [+0.060, +0.100])" in text
+    pairs.loc[0, "estimate"] = 0.45  # a changed number fails the check
+    pairs.to_csv(tmp_path / "salience_pairs.csv", index=False)
+    assert "not what salience.csv" in results.check_readme(readme, csv)

@@ -237,3 +237,8 @@ def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_p
     assert set(table.loc[table["queries"] == 2, "entropy_norm"]) != set(table.loc[table["queries"] == 4, "entropy_norm"])
     sweep = pairs[pairs["a"] == "tiny-pixels M=2"]
     assert list(sweep["b"]) == ["tiny-pixels M=4"] * 2 and set(sweep["measure"]) == {"test_acc", "mask_lift"}
+    from epviz.results import render_queries_section
+
+    section = render_queries_section(table, pairs)  # the README's finding, every number from these two files
+    top1 = table[(table["condition"] == "trained") & (table["queries"] == 2)]["test_acc"].mean()
+    assert f"2: {100 * top1:.1f} / " in section and "Top-1 against M = 4: M = 2: " in section
