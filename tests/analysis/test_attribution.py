@@ -338,3 +338,27 @@ def test_attribution_vs_attention_uses_the_plain_maps(tokens):
     assert {"output_diff", "delta", "target", "label"} <= set(table.columns)
     with pytest.raises(ValueError, match="no attention predictors"):
         attribution_vs_attention(probes.build("gap", D, C), tokens)
+
+
+@pytest.mark.parametrize("name", ["ep", "mhca"])
+def test_integrated_gradients_on_the_linear_part_recover_the_exact_evidence(tokens, name):
+    """After pooling, a probe is linear: captum's IG on hook_pooled from the BatchNorm mean gives each pooled
+    column exactly W (p - mu) / sigma, and a predictor's columns sum to its evidence over all tokens."""
+    from captum.attr import IntegratedGradients
+
+    probe = sharp(name, tokens, **({"heads": 4} if name == "mhca" else {}))
+    batch = tokens.batch(np.arange(6))
+    with torch.no_grad():
+        evidence = probe.evidence(batch.patch, batch.prefix)
+        target = probe(batch.patch, batch.prefix).argmax(1)
+        pooled = probe.pooled(batch.patch, batch.prefix)
+    ig = IntegratedGradients(lambda p: probe.head(probe.norm(p)))  # what follows the pooling
+    attributions = ig.attribute(pooled, baselines=probe.norm.running_mean.expand(6, -1), target=target, n_steps=8)
+    rows = torch.arange(6)
+    per_predictor = evidence.patch.sum(-1) + evidence.other  # (6, C, K): what each predictor adds
+    if name == "ep":  # each query owns its slice of the pooled columns
+        by_slice = torch.stack([attributions[:, cols].sum(1) for cols in probe.predictor_slices()], dim=1)
+        torch.testing.assert_close(by_slice.double(), per_predictor[rows, target].double(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        attributions.sum(1).double(), per_predictor[rows, target].sum(-1).double(), atol=1e-4, rtol=0
+    )  # all of it: logit - bias
