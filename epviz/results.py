@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -722,21 +723,32 @@ def render_salience_section(
 
     top, worst = levels[-1], trained.loc[levels[-1]]
     seeds, images = table["seed"].nunique(), int(pairs["images"].max())
-    return "\n".join(
-        [
-            SALIENCE_START,
-            f"- *Salience (`scripts/lift_check.py --salience`, `docs/salience.csv`; EP16, {seeds} seeds, {images:,} test",
-            f"  canvases per level).* As brightness says less about where the item is (levels {' / '.join(map(str, levels))}),",
-            f"  top-1 falls by {fall(first, 'test_acc', 100, 1)} points on {first} and {fall(second, 'test_acc', 100, 1)}",
-            f"  on {second}; the difference of the falls is {gap('test_acc', 100, 1)} points. Lift falls by",
-            f"  {fall(first, 'mask_lift', 1, 3)} on {first}, {fall(second, 'mask_lift', 1, 3)} on {second} (difference",
-            f"  {gap('mask_lift', 1, 3)}). At level {top}, top-1 {100 * worst.loc[first, 'test_acc']:.1f} against",
-            f"  {100 * worst.loc[second, 'test_acc']:.1f}, lift {worst.loc[first, 'mask_lift']:.3f} against "
-            f"{worst.loc[second, 'mask_lift']:.3f} ({first} − {second}:",
-            f"  {_paired_text(pairs, f'{first} trained', f'{second} trained', 'mask_lift', salience=top)}).",
-            SALIENCE_END,
-        ]
+    last = pairs[(pairs["a"] == f"{first} fall 0->{top}") & (pairs["b"] == f"{second} fall 0->{top}")]
+    lift_gap = last[last["measure"] == "mask_lift"].iloc[0]
+    reading = (
+        f"{second} loses more of its mass on the item than {first}: the first localization measure here that "
+        "separates pre-training from the random backbone"
+        if lift_gap["hi"] < 0
+        else f"{first} loses more of its mass on the item than {second}"
+        if lift_gap["lo"] > 0
+        else "the two lose their mass on the item alike (not resolved)"
     )
+    text = (
+        f"*Salience (`scripts/lift_check.py --salience`, `docs/salience.csv`; EP16, {seeds} seeds, {images:,} test "
+        f"canvases per level).* As brightness says less about where the item is (levels {' / '.join(map(str, levels))}), "
+        f"top-1 falls by {fall(first, 'test_acc', 100, 1)} points on {first} and by {fall(second, 'test_acc', 100, 1)} "
+        f"on {second} (difference of the falls {gap('test_acc', 100, 1)}); lift falls by {fall(first, 'mask_lift', 1, 3)} "
+        f"and {fall(second, 'mask_lift', 1, 3)} (difference {gap('mask_lift', 1, 3)}). At level {top} {reading} "
+        f"(top-1 {100 * worst.loc[first, 'test_acc']:.1f} against {100 * worst.loc[second, 'test_acc']:.1f}, lift "
+        f"{worst.loc[first, 'mask_lift']:.3f} against {worst.loc[second, 'mask_lift']:.3f}; {first} − {second}: "
+        f"{_paired_text(pairs, f'{first} trained', f'{second} trained', 'mask_lift', salience=top)})."
+    )
+    return "\n".join([SALIENCE_START, _bullet(text), SALIENCE_END])
+
+
+def _bullet(text: str, width: int = 116) -> str:
+    """`text` as one README list item, wrapped at `width`."""
+    return textwrap.fill(text, width, initial_indent="- ", subsequent_indent="  ", break_on_hyphens=False)
 
 
 def render_queries_section(table: pd.DataFrame, pairs: pd.DataFrame) -> str:
@@ -753,15 +765,11 @@ def render_queries_section(table: pd.DataFrame, pairs: pd.DataFrame) -> str:
         if m != reference
     )
     seeds = trained["seed"].nunique()
-    return "\n".join(
-        [
-            QUERIES_START,
-            f"- *Number of queries M (`lift_check.py --queries`, `docs/queries.csv`; {probe} on {backbone}, {seeds} seeds).*",
-            f"  Top-1 / lift by M: {by_m}.",
-            f"  Top-1 against M = {reference}: {versus} points.",
-            QUERIES_END,
-        ]
+    text = (
+        f"*Number of queries M (`lift_check.py --queries`, `docs/queries.csv`; {probe} on {backbone}, {seeds} seeds).* "
+        f"Top-1 / lift by M: {by_m}. Top-1 against M = {reference}: {versus} points."
     )
+    return "\n".join([QUERIES_START, _bullet(text), QUERIES_END])
 
 
 def _generated_sections(docs: Path) -> list[tuple[str, str, str, str, str]]:
