@@ -765,9 +765,15 @@ def render_queries_section(table: pd.DataFrame, pairs: pd.DataFrame) -> str:
         if m != reference
     )
     seeds = trained["seed"].nunique()
+    resolved = {m: not _paired_text(pairs, f"{backbone} M={m}", f"{backbone} M={reference}", "test_acc").endswith("n.r.")
+                for m in ms if m != reference}  # fmt: skip
+    plateau = min((m for m in ms if not any(resolved.get(n, False) for n in ms if n >= m)), default=reference)
+    lift = means["mask_lift"]
     text = (
         f"*Number of queries M (`lift_check.py --queries`, `docs/queries.csv`; {probe} on {backbone}, {seeds} seeds).* "
-        f"Top-1 / lift by M: {by_m}. Top-1 against M = {reference}: {versus} points."
+        f"Top-1 / lift by M: {by_m}. Top-1 against M = {reference} (points): {versus}; top-1 is M = {reference}'s "
+        f"from M = {plateau} on (no larger M resolved against it), while lift falls from {lift.max():.3f} (M = "
+        f"{int(lift.idxmax())}) to {lift[max(ms)]:.3f} (M = {max(ms)}): more queries, each less on the item."
     )
     return "\n".join([QUERIES_START, _bullet(text), QUERIES_END])
 
