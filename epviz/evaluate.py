@@ -30,6 +30,7 @@ __all__ = [
     "KNN_FEATURES",
     "Predictions",
     "knn_predict",
+    "knn_predictions",
     "predict",
     "accuracy",
     "attention_maps",
@@ -79,12 +80,16 @@ class Predictions:
         """Softmax probability of the predicted class, shape (n,)."""
         return torch.from_numpy(self.logits).double().softmax(dim=1).max(dim=1).values.numpy()
 
+    def _confidence_bins(self, bins: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's confidence and its bin among `bins` equal-width bins over [0, 1]."""
+        bins = check_int("bins", bins, 1)
+        confidence = self.confidence()
+        return confidence, np.minimum((confidence * bins).astype(np.int64), bins - 1)
+
     def calibration_gaps(self, bins: int = 15) -> np.ndarray:
         """(n, bins): each sample's (correct - confidence) in the column of its confidence bin (equal width over
         [0, 1]), 0 elsewhere. The expected calibration error is ``abs(gaps.mean(0)).sum()``."""
-        bins = check_int("bins", bins, 1)
-        confidence = self.confidence()
-        column = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+        confidence, column = self._confidence_bins(bins)
         gaps = np.zeros((len(confidence), bins))
         gaps[np.arange(len(confidence)), column] = (self.preds == self.labels) - confidence
         return gaps
@@ -92,16 +97,14 @@ class Predictions:
     def reliability(self, bins: int = 15) -> pd.DataFrame:
         """The reliability diagram's table: per confidence bin its range, count, mean confidence and accuracy
         (NaN in empty bins), and ``gap`` = its share of the expected calibration error."""
-        bins = check_int("bins", bins, 1)
-        confidence, correct = self.confidence(), self.preds == self.labels
-        column = np.minimum((confidence * bins).astype(np.int64), bins - 1)
-        table = pd.DataFrame({"bin": column, "confidence": confidence, "accuracy": correct.astype(float)})
+        confidence, column = self._confidence_bins(bins)
+        table = pd.DataFrame({"bin": column, "confidence": confidence, "accuracy": (self.preds == self.labels).astype(float)})
         per_bin = table.groupby("bin").agg(
             count=("confidence", "size"), confidence=("confidence", "mean"), accuracy=("accuracy", "mean")
         )
         per_bin = per_bin.reindex(range(bins)).assign(lo=np.arange(bins) / bins, hi=np.arange(1, bins + 1) / bins)
         per_bin["count"] = per_bin["count"].fillna(0).astype(int)
-        per_bin["gap"] = (per_bin["count"] / max(len(confidence), 1)) * (per_bin["accuracy"] - per_bin["confidence"]).abs()
+        per_bin["gap"] = pd.Series(np.abs(self.calibration_gaps(bins).mean(axis=0))).where(per_bin["count"] > 0)
         return per_bin.reset_index()[["bin", "lo", "hi", "count", "confidence", "accuracy", "gap"]]
 
     def to_frame(self) -> pd.DataFrame:
@@ -342,6 +345,12 @@ def knn_predict(
         votes.scatter_add_(1, bank_labels[nearest], (sims.double() / temperature).exp())
         logits.append((votes / votes.sum(1, keepdim=True)).clamp_min(1e-12).log().float())
     return Predictions(torch.cat(logits).numpy(), np.asarray(test.labels), np.arange(len(test)))
+
+
+def knn_predictions(train: TokenSet, test: TokenSet, k: int = 20) -> dict[str, Predictions]:
+    """:func:`knn_predict` on every feature the tokens have ([CLS] only with prefix tokens), k capped at len(train)."""
+    k = min(k, len(train))
+    return {f: knn_predict(train, test, feature=f, k=k) for f in KNN_FEATURES if f == "gap" or train.prefix is not None}
 
 
 def accuracy(

@@ -646,14 +646,11 @@ def render_lift_section(
         )
 
     def paired(a: str, b: str) -> str:
-        lift = pairs[pairs["measure"] == "mask_lift"]
         for sign, (x, y) in ((1, (a, b)), (-1, (b, a))):  # a - b, or -(b - a)
-            row = lift[(lift["a"] == x) & (lift["b"] == y)]
-            if len(row) == 1:
-                r = row.iloc[0]
-                lo, hi = sorted((sign * r["lo"], sign * r["hi"]))
-                covers = "" if lo > 0 or hi < 0 else " n.r."
-                return f"{sign * r['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}]{covers}"
+            try:
+                return _paired_text(pairs, x, y, "mask_lift", sign)
+            except DataError:
+                continue
         return "–"
 
     for backbone, part in table.groupby("backbone", sort=False):
@@ -697,10 +694,11 @@ def _paired_text(pairs: pd.DataFrame, a: str, b: str, measure: str, scale: float
     for column, value in where.items():
         rows = rows[rows[column] == value]
     if len(rows) != 1:
-        raise ValueError(f"the pairs CSV holds {len(rows)} rows of {a} - {b} ({measure}, {where}); expected one")
+        raise DataError(f"the pairs CSV holds {len(rows)} rows of {a} - {b} ({measure}, {where}); expected one")
     r = rows.iloc[0]
     covers = "" if r["lo"] > 0 or r["hi"] < 0 else " n.r."
-    return f"{scale * r['estimate']:+.{digits}f} [{scale * r['lo']:+.{digits}f}, {scale * r['hi']:+.{digits}f}]{covers}"
+    lo, hi = sorted((scale * r["lo"], scale * r["hi"]))  # a negative scale swaps the bounds
+    return f"{scale * r['estimate']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{covers}"
 
 
 def render_salience_section(

@@ -587,14 +587,12 @@ class ExplorerModel:
 
     def knn(self, backbone: str, layer: int) -> dict[str, np.ndarray]:
         """Cosine k-NN predictions (k = 20) for every test image, on [CLS] (where there is one) and on GAP, computed once."""
-        from epviz.evaluate import KNN_FEATURES, knn_predict
+        from epviz.evaluate import knn_predictions
 
         key = (backbone, self.block(backbone, layer))
         if key not in self._knn:
             sets = self.tokens(backbone, layer)
-            features = [f for f in KNN_FEATURES if f == "gap" or sets["train"].prefix is not None]
-            k = min(20, len(sets["train"]))
-            self._knn[key] = {f: knn_predict(sets["train"], sets["test"], feature=f, k=k).preds for f in features}
+            self._knn[key] = {f: found.preds for f, found in knn_predictions(sets["train"], sets["test"]).items()}
         return self._knn[key]
 
     def add_image(self, image: Any, name: str | None = None) -> str:
@@ -627,7 +625,7 @@ class ExplorerModel:
         transform.check_size(int(pixels.shape[-2]), int(pixels.shape[-1]), what=str(name or path))
         key = name or Path(path).name
         self._images[key] = (transform.pipeline(pixels).clamp(0, 1) * 255).round().to(torch.uint8)
-        self._own.clear()
+        self._own = {k: v for k, v in self._own.items() if k[0] != key}  # a name added again: its tokens anew
         return key
 
     @property
@@ -646,11 +644,12 @@ class ExplorerModel:
         block = self.block(sel.backbone, sel.layer)
         key = (sel.image, sel.backbone, block)
         if key not in self._own:
-            backbone, meta = self.backbone(sel.backbone), self._caches[sel.backbone]["test"].meta
-            device = resolve_device(None)
+            test = self.tokens(sel.backbone, sel.layer)["test"]  # extracts the caches when they are not yet there
+            norm = bool(self._caches[sel.backbone]["test"].meta["norm"])  # the added image's tokens as the cache's
             with torch.no_grad():
-                ((patch, prefix),) = backbone.block_tokens(self._images[sel.image][None], [block], bool(meta["norm"]), device)
-            test = self.tokens(sel.backbone, sel.layer)["test"]
+                ((patch, prefix),) = self.backbone(sel.backbone).block_tokens(
+                    self._images[sel.image][None], [block], norm, resolve_device(None)
+                )
             self._own[key] = TokenSet(
                 patch=patch.float().cpu().numpy(),
                 prefix=prefix.float().cpu().numpy() if test.prefix is not None else None,
@@ -663,30 +662,17 @@ class ExplorerModel:
 
     def _fill_own_image(self, sel: Selection, out: ExplorerState, data: _ProbeData, tokens) -> None:
         """The added image: the probe's prediction and confidence, k-NN's answers; no true class, no boxes."""
-        from epviz.evaluate import KNN_FEATURES, knn_predict, predict
+        from epviz.evaluate import knn_predictions, predict
 
         names = self.class_names
         probs = _softmax(predict(data.probe, tokens).logits)[0]
         out.image_count, out.image_index = 1, None
         out.image = self._images[sel.image].permute(1, 2, 0).numpy()
         out.boxes = np.zeros((0, 4), np.float32)
-        out.predicted_label, out.confidence = names[int(probs.argmax())], float(probs.max())
-        bins = data.reliability
-        out.calibration_error = float(bins["gap"].sum())
-        out.bin_accuracy = float(bins["accuracy"].iloc[min(int(out.confidence * len(bins)), len(bins) - 1)])
+        out.predicted_label = names[int(probs.argmax())]
+        _fill_confidence(out, data, float(probs.max()))
         train = self.tokens(sel.backbone, sel.layer)["train"]
-        k = min(20, len(train))
-        out.knn_labels = {
-            f: names[int(knn_predict(train, tokens, feature=f, k=k).preds[0])]
-            for f in KNN_FEATURES
-            if f == "gap" or train.prefix is not None
-        }
-
-    def image_maps(self, sel: Selection, data: _ProbeData, image: int) -> np.ndarray:
-        """(K, N) attention maps of one test image."""
-        from epviz.evaluate import collect_attention
-
-        return collect_attention(data.probe, self.tokens(sel.backbone, sel.layer)["test"], index=[image])[0]
+        out.knn_labels = {f: names[int(found.preds[0])] for f, found in knn_predictions(train, tokens).items()}
 
     # --- the state -----------------------------------------------------------------------
 
@@ -771,22 +757,17 @@ class ExplorerModel:
         out.boxes = _boxes(self.test, image)
         out.true_label = names[int(data.labels[image])]
         out.predicted_label = names[int(data.preds[image])]
-        out.confidence = float(data.probs[image].max())
-        bins = data.reliability
-        out.calibration_error = float(bins["gap"].sum())
-        out.bin_accuracy = float(bins["accuracy"].iloc[min(int(out.confidence * len(bins)), len(bins) - 1)])
+        _fill_confidence(out, data, float(data.probs[image].max()))
 
     def _fill_evidence(self, sel: Selection, out: ExplorerState, data: _ProbeData, tokens, image: int) -> None:
         """The signed per-token contributions to the chosen logit (exact, :meth:`~epviz.probes.Probe.evidence`)."""
-        import torch
-
         if sel.evidence not in EVIDENCE_FOR:
             raise ValueError(f"unknown evidence {sel.evidence!r}; choose one of: {', '.join(EVIDENCE_FOR)}")
-        batch = tokens.batch(np.array([image]))
         probe = data.probe.eval()
+        batch = tokens.batch(np.array([image]), device=probe.head.weight.device)
         try:
             with torch.no_grad():
-                evidence = probe.evidence(batch.patch.to(probe.head.weight.device), _to(batch.prefix, probe))
+                evidence = probe.evidence(batch.patch, batch.prefix)
         except NotImplementedError as err:
             raise ValueError(f"{err}: choose ep, ep_all, mhca, gap or cls for the evidence view") from None
         predicted = int(evidence.logits()[0].argmax())
@@ -834,8 +815,12 @@ class ExplorerModel:
 # --- small pure functions ----------------------------------------------------------------
 
 
-def _to(tensor, probe: Probe):
-    return None if tensor is None else tensor.to(probe.head.weight.device)
+def _fill_confidence(out: ExplorerState, data: _ProbeData, confidence: float) -> None:
+    """The shown prediction's confidence, the probe's ECE, and how often test images as confident are right."""
+    bins = data.reliability
+    out.confidence = confidence
+    out.calibration_error = float(bins["gap"].sum())
+    out.bin_accuracy = float(bins["accuracy"].iloc[min(int(confidence * len(bins)), len(bins) - 1)])
 
 
 def _takes_queries(name: str) -> bool:

@@ -319,12 +319,11 @@ class Probe(nn.Module):
             raise RuntimeError(f"probe '{self.name}': evidence is exact in eval mode only (call probe.eval() first)")
         weights, values = parts
         k = weights.shape[1]
-        share = torch.full((k, self.width), 1.0 / k, dtype=values.dtype, device=values.device)
-        slices = self.predictor_slices() if self.sliced else []
-        if slices and all(cols is not None for cols in slices):
-            share.zero_()
-            for j, cols in enumerate(slices):
-                share[j, cols] = 1.0
+        owner = self.feature_mask()  # each pooled column's predictor, when the predictors own disjoint columns
+        if owner is None:
+            share = torch.full((k, self.width), 1.0 / k, dtype=values.dtype, device=values.device)
+        else:
+            share = torch.nn.functional.one_hot(owner[0], k).T.to(values)
         mean, var = self.norm.running_mean, self.norm.running_var
         assert mean is not None and var is not None  # every probe's BatchNorm tracks running statistics
         normed = (values - share[None, :, None] * mean.to(values.dtype)) * (var + self.norm.eps).rsqrt().to(values.dtype)

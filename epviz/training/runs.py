@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from epviz.analysis.intervals import bootstrap_weights, percentile_interval, weighted_mean
 from epviz.checks import check_int, check_sequence
-from epviz.evaluate import KNN_FEATURES, check_labels, knn_predict, predict
+from epviz.evaluate import KNN_FEATURES, check_labels, knn_predictions, predict
 from epviz.probes import Probe, accepted_options, build, probe_specs, trainable_params
 from epviz.tables import context_columns
 from epviz.tokens import TokenSet
@@ -171,17 +171,10 @@ def probe_zoo(
 
 
 def knn_scores(train: TokenSet, test: TokenSet, k: int = 20) -> dict[str, float]:
-    """Test top-1 of cosine k-NN (:func:`epviz.evaluate.knn_predict`, k = 20) on [CLS] (``knn_cls``; NaN
+    """Test top-1 of cosine k-NN (:func:`epviz.evaluate.knn_predictions`, k = 20) on [CLS] (``knn_cls``; NaN
     without prefix tokens) and on the mean patch token (``knn_gap``): a non-parametric reader of the same tokens."""
-    k = min(k, len(train))
-    return {
-        f"knn_{feature}": (
-            float(knn_predict(train, test, feature=feature, k=k).hits().mean())
-            if feature == "gap" or train.prefix is not None
-            else math.nan
-        )
-        for feature in KNN_FEATURES
-    }
+    found = knn_predictions(train, test, k)
+    return {f"knn_{f}": float(found[f].hits().mean()) if f in found else math.nan for f in KNN_FEATURES}
 
 
 def held_out_scores(probe: Probe, test: TokenSet, bins: int = 15) -> dict[str, float]:

@@ -34,13 +34,15 @@ def draw_boxes(ax, boxes, lw: float = 0.8) -> None:
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=lw))
 
 
-def upsample_maps(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """(..., N) token distributions -> (..., H, W) maps, bilinear, each rescaled to [0, 1]."""
+def upsample_maps(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], rescale: bool = True) -> np.ndarray:
+    """(..., N) token maps -> (..., H, W) maps, bilinear, each rescaled to [0, 1] (`rescale`) or as they are."""
     import torch
     import torch.nn.functional as F
 
     flat = torch.as_tensor(np.asarray(maps, dtype=np.float32)).reshape(-1, 1, *grid)
     up = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)[:, 0]
+    if not rescale:
+        return up.reshape(*np.shape(maps)[:-1], *size).numpy()
     lo = up.flatten(1).min(1).values[:, None, None]
     hi = up.flatten(1).max(1).values[:, None, None]
     up = (up - lo) / (hi - lo).clamp_min(1e-12)
@@ -73,13 +75,10 @@ def heat_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, 
 
 def signed_overlay(token_map: np.ndarray, grid: tuple[int, int], size: tuple[int, int], opacity: float) -> np.ndarray:
     """(H, W, 4) overlay of one signed (N,) map: red for evidence for, blue against, opaque as |value| / max |value|."""
-    import torch
-    import torch.nn.functional as F
     from matplotlib import colormaps
 
     scale = float(np.abs(token_map).max()) or 1.0
-    flat = torch.as_tensor(np.asarray(token_map, dtype=np.float32) / scale).reshape(1, 1, *grid)
-    up = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    up = upsample_maps(np.asarray(token_map, dtype=np.float32)[None] / scale, grid, size, rescale=False)[0]
     rgba = colormaps["RdBu_r"]((up + 1) / 2)
     rgba[..., 3] = opacity * np.abs(up)
     return rgba.astype(np.float32)
