@@ -4,7 +4,8 @@ The Explorer is built on one backbone and probe and warmed up once (tokens extra
 the probe trained or loaded, its predictor table measured); then the query and the image
 position are changed from code, alternately, and each update is timed end to end: the new
 state (maps of the image, overlay, table), the figure rendered to PNG and the widgets updated.
-Target: well under a second per update.
+Then the same in the evidence view (exact per-token contributions): image changes, and changes of
+the logit explained (predicted, true, their difference). Target: a median of at most 100 ms.
 
     python benchmarks/explorer_latency.py [--backbone tiny-mae] [--probe ep] [--changes 20] [--full]
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from epviz.explorer import Explorer  # noqa: E402
+from epviz.explorer.model import EVIDENCE_FOR  # noqa: E402
 from epviz.setting import Setting  # noqa: E402
 
 
@@ -48,7 +50,18 @@ def main() -> None:
     for i in range(args.changes):
         query.append(timed(explorer, query=(i + 1) % k))
         image.append(timed(explorer, position=(7 * i + 1) % n))
-    for name, runs in (("query change", query), ("image change", image)):
+    explorer.set(view="evidence")
+    evidence_image, evidence_for = [], []
+    for i in range(args.changes):
+        evidence_image.append(timed(explorer, position=(7 * i + 3) % n))
+        evidence_for.append(timed(explorer, evidence=EVIDENCE_FOR[(i + 1) % len(EVIDENCE_FOR)]))
+    kinds = {
+        "query change": query,
+        "image change": image,
+        "evidence view, image change": evidence_image,
+        "evidence view, logit change": evidence_for,
+    }
+    for name, runs in kinds.items():
         total = statistics.median(t for t, _ in runs)
         state = statistics.median(s for _, s in runs)
         print(

@@ -34,7 +34,7 @@ from epviz.explorer.model import (
     ExplorerState,
     Selection,
 )
-from epviz.explorer.render import state_png, table_html
+from epviz.explorer.render import BarsFigure, image_png, table_html
 from epviz.setting import Setting
 
 __all__ = ["Explorer"]
@@ -78,7 +78,7 @@ class Explorer:
         )
         self.width = width
         self.state: ExplorerState | None = None
-        self.png = b""
+        self._bars = BarsFigure(width * 0.55)
         self.redraws = 0
         self._local = threading.local()  # per thread: whether its own widget updates are being made
         self._redraw = threading.RLock()
@@ -132,10 +132,11 @@ class Explorer:
         ws["status"] = w.HTML(value="")
         ws["error"] = w.HTML(value="")
         ws["labels"] = w.HTML(value="")
-        ws["figure"] = w.Image(format="png", layout=w.Layout(max_width="720px"))
+        ws["figure"] = w.Image(format="png", layout=w.Layout(width="288px"))
+        ws["bars"] = w.Image(format="png", layout=w.Layout(max_width="400px"))
         ws["table"] = w.HTML(value="")
         ws["log"] = w.Output()
-        for name in ("progress", "status", "error", "labels", "figure", "table", "log"):
+        for name in ("progress", "status", "error", "labels", "figure", "bars", "table", "log"):
             ws[name].add_class(f"epviz-explorer-{name}")
         return ws
 
@@ -151,7 +152,15 @@ class Explorer:
             ]
         )
         box = w.VBox(
-            [controls, w.HBox([ws["progress"], ws["status"]]), ws["error"], ws["labels"], ws["figure"], ws["table"], ws["log"]]
+            [
+                controls,
+                w.HBox([ws["progress"], ws["status"]]),
+                ws["error"],
+                ws["labels"],
+                w.HBox([ws["figure"], ws["bars"]]),
+                ws["table"],
+                ws["log"],
+            ]
         )
         box.add_class("epviz-explorer")
         return box
@@ -305,8 +314,11 @@ class Explorer:
         """Update the output widgets; the error line last, so that when it changes the rest has."""
         ws = self.widgets
         self.state = state
-        self.png = state_png(state, self.width)
-        ws["figure"].value = self.png
+        ws["figure"].value = image_png(state)
+        bars = self._bars.png(state)
+        if ws["bars"].value != bars:  # the bars change with the probe and the highlighted predictors, not the image
+            ws["bars"].value = bars
+            ws["bars"].layout.display = "" if bars else "none"  # no table (an error, LP): no broken image
         ws["table"].value = table_html(state)
         ws["labels"].value = _labels_html(state)
         ws["progress"].value = 1.0
@@ -370,5 +382,11 @@ def _labels_html(state: ExplorerState) -> str:
         f"({state.confidence:.0%}; test images this confident are right {state.bin_accuracy:.0%} of the time) · "
         f"probe test top-1 {state.accuracy:.1%}, calibration error (ECE) {state.calibration_error:.1%}"
         + "".join(f" · k-NN on {'[CLS]' if f == 'cls' else 'GAP'}: {_escape(label)}" for f, label in state.knn_labels.items())
+        + (
+            ""
+            if state.evidence is None
+            else f"<br>evidence for {_escape(state.selection.evidence)}: logit {state.evidence:+.2f}"
+            " (<span style='color:#b2182b'>red</span> for, <span style='color:#2166ac'>blue</span> against)"
+        )
         + "</div>"
     )

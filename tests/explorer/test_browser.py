@@ -2,7 +2,8 @@
 
 A small notebook that builds an Explorer on tiny-mae (small sets, a 2-epoch budget, a private
 token cache) is opened in JupyterLab and run; then the "view" dropdown is changed in the page
-and the rendered map must change (screenshot comparison), and choosing linear probing on
+and the rendered map must change (screenshot comparison); a PNG is dropped on the upload widget and
+shown in the evidence view (the figure must change again, with no error); and choosing linear probing on
 [CLS] right after a per-query view (two quick choices) must show the error line and no table.
 Every step waits on the state the page reports (the status line's ``data-redraws``,
 ``data-selection`` and ``data-error``), never on time; ``scripts/explorer_stress.py`` runs this
@@ -178,11 +179,35 @@ def _keep(src: Path, dest: Path) -> Path:
     return atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
-def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_error: bool = True) -> dict[str, Path]:
+def _upload_and_show_evidence(page, figure, upload: Path, shot: Path) -> Path:
+    """Drop `upload` on the upload widget, wait until it is shown, switch to the evidence view and wait again."""
+    from playwright.sync_api import expect
+
+    drawn = _redraws(page)
+    with page.expect_file_chooser(timeout=RUN_TIMEOUT) as chooser:  # the button opens a file dialog, as for a user
+        page.locator("button.epviz-explorer-upload").click()
+    chooser.value.set_files(str(upload))
+    _wait_shown(page, drawn, image=upload.name)
+    expect(page.locator(".epviz-explorer-labels")).to_contain_text(f"your image {upload.name}", timeout=RUN_TIMEOUT)
+    src, drawn = figure.get_attribute("src"), _redraws(page)
+    page.locator(".epviz-explorer-view select").select_option("evidence")
+    _wait_shown(page, drawn, view="evidence", image=upload.name)
+    page.wait_for_function("old => document.querySelector('img.epviz-explorer-figure').src !== old", arg=src, timeout=RUN_TIMEOUT)
+    state = page.locator(".epviz-explorer-state")
+    assert not state.get_attribute("data-error"), state.get_attribute("data-error")
+    page.wait_for_timeout(500)
+    figure.screenshot(path=shot)
+    return shot
+
+
+def drive_explorer(
+    base: str, token: str, notebook: str, shots: Path, check_error: bool = True, upload: Path | None = None
+) -> dict[str, Path]:
     """Open and run the notebook in headless Chromium, change the view, screenshot each step.
 
     Returns:
-        The screenshots: ``page``, ``before``, ``after`` (the figure element) and, with
+        The screenshots: ``page``, ``before``, ``after`` (the figure element), with `upload` (a PNG)
+        ``evidence`` (that image dropped on the upload widget, shown in the evidence view) and, with
         `check_error`, ``error`` (the Explorer after choosing cls with a per-query view).
     """
     from playwright.sync_api import expect, sync_playwright
@@ -218,6 +243,8 @@ def drive_explorer(base: str, token: str, notebook: str, shots: Path, check_erro
             page.wait_for_timeout(500)
             figure.screenshot(path=shots / "after.png")
             out["after"] = shots / "after.png"
+            if upload is not None:
+                out["evidence"] = _upload_and_show_evidence(page, figure, upload, shots / "evidence.png")
             if check_error:
                 drawn = _redraws(page)
                 page.locator(".epviz-explorer-view select").select_option("one query")
@@ -241,20 +268,36 @@ def _require_browser() -> None:
         pytest.skip("Chromium is missing: install the Debian package chromium (make test does where apt is available)")
 
 
+def _canvas_png(path: Path) -> Path:
+    """A test canvas written as an ordinary PNG file: what a user drops on the upload widget."""
+    from PIL import Image
+
+    from epviz.data import ClutteredFashionMNIST
+
+    pixels = ClutteredFashionMNIST("test", 1, seed=7)[0][0]  # (3, H, W) in [0, 1]
+    Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
 def test_explorer_in_jupyterlab(tmp_path):
     _require_browser()
     explorer_notebook(tmp_path / "explorer.ipynb", SMALL_SETS)
     shots = tmp_path / "shots"
     shots.mkdir()
+    upload = _canvas_png(tmp_path / "my canvas.png")
     with jupyter_lab(tmp_path, tmp_path / "cache") as (base, token):
-        taken = drive_explorer(base, token, "explorer.ipynb", shots)
+        taken = drive_explorer(base, token, "explorer.ipynb", shots, upload=upload)
     for name, path in taken.items():
         _keep(path, ARTEFACTS / f"browser_{name}.png")
     before, after = _image_array(taken["before"]), _image_array(taken["after"])
-    assert before.shape == after.shape and before.shape[0] > 200 and before.shape[1] > 400
+    assert before.shape == after.shape and min(before.shape[:2]) > 200
     assert before.std() > 10, "the figure is not blank"
     changed = np.abs(before - after).max(-1) > 30
     assert changed.mean() > 0.01, f"changing the view changed only {changed.mean():.2%} of the figure's pixels"
+    evidence = _image_array(taken["evidence"])
+    assert evidence.std() > 10, "the evidence figure is not blank"
+    redrawn = np.abs(evidence[: after.shape[0], : after.shape[1]] - after[: evidence.shape[0], : evidence.shape[1]]).max(-1) > 30
+    assert redrawn.mean() > 0.01, f"your image in the evidence view changed only {redrawn.mean():.2%} of the figure's pixels"
 
 
 def main() -> None:

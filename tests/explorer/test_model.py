@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 
@@ -239,6 +241,31 @@ def test_state_renders_to_png(start):
     assert png[:4] == b"\x89PNG" and len(png) > 5_000
     empty = state_png(start.model.state(Selection(backbone="test_vit", probe="ep", opacity=3)))
     assert empty[:4] == b"\x89PNG"
+
+
+def test_the_widget_redraws_the_bars_only_when_they_change(start):
+    """The same table gives the same PNG object, other highlighted bars recolour it; no table hides the bars."""
+    import dataclasses
+
+    from PIL import Image
+
+    from epviz.explorer.render import BarsFigure
+
+    bars = start.widgets["bars"]
+    first = bars.value
+    start.set(position=3)
+    assert bars.value is first  # an image change does not touch the bars
+    table = start.state.table.assign(delta_acc=np.linspace(-0.02, 0.05, len(start.state.table)))
+    other = table.assign(highlighted=np.roll(table["highlighted"].to_numpy(), 1))
+    figure = BarsFigure()
+    drawn = figure.png(dataclasses.replace(start.state, table=table))
+    assert drawn[:4] == b"\x89PNG" and figure.png(dataclasses.replace(start.state, table=table)) is drawn
+    assert figure.png(dataclasses.replace(start.state, table=other)) != drawn
+    image = np.asarray(Image.open(io.BytesIO(start.widgets["figure"].value)).convert("RGB"))
+    assert image.shape[0] >= 4 * start.state.image.shape[0]  # upscaled, nearest
+    assert ((image[..., 1] == 255) & (image[..., 0] == 0)).any()  # the GT box in lime
+    start.set(probe="cls", view="image only")
+    assert bytes(bars.value) == b"" and bars.layout.display == "none"
 
 
 def test_caches_of_chosen_blocks_limit_the_layer_choice(tmp_path, monkeypatch, canvas_sets, test_vit_backbone):
