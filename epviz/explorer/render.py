@@ -9,6 +9,7 @@ matplotlib figure, for saving.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def image_png(state: ExplorerState, side: int = 288) -> bytes:
         rgb = rgb * (1 - alpha) + state.overlay[..., :3] * alpha
     h, w = rgb.shape[:2]
     scale = max(1, round(side / w))
-    picture = Image.fromarray((rgb * 255).round().clip(0, 255).astype(np.uint8)).resize((w * scale, h * scale), Image.NEAREST)
+    picture = Image.fromarray((rgb * 255).round().clip(0, 255).astype(np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
     if state.boxes is not None:
         draw = ImageDraw.Draw(picture)
         for x0, y0, x1, y1 in np.asarray(state.boxes, dtype=float).reshape(-1, 4) * scale:
@@ -125,7 +126,7 @@ class BarsFigure:
 
     def __init__(self, width: float = 4.0) -> None:
         self.width = width
-        self._fig = None
+        self._fig: Any = None  # the matplotlib Figure drawn last
         self._key: tuple | None = None
         self._colours: list | None = None
         self._png = b""
@@ -154,8 +155,8 @@ class BarsFigure:
         else:
             return self._png
         self._key, self._colours = key, colours
-        self._fig.canvas.draw()
         canvas = self._fig.canvas
+        canvas.draw()
         self._png = _png_bytes(Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()))
         return self._png
 
