@@ -242,3 +242,16 @@ def test_lift_check_measures_trained_heads_against_order_keeping_baselines(tmp_p
     section = " ".join(render_queries_section(table, pairs).split())  # the README's finding, from these two files
     top1 = table[(table["condition"] == "trained") & (table["queries"] == 2)]["test_acc"].mean()
     assert f"2: {100 * top1:.1f} / " in section and "Top-1 against M = 4 (points): M = 2: " in section
+
+
+def test_evidence_figure_draws_evidence_that_sums_to_the_logit(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("EPVIZ_CACHE", str(tmp_path / "cache"))
+    script = load_script("evidence_figure")
+    out = tmp_path / "evidence"
+    script.main(["--fast", "--backbone", "tiny-random", "--train", "96", "--images", "3", "--steps", "4", "--lrs", "1e-2",
+                 "--out", str(out)])  # fmt: skip
+    data = pd.read_csv(out.with_suffix(".csv"))
+    assert len(data) == 3 and data["max_evidence_token"].between(0, 63).all()
+    assert out.with_suffix(".png").stat().st_size > 10_000

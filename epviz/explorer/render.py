@@ -103,7 +103,9 @@ def image_png(state: ExplorerState, side: int = 288) -> bytes:
         rgb = rgb * (1 - alpha) + state.overlay[..., :3] * alpha
     h, w = rgb.shape[:2]
     scale = max(1, round(side / w))
-    picture = Image.fromarray((rgb * 255).round().clip(0, 255).astype(np.uint8)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    picture = Image.fromarray((rgb * 255).round().clip(0, 255).astype(np.uint8)).resize(
+        (w * scale, h * scale), Image.Resampling.NEAREST
+    )
     if state.boxes is not None:
         draw = ImageDraw.Draw(picture)
         for x0, y0, x1, y1 in np.asarray(state.boxes, dtype=float).reshape(-1, 4) * scale:
@@ -120,13 +122,15 @@ def _png_bytes(picture) -> bytes:
 class BarsFigure:
     """The Δacc bars of the shown state as PNG bytes, redrawn only as far as a change needs.
 
-    A new probe or table draws a new figure; a change of the highlighted predictors (a query change)
-    recolours the bars of the figure already drawn; an unchanged table returns the PNG already made.
+    A new probe or table draws a new figure, keeping its background (axes, ticks, labels) without the bars;
+    a change of the highlighted predictors (a query change) recolours the bars and draws only them over that
+    background (matplotlib's blitting); an unchanged table returns the PNG already made.
     """
 
     def __init__(self, width: float = 4.0) -> None:
         self.width = width
         self._fig: Any = None  # the matplotlib Figure drawn last
+        self._background: Any = None  # its pixels without the bars and the zero line
         self._key: tuple | None = None
         self._colours: list | None = None
         self._png = b""
@@ -144,19 +148,24 @@ class BarsFigure:
         cols = [c for c in ("predictor", "delta_acc", "group") if c in t]
         key = (state.selection.probe, state.accuracy, tuple(cols), tuple(t[cols].itertuples(index=False, name=None)))
         colours = _bar_colours(t)
+        if key == self._key and colours == self._colours:
+            return self._png
         if key != self._key:
             self._fig = Figure(figsize=(self.width, self.width * 0.78), dpi=100)
-            _draw_bars(self._fig.subplots(), state)
+            ax = self._fig.subplots()
+            _draw_bars(ax, state)
             self._fig.subplots_adjust(left=0.16, right=0.98, bottom=0.15, top=0.9)
-            FigureCanvasAgg(self._fig)
-        elif colours != self._colours:
-            for bar, colour in zip(self._fig.axes[0].patches, colours):
-                bar.set_facecolor(colour)
-        else:
-            return self._png
+            for artist in [*ax.patches, *ax.lines]:
+                artist.set_animated(True)  # left out of the background, drawn over it
+            FigureCanvasAgg(self._fig).draw()
+            self._background = self._fig.canvas.copy_from_bbox(self._fig.bbox)
+        ax, canvas = self._fig.axes[0], self._fig.canvas
+        for bar, colour in zip(ax.patches, colours):
+            bar.set_facecolor(colour)
+        canvas.restore_region(self._background)
+        for artist in [*ax.patches, *ax.lines]:
+            ax.draw_artist(artist)
         self._key, self._colours = key, colours
-        canvas = self._fig.canvas
-        canvas.draw()
         self._png = _png_bytes(Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()))
         return self._png
 

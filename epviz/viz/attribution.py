@@ -94,11 +94,13 @@ def attribution_gallery(
     out: str | Path | None = None,
     name: str = "attribution_gallery",
     index: Sequence[int] | None = None,
+    evidence: np.ndarray | None = None,
 ) -> plt.Figure:
     """Per image: the canvas, the mean attention map, the token relevance, and both top-k sets.
 
     The relevance column uses captum's ``visualize_image_attr`` (blended heat map, both signs:
-    green for tokens that raise the explained logit, red for those that lower it).
+    green for tokens that raise the explained logit, red for those that lower it). Given `evidence`,
+    a column of each token's exact contribution to the same logit follows it, drawn the same way.
 
     Args:
         images: uint8 (n, 3, H, W) tensor or array.
@@ -112,6 +114,8 @@ def attribution_gallery(
         name: File stem.
         index: Dataset positions of the images, recorded in the provenance sidecar (default: their
             positions in `images`).
+        evidence: Optional (n, N) exact per-token contributions to the explained logit
+            (:meth:`epviz.probes.Probe.evidence`, summed over predictors).
     """
     from captum.attr import visualization as viz
 
@@ -120,18 +124,24 @@ def attribution_gallery(
     images = np.asarray(images)
     attributions = np.asarray(attributions, dtype=np.float32)
     maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or attributions.shape != (maps.shape[0], maps.shape[2]) or len(images) != len(maps):
+    evidence = None if evidence is None else np.asarray(evidence, dtype=np.float32)
+    shapes_agree = attributions.shape == (maps.shape[0], maps.shape[2]) and (
+        evidence is None or evidence.shape == attributions.shape
+    )
+    if maps.ndim != 3 or not shapes_agree or len(images) != len(maps):
         raise ValueError(
-            f"need images (n, 3, H, W), attributions (n, N) and maps (n, K, N) of the same n and N; "
-            f"got {images.shape}, {attributions.shape}, {maps.shape}"
+            f"need images (n, 3, H, W), attributions and evidence (n, N) and maps (n, K, N) of the same n and N; "
+            f"got {images.shape}, {attributions.shape}, {None if evidence is None else evidence.shape}, {maps.shape}"
         )
     n = len(images)
     size = images.shape[-2:]
     agreement = attention_agreement(attributions, maps, k=k)
     mean_maps = maps.mean(1)
     attention_up = upsample_maps(mean_maps, grid, size)
-    relevance_up = token_image(attributions, grid, size)
-    columns = ["image", "mean attention", "relevance (IG)", f"top-{k}: attention / IG / both"]
+    signed = {"relevance (IG)": token_image(attributions, grid, size)}
+    if evidence is not None:
+        signed["exact evidence"] = token_image(evidence, grid, size)
+    columns = ["image", "mean attention", *signed, f"top-{k}: attention / IG / both"]
     fig, axes = plt.subplots(n, len(columns), figsize=(1.7 * len(columns), 1.75 * n), squeeze=False)
     for i in range(n):
         rgb = images[i].transpose(1, 2, 0)
@@ -139,25 +149,26 @@ def attribution_gallery(
         axes[i, 0].imshow(rgb, interpolation="nearest")
         axes[i, 1].imshow(rgb, interpolation="nearest")
         axes[i, 1].imshow(attention_up[i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
-        viz.visualize_image_attr(
-            relevance_up[i][..., None],
-            grey,
-            method="blended_heat_map",
-            sign="all",
-            plt_fig_axis=(fig, axes[i, 2]),
-            alpha_overlay=0.6,
-            use_pyplot=False,
-        )
+        for c, values in enumerate(signed.values(), start=2):
+            viz.visualize_image_attr(
+                values[i][..., None],
+                grey,
+                method="blended_heat_map",
+                sign="all",
+                plt_fig_axis=(fig, axes[i, c]),
+                alpha_overlay=0.6,
+                use_pyplot=False,
+            )
         top_attention = _topk_mask(mean_maps[i], k)
         top_relevance = _topk_mask(attributions[i], k)
         overlay = np.zeros((*grid, 4))
         overlay[(top_attention & ~top_relevance).reshape(grid)] = (0.2, 0.4, 1.0, 0.75)
         overlay[(top_relevance & ~top_attention).reshape(grid)] = (1.0, 0.55, 0.0, 0.75)
         overlay[(top_relevance & top_attention).reshape(grid)] = (1.0, 1.0, 1.0, 0.85)
-        axes[i, 3].imshow(rgb, interpolation="nearest")
-        axes[i, 3].imshow(overlay, interpolation="nearest", extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
+        axes[i, -1].imshow(rgb, interpolation="nearest")
+        axes[i, -1].imshow(overlay, interpolation="nearest", extent=(-0.5, size[1] - 0.5, size[0] - 0.5, -0.5))
         row = agreement.iloc[i]
-        axes[i, 3].text(
+        axes[i, -1].text(
             1,
             size[0] - 2,
             f"ρ={row['spearman']:.2f}  ov={row['topk_overlap']:.2f}",
@@ -180,6 +191,8 @@ def attribution_gallery(
         max_attention_token=mean_maps.argmax(-1),
         max_relevance_token=attributions.argmax(-1),
     )
+    if evidence is not None:
+        data = data.assign(evidence_sum=evidence.astype(np.float64).sum(-1), max_evidence_token=evidence.argmax(-1))
     save_figure(fig, data, name, out, provenance=shown_images(range(n), index))
     return fig
 

@@ -54,6 +54,14 @@ def test_attribution_gallery_writes_one_row_per_image(tmp_path):
     assert len(data) == 3 and data.loc[0, "spearman"] == pytest.approx(1.0) and data.loc[0, "topk_overlap"] == 1.0
     with pytest.raises(ValueError, match="same n and N"):
         pa.attribution_gallery(images, attr[:, :8], maps, GRID)
+    evidence = rng.normal(size=(3, 16))
+    fig = pa.attribution_gallery(images, attr, maps, GRID, k=4, out=tmp_path, name="ev", evidence=evidence)
+    assert [ax.get_title() for ax in fig.axes[:5]][2:4] == ["relevance (IG)", "exact evidence"]
+    data = written(tmp_path, "ev")
+    np.testing.assert_allclose(data["evidence_sum"], evidence.sum(-1), rtol=1e-5)
+    assert (data["max_evidence_token"] == evidence.argmax(-1)).all()
+    with pytest.raises(ValueError, match="same n and N"):
+        pa.attribution_gallery(images, attr, maps, GRID, evidence=evidence[:, :8])
 
 
 def test_agreement_summary_keeps_the_mean_map_rows(tmp_path):
