@@ -290,7 +290,7 @@ def results_rows(
             val_acc, params, predictors, num_classes, lr, weight_decay and tuned where present).
         tables: Predictor tables of some of the runs (:func:`epviz.analysis.predictor_tables`): their
             means over predictors fill the map columns.
-        records: The tables' bootstrap records (``return_records=True``), for the intervals of the means.
+        records: The tables' bootstrap records (the second value of :func:`epviz.analysis.predictor_tables`), for the intervals of the means.
         tokens: ``{backbone: {split: TokenSet}}`` (``study.tokens``): token caches and image sizes.
         setting: The :class:`epviz.Setting` (or its name) of the runs.
         dataset: The dataset spec the runs were evaluated on (the ``eval`` column).

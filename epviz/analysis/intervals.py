@@ -398,8 +398,8 @@ def spearman_intervals(
     """Spearman ρ across predictors, with its interval, for several column pairs and many probes.
 
     Args:
-        records: Per probe (e.g. the ``(backbone, label)`` keys of :func:`~epviz.analysis.predictor_tables`
-            with ``return_records=True``), its :class:`Bootstrap`.
+        records: Per probe (e.g. the ``(backbone, label)`` keys of the bootstraps
+            :func:`~epviz.analysis.predictor_tables` returns), its :class:`Bootstrap`.
         pairs: The (x, y) column pairs.
         n_boot, seed, level: As in :meth:`Bootstrap.spearman` (default: each Bootstrap's own).
 

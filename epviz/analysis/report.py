@@ -12,7 +12,6 @@ intervals over the test images (:mod:`epviz.analysis.intervals`): ``<column>_lo`
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -24,46 +23,6 @@ from epviz.probes import Probe
 from epviz.tokens import TokenSet
 
 __all__ = ["predictor_table", "predictor_tables"]
-
-
-@overload
-def predictor_table(
-    probe: Probe,
-    tokens: TokenSet,
-    dataset,
-    *,
-    context: Mapping | None = ...,
-    index: Iterable[int] | None = ...,
-    localization_index: Iterable[int] | None = ...,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    train_tokens: TokenSet | None = ...,
-    mean_maps: torch.Tensor | np.ndarray | None = ...,
-    shuffle_seed: int = ...,
-    n_boot: int = ...,
-    boot_seed: int = ...,
-    level: float = ...,
-    return_records: Literal[False] = ...,
-) -> pd.DataFrame: ...
-
-
-@overload
-def predictor_table(
-    probe: Probe,
-    tokens: TokenSet,
-    dataset,
-    *,
-    context: Mapping | None = ...,
-    index: Iterable[int] | None = ...,
-    localization_index: Iterable[int] | None = ...,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    train_tokens: TokenSet | None = ...,
-    mean_maps: torch.Tensor | np.ndarray | None = ...,
-    shuffle_seed: int = ...,
-    n_boot: int = ...,
-    boot_seed: int = ...,
-    level: float = ...,
-    return_records: Literal[True],
-) -> tuple[pd.DataFrame, Bootstrap | None]: ...
 
 
 def predictor_table(
@@ -81,8 +40,7 @@ def predictor_table(
     n_boot: int = N_BOOT,
     boot_seed: int = 0,
     level: float = LEVEL,
-    return_records: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, Bootstrap | None]:
+) -> pd.DataFrame:
     """One row per attention predictor: every registered meter's measures, from one pass over the tokens.
 
     Args:
@@ -101,8 +59,6 @@ def predictor_table(
         n_boot: Bootstrap resamples of the intervals; 0 adds no interval columns.
         boot_seed: Seed of the resamples.
         level: Interval level.
-        return_records: Also return the :class:`~epviz.analysis.intervals.Bootstrap` of the pass
-            (for :meth:`~epviz.analysis.intervals.Bootstrap.spearman` intervals), None when n_boot is 0.
 
     Returns:
         The context columns and ``predictor``, then the columns of
@@ -114,62 +70,27 @@ def predictor_table(
         (acc_full_lo, acc_full_hi, delta_acc_lo, delta_acc_hi, delta_acc_mean_lo, ..., maxboxacc_v2_lo,
         ..., inbox_mass_lo, ..., pointing_lo, pointing_hi) when `n_boot` > 0.
     """
-    options = dict(thresholds=thresholds, records=bool(n_boot), mean_maps=mean_maps, train_tokens=train_tokens, seed=shuffle_seed)
-    meters = build_meters(None, options)
-    table = measure(probe, tokens, dataset, meters, index=index, localization_index=localization_index, context=context)
+    options = dict(thresholds=thresholds, mean_maps=mean_maps, train_tokens=train_tokens, seed=shuffle_seed)
+    measured = dict(context=context, index=index, localization_index=localization_index)
+    return _measured(probe, tokens, dataset, options, measured, n_boot=n_boot, boot_seed=boot_seed, level=level)[0]
+
+
+def _measured(
+    probe: Probe, tokens: TokenSet, dataset, options: dict, measured: dict, *, n_boot: int, boot_seed: int, level: float
+) -> tuple[pd.DataFrame, Bootstrap | None]:
+    """The predictor table of one probe (meters built with `options`, measured with `measured`) and its Bootstrap."""
+    meters = build_meters(None, {**options, "records": bool(n_boot)})
+    table = measure(probe, tokens, dataset, meters, **measured)
     table["predictors"] = probe.num_predictors
     if len(table) != probe.num_predictors:
         raise RuntimeError(f"expected {probe.num_predictors} predictor rows, got {len(table)}")
     if "delta_acc" in table and (table["delta_acc"].isna().any() or not np.isfinite(table["delta_acc"]).all()):
         raise RuntimeError("a predictor has no accuracy drop")
-    records = None
-    if n_boot:
-        context_keys = list(table.columns[: list(table.columns).index("predictor")])
-        records = Bootstrap(
-            meters, n_boot=n_boot, seed=boot_seed, level=level, context={c: table[c].iloc[0] for c in context_keys}
-        )
-        table = table.merge(records.intervals(), on="predictor", how="left")
-    return (table, records) if return_records else table
-
-
-@overload
-def predictor_tables(
-    fitted: Mapping[tuple[str, str], Probe],
-    tokens: Mapping[str, Mapping[str, TokenSet]],
-    dataset,
-    *,
-    split: str = ...,
-    seed: int = ...,
-    index: Iterable[int] | None = ...,
-    localization_index: Iterable[int] | None = ...,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    train_split: str | None = ...,
-    shuffle_seed: int = ...,
-    n_boot: int = ...,
-    boot_seed: int = ...,
-    level: float = ...,
-    return_records: Literal[False] = ...,
-) -> pd.DataFrame: ...
-
-
-@overload
-def predictor_tables(
-    fitted: Mapping[tuple[str, str], Probe],
-    tokens: Mapping[str, Mapping[str, TokenSet]],
-    dataset,
-    *,
-    split: str = ...,
-    seed: int = ...,
-    index: Iterable[int] | None = ...,
-    localization_index: Iterable[int] | None = ...,
-    thresholds: Sequence[float] | np.ndarray | None = ...,
-    train_split: str | None = ...,
-    shuffle_seed: int = ...,
-    n_boot: int = ...,
-    boot_seed: int = ...,
-    level: float = ...,
-    return_records: Literal[True],
-) -> tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]: ...
+    if not n_boot:
+        return table, None
+    context_keys = list(table.columns[: list(table.columns).index("predictor")])
+    records = Bootstrap(meters, n_boot=n_boot, seed=boot_seed, level=level, context={c: table[c].iloc[0] for c in context_keys})
+    return table.merge(records.intervals(), on="predictor", how="left"), records
 
 
 def predictor_tables(
@@ -187,9 +108,8 @@ def predictor_tables(
     n_boot: int = N_BOOT,
     boot_seed: int = 0,
     level: float = LEVEL,
-    return_records: bool = False,
-) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]:
-    """:func:`predictor_table` of every attentive probe in `fitted`, as one table.
+) -> tuple[pd.DataFrame, dict[tuple[str, str], Bootstrap | None]]:
+    """:func:`predictor_table` of every attentive probe in `fitted`, as one table, with each probe's bootstrap.
 
     Args:
         fitted: Trained probes keyed by (backbone, label), as returned by :func:`probe_zoo`;
@@ -204,7 +124,10 @@ def predictor_tables(
         train_split: The split whose tokens give the mean-map control its training maps (None:
             no mean-map control, or when a backbone has no such split).
         shuffle_seed, n_boot, boot_seed, level: See :func:`predictor_table`.
-        return_records: Also return ``{(backbone, label): Bootstrap}`` (see :func:`predictor_table`).
+
+    Returns:
+        The table, and ``{(backbone, label): Bootstrap}`` of the passes (None where `n_boot` is 0), for
+        :meth:`~epviz.analysis.intervals.Bootstrap.spearman` intervals and the means' intervals.
     """
     if train_split is not None and train_split == split:
         raise ValueError(f"train_split and split are both '{split}': the mean map must come from other images")
@@ -215,23 +138,12 @@ def predictor_tables(
         ts = tokens[backbone][split]
         train = None if train_split is None else tokens[backbone].get(train_split)
         context = dict(backbone=backbone, layer=ts.origin.layer, probe=label, seed=seed)
-        table, records[backbone, label] = predictor_table(
-            probe,
-            ts,
-            dataset,
-            context=context,
-            index=index,
-            localization_index=localization_index,
-            thresholds=thresholds,
-            train_tokens=train,
-            shuffle_seed=shuffle_seed,
-            n_boot=n_boot,
-            boot_seed=boot_seed,
-            level=level,
-            return_records=True,
+        options = dict(thresholds=thresholds, train_tokens=train, seed=shuffle_seed)
+        measured = dict(context=context, index=index, localization_index=localization_index)
+        table, records[backbone, label] = _measured(
+            probe, ts, dataset, options, measured, n_boot=n_boot, boot_seed=boot_seed, level=level
         )
         parts.append(table)
     if not parts:
         raise ValueError("none of the probes has attention predictors: use attentive probes (e.g. ep, mhca)")
-    table = pd.concat(parts, ignore_index=True)
-    return (table, records) if return_records else table
+    return pd.concat(parts, ignore_index=True), records

@@ -15,6 +15,7 @@ from epviz.analysis import (
     bootstrap_mean,
     measure,
     predictor_table,
+    predictor_tables,
     spearman,
     spearman_intervals,
     uniform_ablation,
@@ -183,7 +184,8 @@ def test_table_intervals_contain_the_point_estimates_and_are_seeded(setup):
 
 def test_delta_acc_resample_equals_the_ablation_on_the_resampled_images(setup):
     probe, _, test, boxes = setup
-    table, records = predictor_table(probe, test, boxes, thresholds=[0.5], n_boot=5, return_records=True)
+    table, records = predictor_tables({("toy", "ep4"): probe}, {"toy": {"test": test}}, boxes, thresholds=[0.5], n_boot=5)
+    records = records["toy", "ep4"]
     weights = next(bootstrap_weights([np.arange(len(test))], n_boot=5, seed=0))
     draw = np.repeat(np.arange(len(test)), weights[0].astype(int))
     again = uniform_ablation(probe, test, index=draw)
@@ -212,16 +214,10 @@ def test_subsets_are_resampled_within_themselves(setup):
 
 def test_spearman_interval_of_two_measures(setup):
     probe, train, test, boxes = setup
-    table, records = predictor_table(
-        probe,
-        test,
-        boxes,
-        thresholds=[0.2, 0.5, 0.8],
-        train_tokens=train,
-        n_boot=300,
-        return_records=True,
-        context=dict(backbone="toy", probe="ep4"),
+    table, records = predictor_tables(
+        {("toy", "ep4"): probe}, {"toy": {"test": test, "train": train}}, boxes, thresholds=[0.2, 0.5, 0.8], n_boot=300
     )
+    records = records["toy", "ep4"]
     r = records.spearman("delta_acc", "maxboxacc_v2")
     assert r.rho == pytest.approx(spearman(table["delta_acc"], table["maxboxacc_v2"]).rho, nan_ok=True)
     assert r.lo <= r.hi and 0 <= r.undefined < 1

@@ -43,7 +43,7 @@ def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
         {"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
         budget=Setting.fast().fit_options(epochs=1, batch_size=30),
     )
-    table = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6])
+    table, _ = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6])
     expected = {"ep4": 4, "mhca": fitted["toy", "mhca"].num_predictors}
     assert table.groupby("probe").size().to_dict() == expected
     assert (table["layer"] == 1).all() and table["delta_acc"].notna().all()
@@ -60,7 +60,7 @@ def test_predictor_tables_take_the_mean_map_from_the_training_split_and_keep_the
         {"ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
         budget=Setting.fast().fit_options(epochs=1, batch_size=30),
     )
-    table, records = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6], n_boot=40, return_records=True)
+    table, records = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6], n_boot=40)
     assert set(records) == {("toy", "ep4"), ("toy", "mhca")}
     assert table["delta_acc_mean"].notna().all() and table["delta_acc_shuffled"].notna().all()
     assert table.loc[table["probe"] == "ep4", "delta_acc_zero"].notna().all()
@@ -69,7 +69,7 @@ def test_predictor_tables_take_the_mean_map_from_the_training_split_and_keep_the
     mean = mean_attention_rows(fitted["toy", "ep4"], train)
     alone = predictor_table(fitted["toy", "ep4"], test, Boxes(boxes), thresholds=[0.2, 0.6], mean_maps=mean, n_boot=0)
     np.testing.assert_allclose(alone["delta_acc_mean"], table.loc[table["probe"] == "ep4", "delta_acc_mean"])
-    without = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.5], train_split=None, n_boot=0)
+    without, _ = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.5], train_split=None, n_boot=0)
     assert without["delta_acc_mean"].isna().all()
     with pytest.raises(ValueError, match="the mean map must come from other images"):
         predictor_tables(fitted, tokens, Boxes(boxes), train_split="test")
