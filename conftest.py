@@ -1,10 +1,6 @@
-"""Notebooks run under nbval in fast mode unless EPVIZ_FAST is set explicitly; tests are marked by what they run."""
-
-import os
+"""Notebooks run under nbval in fast mode (``FAST = True`` set in their parameters cell); tests are marked by what they run."""
 
 import pytest
-
-os.environ.setdefault("EPVIZ_FAST", "1")
 
 _MARKED_PATHS = {
     "/notebooks/": ("notebook", "slow"),
@@ -35,8 +31,16 @@ _SLOW_TESTS = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark whole files by what they run: notebooks (nbval and nbclient), the browser, the zoo scripts."""
+    """Mark whole files by what they run: notebooks (nbval and nbclient), the browser, the zoo scripts.
+
+    A notebook's parameters cell, collected by nbval, gets ``FAST = True`` (:func:`epviz.reproduce.set_parameters`).
+    """
+    from epviz.reproduce import set_parameters
+
     for item in items:
+        cell = getattr(item, "cell", None)
+        if cell is not None and "parameters" in cell.get("metadata", {}).get("tags", []):
+            cell.source = set_parameters(cell.source, FAST=True)
         path = item.path.as_posix()
         name = item.name
         if name.startswith("test_torchrun_"):

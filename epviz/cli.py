@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="on an error, show its traceback instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the notebooks and write figures/ plus figures/report.html")
-    rep.add_argument("--fast", action="store_true", help="EPVIZ_FAST mode (small sizes, as in CI)")
+    rep.add_argument(
+        "--fast", action="store_true", help="fast mode: FAST = True in each notebook's parameters cell (small sizes, as in CI)"
+    )
     rep.add_argument("--only", nargs="*", default=None, help="notebook name prefixes to run")
     rep.add_argument(
         "--cell-timeout",

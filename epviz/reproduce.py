@@ -14,7 +14,6 @@ import functools
 import hashlib
 import html
 import json
-import os
 import re
 import sys
 import time
@@ -31,7 +30,9 @@ __all__ = [
     "CellProgress",
     "format_duration",
     "repo_root",
+    "parameters_cell",
     "run_notebooks",
+    "set_parameters",
     "write_report",
 ]
 
@@ -165,6 +166,37 @@ CELL_TIMEOUT_FULL = 4 * 3600  # the full probe zoo (18 probes x 3 backbones, tun
 CELL_TIMEOUT_FAST = 3600
 
 
+def set_parameters(source: str, **values: Any) -> str:
+    """A notebook's ``parameters`` cell source with the named assignments given new values.
+
+    Each name must be assigned at the start of a line of `source` (``FAST = False  # comment``); the first such
+    line keeps its comment and gets ``repr(value)``, so every later line of the cell that reads the name sees the
+    new value. This is how ``epviz reproduce --fast`` and the notebook tests set fast mode.
+
+    Raises:
+        ConfigError: A name the cell does not assign.
+    """
+    from epviz.errors import ConfigError
+
+    for name, value in values.items():
+        pattern = re.compile(rf"^{re.escape(name)}\s*=\s*[^#\n]*?(\s*#.*)?$", re.M)
+        line = pattern.search(source)
+        if line is None:
+            raise ConfigError(f"the parameters cell assigns no {name!r}: add a line '{name} = ...' to it")
+        source = source[: line.start()] + f"{name} = {value!r}{line.group(1) or ''}" + source[line.end() :]
+    return source
+
+
+def parameters_cell(nb) -> Any:
+    """The cell tagged ``parameters`` of a notebook (nbformat node); a ConfigError when there is none."""
+    from epviz.errors import ConfigError
+
+    for cell in nb.cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            return cell
+    raise ConfigError("the notebook has no cell tagged 'parameters': tag the cell that holds its options")
+
+
 def run_notebooks(
     notebooks: list[Path],
     fast: bool,
@@ -189,7 +221,6 @@ def run_notebooks(
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
     stream = out or sys.stdout
-    os.environ["EPVIZ_FAST"] = "1" if fast else "0"
     root = repo_root()
     figures = root / "figures" / ("fast" if fast else "")
     executed_dir = figures / "notebooks"
@@ -199,6 +230,8 @@ def run_notebooks(
     timings = []
     for number, path in enumerate(notebooks, 1):
         nb = nbformat.read(path, as_version=4)
+        cell = parameters_cell(nb)
+        cell.source = set_parameters(cell.source, FAST=fast)
         previous = record["notebooks"].get(path.name)
         before = f"previous run {format_duration(previous['seconds'])}" if previous and "seconds" in previous else "first run"
         print(f"[{number}/{len(notebooks)}] {path.name} ({before})", file=stream, flush=True)

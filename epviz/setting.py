@@ -2,7 +2,7 @@
 
 One frozen :class:`Setting` replaces the ``fast`` flag that used to travel through every call::
 
-    setting = Setting.from_env()          # full, or fast when EPVIZ_FAST=1
+    setting = Setting.fast() if FAST else Setting.full()   # a notebook's parameters cell
     setting = Setting.full().replace(sizes={"train": 50_000, "val": 5_000, "test": None})   # custom
 
 The standard sets (cluttered Fashion-MNIST by default):
@@ -33,14 +33,13 @@ the former one-recipe budget (AdamW, lr 1e-3, weight decay 1e-4) and :meth:`Sett
 reference implementation's recipe (LARS, lr 0.1 x batch / 256, 90 epochs, 10 of warm-up, batch 4096,
 no weight decay), for reproducing those protocols exactly.
 
-Fast mode (``EPVIZ_FAST=1``) shrinks sizes and budgets so that every notebook runs in a minute or
+Fast mode (``Setting.fast()``; ``FAST = True`` in a notebook's parameters cell) shrinks sizes and budgets so that every notebook runs in a minute or
 two on a laptop CPU; its numbers are for checking the pipeline, not for reading.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -54,7 +53,6 @@ from epviz.errors import ConfigError
 
 __all__ = [
     "BUDGET_KEYS",
-    "FAST_ENV",
     "GRID_KEYS",
     "PRESETS",
     "SPLITS",
@@ -64,7 +62,6 @@ __all__ = [
     "check_grid_values",
 ]
 
-FAST_ENV = "EPVIZ_FAST"
 SPLITS = ("train", "val", "test")
 THRESHOLDS = np.round(np.arange(100) * 0.01, 2)  # MaxBoxAccV2 thresholds tau: 0, 0.01, ..., 0.99
 
@@ -264,11 +261,6 @@ class Setting:
         on cached tokens it is a different, cheaper protocol.
         """
         return cls(name="paper", **PRESETS["paper"])
-
-    @classmethod
-    def from_env(cls) -> Setting:
-        """:meth:`fast` when ``EPVIZ_FAST=1``, else :meth:`full`."""
-        return cls.fast() if os.environ.get(FAST_ENV, "0") == "1" else cls.full()
 
     @property
     def is_fast(self) -> bool:

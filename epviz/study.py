@@ -98,7 +98,7 @@ def open_study(
         dataset: Dataset spec of any registered kind (see :func:`epviz.data.load_split`, :func:`epviz.data.dataset_kinds`).
         layer: Block of :attr:`Study.tokens` (0 = first, -1 = last).
         splits: Which standard splits to build.
-        setting: Sizes and budgets (default :meth:`Setting.from_env`: full, or fast with ``EPVIZ_FAST=1``).
+        setting: Sizes and budgets (default :meth:`Setting.full`).
         figures: Root folder of the figures; fast mode writes under ``<figures>/fast``.
         tokens: Extract (or read) the tokens now.
         extract: :func:`epviz.extract_tokens` options of the caches (default: every block, float16, fp32
@@ -108,7 +108,7 @@ def open_study(
     Raises:
         ValueError: The control is not among the present backbones.
     """
-    setting = Setting.from_env() if setting is None else setting
+    setting = Setting.full() if setting is None else setting
     present = present_backbones(backbones)
     if control is not None and control not in present:
         raise ValueError(

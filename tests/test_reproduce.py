@@ -72,3 +72,27 @@ def test_report_links_every_figures_sidecar_and_lists_notebooks(tmp_path):
     failed = next(line for line in text.split("<tr>") if "02_maps.ipynb" in line)
     assert "ValueError: bad" in failed and "#fig-02_other" in failed, "figures named after the notebook's number"
     assert "02_other.json" not in text, "no sidecar, no link"
+
+
+def test_fast_mode_is_set_in_the_parameters_cell_of_every_notebook():
+    """Every notebook reads FAST from its parameters cell; set_parameters rewrites that line and only that line."""
+    import nbformat
+    import pytest
+
+    from epviz.errors import ConfigError
+
+    source = "import epviz\nFAST = False          # True: small sizes\nSIZE = 500 if FAST else 4_000\nFAST_TOO = 1\n"
+    changed = reproduce.set_parameters(source, FAST=True, SIZE=7)
+    assert changed == "import epviz\nFAST = True          # True: small sizes\nSIZE = 7\nFAST_TOO = 1\n"
+    with pytest.raises(ConfigError, match="assigns no 'EPOCHS'"):
+        reproduce.set_parameters(source, EPOCHS=3)
+    notebooks = sorted((reproduce.repo_root() / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) == 8
+    for path in notebooks:
+        cell = reproduce.parameters_cell(nbformat.read(path, as_version=4))
+        namespace: dict = {}
+        lines = [line for line in reproduce.set_parameters(cell.source, FAST=True).splitlines() if line.startswith("FAST")]
+        exec("\n".join(lines), namespace)  # noqa: S102 - the notebook's own FAST line
+        assert namespace["FAST"] is True, path.name
+    with pytest.raises(ConfigError, match="no cell tagged 'parameters'"):
+        reproduce.parameters_cell(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")]))

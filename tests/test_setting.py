@@ -19,13 +19,6 @@ def test_full_and_fast_budgets_and_sizes():
     assert full.low_shot_budget["epochs"] == 100 and fast.low_shot_budget["epochs"] == 40
 
 
-def test_from_env_switches_on_epviz_fast(monkeypatch):
-    monkeypatch.setenv("EPVIZ_FAST", "1")
-    assert Setting.from_env().is_fast
-    monkeypatch.setenv("EPVIZ_FAST", "0")
-    assert not Setting.from_env().is_fast and Setting.from_env() == Setting.full()
-
-
 def test_thresholds_and_probe_set():
     np.testing.assert_array_equal(Setting.full().thresholds, THRESHOLDS)
     np.testing.assert_array_equal(Setting.fast().thresholds, THRESHOLDS[::4])

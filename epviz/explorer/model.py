@@ -217,7 +217,7 @@ class ExplorerModel:
             it is shown as it is, never trained, on every backbone whose tokens fit it.
         trained: Trained probes for one backbone each, ``{(backbone, label): probe}``: on that backbone
             `label` shows the given probe instead of training one (`label` joins the probe choices).
-        setting: Sizes and budget (default: :meth:`epviz.Setting.from_env`).
+        setting: Sizes and budget (default: :meth:`epviz.Setting.full`).
         dataset: Dataset spec of the standard sets (see :func:`epviz.data.load_split`).
         sets: ``{"train", "val", "test": dataset}`` (default: the standard sets of `dataset`); the images
             shown are those of ``test``, which needs GT boxes.
@@ -245,7 +245,7 @@ class ExplorerModel:
         localization_images: int = 200,
         progress: Progress | None = None,
     ) -> None:
-        self.setting = Setting.from_env() if setting is None else setting
+        self.setting = Setting.full() if setting is None else setting
         given = list(present_backbones(zoo.CORE) if backbones is None else backbones)
         if not given:
             raise ValueError("no backbones given: pass zoo names (tiny-mae, tiny-sup, tiny-random) or timm ViT names")

@@ -19,7 +19,7 @@ def test_probe_zoo_notebook_runs_on_an_imagenet_folder(tmp_path, monkeypatch):
     root = tmp_path / "imagenet"
     write_imagenet(root, train_per_class=8, val_per_class=3, layout="flat", boxes="xml", size=(64, 48))
     figures = tmp_path / "figures"
-    for key, value in {"EPVIZ_FAST": "1", "EPVIZ_CACHE": str(tmp_path / "cache"), "EPVIZ_DEVICE": "cpu",
+    for key, value in {"EPVIZ_CACHE": str(tmp_path / "cache"), "EPVIZ_DEVICE": "cpu",
                        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(key, value)
     nb = nbformat.read(NOTEBOOK, 4)
