@@ -51,11 +51,13 @@ from epviz import Setting, extract_tokens, load_backbone  # noqa: E402
 from epviz.analysis import LocalizationMeter, map_entropy, paired_difference  # noqa: E402
 from epviz.analysis.baselines import patch_brightness, sharpen_maps  # noqa: E402
 from epviz.atomic import atomic_write  # noqa: E402
+from epviz.backbones.zoo import ENTRIES  # noqa: E402
 from epviz.data import CanvasRecipe, ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import collect_attention, predict  # noqa: E402
 from epviz.probes import build  # noqa: E402
 from epviz.tokens.cache import default_cache_dir  # noqa: E402
 from epviz.training import fit_grid  # noqa: E402
+from epviz.viz.curves import sweep_curves  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LIFTS = ("mask_lift", "mask_lift_px", "box_lift")
@@ -245,6 +247,22 @@ def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFr
     return pd.DataFrame(rows).drop(columns=["seeds"]).assign(seeds=len(args.seeds))
 
 
+def draw(table: pd.DataFrame, out: Path) -> None:
+    """``<out>_pretraining.png`` (top-1 and lift of the trained heads along the zoo's MAE run, the other backbones
+    beside it) when the table holds two or more of that run's checkpoints; ``<out>_queries.png`` with a query sweep."""
+    trained = table[(table["condition"] == "trained") & (table["salience"] == 0)]
+    measures = {"test_acc": "test top-1", "mask_lift": "lift on the item mask"}
+    run = {"tiny-random": 0, **{n: e.epochs for n, e in ENTRIES.items() if n.startswith("tiny-mae@") and e.file}}
+    along = trained[trained["queries"].isna()].assign(epoch=lambda t: t["backbone"].map(run))
+    along["run"] = along["backbone"].where(along["epoch"].isna(), "tiny-mae@epoch (one MAE run)")
+    if along["epoch"].nunique() >= 2:
+        sweep_curves(along, "epoch", measures, "MAE epochs of the run (0 = tiny-random)",
+                     line="run", out=out.parent, name=f"{out.name}_pretraining")  # fmt: skip
+    swept = trained.dropna(subset=["queries"])
+    if swept["queries"].nunique() >= 2:
+        sweep_curves(swept, "queries", measures, "queries M (log scale)", logx=True, out=out.parent, name=f"{out.name}_queries")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["tiny-mae", "tiny-sup", "tiny-random", "tiny-pixels"])
@@ -262,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     table, comparisons = run(args, Setting.fast() if args.fast else Setting.full())
     atomic_write(args.out.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     atomic_write(args.out.with_name(args.out.name + "_pairs.csv"), lambda tmp: comparisons.to_csv(tmp, index=False))
+    draw(table, args.out)
     means = table.groupby(["salience", "backbone", "queries", "condition"], sort=False, dropna=False)[
         ["test_acc", "mask_lift", "maxboxacc_v2", "entropy_norm"]
     ]

@@ -11,7 +11,7 @@ of the data behind it (atomically) as ``<out>/<name>.png`` / ``.csv``.
 
 from epviz.viz import attribution
 from epviz.viz.costs import accuracy_vs_cost, accuracy_vs_flops, accuracy_vs_params, zoo_overview
-from epviz.viz.curves import layer_curves, low_shot_curves, training_curves
+from epviz.viz.curves import layer_curves, low_shot_curves, sweep_curves, training_curves
 from epviz.viz.maps import (
     GROUP_COLOURS,
     attention_overlays,
@@ -38,6 +38,7 @@ __all__ = [
     "delta_acc_panels",
     "draw_boxes",
     "layer_curves",
+    "sweep_curves",
     "low_shot_curves",
     "query_group_gallery",
     "register_label",

@@ -158,6 +158,23 @@ def test_layer_curves_one_line_per_probe_per_backbone(tmp_path):
     np.testing.assert_allclose(summary["best_acc_std"], np.std([0.0, 0.02], ddof=1))
 
 
+def test_sweep_curves_draw_the_run_and_its_references(tmp_path):
+    rows = [dict(backbone=f"mae@{e}", epoch=e, run="mae", seed=s, acc=0.5 + e / 100 + s / 100, lift=0.4) for e in (0, 2, 7)
+            for s in (0, 1)]  # fmt: skip
+    rows += [dict(backbone="sup", epoch=np.nan, run="sup", seed=s, acc=0.7 + s / 50, lift=0.45) for s in (0, 1)]
+    fig = plots.sweep_curves(pd.DataFrame(rows), "epoch", {"acc": "top-1", "lift": "lift"}, "epochs", line="run", out=tmp_path,
+                             name="sweep")  # fmt: skip
+    assert len(fig.axes) == 2
+    curve = fig.axes[0].containers[0].lines[0]
+    np.testing.assert_allclose(np.asarray(curve.get_xdata(), float), [0, 2, 7])
+    np.testing.assert_allclose(np.asarray(curve.get_ydata(), float), [0.505, 0.525, 0.575])
+    assert any(np.allclose(line.get_ydata(), 0.71) for line in fig.axes[0].lines), "the reference at its mean"
+    data = written(tmp_path, "sweep")
+    assert len(data) == 2 * (3 + 1) and set(data["measure"]) == {"acc", "lift"}
+    with pytest.raises(ValueError, match="two or more values"):
+        plots.sweep_curves(pd.DataFrame(rows[:2]), "epoch", {"acc": "top-1"}, "epochs")
+
+
 def test_curves_draw_the_chance_accuracy_when_the_classes_are_known(tmp_path):
     runs = sweep_runs().assign(num_classes=10)
     fig = plots.layer_curves(runs, out=tmp_path, name="layers_chance")
