@@ -249,7 +249,7 @@ def pairs(args: argparse.Namespace, per_image: dict, correct: dict) -> pd.DataFr
 
 def draw(table: pd.DataFrame, out: Path) -> None:
     """``<out>_pretraining.png`` (top-1 and lift of the trained heads along the zoo's MAE run, the other backbones
-    beside it) when the table holds two or more of that run's checkpoints; ``<out>_queries.png`` with a query sweep."""
+    beside it) when the table holds two or more of that run's checkpoints; ``<out>_sweep.png`` with a query sweep."""
     trained = table[(table["condition"] == "trained") & (table["salience"] == 0)]
     measures = {"test_acc": "test top-1", "mask_lift": "lift on the item mask"}
     run = {"tiny-random": 0, **{n: e.epochs for n, e in ENTRIES.items() if n.startswith("tiny-mae@") and e.file}}
@@ -260,7 +260,7 @@ def draw(table: pd.DataFrame, out: Path) -> None:
                      line="run", out=out.parent, name=f"{out.name}_pretraining")  # fmt: skip
     swept = trained.dropna(subset=["queries"])
     if swept["queries"].nunique() >= 2:
-        sweep_curves(swept, "queries", measures, "queries M (log scale)", logx=True, out=out.parent, name=f"{out.name}_queries")
+        sweep_curves(swept, "queries", measures, "queries M (log scale)", logx=True, out=out.parent, name=f"{out.name}_sweep")
 
 
 def main(argv: list[str] | None = None) -> None:
