@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from epviz.analysis.meters import Meter
-from epviz.analysis.stats import row_spearman, spearman
+from epviz.analysis.stats import partial_rho, row_spearman, spearman
 from epviz.checks import check_int, check_number
 
 __all__ = [
@@ -367,22 +367,37 @@ class Bootstrap:
         return table
 
     def spearman(
-        self, x: str, y: str, n_boot: int | None = None, seed: int | None = None, level: float | None = None
+        self,
+        x: str,
+        y: str,
+        n_boot: int | None = None,
+        seed: int | None = None,
+        level: float | None = None,
+        given: str | None = None,
     ) -> RhoInterval:
-        """Spearman ρ of columns `x` and `y` across predictors, with its bootstrap interval.
+        """Spearman ρ of columns `x` and `y` across predictors (partial, `given` a third column), with its interval.
 
         Raises:
             KeyError: A column has no per-image records here.
         """
         level = self.level if level is None else float(level)
         samples = self.samples(n_boot, seed)
-        missing = [c for c in (x, y) if c not in samples]
+        columns = [x, y] + ([given] if given else [])
+        missing = [c for c in columns if c not in samples]
         if missing:
             raise KeyError(f"no bootstrap records for {missing}; resampled columns: {sorted(samples)}")
-        both = [p for p in samples[x].columns if p in set(samples[y].columns)]
+        both = [p for p in samples[x].columns if all(p in set(samples[c].columns) for c in columns[1:])]
         points = self.points().set_index("predictor").loc[both]
-        rho = spearman(points[x], points[y]).rho
-        rhos = row_spearman(samples[x][both].to_numpy(), samples[y][both].to_numpy())
+
+        def rho_of(a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+            return np.asarray(spearman(points[a], points[b]).rho), row_spearman(
+                samples[a][both].to_numpy(), samples[b][both].to_numpy()
+            )
+
+        (rho, rhos) = rho_of(x, y)
+        if given:
+            (xz, xzs), (yz, yzs) = rho_of(x, given), rho_of(y, given)
+            rho, rhos = partial_rho(rho, xz, yz), partial_rho(rhos, xzs, yzs)
         undefined = float(np.isnan(rhos).mean())
         lo, hi = percentile_interval(rhos, level)
         return RhoInterval(float(rho), float(lo), float(hi), undefined)
@@ -390,7 +405,7 @@ class Bootstrap:
 
 def spearman_intervals(
     records: Mapping[object, Bootstrap],
-    pairs: Sequence[tuple[str, str]],
+    pairs: Sequence[tuple[str, str] | tuple[str, str, str]],
     n_boot: int | None = None,
     seed: int | None = None,
     level: float | None = None,
@@ -400,11 +415,11 @@ def spearman_intervals(
     Args:
         records: Per probe (e.g. the ``(backbone, label)`` keys of the bootstraps
             :func:`~epviz.analysis.predictor_tables` returns), its :class:`Bootstrap`.
-        pairs: The (x, y) column pairs.
+        pairs: The (x, y) column pairs; an (x, y, z) triple gives the partial ρ of x and y given z.
         n_boot, seed, level: As in :meth:`Bootstrap.spearman` (default: each Bootstrap's own).
 
     Returns:
-        One row per (probe, pair): the Bootstrap's context columns, ``x``, ``y``, ``rho``,
+        One row per (probe, pair): the Bootstrap's context columns, ``x``, ``y``, ``given`` (None: plain ρ), ``rho``,
         ``rho_lo``, ``rho_hi``, ``rho_undefined`` (share of resamples where ρ is undefined),
         ``predictors``. A probe lacking records of a pair's column (e.g. a meter it did not run)
         has no row for that pair.
@@ -415,16 +430,18 @@ def spearman_intervals(
     rows, found = [], set()
     for bootstrap in records.values():
         samples = bootstrap.samples(n_boot, seed)
-        for x, y in pairs:
-            if x not in samples or y not in samples:
+        for pair in pairs:
+            x, y, given = (*pair, None)[:3]
+            if any(c not in samples for c in pair):
                 continue
-            found.add((x, y))
-            r = bootstrap.spearman(x, y, n_boot, seed, level)
+            found.add(tuple(pair))
+            r = bootstrap.spearman(x, y, n_boot, seed, level, given=given)
             rows.append(
                 {
                     **bootstrap.context,
                     "x": x,
                     "y": y,
+                    "given": given,
                     "rho": r.rho,
                     "rho_lo": r.lo,
                     "rho_hi": r.hi,

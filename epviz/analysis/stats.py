@@ -38,6 +38,18 @@ def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -
     return Spearman(float(result.statistic), float(result.pvalue))
 
 
+def partial_rho(xy: np.ndarray | float, xz: np.ndarray | float, yz: np.ndarray | float) -> np.ndarray:
+    """The correlation of x and y given z from the three pairwise ones (on ranks: partial Spearman).
+
+    ρ_xy·z = (ρ_xy − ρ_xz ρ_yz) / √((1 − ρ_xz²)(1 − ρ_yz²)); NaN where z explains x or y entirely.
+    """
+    xy, xz, yz = (np.asarray(v, dtype=np.float64) for v in (xy, xz, yz))
+    denom = np.sqrt((1 - xz**2) * (1 - yz**2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (xy - xz * yz) / denom
+    return np.clip(np.where(denom > 0, rho, np.nan), -1.0, 1.0)
+
+
 def row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman correlation of each row of `a` with the same row of `b` (NaN for a constant row).
 

@@ -26,6 +26,7 @@ from epviz.analysis.intervals import (
     resample_box_accuracy,
     resample_maxboxacc,
 )
+from epviz.analysis.stats import partial_rho
 from tests.toy_tokens import Boxes, toy_tokens
 
 
@@ -234,6 +235,14 @@ def test_spearman_interval_of_two_measures(setup):
         table["entropy_norm"] <= table["entropy_norm_hi"] + 1e-9
     ).all()
     assert (table["entropy_norm_hi"] > table["entropy_norm_lo"]).all()
+    partial = records.spearman("delta_acc", "maxboxacc_v2", given="entropy_norm")
+    expected = partial_rho(
+        *(spearman(table[a], table[b]).rho for a, b in [("delta_acc", "maxboxacc_v2"), ("delta_acc", "entropy_norm"),
+                                                         ("maxboxacc_v2", "entropy_norm")])
+    )  # fmt: skip
+    assert partial.rho == pytest.approx(float(expected), nan_ok=True) and (partial.lo <= partial.hi or np.isnan(partial.lo))
+    triple = spearman_intervals({("toy", "ep4"): records}, [("delta_acc", "maxboxacc_v2", "entropy_norm")])
+    assert triple.loc[0, "given"] == "entropy_norm" and triple.loc[0, "rho"] == pytest.approx(partial.rho, nan_ok=True)
     with pytest.raises(KeyError, match="no bootstrap records"):
         records.spearman("delta_acc", "pointing_entropy")
     with pytest.raises(KeyError, match="no probe has bootstrap records"):

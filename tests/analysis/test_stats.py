@@ -41,3 +41,19 @@ def test_row_spearman_matches_the_scalar_one_per_row():
         assert rho[i] == pytest.approx(spearman(a[i], b[i]).rho)
     with pytest.raises(ValueError, match="same shape"):
         row_spearman(a, b[:, :3])
+
+
+def test_partial_rho_is_the_correlation_of_rank_residuals():
+    """Partial Spearman of x and y given z equals the Pearson correlation of their ranks after regressing out z's."""
+    from epviz.analysis.stats import partial_rho
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=40)
+    x, y = z + 0.5 * rng.normal(size=40), z + 0.5 * rng.normal(size=40)
+    rx, ry, rz = (stats.rankdata(v) for v in (x, y, z))
+    residual = [r - np.polyval(np.polyfit(rz, r, 1), rz) for r in (rx, ry)]
+    expected = np.corrcoef(*residual)[0, 1]
+    got = partial_rho(spearman(x, y).rho, spearman(x, z).rho, spearman(y, z).rho)
+    assert got == pytest.approx(expected, abs=1e-12)
+    assert spearman(x, y).rho > 0.6 and abs(float(got)) < 0.4, "z explains most of the link"
+    assert np.isnan(partial_rho(0.5, 1.0, 0.5)), "z that is x leaves nothing to correlate"
