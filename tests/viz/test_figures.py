@@ -56,8 +56,15 @@ def test_delta_acc_panels_one_point_per_predictor_and_panel(tmp_path):
     assert len(fig.axes) == 2 * 2
     counts = [points(ax) for ax in fig.axes]
     assert counts == [4 + 3, 4 + 4 + 4] * 2
-    # a perfectly monotone relation in every panel shows rho = +1
-    assert all(any(t.get_text() == "ρ = +1.00" for t in ax.texts) for ax in fig.axes)
+    # a perfectly monotone relation: every probe of every panel shows its own rho = +1, never one pooled over probes
+    assert [sum(t.get_text() == "ρ +1.00" for t in ax.texts) for ax in fig.axes] == [2, 3] * 2
+    assert all(len(ax.get_legend().get_texts()) == len(members) for ax, members in zip(fig.axes, [*panels.values()] * 2))
+    rhos = pd.DataFrame(dict(backbone="tiny-mae", probe="mhca", x="delta_acc", y="maxboxacc_v2", given=[None, "entropy_norm"],
+                             rho=[1.0, 0.25], rho_lo=[0.5, -0.5], rho_hi=[1.0, 0.75]))  # fmt: skip
+    fig = plots.delta_acc_panels(table, x="maxboxacc_v2", panels=panels, rhos=rhos)
+    assert "ρ +1.00 [+0.50, +1.00]; ρ | entropy +0.25 [-0.50, +0.75]" in [t.get_text() for t in fig.axes[0].texts]
+    with pytest.raises(ValueError, match="at most 5 probes"):
+        plots.delta_acc_panels(table.assign(probe=table["predictor"].astype(str) + table["probe"]))
     data = written(tmp_path, "fig4")
     assert len(data) == sum(counts)
     assert set(data["panel"]) == set(panels)
