@@ -82,13 +82,11 @@ _MAP_SOURCE = {
     "inbox_mass": "inbox_mass",
     "entropy_norm": "entropy_norm",
 }
+_FACT_COLUMNS = ("family", "method", "arch", "pretrain", "eval")  # what the rows say of the backbone and protocol, text
+_RUN_COLUMNS = ("setting", "notebook", "test_tokens", "train_tokens", "probe_cache", "log", "commit")  # where a row came from
 RESULT_COLUMNS = (
     *RESULT_KEY,
-    "family",
-    "method",
-    "arch",
-    "pretrain",
-    "eval",
+    *_FACT_COLUMNS,
     "image_size",
     "test_acc",
     "test_acc_lo",
@@ -112,13 +110,7 @@ RESULT_COLUMNS = (
     *(f"{m}{s}" for m in MAP_MEASURES for s in ("", "_lo", "_hi")),
     "maps_interval",
     "level",
-    "setting",
-    "notebook",
-    "test_tokens",
-    "train_tokens",
-    "probe_cache",
-    "log",
-    "commit",
+    *_RUN_COLUMNS,
     "dirty",
     "created",
 )
@@ -126,26 +118,7 @@ START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 NO_RUN = "No full run of this setting yet"
 _EP_PREFERENCE = ("ep16", "ep", "ep_all16", "ep_all")
-_TEXT_COLUMNS = (
-    "backbone",
-    "probe",
-    "protocol",
-    "family",
-    "method",
-    "arch",
-    "pretrain",
-    "eval",
-    "ep_variant",
-    "maps_interval",
-    "setting",
-    "notebook",
-    "test_tokens",
-    "train_tokens",
-    "probe_cache",
-    "log",
-    "commit",
-    "created",
-)
+_TEXT_COLUMNS = ("backbone", "probe", "protocol", *_FACT_COLUMNS, "ep_variant", "maps_interval", *_RUN_COLUMNS, "created")
 
 # --- backbones ------------------------------------------------------------------------------
 

@@ -160,18 +160,22 @@ def _folder_with(files: dict[str, bytes]) -> Path:
     return folder
 
 
+def _check_damaged(original: dict, which: str, damage: tuple, fields, load) -> None:
+    """Apply `damage` to the file `which` of `original` (a JSON damage to its JSON file only), then check `load`."""
+    files = dict(original["files"])
+    if which.endswith(".json") or damage[0] != "json":
+        files[which] = _apply(files[which], damage, fields)
+    folder = _folder_with(files)
+    try:
+        _check(load, folder, which, original["logits"])
+    finally:
+        shutil.rmtree(folder)
+
+
 @SETTINGS
 @given(which=st.sampled_from(["ep_head.pth", "config.json"]), damage=_damage())
 def test_damaged_reference_heads_load_as_they_were_or_are_refused(originals, which, damage):
-    original = originals["reference"]
-    files = dict(original["files"])
-    if which == "config.json" or damage[0] != "json":
-        files[which] = _apply(files[which], damage, REFERENCE_FIELDS)
-    folder = _folder_with(files)
-    try:
-        _check(load_reference_head, folder, which, original["logits"])
-    finally:
-        shutil.rmtree(folder)
+    _check_damaged(originals["reference"], which, damage, REFERENCE_FIELDS, load_reference_head)
 
 
 @SETTINGS
@@ -192,15 +196,7 @@ def test_hostile_reference_tensors_are_refused(originals, damage):
 @SETTINGS
 @given(which=st.sampled_from(["probe.json", "probe.safetensors"]), damage=_damage())
 def test_damaged_saved_probes_load_as_they_were_or_are_refused(originals, which, damage):
-    original = originals["saved"]
-    files = dict(original["files"])
-    if which == "probe.json" or damage[0] != "json":
-        files[which] = _apply(files[which], damage, SAVED_FIELDS)
-    folder = _folder_with(files)
-    try:
-        _check(lambda f: load_probe(f / "probe"), folder, which, original["logits"])
-    finally:
-        shutil.rmtree(folder)
+    _check_damaged(originals["saved"], which, damage, SAVED_FIELDS, lambda f: load_probe(f / "probe"))
 
 
 @SETTINGS

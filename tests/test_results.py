@@ -355,16 +355,23 @@ def lift_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), pairs
 
 
-def test_the_localization_section_is_checked_against_its_csvs(tmp_path):
-    table, pairs = lift_tables()
+def written_readme(tmp_path, stem: str, table: pd.DataFrame, pairs: pd.DataFrame, section: str) -> tuple[Path, Path]:
+    """README.md holding `section` and an empty results section, rebuilt from <stem>.csv, <stem>_pairs.csv and a
+    results.csv of no rows beside it, and checked; returns the README and results.csv."""
     csv = tmp_path / "results.csv"
     csv.write_text(",".join(results.RESULT_COLUMNS) + "\n")
-    table.to_csv(tmp_path / "lift.csv", index=False)
-    pairs.to_csv(tmp_path / "lift_pairs.csv", index=False)
+    table.to_csv(tmp_path / f"{stem}.csv", index=False)
+    pairs.to_csv(tmp_path / f"{stem}_pairs.csv", index=False)
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{results.LIFT_START}\nold\n{results.LIFT_END}\n\n{results.START}\n{results.END}\n")
+    readme.write_text(f"{section}\n\n{results.START}\n{results.END}\n")
     results.write_readme(readme, csv)
     assert results.check_readme(readme, csv) is None
+    return readme, csv
+
+
+def test_the_localization_section_is_checked_against_its_csvs(tmp_path):
+    table, pairs = lift_tables()
+    readme, csv = written_readme(tmp_path, "lift", table, pairs, f"# x\n\n{results.LIFT_START}\nold\n{results.LIFT_END}")
     text = readme.read_text()
     assert "| tiny-mae | 70.5 ± 0.7 | 0.405 ± 0.007 | 0.005 | 0.105 | 0.305 | – | +0.050 [-0.010, +0.110] n.r. |" in text
     table.loc[0, "mask_lift"] = 0.9  # a changed number fails the check
@@ -401,14 +408,7 @@ def salience_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_the_salience_finding_is_generated_from_its_csvs_and_checked(tmp_path):
     table, pairs = salience_tables()
-    csv = tmp_path / "results.csv"
-    csv.write_text(",".join(results.RESULT_COLUMNS) + "\n")
-    table.to_csv(tmp_path / "salience.csv", index=False)
-    pairs.to_csv(tmp_path / "salience_pairs.csv", index=False)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{results.SALIENCE_START}\nold\n{results.SALIENCE_END}\n\n{results.START}\n{results.END}\n")
-    results.write_readme(readme, csv)
-    assert results.check_readme(readme, csv) is None
+    readme, csv = written_readme(tmp_path, "salience", table, pairs, f"{results.SALIENCE_START}\nold\n{results.SALIENCE_END}")
     text = " ".join(readme.read_text().split())  # the paragraph, its line breaks aside
     assert "top-1 falls by +40.0 [+30.0, +50.0] points on tiny-mae" in text
     assert "(difference of the falls -2.0 [-5.0, +1.0] n.r.)" in text, "an interval covering 0 reads n.r."

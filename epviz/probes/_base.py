@@ -713,8 +713,10 @@ class MultiHeadProbe(Probe):
     Subclasses set :attr:`preferred_heads`, the reference implementation's count: the default
     when it divides ``dim``, else the largest divisor of ``dim`` below it
     (:func:`~epviz.probes._layers.resolve_heads`); an explicit ``heads`` must divide ``dim``.
+    Every such family is attentive.
     """
 
+    attentive = True
     preferred_heads: ClassVar[int] = 8
 
     def __init__(

@@ -26,7 +26,6 @@ class AimProbe(MultiHeadProbe):
         heads: Attention heads (default 16).
     """
 
-    attentive = True
     sliced = True
 
     preferred_heads = 16

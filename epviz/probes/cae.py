@@ -27,8 +27,6 @@ class CaeProbe(MultiHeadProbe):
         heads: Attention heads (default 8).
     """
 
-    attentive = True
-
     preferred_heads = 8
 
     def __init__(self, dim: int, num_classes: int, heads: int | None = None, grid: Sequence[int] | None = None) -> None:

@@ -29,8 +29,6 @@ class CaitProbe(MultiHeadProbe):
         init_scale: Initial LayerScale value.
     """
 
-    attentive = True
-
     preferred_heads = 4
 
     def __init__(

@@ -32,8 +32,6 @@ class ClipProbe(MultiHeadProbe):
         num_tokens: Number N of patch tokens the probe will see.
     """
 
-    attentive = True
-
     preferred_heads = 4
 
     def __init__(

@@ -27,8 +27,6 @@ class DinoVitProbe(MultiHeadProbe):
         heads: Attention heads (default 8).
     """
 
-    attentive = True
-
     attn_hook_in_path = False
 
     preferred_heads = 8

@@ -33,8 +33,6 @@ class JepaProbe(MultiHeadProbe):
         mlp_ratio: Hidden width of the MLP over D.
     """
 
-    attentive = True
-
     preferred_heads = 16
 
     def __init__(

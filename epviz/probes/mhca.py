@@ -31,8 +31,6 @@ class MultiHeadCrossAttentionProbe(MultiHeadProbe):
         bias: Whether W_Q, W_K, W_V, W_O have biases.
     """
 
-    attentive = True
-
     @classmethod
     def default_heads(cls, dim: int) -> int:
         return max(1, dim // 64)  # the reference: heads of width 64

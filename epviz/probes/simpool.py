@@ -28,7 +28,6 @@ class SimPoolProbe(MultiHeadProbe):
         heads: Attention heads (default 1).
     """
 
-    attentive = True
     sliced = True
 
     preferred_heads = 1
@@ -58,7 +57,6 @@ class EfficientSimPoolProbe(MultiHeadProbe):
         heads: Attention heads (default 12).
     """
 
-    attentive = True
     sliced = True
 
     preferred_heads = 12

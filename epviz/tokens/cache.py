@@ -553,23 +553,8 @@ def extract_tokens(
         plan = read_plan(partial)
         failure: BaseException | None = None
         try:
-            _extract_shards(
-                backbone,
-                dataset,
-                layers,
-                partial,
-                plan,
-                specs,
-                shape,
-                norm=norm,
-                batch_size=batch_size,
-                precision=precision,
-                dtype=dtype,
-                view_seed=view_seed,
-                device=dev,
-                num_workers=num_workers,
-                progress=progress,
-            )
+            run = _Run(norm, batch_size, precision, dtype, view_seed, dev, num_workers)
+            _extract_shards(backbone, dataset, layers, partial, plan, specs, shape, run, progress=progress)
         except BaseException as err:  # noqa: BLE001 - every rank learns of the failure below, then it is raised
             failure = err
         errors = distributed.all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
@@ -636,6 +621,19 @@ class _Shapes:
     patch: int
     prefix: int
     dim: int
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The extraction options every shard's batches share."""
+
+    norm: bool
+    batch_size: int
+    precision: str
+    dtype: str
+    view_seed: int
+    device: torch.device
+    num_workers: int
 
 
 def _shapes_of(meta: Mapping[str, Any]) -> _Shapes:
@@ -762,14 +760,8 @@ def _extract_shards(
     plan: ShardPlan,
     specs: list[ArraySpec],
     shape: _Shapes,
+    run: _Run,
     *,
-    norm: bool,
-    batch_size: int,
-    precision: str,
-    dtype: str,
-    view_seed: int,
-    device: torch.device,
-    num_workers: int,
     progress: bool,
 ) -> None:
     world, me = distributed.world_size(), distributed.rank()
@@ -784,11 +776,7 @@ def _extract_shards(
         for index in todo:
             start, end = plan.shards[index]
             began = time.time()
-            sums = _write_shard(
-                backbone, dataset, layers, folder, specs, shape, start, end,
-                norm=norm, batch_size=batch_size, precision=precision, dtype=dtype, view_seed=view_seed,
-                device=device, num_workers=num_workers, bar=bar,
-            )  # fmt: skip
+            sums = _write_shard(backbone, dataset, layers, folder, specs, shape, start, end, run, bar)
             info = {"rank": me, "world_size": world, "seconds": round(time.time() - began, 2), "blake2b": sums}
             write_marker(folder, plan, index, info)
     finally:
@@ -819,14 +807,7 @@ def _write_shard(
     shape: _Shapes,
     start: int,
     end: int,
-    *,
-    norm: bool,
-    batch_size: int,
-    precision: str,
-    dtype: str,
-    view_seed: int,
-    device: torch.device,
-    num_workers: int,
+    run: _Run,
     bar,
 ) -> dict[str, str]:
     """Extract images [start, end) and write their rows in place (every view, layer and part).
@@ -834,19 +815,20 @@ def _write_shard(
     Returns:
         The blake2b checksum of the rows written, per file.
     """
+    device, dtype, view_seed = run.device, run.dtype, run.view_seed
     backbone.model.to(device)
     P, N, D, K = shape.prefix, shape.patch, shape.dim, shape.views
     by_name = {spec.name: spec for spec in specs}
     writers = {name: RowWriter(folder, spec, start if name == "labels.npy" else start * K) for name, spec in by_name.items()}
     done = start
     try:
-        with torch.inference_mode(), autocast(device, precision):
-            for images, batch_labels in _image_batches(dataset, batch_size, num_workers, start, end):
+        with torch.inference_mode(), autocast(device, run.precision):
+            for images, batch_labels in _image_batches(dataset, run.batch_size, run.num_workers, start, end):
                 b = images.shape[0]
                 per_view = []
                 for view in range(K):
                     shown = images if K == 1 else augmented_batch(_as_float(images), done, view, view_seed, backbone.image_size)
-                    per_view.append(backbone.block_tokens(shown, layers, norm, device))
+                    per_view.append(backbone.block_tokens(shown, layers, run.norm, device))
                 for i, layer in enumerate(layers):
                     patch = _image_major([outs[i][0] for outs in per_view])
                     if patch.shape[1:] != (N, D):

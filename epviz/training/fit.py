@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,6 +67,18 @@ VIEWS_PROTOCOL = "cached tokens of {views} stored augmented views per image (one
 def protocol_of(train: TokenSet) -> str:
     """The protocol a fit on `train` follows: cached tokens, with or without stored views."""
     return PROTOCOL if train.views == 1 else VIEWS_PROTOCOL.format(views=train.views)
+
+
+def run_facts(device: torch.device, seed: int, train: TokenSet, val: TokenSet | None) -> dict[str, Any]:
+    """What a run's config records of where it ran and on what: device, torch threads, seed, set sizes, train origin."""
+    return dict(
+        device=str(device),
+        torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
+        seed=seed,
+        train_size=len(train),
+        val_size=None if val is None else len(val),
+        train_origin=train.origin.as_dict(),
+    )
 
 
 @dataclass
@@ -222,12 +235,7 @@ def fit(
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
-        device=str(device),
-        torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
-        seed=seed,
-        train_size=len(train),
-        val_size=None if val is None else len(val),
-        train_origin=train.origin.as_dict(),
+        **run_facts(device, seed, train, val),
         probe=dict(probe.config),
     )
     world = check_world(batch_size, len(train), 1, "fit", config)

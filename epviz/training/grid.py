@@ -50,7 +50,7 @@ from epviz.tokens.storage import format_bytes
 from epviz.training import engine
 from epviz.training.distributed_fit import check_world
 from epviz.training.engine import DIVERGENCE_FACTOR, Recipe
-from epviz.training.fit import TokenBatches, check_training_data, protocol_of
+from epviz.training.fit import TokenBatches, check_training_data, protocol_of, run_facts
 from epviz.training.optim import check_fit_options
 from epviz.training.stack import HeadStack
 
@@ -306,12 +306,7 @@ def fit_grid(
         weight_decays=weight_decays,
         **recipe.options(),
         batch_size=batch_size,
-        device=str(device),
-        torch_threads=torch.get_num_threads(),  # CPU sums (and a choice within val noise) depend on it
-        seed=seed,
-        train_size=len(train),
-        val_size=len(val),
-        train_origin=train.origin.as_dict(),
+        **run_facts(device, seed, train, val),
         val_origin=val.origin.as_dict(),
         probe=dict(template.config),
         stacking=stack.mode,  # the engine runs distributed stacks as a loop

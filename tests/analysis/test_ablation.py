@@ -8,7 +8,7 @@ import epviz.probes as probes
 from epviz.analysis import ablated_logits, uniform_ablation
 from epviz.evaluate import accuracy
 from epviz.tokens import TokenSet
-from tests.toy_tokens import scattered_tokens, sharp_probe
+from tests.toy_tokens import record_calls, scattered_tokens, sharp_probe
 
 D, C, GRID = 32, 4, (4, 4)
 N = GRID[0] * GRID[1]
@@ -107,14 +107,7 @@ def test_bad_predictor_index(tokens):
 def test_methods_delegate_to_the_probe(tokens, monkeypatch):
     probe = sharp("ep", tokens=tokens)
     b = tokens.batch(np.arange(12))
-    calls = []
-    own = probe.ablated_logits
-
-    def spy(patch, prefix=None):
-        calls.append(len(patch))
-        return own(patch, prefix)
-
-    monkeypatch.setattr(probe, "ablated_logits", spy)
+    calls = record_calls(monkeypatch, probe, "ablated_logits")
     with torch.no_grad():
         auto = ablated_logits(probe, b)
         fast = ablated_logits(probe, b, method="fast")

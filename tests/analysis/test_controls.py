@@ -18,8 +18,8 @@ from epviz.analysis import (
     uniform_ablation,
 )
 from epviz.evaluate import accuracy
-from epviz.tokens import TokenOrigin, TokenSet
-from tests.toy_tokens import Boxes
+from epviz.tokens import TokenSet
+from tests.toy_tokens import Boxes, token_set
 
 D, C, GRID = 32, 3, (4, 4)
 N = GRID[0] * GRID[1]
@@ -35,15 +35,7 @@ def fixed_layout_tokens(n: int, seed: int) -> TokenSet:
     patch = rng.normal(size=(n, N, D))
     patch[:, :, :8] = pattern
     patch[:, : N // 2, 8:] += centres[labels][:, None]
-    prefix = rng.normal(size=(n, 1, D))
-    return TokenSet(
-        patch=patch.astype(np.float32),
-        prefix=prefix.astype(np.float32),
-        labels=labels,
-        grid=GRID,
-        num_classes=C,
-        origin=TokenOrigin(backbone="toy", layer=3),
-    )
+    return token_set(patch, rng.normal(size=(n, 1, D)), labels, GRID, layer=3, num_classes=C)
 
 
 @pytest.fixture(scope="module")

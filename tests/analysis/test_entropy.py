@@ -4,12 +4,11 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import epviz.probes as probes
 from epviz.analysis import entropy, entropy_from_maps, map_entropy
 from epviz.evaluate import collect_attention
-from epviz.tokens import TokenOrigin, TokenSet
+from tests.toy_tokens import noise_tokens, sharp_probe, token_set
 
 
 def test_uniform_and_one_hot():
@@ -42,17 +41,8 @@ def test_unnormalised_maps_are_renormalised():
 
 
 def test_probe_streaming_matches_precomputed():
-    rng = np.random.default_rng(0)
-    tokens = TokenSet(
-        patch=rng.normal(size=(30, 16, 32)).astype(np.float32),
-        prefix=None,
-        labels=rng.integers(0, 3, 30),
-        grid=(4, 4),
-        origin=TokenOrigin(backbone="toy", layer=2),
-    )
-    probe = probes.build("ep", 32, 3, num_queries=4, seed=0)
-    with torch.no_grad():
-        probe.queries.mul_(50)
+    tokens = noise_tokens(np.random.default_rng(0), 30, layer=2)
+    probe = sharp_probe("ep", None, 3, scale=50, num_queries=4)
     df = entropy(probe, tokens, batch_size=7, context={"seed": 0})
     ref = entropy_from_maps(collect_attention(probe, tokens))
     np.testing.assert_allclose(df["entropy"], ref["entropy"], rtol=1e-6)
@@ -63,8 +53,6 @@ def test_probe_streaming_matches_precomputed():
 
 @pytest.mark.parametrize("name", ["cls", "gap"])
 def test_probe_without_predictors(name):
-    tokens = TokenSet(
-        patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2)
-    )
+    tokens = token_set(np.zeros((2, 4, 8)), np.zeros((2, 1, 8)), np.array([0, 1]), grid=(2, 2))
     with pytest.raises(ValueError, match="no attention predictors"):
         entropy(probes.build(name, 8, 2), tokens)

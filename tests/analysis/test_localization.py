@@ -14,6 +14,7 @@ from epviz.analysis import Localization, LocalizationMeter, localization, locali
 from epviz.errors import ConfigError
 from epviz.evaluate import collect_attention
 from epviz.tokens import TokenOrigin, TokenSet
+from tests.toy_tokens import noise_tokens, sharp_probe
 
 GRID, SIZE = (8, 8), 64  # 8x8 patches of 8x8 pixels
 N = 64
@@ -194,16 +195,8 @@ class Unboxed:
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
-    tokens = TokenSet(
-        patch=rng.normal(size=(12, N, 16)).astype(np.float32),
-        prefix=None,
-        labels=rng.integers(0, 3, 12),
-        grid=GRID,
-        origin=TokenOrigin(backbone="toy", layer=1),
-    )
-    probe = probes.build("ep", 16, 3, num_queries=4, seed=0).eval()
-    with torch.no_grad():
-        probe.queries.mul_(100)
+    tokens = noise_tokens(rng, 12, dim=16, grid=GRID)
+    probe = sharp_probe("ep", None, 3, scale=100, num_queries=4, dim=16, grid=GRID)
     x0, y0 = rng.integers(0, 40, 12), rng.integers(0, 40, 12)
     boxes = torch.tensor(np.stack([x0, y0, x0 + 20, y0 + 24], 1))
     return tokens, probe, boxes

@@ -26,7 +26,7 @@ from epviz.analysis import (
     unregister_meter,
 )
 from epviz.tokens import TokenOrigin, TokenSet
-from tests.toy_tokens import Boxes, toy_tokens
+from tests.toy_tokens import Boxes, record_calls, toy_tokens
 
 
 @pytest.fixture(scope="module")
@@ -242,14 +242,7 @@ def test_predictor_table_is_one_pass_over_every_registered_meter(setup):
 
 def test_localization_index_feeds_only_the_costly_meters(setup, monkeypatch):
     probe, tokens, boxes = setup
-    read = []
-    attention = probe.attention
-
-    def recorded_attention(patch, prefix=None):
-        read.append(len(patch))
-        return attention(patch, prefix)
-
-    monkeypatch.setattr(probe, "attention", recorded_attention)
+    read = record_calls(monkeypatch, probe, "attention")
     main, loc = Recorder(), LocRecorder()
     index, loc_index = [3, 4, 5, 4], [5, 4, 4, 4, 20]
     table = measure(probe, tokens, boxes, [main, loc], index=index, localization_index=loc_index, batch_size=3)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
-import torch
 
 import epviz.probes as probes
 from epviz.analysis import group_contrast, group_maps, group_queries, pairwise_overlap, query_groups
 from epviz.evaluate import collect_attention
-from epviz.tokens import TokenOrigin, TokenSet
+from tests.toy_tokens import noise_tokens, sharp_probe, token_set
 
 N = 16
 
@@ -53,17 +52,8 @@ def test_grouping_and_group_maps():
 
 
 def test_probe_end_to_end():
-    rng = np.random.default_rng(0)
-    tokens = TokenSet(
-        patch=rng.normal(size=(20, N, 32)).astype(np.float32),
-        prefix=None,
-        labels=rng.integers(0, 3, 20),
-        grid=(4, 4),
-        origin=TokenOrigin(backbone="toy", layer=0),
-    )
-    probe = probes.build("ep", 32, 3, num_queries=8, seed=0)
-    with torch.no_grad():
-        probe.queries.mul_(100)
+    tokens = noise_tokens(np.random.default_rng(0), 20, layer=0)
+    probe = sharp_probe("ep", None, 3, scale=100, num_queries=8)
     result = query_groups(probe, tokens, n_groups=3, maps_index=[4, 2], batch_size=6)
     maps = collect_attention(probe, tokens)
     np.testing.assert_allclose(result.overlap, pairwise_overlap(maps), rtol=1e-5, atol=1e-7)
@@ -80,9 +70,7 @@ def test_probe_end_to_end():
 
 @pytest.mark.parametrize("name", ["cls", "gap"])
 def test_probe_without_predictors(name):
-    tokens = TokenSet(
-        patch=np.zeros((2, 4, 8), np.float32), prefix=np.zeros((2, 1, 8), np.float32), labels=np.array([0, 1]), grid=(2, 2)
-    )
+    tokens = token_set(np.zeros((2, 4, 8)), np.zeros((2, 1, 8)), np.array([0, 1]), grid=(2, 2))
     with pytest.raises(ValueError, match="no attention predictors"):
         query_groups(probes.build(name, 8, 2), tokens)
 

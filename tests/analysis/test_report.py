@@ -34,15 +34,17 @@ def test_predictor_table_has_every_measure_for_every_predictor():
     np.testing.assert_allclose(cheap["delta_acc"], table["delta_acc"])
 
 
-def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
+def fitted_zoo(specs: dict) -> tuple[dict, dict, np.ndarray]:
+    """The toy tokens (train doubling as val), the zoo of `specs` fitted for one epoch on them, the test boxes."""
     train, _ = toy_tokens(90, 0)
     test, boxes = toy_tokens(20, 2)
     tokens = {"toy": {"train": train, "val": train, "test": test}}
-    _, fitted = probe_zoo(
-        tokens,
-        {"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
-        budget=Setting.fast().fit_options(epochs=1, batch_size=30),
-    )
+    _, fitted = probe_zoo(tokens, specs, budget=Setting.fast().fit_options(epochs=1, batch_size=30))
+    return tokens, fitted, boxes
+
+
+def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
+    tokens, fitted, boxes = fitted_zoo({"gap": None, "ep4": {"name": "ep", "num_queries": 4}, "mhca": None})
     table, _ = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6])
     expected = {"ep4": 4, "mhca": fitted["toy", "mhca"].num_predictors}
     assert table.groupby("probe").size().to_dict() == expected
@@ -52,14 +54,8 @@ def test_predictor_tables_cover_every_attentive_probe_and_skip_the_others():
 
 
 def test_predictor_tables_take_the_mean_map_from_the_training_split_and_keep_the_records():
-    train, _ = toy_tokens(90, 0)
-    test, boxes = toy_tokens(20, 2)
-    tokens = {"toy": {"train": train, "val": train, "test": test}}
-    _, fitted = probe_zoo(
-        tokens,
-        {"ep4": {"name": "ep", "num_queries": 4}, "mhca": None},
-        budget=Setting.fast().fit_options(epochs=1, batch_size=30),
-    )
+    tokens, fitted, boxes = fitted_zoo({"ep4": {"name": "ep", "num_queries": 4}, "mhca": None})
+    train, test = tokens["toy"]["train"], tokens["toy"]["test"]
     table, records = predictor_tables(fitted, tokens, Boxes(boxes), thresholds=[0.2, 0.6], n_boot=40)
     assert set(records) == {("toy", "ep4"), ("toy", "mhca")}
     assert table["delta_acc_mean"].notna().all() and table["delta_acc_shuffled"].notna().all()

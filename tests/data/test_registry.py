@@ -59,22 +59,19 @@ def test_parse_spec_reads_kind_root_and_typed_options(tmp_path):
 
 
 def test_parse_spec_errors_name_the_problem_and_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet-val'.*cluttered-fashion-mnist.*imagenet:<root>"):
-        parse_spec("imagenet-val")
-    with pytest.raises(ValueError, match="names no folder: write 'cub:/path/to/cub'"):
-        parse_spec("cub")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        parse_spec(f"pets:{tmp_path / 'nowhere'}")
-    with pytest.raises(ValueError, match="takes no folder"):
-        parse_spec(f"cluttered-fashion-mnist:{tmp_path}")
-    with pytest.raises(ValueError, match="unknown option 'boxes'.*options of cub: resize, crop"):
-        parse_spec(f"cub:{tmp_path}?boxes=x.csv")
-    with pytest.raises(ValueError, match="unknown option 'crop'.*options of cluttered-fashion-mnist: salience"):
-        parse_spec("cluttered-fashion-mnist?crop=3")
-    with pytest.raises(ValueError, match="crop='big'.*must be int"):
-        parse_spec(f"imagefolder:{tmp_path}?crop=big")
-    with pytest.raises(ValueError, match="must not exceed resize"):
-        parse_spec(f"imagefolder:{tmp_path}?resize=64&crop=96")
+    cases = [
+        ("imagenet-val", ValueError, "unknown dataset 'imagenet-val'.*cluttered-fashion-mnist.*imagenet:<root>"),
+        ("cub", ValueError, "names no folder: write 'cub:/path/to/cub'"),
+        (f"pets:{tmp_path / 'nowhere'}", FileNotFoundError, "does not exist"),
+        (f"cluttered-fashion-mnist:{tmp_path}", ValueError, "takes no folder"),
+        (f"cub:{tmp_path}?boxes=x.csv", ValueError, "unknown option 'boxes'.*options of cub: resize, crop"),
+        ("cluttered-fashion-mnist?crop=3", ValueError, "unknown option 'crop'.*options of cluttered-fashion-mnist: salience"),
+        (f"imagefolder:{tmp_path}?crop=big", ValueError, "crop='big'.*must be int"),
+        (f"imagefolder:{tmp_path}?resize=64&crop=96", ValueError, "must not exceed resize"),
+    ]
+    for spec, error, match in cases:
+        with pytest.raises(error, match=match):
+            parse_spec(spec)
 
 
 def test_register_dataset_checks_names_and_refuses_a_taken_one():

@@ -3,14 +3,11 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_abmilp_matches_its_equations():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("abmilp", 64, 5, seed=0).eval()
     q, k, v = probe.qkv(x).chunk(3, dim=-1)
     s = probe.proj(torch.softmax(q @ k.transpose(1, 2) / 8.0, dim=-1) @ v)

@@ -4,14 +4,11 @@ import torch
 from torch.nn import functional as F
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=20, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_aim_matches_its_equations():
-    x = tokens()
+    x = patch_tokens(n=20)
     probe = probes.build("aim", 64, 5, heads=4, seed=0).train()
     xn = F.batch_norm(x.transpose(1, 2), None, None, training=True, eps=1e-6).transpose(1, 2)
     k, v = probe.k(xn).view(3, 20, 4, 16), probe.v(xn).view(3, 20, 4, 16)

@@ -4,22 +4,14 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.probes import Pooled, Probe
+from epviz.probes import Pooled
+from tests.toy_tokens import OneMapProbe
 
 
-class _SelfAttention(Probe):
+class _SelfAttention(OneMapProbe):
     """Routes (B, 1, N, N) self-attention; the hook can only observe it."""
 
-    attentive = True
     attn_hook_in_path = False
-
-    def __init__(self, dim, num_classes, grid=None):
-        super().__init__(dim, num_classes, grid=grid)
-        self._finish(self.dim)
-
-    @property
-    def num_predictors(self):
-        return 1
 
     def _pool(self, patch, prefix, uniform):
         attn = torch.softmax(patch @ patch.transpose(1, 2), dim=-1).unsqueeze(1)  # (B, 1, N, N)

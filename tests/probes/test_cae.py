@@ -3,14 +3,11 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=20, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_cae_matches_its_equations():
-    x = tokens()
+    x = patch_tokens(n=20)
     probe = probes.build("cae", 64, 5, heads=8, seed=0).eval()
     q = probe.q(probe.norm_q(probe.query)).view(8, 8)
     k = probe.k(probe.norm_k(x)).view(3, 20, 8, 8)

@@ -3,14 +3,11 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_cait_matches_its_equations():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("cait", 64, 5, seed=0).eval()
     h = probe.heads
     c = probe.query.expand(3, 1, 64)

@@ -5,14 +5,11 @@ import torch
 from torch.nn import functional as F
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_cbam_matches_its_equations_and_uniform_is_the_mean_weight():
-    x = tokens(n=12)
+    x = patch_tokens(n=12)
     probe = probes.build("cbam", 64, 5, grid=(3, 4), seed=0).eval()
     fmap = x.transpose(1, 2).reshape(3, 64, 3, 4)  # row-major grid
     mlp = lambda z: probe.fc2(F.relu(probe.fc1(z)))  # noqa: E731
@@ -30,8 +27,8 @@ def test_cbam_matches_its_equations_and_uniform_is_the_mean_weight():
 
 def test_cbam_grid_comes_from_square_token_counts_or_the_option():
     probe = probes.build("cbam", 64, 5)
-    assert probe(tokens(n=16)).shape == (3, 5)
+    assert probe(patch_tokens(n=16)).shape == (3, 5)
     with pytest.raises(ValueError, match=r"12 tokens is not a square, so pass grid=\(rows, cols\)"):
-        probe(tokens(n=12))
+        probe(patch_tokens(n=12))
     with pytest.raises(ValueError, match=r"built for a 3x4 grid \(12 tokens\) but got 16"):
-        probes.build("cbam", 64, 5, grid=(3, 4))(tokens(n=16))
+        probes.build("cbam", 64, 5, grid=(3, 4))(patch_tokens(n=16))

@@ -4,14 +4,11 @@ import pytest
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_clip_token_zero_equals_full_self_attention():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("clip", 64, 5, grid=(4, 4), seed=0).eval()
     h = probe.heads
     z = probe.token_norm(x)
@@ -30,6 +27,6 @@ def test_clip_token_count_comes_from_options_and_is_checked():
     assert probes.build("clip", 64, 5, grid=(3, 5)).num_tokens == 15
     assert probes.build("clip", 64, 5, num_tokens=16).pos_embed.shape == (17, 64)
     with pytest.raises(ValueError, match=r"built for 196 patch tokens .* got 16; build it with num_tokens=16"):
-        probes.build("clip", 64, 5)(tokens())
+        probes.build("clip", 64, 5)(patch_tokens())
     with pytest.raises(ValueError, match="grid"):
         probes.build("clip", 64, 5, grid=(4, 4), num_tokens=15)

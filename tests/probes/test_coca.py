@@ -3,15 +3,12 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=20, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_coca_first_query_equals_the_full_pooler():
     """Computing only query 0 gives what the reference's all-queries pooler returns at index 0."""
-    x = tokens()
+    x = patch_tokens(n=20)
     probe = probes.build("coca", 64, 5, heads=8, dim_head=16, num_queries=10, seed=0).eval()
     q = probe.to_q(probe.query_norm(probe.queries)).view(10, 8, 16).transpose(0, 1)  # (H, Q, d)
     k, v = probe.to_kv(x).chunk(2, dim=-1)  # (B, N, d): one head shared by all query heads

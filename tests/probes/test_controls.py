@@ -5,6 +5,7 @@ import torch
 
 import epviz.probes as probes
 from epviz.probes import Pooled, Probe
+from tests.toy_tokens import OneMapProbe
 
 D, C, GRID = 64, 5, (4, 4)
 N = GRID[0] * GRID[1]
@@ -234,18 +235,8 @@ def test_bad_controls(toks):
         gap.attention_rows(*toks)
 
 
-class _Ignores(Probe):
+class _Ignores(OneMapProbe):
     """A family that never hands its weights to _route_attention."""
-
-    attentive = True
-
-    def __init__(self, dim, num_classes, grid=None):
-        super().__init__(dim, num_classes, grid=grid)
-        self._finish(self.dim)
-
-    @property
-    def num_predictors(self):
-        return 1
 
     def _pool(self, patch, prefix, uniform):
         maps = torch.full(patch.shape[:2], 1.0 / patch.shape[1]).unsqueeze(1)

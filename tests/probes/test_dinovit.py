@@ -3,14 +3,11 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_dinovit_maps_average_the_query_rows():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("dinovit", 64, 5, seed=0).eval()
     h = probe.heads
     q, k, _ = probe.qkv(probe.norm1(x)).view(3, 16, 3, h, -1).permute(2, 0, 3, 1, 4)

@@ -6,14 +6,11 @@ import torch
 from torch.nn import functional as F
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_dolg_matches_its_equations_and_uniform_is_the_mean_weight():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("dolg", 64, 5, seed=0).eval()
     h = probe.bn(probe.conv1(x).transpose(1, 2)).transpose(1, 2)
     w = F.softplus(probe.conv2(F.relu(h))).squeeze(-1)
@@ -54,7 +51,7 @@ def test_both_1x1_convolutions_start_as_in_the_reference():
 
 
 def test_the_map_at_init_is_not_uniform():
-    x = tokens(b=8, n=196, d=768)
+    x = patch_tokens(b=8, n=196, d=768)
     entropies = []
     for seed in range(5):
         p = probes.build("dolg", 768, 10, seed=seed).eval().attention(x)[:, 0]

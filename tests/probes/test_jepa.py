@@ -4,14 +4,11 @@ import torch
 from torch.nn import functional as F
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_jepa_matches_its_equations():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("jepa", 64, 5, heads=4, seed=0).eval()
     k, v = probe.kv(probe.norm1(x)).chunk(2, dim=-1)
     q = probe.q(probe.query)

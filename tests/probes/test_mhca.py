@@ -5,16 +5,13 @@ import torch
 from torch import nn
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=20, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("heads", [1, 4])
 def test_mhca_equals_torch_multihead_attention(bias, heads):
-    x = tokens()
+    x = patch_tokens(n=20)
     probe = probes.build("mhca", 64, 5, heads=heads, bias=bias, seed=0).eval()
     mha = nn.MultiheadAttention(64, heads, bias=bias, batch_first=True)
     with torch.no_grad():

@@ -6,8 +6,9 @@ import torch
 import epviz
 import epviz.probes as probes
 import tests.probes.test_contract as contract
-from epviz.probes import Pooled, Probe, register
+from epviz.probes import Pooled, register
 from tests.plugins.toy_probe import ToyAttentionProbe
+from tests.toy_tokens import PlainProbe
 
 
 def test_the_plugin_family_is_registered():
@@ -53,11 +54,7 @@ def test_the_plugin_probe_works():
     assert torch.allclose(probe.pooled(patch, uniform=[0]), patch.mean(dim=1), atol=1e-6)
 
 
-class _Mean(Probe):
-    def __init__(self, dim, num_classes, grid=None):
-        super().__init__(dim, num_classes, grid=grid)
-        self._finish(self.dim)
-
+class _Mean(PlainProbe):
     def _pool(self, patch, prefix, uniform):
         return Pooled(patch.mean(dim=1))
 

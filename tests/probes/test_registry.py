@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import epviz.probes as probes
-from epviz.probes import Probe, register
+from epviz.probes import register
+from tests.toy_tokens import PlainProbe
 
 EXPECTED = [
     "abmilp",
@@ -102,11 +103,7 @@ def test_seed_makes_build_reproducible_and_leaves_global_rng_alone():
 
 def test_register_adds_a_family_and_rejects_duplicates():
     @register("test_max_pool")
-    class MaxPool(Probe):
-        def __init__(self, dim, num_classes, grid=None):
-            super().__init__(dim, num_classes, grid=grid)
-            self._finish(self.dim)
-
+    class MaxPool(PlainProbe):
         def _pool(self, patch, prefix, uniform):
             from epviz.probes import Pooled
 

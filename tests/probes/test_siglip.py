@@ -4,14 +4,11 @@ import torch
 from timm.layers import AttentionPoolLatent
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_siglip_is_timms_attention_pool_latent():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("siglip", 64, 5, seed=0).eval()
     assert isinstance(probe.attn_pool, AttentionPoolLatent)
     with torch.no_grad():

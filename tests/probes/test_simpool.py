@@ -3,14 +3,11 @@
 import torch
 
 import epviz.probes as probes
-
-
-def tokens(b=3, n=16, d=64, seed=0):
-    return torch.randn(b, n, d, generator=torch.Generator().manual_seed(seed))
+from tests.toy_tokens import patch_tokens
 
 
 def test_simpool_matches_its_equations():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("simpool", 64, 5, seed=0).eval()
     xn = probe.token_norm(x)
     q, k = probe.wq(x.mean(1)), probe.wk(xn)
@@ -20,7 +17,7 @@ def test_simpool_matches_its_equations():
 
 
 def test_esimpool_has_no_linear_layers():
-    x = tokens()
+    x = patch_tokens()
     probe = probes.build("esimpool", 64, 5, heads=4, seed=0).eval()
     assert [n for n, _ in probe.named_parameters()] == ["token_norm.weight", "token_norm.bias", "head.weight", "head.bias"]
     q = probe.token_norm(x.mean(1)).view(3, 4, 16)
