@@ -619,12 +619,10 @@ def render_lift_section(
         )
 
     def paired(a: str, b: str) -> str:
-        for sign, (x, y) in ((1, (a, b)), (-1, (b, a))):  # a - b, or -(b - a)
-            try:
-                return _paired_text(pairs, x, y, "mask_lift", sign)
-            except DataError:
-                continue
-        return "–"
+        try:
+            return _a_minus_b(pairs, a, b, "mask_lift")
+        except DataError:
+            return "–"
 
     for backbone, part in table.groupby("backbone", sort=False):
         by = {c: part[part["condition"] == c].set_index("seed") for c in _CONDITIONS}
@@ -644,9 +642,25 @@ def render_lift_section(
         "mass on the item's mask above chance (0: uniform). *Sharpened*: the untrained maps at the trained head's entropy; "
         "*pixel salience*: patch brightness at that entropy. Differences are paired on test canvases, 95% intervals over "
         "seeds and canvases; n.r.: not resolved (the interval covers 0).",
-        LIFT_END,
     ]
-    return "\n".join(lines)
+    from epviz.backbones.zoo import mae_run
+
+    run = {name: epoch for name, epoch in mae_run().items() if name in set(table["backbone"])}
+    if len(run) > 2:
+        first, last = min(run, key=run.__getitem__), max(run, key=run.__getitem__)
+        trained = table[table["condition"] == "trained"].groupby("backbone")[["test_acc", "mask_lift"]].mean()
+        epochs = " / ".join(str(e) for e in sorted(run.values()))
+        along = {c: " / ".join(f"{scale * trained.loc[n, c]:.{d}f}" for n in sorted(run, key=run.__getitem__))
+                 for c, scale, d in (("test_acc", 100, 1), ("mask_lift", 1, 3))}  # fmt: skip
+        gain = {c: _a_minus_b(pairs, f"{last} trained", f"{first} trained", c, scale, d)
+                for c, scale, d in (("test_acc", 100, 1), ("mask_lift", 1, 3))}  # fmt: skip
+        lines += [
+            "",
+            f"Along one MAE run (`tiny-mae@epoch`, epoch 0 is {first}), epochs {epochs}: top-1 {along['test_acc']}, lift "
+            f"{along['mask_lift']}; epoch {run[last]} − epoch 0: top-1 {gain['test_acc']} points, lift {gain['mask_lift']} "
+            "(`docs/lift_pretraining.png`).",
+        ]
+    return "\n".join([*lines, LIFT_END])
 
 
 def lift_section(docs: str | os.PathLike) -> str | None:
@@ -672,6 +686,14 @@ def _paired_text(pairs: pd.DataFrame, a: str, b: str, measure: str, scale: float
     covers = "" if r["lo"] > 0 or r["hi"] < 0 else " n.r."
     lo, hi = sorted((scale * r["lo"], scale * r["hi"]))  # a negative scale swaps the bounds
     return f"{scale * r['estimate']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{covers}"
+
+
+def _a_minus_b(pairs: pd.DataFrame, a: str, b: str, measure: str, scale: float = 1.0, digits: int = 3) -> str:
+    """:func:`_paired_text` of a − b, whichever order the pairs CSV holds the two arms in."""
+    try:
+        return _paired_text(pairs, a, b, measure, scale, digits)
+    except DataError:
+        return _paired_text(pairs, b, a, measure, -scale, digits)
 
 
 def render_salience_section(

@@ -51,7 +51,7 @@ from epviz import Setting, extract_tokens, load_backbone  # noqa: E402
 from epviz.analysis import LocalizationMeter, map_entropy, paired_difference  # noqa: E402
 from epviz.analysis.baselines import patch_brightness, sharpen_maps  # noqa: E402
 from epviz.atomic import atomic_write  # noqa: E402
-from epviz.backbones.zoo import ENTRIES  # noqa: E402
+from epviz.backbones.zoo import mae_run  # noqa: E402
 from epviz.data import CanvasRecipe, ClutteredFashionMNIST  # noqa: E402
 from epviz.evaluate import collect_attention, predict  # noqa: E402
 from epviz.probes import build  # noqa: E402
@@ -252,8 +252,7 @@ def draw(table: pd.DataFrame, out: Path) -> None:
     beside it) when the table holds two or more of that run's checkpoints; ``<out>_sweep.png`` with a query sweep."""
     trained = table[(table["condition"] == "trained") & (table["salience"] == 0)]
     measures = {"test_acc": "test top-1", "mask_lift": "lift on the item mask"}
-    run = {"tiny-random": 0, **{n: e.epochs for n, e in ENTRIES.items() if n.startswith("tiny-mae@") and e.file}}
-    along = trained[trained["queries"].isna()].assign(epoch=lambda t: t["backbone"].map(run))
+    along = trained[trained["queries"].isna()].assign(epoch=lambda t: t["backbone"].map(mae_run()))
     along["run"] = along["backbone"].where(along["epoch"].isna(), "tiny-mae@epoch (one MAE run)")
     if along["epoch"].nunique() >= 2:
         sweep_curves(along, "epoch", measures, "MAE epochs of the run (0 = tiny-random)",

@@ -382,6 +382,22 @@ def test_the_localization_section_is_checked_against_its_csvs(tmp_path):
     assert "no localization section" in results.check_readme(readme, csv)
 
 
+def test_the_localization_section_reads_the_mae_run_along_its_epochs(tmp_path):
+    """With checkpoints of the zoo's MAE run in lift.csv, one generated line reads them in epoch order, from the CSVs."""
+    table, pairs = lift_tables()
+    more = table[table["backbone"] == "tiny-mae"]
+    table = pd.concat([table, more.assign(backbone="tiny-mae@20", test_acc=0.8), more.assign(backbone="tiny-mae@2")])
+    gain = dict(pairs.iloc[0], a="tiny-random trained", b="tiny-mae@20 trained")
+    pairs = pd.DataFrame([*pairs.to_dict("records"), dict(gain, measure="test_acc", estimate=-0.1, lo=-0.15, hi=-0.05),
+                          dict(gain, estimate=-0.02, lo=-0.05, hi=0.01)])  # fmt: skip
+    section = results.render_lift_section(table, pairs)
+    line = next(x for x in section.splitlines() if x.startswith("Along one MAE run"))
+    random = 100 * table.loc[(table["backbone"] == "tiny-random") & (table["condition"] == "trained"), "test_acc"].mean()
+    assert f"epochs 0 / 2 / 20: top-1 {random:.1f} / 70.5 / 80.0" in line
+    assert "epoch 20 − epoch 0: top-1 +10.0 [+5.0, +15.0] points, lift +0.020 [-0.010, +0.050] n.r." in line
+    assert "Along one MAE run" not in results.render_lift_section(table[table["backbone"] != "tiny-mae@2"], pairs)
+
+
 def salience_tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = [
         {"salience": lv, "backbone": b, "condition": "trained", "seed": s, "test_acc": acc - 0.2 * lv, "mask_lift": 0.4 - 0.1 * lv}

@@ -27,6 +27,7 @@ __all__ = [
     "available",
     "ENTRIES",
     "ZooEntry",
+    "mae_run",
     "PixelPatches",
     "ARCHITECTURE",
     "NORMALIZATION",
@@ -80,6 +81,12 @@ ARCHITECTURE: dict[str, Any] = dict(
 )
 NORMALIZATION = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 RANDOM_SEED = 0
+
+
+def mae_run() -> dict[str, int]:
+    """The checkpoints of the zoo's one MAE run, name -> pre-training epoch; its initialisation (``tiny-mae@0``)
+    is named ``tiny-random``, the same weights."""
+    return {"tiny-random": 0, **{n: e.epochs for n, e in ENTRIES.items() if n.startswith("tiny-mae@") and e.file}}
 
 
 def available() -> tuple[str, ...]:
