@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from epviz.analysis.stats import spearman
-from epviz.viz.maps import draw_boxes, upsample_maps
+from epviz.viz.maps import gallery_cell, upsample_maps
 from epviz.viz.style import axis_label, backbone_colours, backbone_order, require_columns, save_figure, shown_images
 
 __all__ = ["importance_vs_delta_acc", "attribution_gallery", "agreement_summary", "token_image"]
@@ -177,12 +177,7 @@ def attribution_gallery(
             bbox=dict(facecolor="black", alpha=0.5, pad=0.5, lw=0),
         )
         for c, ax in enumerate(axes[i]):
-            if boxes is not None:
-                draw_boxes(ax, boxes[i])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(columns[c], fontsize=7)
+            gallery_cell(ax, None if boxes is None else boxes[i], columns[c] if i == 0 else None)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -34,6 +34,16 @@ def draw_boxes(ax, boxes, lw: float = 0.8) -> None:
         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, color="lime", lw=lw))
 
 
+def gallery_cell(ax, boxes=None, title: str | None = None, **title_style) -> None:
+    """Finish one image cell of a gallery: its GT boxes (when given), no ticks, a column title (first row)."""
+    if boxes is not None:
+        draw_boxes(ax, boxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, **{"fontsize": 7, **title_style})
+
+
 def upsample_maps(maps: np.ndarray, grid: tuple[int, int], size: tuple[int, int], rescale: bool = True) -> np.ndarray:
     """(..., N) token maps -> (..., H, W) maps, bilinear, each rescaled to [0, 1] (`rescale`) or as they are."""
     import torch
@@ -185,12 +195,7 @@ def attention_overlays(
             elif c > 1:
                 assert per_query is not None  # columns past the second exist only when queries do
                 ax.imshow(per_query[i, c - 2], cmap="inferno", alpha=alpha, vmin=0, vmax=1)
-            if boxes is not None:
-                draw_boxes(ax, boxes[i])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(columns[c], fontsize=7)
+            gallery_cell(ax, None if boxes is None else boxes[i], columns[c] if i == 0 else None)
         for q in range(k):
             records.append(
                 {"image": i, "predictor": q, "max_token": int(maps[i, q].argmax()), "max_weight": float(maps[i, q].max())}
@@ -284,12 +289,9 @@ def query_group_gallery(
             elif c >= 2 + g:
                 q = queries[c - 2 - g]
                 ax.imshow(up_queries[i, c - 2 - g], cmap=alpha_cmap(colours[labels[q]]), vmin=0, vmax=1 / alpha)
-            if boxes is not None:
-                draw_boxes(ax, boxes[i])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(columns[c], fontsize=6.5, color=col_colours[c])
+            gallery_cell(
+                ax, None if boxes is None else boxes[i], columns[c] if i == 0 else None, fontsize=6.5, color=col_colours[c]
+            )
         for grp in range(g):
             records.append(
                 {
