@@ -220,6 +220,8 @@ def run_notebooks(
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 
+    from epviz.errors import ConfigError
+
     stream = out or sys.stdout
     root = repo_root()
     figures = root / "figures" / ("fast" if fast else "")
@@ -230,8 +232,6 @@ def run_notebooks(
     timings = []
     for number, path in enumerate(notebooks, 1):
         nb = nbformat.read(path, as_version=4)
-        cell = parameters_cell(nb)
-        cell.source = set_parameters(cell.source, FAST=fast)
         previous = record["notebooks"].get(path.name)
         before = f"previous run {format_duration(previous['seconds'])}" if previous and "seconds" in previous else "first run"
         print(f"[{number}/{len(notebooks)}] {path.name} ({before})", file=stream, flush=True)
@@ -248,8 +248,11 @@ def run_notebooks(
         )
         entry: dict[str, Any] = {"notebook": path.name}
         try:
+            if fast:  # the notebooks default to FAST = False
+                cell = parameters_cell(nb)
+                cell.source = set_parameters(cell.source, FAST=True)
             client.execute()
-        except (CellExecutionError, CellTimeoutError, DeadKernelError) as err:
+        except (CellExecutionError, CellTimeoutError, DeadKernelError, ConfigError) as err:
             entry["error"] = _first_line(err)
         atomic_write(executed_dir / path.name, functools.partial(nbformat.write, nb))
         entry["seconds"] = round(time.time() - start, 1)

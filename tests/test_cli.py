@@ -52,10 +52,14 @@ def test_unknown_command_exits_with_usage():
         cli.main(["frobnicate"])
 
 
-def _notebook(path, source: str) -> None:
+def _notebook(path, *sources: str, parameters: bool = True) -> None:
+    """A notebook of code cells, the first tagged ``parameters`` (``FAST = False``) unless `parameters` is False."""
     import nbformat
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+    cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    if parameters:
+        cells.insert(0, nbformat.v4.new_code_cell("FAST = False  # True: small sizes", metadata={"tags": ["parameters"]}))
+    nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, path)
 
@@ -64,13 +68,15 @@ def test_a_failing_notebook_does_not_stop_the_others(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "pyproject.toml").write_text("")
     _notebook(tmp_path / "notebooks" / "01_bad.ipynb", "raise ValueError('no such backbone')")
-    _notebook(tmp_path / "notebooks" / "02_good.ipynb", "open('ran.txt', 'w').write('yes')")
+    _notebook(tmp_path / "notebooks" / "02_good.ipynb", "open('ran.txt', 'w').write(f'fast={FAST}')")
+    _notebook(tmp_path / "notebooks" / "03_no_parameters.ipynb", "open('ran3.txt', 'w').write('yes')", parameters=False)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="1 notebook\\(s\\) failed: 01_bad.ipynb"):
+    with pytest.raises(SystemExit, match="2 notebook\\(s\\) failed: 01_bad.ipynb, 03_no_parameters.ipynb"):
         cli.main(["reproduce", "--fast"])
-    assert (tmp_path / "notebooks" / "ran.txt").read_text() == "yes"
+    assert (tmp_path / "notebooks" / "ran.txt").read_text() == "fast=True", "fast mode is set in the parameters cell"
+    assert not (tmp_path / "notebooks" / "ran3.txt").exists(), "a notebook fast mode cannot reach does not run in full"
     report = (tmp_path / "figures" / "fast" / "report.html").read_text()
-    assert "ValueError: no such backbone" in report
+    assert "ValueError: no such backbone" in report and "no cell tagged &#x27;parameters&#x27;" in report
     assert (tmp_path / "figures" / "fast" / "notebooks" / "01_bad.ipynb").is_file()
 
 
@@ -285,7 +291,6 @@ def test_the_exit_statuses_are_documented(capsys):
 
 @pytest.mark.slow
 def test_reproduce_prints_cells_keeps_timings_and_reports_figures(tmp_path, monkeypatch, capsys):
-    import nbformat
 
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "pyproject.toml").write_text("")
@@ -293,17 +298,15 @@ def test_reproduce_prints_cells_keeps_timings_and_reports_figures(tmp_path, monk
         "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nfrom epviz.viz import save_figure\n"
         "fig, ax = plt.subplots()\nsave_figure(fig, None, '01_dot', '../figures/fast', provenance={'images': [7]})"
     )
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# one"), nbformat.v4.new_code_cell(source)])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_path / "notebooks" / "01_dot.ipynb")
+    _notebook(tmp_path / "notebooks" / "01_dot.ipynb", source)
     monkeypatch.chdir(tmp_path)
     cli.main(["reproduce", "--fast"])
     out = capsys.readouterr().out
-    assert "[1/1] 01_dot.ipynb (first run)" in out and "[01_dot cell 1/1] import matplotlib - at" in out
-    assert "[01_dot cell 1/1] done in" in out
+    assert "[1/1] 01_dot.ipynb (first run)" in out and "[01_dot cell 2/2] import matplotlib - at" in out
+    assert "[01_dot cell 1/2] FAST = True  # True: small sizes - at" in out and "[01_dot cell 2/2] done in" in out
     timings = json.loads((tmp_path / "figures" / "fast" / "timings.json").read_text())
     entry = timings["notebooks"]["01_dot.ipynb"]
-    assert entry["status"] == "ok" and set(entry["cells"]) == {"1"}
+    assert entry["status"] == "ok" and set(entry["cells"]) == {"0", "1"}
     report = (tmp_path / "figures" / "fast" / "report.html").read_text()
     assert "<a href='#fig-01_dot'>01_dot</a> (<a href='01_dot.json'>provenance</a>)" in report
     assert json.loads((tmp_path / "figures" / "fast" / "01_dot.json").read_text())["images"] == [7]
