@@ -48,27 +48,24 @@ def _baseline_lines(
 
 def _rho_lines(rows: pd.DataFrame, members: list[str], x: str, y: str, rhos: pd.DataFrame | None) -> list[tuple[str, str]]:
     """Per probe of a panel, the text of its Spearman ρ of `x` and `y` across its predictors: with the interval and the
-    partial ρ given entropy where `rhos` (rows of :func:`epviz.analysis.spearman_intervals`) has them, else the point ρ."""
+    partial ρ given another column where `rhos` (rows of :func:`epviz.analysis.spearman_intervals`) has them, else the
+    point ρ."""
+    if rhos is not None:
+        rhos = rhos[((rhos["x"] == x) & (rhos["y"] == y)) | ((rhos["x"] == y) & (rhos["y"] == x))]
     lines = []
     for probe in members:
         pts = rows[rows["probe"] == probe]
         if len(pts) < 3:
             continue
-        found = pd.DataFrame()
-        if rhos is not None:
-            same = rhos[(rhos["probe"] == probe) & (rhos["backbone"] == pts["backbone"].iloc[0])]
-            found = same[same.apply(lambda r: {r["x"], r["y"]} == {x, y}, axis=1)] if len(same) else same
-        if not len(found):
+        found = None if rhos is None else rhos[(rhos["probe"] == probe) & (rhos["backbone"] == pts["backbone"].iloc[0])]
+        if found is None or not len(found):
             rho = spearman(pts[x], pts[y]).rho
             lines.append((probe, f"ρ {rho:+.2f}" if np.isfinite(rho) else "ρ n/a"))
             continue
-        given = found["given"] if "given" in found else pd.Series([None] * len(found), index=found.index)
         parts = []
-        for _, r in found.assign(given=given).iterrows():
-            name = "ρ" if not isinstance(r["given"], str) else f"ρ | {r['given'].split('_')[0]}"
-            parts.append(
-                f"{name} {r['rho']:+.2f} [{r['rho_lo']:+.2f}, {r['rho_hi']:+.2f}]" if np.isfinite(r["rho"]) else f"{name} n/a"
-            )
+        for r in found.itertuples(index=False):
+            name = f"ρ | {r.given.split('_')[0]}" if isinstance(r.given, str) else "ρ"
+            parts.append(f"{name} {r.rho:+.2f} [{r.rho_lo:+.2f}, {r.rho_hi:+.2f}]" if np.isfinite(r.rho) else f"{name} n/a")
         lines.append((probe, "; ".join(parts)))
     return lines
 
